@@ -1,0 +1,143 @@
+"""The `bumper` command: run the proxy, or manage its CA.
+
+Every configuration problem ends as one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from bumper import __version__
+from bumper import ca as ca_files
+from bumper.errors import ConfigError
+from bumper.proxy import ListenAddress, ProxyConfig, serve
+from bumper.resolve import Override, ResolvingEventLoop
+from bumper.tlsprovider import UpstreamTrust
+
+EXIT_CONFIG = 2
+
+EXAMPLES = """\
+examples:
+  bumper --ca ca/
+      bump HTTPS on 127.0.0.1:8080; creates the lab CA in ca/ on first run
+  curl -x http://127.0.0.1:8080 --cacert ca/ca.pem https://example.com/
+      a client that trusts the CA, through the proxy
+  bumper --ca ca/ --upstream-ca lab-root.pem --resolve '*.example.test=127.0.0.1'
+      a lab upstream: its own root, names mapped without DNS
+  bumper ca show --ca ca/
+      subject, SHA-256 fingerprint, validity and key type of the CA
+  bumper ca export --ca ca/ /tmp/bumper-ca.der
+      the CA certificate for clients that want DER (by the file name, or --format)
+
+subcommands:
+  bumper ca init|show|export --ca DIR    manage the CA (bumper ca --help)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        if args and args[0] == "ca":
+            return _ca_command(args[1:])
+        return _run_command(args)
+    except ConfigError as e:
+        print(f"bumper: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bumper",
+        description="A TLS-bumping proxy: decrypts HTTPS server-first, with mimic certificates from a local CA.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"bumper {__version__}")
+    p.add_argument("--ca", metavar="DIR", type=Path, required=True, help="CA directory (created if it holds no CA)")
+    p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8080", help="default: %(default)s")
+    p.add_argument(
+        "--upstream-ca",
+        metavar="PEM",
+        type=Path,
+        action="append",
+        default=[],
+        help="extra roots for verifying upstreams, on top of the system store (repeatable)",
+    )
+    p.add_argument(
+        "--resolve",
+        metavar="NAME=ADDRESS",
+        action="append",
+        default=[],
+        help="connect to ADDRESS for upstream host NAME (or *.domain), without DNS (repeatable)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="also show mitmproxy's own proxy-core log")
+    return p
+
+
+def _run_command(args: list[str]) -> int:
+    opts = _run_parser().parse_args(args)
+    _setup_logging(opts.verbose)
+    config = ProxyConfig(
+        ca_dir=opts.ca,
+        listen=ListenAddress.parse(opts.listen),
+        trust=UpstreamTrust(tuple(opts.upstream_ca)),
+        resolve=tuple(Override.parse(spec) for spec in opts.resolve),
+    )
+    config.trust.check()
+    authority, created = ca_files.load_or_create(config.ca_dir)
+    with asyncio.Runner(loop_factory=lambda: ResolvingEventLoop(config.resolve)) as runner:
+        runner.run(serve(config, authority, announce_new_ca=created))
+    return 0
+
+
+def _ca_command(args: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bumper ca", description="Manage bumper's CA.")
+    sub = p.add_subparsers(dest="action", required=True)
+    for name, text in (
+        ("init", "create a new CA in DIR (refuses to overwrite one)"),
+        ("show", "subject, SHA-256 fingerprint, validity and key type"),
+        ("export", "write the CA certificate (never a key) to PATH"),
+    ):
+        s = sub.add_parser(name, help=text, description=text)
+        s.add_argument("--ca", metavar="DIR", type=Path, required=True)
+        if name == "export":
+            s.add_argument("path", metavar="PATH", type=Path)
+            s.add_argument("--format", choices=("pem", "der"), help="default: der for *.der and *.cer, else pem")
+    opts = p.parse_args(args)
+    if opts.action == "init":
+        authority = ca_files.create(opts.ca)
+        print(ca_files.describe(authority))
+        return 0
+    if not (opts.ca / ca_files.CERT_FILE).exists() and not (opts.ca / ca_files.KEY_FILE).exists():
+        raise ConfigError(f"{opts.ca}: holds no CA; create one with: bumper ca init --ca {opts.ca}")
+    authority = ca_files.load(opts.ca)
+    if opts.action == "show":
+        print(ca_files.describe(authority))
+    else:
+        encoding = opts.format or ("der" if opts.path.suffix.lower() in (".der", ".cer") else "pem")
+        ca_files.export(authority, opts.path, encoding)
+        print(f"wrote the CA certificate ({encoding.upper()}) to {opts.path}")
+    return 0
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        # bumper's connection log says what happened to each connection in one line;
+        # the proxy core's step-by-step messages are for -v.
+        logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+        logging.getLogger("mitmproxy.proxy").setLevel(logging.CRITICAL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

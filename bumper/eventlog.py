@@ -1,0 +1,79 @@
+"""One human-readable log line per client connection: who, where to, what bumper did, how it ended."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from mitmproxy import connection, http, tls
+from mitmproxy.proxy import server_hooks
+from mitmproxy.utils import human
+
+log = logging.getLogger("bumper.conn")
+
+
+@dataclass
+class ConnectionRecord:
+    client: str
+    connect: str = "-"
+    sni: str = "-"
+    action: str = "-"
+    requests: int = 0
+    error: str | None = None  # the first thing that went wrong, if anything did
+
+    def fail(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+
+    def line(self) -> str:
+        outcome = self.error or "ok"
+        return (
+            f"{self.client} CONNECT {self.connect} sni={self.sni} action={self.action} "
+            f"requests={self.requests} outcome={outcome}"
+        )
+
+
+class ConnectionLog:
+    def __init__(self) -> None:
+        self.records: dict[str, ConnectionRecord] = {}
+
+    def client_connected(self, client: connection.Client) -> None:
+        self.records[client.id] = ConnectionRecord(client=human.format_address(client.peername))
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if record := self.records.get(flow.client_conn.id):
+            record.connect = f"{flow.request.host}:{flow.request.port}"
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if record := self.records.get(data.client.id):
+            record.fail(f"upstream connect failed: {data.server.error}")
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        if record := self.records.get(data.context.client.id):
+            record.sni = data.client_hello.sni or "-"
+            record.action = "bump"
+
+    def tls_failed_server(self, data: tls.TlsData) -> None:
+        if record := self.records.get(data.context.client.id):
+            record.fail(f"upstream TLS failed: {data.conn.error}")
+
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        if record := self.records.get(data.context.client.id):
+            record.fail(f"client TLS failed: {data.conn.error}")
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.request.method != "CONNECT" and (record := self.records.get(flow.client_conn.id)):
+            record.requests += 1
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if record := self.records.get(flow.client_conn.id):
+            record.fail(f"HTTP error: {flow.error.msg if flow.error else 'unknown'}")
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        record = self.records.pop(client.id, None)
+        if record is None:
+            return
+        if client.error:
+            # Set by bumper itself (a refusal); it explains more than what followed from it.
+            record.error = client.error
+        log.info(record.line())

@@ -1,0 +1,85 @@
+"""Key types: what kind of key a certificate has, and making a new one of the same kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
+
+# The curves a mimic can mirror; others fall back (see KeySpec.of).
+_CURVES: dict[str, type[ec.EllipticCurve]] = {
+    "secp256r1": ec.SECP256R1,
+    "secp384r1": ec.SECP384R1,
+    "secp521r1": ec.SECP521R1,
+}
+_CURVE_LABELS = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+_RSA_SIZES = (2048, 3072, 4096, 8192)
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """A key algorithm and its strength: RSA with a modulus size, EC with a curve, or Ed25519."""
+
+    algorithm: str  # "rsa" | "ec" | "ed25519"
+    size: int = 0  # RSA modulus bits
+    curve: str = ""  # EC curve name as cryptography spells it
+
+    def __str__(self) -> str:
+        if self.algorithm == "rsa":
+            return f"RSA-{self.size}"
+        if self.algorithm == "ec":
+            return f"EC {_CURVE_LABELS.get(self.curve, self.curve)}"
+        return "Ed25519"
+
+    @classmethod
+    def parse(cls, text: str) -> KeySpec:
+        """Read a key type as a user writes it: rsa2048, RSA-4096, p256, EC-P384, ed25519."""
+        spec = _BY_NAME.get(text.strip().lower().replace("-", "").replace("_", ""))
+        if spec is None:
+            raise ValueError(f"unknown key type {text!r} (one of: {', '.join(_NAMES)})")
+        return spec
+
+    @classmethod
+    def of(cls, public_key: object) -> KeySpec | None:
+        """The spec of an existing public key, or None when bumper cannot mint a key like it."""
+        if isinstance(public_key, rsa.RSAPublicKey):
+            return cls("rsa", size=public_key.key_size) if public_key.key_size in _RSA_SIZES else None
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            return cls("ec", curve=public_key.curve.name) if public_key.curve.name in _CURVES else None
+        if isinstance(public_key, ed25519.Ed25519PublicKey):
+            return cls("ed25519")
+        return None
+
+    def generate(self) -> PrivateKey:
+        if self.algorithm == "rsa":
+            return rsa.generate_private_key(public_exponent=65537, key_size=self.size)
+        if self.algorithm == "ec":
+            return ec.generate_private_key(_CURVES[self.curve]())
+        return ed25519.Ed25519PrivateKey.generate()
+
+
+def describe(public_key: object) -> str:
+    """A short human label for any public key, mirrorable or not."""
+    spec = KeySpec.of(public_key)
+    if spec is not None:
+        return str(spec)
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return f"RSA-{public_key.key_size}"
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return f"EC {public_key.curve.name}"
+    return type(public_key).__name__.lstrip("_")
+
+
+P256 = KeySpec("ec", curve="secp256r1")
+RSA2048 = KeySpec("rsa", size=2048)
+
+_NAMES = [f"rsa{n}" for n in _RSA_SIZES] + ["p256", "p384", "p521", "ed25519"]
+_BY_NAME: dict[str, KeySpec] = {f"rsa{n}": KeySpec("rsa", size=n) for n in _RSA_SIZES}
+for _name, _label in _CURVE_LABELS.items():
+    _spec = KeySpec("ec", curve=_name)
+    _short = _label.lower().replace("-", "")
+    _BY_NAME.update({_name: _spec, _short: _spec, "ec" + _short: _spec})
+_BY_NAME["ed25519"] = KeySpec("ed25519")

@@ -1,0 +1,55 @@
+"""Which protocol layer comes next: bumper's replacement for mitmproxy's stock NextLayer addon.
+
+bumper is an explicit HTTP proxy whose CONNECT tunnels must carry TLS. The stack is always
+HTTP proxy -> CONNECT -> server TLS + client TLS (server first) -> HTTP; anything else inside a
+tunnel is refused rather than passed through, since an inspection gateway that tunnels whatever
+it cannot read is no gateway.
+"""
+
+from __future__ import annotations
+
+from mitmproxy.net.tls import starts_like_tls_record
+from mitmproxy.proxy import commands, events, layer, layers
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers import modes
+from mitmproxy.proxy.layers.http import HTTPMode
+
+# starts_like_tls_record needs this many bytes to decide.
+_TLS_RECORD_PREFIX = 3
+
+
+class Refuse(layer.Layer):
+    """Closes the client connection (and with it the upstream one), recording why."""
+
+    def __init__(self, context: Context, reason: str) -> None:
+        super().__init__(context)
+        self.reason = reason
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start):
+            self.context.client.error = self.context.client.error or self.reason
+            yield commands.CloseConnection(self.context.client)
+
+
+class NextLayer:
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        if nextlayer.layer is not None:
+            return
+        context = nextlayer.context
+        if len(context.layers) == 1 and isinstance(context.layers[0], modes.HttpProxy):
+            nextlayer.layer = layers.HttpLayer(context, HTTPMode.regular)
+        elif context.client.tls:
+            # Decrypted: HTTP/1.1 or h2 by ALPN, HTTP/1.1 when the client offered none.
+            nextlayer.layer = layers.HttpLayer(context, HTTPMode.transparent)
+        else:
+            nextlayer.layer = self._inside_tunnel(context, nextlayer.data_client())
+
+    @staticmethod
+    def _inside_tunnel(context: Context, data: bytes) -> layer.Layer | None:
+        if len(data) < _TLS_RECORD_PREFIX:
+            return None  # wait for more bytes
+        if not starts_like_tls_record(data):
+            return Refuse(context, "not TLS: the client sent non-TLS data inside the CONNECT tunnel")
+        server_tls = layers.ServerTLSLayer(context)
+        server_tls.child_layer = layers.ClientTLSLayer(context)
+        return server_tls

@@ -1,0 +1,123 @@
+"""bumper's own mitmproxy master, with exactly the addons bumping needs, and its run loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mitmproxy import master, options
+from mitmproxy.addons import proxyserver
+from mitmproxy.utils import asyncio_utils, human
+
+from bumper import ca as ca_files
+from bumper import names
+from bumper.errors import ConfigError
+from bumper.eventlog import ConnectionLog
+from bumper.layers import NextLayer
+from bumper.mimicstore import MimicStore
+from bumper.resolve import Override
+from bumper.tlsprovider import TlsProvider, UpstreamTrust
+
+log = logging.getLogger("bumper")
+
+# Bodies above this size are streamed, not buffered, so memory stays bounded on large transfers.
+STREAM_BODIES_OVER = "1m"
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> ListenAddress:
+        host, sep, port = text.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+        if not (names.is_ip_address(host) or host == "localhost"):
+            raise ConfigError(f"--listen {text!r}: {host!r} is not an IP address")
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        return human.format_address((self.host, self.port))
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    ca_dir: Path
+    listen: ListenAddress
+    trust: UpstreamTrust
+    resolve: tuple[Override, ...] = ()
+
+
+def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> master.Master:
+    m = master.Master(options.Options(), with_termlog=False)
+    m.addons.add(
+        proxyserver.Proxyserver(),
+        NextLayer(),
+        TlsProvider(MimicStore(authority), config.trust),
+        ConnectionLog(),
+    )
+    m.options.update(
+        mode=["regular"],
+        listen_host=config.listen.host,
+        listen_port=config.listen.port,
+        connection_strategy="eager",  # server-first: the upstream is reached before the client handshake
+        stream_large_bodies=STREAM_BODIES_OVER,
+        ssl_insecure=False,
+    )
+    return m
+
+
+async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, announce_new_ca: bool = False) -> None:
+    m = build_master(config, authority)
+    with (
+        asyncio_utils.install_exception_handler(m._asyncio_exception_handler),
+        asyncio_utils.set_eager_task_factory(),
+    ):
+        server = m.addons.get("proxyserver")
+        with _captured_errors("mitmproxy.addons.proxyserver") as errors:
+            ok = await server.setup_servers()
+        if not ok:
+            reason = errors[-1] if errors else "cannot listen"
+            raise ConfigError(f"--listen {config.listen}: {reason}")
+        for host, port, *_ in server.listen_addrs():
+            listening = human.format_address((host, port))
+            print(f"bumper: proxy listening on {listening}", file=sys.stderr, flush=True)
+        if announce_new_ca:
+            print(ca_files.trust_instructions(authority, listening), file=sys.stderr, flush=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, m.shutdown)
+        try:
+            await m.running()
+            await m.should_exit.wait()
+        finally:
+            await m.done()
+
+
+@contextmanager
+def _captured_errors(logger_name: str) -> Iterator[list[str]]:
+    """Collect what LOGGER_NAME reports at ERROR, to turn it into one ConfigError line."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger(logger_name)
+    handler = Collect(logging.ERROR)
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate

@@ -1,0 +1,147 @@
+"""bumper's certificate provider: it replaces mitmproxy's stock TlsConfig addon.
+
+Server-first: on every ClientHello the upstream handshake completes (and is verified) before the
+client's, so the mimic can be minted from the upstream's real certificate. Unlike stock mitmproxy,
+the mimic never uses the CA's key as its leaf key and never gains names (SNI, server IP) that the
+upstream certificate does not carry. SSL contexts are built once, not per connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from mitmproxy import certs, connection, tls
+from mitmproxy.addons.tlsconfig import AppData, alpn_select_callback
+from OpenSSL import SSL
+
+from bumper.errors import ConfigError
+from bumper.mimic import UnmimicableCertificate
+from bumper.mimicstore import MimicStore
+
+log = logging.getLogger("bumper.tls")
+
+# Mozilla "intermediate" (TLS 1.2 part; TLS 1.3 suites are all strong and on by default).
+CLIENT_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+)
+# Towards upstreams: forward-secret AEAD first, CBC only with ECDHE; never anything that
+# would lower a client's security (no RC4, 3DES, DES, NULL, anonymous, export, PSK, SRP...).
+# SECLEVEL=2 makes OpenSSL refuse RSA keys under 2048 bits and SHA-1 signatures.
+UPSTREAM_CIPHERS = (
+    "@SECLEVEL=2:ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:ECDHE+AES:"
+    "!aNULL:!eNULL:!EXPORT:!DES:!3DES:!RC4:!MD5:!PSK:!SRP:!CAMELLIA:!IDEA:!SEED:!DSS"
+)
+
+# Host name checks as browsers do them: no partial wildcards, never the subject CN.
+_HOSTFLAGS = SSL._lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS | getattr(  # type: ignore[attr-defined]
+    SSL._lib, "X509_CHECK_FLAG_NEVER_CHECK_SUBJECT", 0  # type: ignore[attr-defined]
+)
+
+
+@dataclass(frozen=True)
+class UpstreamTrust:
+    """Roots for verifying upstreams: the system store plus any --upstream-ca files."""
+
+    extra_ca_files: tuple[Path, ...] = ()
+
+    def check(self) -> None:
+        for path in self.extra_ca_files:
+            try:
+                certs = x509.load_pem_x509_certificates(path.read_bytes())
+            except OSError as e:
+                raise ConfigError(f"--upstream-ca {path}: cannot read: {e.strerror}") from None
+            except ValueError:
+                raise ConfigError(f"--upstream-ca {path}: not a PEM certificate file") from None
+            if not certs:
+                raise ConfigError(f"--upstream-ca {path}: holds no certificate")
+
+
+def upstream_context(trust: UpstreamTrust) -> SSL.Context:
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_max_proto_version(SSL.TLS1_3_VERSION)
+    context.set_cipher_list(UPSTREAM_CIPHERS.encode())
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    context.set_verify(SSL.VERIFY_PEER)
+    context.set_default_verify_paths()
+    for path in trust.extra_ca_files:
+        context.load_verify_locations(str(path))
+    return context
+
+
+def client_context() -> SSL.Context:
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_max_proto_version(SSL.TLS1_3_VERSION)
+    context.set_cipher_list(CLIENT_CIPHERS.encode())
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    context.set_alpn_select_callback(alpn_select_callback)
+    return context
+
+
+def expect_hostname(conn: SSL.Connection, name: str) -> None:
+    """Send NAME as SNI (unless it is an IP address) and make OpenSSL verify the certificate covers it."""
+    param = SSL._lib.SSL_get0_param(conn._ssl)  # type: ignore[attr-defined]
+    SSL._lib.X509_VERIFY_PARAM_set_hostflags(param, _HOSTFLAGS)  # type: ignore[attr-defined]
+    try:
+        ip = ipaddress.ip_address(name).packed
+    except ValueError:
+        host = name.encode("idna")
+        conn.set_tlsext_host_name(host)
+        ok = SSL._lib.X509_VERIFY_PARAM_set1_host(param, host, len(host))  # type: ignore[attr-defined]
+    else:
+        ok = SSL._lib.X509_VERIFY_PARAM_set1_ip(param, ip, len(ip))  # type: ignore[attr-defined]
+    SSL._openssl_assert(ok == 1)  # type: ignore[attr-defined]
+
+
+class TlsProvider:
+    def __init__(self, mimics: MimicStore, trust: UpstreamTrust) -> None:
+        self.mimics = mimics
+        self._upstream_ctx = upstream_context(trust)
+        self._client_ctx = client_context()
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        data.establish_server_tls_first = True
+
+    def tls_start_server(self, tls_start: tls.TlsData) -> None:
+        server = tls_start.conn
+        assert isinstance(server, connection.Server) and server.address
+        client = tls_start.context.client
+        # The name the client asked for; the CONNECT host when the client sent no SNI.
+        server.sni = server.sni or client.sni or server.address[0]
+        if not server.alpn_offers:
+            server.alpn_offers = tuple(client.alpn_offers)
+        conn = SSL.Connection(self._upstream_ctx)
+        expect_hostname(conn, server.sni)
+        if server.alpn_offers:
+            conn.set_alpn_protos(list(server.alpn_offers))
+        conn.set_connect_state()
+        tls_start.ssl_conn = conn
+
+    def tls_start_client(self, tls_start: tls.TlsData) -> None:
+        client = tls_start.conn
+        server = tls_start.context.server
+        if not server.tls_established or not server.certificate_list:
+            # Nothing verified to mimic: refusing the client is the only honest answer.
+            client.error = client.error or f"upstream TLS failed: {server.error or 'no certificate'}"
+            return
+        upstream = server.certificate_list[0]._cert  # mitmproxy's Cert wraps a cryptography certificate
+        try:
+            made = self.mimics.get(upstream)
+        except UnmimicableCertificate as e:
+            client.error = f"cannot mimic the upstream certificate: {e}"
+            return
+        conn = SSL.Connection(self._client_ctx)
+        conn.use_certificate(made.openssl_cert)
+        conn.use_privatekey(made.openssl_key)
+        conn.set_app_data(AppData(client_alpn=None, server_alpn=server.alpn, http2=True))
+        conn.set_accept_state()
+        client.mitmcert = certs.Cert(made.cert)
+        tls_start.ssl_conn = conn

@@ -1,0 +1,187 @@
+"""Fixtures: a real local HTTPS upstream with its own test CA, and bumper through its real CLI."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests import pki
+
+UPSTREAM_SCRIPT = Path(__file__).with_name("upstream.py")
+BUMPER = shutil.which("bumper", path=str(Path(sys.executable).parent)) or "bumper"
+UPSTREAM_HOST = "upstream.test"
+START_TIMEOUT = 30.0
+
+
+def listening_socket() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(128)
+    return s
+
+
+@dataclass
+class Process:
+    """A child process whose stderr is collected line by line, in the background."""
+
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for_line(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        exited_at: float | None = None
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if m := re.search(pattern, line):
+                    return m
+            if self.proc.poll() is not None:
+                exited_at = exited_at or time.monotonic()
+                if time.monotonic() - exited_at > 0.5:  # let the drain thread catch up first
+                    break
+            time.sleep(0.02)
+        raise AssertionError(f"no line matching {pattern!r} within {timeout}s; got:\n" + "\n".join(self.lines))
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@dataclass
+class Upstream:
+    process: Process
+    port: int
+    host: str = UPSTREAM_HOST
+
+    def url(self, path: str = "/") -> str:
+        return f"https://{self.host}:{self.port}{path}"
+
+
+@dataclass
+class Bumper:
+    process: Process
+    port: int
+    ca_dir: Path
+
+    @property
+    def proxy(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ca_pem(self) -> Path:
+        return self.ca_dir / "ca.pem"
+
+    def connection_lines(self, timeout: float = 10.0, count: int = 1) -> list[str]:
+        """Wait for COUNT per-connection log lines and return all of them."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [line for line in self.process.lines if " CONNECT " in line and "outcome=" in line]
+            if len(found) >= count:
+                return found
+            time.sleep(0.02)
+        raise AssertionError("connection log lines missing:\n" + self.process.log)
+
+
+@dataclass
+class TestPKI:
+    root: pki.Authority
+    root_pem: Path
+    directory: Path
+
+
+@pytest.fixture(scope="session")
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    directory = tmp_path_factory.mktemp("pki")
+    root = pki.Authority.root()
+    return TestPKI(root, root.write_cert(directory / "root.pem"), directory)
+
+
+@pytest.fixture(scope="session")
+def start_upstream(test_pki: TestPKI) -> Iterator:
+    started: list[Process] = []
+
+    def start(leaf: pki.Leaf | None = None, tls: str = "any", host: str = UPSTREAM_HOST) -> Upstream:
+        leaf = leaf or test_pki.root.leaf(UPSTREAM_HOST, f"*.{UPSTREAM_HOST}")
+        cert, key = leaf.write(test_pki.directory, f"leaf-{len(started)}")
+        sock = listening_socket()
+        proc = subprocess.Popen(
+            [sys.executable, str(UPSTREAM_SCRIPT), "--fd", str(sock.fileno()), "--cert", str(cert), "--key", str(key), "--tls", tls],
+            pass_fds=[sock.fileno()],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        port = sock.getsockname()[1]
+        sock.close()  # the child holds its own copy
+        process = Process(proc)
+        started.append(process)
+        return Upstream(process, port, host)
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture(scope="session")
+def upstream(start_upstream) -> Upstream:
+    return start_upstream()
+
+
+@pytest.fixture(scope="session")
+def start_bumper(test_pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    started: list[Process] = []
+
+    def start(*extra: str, ca_dir: Path | None = None, trust_test_root: bool = True) -> Bumper:
+        ca_dir = ca_dir or tmp_path_factory.mktemp("ca") / "ca"
+        args = [BUMPER, "--ca", str(ca_dir), "--listen", "127.0.0.1:0", "--resolve", f"*.test=127.0.0.1"]
+        if trust_test_root:
+            args += ["--upstream-ca", str(test_pki.root_pem)]
+        proc = subprocess.Popen([*args, *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        process = Process(proc)
+        started.append(process)
+        port = int(process.wait_for_line(r"proxy listening on 127\.0\.0\.1:(\d+)").group(1))
+        return Bumper(process, port, ca_dir)
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture(scope="session")
+def bumper(start_bumper) -> Bumper:
+    return start_bumper()
+
+
+def curl(bumper: Bumper, url: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """curl through bumper, trusting only bumper's CA."""
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "30", "-x", bumper.proxy, "--cacert", str(bumper.ca_pem), *args, url],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,116 @@
+"""Test certificates: a root for the local upstreams and leaves of any shape the tests need."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+NOW = datetime.datetime.now(datetime.timezone.utc)
+DAY = datetime.timedelta(days=1)
+
+
+def rsa_key(bits: int = 2048) -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def ec_key(curve: ec.EllipticCurve | None = None) -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(curve or ec.SECP256R1())
+
+
+def name(common_name: str, organization: str = "bumper tests") -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+@dataclass
+class Authority:
+    key: object
+    cert: x509.Certificate
+
+    @classmethod
+    def root(cls, common_name: str = "bumper test root") -> Authority:
+        key = rsa_key()
+        subject = name(common_name)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - DAY)
+            .not_valid_after(NOW + 365 * DAY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(key, cert)
+
+    def leaf(
+        self,
+        *dns_names: str,
+        key: object | None = None,
+        subject: x509.Name | None = None,
+        extra: tuple[tuple[x509.ExtensionType, bool], ...] = (),
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+    ) -> Leaf:
+        key = key or rsa_key()
+        public_key = key.public_key()  # type: ignore[attr-defined]
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject if subject is not None else name(dns_names[0] if dns_names else "leaf"))
+            .issuer_name(self.cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before or NOW - DAY)
+            .not_valid_after(not_after or NOW + 90 * DAY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),  # type: ignore[attr-defined]
+                critical=False,
+            )
+        )
+        if dns_names:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False
+            )
+        for ext, critical in extra:
+            builder = builder.add_extension(ext, critical=critical)
+        return Leaf(key, builder.sign(self.key, hashes.SHA256()), self)  # type: ignore[arg-type]
+
+    def write_cert(self, path: Path) -> Path:
+        path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+
+@dataclass
+class Leaf:
+    key: object
+    cert: x509.Certificate
+    issuer: Authority
+
+    def write(self, directory: Path, stem: str) -> tuple[Path, Path]:
+        """Write CERT (leaf then issuer chain) and KEY files for a server."""
+        cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
+        cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            self.key.private_bytes(  # type: ignore[attr-defined]
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return cert_path, key_path

@@ -1,0 +1,114 @@
+"""The tests' local HTTPS upstream: a real server (hypercorn) speaking HTTP/1.1, h2 and WebSocket.
+
+Run as: python tests/upstream.py --fd N --cert C --key K [--tls 1.2|1.3]
+(the test binds the listening socket itself and passes it down, so there is no port race).
+
+Routes:
+  GET  /           "hello from upstream"
+  GET  /info       JSON: the http_version the upstream saw
+  GET  /bytes/N    N deterministic bytes, their SHA-256 in the x-sha256 header
+  POST /upload     JSON: length and SHA-256 of the request body
+  WS   /ws         echoes every message
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import ssl
+from typing import Any
+
+CHUNK = 64 * 1024
+
+
+def pattern_bytes(n: int) -> bytes:
+    """The body /bytes/N serves: the same for a given N in every process."""
+    block = hashlib.sha256(str(n).encode()).digest() * (CHUNK // 32)
+    return (block * (n // CHUNK + 1))[:n]
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})  # startup, then shutdown
+            if message["type"] == "lifespan.shutdown":
+                return
+    elif scope["type"] == "websocket":
+        await _websocket(receive, send)
+    elif scope["type"] == "http":
+        await _http(scope, receive, send)
+
+
+async def _websocket(receive: Any, send: Any) -> None:
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] != "websocket.receive":
+            return
+        await send({"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")})
+
+
+async def _http(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    path, method = scope["path"], scope["method"]
+    if method == "POST" and path == "/upload":
+        digest, length = hashlib.sha256(), 0
+        while True:
+            message = await receive()
+            body = message.get("body", b"")
+            digest.update(body)
+            length += len(body)
+            if not message.get("more_body"):
+                break
+        await _respond(send, json.dumps({"length": length, "sha256": digest.hexdigest()}).encode())
+    elif path == "/info":
+        await _respond(send, json.dumps({"http_version": scope["http_version"]}).encode())
+    elif path.startswith("/bytes/"):
+        body = pattern_bytes(int(path.removeprefix("/bytes/")))
+        headers = [(b"x-sha256", hashlib.sha256(body).hexdigest().encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for i in range(0, len(body), CHUNK):
+            await send({"type": "http.response.body", "body": body[i : i + CHUNK], "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    else:
+        await _respond(send, b"hello from upstream")
+
+
+async def _respond(send: Any, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def main() -> None:
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--fd", type=int, required=True)
+    p.add_argument("--cert", required=True)
+    p.add_argument("--key", required=True)
+    # Only this TLS version: a handshake that succeeds proves which version the proxy spoke.
+    p.add_argument("--tls", choices=("any", "1.2", "1.3"), default="any")
+    args = p.parse_args()
+
+    class TestConfig(Config):
+        def create_ssl_context(self) -> ssl.SSLContext:
+            context = super().create_ssl_context()
+            if args.tls != "any":
+                version = ssl.TLSVersion.TLSv1_2 if args.tls == "1.2" else ssl.TLSVersion.TLSv1_3
+                context.minimum_version = context.maximum_version = version
+            return context
+
+    config = TestConfig()
+    config.certfile, config.keyfile = args.cert, args.key
+    config.bind = [f"fd://{args.fd}"]
+    config.alpn_protocols = ["h2", "http/1.1"]
+    config.loglevel = "WARNING"
+    asyncio.run(serve(app, config))  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()
