@@ -26,7 +26,12 @@ class ConnectionRecord:
             self.error = reason
 
     def line(self) -> str:
-        outcome = self.error or "ok"
+        if self.error:
+            outcome = self.error
+        elif self.connect == "-" and self.requests == 0:
+            outcome = "no valid request (malformed, or none before the client closed)"
+        else:
+            outcome = "ok"
         return (
             f"{self.client} CONNECT {self.connect} sni={self.sni} action={self.action} "
             f"requests={self.requests} outcome={outcome}"
@@ -74,6 +79,12 @@ class ConnectionLog:
         if record is None:
             return
         if client.error:
-            # Set by bumper itself (a refusal); it explains more than what followed from it.
-            record.error = client.error
+            record.fail(short_reason(client.error))
         log.info(record.line())
+
+
+def short_reason(error: str) -> str:
+    """mitmproxy's error text, without the hex dump it appends to unparseable ClientHellos."""
+    if error.startswith("Cannot parse ClientHello"):
+        return "client TLS failed: Cannot parse ClientHello"
+    return error

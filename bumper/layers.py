@@ -50,6 +50,9 @@ class NextLayer:
             return None  # wait for more bytes
         if not starts_like_tls_record(data):
             return Refuse(context, "not TLS: the client sent non-TLS data inside the CONNECT tunnel")
+        if not context.server.connected:
+            # Its close was seen while no layer was listening; TLS towards it would wait forever.
+            return Refuse(context, "upstream TLS failed: the upstream closed the connection before the handshake")
         server_tls = layers.ServerTLSLayer(context)
         server_tls.child_layer = layers.ClientTLSLayer(context)
         return server_tls

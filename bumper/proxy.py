@@ -17,6 +17,7 @@ from mitmproxy.utils import asyncio_utils, human
 
 from bumper import ca as ca_files
 from bumper import names
+from bumper.connect import ConnectReplies
 from bumper.errors import ConfigError
 from bumper.eventlog import ConnectionLog
 from bumper.layers import NextLayer
@@ -62,6 +63,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     m.addons.add(
         proxyserver.Proxyserver(),
         NextLayer(),
+        ConnectReplies(),
         TlsProvider(MimicStore(authority), config.trust),
         ConnectionLog(),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -77,6 +78,7 @@ class Process:
 class Upstream:
     process: Process
     port: int
+    leaf: pki.Leaf
     host: str = UPSTREAM_HOST
 
     def url(self, path: str = "/") -> str:
@@ -97,15 +99,18 @@ class Bumper:
     def ca_pem(self) -> Path:
         return self.ca_dir / "ca.pem"
 
-    def connection_lines(self, timeout: float = 10.0, count: int = 1) -> list[str]:
-        """Wait for COUNT per-connection log lines and return all of them."""
+    def connection_line(self, client_port: int, timeout: float = 10.0) -> str:
+        """The one log line bumper writes when the connection from CLIENT_PORT ends."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = [line for line in self.process.lines if " CONNECT " in line and "outcome=" in line]
-            if len(found) >= count:
-                return found
+            found = [line for line in self.process.lines if f" 127.0.0.1:{client_port} CONNECT " in line]
+            if found:
+                time.sleep(0.05)  # a second line for the same connection would be a bug: let it show
+                found = [line for line in self.process.lines if f" 127.0.0.1:{client_port} CONNECT " in line]
+                assert len(found) == 1, found
+                return found[0]
             time.sleep(0.02)
-        raise AssertionError("connection log lines missing:\n" + self.process.log)
+        raise AssertionError(f"no connection log line for client port {client_port}:\n" + self.process.log)
 
 
 @dataclass
@@ -140,7 +145,7 @@ def start_upstream(test_pki: TestPKI) -> Iterator:
         sock.close()  # the child holds its own copy
         process = Process(proc)
         started.append(process)
-        return Upstream(process, port, host)
+        return Upstream(process, port, leaf, host)
 
     yield start
     for p in started:
@@ -185,3 +190,25 @@ def curl(bumper: Bumper, url: str, *args: str, timeout: float = 60) -> subproces
         text=True,
         timeout=timeout,
     )
+
+
+def open_tunnel(bumper: Bumper, host: str, port: int, timeout: float = 15) -> tuple[socket.socket, bytes]:
+    """A raw socket through bumper after CONNECT, and bumper's reply to the CONNECT."""
+    sock = socket.create_connection(("127.0.0.1", bumper.port), timeout=timeout)
+    sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        reply += chunk
+    return sock, reply
+
+
+def client_tls_context(cafile: Path, version: ssl.TLSVersion | None = None, alpn: list[str] | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(cafile))
+    if version is not None:
+        context.minimum_version = context.maximum_version = version
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    return context

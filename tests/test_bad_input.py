@@ -1,0 +1,207 @@
+"""Bad input on one connection: a clean close or a 4xx/5xx with a reason, exactly one log line,
+and the proxy keeps serving everyone else (a good request succeeds while the bad one is open)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.conftest import Bumper, Upstream, client_tls_context, curl, listening_socket, open_tunnel
+
+
+def read_http_response(sock: socket.socket) -> bytes:
+    """One HTTP/1.1 response with a Content-Length body (bumper keeps the connection open after it)."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(4096)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(l.split(b":")[1]) for l in head.lower().split(b"\r\n") if l.startswith(b"content-length:"))
+    while len(body) < length and (chunk := sock.recv(4096)):
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def read_until_closed(sock: socket.socket, limit: int = 65536) -> bytes:
+    data = b""
+    try:
+        while len(data) < limit and (chunk := sock.recv(4096)):
+            data += chunk
+    except (ConnectionResetError, socket.timeout):
+        pass
+    return data
+
+
+def tcp_server(handle: Callable[[socket.socket], None], max_connections: int = 10) -> Iterator[int]:
+    """A local TCP server that handles each connection with HANDLE, until the test ends."""
+    server = listening_socket()
+    server.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        handled = 0
+        while handled < max_connections and not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                handle(conn)
+            handled += 1
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    server.close()
+
+
+@pytest.fixture
+def plain_http_upstream() -> Iterator[int]:
+    """An upstream that does not speak TLS: it answers the ClientHello in plain HTTP."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    yield from tcp_server(handle)
+
+
+@pytest.fixture
+def resetting_upstream() -> Iterator[int]:
+    """An upstream that accepts the TCP connection and resets it."""
+
+    def handle(conn: socket.socket) -> None:
+        time.sleep(0.2)  # after bumper has answered the CONNECT, before the ClientHello reaches it
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    yield from tcp_server(handle)
+
+
+@pytest.fixture
+def closed_port() -> int:
+    s = listening_socket()
+    port = s.getsockname()[1]
+    s.close()  # nobody listens here now
+    return port
+
+
+def good_request_succeeds(bumper: Bumper, upstream: Upstream) -> None:
+    r = curl(bumper, upstream.url("/"))
+    assert (r.returncode, r.stdout) == (0, "hello from upstream"), r.stderr
+
+
+def run_next_to_good_requests(bumper: Bumper, upstream: Upstream, bad: Callable[[], int]) -> str:
+    """Run BAD (it returns its client port) beside good requests; return BAD's one log line."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        bad_port = pool.submit(bad)
+        good_request_succeeds(bumper, upstream)
+        port = bad_port.result(timeout=30)  # re-raises what failed in BAD
+    good_request_succeeds(bumper, upstream)
+    assert "Traceback" not in bumper.process.log
+    return bumper.connection_line(port)
+
+
+def test_non_tls_bytes_inside_the_tunnel(bumper: Bumper, upstream: Upstream) -> None:
+    def bad() -> int:
+        sock, reply = open_tunnel(bumper, upstream.host, upstream.port)
+        assert reply.startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: upstream.test\r\n\r\n")
+        assert read_until_closed(sock) == b""  # closed, nothing relayed
+        return sock.getsockname()[1]
+
+    assert "outcome=not TLS" in run_next_to_good_requests(bumper, upstream, bad)
+
+
+def test_garbage_client_hello(bumper: Bumper, upstream: Upstream) -> None:
+    def bad() -> int:
+        sock, _ = open_tunnel(bumper, upstream.host, upstream.port)
+        # A TLS handshake record header, then a body that is no ClientHello.
+        sock.sendall(b"\x16\x03\x01\x00\x40" + b"\x01\x00\x00\x3c" + b"\xff" * 60)
+        assert read_until_closed(sock) == b""
+        return sock.getsockname()[1]
+
+    line = run_next_to_good_requests(bumper, upstream, bad)
+    assert "outcome=client TLS failed: Cannot parse ClientHello" in line
+
+
+def test_client_disconnects_mid_handshake(bumper: Bumper, upstream: Upstream) -> None:
+    def bad() -> int:
+        sock, _ = open_tunnel(bumper, upstream.host, upstream.port)
+        sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # the first bytes of a ClientHello
+        port = sock.getsockname()[1]
+        sock.close()
+        return port
+
+    line = run_next_to_good_requests(bumper, upstream, bad)
+    assert f"CONNECT {upstream.host}:{upstream.port}" in line
+    assert "outcome=" in line and "outcome=ok" not in line
+
+
+def test_connect_to_a_port_nobody_listens_on(bumper: Bumper, upstream: Upstream, closed_port: int) -> None:
+    def bad() -> int:
+        sock = socket.create_connection(("127.0.0.1", bumper.port), timeout=15)
+        sock.sendall(f"CONNECT nobody.test:{closed_port} HTTP/1.1\r\n\r\n".encode())
+        reply = read_http_response(sock)
+        assert reply.startswith(b"HTTP/1.1 502"), reply
+        assert f"bumper: cannot connect to nobody.test:{closed_port}: ".encode() in reply
+        port = sock.getsockname()[1]
+        sock.close()
+        return port
+
+    line = run_next_to_good_requests(bumper, upstream, bad)
+    assert f"CONNECT nobody.test:{closed_port}" in line and "outcome=upstream connect failed" in line
+
+
+def test_upstream_that_resets_the_connection(bumper: Bumper, upstream: Upstream, resetting_upstream: int) -> None:
+    def bad() -> int:
+        sock, reply = open_tunnel(bumper, "reset.test", resetting_upstream)
+        port = sock.getsockname()[1]
+        assert reply.startswith(b"HTTP/1.1 200")
+        time.sleep(0.4)
+        with pytest.raises(OSError):
+            client_tls_context(bumper.ca_pem).wrap_socket(sock, server_hostname="reset.test")
+        return port
+
+    line = run_next_to_good_requests(bumper, upstream, bad)
+    assert "outcome=upstream" in line
+
+
+def test_upstream_that_does_not_speak_tls(bumper: Bumper, upstream: Upstream, plain_http_upstream: int) -> None:
+    def bad() -> int:
+        sock, reply = open_tunnel(bumper, "plain.test", plain_http_upstream)
+        port = sock.getsockname()[1]
+        assert reply.startswith(b"HTTP/1.1 200")
+        with pytest.raises(OSError):  # ssl.SSLError is an OSError
+            client_tls_context(bumper.ca_pem).wrap_socket(sock, server_hostname="plain.test")
+        return port
+
+    line = run_next_to_good_requests(bumper, upstream, bad)
+    assert "outcome=upstream TLS failed" in line
+
+
+def test_malformed_connect_line(bumper: Bumper, upstream: Upstream) -> None:
+    def bad() -> int:
+        sock = socket.create_connection(("127.0.0.1", bumper.port), timeout=15)
+        sock.sendall(b"CONNECT this is not a request line\r\n\r\n")
+        reply = read_until_closed(sock)
+        assert reply.startswith(b"HTTP/1.1 400"), reply
+        return sock.getsockname()[1]
+
+    line = run_next_to_good_requests(bumper, upstream, bad)
+    assert "outcome=" in line and "outcome=ok" not in line
+
+
+def test_untrusted_upstream_is_not_bumped(start_bumper, upstream: Upstream) -> None:
+    """Verification is on by default: without --upstream-ca the test root is unknown."""
+    strict = start_bumper(trust_test_root=False)
+    r = curl(strict, upstream.url("/"), "-w", "%{local_port}")
+    assert r.returncode != 0 and not r.stdout.startswith("hello")
+    line = strict.connection_line(int(r.stdout))
+    assert "outcome=upstream TLS failed: Certificate verify failed: unable to get local issuer certificate" in line
