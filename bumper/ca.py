@@ -35,7 +35,6 @@ CLOCK_SKEW = datetime.timedelta(hours=1)
 log = logging.getLogger("bumper.ca")
 
 
-
 @dataclass(frozen=True)
 class CertificateAuthority:
     cert: x509.Certificate
@@ -113,7 +112,9 @@ def load(directory: Path, now: datetime.datetime | None = None) -> CertificateAu
     return CertificateAuthority(cert=cert, key=key, directory=directory)
 
 
-def create(directory: Path, now: datetime.datetime | None = None, key_spec: keys.KeySpec = keys.RSA2048) -> CertificateAuthority:
+def create(
+    directory: Path, now: datetime.datetime | None = None, key_spec: keys.KeySpec = keys.RSA2048
+) -> CertificateAuthority:
     """Create a new CA in DIR. Refuses to replace either file that already exists."""
     for name in (CERT_FILE, KEY_FILE, DER_FILE):
         if (directory / name).exists():
@@ -253,4 +254,4 @@ def _is_ed25519(key: object) -> bool:
 
 
 def _utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from bumper import __version__
+from bumper import __version__, policy
 from bumper import ca as ca_files
 from bumper.errors import ConfigError
 from bumper.proxy import ListenAddress, ProxyConfig, serve
@@ -76,6 +76,7 @@ def _run_parser() -> argparse.ArgumentParser:
         default=[],
         help="connect to ADDRESS for upstream host NAME (or *.domain), without DNS (repeatable)",
     )
+    p.add_argument("--policy", metavar="FILE", type=Path, help="YAML policy: bump, splice or block (default: bump all)")
     p.add_argument("-v", "--verbose", action="store_true", help="also show mitmproxy's own proxy-core log")
     return p
 
@@ -88,6 +89,7 @@ def _run_command(args: list[str]) -> int:
         listen=ListenAddress.parse(opts.listen),
         trust=UpstreamTrust(tuple(opts.upstream_ca)),
         resolve=tuple(Override.parse(spec) for spec in opts.resolve),
+        policy=policy.load(opts.policy) if opts.policy else policy.LAB,
     )
     config.trust.check()
     authority, created = ca_files.load_or_create(config.ca_dir)

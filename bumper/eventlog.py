@@ -9,6 +9,8 @@ from mitmproxy import connection, http, tls
 from mitmproxy.proxy import server_hooks
 from mitmproxy.utils import human
 
+from bumper.policy import Decision
+
 log = logging.getLogger("bumper.conn")
 
 
@@ -18,8 +20,12 @@ class ConnectionRecord:
     connect: str = "-"
     sni: str = "-"
     action: str = "-"
+    rule: str = "-"
     requests: int = 0
     error: str | None = None  # the first thing that went wrong, if anything did
+
+    def decided(self, decision: Decision) -> None:
+        self.action, self.rule = decision.action, decision.rule
 
     def fail(self, reason: str) -> None:
         if self.error is None:
@@ -33,7 +39,7 @@ class ConnectionRecord:
         else:
             outcome = "ok"
         return (
-            f"{self.client} CONNECT {self.connect} sni={self.sni} action={self.action} "
+            f"{self.client} CONNECT {self.connect} sni={self.sni} action={self.action} rule={self.rule} "
             f"requests={self.requests} outcome={outcome}"
         )
 
@@ -41,6 +47,9 @@ class ConnectionRecord:
 class ConnectionLog:
     def __init__(self) -> None:
         self.records: dict[str, ConnectionRecord] = {}
+
+    def record(self, client_id: str) -> ConnectionRecord | None:
+        return self.records.get(client_id)
 
     def client_connected(self, client: connection.Client) -> None:
         self.records[client.id] = ConnectionRecord(client=human.format_address(client.peername))
@@ -56,7 +65,6 @@ class ConnectionLog:
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         if record := self.records.get(data.context.client.id):
             record.sni = data.client_hello.sni or "-"
-            record.action = "bump"
 
     def tls_failed_server(self, data: tls.TlsData) -> None:
         if record := self.records.get(data.context.client.id):

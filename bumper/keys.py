@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 # The curves a mimic can mirror; others fall back (see KeySpec.of).
 _CURVES: dict[str, type[ec.EllipticCurve]] = {

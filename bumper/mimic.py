@@ -57,7 +57,9 @@ def choose_key_spec(upstream: x509.Certificate, fallback: keys.KeySpec) -> KeyCh
     return KeyChoice(spec, False) if spec is not None else KeyChoice(fallback, True)
 
 
-def signature_hash(upstream: x509.Certificate, ca: CertificateAuthority) -> hashes.HashAlgorithm | None:
+def signature_hash(
+    upstream: x509.Certificate, ca: CertificateAuthority
+) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512 | None:
     """The upstream's hash when it is SHA-256/384/512, else SHA-256; Ed25519 CAs take none."""
     if isinstance(ca.key, ed25519.Ed25519PrivateKey):
         return None

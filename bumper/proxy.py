@@ -18,10 +18,12 @@ from mitmproxy.utils import asyncio_utils, human
 from bumper import ca as ca_files
 from bumper import names
 from bumper.connect import ConnectReplies
+from bumper.enforce import PolicyEnforcer
 from bumper.errors import ConfigError
 from bumper.eventlog import ConnectionLog
 from bumper.layers import NextLayer
 from bumper.mimicstore import MimicStore
+from bumper.policy import LAB, Policy
 from bumper.resolve import Override
 from bumper.tlsprovider import TlsProvider, UpstreamTrust
 
@@ -56,16 +58,19 @@ class ProxyConfig:
     listen: ListenAddress
     trust: UpstreamTrust
     resolve: tuple[Override, ...] = ()
+    policy: Policy = LAB
 
 
 def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> master.Master:
     m = master.Master(options.Options(), with_termlog=False)
+    connections = ConnectionLog()
     m.addons.add(
         proxyserver.Proxyserver(),
         NextLayer(),
+        connections,
+        PolicyEnforcer(config.policy, connections),  # before TlsProvider: it sees the decision
         ConnectReplies(),
         TlsProvider(MimicStore(authority), config.trust),
-        ConnectionLog(),
     )
     m.options.update(
         mode=["regular"],

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-
 from bumper import names
 from bumper.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Override:

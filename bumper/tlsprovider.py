@@ -12,6 +12,7 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from mitmproxy import certs, connection, tls
@@ -39,10 +40,10 @@ UPSTREAM_CIPHERS = (
     "!aNULL:!eNULL:!EXPORT:!DES:!3DES:!RC4:!MD5:!PSK:!SRP:!CAMELLIA:!IDEA:!SEED:!DSS"
 )
 
+# pyOpenSSL's raw OpenSSL bindings: hostname checking has no public pyOpenSSL API.
+_lib: Any = SSL._lib  # type: ignore[attr-defined]
 # Host name checks as browsers do them: no partial wildcards, never the subject CN.
-_HOSTFLAGS = SSL._lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS | getattr(  # type: ignore[attr-defined]
-    SSL._lib, "X509_CHECK_FLAG_NEVER_CHECK_SUBJECT", 0  # type: ignore[attr-defined]
-)
+_HOSTFLAGS = _lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS | getattr(_lib, "X509_CHECK_FLAG_NEVER_CHECK_SUBJECT", 0)
 
 
 @dataclass(frozen=True)
@@ -82,22 +83,22 @@ def client_context() -> SSL.Context:
     context.set_max_proto_version(SSL.TLS1_3_VERSION)
     context.set_cipher_list(CLIENT_CIPHERS.encode())
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
-    context.set_alpn_select_callback(alpn_select_callback)
+    context.set_alpn_select_callback(alpn_select_callback)  # type: ignore[arg-type]
     return context
 
 
 def expect_hostname(conn: SSL.Connection, name: str) -> None:
     """Send NAME as SNI (unless it is an IP address) and make OpenSSL verify the certificate covers it."""
-    param = SSL._lib.SSL_get0_param(conn._ssl)  # type: ignore[attr-defined]
-    SSL._lib.X509_VERIFY_PARAM_set_hostflags(param, _HOSTFLAGS)  # type: ignore[attr-defined]
+    param = _lib.SSL_get0_param(conn._ssl)  # type: ignore[attr-defined]
+    _lib.X509_VERIFY_PARAM_set_hostflags(param, _HOSTFLAGS)
     try:
         ip = ipaddress.ip_address(name).packed
     except ValueError:
         host = name.encode("idna")
         conn.set_tlsext_host_name(host)
-        ok = SSL._lib.X509_VERIFY_PARAM_set1_host(param, host, len(host))  # type: ignore[attr-defined]
+        ok = _lib.X509_VERIFY_PARAM_set1_host(param, host, len(host))
     else:
-        ok = SSL._lib.X509_VERIFY_PARAM_set1_ip(param, ip, len(ip))  # type: ignore[attr-defined]
+        ok = _lib.X509_VERIFY_PARAM_set1_ip(param, ip, len(ip))
     SSL._openssl_assert(ok == 1)  # type: ignore[attr-defined]
 
 
@@ -108,7 +109,8 @@ class TlsProvider:
         self._client_ctx = client_context()
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        data.establish_server_tls_first = True
+        # Server-first, unless the connection is spliced or refused (client.error set by bumper).
+        data.establish_server_tls_first = not data.ignore_connection and data.context.client.error is None
 
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         server = tls_start.conn
@@ -127,10 +129,13 @@ class TlsProvider:
 
     def tls_start_client(self, tls_start: tls.TlsData) -> None:
         client = tls_start.conn
+        assert isinstance(client, connection.Client)
         server = tls_start.context.server
+        if client.error:
+            return  # refused (by policy): no handshake, the connection is closed
         if not server.tls_established or not server.certificate_list:
             # Nothing verified to mimic: refusing the client is the only honest answer.
-            client.error = client.error or f"upstream TLS failed: {server.error or 'no certificate'}"
+            client.error = f"upstream TLS failed: {server.error or 'no certificate'}"
             return
         upstream = server.certificate_list[0]._cert  # mitmproxy's Cert wraps a cryptography certificate
         try:

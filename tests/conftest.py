@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,31 @@ def listening_socket() -> socket.socket:
     s.bind(("127.0.0.1", 0))
     s.listen(128)
     return s
+
+
+def tcp_server(handle: Callable[[socket.socket], None], max_connections: int = 10) -> Iterator[int]:
+    """A local TCP server that handles each connection with HANDLE, until the test ends."""
+    server = listening_socket()
+    server.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        handled = 0
+        while handled < max_connections and not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                handle(conn)
+            handled += 1
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    server.close()
 
 
 @dataclass
@@ -114,21 +139,21 @@ class Bumper:
 
 
 @dataclass
-class TestPKI:
+class Pki:
     root: pki.Authority
     root_pem: Path
     directory: Path
 
 
 @pytest.fixture(scope="session")
-def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     directory = tmp_path_factory.mktemp("pki")
     root = pki.Authority.root()
-    return TestPKI(root, root.write_cert(directory / "root.pem"), directory)
+    return Pki(root, root.write_cert(directory / "root.pem"), directory)
 
 
 @pytest.fixture(scope="session")
-def start_upstream(test_pki: TestPKI) -> Iterator:
+def start_upstream(test_pki: Pki) -> Iterator:
     started: list[Process] = []
 
     def start(leaf: pki.Leaf | None = None, tls: str = "any", host: str = UPSTREAM_HOST) -> Upstream:
@@ -136,7 +161,18 @@ def start_upstream(test_pki: TestPKI) -> Iterator:
         cert, key = leaf.write(test_pki.directory, f"leaf-{len(started)}")
         sock = listening_socket()
         proc = subprocess.Popen(
-            [sys.executable, str(UPSTREAM_SCRIPT), "--fd", str(sock.fileno()), "--cert", str(cert), "--key", str(key), "--tls", tls],
+            [
+                sys.executable,
+                str(UPSTREAM_SCRIPT),
+                "--fd",
+                str(sock.fileno()),
+                "--cert",
+                str(cert),
+                "--key",
+                str(key),
+                "--tls",
+                tls,
+            ],
             pass_fds=[sock.fileno()],
             stderr=subprocess.PIPE,
             text=True,
@@ -158,15 +194,17 @@ def upstream(start_upstream) -> Upstream:
 
 
 @pytest.fixture(scope="session")
-def start_bumper(test_pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+def start_bumper(test_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     started: list[Process] = []
 
     def start(*extra: str, ca_dir: Path | None = None, trust_test_root: bool = True) -> Bumper:
         ca_dir = ca_dir or tmp_path_factory.mktemp("ca") / "ca"
-        args = [BUMPER, "--ca", str(ca_dir), "--listen", "127.0.0.1:0", "--resolve", f"*.test=127.0.0.1"]
+        args = [BUMPER, "--ca", str(ca_dir), "--listen", "127.0.0.1:0", "--resolve", "*.test=127.0.0.1"]
         if trust_test_root:
             args += ["--upstream-ca", str(test_pki.root_pem)]
-        proc = subprocess.Popen([*args, *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [*args, *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         process = Process(proc)
         started.append(process)
         port = int(process.wait_for_line(r"proxy listening on 127\.0\.0\.1:(\d+)").group(1))
@@ -205,7 +243,9 @@ def open_tunnel(bumper: Bumper, host: str, port: int, timeout: float = 15) -> tu
     return sock, reply
 
 
-def client_tls_context(cafile: Path, version: ssl.TLSVersion | None = None, alpn: list[str] | None = None) -> ssl.SSLContext:
+def client_tls_context(
+    cafile: Path, version: ssl.TLSVersion | None = None, alpn: list[str] | None = None
+) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(cafile))
     if version is not None:
         context.minimum_version = context.maximum_version = version

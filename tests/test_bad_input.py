@@ -6,13 +6,12 @@ from __future__ import annotations
 import concurrent.futures
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.conftest import Bumper, Upstream, client_tls_context, curl, listening_socket, open_tunnel
+from tests.conftest import Bumper, Upstream, client_tls_context, curl, listening_socket, open_tunnel, tcp_server
 
 
 def read_http_response(sock: socket.socket) -> bytes:
@@ -21,7 +20,7 @@ def read_http_response(sock: socket.socket) -> bytes:
     while b"\r\n\r\n" not in data and (chunk := sock.recv(4096)):
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(l.split(b":")[1]) for l in head.lower().split(b"\r\n") if l.startswith(b"content-length:"))
+    length = next(int(h.split(b":")[1]) for h in head.lower().split(b"\r\n") if h.startswith(b"content-length:"))
     while len(body) < length and (chunk := sock.recv(4096)):
         body += chunk
     return head + b"\r\n\r\n" + body
@@ -32,34 +31,9 @@ def read_until_closed(sock: socket.socket, limit: int = 65536) -> bytes:
     try:
         while len(data) < limit and (chunk := sock.recv(4096)):
             data += chunk
-    except (ConnectionResetError, socket.timeout):
+    except (TimeoutError, ConnectionResetError):
         pass
     return data
-
-
-def tcp_server(handle: Callable[[socket.socket], None], max_connections: int = 10) -> Iterator[int]:
-    """A local TCP server that handles each connection with HANDLE, until the test ends."""
-    server = listening_socket()
-    server.settimeout(0.1)
-    stop = threading.Event()
-
-    def serve() -> None:
-        handled = 0
-        while handled < max_connections and not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except socket.timeout:
-                continue
-            with conn:
-                handle(conn)
-            handled += 1
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join(5)
-    server.close()
 
 
 @pytest.fixture

@@ -22,7 +22,9 @@ def spki(cert: x509.Certificate) -> bytes:
     return cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def handshake(bumper: Bumper, upstream: Upstream, version: ssl.TLSVersion | None = None) -> tuple[x509.Certificate, str]:
+def handshake(
+    bumper: Bumper, upstream: Upstream, version: ssl.TLSVersion | None = None
+) -> tuple[x509.Certificate, str]:
     """TLS through a CONNECT tunnel, trusting only bumper's CA: the leaf shown and the TLS version."""
     sock, reply = open_tunnel(bumper, upstream.host, upstream.port)
     assert reply.startswith(b"HTTP/1.1 200"), reply
@@ -61,7 +63,10 @@ def test_presented_leaf_is_a_mimic_signed_by_the_ca_with_its_own_key(bumper: Bum
     assert spki(leaf) != spki(upstream.leaf.cert)
     assert leaf.subject == upstream.leaf.cert.subject
     san = x509.SubjectAlternativeName
-    assert leaf.extensions.get_extension_for_class(san).value == upstream.leaf.cert.extensions.get_extension_for_class(san).value
+    assert (
+        leaf.extensions.get_extension_for_class(san).value
+        == upstream.leaf.cert.extensions.get_extension_for_class(san).value
+    )
     assert version == "TLSv1.3"
 
 
@@ -91,7 +96,9 @@ def test_10mib_download_arrives_intact(bumper: Bumper, upstream: Upstream, tmp_p
     out = tmp_path / "download"
     r = curl(bumper, upstream.url(f"/bytes/{TEN_MIB}"), http, "-D", "-", "-o", str(out))
     assert r.returncode == 0, r.stderr
-    expected = next(line.split(":", 1)[1].strip() for line in r.stdout.splitlines() if line.lower().startswith("x-sha256"))
+    expected = next(
+        line.split(":", 1)[1].strip() for line in r.stdout.splitlines() if line.lower().startswith("x-sha256")
+    )
     data = out.read_bytes()
     assert len(data) == TEN_MIB
     assert hashlib.sha256(data).hexdigest() == expected
@@ -130,11 +137,14 @@ def test_client_without_sni_gets_the_connect_host(bumper: Bumper, upstream: Upst
         port = tls.getsockname()[1]
     assert response.endswith(b"hello from upstream")
     line = bumper.connection_line(port)
-    assert f"CONNECT {upstream.host}:{upstream.port} sni=- action=bump" in line
+    assert f"CONNECT {upstream.host}:{upstream.port} sni=- action=bump rule=default" in line
 
 
 def test_one_log_line_per_connection(bumper: Bumper, upstream: Upstream) -> None:
     r = curl(bumper, upstream.url("/"), "-w", "%{local_port}")
     port = int(r.stdout.removeprefix("hello from upstream"))
     line = bumper.connection_line(port)
-    assert f"CONNECT {upstream.host}:{upstream.port} sni={upstream.host} action=bump requests=1 outcome=ok" in line
+    assert (
+        f"CONNECT {upstream.host}:{upstream.port} sni={upstream.host} action=bump rule=default requests=1 outcome=ok"
+        in line
+    )

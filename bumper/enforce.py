@@ -1,0 +1,43 @@
+"""Applies the policy at its two decision points: the CONNECT request and the ClientHello."""
+
+from __future__ import annotations
+
+from mitmproxy import http, tls
+from mitmproxy.utils import human
+
+from bumper.eventlog import ConnectionLog
+from bumper.policy import Policy
+
+
+class PolicyEnforcer:
+    def __init__(self, policy: Policy, connections: ConnectionLog) -> None:
+        self.policy = policy
+        self.connections = connections
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # Refuse before any upstream connection when the CONNECT host alone decides `block`.
+        decision = self.policy.decide_at_connect(flow.request.host)
+        if decision is None or decision.action != "block":
+            return
+        target = human.format_address((flow.request.host, flow.request.port))
+        reason = f"blocked by policy rule {decision.rule!r}"
+        flow.response = http.Response.make(
+            403, f"bumper: CONNECT to {target} {reason}\n", {"content-type": "text/plain; charset=utf-8"}
+        )
+        if record := self.connections.record(flow.client_conn.id):
+            record.decided(decision)
+            record.fail(f"{reason} at CONNECT")
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        context = data.context
+        assert context.server.address is not None
+        decision = self.policy.decide(context.server.address[0], data.client_hello.sni)
+        record = self.connections.record(context.client.id)
+        if record:
+            record.decided(decision)
+        if decision.action == "splice":
+            data.ignore_connection = True
+        elif decision.action == "block":
+            context.client.error = f"blocked by policy rule {decision.rule!r}"
+            if record:
+                record.fail(context.client.error)

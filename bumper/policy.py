@@ -1,0 +1,178 @@
+"""Policies: which connections are bumped, spliced or blocked. Pure data and functions.
+
+A policy file is YAML:
+
+    default: bump            # bump | splice | block
+    rules:                   # ordered; the first rule that matches decides
+      - name: banking
+        match:
+          sni: ["*.bank.example", "bank.example"]
+        action: splice
+
+`match` keys: `sni` (the name in the ClientHello; the CONNECT host when there is none) and `host`
+(the CONNECT host). Each takes exact names and `*.` globs; every key given must match, any entry
+of a key may.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from bumper import names
+from bumper.errors import ConfigError
+
+ACTIONS = ("bump", "splice", "block")
+MATCH_KEYS = ("sni", "host")
+RULE_KEYS = ("name", "match", "action")
+TOP_KEYS = ("default", "rules")
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    action: str
+    sni: tuple[str, ...] = ()
+    host: tuple[str, ...] = ()
+
+    def needs_sni(self) -> bool:
+        return bool(self.sni)
+
+    def matches(self, connect_host: str, sni: str | None) -> bool:
+        if self.host and not any(names.host_matches(p, connect_host) for p in self.host):
+            return False
+        name = sni or connect_host
+        return not self.sni or any(names.host_matches(p, name) for p in self.sni)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    rule: str  # the rule's name, or "default"
+
+
+@dataclass(frozen=True)
+class Policy:
+    default: str = "bump"
+    rules: tuple[Rule, ...] = ()
+
+    def decide(self, connect_host: str, sni: str | None) -> Decision:
+        for rule in self.rules:
+            if rule.matches(connect_host, sni):
+                return Decision(rule.action, rule.name)
+        return Decision(self.default, "default")
+
+    def decide_at_connect(self, connect_host: str) -> Decision | None:
+        """The decision when only the CONNECT host is known, or None when it hangs on the SNI."""
+        for rule in self.rules:
+            if rule.needs_sni():
+                return None
+            if rule.matches(connect_host, None):
+                return Decision(rule.action, rule.name)
+        return Decision(self.default, "default")
+
+
+LAB = Policy()  # no --policy: bump everything
+
+
+class _Errors:
+    """Collects every problem in a policy file as FILE:LINE:COLUMN: key: what is wrong."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.messages: list[str] = []
+
+    def add(self, node: yaml.Node, key: str, message: str) -> None:
+        mark = node.start_mark
+        self.messages.append(f"{self.path}:{mark.line + 1}:{mark.column + 1}: {key}: {message}")
+
+
+def load(path: Path) -> Policy:
+    """Read and check a policy file; every problem found is reported at once in one ConfigError."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{mark.line + 1}:{mark.column + 1}:" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
+    errors = _Errors(path)
+    policy = _policy(root, errors) if root is not None else Policy()
+    if errors.messages:
+        raise ConfigError("\n".join(errors.messages))
+    return policy
+
+
+def _policy(root: yaml.Node, errors: _Errors) -> Policy:
+    if not isinstance(root, yaml.MappingNode):
+        errors.add(root, "policy", "expected a mapping with `default` and `rules`")
+        return Policy()
+    default, rules = "bump", []
+    for key_node, value in root.value:
+        key = key_node.value
+        if key == "default":
+            default = _action(value, "default", errors)
+        elif key == "rules":
+            if not isinstance(value, yaml.SequenceNode):
+                errors.add(value, "rules", "expected a list of rules")
+                continue
+            rules = [_rule(node, i, errors) for i, node in enumerate(value.value)]
+        else:
+            errors.add(key_node, key, f"unknown key (expected one of: {', '.join(TOP_KEYS)})")
+    return Policy(default, tuple(r for r in rules if r is not None))
+
+
+def _rule(node: yaml.Node, index: int, errors: _Errors) -> Rule | None:
+    where = f"rules[{index}]"
+    if not isinstance(node, yaml.MappingNode):
+        errors.add(node, where, "expected a mapping with name, match and action")
+        return None
+    fields: dict[str, yaml.Node] = {}
+    for key_node, value in node.value:
+        if key_node.value not in RULE_KEYS:
+            errors.add(key_node, f"{where}.{key_node.value}", f"unknown key (expected one of: {', '.join(RULE_KEYS)})")
+        fields[key_node.value] = value
+    if "action" not in fields:
+        errors.add(node, f"{where}.action", "missing")
+        return None
+    name = fields["name"].value if "name" in fields and isinstance(fields["name"], yaml.ScalarNode) else where
+    action = _action(fields["action"], f"{where}.action", errors)
+    patterns = _match(fields.get("match"), f"{where}.match", errors)
+    return Rule(name=str(name), action=action, **patterns)
+
+
+def _match(node: yaml.Node | None, where: str, errors: _Errors) -> dict[str, tuple[str, ...]]:
+    if node is None:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        errors.add(node, where, "expected a mapping of sni and/or host")
+        return {}
+    found: dict[str, tuple[str, ...]] = {}
+    for key_node, value in node.value:
+        key = key_node.value
+        if key not in MATCH_KEYS:
+            errors.add(key_node, f"{where}.{key}", f"unknown key (expected one of: {', '.join(MATCH_KEYS)})")
+            continue
+        items = value.value if isinstance(value, yaml.SequenceNode) else [value]
+        patterns = []
+        for item in items:
+            pattern = names.normalize(str(item.value)) if isinstance(item, yaml.ScalarNode) else ""
+            if not names.valid_pattern(pattern):
+                errors.add(
+                    item, f"{where}.{key}", f"bad name or glob {item.value!r} (use example.com or *.example.com)"
+                )
+            patterns.append(pattern)
+        found[key] = tuple(patterns)
+    return found
+
+
+def _action(node: yaml.Node, where: str, errors: _Errors) -> str:
+    if isinstance(node, yaml.ScalarNode) and node.value in ACTIONS:
+        return str(node.value)
+    errors.add(node, where, f"unknown action {getattr(node, 'value', node)!r} (expected one of: {', '.join(ACTIONS)})")
+    return "block"  # never reached by a running proxy: the file is rejected

@@ -1,0 +1,156 @@
+"""Policies: the pure decision functions, the file checker, and enforcement on real connections."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from bumper import policy
+from bumper.errors import ConfigError
+from tests.conftest import BUMPER, Bumper, Pki, Upstream, client_tls_context, curl, open_tunnel, tcp_server
+
+POLICIES = Path(__file__).parent.parent / "policies"
+
+SAMPLE = policy.Policy(
+    default="bump",
+    rules=(
+        policy.Rule("bank", "splice", sni=("*.bank.test", "bank.test")),
+        policy.Rule("evil", "block", host=("evil.test",)),
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("host", "sni", "expected"),
+    [
+        ("www.bank.test", "www.bank.test", policy.Decision("splice", "bank")),
+        ("a.b.bank.test", None, policy.Decision("splice", "bank")),  # no SNI: the CONNECT host is matched
+        ("bank.test", "bank.test", policy.Decision("splice", "bank")),
+        ("notbank.test", "notbank.test", policy.Decision("bump", "default")),
+        ("evil.test", "anything.test", policy.Decision("block", "evil")),
+        ("other.test", "other.test", policy.Decision("bump", "default")),
+    ],
+)
+def test_decide(host: str, sni: str | None, expected: policy.Decision) -> None:
+    assert SAMPLE.decide(host, sni) == expected
+
+
+def test_decide_at_connect_waits_for_the_sni_when_an_earlier_rule_needs_it() -> None:
+    assert SAMPLE.decide_at_connect("evil.test") is None  # "bank" (an SNI rule) comes first
+    host_first = policy.Policy("bump", (SAMPLE.rules[1], SAMPLE.rules[0]))
+    assert host_first.decide_at_connect("evil.test") == policy.Decision("block", "evil")
+    assert host_first.decide_at_connect("fine.test") is None
+
+
+def test_shipped_lab_policy_loads() -> None:
+    assert policy.load(POLICIES / "lab.yaml") == policy.Policy("bump", ())
+
+
+def test_every_error_is_reported_with_file_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "default: bmup\n"
+        "colour: red\n"
+        "rules:\n"
+        "  - name: one\n"
+        "    match: {sni: ['*.ok.test', 'bad*glob.test'], port: 443}\n"
+        "    action: splice\n"
+        "  - name: two\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        policy.load(path)
+    assert str(e.value).splitlines() == [
+        f"{path}:1:10: default: unknown action 'bmup' (expected one of: bump, splice, block)",
+        f"{path}:2:1: colour: unknown key (expected one of: default, rules)",
+        f"{path}:5:32: rules[0].match.sni: bad name or glob 'bad*glob.test' (use example.com or *.example.com)",
+        f"{path}:5:50: rules[0].match.port: unknown key (expected one of: sni, host)",
+        f"{path}:7:5: rules[1].action: missing",
+    ]
+
+
+def test_invalid_yaml_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("default: [bump\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:2:1: not valid YAML"):
+        policy.load(path)
+
+
+def test_bumper_refuses_to_start_with_an_invalid_policy(tmp_path: Path) -> None:
+    import subprocess
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("default: maybe\n")
+    r = subprocess.run(
+        [BUMPER, "--ca", str(tmp_path / "ca"), "--listen", "127.0.0.1:0", "--policy", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2
+    assert r.stderr == f"bumper: {path}:1:10: default: unknown action 'maybe' (expected one of: bump, splice, block)\n"
+
+
+@pytest.fixture
+def counting_upstream() -> Iterator[tuple[int, list[int]]]:
+    """A TCP listener that only counts the connections it gets."""
+    accepted: list[int] = []
+    for port in tcp_server(lambda conn: accepted.append(1)):
+        yield port, accepted
+
+
+@pytest.fixture(scope="module")
+def policed(start_bumper, tmp_path_factory: pytest.TempPathFactory) -> Bumper:
+    path = tmp_path_factory.mktemp("policy") / "policy.yaml"
+    path.write_text(
+        "default: bump\n"
+        "rules:\n"
+        "  - name: no-evil\n"
+        "    match: {host: [evil.test]}\n"
+        "    action: block\n"
+        "  - name: bank\n"
+        "    match: {sni: ['*.upstream.test']}\n"
+        "    action: splice\n"
+        "  - name: refused-sni\n"
+        "    match: {sni: [refused.test]}\n"
+        "    action: block\n"
+    )
+    return start_bumper("--policy", str(path))
+
+
+def test_block_by_connect_host_answers_403_without_contacting_the_upstream(
+    policed: Bumper, counting_upstream: tuple[int, list[int]]
+) -> None:
+    port, accepted = counting_upstream
+    sock, reply = open_tunnel(policed, "evil.test", port)
+    assert reply.startswith(b"HTTP/1.1 403")
+    client_port = sock.getsockname()[1]
+    sock.close()
+    assert "action=block rule=no-evil" in policed.connection_line(client_port)
+    assert accepted == []
+
+
+def test_splice_passes_the_real_certificate_through(policed: Bumper, upstream: Upstream, test_pki: Pki) -> None:
+    sock, reply = open_tunnel(policed, "www.upstream.test", upstream.port)
+    assert reply.startswith(b"HTTP/1.1 200")
+    context = client_tls_context(test_pki.root_pem)  # trusts the upstream's own root, not bumper's
+    with context.wrap_socket(sock, server_hostname="www.upstream.test") as tls:
+        der = tls.getpeercert(binary_form=True)
+        client_port = tls.getsockname()[1]
+    assert der is not None and x509.load_der_x509_certificate(der) == upstream.leaf.cert
+    assert "sni=www.upstream.test action=splice rule=bank" in policed.connection_line(client_port)
+
+
+def test_block_by_sni_closes_before_any_handshake(policed: Bumper, upstream: Upstream) -> None:
+    r = curl(policed, f"https://refused.test:{upstream.port}/", "-w", "%{local_port}")
+    assert r.returncode != 0
+    line = policed.connection_line(int(r.stdout))
+    assert "action=block rule=refused-sni" in line and "outcome=blocked by policy rule 'refused-sni'" in line
+
+
+def test_the_default_still_bumps(policed: Bumper, upstream: Upstream) -> None:
+    r = curl(policed, upstream.url("/"), "-w", "%{local_port}")
+    assert r.stdout.startswith("hello from upstream")
+    assert "action=bump rule=default" in policed.connection_line(int(r.stdout.removeprefix("hello from upstream")))
