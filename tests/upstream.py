@@ -78,7 +78,9 @@ async def _http(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 async def _respond(send: Any, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]}
+    )
     await send({"type": "http.response.body", "body": body})
 
 
