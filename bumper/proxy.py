@@ -93,8 +93,7 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
         with _captured_errors("mitmproxy.addons.proxyserver") as errors:
             ok = await server.setup_servers()
         if not ok:
-            reason = errors[-1] if errors else "cannot listen"
-            raise ConfigError(f"--listen {config.listen}: {reason}")
+            raise ConfigError(f"--listen {config.listen}: {_listen_failure(errors)}")
         for host, port, *_ in server.listen_addrs():
             listening = human.format_address((host, port))
             print(f"bumper: proxy listening on {listening}", file=sys.stderr, flush=True)
@@ -108,6 +107,14 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
             await m.should_exit.wait()
         finally:
             await m.done()
+
+
+def _listen_failure(errors: list[str]) -> str:
+    """The OS's reason from mitmproxy's report, without its advice about options bumper lacks."""
+    if not errors:
+        return "cannot listen"
+    first_line = errors[-1].splitlines()[0]
+    return first_line.rpartition(": ")[2] or first_line
 
 
 @contextmanager

@@ -1,0 +1,435 @@
+"""The real `bumper` console script, in subprocesses: CA management and configuration errors.
+
+Every configuration problem must end as exit code 2 and one line on stderr that names the file
+or option, with no traceback, and must leave the CA files exactly as they were.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import re
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from bumper import __version__, keys
+from bumper import ca as ca_files
+from tests import pki
+from tests.conftest import BUMPER, Process
+
+TIMEOUT = 30
+LISTEN_ANY = ["--listen", "127.0.0.1:0"]
+LISTENING = r"proxy listening on 127\.0\.0\.1:\d+"
+CREATED = "created a new CA"
+
+
+def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BUMPER, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL
+    )
+
+
+def snapshot(directory: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mode of every file below DIRECTORY."""
+    return {
+        str(p.relative_to(directory)): (hashlib.sha256(p.read_bytes()).hexdigest(), stat.S_IMODE(p.stat().st_mode))
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_config_error(result: subprocess.CompletedProcess[str], *named: str) -> str:
+    """Exit code 2 and exactly one non-empty stderr line, naming every string in NAMED."""
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("bumper: "), lines[0]
+    for text in named:
+        assert text in lines[0], f"{text!r} not named in: {lines[0]}"
+    assert result.stdout == ""
+    return lines[0]
+
+
+def load_pem(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+@pytest.fixture
+def ca_dir(tmp_path: Path) -> Path:
+    """A valid bumper CA, made in-process."""
+    directory = tmp_path / "ca"
+    ca_files.create(directory)
+    return directory
+
+
+@pytest.fixture
+def launch() -> Iterator[Callable[..., Process]]:
+    started: list[Process] = []
+
+    def start(*args: str | Path) -> Process:
+        proc = subprocess.Popen(
+            [BUMPER, *map(str, args)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(Process(proc))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def stop_and_drain(process: Process, quiet: float = 0.3) -> str:
+    """Stop PROCESS and return its stderr once no more lines arrive."""
+    process.stop()
+    deadline = time.monotonic() + 5
+    count, since = len(process.lines), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        if len(process.lines) != count:
+            count, since = len(process.lines), time.monotonic()
+        time.sleep(0.02)
+    return process.log
+
+
+# --- --version, --help --------------------------------------------------------------------------
+
+
+def test_version() -> None:
+    result = run("--version")
+
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"bumper {__version__}"
+
+
+def test_help_shows_examples() -> None:
+    result = run("--help")
+
+    assert result.returncode == 0
+    assert "examples:" in result.stdout
+    assert "bumper --ca ca/" in result.stdout
+    assert "bumper ca show --ca ca/" in result.stdout
+    assert "subcommands:" in result.stdout
+
+
+# --- bumper ca init -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new-dir", "existing-empty-dir"])
+def test_ca_init_creates_the_files(tmp_path: Path, exists: bool) -> None:
+    directory = tmp_path / "ca"
+    if exists:
+        directory.mkdir(mode=0o755)
+
+    result = run("ca", "init", "--ca", directory)
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in directory.iterdir()) == ["ca.der", "ca.key", "ca.pem"]
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE((directory / "ca.key").stat().st_mode) == 0o600
+    cert = load_pem(directory / "ca.pem")
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert cert.issuer == cert.subject
+    cert.verify_directly_issued_by(cert)
+    assert x509.load_der_x509_certificate((directory / "ca.der").read_bytes()) == cert
+    key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+    assert key.public_key() == cert.public_key()
+    assert ca_files.fingerprint(cert) in result.stdout
+
+
+def test_ca_init_refuses_to_overwrite(ca_dir: Path) -> None:
+    before = snapshot(ca_dir)
+
+    assert_config_error(run("ca", "init", "--ca", ca_dir), str(ca_dir))
+
+    assert snapshot(ca_dir) == before
+
+
+# --- bumper ca show -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, label",
+    [(keys.RSA2048, "RSA-2048"), (keys.P256, "EC P-256"), (keys.KeySpec("ed25519"), "Ed25519")],
+    ids=["rsa", "ec", "ed25519"],
+)
+def test_ca_show(tmp_path: Path, spec: keys.KeySpec, label: str) -> None:
+    directory = tmp_path / "ca"
+    cert = ca_files.create(directory, key_spec=spec).cert
+    openssl = subprocess.run(
+        ["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(directory / "ca.pem")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
+    expected_fingerprint = openssl.stdout.strip().partition("=")[2]
+    assert re.fullmatch(r"([0-9A-F]{2}:){31}[0-9A-F]{2}", expected_fingerprint)
+
+    result = run("ca", "show", "--ca", directory)
+
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert cert.subject.rfc4514_string() in out
+    assert re.search(rf"SHA-256\s+{re.escape(expected_fingerprint)}\s*$", out, re.M)
+    assert f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S}" in out
+    assert f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S}" in out
+    assert re.search(rf"key\s+{label}\s*$", out, re.M)
+
+
+def test_ca_show_on_an_empty_dir(tmp_path: Path) -> None:
+    assert_config_error(run("ca", "show", "--ca", tmp_path), str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- bumper ca export ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, extra, der",
+    [
+        ("out.pem", [], False),
+        ("out.der", [], True),
+        ("out.cer", [], True),
+        ("exported.crt", ["--format", "der"], True),
+        ("exported.der", ["--format", "pem"], False),
+    ],
+)
+def test_ca_export(ca_dir: Path, tmp_path: Path, name: str, extra: list[str], der: bool) -> None:
+    before = snapshot(ca_dir)
+    destination = tmp_path / name
+
+    result = run("ca", "export", "--ca", ca_dir, *extra, destination)
+
+    assert result.returncode == 0, result.stderr
+    data = destination.read_bytes()
+    assert b"PRIVATE KEY" not in data
+    exported = x509.load_der_x509_certificate(data) if der else x509.load_pem_x509_certificate(data)
+    assert data.startswith(b"-----BEGIN CERTIFICATE-----") is not der
+    assert exported == load_pem(ca_dir / "ca.pem")
+    assert snapshot(ca_dir) == before
+
+
+# --- configuration errors -----------------------------------------------------------------------
+
+
+def write_ca(
+    directory: Path,
+    *,
+    not_before: datetime.datetime = pki.NOW - pki.DAY,
+    not_after: datetime.datetime = pki.NOW + 365 * pki.DAY,
+    is_ca: bool = True,
+) -> None:
+    """A self-signed certificate and its key as ca.pem/ca.key, with the given shape."""
+    key = pki.rsa_key()
+    subject = pki.name("hand-made CA")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(mode=0o700)
+    (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "ca.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (directory / "ca.key").chmod(0o600)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _replace_with_dir(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _encrypt_key(path: Path) -> None:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")
+        )
+    )
+
+
+def _other_key(path: Path) -> None:
+    path.write_bytes(
+        pki.rsa_key().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+
+
+def _valid_then(change: Callable[[Path], object], file: str) -> Callable[[Path], None]:
+    def setup(directory: Path) -> None:
+        ca_files.create(directory)
+        change(directory / file)
+
+    return setup
+
+
+# Each case: how to break the CA in DIR, and the file the error must name.
+BROKEN_CA = [
+    pytest.param(_valid_then(_truncate, "ca.pem"), "ca.pem", id="corrupt-ca.pem"),
+    pytest.param(_valid_then(lambda p: p.write_text("not a key\n"), "ca.key"), "ca.key", id="corrupt-ca.key"),
+    pytest.param(_valid_then(Path.unlink, "ca.pem"), "ca.pem", id="ca.key-without-ca.pem"),
+    pytest.param(_valid_then(Path.unlink, "ca.key"), "ca.key", id="ca.pem-without-ca.key"),
+    pytest.param(_valid_then(_other_key, "ca.key"), "ca.key", id="key-does-not-match"),
+    pytest.param(_valid_then(_encrypt_key, "ca.key"), "ca.key", id="encrypted-key"),
+    pytest.param(_valid_then(_replace_with_dir, "ca.pem"), "ca.pem", id="ca.pem-is-a-directory"),
+    pytest.param(
+        lambda d: write_ca(d, not_before=pki.NOW - 400 * pki.DAY, not_after=pki.NOW - 30 * pki.DAY),
+        "ca.pem",
+        id="expired-CA",
+    ),
+    pytest.param(
+        lambda d: write_ca(d, not_before=pki.NOW + 30 * pki.DAY, not_after=pki.NOW + 400 * pki.DAY),
+        "ca.pem",
+        id="not-yet-valid-CA",
+    ),
+    pytest.param(lambda d: write_ca(d, is_ca=False), "ca.pem", id="not-a-CA-certificate"),
+]
+
+
+@pytest.mark.parametrize("command", [[], ["ca", "show"]], ids=["run", "ca-show"])
+@pytest.mark.parametrize("break_ca, named", BROKEN_CA)
+def test_broken_ca_is_a_config_error(
+    tmp_path: Path, command: list[str], break_ca: Callable[[Path], None], named: str
+) -> None:
+    directory = tmp_path / "ca"
+    break_ca(directory)
+    before = snapshot(directory)
+    args: list[str | Path] = [*command, "--ca", directory, *([] if command else LISTEN_ANY)]
+
+    assert_config_error(run(*args), str(directory / named))
+
+    assert snapshot(directory) == before
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+# Each case: options after `--ca DIR --listen 127.0.0.1:0` (a later --listen wins), with
+# {tmp} and {busy_port} filled in, and the strings the error line must name.
+BAD_OPTIONS = [
+    pytest.param(["--listen", "nonsense"], ["--listen", "nonsense"], id="listen-nonsense"),
+    pytest.param(["--listen", "1.2.3.4.5:80"], ["--listen", "1.2.3.4.5:80"], id="listen-five-octets"),
+    pytest.param(["--listen", "127.0.0.1:99999"], ["--listen", "99999"], id="listen-port-out-of-range"),
+    pytest.param(["--listen", "example.test:8080"], ["--listen", "example.test"], id="listen-host-name"),
+    pytest.param(
+        ["--listen", "127.0.0.1:{busy_port}"], ["--listen", "{busy_port}", "address already in use"], id="listen-busy"
+    ),
+    pytest.param(["--resolve", "no-equals-sign"], ["--resolve", "no-equals-sign"], id="resolve-no-equals"),
+    pytest.param(["--resolve", "=127.0.0.1"], ["--resolve"], id="resolve-empty-name"),
+    pytest.param(["--resolve", "a..test=127.0.0.1"], ["--resolve", "a..test"], id="resolve-empty-label"),
+    pytest.param(["--resolve", "*.*.test=127.0.0.1"], ["--resolve", "*.*.test"], id="resolve-double-wildcard"),
+    pytest.param(["--resolve", "x.test=not-an-ip"], ["--resolve", "not-an-ip"], id="resolve-address-not-ip"),
+    pytest.param(["--upstream-ca", "{tmp}/missing.pem"], ["--upstream-ca", "missing.pem"], id="upstream-ca-missing"),
+    pytest.param(["--upstream-ca", "{tmp}/root.der"], ["--upstream-ca", "root.der"], id="upstream-ca-not-pem"),
+]
+
+
+@pytest.mark.parametrize("options, named", BAD_OPTIONS)
+def test_bad_option_is_a_config_error(
+    ca_dir: Path, tmp_path: Path, busy_port: int, options: list[str], named: list[str]
+) -> None:
+    (tmp_path / "root.der").write_bytes(pki.Authority.root().cert.public_bytes(serialization.Encoding.DER))
+    before = snapshot(ca_dir)
+    fill = {"tmp": tmp_path, "busy_port": busy_port}
+
+    result = run("--ca", ca_dir, *LISTEN_ANY, *(o.format(**fill) for o in options))
+
+    assert_config_error(result, *(n.format(**fill) for n in named))
+    assert snapshot(ca_dir) == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param([*LISTEN_ANY], id="missing---ca"),
+        pytest.param(["--ca"], id="--ca-without-value"),
+        pytest.param(["--ca", "{ca}", "--no-such-option"], id="unknown-option"),
+        pytest.param(["ca", "export", "--ca", "{ca}"], id="ca-export-without-path"),
+        pytest.param(["ca", "show"], id="ca-show-missing---ca"),
+    ],
+)
+def test_usage_errors(ca_dir: Path, args: list[str]) -> None:
+    before = snapshot(ca_dir)
+
+    result = run(*(a.format(ca=ca_dir) for a in args))
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "usage:" in result.stderr
+    assert snapshot(ca_dir) == before
+
+
+def test_empty_dir_stays_empty_on_an_option_error(tmp_path: Path) -> None:
+    directory = tmp_path / "ca"
+    directory.mkdir()
+
+    assert_config_error(run("--ca", directory, "--listen", "nonsense"), "--listen")
+
+    assert list(directory.iterdir()) == []
+
+
+# --- running: load or create --------------------------------------------------------------------
+
+
+def test_existing_ca_is_loaded_not_overwritten(ca_dir: Path, launch: Callable[..., Process]) -> None:
+    before = snapshot(ca_dir)
+
+    process = launch("--ca", ca_dir, *LISTEN_ANY)
+    process.wait_for_line(LISTENING)
+    log = stop_and_drain(process)
+
+    assert snapshot(ca_dir) == before
+    assert CREATED not in log
+    assert "Traceback" not in log
+
+
+def test_first_run_creates_and_announces_the_ca(tmp_path: Path, launch: Callable[..., Process]) -> None:
+    directory = tmp_path / "ca"
+    directory.mkdir()
+
+    process = launch("--ca", directory, *LISTEN_ANY)
+    process.wait_for_line(LISTENING)
+    announcement = process.wait_for_line(CREATED).string
+    stop_and_drain(process)
+
+    assert str(directory / "ca.pem") in announcement
+    assert sorted(p.name for p in directory.iterdir()) == ["ca.der", "ca.key", "ca.pem"]
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    cert = load_pem(directory / "ca.pem")
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+
+    # The second run loads what the first one made.
+    before = snapshot(directory)
+    again = launch("--ca", directory, *LISTEN_ANY)
+    again.wait_for_line(LISTENING)
+    assert CREATED not in stop_and_drain(again)
+    assert snapshot(directory) == before

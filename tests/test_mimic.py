@@ -1,0 +1,584 @@
+"""Unit tests of minting mimics (bumper.mimic, bumper.mimicstore, bumper.keys): no sockets.
+
+Upstream certificates are built here with cryptography, issued by a tests/pki.py root; the
+mimicking CA is a real bumper CA made by bumper.ca.create in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import ipaddress
+import struct
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, ExtensionOID, NameOID
+from OpenSSL import crypto
+
+from bumper import ca as ca_files
+from bumper import keys, mimic
+from bumper.ca import CertificateAuthority
+from bumper.mimicstore import MimicStore
+from tests import pki
+
+DAY = pki.DAY
+ExtensionSpec = tuple[x509.ExtensionType, bool]  # (value, critical)
+UpstreamKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | dsa.DSAPrivateKey
+
+
+# --- building upstream certificates -------------------------------------------------------------
+
+
+@functools.cache
+def upstream_issuer() -> pki.Authority:
+    """The (real-world) CA that issued the upstream certificates: never bumper's."""
+    return pki.Authority.root("upstream issuing CA")
+
+
+@functools.cache
+def default_upstream_key() -> rsa.RSAPrivateKey:
+    return pki.rsa_key(2048)
+
+
+def make_upstream(
+    *extensions: ExtensionSpec,
+    subject: x509.Name | None = None,
+    key: UpstreamKey | None = None,
+    signature_hash: hashes.HashAlgorithm | None = None,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+) -> x509.Certificate:
+    """An upstream leaf carrying exactly EXTENSIONS (no defaults), issued by upstream_issuer() with SHA-256
+    unless SIGNATURE_HASH says otherwise."""
+    issuer = upstream_issuer()
+    key = key or default_upstream_key()
+    signature_hash = signature_hash or hashes.SHA256()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject if subject is not None else pki.name("upstream.test"))
+        .issuer_name(issuer.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or pki.NOW - DAY)
+        .not_valid_after(not_after or pki.NOW + 90 * DAY)
+    )
+    for value, critical in extensions:
+        builder = builder.add_extension(value, critical=critical)
+    if isinstance(signature_hash, hashes.SHA1):
+        # cryptography refuses to sign with SHA-1; OpenSSL still does, as old CAs did.
+        cert = crypto.X509.from_cryptography(builder.sign(issuer.key, hashes.SHA256()))  # type: ignore[arg-type]
+        cert.sign(crypto.PKey.from_cryptography_key(issuer.key), "sha1")  # type: ignore[arg-type]
+        return cert.to_cryptography()
+    return builder.sign(issuer.key, signature_hash)  # type: ignore[arg-type]
+
+
+def san(*names: x509.GeneralName, critical: bool = False) -> ExtensionSpec:
+    return x509.SubjectAlternativeName(list(names)), critical
+
+
+def key_usage(critical: bool = True, **flags: bool) -> ExtensionSpec:
+    fields = (
+        "digital_signature content_commitment key_encipherment data_encipherment key_agreement "
+        "key_cert_sign crl_sign encipher_only decipher_only"
+    ).split()
+    return x509.KeyUsage(**{f: flags.get(f, False) for f in fields}), critical
+
+
+def sct_list_extension() -> x509.UnrecognizedExtension:
+    """A well-formed embedded SCT list (one SCT), as a CT-logged certificate carries."""
+    sct = (
+        b"\x00"  # v1
+        + bytes(range(32))  # log id
+        + struct.pack(">Q", 1_700_000_000_000)  # timestamp
+        + b"\x00\x00"  # no extensions
+        + b"\x04\x03"  # sha256, ecdsa
+        + struct.pack(">H", 8)
+        + b"\x30\x06\x02\x01\x01\x02\x01\x01"  # signature
+    )
+    entries = struct.pack(">H", len(sct)) + sct
+    tls_list = struct.pack(">H", len(entries)) + entries
+    return x509.UnrecognizedExtension(
+        ExtensionOID.PRECERT_SIGNED_CERTIFICATE_TIMESTAMPS, b"\x04" + bytes([len(tls_list)]) + tls_list
+    )
+
+
+def spki(public_key: object) -> bytes:
+    return public_key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def extension(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> x509.Extension:
+    return cert.extensions.get_extension_for_oid(oid)
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def authority(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    """bumper's CA, made a year ago so that upstream validities fall well inside its own."""
+    return ca_files.create(tmp_path_factory.mktemp("mimic") / "ca", now=pki.NOW - 365 * DAY)
+
+
+@pytest.fixture
+def store(authority: CertificateAuthority) -> MimicStore:
+    return MimicStore(authority)
+
+
+@pytest.fixture(scope="module")
+def mimic_key() -> ec.EllipticCurvePrivateKey:
+    return pki.ec_key()
+
+
+# --- subject and names --------------------------------------------------------------------------
+
+FULL_SUBJECT = x509.Name(
+    [
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "DE"),
+        x509.NameAttribute(NameOID.STATE_OR_PROVINCE_NAME, "Berlin"),
+        x509.NameAttribute(NameOID.LOCALITY_NAME, "Berlin"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example GmbH"),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Web Ops"),
+        x509.NameAttribute(NameOID.COMMON_NAME, "www.example.test"),
+        x509.NameAttribute(NameOID.SERIAL_NUMBER, "HRB 12345"),
+    ]
+)
+MULTI_VALUED_RDN = x509.Name(
+    [
+        x509.RelativeDistinguishedName(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example"),
+                x509.NameAttribute(NameOID.COMMON_NAME, "multi.example.test"),
+            ]
+        )
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        pytest.param(pki.name("upstream.test"), id="O-CN"),
+        pytest.param(FULL_SUBJECT, id="C-ST-L-O-OU-CN-serialNumber"),
+        pytest.param(MULTI_VALUED_RDN, id="multi-valued-RDN"),
+        pytest.param(x509.Name([]), id="empty"),
+    ],
+)
+def test_subject_is_copied_exactly(store: MimicStore, subject: x509.Name) -> None:
+    upstream = make_upstream(san(x509.DNSName("upstream.test"), critical=len(subject) == 0), subject=subject)
+
+    made = store.get(upstream).cert
+
+    assert made.subject.public_bytes() == upstream.subject.public_bytes()
+    assert made.subject.public_bytes() == subject.public_bytes()
+
+
+ALL_NAME_KINDS = (
+    x509.DNSName("upstream.test"),
+    x509.DNSName("*.upstream.test"),
+    x509.IPAddress(ipaddress.ip_address("192.0.2.7")),
+    x509.IPAddress(ipaddress.ip_address("2001:db8::7")),
+    x509.UniformResourceIdentifier("https://upstream.test/"),
+    x509.RFC822Name("admin@upstream.test"),
+)
+
+
+@pytest.mark.parametrize("critical", [False, True], ids=["non-critical", "critical"])
+@pytest.mark.parametrize(
+    "names",
+    [
+        pytest.param(ALL_NAME_KINDS, id="dns-wildcard-ipv4-ipv6-uri-email"),
+        pytest.param((x509.IPAddress(ipaddress.ip_address("127.0.0.1")),), id="single-ip"),
+    ],
+)
+def test_san_is_copied_exactly(store: MimicStore, names: tuple[x509.GeneralName, ...], critical: bool) -> None:
+    upstream = make_upstream(san(*names, critical=critical))
+
+    copied = extension(store.get(upstream).cert, ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+    original = extension(upstream, ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+
+    assert copied.critical is critical
+    assert copied.value.public_bytes() == original.value.public_bytes()
+    assert list(copied.value) == list(names)  # same names, same order, none added
+
+
+def test_no_names_are_added_when_the_upstream_has_no_san(store: MimicStore) -> None:
+    upstream = make_upstream(subject=pki.name("cn-only.upstream.test"))
+
+    made = store.get(upstream).cert
+
+    with pytest.raises(x509.ExtensionNotFound):
+        made.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert made.subject == upstream.subject
+
+
+# --- issuer, signature, key ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "upstream_key",
+    [
+        pytest.param(default_upstream_key, id="RSA-2048-like-the-CA"),
+        pytest.param(pki.ec_key, id="EC-P256"),
+    ],
+)
+def test_issued_and_signed_by_the_ca_with_a_key_of_its_own(
+    store: MimicStore, authority: CertificateAuthority, upstream_key: object
+) -> None:
+    upstream = make_upstream(san(x509.DNSName("upstream.test")), key=upstream_key())  # type: ignore[operator]
+
+    made = store.get(upstream)
+
+    assert made.cert.issuer.public_bytes() == authority.cert.subject.public_bytes()
+    made.cert.verify_directly_issued_by(authority.cert)  # raises when the signature does not verify
+    with pytest.raises(ValueError):
+        made.cert.verify_directly_issued_by(upstream_issuer().cert)
+    mimic_spki = spki(made.cert.public_key())
+    assert mimic_spki != spki(authority.cert.public_key())
+    assert mimic_spki != spki(upstream.public_key())
+    assert mimic_spki == spki(made.key.public_key())  # the key served is the one certified
+
+
+def test_mint_certifies_the_key_it_is_given(
+    authority: CertificateAuthority, mimic_key: ec.EllipticCurvePrivateKey
+) -> None:
+    made = mimic.mint(make_upstream(), authority, mimic_key)
+
+    made.verify_directly_issued_by(authority.cert)
+    assert spki(made.public_key()) == spki(mimic_key.public_key())
+
+
+# --- validity -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "before_shift, after_shift, expect_ca_before, expect_ca_after",
+    [
+        # shifts of the upstream's notBefore / notAfter relative to the CA's own
+        pytest.param(+10, -10, False, False, id="inside-the-CA"),
+        pytest.param(+10, +100, False, True, id="outlives-the-CA"),
+        pytest.param(-10, -10, True, False, id="predates-the-CA"),
+        pytest.param(-10, +100, True, True, id="both"),
+    ],
+)
+def test_validity_is_copied_and_clamped_to_the_ca(
+    store: MimicStore,
+    authority: CertificateAuthority,
+    before_shift: int,
+    after_shift: int,
+    expect_ca_before: bool,
+    expect_ca_after: bool,
+) -> None:
+    ca_before, ca_after = authority.cert.not_valid_before_utc, authority.cert.not_valid_after_utc
+    upstream = make_upstream(
+        not_before=ca_before + before_shift * DAY,
+        not_after=ca_after + after_shift * DAY,
+    )
+
+    made = store.get(upstream).cert
+
+    assert made.not_valid_before_utc == (ca_before if expect_ca_before else upstream.not_valid_before_utc)
+    assert made.not_valid_after_utc == (ca_after if expect_ca_after else upstream.not_valid_after_utc)
+    assert made.not_valid_after_utc <= ca_after
+
+
+def test_validity_of_an_ordinary_upstream_is_copied_to_the_second(store: MimicStore) -> None:
+    upstream = make_upstream(not_before=pki.NOW - 3 * DAY, not_after=pki.NOW + 47 * DAY)
+
+    made = store.get(upstream).cert
+
+    assert (made.not_valid_before_utc, made.not_valid_after_utc) == (
+        upstream.not_valid_before_utc,
+        upstream.not_valid_after_utc,
+    )
+
+
+# --- key types ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make_key, expected",
+    [
+        pytest.param(lambda: pki.rsa_key(2048), keys.KeySpec("rsa", size=2048), id="RSA-2048"),
+        pytest.param(lambda: pki.rsa_key(3072), keys.KeySpec("rsa", size=3072), id="RSA-3072"),
+        pytest.param(lambda: pki.rsa_key(4096), keys.KeySpec("rsa", size=4096), id="RSA-4096"),
+        pytest.param(lambda: pki.ec_key(ec.SECP256R1()), keys.KeySpec("ec", curve="secp256r1"), id="P-256"),
+        pytest.param(lambda: pki.ec_key(ec.SECP384R1()), keys.KeySpec("ec", curve="secp384r1"), id="P-384"),
+        pytest.param(lambda: pki.ec_key(ec.SECP521R1()), keys.KeySpec("ec", curve="secp521r1"), id="P-521"),
+        pytest.param(ed25519.Ed25519PrivateKey.generate, keys.KeySpec("ed25519"), id="Ed25519"),
+    ],
+)
+def test_key_type_is_mirrored(store: MimicStore, make_key: object, expected: keys.KeySpec) -> None:
+    upstream = make_upstream(key_usage(digital_signature=True), key=make_key())  # type: ignore[operator]
+
+    made = store.get(upstream)
+
+    public_key = made.cert.public_key()
+    assert keys.KeySpec.of(public_key) == expected
+    if isinstance(public_key, rsa.RSAPublicKey):
+        assert public_key.key_size == expected.size
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        assert public_key.curve.name == expected.curve
+    else:
+        assert isinstance(public_key, ed25519.Ed25519PublicKey)
+    assert mimic.choose_key_spec(upstream, keys.P256) == mimic.KeyChoice(expected, fell_back=False)
+
+
+@pytest.mark.parametrize(
+    "make_key",
+    [
+        pytest.param(lambda: dsa.generate_private_key(2048), id="DSA-2048"),
+        pytest.param(lambda: pki.rsa_key(1024), id="RSA-1024"),
+        pytest.param(lambda: pki.ec_key(ec.SECP256K1()), id="secp256k1"),
+    ],
+)
+def test_unmirrorable_key_falls_back_to_p256_with_key_usage_fitted(store: MimicStore, make_key: object) -> None:
+    upstream = make_upstream(
+        key_usage(digital_signature=True, key_encipherment=True, data_encipherment=True),
+        key=make_key(),  # type: ignore[operator]
+    )
+
+    made = store.get(upstream)
+
+    public_key = made.cert.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    assert public_key.curve.name == "secp256r1"
+    usage = extension(made.cert, ExtensionOID.KEY_USAGE)
+    assert usage.critical is True
+    assert usage.value.digital_signature is True
+    assert usage.value.key_encipherment is False  # meaningless for an EC key
+    assert usage.value.data_encipherment is False
+    assert mimic.choose_key_spec(upstream, keys.P256).fell_back is True
+    made.cert.verify_directly_issued_by(store.ca.cert)
+
+
+@pytest.mark.parametrize(
+    "make_key, upstream_flags, expected_flags",
+    [
+        pytest.param(
+            lambda: pki.rsa_key(2048),
+            dict(digital_signature=True, key_encipherment=True),
+            dict(digital_signature=True, key_encipherment=True),
+            id="RSA-keeps-keyEncipherment",
+        ),
+        pytest.param(
+            pki.ec_key,
+            dict(digital_signature=True, key_agreement=True),
+            dict(digital_signature=True, key_agreement=True),
+            id="EC-keeps-keyAgreement",
+        ),
+        pytest.param(
+            ed25519.Ed25519PrivateKey.generate,
+            dict(digital_signature=True, key_agreement=True, key_encipherment=True),
+            dict(digital_signature=True),
+            id="Ed25519-signs-only",
+        ),
+    ],
+)
+def test_key_usage_fits_the_mirrored_key(
+    store: MimicStore, make_key: object, upstream_flags: dict[str, bool], expected_flags: dict[str, bool]
+) -> None:
+    upstream = make_upstream(key_usage(**upstream_flags), key=make_key())  # type: ignore[operator]
+
+    usage = extension(store.get(upstream).cert, ExtensionOID.KEY_USAGE).value
+
+    assert usage == key_usage(**expected_flags)[0]
+
+
+# --- extensions ---------------------------------------------------------------------------------
+
+UNKNOWN_OID = x509.ObjectIdentifier("1.3.6.1.4.1.55555.1.2.3")
+DROPPED = (
+    ExtensionOID.AUTHORITY_INFORMATION_ACCESS,
+    ExtensionOID.CRL_DISTRIBUTION_POINTS,
+    ExtensionOID.FRESHEST_CRL,
+    ExtensionOID.PRECERT_SIGNED_CERTIFICATE_TIMESTAMPS,
+    ExtensionOID.TLS_FEATURE,
+    ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+    ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+)
+
+
+def upstream_with_every_extension(flip: bool) -> x509.Certificate:
+    """Kept extensions with mixed criticality (all flipped when FLIP), plus every dropped one."""
+    crl = x509.DistributionPoint([x509.UniformResourceIdentifier("http://crl.test/ca.crl")], None, None, None)
+    kept: list[ExtensionSpec] = [
+        key_usage(critical=True, digital_signature=True, key_encipherment=True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (x509.CertificatePolicies([x509.PolicyInformation(x509.ObjectIdentifier("2.23.140.1.2.2"), None)]), False),
+        (x509.UnrecognizedExtension(UNKNOWN_OID, b"\x0c\x05hello"), False),
+        san(x509.DNSName("upstream.test")),
+    ]
+    if flip:
+        kept = [(value, not critical) for value, critical in kept]
+    issuer_key = upstream_issuer().key.public_key()  # type: ignore[attr-defined]
+    dropped: list[ExtensionSpec] = [
+        (
+            x509.AuthorityInformationAccess(
+                [
+                    x509.AccessDescription(
+                        AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier("http://ocsp.test/")
+                    ),
+                    x509.AccessDescription(
+                        AuthorityInformationAccessOID.CA_ISSUERS,
+                        x509.UniformResourceIdentifier("http://ca.test/ca.der"),
+                    ),
+                ]
+            ),
+            False,
+        ),
+        (x509.CRLDistributionPoints([crl]), False),
+        (x509.FreshestCRL([crl]), False),
+        (sct_list_extension(), False),
+        (x509.TLSFeature([x509.TLSFeatureType.status_request]), False),
+        (x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key), False),
+        (x509.SubjectKeyIdentifier.from_public_key(default_upstream_key().public_key()), False),
+    ]
+    return make_upstream(*kept, *dropped)
+
+
+@pytest.mark.parametrize("flip", [False, True], ids=["as-usual", "criticality-flipped"])
+def test_extensions_copied_or_dropped(store: MimicStore, authority: CertificateAuthority, flip: bool) -> None:
+    upstream = upstream_with_every_extension(flip)
+    assert {e.oid for e in upstream.extensions} >= set(DROPPED)  # the upstream really has them all
+
+    made = store.get(upstream).cert
+
+    upstream_kept = [e for e in upstream.extensions if e.oid not in DROPPED]
+    for ext in upstream_kept:
+        copy = extension(made, ext.oid)
+        assert copy.critical is ext.critical, ext.oid
+        assert copy.value.public_bytes() == ext.value.public_bytes(), ext.oid
+    assert sorted(e.oid.dotted_string for e in made.extensions) == sorted(
+        [e.oid.dotted_string for e in upstream_kept]
+        + [ExtensionOID.AUTHORITY_KEY_IDENTIFIER.dotted_string, ExtensionOID.SUBJECT_KEY_IDENTIFIER.dotted_string]
+    )
+
+    aki = extension(made, ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
+    ca_ski = extension(authority.cert, ExtensionOID.SUBJECT_KEY_IDENTIFIER).value
+    assert aki.critical is False
+    assert aki.value.key_identifier == ca_ski.digest
+    assert aki.value != extension(upstream, ExtensionOID.AUTHORITY_KEY_IDENTIFIER).value
+    ski = extension(made, ExtensionOID.SUBJECT_KEY_IDENTIFIER)
+    assert ski.critical is False
+    assert ski.value == x509.SubjectKeyIdentifier.from_public_key(made.public_key())
+    assert ski.value != extension(upstream, ExtensionOID.SUBJECT_KEY_IDENTIFIER).value
+
+
+def test_unknown_extension_bytes_survive_verbatim(store: MimicStore) -> None:
+    unknown = x509.UnrecognizedExtension(UNKNOWN_OID, b"\x30\x03\x02\x01\x2a")
+    upstream = make_upstream((unknown, True))
+
+    copy = extension(store.get(upstream).cert, UNKNOWN_OID)
+
+    assert copy.critical is True
+    assert isinstance(copy.value, x509.UnrecognizedExtension)
+    assert copy.value.value == b"\x30\x03\x02\x01\x2a"
+
+
+# --- serial and signature hash ------------------------------------------------------------------
+
+
+def test_serial_is_positive_random_and_at_most_20_octets(
+    authority: CertificateAuthority, mimic_key: ec.EllipticCurvePrivateKey
+) -> None:
+    upstream = make_upstream()
+    serials = [mimic.mint(upstream, authority, mimic_key).serial_number for _ in range(32)]
+
+    for serial in serials:
+        assert serial > 0
+        assert serial.bit_length() // 8 + 1 <= 20  # DER length of a positive INTEGER's content
+    assert len(set(serials)) == len(serials)
+    assert upstream.serial_number not in serials
+
+
+@pytest.mark.parametrize(
+    "upstream_hash, expected",
+    [
+        pytest.param(hashes.SHA256(), hashes.SHA256, id="SHA-256"),
+        pytest.param(hashes.SHA384(), hashes.SHA384, id="SHA-384"),
+        pytest.param(hashes.SHA512(), hashes.SHA512, id="SHA-512"),
+        pytest.param(hashes.SHA224(), hashes.SHA256, id="SHA-224-to-SHA-256"),
+        pytest.param(hashes.SHA1(), hashes.SHA256, id="SHA-1-to-SHA-256"),
+    ],
+)
+def test_signature_hash_follows_the_upstream(
+    store: MimicStore, upstream_hash: hashes.HashAlgorithm, expected: type[hashes.HashAlgorithm]
+) -> None:
+    upstream = make_upstream(signature_hash=upstream_hash)
+    assert type(upstream.signature_hash_algorithm) is type(upstream_hash)
+
+    made = store.get(upstream).cert
+
+    assert type(made.signature_hash_algorithm) is expected
+    made.verify_directly_issued_by(store.ca.cert)
+
+
+def test_ed25519_ca_signs_without_a_hash(tmp_path: Path) -> None:
+    authority = ca_files.create(tmp_path / "ca", key_spec=keys.KeySpec("ed25519"))
+
+    made = MimicStore(authority).get(make_upstream(signature_hash=hashes.SHA384())).cert
+
+    assert made.signature_hash_algorithm is None
+    made.verify_directly_issued_by(authority.cert)
+
+
+# --- MimicStore ---------------------------------------------------------------------------------
+
+
+def test_store_caches_per_upstream(store: MimicStore) -> None:
+    first, second = make_upstream(), make_upstream()
+
+    a = store.get(first)
+
+    assert store.get(first) is a
+    b = store.get(second)
+    assert b is not a
+    assert b.cert.serial_number != a.cert.serial_number
+    assert b.fingerprint != a.fingerprint
+    assert a.fingerprint == ca_files.fingerprint(a.cert)
+    assert b.key is a.key  # one key per key type, shared by the mimics of that type
+
+
+def test_store_evicts_the_least_recently_used(authority: CertificateAuthority) -> None:
+    store = MimicStore(authority, capacity=2)
+    up_a, up_b, up_c = make_upstream(), make_upstream(), make_upstream()
+    a, b = store.get(up_a), store.get(up_b)
+    assert store.get(up_a) is a  # a is now more recently used than b
+
+    c = store.get(up_c)  # over capacity: b goes
+
+    assert store.get(up_a) is a
+    assert store.get(up_c) is c
+    b_again = store.get(up_b)
+    assert b_again is not b
+    assert b_again.cert.subject == b.cert.subject
+
+
+# --- keys.KeySpec -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("rsa2048", keys.KeySpec("rsa", size=2048)),
+        ("RSA-4096", keys.KeySpec("rsa", size=4096)),
+        ("p256", keys.KeySpec("ec", curve="secp256r1")),
+        ("EC-P384", keys.KeySpec("ec", curve="secp384r1")),
+        ("ed25519", keys.KeySpec("ed25519")),
+    ],
+)
+def test_keyspec_parse_accepts(text: str, expected: keys.KeySpec) -> None:
+    assert keys.KeySpec.parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["dsa", "rsa1024", "secp256k1", ""])
+def test_keyspec_parse_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="unknown key type"):
+        keys.KeySpec.parse(text)
