@@ -11,10 +11,14 @@ import logging
 import sys
 from pathlib import Path
 
-from bumper import __version__, policy
+from bumper import __version__, keys, policy
 from bumper import ca as ca_files
 from bumper.errors import ConfigError
-from bumper.proxy import ListenAddress, ProxyConfig, serve
+from bumper.keypool import PoolSettings
+from bumper.keys import KeySpec
+from bumper.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES
+from bumper.mimicstore import DEFAULT_CAPACITY
+from bumper.proxy import ListenAddress, MimicSettings, ProxyConfig, serve
 from bumper.resolve import Override, ResolvingEventLoop
 from bumper.tlsprovider import UpstreamTrust
 
@@ -77,6 +81,43 @@ def _run_parser() -> argparse.ArgumentParser:
         help="connect to ADDRESS for upstream host NAME (or *.domain), without DNS (repeatable)",
     )
     p.add_argument("--policy", metavar="FILE", type=Path, help="YAML policy: bump, splice or block (default: bump all)")
+    m = p.add_argument_group("mimic certificates")
+    m.add_argument(
+        "--mimic-cache",
+        metavar="N",
+        type=_count,
+        default=DEFAULT_CAPACITY,
+        help="mimics kept in memory (default: %(default)s)",
+    )
+    m.add_argument(
+        "--mimic-db",
+        metavar="N",
+        type=_count,
+        default=DEFAULT_MAX_ENTRIES,
+        help=f"mimics kept on disk in DIR/{DB_FILE}, reused after a restart; 0 turns it off (default: %(default)s)",
+    )
+    m.add_argument(
+        "--key-max-uses",
+        metavar="N",
+        type=_count,
+        default=PoolSettings.max_uses,
+        help="mimics one key serves before it rotates (default: %(default)s)",
+    )
+    m.add_argument(
+        "--key-max-age",
+        metavar="SECONDS",
+        type=float,
+        default=PoolSettings.max_age,
+        help="seconds a key serves before it rotates (default: %(default)s)",
+    )
+    m.add_argument(
+        "--fallback-key",
+        metavar="TYPE",
+        type=KeySpec.parse,
+        default=keys.P256,
+        help="key type when the upstream's cannot be mirrored (DSA, Ed448...): rsa2048..rsa8192, "
+        "p256, p384, p521, ed25519 (default: p256)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="also show mitmproxy's own proxy-core log")
     return p
 
@@ -90,6 +131,13 @@ def _run_command(args: list[str]) -> int:
         trust=UpstreamTrust(tuple(opts.upstream_ca)),
         resolve=tuple(Override.parse(spec) for spec in opts.resolve),
         policy=policy.load(opts.policy) if opts.policy else policy.LAB,
+        mimics=MimicSettings(
+            memory_entries=opts.mimic_cache,
+            db_entries=opts.mimic_db,
+            key_max_uses=opts.key_max_uses,
+            key_max_age=opts.key_max_age,
+            fallback_key=opts.fallback_key,
+        ),
     )
     config.trust.check()
     authority, created = ca_files.load_or_create(config.ca_dir)
@@ -126,6 +174,12 @@ def _ca_command(args: list[str]) -> int:
         ca_files.export(authority, opts.path, encoding)
         print(f"wrote the CA certificate ({encoding.upper()}) to {opts.path}")
     return 0
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
 
 
 def _setup_logging(verbose: bool) -> None:

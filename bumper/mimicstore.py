@@ -1,22 +1,29 @@
-"""Where mimics come from: keys per key type, minting, and an in-memory LRU of finished mimics."""
+"""Where mimics come from: the memory LRU, then the disk cache, then minting with a pooled key."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import crypto
 
 from bumper import keys, mimic
 from bumper.ca import CertificateAuthority, fingerprint
+from bumper.keypool import KeyPool, load_own_key
+from bumper.mimicdb import MimicStoreBackend, StoredMimic
 
 log = logging.getLogger("bumper.mimic")
 
 DEFAULT_CAPACITY = 10_000
+# The signing mode that is part of every cache key: the same upstream certificate gets a different
+# mimic when bumper must sign it differently (the trust issue adds the others).
+TRUSTED = "ca"
 
 
 @dataclass(frozen=True)
@@ -28,47 +35,102 @@ class Mimic:
     openssl_cert: crypto.X509
     openssl_key: crypto.PKey
 
+    @classmethod
+    def of(cls, cert: x509.Certificate, key: keys.PrivateKey) -> Mimic:
+        return cls(
+            cert=cert,
+            key=key,
+            fingerprint=fingerprint(cert),
+            openssl_cert=crypto.X509.from_cryptography(cert),
+            openssl_key=crypto.PKey.from_cryptography_key(key),
+        )
 
-class KeyPool:
-    """One private key per key type, made on first use and shared by the mimics of that type."""
-
-    def __init__(self) -> None:
-        self._keys: dict[keys.KeySpec, keys.PrivateKey] = {}
-
-    def key_for(self, spec: keys.KeySpec) -> keys.PrivateKey:
-        key = self._keys.get(spec)
-        if key is None:
-            key = self._keys[spec] = spec.generate()
-        return key
+    def stored(self) -> StoredMimic:
+        key_der = self.key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return StoredMimic(self.cert.public_bytes(serialization.Encoding.DER), key_der)
 
 
 class MimicStore:
     def __init__(
         self,
         ca: CertificateAuthority,
+        pool: KeyPool | None = None,
+        disk: MimicStoreBackend | None = None,
         fallback: keys.KeySpec = keys.P256,
         capacity: int = DEFAULT_CAPACITY,
     ) -> None:
         self.ca = ca
+        self.pool = pool or KeyPool()
+        self.disk = disk
         self.fallback = fallback
         self.capacity = capacity
-        self.pool = KeyPool()
-        self._cache: OrderedDict[bytes, Mimic] = OrderedDict()
+        self._memory: OrderedDict[tuple[bytes, str], Mimic] = OrderedDict()
+        self._minting: dict[tuple[bytes, str], asyncio.Future[Mimic]] = {}
 
-    def get(self, upstream: x509.Certificate) -> Mimic:
-        """The mimic for UPSTREAM, from the cache or freshly minted. Raises mimic.UnmimicableCertificate."""
-        cache_key = upstream.fingerprint(hashes.SHA256())
-        hit = self._cache.get(cache_key)
+    def start(self) -> None:
+        """Once the proxy is up: make the usual keys, and forget cached mimics of a previous CA."""
+        self.pool.warm()
+        if self.disk is not None and (dropped := self.disk.forget_other_cas(self.ca.fingerprint)):
+            log.info("dropped %d cached mimics signed by a previous CA", dropped)
+
+    def close(self) -> None:
+        self.pool.close()
+        if self.disk is not None:
+            self.disk.close()
+
+    async def get(self, upstream: x509.Certificate, mode: str = TRUSTED) -> Mimic:
+        """The mimic of UPSTREAM. Raises mimic.UnmimicableCertificate."""
+        cache_key = (upstream.fingerprint(hashes.SHA256()), mode)
+        hit = self._memory.get(cache_key)
         if hit is not None:
-            self._cache.move_to_end(cache_key)
+            self._memory.move_to_end(cache_key)
             return hit
-        made = self._mint(upstream)
-        self._cache[cache_key] = made
-        if len(self._cache) > self.capacity:
-            self._cache.popitem(last=False)
+        pending = self._minting.get(cache_key)
+        if pending is None:  # one mint per upstream certificate, however many connections wait for it
+            pending = self._minting[cache_key] = asyncio.ensure_future(self._load_or_mint(upstream, cache_key))
+            pending.add_done_callback(lambda _: self._minting.pop(cache_key, None))
+        return await asyncio.shield(pending)
+
+    def _remember(self, cache_key: tuple[bytes, str], made: Mimic) -> None:
+        self._memory[cache_key] = made
+        if len(self._memory) > self.capacity:
+            self._memory.popitem(last=False)
+
+    async def _load_or_mint(self, upstream: x509.Certificate, cache_key: tuple[bytes, str]) -> Mimic:
+        made = self._from_disk(cache_key)
+        if made is None:
+            made = await self._mint(upstream)
+            if self.disk is not None:
+                self.disk.put(*cache_key, self.ca.fingerprint, made.stored())
+        self._remember(cache_key, made)
         return made
 
-    def _mint(self, upstream: x509.Certificate) -> Mimic:
+    def _from_disk(self, cache_key: tuple[bytes, str]) -> Mimic | None:
+        if self.disk is None:
+            return None
+        stored = self.disk.get(*cache_key, self.ca.fingerprint)
+        if stored is None:
+            return None
+        try:
+            cert = x509.load_der_x509_certificate(stored.cert_der)
+            key = load_own_key(stored.key_der)
+        except (ValueError, UnsupportedAlgorithm):
+            log.warning("unreadable entry in the mimic cache; minting again")
+            return None
+        return Mimic.of(cert, key) if self._still_good(cert) else None
+
+    def _still_good(self, cert: x509.Certificate) -> bool:
+        """A cached mimic is served only if the current CA signed it and it does not outlive the CA."""
+        try:
+            cert.verify_directly_issued_by(self.ca.cert)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        now = datetime.datetime.now(datetime.UTC)
+        return cert.not_valid_after_utc <= self.ca.cert.not_valid_after_utc and now <= self.ca.cert.not_valid_after_utc
+
+    async def _mint(self, upstream: x509.Certificate) -> Mimic:
         choice = mimic.choose_key_spec(upstream, self.fallback)
         if choice.fell_back:
             log.info(
@@ -77,15 +139,8 @@ class MimicStore:
                 upstream.subject.rfc4514_string() or "(empty subject)",
                 choice.spec,
             )
-        key = self.pool.key_for(choice.spec)
-        cert = mimic.mint(upstream, self.ca, key)
-        return Mimic(
-            cert=cert,
-            key=key,
-            fingerprint=fingerprint(cert),
-            openssl_cert=crypto.X509.from_cryptography(cert),
-            openssl_key=crypto.PKey.from_cryptography_key(key),
-        )
+        key = await self.pool.key_for(choice.spec)
+        return Mimic.of(mimic.mint(upstream, self.ca, key), key)
 
 
 def _describe_key(cert: x509.Certificate) -> str:

@@ -16,13 +16,15 @@ from mitmproxy.addons import proxyserver
 from mitmproxy.utils import asyncio_utils, human
 
 from bumper import ca as ca_files
-from bumper import names
+from bumper import keys, names
 from bumper.connect import ConnectReplies
 from bumper.enforce import PolicyEnforcer
 from bumper.errors import ConfigError
 from bumper.eventlog import ConnectionLog
+from bumper.keypool import KeyPool, PoolSettings
 from bumper.layers import NextLayer
-from bumper.mimicstore import MimicStore
+from bumper.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES, SqliteMimicStore
+from bumper.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.policy import LAB, Policy
 from bumper.resolve import Override
 from bumper.tlsprovider import TlsProvider, UpstreamTrust
@@ -53,12 +55,29 @@ class ListenAddress:
 
 
 @dataclass(frozen=True)
+class MimicSettings:
+    memory_entries: int = DEFAULT_CAPACITY
+    db_entries: int = DEFAULT_MAX_ENTRIES  # 0: no disk cache
+    key_max_uses: int = PoolSettings.max_uses
+    key_max_age: float = PoolSettings.max_age
+    fallback_key: keys.KeySpec = keys.P256
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     ca_dir: Path
     listen: ListenAddress
     trust: UpstreamTrust
     resolve: tuple[Override, ...] = ()
     policy: Policy = LAB
+    mimics: MimicSettings = MimicSettings()
+
+
+def mimic_store(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> MimicStore:
+    settings = config.mimics
+    disk = SqliteMimicStore(config.ca_dir / DB_FILE, settings.db_entries) if settings.db_entries > 0 else None
+    pool = KeyPool(PoolSettings(max_uses=settings.key_max_uses, max_age=settings.key_max_age))
+    return MimicStore(authority, pool, disk, fallback=settings.fallback_key, capacity=settings.memory_entries)
 
 
 def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> master.Master:
@@ -70,7 +89,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         connections,
         PolicyEnforcer(config.policy, connections),  # before TlsProvider: it sees the decision
         ConnectReplies(),
-        TlsProvider(MimicStore(authority), config.trust),
+        TlsProvider(mimic_store(config, authority), config.trust),
     )
     m.options.update(
         mode=["regular"],

@@ -127,7 +127,13 @@ class TlsProvider:
         conn.set_connect_state()
         tls_start.ssl_conn = conn
 
-    def tls_start_client(self, tls_start: tls.TlsData) -> None:
+    def running(self) -> None:
+        self.mimics.start()
+
+    def done(self) -> None:
+        self.mimics.close()
+
+    async def tls_start_client(self, tls_start: tls.TlsData) -> None:
         client = tls_start.conn
         assert isinstance(client, connection.Client)
         server = tls_start.context.server
@@ -139,7 +145,7 @@ class TlsProvider:
             return
         upstream = server.certificate_list[0]._cert  # mitmproxy's Cert wraps a cryptography certificate
         try:
-            made = self.mimics.get(upstream)
+            made = await self.mimics.get(upstream)
         except UnmimicableCertificate as e:
             client.error = f"cannot mimic the upstream certificate: {e}"
             return

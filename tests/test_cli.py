@@ -46,6 +46,15 @@ def snapshot(directory: Path) -> dict[str, tuple[str, int]]:
     }
 
 
+CA_FILES = ("ca.der", "ca.key", "ca.pem")
+MIMIC_DB = "mimics.sqlite"  # with its -wal and -shm companions while a proxy runs
+
+
+def ca_snapshot(directory: Path) -> dict[str, tuple[str, int]]:
+    """snapshot() of the CA files alone: a running proxy adds only its mimic cache beside them."""
+    return {name: state for name, state in snapshot(directory).items() if name in CA_FILES}
+
+
 def assert_config_error(result: subprocess.CompletedProcess[str], *named: str) -> str:
     """Exit code 2 and exactly one non-empty stderr line, naming every string in NAMED."""
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
@@ -135,7 +144,7 @@ def test_ca_init_creates_the_files(tmp_path: Path, exists: bool) -> None:
     result = run("ca", "init", "--ca", directory)
 
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in directory.iterdir()) == ["ca.der", "ca.key", "ca.pem"]
+    assert sorted(p.name for p in directory.iterdir()) == list(CA_FILES)
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert stat.S_IMODE((directory / "ca.key").stat().st_mode) == 0o600
     cert = load_pem(directory / "ca.pem")
@@ -407,7 +416,9 @@ def test_existing_ca_is_loaded_not_overwritten(ca_dir: Path, launch: Callable[..
     process.wait_for_line(LISTENING)
     log = stop_and_drain(process)
 
-    assert snapshot(ca_dir) == before
+    after = snapshot(ca_dir)
+    assert ca_snapshot(ca_dir) == before
+    assert set(after) - set(before) <= {MIMIC_DB, f"{MIMIC_DB}-wal", f"{MIMIC_DB}-shm"}
     assert CREATED not in log
     assert "Traceback" not in log
 
@@ -422,14 +433,15 @@ def test_first_run_creates_and_announces_the_ca(tmp_path: Path, launch: Callable
     stop_and_drain(process)
 
     assert str(directory / "ca.pem") in announcement
-    assert sorted(p.name for p in directory.iterdir()) == ["ca.der", "ca.key", "ca.pem"]
+    assert sorted(p.name for p in directory.iterdir()) == [*CA_FILES, MIMIC_DB]
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE((directory / MIMIC_DB).stat().st_mode) == 0o600  # it holds mimic private keys
     cert = load_pem(directory / "ca.pem")
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
 
     # The second run loads what the first one made.
-    before = snapshot(directory)
+    before = ca_snapshot(directory)
     again = launch("--ca", directory, *LISTEN_ANY)
     again.wait_for_line(LISTENING)
     assert CREATED not in stop_and_drain(again)
-    assert snapshot(directory) == before
+    assert ca_snapshot(directory) == before

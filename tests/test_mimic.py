@@ -6,10 +6,12 @@ mimicking CA is a real bumper CA made by bumper.ca.create in a temporary directo
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import functools
 import ipaddress
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from OpenSSL import crypto
 from bumper import ca as ca_files
 from bumper import keys, mimic
 from bumper.ca import CertificateAuthority
-from bumper.mimicstore import MimicStore
+from bumper.mimicstore import Mimic, MimicStore
 from tests import pki
 
 DAY = pki.DAY
@@ -125,9 +127,29 @@ def authority(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
     return ca_files.create(tmp_path_factory.mktemp("mimic") / "ca", now=pki.NOW - 365 * DAY)
 
 
+class SyncStore:
+    """A MimicStore driven from synchronous tests, on the test's one event loop."""
+
+    def __init__(self, store: SyncStore, runner: asyncio.Runner) -> None:
+        self.store, self.runner = store, runner
+
+    @property
+    def ca(self) -> CertificateAuthority:
+        return self.store.ca
+
+    def get(self, upstream: x509.Certificate) -> Mimic:
+        return self.runner.run(self.store.get(upstream))
+
+
 @pytest.fixture
-def store(authority: CertificateAuthority) -> MimicStore:
-    return MimicStore(authority)
+def runner() -> Iterator[asyncio.Runner]:
+    with asyncio.Runner() as r:
+        yield r
+
+
+@pytest.fixture
+def store(authority: CertificateAuthority, runner: asyncio.Runner) -> SyncStore:
+    return SyncStore(MimicStore(authority), runner)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +191,7 @@ MULTI_VALUED_RDN = x509.Name(
         pytest.param(x509.Name([]), id="empty"),
     ],
 )
-def test_subject_is_copied_exactly(store: MimicStore, subject: x509.Name) -> None:
+def test_subject_is_copied_exactly(store: SyncStore, subject: x509.Name) -> None:
     upstream = make_upstream(san(x509.DNSName("upstream.test"), critical=len(subject) == 0), subject=subject)
 
     made = store.get(upstream).cert
@@ -196,7 +218,7 @@ ALL_NAME_KINDS = (
         pytest.param((x509.IPAddress(ipaddress.ip_address("127.0.0.1")),), id="single-ip"),
     ],
 )
-def test_san_is_copied_exactly(store: MimicStore, names: tuple[x509.GeneralName, ...], critical: bool) -> None:
+def test_san_is_copied_exactly(store: SyncStore, names: tuple[x509.GeneralName, ...], critical: bool) -> None:
     upstream = make_upstream(san(*names, critical=critical))
 
     copied = extension(store.get(upstream).cert, ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
@@ -207,7 +229,7 @@ def test_san_is_copied_exactly(store: MimicStore, names: tuple[x509.GeneralName,
     assert list(copied.value) == list(names)  # same names, same order, none added
 
 
-def test_no_names_are_added_when_the_upstream_has_no_san(store: MimicStore) -> None:
+def test_no_names_are_added_when_the_upstream_has_no_san(store: SyncStore) -> None:
     upstream = make_upstream(subject=pki.name("cn-only.upstream.test"))
 
     made = store.get(upstream).cert
@@ -228,7 +250,7 @@ def test_no_names_are_added_when_the_upstream_has_no_san(store: MimicStore) -> N
     ],
 )
 def test_issued_and_signed_by_the_ca_with_a_key_of_its_own(
-    store: MimicStore, authority: CertificateAuthority, upstream_key: object
+    store: SyncStore, authority: CertificateAuthority, upstream_key: object
 ) -> None:
     upstream = make_upstream(san(x509.DNSName("upstream.test")), key=upstream_key())  # type: ignore[operator]
 
@@ -267,7 +289,7 @@ def test_mint_certifies_the_key_it_is_given(
     ],
 )
 def test_validity_is_copied_and_clamped_to_the_ca(
-    store: MimicStore,
+    store: SyncStore,
     authority: CertificateAuthority,
     before_shift: int,
     after_shift: int,
@@ -287,7 +309,7 @@ def test_validity_is_copied_and_clamped_to_the_ca(
     assert made.not_valid_after_utc <= ca_after
 
 
-def test_validity_of_an_ordinary_upstream_is_copied_to_the_second(store: MimicStore) -> None:
+def test_validity_of_an_ordinary_upstream_is_copied_to_the_second(store: SyncStore) -> None:
     upstream = make_upstream(not_before=pki.NOW - 3 * DAY, not_after=pki.NOW + 47 * DAY)
 
     made = store.get(upstream).cert
@@ -313,7 +335,7 @@ def test_validity_of_an_ordinary_upstream_is_copied_to_the_second(store: MimicSt
         pytest.param(ed25519.Ed25519PrivateKey.generate, keys.KeySpec("ed25519"), id="Ed25519"),
     ],
 )
-def test_key_type_is_mirrored(store: MimicStore, make_key: object, expected: keys.KeySpec) -> None:
+def test_key_type_is_mirrored(store: SyncStore, make_key: object, expected: keys.KeySpec) -> None:
     upstream = make_upstream(key_usage(digital_signature=True), key=make_key())  # type: ignore[operator]
 
     made = store.get(upstream)
@@ -337,7 +359,7 @@ def test_key_type_is_mirrored(store: MimicStore, make_key: object, expected: key
         pytest.param(lambda: pki.ec_key(ec.SECP256K1()), id="secp256k1"),
     ],
 )
-def test_unmirrorable_key_falls_back_to_p256_with_key_usage_fitted(store: MimicStore, make_key: object) -> None:
+def test_unmirrorable_key_falls_back_to_p256_with_key_usage_fitted(store: SyncStore, make_key: object) -> None:
     upstream = make_upstream(
         key_usage(digital_signature=True, key_encipherment=True, data_encipherment=True),
         key=make_key(),  # type: ignore[operator]
@@ -381,7 +403,7 @@ def test_unmirrorable_key_falls_back_to_p256_with_key_usage_fitted(store: MimicS
     ],
 )
 def test_key_usage_fits_the_mirrored_key(
-    store: MimicStore, make_key: object, upstream_flags: dict[str, bool], expected_flags: dict[str, bool]
+    store: SyncStore, make_key: object, upstream_flags: dict[str, bool], expected_flags: dict[str, bool]
 ) -> None:
     upstream = make_upstream(key_usage(**upstream_flags), key=make_key())  # type: ignore[operator]
 
@@ -444,7 +466,7 @@ def upstream_with_every_extension(flip: bool) -> x509.Certificate:
 
 
 @pytest.mark.parametrize("flip", [False, True], ids=["as-usual", "criticality-flipped"])
-def test_extensions_copied_or_dropped(store: MimicStore, authority: CertificateAuthority, flip: bool) -> None:
+def test_extensions_copied_or_dropped(store: SyncStore, authority: CertificateAuthority, flip: bool) -> None:
     upstream = upstream_with_every_extension(flip)
     assert {e.oid for e in upstream.extensions} >= set(DROPPED)  # the upstream really has them all
 
@@ -471,7 +493,7 @@ def test_extensions_copied_or_dropped(store: MimicStore, authority: CertificateA
     assert ski.value != extension(upstream, ExtensionOID.SUBJECT_KEY_IDENTIFIER).value
 
 
-def test_unknown_extension_bytes_survive_verbatim(store: MimicStore) -> None:
+def test_unknown_extension_bytes_survive_verbatim(store: SyncStore) -> None:
     unknown = x509.UnrecognizedExtension(UNKNOWN_OID, b"\x30\x03\x02\x01\x2a")
     upstream = make_upstream((unknown, True))
 
@@ -509,7 +531,7 @@ def test_serial_is_positive_random_and_at_most_20_octets(
     ],
 )
 def test_signature_hash_follows_the_upstream(
-    store: MimicStore, upstream_hash: hashes.HashAlgorithm, expected: type[hashes.HashAlgorithm]
+    store: SyncStore, upstream_hash: hashes.HashAlgorithm, expected: type[hashes.HashAlgorithm]
 ) -> None:
     upstream = make_upstream(signature_hash=upstream_hash)
     assert type(upstream.signature_hash_algorithm) is type(upstream_hash)
@@ -520,10 +542,10 @@ def test_signature_hash_follows_the_upstream(
     made.verify_directly_issued_by(store.ca.cert)
 
 
-def test_ed25519_ca_signs_without_a_hash(tmp_path: Path) -> None:
+def test_ed25519_ca_signs_without_a_hash(tmp_path: Path, runner: asyncio.Runner) -> None:
     authority = ca_files.create(tmp_path / "ca", key_spec=keys.KeySpec("ed25519"))
 
-    made = MimicStore(authority).get(make_upstream(signature_hash=hashes.SHA384())).cert
+    made = SyncStore(MimicStore(authority), runner).get(make_upstream(signature_hash=hashes.SHA384())).cert
 
     assert made.signature_hash_algorithm is None
     made.verify_directly_issued_by(authority.cert)
@@ -532,7 +554,7 @@ def test_ed25519_ca_signs_without_a_hash(tmp_path: Path) -> None:
 # --- MimicStore ---------------------------------------------------------------------------------
 
 
-def test_store_caches_per_upstream(store: MimicStore) -> None:
+def test_store_caches_per_upstream(store: SyncStore) -> None:
     first, second = make_upstream(), make_upstream()
 
     a = store.get(first)
@@ -546,8 +568,8 @@ def test_store_caches_per_upstream(store: MimicStore) -> None:
     assert b.key is a.key  # one key per key type, shared by the mimics of that type
 
 
-def test_store_evicts_the_least_recently_used(authority: CertificateAuthority) -> None:
-    store = MimicStore(authority, capacity=2)
+def test_store_evicts_the_least_recently_used(authority: CertificateAuthority, runner: asyncio.Runner) -> None:
+    store = SyncStore(MimicStore(authority, capacity=2), runner)
     up_a, up_b, up_c = make_upstream(), make_upstream(), make_upstream()
     a, b = store.get(up_a), store.get(up_b)
     assert store.get(up_a) is a  # a is now more recently used than b

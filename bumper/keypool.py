@@ -1,0 +1,102 @@
+"""Mimic keys: one key per key type serves many mimics, rotating after bounded uses and age.
+
+RSA key generation holds the GIL for up to a second (RSA-4096), so it runs in a worker process,
+never on the event loop; a spare key of each type in use is made in the background so rotation
+never waits. EC and Ed25519 keys take well under a millisecond and are made in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import multiprocessing
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+
+from bumper import keys
+
+log = logging.getLogger("bumper.keys")
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    max_uses: int = 10_000  # mimics one key may serve before it is replaced
+    max_age: float = 24 * 3600.0  # seconds a key may serve before it is replaced
+    warm: tuple[keys.KeySpec, ...] = (keys.RSA2048, keys.P256)  # made at start-up
+
+
+@dataclass
+class _Current:
+    key: keys.PrivateKey
+    born: float
+    uses: int = 0
+
+
+def _generate_der(spec: keys.KeySpec) -> bytes:
+    """Runs in the worker process: a new key as PKCS#8 DER."""
+    return spec.generate().private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def load_own_key(der: bytes) -> keys.PrivateKey:
+    # bumper made this key itself: skipping the RSA consistency check saves ~250 ms per RSA-4096.
+    return serialization.load_der_private_key(der, None, unsafe_skip_rsa_key_validation=True)  # type: ignore[return-value]
+
+
+class KeyPool:
+    def __init__(self, settings: PoolSettings | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        settings = settings or PoolSettings()
+        self.settings = settings
+        self._clock = clock
+        self._current: dict[keys.KeySpec, _Current] = {}
+        self._spares: dict[keys.KeySpec, asyncio.Future[keys.PrivateKey]] = {}
+        self._workers: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def warm(self) -> None:
+        """Start making the usual key types now, so the first connections do not wait."""
+        for spec in self.settings.warm:
+            self._spare(spec)
+
+    async def key_for(self, spec: keys.KeySpec) -> keys.PrivateKey:
+        current = self._current.get(spec)
+        if current is None or self._worn_out(current):
+            current = self._current[spec] = _Current(await self._take_spare(spec), self._clock())
+            log.debug("new %s mimic key", spec)
+        current.uses += 1
+        self._spare(spec)  # the next key of this type is made while this one serves
+        return current.key
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.shutdown(wait=False, cancel_futures=True)
+            self._workers = None
+
+    def _worn_out(self, current: _Current) -> bool:
+        return current.uses >= self.settings.max_uses or self._clock() - current.born >= self.settings.max_age
+
+    async def _take_spare(self, spec: keys.KeySpec) -> keys.PrivateKey:
+        future = self._spare(spec)
+        del self._spares[spec]
+        return await future
+
+    def _spare(self, spec: keys.KeySpec) -> asyncio.Future[keys.PrivateKey]:
+        future = self._spares.get(spec)
+        if future is None:
+            future = self._spares[spec] = asyncio.ensure_future(self._make(spec))
+        return future
+
+    async def _make(self, spec: keys.KeySpec) -> keys.PrivateKey:
+        if spec.algorithm != "rsa":
+            return spec.generate()
+        if self._workers is None:
+            # forkserver: a clean worker, not a fork of a process holding sockets and the CA key.
+            self._workers = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("forkserver")
+            )
+        der = await asyncio.get_running_loop().run_in_executor(self._workers, _generate_der, spec)
+        return load_own_key(der)
