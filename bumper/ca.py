@@ -1,9 +1,13 @@
 """The local certificate authority: its files in DIR, creating them once, loading and checking them.
 
 Layout of DIR (0700):
-  ca.pem  the CA certificate clients must trust (0644)
-  ca.der  the same certificate in DER, for clients that want it (0644)
-  ca.key  its private key, PKCS#8 PEM, unencrypted (0600)
+  ca.pem       the CA certificate clients must trust (0644)
+  ca.der       the same certificate in DER, for clients that want it (0644)
+  ca.key       its private key, PKCS#8 PEM, unencrypted (0600)
+With an issuing intermediate (`bumper ca init --intermediate`), the intermediate signs the mimics
+and ca.key is only needed to make it, so it can be kept offline:
+  issuing.pem  the intermediate, signed by ca.pem, sent to clients after every mimic (0644)
+  issuing.key  its private key (0600)
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
@@ -27,8 +31,11 @@ from bumper.errors import ConfigError
 CERT_FILE = "ca.pem"
 DER_FILE = "ca.der"
 KEY_FILE = "ca.key"
+ISSUING_CERT_FILE = "issuing.pem"
+ISSUING_KEY_FILE = "issuing.key"
 
 CA_LIFETIME = datetime.timedelta(days=3650)
+ISSUING_LIFETIME = datetime.timedelta(days=5 * 365)
 # Backdate notBefore a little so clients whose clocks lag still accept a fresh CA.
 CLOCK_SKEW = datetime.timedelta(hours=1)
 
@@ -37,9 +44,11 @@ log = logging.getLogger("bumper.ca")
 
 @dataclass(frozen=True)
 class CertificateAuthority:
-    cert: x509.Certificate
+    cert: x509.Certificate  # the certificate that signs mimics: the root, or the issuing intermediate
     key: keys.PrivateKey
     directory: Path
+    root: x509.Certificate | None = None  # the root clients trust, when it is not `cert` itself
+    chain: tuple[x509.Certificate, ...] = ()  # sent to clients after each mimic
     # The AKI every certificate this CA signs carries, computed once.
     authority_key_identifier: x509.AuthorityKeyIdentifier = field(init=False, repr=False)
 
@@ -52,6 +61,11 @@ class CertificateAuthority:
         return self.directory / CERT_FILE
 
     @property
+    def trust_anchor(self) -> x509.Certificate:
+        """The certificate clients must trust (ca.pem)."""
+        return self.root or self.cert
+
+    @property
     def fingerprint(self) -> str:
         return fingerprint(self.cert)
 
@@ -62,17 +76,21 @@ def fingerprint(cert: x509.Certificate) -> str:
 
 
 def describe(ca: CertificateAuthority) -> str:
-    cert = ca.cert
-    return "\n".join(
-        [
-            f"CA certificate  {ca.cert_path}",
-            f"  subject      {cert.subject.rfc4514_string()}",
-            f"  SHA-256      {ca.fingerprint}",
-            f"  not before   {cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC",
-            f"  not after    {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
-            f"  key          {keys.describe(cert.public_key())}",
-        ]
-    )
+    lines = _describe_cert("CA certificate", ca.cert_path, ca.trust_anchor)
+    if ca.root is not None:
+        lines += _describe_cert("issuing CA", ca.directory / ISSUING_CERT_FILE, ca.cert)
+    return "\n".join(lines)
+
+
+def _describe_cert(title: str, path: Path, cert: x509.Certificate) -> list[str]:
+    return [
+        f"{title}  {path}",
+        f"  subject      {cert.subject.rfc4514_string()}",
+        f"  SHA-256      {fingerprint(cert)}",
+        f"  not before   {cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC",
+        f"  not after    {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
+        f"  key          {keys.describe(cert.public_key())}",
+    ]
 
 
 def trust_instructions(ca: CertificateAuthority, listen: str) -> str:
@@ -97,7 +115,33 @@ def load_or_create(directory: Path, now: datetime.datetime | None = None) -> tup
 
 def load(directory: Path, now: datetime.datetime | None = None) -> CertificateAuthority:
     """Load and check the CA in DIR; every problem is a ConfigError naming the file."""
-    cert_path, key_path = directory / CERT_FILE, directory / KEY_FILE
+    now = now or _utcnow()
+    issuing_cert, issuing_key = directory / ISSUING_CERT_FILE, directory / ISSUING_KEY_FILE
+    if issuing_cert.exists() or issuing_key.exists():
+        return _load_with_intermediate(directory, now)
+    cert, key = _load_pair(directory / CERT_FILE, directory / KEY_FILE, now)
+    return CertificateAuthority(cert=cert, key=key, directory=directory)
+
+
+def _load_with_intermediate(directory: Path, now: datetime.datetime) -> CertificateAuthority:
+    root_path = directory / CERT_FILE
+    if not root_path.exists():
+        raise ConfigError(f"{root_path}: missing; {directory / ISSUING_CERT_FILE} needs the root it chains to")
+    if (directory / KEY_FILE).exists():  # the root key may be kept offline; if it is here, it must fit
+        _load_pair(root_path, directory / KEY_FILE, now)
+    root = _load_cert(root_path)
+    _check_is_ca(root, root_path)
+    _check_validity(root, root_path, now)
+    cert_path = directory / ISSUING_CERT_FILE
+    cert, key = _load_pair(cert_path, directory / ISSUING_KEY_FILE, now)
+    try:
+        cert.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ConfigError(f"{cert_path}: not issued by the CA in {root_path}") from None
+    return CertificateAuthority(cert=cert, key=key, directory=directory, root=root, chain=(cert,))
+
+
+def _load_pair(cert_path: Path, key_path: Path, now: datetime.datetime) -> tuple[x509.Certificate, keys.PrivateKey]:
     if not key_path.exists():
         raise ConfigError(f"{key_path}: missing; {cert_path} is there without its private key")
     if not cert_path.exists():
@@ -107,16 +151,19 @@ def load(directory: Path, now: datetime.datetime | None = None) -> CertificateAu
     if _spki(cert.public_key()) != _spki(key.public_key()):
         raise ConfigError(f"{key_path}: does not match the certificate in {cert_path}")
     _check_is_ca(cert, cert_path)
-    _check_validity(cert, cert_path, now or _utcnow())
+    _check_validity(cert, cert_path, now)
     _warn_if_key_readable_by_others(key_path)
-    return CertificateAuthority(cert=cert, key=key, directory=directory)
+    return cert, key
 
 
 def create(
-    directory: Path, now: datetime.datetime | None = None, key_spec: keys.KeySpec = keys.RSA2048
+    directory: Path,
+    now: datetime.datetime | None = None,
+    key_spec: keys.KeySpec = keys.RSA2048,
+    intermediate: bool = False,
 ) -> CertificateAuthority:
-    """Create a new CA in DIR. Refuses to replace either file that already exists."""
-    for name in (CERT_FILE, KEY_FILE, DER_FILE):
+    """Create a new CA in DIR (with an issuing intermediate if asked). Never replaces a file."""
+    for name in (CERT_FILE, KEY_FILE, DER_FILE, ISSUING_CERT_FILE, ISSUING_KEY_FILE):
         if (directory / name).exists():
             raise ConfigError(f"{directory / name}: already exists; bumper never overwrites CA files")
     try:
@@ -124,46 +171,68 @@ def create(
         directory.chmod(0o700)
     except OSError as e:
         raise ConfigError(f"{directory}: cannot create the CA directory: {e.strerror}") from None
+    now = now or _utcnow()
     key = key_spec.generate()
-    cert = _self_signed_ca_cert(key, now or _utcnow())
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    cert = _ca_cert(key, _ca_name("bumper CA"), key, None, now, CA_LIFETIME)
+    files = [
+        (KEY_FILE, _pem_key(key), 0o600),
+        (CERT_FILE, cert.public_bytes(serialization.Encoding.PEM), 0o644),
+        (DER_FILE, cert.public_bytes(serialization.Encoding.DER), 0o644),
+    ]
+    authority = CertificateAuthority(cert=cert, key=key, directory=directory)
+    if intermediate:
+        issuing_key = key_spec.generate()
+        issuing = _ca_cert(issuing_key, _ca_name("bumper issuing CA"), key, cert, now, ISSUING_LIFETIME)
+        files += [
+            (ISSUING_KEY_FILE, _pem_key(issuing_key), 0o600),
+            (ISSUING_CERT_FILE, issuing.public_bytes(serialization.Encoding.PEM), 0o644),
+        ]
+        authority = CertificateAuthority(issuing, issuing_key, directory, root=cert, chain=(issuing,))
     try:
-        _write_new(directory / KEY_FILE, key_pem, 0o600)
-        _write_new(directory / CERT_FILE, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        _write_new(directory / DER_FILE, cert.public_bytes(serialization.Encoding.DER), 0o644)
+        for name, data, mode in files:
+            _write_new(directory / name, data, mode)
     except OSError as e:
         raise ConfigError(f"{directory}: cannot write the CA files: {e.strerror}") from None
-    return CertificateAuthority(cert=cert, key=key, directory=directory)
+    return authority
 
 
 def export(ca: CertificateAuthority, destination: Path, encoding: str) -> None:
     """Write the CA certificate (never a key) to DESTINATION as PEM or DER."""
     enc = serialization.Encoding.DER if encoding == "der" else serialization.Encoding.PEM
     try:
-        destination.write_bytes(ca.cert.public_bytes(enc))
+        destination.write_bytes(ca.trust_anchor.public_bytes(enc))
     except OSError as e:
         raise ConfigError(f"{destination}: cannot write: {e.strerror}") from None
 
 
-def _self_signed_ca_cert(key: keys.PrivateKey, now: datetime.datetime) -> x509.Certificate:
-    name = x509.Name(
+def _ca_name(title: str) -> x509.Name:
+    return x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "bumper"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"bumper CA ({socket.gethostname()[:40]})"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{title} ({socket.gethostname()[:40]})"),
         ]
     )
+
+
+def _ca_cert(
+    key: keys.PrivateKey,
+    subject: x509.Name,
+    signer_key: keys.PrivateKey,
+    signer: x509.Certificate | None,  # None: self-signed
+    now: datetime.datetime,
+    lifetime: datetime.timedelta,
+) -> x509.Certificate:
     public_key = key.public_key()
-    return (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(subject)
+        .issuer_name(signer.subject if signer else subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + CA_LIFETIME)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .not_valid_after(min(now + lifetime, signer.not_valid_after_utc) if signer else now + lifetime)
+        # An issuing intermediate may sign only leaves (pathlen 0).
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0 if signer else None), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -179,7 +248,16 @@ def _self_signed_ca_cert(key: keys.PrivateKey, now: datetime.datetime) -> x509.C
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .sign(key, None if _is_ed25519(key) else hashes.SHA256())
+    )
+    if signer is not None:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(signer_key.public_key())
+        builder = builder.add_extension(aki, critical=False)
+    return builder.sign(signer_key, None if _is_ed25519(signer_key) else hashes.SHA256())
+
+
+def _pem_key(key: keys.PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 

@@ -156,13 +156,22 @@ def _ca_command(args: list[str]) -> int:
     ):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--ca", metavar="DIR", type=Path, required=True)
+        if name == "init":
+            s.add_argument(
+                "--intermediate",
+                action="store_true",
+                help="also make an issuing intermediate that signs the mimics, so the root key can go offline",
+            )
         if name == "export":
             s.add_argument("path", metavar="PATH", type=Path)
             s.add_argument("--format", choices=("pem", "der"), help="default: der for *.der and *.cer, else pem")
     opts = p.parse_args(args)
     if opts.action == "init":
-        authority = ca_files.create(opts.ca)
+        authority = ca_files.create(opts.ca, intermediate=opts.intermediate)
         print(ca_files.describe(authority))
+        if opts.intermediate:
+            root_key = opts.ca / ca_files.KEY_FILE
+            print(f"\nbumper signs with the issuing CA; it does not need {root_key}: move it offline.")
         return 0
     if not (opts.ca / ca_files.CERT_FILE).exists() and not (opts.ca / ca_files.KEY_FILE).exists():
         raise ConfigError(f"{opts.ca}: holds no CA; create one with: bumper ca init --ca {opts.ca}")

@@ -17,7 +17,7 @@ from typing import Any
 from cryptography import x509
 from mitmproxy import certs, connection, tls
 from mitmproxy.addons.tlsconfig import AppData, alpn_select_callback
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from bumper.errors import ConfigError
 from bumper.mimic import UnmimicableCertificate
@@ -77,8 +77,11 @@ def upstream_context(trust: UpstreamTrust) -> SSL.Context:
     return context
 
 
-def client_context() -> SSL.Context:
+def client_context(chain: tuple[x509.Certificate, ...] = ()) -> SSL.Context:
+    """Towards clients; CHAIN (the issuing intermediates) follows every mimic."""
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    for cert in chain:
+        context.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_max_proto_version(SSL.TLS1_3_VERSION)
     context.set_cipher_list(CLIENT_CIPHERS.encode())
@@ -106,7 +109,7 @@ class TlsProvider:
     def __init__(self, mimics: MimicStore, trust: UpstreamTrust) -> None:
         self.mimics = mimics
         self._upstream_ctx = upstream_context(trust)
-        self._client_ctx = client_context()
+        self._client_ctx = client_context(mimics.ca.chain)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         # Server-first, unless the connection is spliced or refused (client.error set by bumper).
