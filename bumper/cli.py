@@ -11,13 +11,17 @@ import logging
 import sys
 from pathlib import Path
 
-from bumper import __version__, keys, policy
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from bumper import __version__, compare, keys, policy
 from bumper import ca as ca_files
 from bumper.errors import ConfigError
-from bumper.keypool import PoolSettings
+from bumper.keypool import KeyPool, PoolSettings
 from bumper.keys import KeySpec
+from bumper.mimic import UnmimicableCertificate
 from bumper.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES
-from bumper.mimicstore import DEFAULT_CAPACITY
+from bumper.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.proxy import ListenAddress, MimicSettings, ProxyConfig, serve
 from bumper.resolve import Override, ResolvingEventLoop
 from bumper.tlsprovider import UpstreamTrust
@@ -39,6 +43,7 @@ examples:
 
 subcommands:
   bumper ca init|show|export --ca DIR    manage the CA (bumper ca --help)
+  bumper mimic --ca DIR CERT.pem         the mimic bumper would serve for CERT.pem (--text: side by side)
 """
 
 
@@ -47,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args and args[0] == "ca":
             return _ca_command(args[1:])
+        if args and args[0] == "mimic":
+            return _mimic_command(args[1:])
         return _run_command(args)
     except ConfigError as e:
         print(f"bumper: {e}", file=sys.stderr)
@@ -173,9 +180,7 @@ def _ca_command(args: list[str]) -> int:
             root_key = opts.ca / ca_files.KEY_FILE
             print(f"\nbumper signs with the issuing CA; it does not need {root_key}: move it offline.")
         return 0
-    if not (opts.ca / ca_files.CERT_FILE).exists() and not (opts.ca / ca_files.KEY_FILE).exists():
-        raise ConfigError(f"{opts.ca}: holds no CA; create one with: bumper ca init --ca {opts.ca}")
-    authority = ca_files.load(opts.ca)
+    authority = _existing_ca(opts.ca)
     if opts.action == "show":
         print(ca_files.describe(authority))
     else:
@@ -183,6 +188,48 @@ def _ca_command(args: list[str]) -> int:
         ca_files.export(authority, opts.path, encoding)
         print(f"wrote the CA certificate ({encoding.upper()}) to {opts.path}")
     return 0
+
+
+def _mimic_command(args: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="bumper mimic",
+        description="Print the mimic bumper would serve for an upstream certificate, through the proxy's own code.",
+    )
+    p.add_argument("--ca", metavar="DIR", type=Path, required=True)
+    p.add_argument("cert", metavar="CERT.pem", type=Path, help="the upstream leaf first, then its chain")
+    p.add_argument("--text", action="store_true", help="show upstream and mimic side by side, field by field")
+    opts = p.parse_args(args)
+    upstream = _read_leaf(opts.cert)
+    authority = _existing_ca(opts.ca)
+    store = MimicStore(authority, KeyPool(PoolSettings(warm=())))
+    try:
+        made = asyncio.run(store.get(upstream))
+    except UnmimicableCertificate as e:
+        raise ConfigError(f"{opts.cert}: cannot mimic this certificate: {e}") from None
+    finally:
+        store.close()
+    if opts.text:
+        print(compare.render(compare.compare(upstream, made.cert)))
+    else:
+        for cert in (made.cert, *authority.chain):
+            print(cert.public_bytes(serialization.Encoding.PEM).decode(), end="")
+    return 0
+
+
+def _read_leaf(path: Path) -> x509.Certificate:
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"{path}: not a PEM certificate file") from None
+    return certs[0]
+
+
+def _existing_ca(directory: Path) -> ca_files.CertificateAuthority:
+    if not (directory / ca_files.CERT_FILE).exists() and not (directory / ca_files.KEY_FILE).exists():
+        raise ConfigError(f"{directory}: holds no CA; create one with: bumper ca init --ca {directory}")
+    return ca_files.load(directory)
 
 
 def _count(text: str) -> int:
