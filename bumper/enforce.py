@@ -5,8 +5,8 @@ from __future__ import annotations
 from mitmproxy import http, tls
 from mitmproxy.utils import human
 
-from bumper.eventlog import ConnectionLog
-from bumper.policy import Policy
+from bumper.eventlog import ConnectionLog, is_plain_proxy_request
+from bumper.policy import Decision, Policy
 
 
 class PolicyEnforcer:
@@ -17,16 +17,28 @@ class PolicyEnforcer:
     def http_connect(self, flow: http.HTTPFlow) -> None:
         # Refuse before any upstream connection when the CONNECT host alone decides `block`.
         decision = self.policy.decide_at_connect(flow.request.host)
-        if decision is None or decision.action != "block":
+        if decision is not None and decision.action == "block":
+            self._refuse(flow, decision, "CONNECT to")
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Plain-HTTP proxy requests have no ClientHello: the request's host is all there is to match.
+        if not is_plain_proxy_request(flow):
             return
+        decision = self.policy.decide(flow.request.host, None)
+        if decision.action == "block":
+            self._refuse(flow, decision, "request to")
+        elif record := self.connections.record(flow.client_conn.id):
+            record.decided(decision)
+
+    def _refuse(self, flow: http.HTTPFlow, decision: Decision, what: str) -> None:
         target = human.format_address((flow.request.host, flow.request.port))
         reason = f"blocked by policy rule {decision.rule!r}"
         flow.response = http.Response.make(
-            403, f"bumper: CONNECT to {target} {reason}\n", {"content-type": "text/plain; charset=utf-8"}
+            403, f"bumper: {what} {target} {reason}\n", {"content-type": "text/plain; charset=utf-8"}
         )
         if record := self.connections.record(flow.client_conn.id):
             record.decided(decision)
-            record.fail(f"{reason} at CONNECT")
+            record.fail(reason)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         context = data.context

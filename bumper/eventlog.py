@@ -17,7 +17,8 @@ log = logging.getLogger("bumper.conn")
 @dataclass
 class ConnectionRecord:
     client: str
-    connect: str = "-"
+    kind: str = "CONNECT"  # or HTTP: a plain-HTTP proxy request, no tunnel
+    target: str = "-"  # host:port from the CONNECT request or the plain request's URL
     sni: str = "-"
     action: str = "-"
     rule: str = "-"
@@ -34,12 +35,12 @@ class ConnectionRecord:
     def line(self) -> str:
         if self.error:
             outcome = self.error
-        elif self.connect == "-" and self.requests == 0:
+        elif self.target == "-" and self.requests == 0:
             outcome = "no valid request (malformed, or none before the client closed)"
         else:
             outcome = "ok"
         return (
-            f"{self.client} CONNECT {self.connect} sni={self.sni} action={self.action} rule={self.rule} "
+            f"{self.client} {self.kind} {self.target} sni={self.sni} action={self.action} rule={self.rule} "
             f"requests={self.requests} outcome={outcome}"
         )
 
@@ -56,7 +57,12 @@ class ConnectionLog:
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if record := self.records.get(flow.client_conn.id):
-            record.connect = f"{flow.request.host}:{flow.request.port}"
+            record.target = f"{flow.request.host}:{flow.request.port}"
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        record = self.records.get(flow.client_conn.id)
+        if record and is_plain_proxy_request(flow) and record.target == "-":
+            record.kind, record.target = "HTTP", f"{flow.request.host}:{flow.request.port}"
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         if record := self.records.get(data.client.id):
@@ -89,6 +95,11 @@ class ConnectionLog:
         if client.error:
             record.fail(short_reason(client.error))
         log.info(record.line())
+
+
+def is_plain_proxy_request(flow: http.HTTPFlow) -> bool:
+    """A request sent to the proxy in the clear (GET http://...), not one inside a bumped tunnel."""
+    return not flow.client_conn.tls and flow.request.method != "CONNECT"
 
 
 def short_reason(error: str) -> str:

@@ -124,14 +124,15 @@ class Bumper:
     def ca_pem(self) -> Path:
         return self.ca_dir / "ca.pem"
 
-    def connection_line(self, client_port: int, timeout: float = 10.0) -> str:
+    def connection_line(self, client_port: int, timeout: float = 10.0, kind: str = "CONNECT") -> str:
         """The one log line bumper writes when the connection from CLIENT_PORT ends."""
         deadline = time.monotonic() + timeout
+        marker = f" 127.0.0.1:{client_port} {kind} "
         while time.monotonic() < deadline:
-            found = [line for line in self.process.lines if f" 127.0.0.1:{client_port} CONNECT " in line]
+            found = [line for line in self.process.lines if marker in line]
             if found:
                 time.sleep(0.05)  # a second line for the same connection would be a bug: let it show
-                found = [line for line in self.process.lines if f" 127.0.0.1:{client_port} CONNECT " in line]
+                found = [line for line in self.process.lines if marker in line]
                 assert len(found) == 1, found
                 return found[0]
             time.sleep(0.02)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +155,33 @@ def test_the_default_still_bumps(policed: Bumper, upstream: Upstream) -> None:
     r = curl(policed, upstream.url("/"), "-w", "%{local_port}")
     assert r.stdout.startswith("hello from upstream")
     assert "action=bump rule=default" in policed.connection_line(int(r.stdout.removeprefix("hello from upstream")))
+
+
+@pytest.fixture
+def plain_http_origin() -> Iterator[int]:
+    """A plain-HTTP origin that answers every request with 200 "plain hello"."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nConnection: close\r\n\r\nplain hello")
+
+    yield from tcp_server(handle)
+
+
+def test_plain_http_proxy_requests_obey_the_policy(
+    policed: Bumper, counting_upstream: tuple[int, list[int]], plain_http_origin: int
+) -> None:
+    port, accepted = counting_upstream
+    blocked = curl(policed, f"http://evil.test:{port}/", "-w", "\n%{http_code} %{local_port}")
+    body, meta = blocked.stdout.rsplit("\n", 1)
+    status, client_port = meta.split()
+    assert status == "403" and "blocked by policy rule 'no-evil'" in body
+    assert accepted == []  # never reached
+    line = policed.connection_line(int(client_port), kind="HTTP")
+    assert f"HTTP evil.test:{port} sni=- action=block rule=no-evil" in line
+
+    allowed = curl(policed, f"http://plain.test:{plain_http_origin}/", "-w", "\n%{local_port}")
+    body, client_port = allowed.stdout.rsplit("\n", 1)
+    assert body == "plain hello"
+    line = policed.connection_line(int(client_port), kind="HTTP")
+    assert f"HTTP plain.test:{plain_http_origin} sni=- action=bump rule=default requests=1 outcome=ok" in line
