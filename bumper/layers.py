@@ -13,9 +13,33 @@ from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.proxy.tunnel import TunnelState
+from OpenSSL import SSL
 
 # starts_like_tls_record needs this many bytes to decide.
 _TLS_RECORD_PREFIX = 3
+
+
+class _CloseNotify:
+    """Ends TLS with a close_notify alert before the TCP close, as RFC 8446 6.1 asks; stock
+    mitmproxy 11 just drops the connection, which strict clients report as a truncation."""
+
+    def send_close(self, command: commands.CloseConnection) -> layer.CommandGenerator[None]:
+        if self.tls is not None and self.tunnel_state is TunnelState.OPEN:  # type: ignore[attr-defined]
+            try:
+                self.tls.shutdown()  # type: ignore[attr-defined]
+            except SSL.Error:
+                pass  # the peer is gone or the session broken: nothing to notify
+            yield from self.tls_interact()  # type: ignore[attr-defined]
+        yield from super().send_close(command)  # type: ignore[misc]
+
+
+class ServerTLSLayer(_CloseNotify, layers.ServerTLSLayer):
+    pass
+
+
+class ClientTLSLayer(_CloseNotify, layers.ClientTLSLayer):
+    pass
 
 
 class Refuse(layer.Layer):
@@ -53,6 +77,6 @@ class NextLayer:
         if not context.server.connected:
             # Its close was seen while no layer was listening; TLS towards it would wait forever.
             return Refuse(context, "upstream TLS failed: the upstream closed the connection before the handshake")
-        server_tls = layers.ServerTLSLayer(context)
-        server_tls.child_layer = layers.ClientTLSLayer(context)
+        server_tls = ServerTLSLayer(context)
+        server_tls.child_layer = ClientTLSLayer(context)
         return server_tls

@@ -148,3 +148,16 @@ def test_one_log_line_per_connection(bumper: Bumper, upstream: Upstream) -> None
         f"CONNECT {upstream.host}:{upstream.port} sni={upstream.host} action=bump rule=default requests=1 outcome=ok"
         in line
     )
+
+
+def test_bumper_ends_tls_with_close_notify(bumper: Bumper, upstream: Upstream) -> None:
+    """A client that insists on close_notify (no ragged EOF) reads the whole response without error."""
+    sock, reply = open_tunnel(bumper, upstream.host, upstream.port)
+    assert reply.startswith(b"HTTP/1.1 200")
+    context = client_tls_context(bumper.ca_pem, alpn=["http/1.1"])
+    with context.wrap_socket(sock, server_hostname=upstream.host, suppress_ragged_eofs=False) as tls:
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {upstream.host}\r\nConnection: close\r\n\r\n".encode())
+        response = b""
+        while chunk := tls.recv(65536):  # raises SSLEOFError on a TCP close without close_notify
+            response += chunk
+    assert response.endswith(b"hello from upstream")
