@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import ExtensionOID
 
-from bumper import keys
+from bumper import der, keys
 from bumper.ca import CertificateAuthority
 
 # Extensions that would make the mimic claim something bumper cannot stand behind:
@@ -35,6 +35,8 @@ DROPPED_EXTENSIONS = frozenset(
     }
 )
 
+_DROPPED = frozenset(oid.dotted_string for oid in DROPPED_EXTENSIONS)
+_KEY_USAGE = ExtensionOID.KEY_USAGE.dotted_string
 _COPIED_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
 
 
@@ -48,12 +50,16 @@ class KeyChoice:
     fell_back: bool  # True when the upstream's key type cannot be mirrored
 
 
+def upstream_key_spec(upstream: x509.Certificate) -> keys.KeySpec | None:
+    try:
+        return keys.KeySpec.of(upstream.public_key())
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+
+
 def choose_key_spec(upstream: x509.Certificate, fallback: keys.KeySpec) -> KeyChoice:
     """Same algorithm and strength as the upstream's key, or FALLBACK when it cannot be mirrored."""
-    try:
-        spec = keys.KeySpec.of(upstream.public_key())
-    except (ValueError, UnsupportedAlgorithm):
-        spec = None
+    spec = upstream_key_spec(upstream)
     return KeyChoice(spec, False) if spec is not None else KeyChoice(fallback, True)
 
 
@@ -65,36 +71,69 @@ def signature_hash(
         return None
     try:
         algorithm = upstream.signature_hash_algorithm
-    except UnsupportedAlgorithm:  # an unknown signature OID: the hash is ours to choose
+    except (ValueError, UnsupportedAlgorithm):  # unknown or broken signature parameters: ours to choose
         algorithm = None
     return algorithm if isinstance(algorithm, _COPIED_HASHES) else hashes.SHA256()
 
 
 def validity(upstream: x509.Certificate, ca: CertificateAuthority) -> tuple[datetime.datetime, datetime.datetime]:
     """The upstream's validity, clamped into the CA's own: a mimic never outlives its issuer."""
-    not_before = max(upstream.not_valid_before_utc, ca.cert.not_valid_before_utc)
-    not_after = min(upstream.not_valid_after_utc, ca.cert.not_valid_after_utc)
-    return not_before, max(not_before, not_after)
+    ca_from, ca_until = ca.cert.not_valid_before_utc, ca.cert.not_valid_after_utc
+    not_before = min(max(upstream.not_valid_before_utc, ca_from), ca_until)
+    not_after = max(min(upstream.not_valid_after_utc, ca_until), not_before)
+    return not_before, not_after
 
 
-def copied_extensions(upstream: x509.Certificate, key: keys.PrivateKey) -> list[x509.Extension]:
-    """Every upstream extension except the dropped ones, each with its criticality."""
+def copied_extensions(
+    upstream: x509.Certificate, refit_for: keys.PrivateKey | None = None
+) -> list[tuple[x509.ExtensionType, bool]]:
+    """Every upstream extension but the dropped ones, byte for byte, each with its criticality.
+
+    With REFIT_FOR (a key of another type than the upstream's), keyUsage loses the bits that key
+    cannot honour; otherwise nothing is re-encoded.
+    """
     try:
-        extensions = list(upstream.extensions)
-    except ValueError as e:
-        raise UnmimicableCertificate(f"unreadable extensions: {e}") from None
-    kept = []
-    for ext in extensions:
-        if ext.oid in DROPPED_EXTENSIONS:
+        raw = der.extensions(upstream.tbs_certificate_bytes)
+    except der.MalformedDER as e:
+        raise UnmimicableCertificate(f"malformed extensions: {e}") from None
+    kept: list[tuple[x509.ExtensionType, bool]] = []
+    seen: set[str] = set()
+    for ext in raw:
+        if ext.oid in seen:
+            raise UnmimicableCertificate(f"extension {ext.oid} appears twice")
+        seen.add(ext.oid)
+        if ext.oid in _DROPPED:
             continue
-        if isinstance(ext.value, x509.KeyUsage):
-            ext = x509.Extension(ext.oid, ext.critical, fit_key_usage(ext.value, key))
-        kept.append(ext)
+        value: x509.ExtensionType = x509.UnrecognizedExtension(x509.ObjectIdentifier(ext.oid), ext.value)
+        if ext.oid == _KEY_USAGE and refit_for is not None:
+            value = fit_key_usage(key_usage(ext.value), refit_for)
+        kept.append((value, ext.critical))
     return kept
 
 
+def key_usage(value: bytes) -> x509.KeyUsage:
+    """Decode a keyUsage extension value (a BIT STRING, RFC 5280 4.2.1.3)."""
+    try:
+        bits = der.bit_string_bits(value)
+    except der.MalformedDER as e:
+        raise UnmimicableCertificate(f"malformed keyUsage: {e}") from None
+    agreement = 4 in bits
+    return x509.KeyUsage(
+        digital_signature=0 in bits,
+        content_commitment=1 in bits,
+        key_encipherment=2 in bits,
+        data_encipherment=3 in bits,
+        key_agreement=agreement,
+        key_cert_sign=5 in bits,
+        crl_sign=6 in bits,
+        encipher_only=agreement and 7 in bits,
+        decipher_only=agreement and 8 in bits,
+    )
+
+
 def fit_key_usage(usage: x509.KeyUsage, key: keys.PrivateKey) -> x509.KeyUsage:
-    """keyEncipherment only makes sense for RSA keys; keyAgreement never for RSA or Ed25519."""
+    """For a fallback key: keyEncipherment only fits RSA, keyAgreement never RSA or Ed25519, and a
+    non-RSA key must be allowed to sign, or no TLS handshake could use it."""
     is_rsa = isinstance(key, rsa.RSAPrivateKey)
     key_agreement = usage.key_agreement and not is_rsa and not isinstance(key, ed25519.Ed25519PrivateKey)
     return x509.KeyUsage(
@@ -112,18 +151,24 @@ def fit_key_usage(usage: x509.KeyUsage, key: keys.PrivateKey) -> x509.KeyUsage:
 
 def mint(upstream: x509.Certificate, ca: CertificateAuthority, key: keys.PrivateKey) -> x509.Certificate:
     """The mimic of UPSTREAM for the private KEY (never the CA's key, never the upstream's)."""
+    try:
+        subject = upstream.subject
+        subject.rfc4514_string()  # decodes every attribute: fails here, not half way through signing
+    except ValueError as e:
+        raise UnmimicableCertificate(f"unreadable subject: {e}") from None
+    mirrored = keys.KeySpec.of(key.public_key()) == upstream_key_spec(upstream)
     not_before, not_after = validity(upstream, ca)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(upstream.subject)
+        .subject_name(subject)
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
     )
-    for ext in copied_extensions(upstream, key):
-        builder = builder.add_extension(ext.value, critical=ext.critical)
+    for value, critical in copied_extensions(upstream, None if mirrored else key):
+        builder = builder.add_extension(value, critical=critical)
     builder = builder.add_extension(ca.authority_key_identifier, critical=False)
     builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     return builder.sign(ca.key, signature_hash(upstream, ca))

@@ -134,9 +134,9 @@ class MimicStore:
         choice = mimic.choose_key_spec(upstream, self.fallback)
         if choice.fell_back:
             log.info(
-                "upstream key %s of %s cannot be mirrored; the mimic uses %s",
+                "upstream key %s of the certificate %s cannot be mirrored; the mimic uses %s",
                 _describe_key(upstream),
-                upstream.subject.rfc4514_string() or "(empty subject)",
+                fingerprint(upstream),
                 choice.spec,
             )
         key = await self.pool.key_for(choice.spec)

@@ -397,12 +397,18 @@ def test_unmirrorable_key_falls_back_to_p256_with_key_usage_fitted(store: SyncSt
         pytest.param(
             ed25519.Ed25519PrivateKey.generate,
             dict(digital_signature=True, key_agreement=True, key_encipherment=True),
-            dict(digital_signature=True),
-            id="Ed25519-signs-only",
+            dict(digital_signature=True, key_agreement=True, key_encipherment=True),
+            id="Ed25519-odd-bits-copied-as-they-are",
+        ),
+        pytest.param(
+            pki.ec_key,
+            dict(key_agreement=True),
+            dict(key_agreement=True),
+            id="EC-keyAgreement-only-is-not-widened",
         ),
     ],
 )
-def test_key_usage_fits_the_mirrored_key(
+def test_key_usage_of_a_mirrored_key_is_copied_unchanged(
     store: SyncStore, make_key: object, upstream_flags: dict[str, bool], expected_flags: dict[str, bool]
 ) -> None:
     upstream = make_upstream(key_usage(**upstream_flags), key=make_key())  # type: ignore[operator]
