@@ -104,7 +104,9 @@ def _extension(data: bytes, start: int, end: int, tag: int) -> RawExtension:
 def bit_string_bits(value: bytes) -> set[int]:
     """The numbers of the bits set in a DER BIT STRING (bit 0 is the most significant)."""
     tag, start, end = read(value, 0)
-    if tag != BIT_STRING or end == start:
-        raise MalformedDER("not a BIT STRING")
-    body = value[start + 1 : end]  # the first octet counts the unused bits
+    if tag != BIT_STRING or end != len(value) or end == start:
+        raise MalformedDER("not a single BIT STRING")
+    unused, body = value[start], value[start + 1 : end]
+    if unused > 7 or (unused and not body) or (body and body[-1] & ((1 << unused) - 1)):
+        raise MalformedDER("bad unused bits in a BIT STRING")
     return {i * 8 + j for i, byte in enumerate(body) for j in range(8) if byte & (0x80 >> j)}
