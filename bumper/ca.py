@@ -8,6 +8,10 @@ With an issuing intermediate (`bumper ca init --intermediate`), the intermediate
 and ca.key is only needed to make it, so it can be kept offline:
   issuing.pem  the intermediate, signed by ca.pem, sent to clients after every mimic (0644)
   issuing.key  its private key (0600)
+And always, made on first need and never exported:
+  untrusted.pem, untrusted.key  a CA no client trusts, which signs the mimics of upstreams that
+                                failed verification, so that clients reject them as they would
+                                have rejected the upstream
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ DER_FILE = "ca.der"
 KEY_FILE = "ca.key"
 ISSUING_CERT_FILE = "issuing.pem"
 ISSUING_KEY_FILE = "issuing.key"
+UNTRUSTED_CERT_FILE = "untrusted.pem"
+UNTRUSTED_KEY_FILE = "untrusted.key"
 
 CA_LIFETIME = datetime.timedelta(days=3650)
 ISSUING_LIFETIME = datetime.timedelta(days=5 * 365)
@@ -79,6 +85,10 @@ def describe(ca: CertificateAuthority) -> str:
     lines = _describe_cert("CA certificate", ca.cert_path, ca.trust_anchor)
     if ca.root is not None:
         lines += _describe_cert("issuing CA", ca.directory / ISSUING_CERT_FILE, ca.cert)
+    untrusted = ca.directory / UNTRUSTED_CERT_FILE
+    if untrusted.exists():
+        title = "untrusted CA (signs mimics of upstreams that failed verification; never trust it)"
+        lines += _describe_cert(title, untrusted, _load_cert(untrusted))
     return "\n".join(lines)
 
 
@@ -139,6 +149,24 @@ def _load_with_intermediate(directory: Path, now: datetime.datetime) -> Certific
     except (ValueError, TypeError, InvalidSignature):
         raise ConfigError(f"{cert_path}: not issued by the CA in {root_path}") from None
     return CertificateAuthority(cert=cert, key=key, directory=directory, root=root, chain=(cert,))
+
+
+def untrusted(directory: Path, now: datetime.datetime | None = None) -> CertificateAuthority:
+    """The untrusted CA in DIR, made the first time it is needed. It is never exported."""
+    cert_path, key_path = directory / UNTRUSTED_CERT_FILE, directory / UNTRUSTED_KEY_FILE
+    now = now or _utcnow()
+    if not cert_path.exists() and not key_path.exists():
+        key = keys.RSA2048.generate()
+        name = _ca_name("bumper UNTRUSTED CA, never trust it")
+        cert = _ca_cert(key, name, key, None, now, CA_LIFETIME)
+        try:
+            _write_new(key_path, _pem_key(key), 0o600)
+            _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        except OSError as e:
+            raise ConfigError(f"{directory}: cannot write the untrusted CA: {e.strerror}") from None
+        return CertificateAuthority(cert=cert, key=key, directory=directory)
+    cert, key = _load_pair(cert_path, key_path, now)
+    return CertificateAuthority(cert=cert, key=key, directory=directory)
 
 
 def _load_pair(cert_path: Path, key_path: Path, now: datetime.datetime) -> tuple[x509.Certificate, keys.PrivateKey]:

@@ -10,6 +10,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.utils import human
 
 from bumper.policy import Decision
+from bumper.trust import Verdict
 
 log = logging.getLogger("bumper.conn")
 
@@ -22,11 +23,17 @@ class ConnectionRecord:
     sni: str = "-"
     action: str = "-"
     rule: str = "-"
+    verify: str = "-"  # "trusted" or the reason code the upstream failed verification with
+    upstream: str = "-"  # the upstream leaf's SHA-256 fingerprint
     requests: int = 0
     error: str | None = None  # the first thing that went wrong, if anything did
 
     def decided(self, decision: Decision) -> None:
         self.action, self.rule = decision.action, decision.rule
+
+    def verified(self, verdict: Verdict, fingerprint: str) -> None:
+        self.verify = verdict.reason or "trusted"
+        self.upstream = fingerprint.replace(":", "")
 
     def fail(self, reason: str) -> None:
         if self.error is None:
@@ -41,7 +48,7 @@ class ConnectionRecord:
             outcome = "ok"
         return (
             f"{self.client} {self.kind} {self.target} sni={self.sni} action={self.action} rule={self.rule} "
-            f"requests={self.requests} outcome={outcome}"
+            f"verify={self.verify} upstream_sha256={self.upstream} requests={self.requests} outcome={outcome}"
         )
 
 

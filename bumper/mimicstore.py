@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -13,7 +15,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import crypto
 
-from bumper import keys, mimic
+from bumper import ca as ca_files
+from bumper import keys, mimic, trust
 from bumper.ca import CertificateAuthority, fingerprint
 from bumper.keypool import KeyPool, load_own_key
 from bumper.mimicdb import MimicStoreBackend, StoredMimic
@@ -21,9 +24,6 @@ from bumper.mimicdb import MimicStoreBackend, StoredMimic
 log = logging.getLogger("bumper.mimic")
 
 DEFAULT_CAPACITY = 10_000
-# The signing mode that is part of every cache key: the same upstream certificate gets a different
-# mimic when bumper must sign it differently (the trust issue adds the others).
-TRUSTED = "ca"
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,11 @@ class MimicStore:
         disk: MimicStoreBackend | None = None,
         fallback: keys.KeySpec = keys.P256,
         capacity: int = DEFAULT_CAPACITY,
+        untrusted: Callable[[], CertificateAuthority] | None = None,
     ) -> None:
         self.ca = ca
+        # The untrusted CA is made on first need (functools.cache: once).
+        self.untrusted = functools.cache(untrusted or (lambda: ca_files.untrusted(ca.directory)))
         self.pool = pool or KeyPool()
         self.disk = disk
         self.fallback = fallback
@@ -80,8 +83,8 @@ class MimicStore:
         if self.disk is not None:
             self.disk.close()
 
-    async def get(self, upstream: x509.Certificate, mode: str = TRUSTED) -> Mimic:
-        """The mimic of UPSTREAM. Raises mimic.UnmimicableCertificate."""
+    async def get(self, upstream: x509.Certificate, mode: str = trust.SIGN_WITH_CA) -> Mimic:
+        """The mimic of UPSTREAM, signed as MODE says (trust.SIGN_*). Raises mimic.UnmimicableCertificate."""
         cache_key = (upstream.fingerprint(hashes.SHA256()), mode)
         hit = self._memory.get(cache_key)
         if hit is not None:
@@ -101,7 +104,7 @@ class MimicStore:
     async def _load_or_mint(self, upstream: x509.Certificate, cache_key: tuple[bytes, str]) -> Mimic:
         made = self._from_disk(cache_key)
         if made is None:
-            made = await self._mint(upstream)
+            made = await self._mint(upstream, cache_key[1])
             if self.disk is not None:
                 self.disk.put(*cache_key, self.ca.fingerprint, made.stored())
         self._remember(cache_key, made)
@@ -119,18 +122,22 @@ class MimicStore:
         except (ValueError, UnsupportedAlgorithm):
             log.warning("unreadable entry in the mimic cache; minting again")
             return None
-        return Mimic.of(cert, key) if self._still_good(cert) else None
+        return Mimic.of(cert, key) if self._still_good(cert, cache_key[1]) else None
 
-    def _still_good(self, cert: x509.Certificate) -> bool:
-        """A cached mimic is served only if the current CA signed it and it does not outlive the CA."""
+    def _still_good(self, cert: x509.Certificate, mode: str) -> bool:
+        """A cached mimic is served only if the current signer made it and it does not outlive it."""
+        signer = cert if mode == trust.SIGN_SELF else self._signer(mode).cert
         try:
-            cert.verify_directly_issued_by(self.ca.cert)
+            cert.verify_directly_issued_by(signer)
         except (ValueError, TypeError, InvalidSignature):
             return False
         now = datetime.datetime.now(datetime.UTC)
-        return cert.not_valid_after_utc <= self.ca.cert.not_valid_after_utc and now <= self.ca.cert.not_valid_after_utc
+        return cert.not_valid_after_utc <= signer.not_valid_after_utc and now <= signer.not_valid_after_utc
 
-    async def _mint(self, upstream: x509.Certificate) -> Mimic:
+    def _signer(self, mode: str) -> CertificateAuthority:
+        return self.untrusted() if mode == trust.SIGN_UNTRUSTED else self.ca
+
+    async def _mint(self, upstream: x509.Certificate, mode: str) -> Mimic:
         choice = mimic.choose_key_spec(upstream, self.fallback)
         if choice.fell_back:
             log.info(
@@ -140,7 +147,12 @@ class MimicStore:
                 choice.spec,
             )
         key = await self.pool.key_for(choice.spec)
-        return Mimic.of(mimic.mint(upstream, self.ca, key), key)
+        if mode == trust.SIGN_SELF:
+            # Self-signed like the upstream: the mimic's own key signs, under the upstream's name.
+            signer = CertificateAuthority(cert=upstream, key=key, directory=self.ca.directory)
+        else:
+            signer = self._signer(mode)
+        return Mimic.of(mimic.mint(upstream, signer, key), key)
 
 
 def _describe_key(cert: x509.Certificate) -> str:

@@ -89,7 +89,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         connections,
         PolicyEnforcer(config.policy, connections),  # before TlsProvider: it sees the decision
         ConnectReplies(),
-        TlsProvider(mimic_store(config, authority), config.trust),
+        TlsProvider(mimic_store(config, authority), config.trust, connections),
     )
     m.options.update(
         mode=["regular"],

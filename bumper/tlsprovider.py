@@ -19,7 +19,10 @@ from mitmproxy import certs, connection, tls
 from mitmproxy.addons.tlsconfig import AppData, alpn_select_callback
 from OpenSSL import SSL, crypto
 
+from bumper import trust
+from bumper.ca import fingerprint
 from bumper.errors import ConfigError
+from bumper.eventlog import ConnectionLog
 from bumper.mimic import UnmimicableCertificate
 from bumper.mimicstore import MimicStore
 
@@ -70,7 +73,11 @@ def upstream_context(trust: UpstreamTrust) -> SSL.Context:
     context.set_max_proto_version(SSL.TLS1_3_VERSION)
     context.set_cipher_list(UPSTREAM_CIPHERS.encode())
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
-    context.set_verify(SSL.VERIFY_PEER)
+    # Every verification error is recorded, not fatal: the handshake completes so that bumper can
+    # classify the failure and act on it (trust.py). Nothing is trusted on the way: a connection
+    # without a verdict, or with a failed one, never gets a trusted mimic unless its defects are
+    # ones the mimic carries to the client itself.
+    context.set_verify(SSL.VERIFY_PEER, _record_verify_error)
     context.set_default_verify_paths()
     for path in trust.extra_ca_files:
         context.load_verify_locations(str(path))
@@ -90,6 +97,12 @@ def client_context(chain: tuple[x509.Certificate, ...] = ()) -> SSL.Context:
     return context
 
 
+def _record_verify_error(conn: SSL.Connection, cert: crypto.X509, code: int, depth: int, ok: int) -> bool:
+    if not ok:
+        conn.get_app_data().append(trust.VerifyError(code, depth))
+    return True
+
+
 def expect_hostname(conn: SSL.Connection, name: str) -> None:
     """Send NAME as SNI (unless it is an IP address) and make OpenSSL verify the certificate covers it."""
     param = _lib.SSL_get0_param(conn._ssl)  # type: ignore[attr-defined]
@@ -105,11 +118,21 @@ def expect_hostname(conn: SSL.Connection, name: str) -> None:
     SSL._openssl_assert(ok == 1)  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True)
+class UpstreamVerdict:
+    verdict: trust.Verdict
+    signing: str  # trust.SIGN_*: how the mimic for this connection is signed
+    fingerprint: str  # the upstream leaf's SHA-256
+
+
 class TlsProvider:
-    def __init__(self, mimics: MimicStore, trust: UpstreamTrust) -> None:
+    def __init__(self, mimics: MimicStore, roots: UpstreamTrust, connections: ConnectionLog) -> None:
         self.mimics = mimics
-        self._upstream_ctx = upstream_context(trust)
+        self.connections = connections
+        self._upstream_ctx = upstream_context(roots)
         self._client_ctx = client_context(mimics.ca.chain)
+        self._own_cas = [mimics.ca.trust_anchor, mimics.ca.cert]
+        self._verdicts: dict[str, UpstreamVerdict] = {}  # by client connection id, until its handshake
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         # Server-first, unless the connection is spliced or refused (client.error set by bumper).
@@ -124,11 +147,25 @@ class TlsProvider:
         if not server.alpn_offers:
             server.alpn_offers = tuple(client.alpn_offers)
         conn = SSL.Connection(self._upstream_ctx)
+        conn.set_app_data([])  # the verification errors, filled by _record_verify_error
         expect_hostname(conn, server.sni)
         if server.alpn_offers:
             conn.set_alpn_protos(list(server.alpn_offers))
         conn.set_connect_state()
         tls_start.ssl_conn = conn
+
+    def tls_established_server(self, data: tls.TlsData) -> None:
+        assert data.ssl_conn is not None
+        errors: list[trust.VerifyError] = data.ssl_conn.get_app_data()
+        chain = [c._cert for c in data.conn.certificate_list]  # mitmproxy's Cert wraps cryptography's
+        verdict = trust.classify(errors, chain, [*self._own_cas, self.mimics.untrusted().cert])
+        found = UpstreamVerdict(verdict, trust.signing_mode(errors, verdict), fingerprint(chain[0]) if chain else "-")
+        self._verdicts[data.context.client.id] = found
+        if record := self.connections.record(data.context.client.id):
+            record.verified(found.verdict, found.fingerprint)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._verdicts.pop(client.id, None)
 
     def running(self) -> None:
         self.mimics.start()
@@ -146,9 +183,13 @@ class TlsProvider:
             # Nothing verified to mimic: refusing the client is the only honest answer.
             client.error = f"upstream TLS failed: {server.error or 'no certificate'}"
             return
+        found = self._verdicts.pop(client.id, None)
+        if found is None:
+            client.error = "upstream TLS failed: no verification verdict"  # fail closed
+            return
         upstream = server.certificate_list[0]._cert  # mitmproxy's Cert wraps a cryptography certificate
         try:
-            made = await self.mimics.get(upstream)
+            made = await self.mimics.get(upstream, found.signing)
         except UnmimicableCertificate as e:
             client.error = f"cannot mimic the upstream certificate: {e}"
             return

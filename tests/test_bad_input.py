@@ -6,10 +6,12 @@ from __future__ import annotations
 import concurrent.futures
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 
 from tests.conftest import Bumper, Upstream, client_tls_context, curl, listening_socket, open_tunnel, tcp_server
 
@@ -172,10 +174,18 @@ def test_malformed_connect_line(bumper: Bumper, upstream: Upstream) -> None:
     assert "outcome=" in line and "outcome=ok" not in line
 
 
-def test_untrusted_upstream_is_not_bumped(start_bumper, upstream: Upstream) -> None:
-    """Verification is on by default: without --upstream-ca the test root is unknown."""
+def test_untrusted_upstream_is_never_laundered(start_bumper, upstream: Upstream, tmp_path) -> None:
+    """Verification is on by default: without --upstream-ca the test root is unknown, and the client
+    gets the same verification failure through bumper as it gets directly."""
     strict = start_bumper(trust_test_root=False)
-    r = curl(strict, upstream.url("/"), "-w", "%{local_port}")
-    assert r.returncode != 0 and not r.stdout.startswith("hello")
-    line = strict.connection_line(int(r.stdout))
-    assert "outcome=upstream TLS failed: Certificate verify failed: unable to get local issuer certificate" in line
+    direct = subprocess.run(
+        ["curl", "-sS", "--max-time", "30", "--cacert", str(strict.ca_pem), "-w", "%{ssl_verify_result}",
+         "--resolve", f"{upstream.host}:{upstream.port}:127.0.0.1", upstream.url("/")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    r = curl(strict, upstream.url("/"), "-w", "%{ssl_verify_result} %{local_port}")
+    verify_result, port = r.stdout.split()
+    assert (r.returncode, verify_result) == (direct.returncode, direct.stdout) == (60, "20")
+    line = strict.connection_line(int(port))
+    fingerprint = upstream.leaf.cert.fingerprint(hashes.SHA256()).hex().upper()
+    assert f"verify=unknown_issuer upstream_sha256={fingerprint} requests=0" in line

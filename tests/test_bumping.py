@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from websockets.sync.client import connect as websocket_connect
 
 from tests.conftest import Bumper, Upstream, client_tls_context, curl, open_tunnel
@@ -144,10 +144,9 @@ def test_one_log_line_per_connection(bumper: Bumper, upstream: Upstream) -> None
     r = curl(bumper, upstream.url("/"), "-w", "%{local_port}")
     port = int(r.stdout.removeprefix("hello from upstream"))
     line = bumper.connection_line(port)
-    assert (
-        f"CONNECT {upstream.host}:{upstream.port} sni={upstream.host} action=bump rule=default requests=1 outcome=ok"
-        in line
-    )
+    fingerprint = upstream.leaf.cert.fingerprint(hashes.SHA256()).hex().upper()
+    assert f"CONNECT {upstream.host}:{upstream.port} sni={upstream.host} action=bump rule=default" in line
+    assert line.endswith(f" verify=trusted upstream_sha256={fingerprint} requests=1 outcome=ok")
 
 
 def test_bumper_ends_tls_with_close_notify(bumper: Bumper, upstream: Upstream) -> None:

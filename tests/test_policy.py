@@ -184,4 +184,5 @@ def test_plain_http_proxy_requests_obey_the_policy(
     body, client_port = allowed.stdout.rsplit("\n", 1)
     assert body == "plain hello"
     line = policed.connection_line(int(client_port), kind="HTTP")
-    assert f"HTTP plain.test:{plain_http_origin} sni=- action=bump rule=default requests=1 outcome=ok" in line
+    assert f"HTTP plain.test:{plain_http_origin} sni=- action=bump rule=default verify=- upstream_sha256=-" in line
+    assert line.endswith(" requests=1 outcome=ok")

@@ -1,0 +1,170 @@
+"""Upstream trust: classifying why an upstream certificate chain is not trusted. Pure functions.
+
+OpenSSL verifies the chain during the upstream handshake (system store plus --upstream-ca, the SNI as
+the expected name, SECLEVEL 2) and reports every error it meets instead of aborting; `classify`
+turns those errors, plus the checks OpenSSL does not make, into one reason code that logs and
+policies use. bumper's own CA is never a trust anchor upstream: a chain through it is
+`unknown_issuer`, which also stops a proxy loop from trusting itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from OpenSSL import SSL
+
+REASONS = (
+    "expired",
+    "not_yet_valid",
+    "self_signed",
+    "unknown_issuer",
+    "hostname_mismatch",
+    "weak_key",
+    "weak_signature",
+    "bad_eku",
+    "bad_chain",
+    "other",
+)
+
+_lib: Any = SSL._lib  # type: ignore[attr-defined]
+_ffi: Any = SSL._ffi  # type: ignore[attr-defined]
+
+# OpenSSL's X509_V_ERR_* codes; the three "too weak" codes (stable since 1.1.0) are not in the binding.
+_REASON_BY_CODE: dict[int, str] = {
+    _lib.X509_V_ERR_CERT_HAS_EXPIRED: "expired",
+    _lib.X509_V_ERR_CERT_NOT_YET_VALID: "not_yet_valid",
+    _lib.X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT: "self_signed",
+    _lib.X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN: "unknown_issuer",
+    _lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT: "unknown_issuer",
+    _lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY: "unknown_issuer",
+    _lib.X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE: "unknown_issuer",
+    _lib.X509_V_ERR_HOSTNAME_MISMATCH: "hostname_mismatch",
+    _lib.X509_V_ERR_IP_ADDRESS_MISMATCH: "hostname_mismatch",
+    66: "weak_key",  # X509_V_ERR_EE_KEY_TOO_SMALL
+    67: "weak_key",  # X509_V_ERR_CA_KEY_TOO_SMALL
+    68: "weak_signature",  # X509_V_ERR_CA_MD_TOO_WEAK
+    _lib.X509_V_ERR_INVALID_PURPOSE: "bad_eku",
+    _lib.X509_V_ERR_INVALID_CA: "bad_chain",
+    _lib.X509_V_ERR_PATH_LENGTH_EXCEEDED: "bad_chain",
+    _lib.X509_V_ERR_CERT_SIGNATURE_FAILURE: "bad_chain",
+    _lib.X509_V_ERR_PERMITTED_VIOLATION: "bad_chain",
+    _lib.X509_V_ERR_EXCLUDED_VIOLATION: "bad_chain",
+    _lib.X509_V_ERR_INVALID_NON_CA: "bad_chain",
+    _lib.X509_V_ERR_KEYUSAGE_NO_CERTSIGN: "bad_chain",
+}
+
+_MIN_RSA_BITS = 2048
+_MIN_EC_BITS = 256
+_WEAK_HASHES = (hashes.MD5, hashes.SHA1)
+
+
+@dataclass(frozen=True)
+class VerifyError:
+    """One error OpenSSL reported while verifying the chain."""
+
+    code: int  # X509_V_ERR_*
+    depth: int  # 0 is the leaf
+
+    @property
+    def text(self) -> str:
+        return _ffi.string(_lib.X509_verify_cert_error_string(self.code)).decode()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    reason: str | None  # one of REASONS, or None: trusted
+    detail: str = ""
+
+    @property
+    def trusted(self) -> bool:
+        return self.reason is None
+
+
+TRUSTED = Verdict(None)
+
+
+def reason_for(code: int) -> str:
+    return _REASON_BY_CODE.get(code, "other")
+
+
+def classify(
+    errors: Sequence[VerifyError], chain: Sequence[x509.Certificate], own_cas: Iterable[x509.Certificate] = ()
+) -> Verdict:
+    """The verdict on an upstream chain (leaf first) from OpenSSL's errors, in the order it met
+    them (the order a client meets them too), and bumper's own checks."""
+    if _through_own_ca(chain, list(own_cas)):
+        return Verdict("unknown_issuer", "issued by bumper's own CA, which is never trusted upstream")
+    if not chain:
+        return Verdict("other", "no certificate")
+    if errors:
+        first = errors[0]
+        return Verdict(reason_for(first.code), f"{first.text} (depth {first.depth})")
+    return _weakness(chain) or TRUSTED
+
+
+def _through_own_ca(chain: Sequence[x509.Certificate], own_cas: list[x509.Certificate]) -> bool:
+    """True when the chain holds or was signed by one of bumper's CAs, even if the machine's store
+    trusts them (a lab that installed ca.pem system-wide must not trust its own mimics upstream)."""
+    own = {ca.fingerprint(hashes.SHA256()) for ca in own_cas}
+    for cert in chain:
+        if cert.fingerprint(hashes.SHA256()) in own:
+            return True
+        for ca in own_cas:
+            if cert.issuer == ca.subject:
+                try:
+                    cert.verify_directly_issued_by(ca)
+                    return True
+                except (ValueError, TypeError, InvalidSignature):
+                    pass
+    return False
+
+
+def _weakness(chain: Sequence[x509.Certificate]) -> Verdict | None:
+    """What SECLEVEL 2 lets through but the trust policy does not: EC below P-256, and MD5 or SHA-1
+    signatures on any certificate but a self-signed root (whose signature nobody relies on)."""
+    for depth, cert in enumerate(chain):
+        try:
+            key = cert.public_key()
+        except (ValueError, UnsupportedAlgorithm):
+            return Verdict("other", f"unreadable public key (depth {depth})")
+        if isinstance(key, rsa.RSAPublicKey) and key.key_size < _MIN_RSA_BITS:
+            return Verdict("weak_key", f"RSA-{key.key_size} key (depth {depth})")
+        if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size < _MIN_EC_BITS:
+            return Verdict("weak_key", f"EC {key.curve.name} key (depth {depth})")
+        if cert.issuer != cert.subject and isinstance(_hash_of(cert), _WEAK_HASHES):
+            return Verdict("weak_signature", f"{_hash_of(cert).name} signature (depth {depth})")  # type: ignore[union-attr]
+    return None
+
+
+def _hash_of(cert: x509.Certificate) -> hashes.HashAlgorithm | None:
+    try:
+        return cert.signature_hash_algorithm
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+
+
+# Defects the mimic carries by copying the upstream certificate: a client checking the mimic meets
+# them just as it would have met them on the upstream's own certificate.
+CARRIED_BY_THE_MIMIC = frozenset({"expired", "not_yet_valid", "hostname_mismatch", "bad_eku"})
+
+SIGN_WITH_CA = "ca"  # bumper's trusted CA: the upstream is trusted, or its only defects are carried
+SIGN_SELF = "self"  # self-signed, as the upstream was
+SIGN_UNTRUSTED = "untrusted"  # bumper's untrusted CA: the client sees an unknown issuer
+
+
+def signing_mode(errors: Sequence[VerifyError], verdict: Verdict) -> str:
+    """How the `mimic` action signs, so the client's own check fails as it would have directly."""
+    if verdict.trusted:
+        return SIGN_WITH_CA
+    reasons = {reason_for(e.code) for e in errors} | {verdict.reason}
+    if reasons <= CARRIED_BY_THE_MIMIC:
+        return SIGN_WITH_CA
+    if reasons <= CARRIED_BY_THE_MIMIC | {"self_signed"}:
+        return SIGN_SELF
+    return SIGN_UNTRUSTED
