@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `bumper ca show | head -1`
+        sys.stderr.close()
+        return 0
 
 
 def _run_parser() -> argparse.ArgumentParser:

@@ -81,11 +81,11 @@ class ConnectionLog:
 
     def tls_failed_server(self, data: tls.TlsData) -> None:
         if record := self.records.get(data.context.client.id):
-            record.fail(f"upstream TLS failed: {data.conn.error}")
+            record.fail(f"upstream TLS failed: {short_reason(data.conn.error or 'unknown')}")
 
     def tls_failed_client(self, data: tls.TlsData) -> None:
         if record := self.records.get(data.context.client.id):
-            record.fail(f"client TLS failed: {data.conn.error}")
+            record.fail(f"client TLS failed: {short_reason(data.conn.error or 'unknown')}")
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.request.method != "CONNECT" and (record := self.records.get(flow.client_conn.id)):
@@ -100,7 +100,7 @@ class ConnectionLog:
         if record is None:
             return
         if client.error:
-            record.fail(short_reason(client.error))
+            record.fail(client.error)
         log.info(record.line())
 
 
@@ -111,6 +111,4 @@ def is_plain_proxy_request(flow: http.HTTPFlow) -> bool:
 
 def short_reason(error: str) -> str:
     """mitmproxy's error text, without the hex dump it appends to unparseable ClientHellos."""
-    if error.startswith("Cannot parse ClientHello"):
-        return "client TLS failed: Cannot parse ClientHello"
-    return error
+    return "Cannot parse ClientHello" if error.startswith("Cannot parse ClientHello") else error

@@ -61,12 +61,21 @@ class NextLayer:
             return
         context = nextlayer.context
         if len(context.layers) == 1 and isinstance(context.layers[0], modes.HttpProxy):
-            nextlayer.layer = layers.HttpLayer(context, HTTPMode.regular)
+            nextlayer.layer = self._proxy_request(context, nextlayer.data_client())
         elif context.client.tls:
             # Decrypted: HTTP/1.1 or h2 by ALPN, HTTP/1.1 when the client offered none.
             nextlayer.layer = layers.HttpLayer(context, HTTPMode.transparent)
         else:
             nextlayer.layer = self._inside_tunnel(context, nextlayer.data_client())
+
+    @staticmethod
+    def _proxy_request(context: Context, data: bytes) -> layer.Layer | None:
+        if len(data) < _TLS_RECORD_PREFIX:
+            return None  # wait for the first bytes
+        if starts_like_tls_record(data):
+            # A client configured with https:// for the proxy itself; it would wait forever.
+            return Refuse(context, "not HTTP: the client opened TLS to the proxy port (use http:// for the proxy)")
+        return layers.HttpLayer(context, HTTPMode.regular)
 
     @staticmethod
     def _inside_tunnel(context: Context, data: bytes) -> layer.Layer | None:

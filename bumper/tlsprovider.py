@@ -154,6 +154,13 @@ class TlsProvider:
         conn.set_connect_state()
         tls_start.ssl_conn = conn
 
+    def _refuse(self, client: connection.Client, reason: str) -> None:
+        """No TLS context for the client: mitmproxy closes the connection. The reason goes to the
+        log now, before mitmproxy's own "connection closed early" can take its place."""
+        client.error = reason
+        if record := self.connections.record(client.id):
+            record.fail(reason)
+
     def tls_established_server(self, data: tls.TlsData) -> None:
         assert data.ssl_conn is not None
         errors: list[trust.VerifyError] = data.ssl_conn.get_app_data()
@@ -181,18 +188,15 @@ class TlsProvider:
             return  # refused (by policy): no handshake, the connection is closed
         if not server.tls_established or not server.certificate_list:
             # Nothing verified to mimic: refusing the client is the only honest answer.
-            client.error = f"upstream TLS failed: {server.error or 'no certificate'}"
-            return
+            return self._refuse(client, f"upstream TLS failed: {server.error or 'no certificate'}")
         found = self._verdicts.pop(client.id, None)
         if found is None:
-            client.error = "upstream TLS failed: no verification verdict"  # fail closed
-            return
+            return self._refuse(client, "upstream TLS failed: no verification verdict")  # fail closed
         upstream = server.certificate_list[0]._cert  # mitmproxy's Cert wraps a cryptography certificate
         try:
             made = await self.mimics.get(upstream, found.signing)
         except UnmimicableCertificate as e:
-            client.error = f"cannot mimic the upstream certificate: {e}"
-            return
+            return self._refuse(client, f"cannot mimic the upstream certificate: {e}")
         conn = SSL.Connection(self._client_ctx)
         conn.use_certificate(made.openssl_cert)
         conn.use_privatekey(made.openssl_key)

@@ -104,7 +104,7 @@ def test_garbage_client_hello(bumper: Bumper, upstream: Upstream) -> None:
         return sock.getsockname()[1]
 
     line = run_next_to_good_requests(bumper, upstream, bad)
-    assert "outcome=client TLS failed: Cannot parse ClientHello" in line
+    assert line.endswith(" outcome=client TLS failed: Cannot parse ClientHello")  # no hex dump of the bytes
 
 
 def test_client_disconnects_mid_handshake(bumper: Bumper, upstream: Upstream) -> None:
@@ -160,6 +160,20 @@ def test_upstream_that_does_not_speak_tls(bumper: Bumper, upstream: Upstream, pl
 
     line = run_next_to_good_requests(bumper, upstream, bad)
     assert "outcome=upstream TLS failed" in line
+
+
+def test_tls_to_the_proxy_port_is_refused_not_left_hanging(bumper: Bumper, upstream: Upstream) -> None:
+    def bad() -> int:
+        r = subprocess.run(
+            ["curl", "-sS", "--max-time", "20", "-w", "%{local_port}", "-x", f"https://127.0.0.1:{bumper.port}",
+             "--proxy-insecure", upstream.url("/")],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert r.returncode not in (0, 28), r.stderr  # refused at once, not a timeout
+        return int(r.stdout)
+
+    line = run_next_to_good_requests(bumper, upstream, bad)
+    assert "outcome=not HTTP: the client opened TLS to the proxy port" in line
 
 
 def test_malformed_connect_line(bumper: Bumper, upstream: Upstream) -> None:
