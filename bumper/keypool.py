@@ -13,9 +13,11 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
+from OpenSSL import crypto
 
 from bumper import keys
 
@@ -29,9 +31,21 @@ class PoolSettings:
     warm: tuple[keys.KeySpec, ...] = (keys.RSA2048, keys.P256)  # made at start-up
 
 
+@dataclass(frozen=True)
+class PooledKey:
+    key: keys.PrivateKey
+    # pyOpenSSL's form, made once per key: OpenSSL sets a new key object up on its first use
+    # (~0.3 ms for RSA-2048), which every mimic sharing this key would otherwise pay again.
+    openssl: crypto.PKey
+
+    @classmethod
+    def of(cls, key: keys.PrivateKey) -> PooledKey:
+        return cls(key, crypto.PKey.from_cryptography_key(key))
+
+
 @dataclass
 class _Current:
-    key: keys.PrivateKey
+    pooled: PooledKey
     born: float
     uses: int = 0
 
@@ -54,6 +68,7 @@ class KeyPool:
         self.settings = settings
         self._clock = clock
         self._current: dict[keys.KeySpec, _Current] = {}
+        self._replacing: dict[keys.KeySpec, asyncio.Future[_Current]] = {}  # shared by all who wait
         self._spares: dict[keys.KeySpec, asyncio.Future[keys.PrivateKey]] = {}
         self._workers: concurrent.futures.ProcessPoolExecutor | None = None
 
@@ -62,14 +77,16 @@ class KeyPool:
         for spec in self.settings.warm:
             self._spare(spec)
 
-    async def key_for(self, spec: keys.KeySpec) -> keys.PrivateKey:
+    async def key_for(self, spec: keys.KeySpec) -> PooledKey:
         current = self._current.get(spec)
         if current is None or self._worn_out(current):
-            current = self._current[spec] = _Current(await self._take_spare(spec), self._clock())
-            log.debug("new %s mimic key", spec)
+            replacing = self._replacing.get(spec)
+            if replacing is None:  # one replacement, however many connections need it at once
+                replacing = self._replacing[spec] = asyncio.ensure_future(self._replace(spec))
+            current = await asyncio.shield(replacing)
         current.uses += 1
         self._spare(spec)  # the next key of this type is made while this one serves
-        return current.key
+        return current.pooled
 
     def close(self) -> None:
         if self._workers is not None:
@@ -79,10 +96,15 @@ class KeyPool:
     def _worn_out(self, current: _Current) -> bool:
         return current.uses >= self.settings.max_uses or self._clock() - current.born >= self.settings.max_age
 
-    async def _take_spare(self, spec: keys.KeySpec) -> keys.PrivateKey:
-        future = self._spare(spec)
-        del self._spares[spec]
-        return await future
+    async def _replace(self, spec: keys.KeySpec) -> _Current:
+        try:
+            future = self._spare(spec)
+            del self._spares[spec]
+            current = self._current[spec] = _Current(PooledKey.of(await future), self._clock())
+            log.debug("new %s mimic key", spec)
+            return current
+        finally:
+            del self._replacing[spec]
 
     def _spare(self, spec: keys.KeySpec) -> asyncio.Future[keys.PrivateKey]:
         future = self._spares.get(spec)
@@ -93,10 +115,18 @@ class KeyPool:
     async def _make(self, spec: keys.KeySpec) -> keys.PrivateKey:
         if spec.algorithm != "rsa":
             return spec.generate()
+        try:
+            der = await asyncio.get_running_loop().run_in_executor(self._worker(), _generate_der, spec)
+        except BrokenProcessPool:
+            log.warning("the key worker process died; starting a new one")
+            self._workers = None
+            der = await asyncio.get_running_loop().run_in_executor(self._worker(), _generate_der, spec)
+        return load_own_key(der)
+
+    def _worker(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._workers is None:
             # forkserver: a clean worker, not a fork of a process holding sockets and the CA key.
             self._workers = concurrent.futures.ProcessPoolExecutor(
                 1, mp_context=multiprocessing.get_context("forkserver")
             )
-        der = await asyncio.get_running_loop().run_in_executor(self._workers, _generate_der, spec)
-        return load_own_key(der)
+        return self._workers

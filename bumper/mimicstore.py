@@ -18,7 +18,7 @@ from OpenSSL import crypto
 from bumper import ca as ca_files
 from bumper import keys, mimic, trust
 from bumper.ca import CertificateAuthority, fingerprint
-from bumper.keypool import KeyPool, load_own_key
+from bumper.keypool import KeyPool, PooledKey, load_own_key
 from bumper.mimicdb import MimicStoreBackend, StoredMimic
 
 log = logging.getLogger("bumper.mimic")
@@ -36,13 +36,13 @@ class Mimic:
     openssl_key: crypto.PKey
 
     @classmethod
-    def of(cls, cert: x509.Certificate, key: keys.PrivateKey) -> Mimic:
+    def of(cls, cert: x509.Certificate, key: PooledKey) -> Mimic:
         return cls(
             cert=cert,
-            key=key,
+            key=key.key,
             fingerprint=fingerprint(cert),
             openssl_cert=crypto.X509.from_cryptography(cert),
-            openssl_key=crypto.PKey.from_cryptography_key(key),
+            openssl_key=key.openssl,
         )
 
     def stored(self) -> StoredMimic:
@@ -118,7 +118,7 @@ class MimicStore:
             return None
         try:
             cert = x509.load_der_x509_certificate(stored.cert_der)
-            key = load_own_key(stored.key_der)
+            key = PooledKey.of(load_own_key(stored.key_der))
         except (ValueError, UnsupportedAlgorithm):
             log.warning("unreadable entry in the mimic cache; minting again")
             return None
@@ -146,13 +146,13 @@ class MimicStore:
                 fingerprint(upstream),
                 choice.spec,
             )
-        key = await self.pool.key_for(choice.spec)
+        pooled = await self.pool.key_for(choice.spec)
         if mode == trust.SIGN_SELF:
             # Self-signed like the upstream: the mimic's own key signs, under the upstream's name.
-            signer = CertificateAuthority(cert=upstream, key=key, directory=self.ca.directory)
+            signer = CertificateAuthority(cert=upstream, key=pooled.key, directory=self.ca.directory)
         else:
             signer = self._signer(mode)
-        return Mimic.of(mimic.mint(upstream, signer, key), key)
+        return Mimic.of(mimic.mint(upstream, signer, pooled.key), pooled)
 
 
 def _describe_key(cert: x509.Certificate) -> str:

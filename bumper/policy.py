@@ -3,11 +3,17 @@
 A policy file is YAML:
 
     default: bump            # bump | splice | block
+    on_upstream_error: mimic # mimic | block, when the upstream's certificate fails verification
     rules:                   # ordered; the first rule that matches decides
       - name: banking
         match:
           sni: ["*.bank.example", "bank.example"]
         action: splice
+      - name: legacy-intranet
+        match:
+          sni: [old.intranet.example]
+        action: bump
+        on_upstream_error: allow   # only where a rule names its hosts exactly
 
 `match` keys: `sni` (the name in the ClientHello; the CONNECT host when there is none) and `host`
 (the CONNECT host). Each takes exact names and `*.` globs; every key given must match, any entry
@@ -25,9 +31,10 @@ from bumper import names
 from bumper.errors import ConfigError
 
 ACTIONS = ("bump", "splice", "block")
+UPSTREAM_ERROR_ACTIONS = ("mimic", "block", "allow")
 MATCH_KEYS = ("sni", "host")
-RULE_KEYS = ("name", "match", "action")
-TOP_KEYS = ("default", "rules")
+RULE_KEYS = ("name", "match", "action", "on_upstream_error")
+TOP_KEYS = ("default", "on_upstream_error", "rules")
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,11 @@ class Rule:
     action: str
     sni: tuple[str, ...] = ()
     host: tuple[str, ...] = ()
+    on_upstream_error: str | None = None  # None: the policy's own
+
+    def names_hosts_exactly(self) -> bool:
+        patterns = (*self.sni, *self.host)
+        return bool(patterns) and not any(p.startswith("*.") for p in patterns)
 
     def needs_sni(self) -> bool:
         return bool(self.sni)
@@ -51,18 +63,20 @@ class Rule:
 class Decision:
     action: str
     rule: str  # the rule's name, or "default"
+    on_upstream_error: str = "mimic"
 
 
 @dataclass(frozen=True)
 class Policy:
     default: str = "bump"
     rules: tuple[Rule, ...] = ()
+    on_upstream_error: str = "mimic"
 
     def decide(self, connect_host: str, sni: str | None) -> Decision:
         for rule in self.rules:
             if rule.matches(connect_host, sni):
-                return Decision(rule.action, rule.name)
-        return Decision(self.default, "default")
+                return self._by(rule)
+        return Decision(self.default, "default", self.on_upstream_error)
 
     def decide_at_connect(self, connect_host: str) -> Decision | None:
         """The decision when only the CONNECT host is known, or None when it hangs on the SNI."""
@@ -70,8 +84,11 @@ class Policy:
             if rule.needs_sni():
                 return None
             if rule.matches(connect_host, None):
-                return Decision(rule.action, rule.name)
-        return Decision(self.default, "default")
+                return self._by(rule)
+        return Decision(self.default, "default", self.on_upstream_error)
+
+    def _by(self, rule: Rule) -> Decision:
+        return Decision(rule.action, rule.name, rule.on_upstream_error or self.on_upstream_error)
 
 
 LAB = Policy()  # no --policy: bump everything
@@ -112,11 +129,15 @@ def _policy(root: yaml.Node, errors: _Errors) -> Policy:
     if not isinstance(root, yaml.MappingNode):
         errors.add(root, "policy", "expected a mapping with `default` and `rules`")
         return Policy()
-    default, rules = "bump", []
+    default, on_upstream_error, rules = "bump", "mimic", []
     for key_node, value in root.value:
         key = key_node.value
         if key == "default":
             default = _action(value, "default", errors)
+        elif key == "on_upstream_error":
+            on_upstream_error = _upstream_error_action(value, key, errors)
+            if on_upstream_error == "allow":
+                errors.add(value, key, "allow is only for rules that name their hosts exactly")
         elif key == "rules":
             if not isinstance(value, yaml.SequenceNode):
                 errors.add(value, "rules", "expected a list of rules")
@@ -124,7 +145,7 @@ def _policy(root: yaml.Node, errors: _Errors) -> Policy:
             rules = [_rule(node, i, errors) for i, node in enumerate(value.value)]
         else:
             errors.add(key_node, key, f"unknown key (expected one of: {', '.join(TOP_KEYS)})")
-    return Policy(default, tuple(r for r in rules if r is not None))
+    return Policy(default, tuple(r for r in rules if r is not None), on_upstream_error)
 
 
 def _rule(node: yaml.Node, index: int, errors: _Errors) -> Rule | None:
@@ -143,7 +164,16 @@ def _rule(node: yaml.Node, index: int, errors: _Errors) -> Rule | None:
     name = fields["name"].value if "name" in fields and isinstance(fields["name"], yaml.ScalarNode) else where
     action = _action(fields["action"], f"{where}.action", errors)
     patterns = _match(fields.get("match"), f"{where}.match", errors)
-    return Rule(name=str(name), action=action, **patterns)
+    rule = Rule(name=str(name), action=action, sni=patterns.get("sni", ()), host=patterns.get("host", ()))
+    if "on_upstream_error" in fields:
+        node_value = fields["on_upstream_error"]
+        on_error = _upstream_error_action(node_value, f"{where}.on_upstream_error", errors)
+        if on_error == "allow" and not rule.names_hosts_exactly():
+            errors.add(
+                node_value, f"{where}.on_upstream_error", "allow needs a match that names its hosts exactly, no globs"
+            )
+        rule = Rule(rule.name, rule.action, rule.sni, rule.host, on_error)
+    return rule
 
 
 def _match(node: yaml.Node | None, where: str, errors: _Errors) -> dict[str, tuple[str, ...]]:
@@ -172,7 +202,18 @@ def _match(node: yaml.Node | None, where: str, errors: _Errors) -> dict[str, tup
 
 
 def _action(node: yaml.Node, where: str, errors: _Errors) -> str:
-    if isinstance(node, yaml.ScalarNode) and node.value in ACTIONS:
+    return _choice(node, where, errors, ACTIONS, "block")
+
+
+def _upstream_error_action(node: yaml.Node, where: str, errors: _Errors) -> str:
+    if isinstance(node, yaml.ScalarNode) and node.value == "splice":
+        errors.add(node, where, "splice is planned but not supported yet (expected one of: mimic, block, allow)")
+        return "block"
+    return _choice(node, where, errors, UPSTREAM_ERROR_ACTIONS, "block")
+
+
+def _choice(node: yaml.Node, where: str, errors: _Errors, choices: tuple[str, ...], invalid: str) -> str:
+    if isinstance(node, yaml.ScalarNode) and node.value in choices:
         return str(node.value)
-    errors.add(node, where, f"unknown action {getattr(node, 'value', node)!r} (expected one of: {', '.join(ACTIONS)})")
-    return "block"  # never reached by a running proxy: the file is rejected
+    errors.add(node, where, f"unknown action {getattr(node, 'value', node)!r} (expected one of: {', '.join(choices)})")
+    return invalid  # never reached by a running proxy: the file is rejected

@@ -57,10 +57,39 @@ def test_a_key_rotates_after_max_age(runner: asyncio.Runner) -> None:
     assert runner.run(pool.key_for(keys.P256)) is not first
 
 
+def test_many_waiters_on_a_cold_pool_share_one_key(runner: asyncio.Runner) -> None:
+    """A burst of first contacts for one key type makes one key, not one each."""
+    pool = KeyPool(PoolSettings(warm=()))
+
+    async def burst() -> set[int]:
+        served = await asyncio.gather(*(pool.key_for(keys.KeySpec("rsa", size=2048)) for _ in range(30)))
+        return {id(p.key) for p in served}
+
+    try:
+        assert len(runner.run(burst())) == 1
+    finally:
+        pool.close()
+
+
+def test_a_dead_key_worker_is_replaced(runner: asyncio.Runner) -> None:
+    pool = KeyPool(PoolSettings(max_uses=1, warm=()))
+    try:
+        runner.run(pool.key_for(keys.RSA2048))
+        workers = multiprocessing.active_children()
+        assert workers, "no worker process to kill"
+        for child in workers:
+            child.kill()
+            child.join(10)
+        key = runner.run(pool.key_for(keys.RSA2048)).key  # the spare died with the worker
+        assert isinstance(key, rsa.RSAPrivateKey)
+    finally:
+        pool.close()
+
+
 def test_rsa_keys_are_made_in_a_worker_process_of_the_asked_size(runner: asyncio.Runner) -> None:
     pool = KeyPool(PoolSettings(warm=()))
     try:
-        key = runner.run(pool.key_for(keys.KeySpec("rsa", size=3072)))
+        key = runner.run(pool.key_for(keys.KeySpec("rsa", size=3072))).key
         assert isinstance(key, rsa.RSAPrivateKey) and key.key_size == 3072
         assert multiprocessing.active_children(), "no worker process was used"
     finally:

@@ -46,6 +46,7 @@ from hypothesis import strategies as st
 from bumper import ca as ca_files
 from bumper import keys, mimic
 from bumper.ca import CertificateAuthority
+from bumper.keypool import PooledKey
 from bumper.mimicstore import MimicStore
 from tests import pki
 from tests.test_mimic import UNKNOWN_OID, key_usage, make_upstream, san, sct_list_extension, spki, upstream_issuer
@@ -1180,8 +1181,8 @@ def test_broken_upstream_is_unmimicable_or_mimicked(name: str, current_ca: Certi
 class PrebuiltKeys:
     """A KeyPool stand-in that hands out the module's keys (no worker processes)."""
 
-    async def key_for(self, spec: keys.KeySpec) -> keys.PrivateKey:
-        return mimic_key(spec)
+    async def key_for(self, spec: keys.KeySpec) -> PooledKey:
+        return PooledKey.of(mimic_key(spec))
 
     def warm(self) -> None:
         pass

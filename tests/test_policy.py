@@ -65,7 +65,7 @@ def test_every_error_is_reported_with_file_line_and_column(tmp_path: Path) -> No
         policy.load(path)
     assert str(e.value).splitlines() == [
         f"{path}:1:10: default: unknown action 'bmup' (expected one of: bump, splice, block)",
-        f"{path}:2:1: colour: unknown key (expected one of: default, rules)",
+        f"{path}:2:1: colour: unknown key (expected one of: default, on_upstream_error, rules)",
         f"{path}:5:32: rules[0].match.sni: bad name or glob 'bad*glob.test' (use example.com or *.example.com)",
         f"{path}:5:50: rules[0].match.port: unknown key (expected one of: sni, host)",
         f"{path}:7:5: rules[1].action: missing",
