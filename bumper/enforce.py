@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mitmproxy import http, tls
+from mitmproxy import connection, http, tls
 from mitmproxy.utils import human
 
 from bumper.eventlog import ConnectionLog, is_plain_proxy_request
@@ -13,6 +13,13 @@ class PolicyEnforcer:
     def __init__(self, policy: Policy, connections: ConnectionLog) -> None:
         self.policy = policy
         self.connections = connections
+        self._decisions: dict[str, Decision] = {}  # by client connection id, once its ClientHello is read
+
+    def decision_for(self, client_id: str) -> Decision | None:
+        return self._decisions.get(client_id)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._decisions.pop(client.id, None)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         # Refuse before any upstream connection when the CONNECT host alone decides `block`.
@@ -44,6 +51,7 @@ class PolicyEnforcer:
         context = data.context
         assert context.server.address is not None
         decision = self.policy.decide(context.server.address[0], data.client_hello.sni)
+        self._decisions[context.client.id] = decision
         record = self.connections.record(context.client.id)
         if record:
             record.decided(decision)

@@ -7,13 +7,14 @@ signature. Everything here is a plain function over cryptography objects: no soc
 from __future__ import annotations
 
 import datetime
+import ipaddress
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from cryptography.x509.oid import ExtensionOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from bumper import der, keys
 from bumper.ca import CertificateAuthority
@@ -38,6 +39,8 @@ DROPPED_EXTENSIONS = frozenset(
 _DROPPED = frozenset(oid.dotted_string for oid in DROPPED_EXTENSIONS)
 _KEY_USAGE = ExtensionOID.KEY_USAGE.dotted_string
 _COPIED_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+PLACEHOLDER_SKEW = datetime.timedelta(hours=1)
+PLACEHOLDER_LIFETIME = datetime.timedelta(days=1)
 
 
 class UnmimicableCertificate(ValueError):
@@ -172,3 +175,29 @@ def mint(upstream: x509.Certificate, ca: CertificateAuthority, key: keys.Private
     builder = builder.add_extension(ca.authority_key_identifier, critical=False)
     builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     return builder.sign(ca.key, signature_hash(upstream, ca))
+
+
+def mint_placeholder(name: str, ca: CertificateAuthority, key: keys.PrivateKey) -> x509.Certificate:
+    """A certificate of bumper's own for NAME, used only to show a block page over TLS: it copies
+    nothing from an upstream that failed verification, so it vouches for nothing but the page."""
+    now = datetime.datetime.now(datetime.UTC)
+    try:
+        general_name: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        general_name = x509.DNSName(name)
+    not_before = max(now - PLACEHOLDER_SKEW, ca.cert.not_valid_before_utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(max(min(now + PLACEHOLDER_LIFETIME, ca.cert.not_valid_after_utc), not_before))
+        .add_extension(x509.SubjectAlternativeName([general_name]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(ca.authority_key_identifier, critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(ca.key, None if isinstance(ca.key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
+    )

@@ -96,6 +96,16 @@ class MimicStore:
             pending.add_done_callback(lambda _: self._minting.pop(cache_key, None))
         return await asyncio.shield(pending)
 
+    async def placeholder(self, name: str) -> Mimic:
+        """bumper's own certificate for NAME (mimic.mint_placeholder), cached like the mimics."""
+        cache_key = (name.encode(), "placeholder")
+        hit = self._memory.get(cache_key)
+        if hit is None:
+            pooled = await self.pool.key_for(self.fallback)
+            hit = Mimic.of(mimic.mint_placeholder(name, self.ca, pooled.key), pooled)
+            self._remember(cache_key, hit)
+        return hit
+
     def _remember(self, cache_key: tuple[bytes, str], made: Mimic) -> None:
         self._memory[cache_key] = made
         if len(self._memory) > self.capacity:

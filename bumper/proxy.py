@@ -28,6 +28,7 @@ from bumper.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.policy import LAB, Policy
 from bumper.resolve import Override
 from bumper.tlsprovider import TlsProvider, UpstreamTrust
+from bumper.upstreamerror import UpstreamErrorPages
 
 log = logging.getLogger("bumper")
 
@@ -83,13 +84,16 @@ def mimic_store(config: ProxyConfig, authority: ca_files.CertificateAuthority) -
 def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> master.Master:
     m = master.Master(options.Options(), with_termlog=False)
     connections = ConnectionLog()
+    enforcer = PolicyEnforcer(config.policy, connections)
+    pages = UpstreamErrorPages()
     m.addons.add(
         proxyserver.Proxyserver(),
         NextLayer(),
         connections,
-        PolicyEnforcer(config.policy, connections),  # before TlsProvider: it sees the decision
+        enforcer,  # before TlsProvider: it sees the decision
         ConnectReplies(),
-        TlsProvider(mimic_store(config, authority), config.trust, connections),
+        pages,
+        TlsProvider(mimic_store(config, authority), config.trust, connections, enforcer.decision_for, pages),
     )
     m.options.update(
         mode=["regular"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from bumper.ca import fingerprint
 from bumper.errors import ConfigError
 from bumper.eventlog import ConnectionLog
 from bumper.mimic import UnmimicableCertificate
-from bumper.mimicstore import MimicStore
+from bumper.mimicstore import Mimic, MimicStore
+from bumper.policy import Decision
+from bumper.upstreamerror import BlockedUpstream, UpstreamErrorPages
 
 log = logging.getLogger("bumper.tls")
 
@@ -126,9 +129,18 @@ class UpstreamVerdict:
 
 
 class TlsProvider:
-    def __init__(self, mimics: MimicStore, roots: UpstreamTrust, connections: ConnectionLog) -> None:
+    def __init__(
+        self,
+        mimics: MimicStore,
+        roots: UpstreamTrust,
+        connections: ConnectionLog,
+        decisions: Callable[[str], Decision | None],
+        pages: UpstreamErrorPages,
+    ) -> None:
         self.mimics = mimics
         self.connections = connections
+        self.decisions = decisions  # the policy's decision for a client connection
+        self.pages = pages
         self._upstream_ctx = upstream_context(roots)
         self._client_ctx = client_context(mimics.ca.chain)
         self._own_cas = [mimics.ca.trust_anchor, mimics.ca.cert]
@@ -153,6 +165,30 @@ class TlsProvider:
             conn.set_alpn_protos(list(server.alpn_offers))
         conn.set_connect_state()
         tls_start.ssl_conn = conn
+
+    async def _certificate_for(
+        self, client: connection.Client, server: connection.Server, upstream: x509.Certificate, found: UpstreamVerdict
+    ) -> Mimic:
+        """What the client is shown, by the verdict and the rule's on_upstream_error."""
+        verdict = found.verdict
+        decision = self.decisions(client.id)
+        action = decision.on_upstream_error if decision else "mimic"
+        if verdict.trusted or action == "mimic":
+            return await self.mimics.get(upstream, found.signing)
+        rule = decision.rule if decision else "default"
+        name = str(server.sni)
+        if action == "allow":
+            # The operator trusts this named host anyway: bumper's own certificate for the name,
+            # since a copy would carry the very defect (dates, names) the rule overrides.
+            log.warning(
+                "%s: upstream certificate failed verification (%s: %s), trusted anyway by rule %r",
+                name, verdict.reason, verdict.detail, rule,
+            )  # fmt: skip
+        else:  # block: bumper's own certificate for the name, then a 502 page for every request
+            self.pages.block(client.id, BlockedUpstream(name, str(verdict.reason), found.fingerprint, verdict.detail))
+            if record := self.connections.record(client.id):
+                record.fail(f"upstream certificate failed verification ({verdict.reason}): blocked by rule {rule!r}")
+        return await self.mimics.placeholder(name)
 
     def _refuse(self, client: connection.Client, reason: str) -> None:
         """No TLS context for the client: mitmproxy closes the connection. The reason goes to the
@@ -194,7 +230,7 @@ class TlsProvider:
             return self._refuse(client, "upstream TLS failed: no verification verdict")  # fail closed
         upstream = server.certificate_list[0]._cert  # mitmproxy's Cert wraps a cryptography certificate
         try:
-            made = await self.mimics.get(upstream, found.signing)
+            made = await self._certificate_for(client, server, upstream, found)
         except UnmimicableCertificate as e:
             return self._refuse(client, f"cannot mimic the upstream certificate: {e}")
         conn = SSL.Connection(self._client_ctx)

@@ -64,6 +64,7 @@ class Authority:
         extra: tuple[tuple[x509.ExtensionType, bool], ...] = (),
         not_before: datetime.datetime | None = None,
         not_after: datetime.datetime | None = None,
+        eku: tuple[x509.ObjectIdentifier, ...] = (ExtendedKeyUsageOID.SERVER_AUTH,),
     ) -> Leaf:
         key = key or rsa_key()
         public_key = key.public_key()  # type: ignore[attr-defined]
@@ -76,7 +77,7 @@ class Authority:
             .not_valid_before(not_before or NOW - DAY)
             .not_valid_after(not_after or NOW + 90 * DAY)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),  # type: ignore[attr-defined]
@@ -94,6 +95,24 @@ class Authority:
     def write_cert(self, path: Path) -> Path:
         path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
         return path
+
+
+def self_signed_leaf(*dns_names: str) -> Leaf:
+    """A server certificate that signs itself, as on an appliance nobody configured."""
+    key = rsa_key()
+    subject = name(dns_names[0])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - DAY)
+        .not_valid_after(NOW + 90 * DAY)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Leaf(key, cert, Authority(key, cert))
 
 
 @dataclass

@@ -1,0 +1,196 @@
+"""Upstream trust: the classification (pure) and, over real connections, that a client sees through
+bumper the same verification failure it sees directly, and the block and allow actions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from bumper import ca as ca_files
+from bumper import policy, trust
+from bumper.errors import ConfigError
+from bumper.trust import VerifyError
+from tests import pki
+from tests.conftest import Bumper, Pki, Upstream, curl
+
+_lib = trust._lib
+DAY = pki.DAY
+
+# --- classification -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("codes", "reason", "signing"),
+    [
+        ([], None, trust.SIGN_WITH_CA),
+        ([_lib.X509_V_ERR_CERT_HAS_EXPIRED], "expired", trust.SIGN_WITH_CA),
+        ([_lib.X509_V_ERR_CERT_NOT_YET_VALID], "not_yet_valid", trust.SIGN_WITH_CA),
+        ([_lib.X509_V_ERR_HOSTNAME_MISMATCH], "hostname_mismatch", trust.SIGN_WITH_CA),
+        ([_lib.X509_V_ERR_INVALID_PURPOSE], "bad_eku", trust.SIGN_WITH_CA),
+        ([_lib.X509_V_ERR_CERT_HAS_EXPIRED, _lib.X509_V_ERR_HOSTNAME_MISMATCH], "expired", trust.SIGN_WITH_CA),
+        ([_lib.X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT], "self_signed", trust.SIGN_SELF),
+        (
+            [_lib.X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT, _lib.X509_V_ERR_CERT_HAS_EXPIRED],
+            "self_signed",
+            trust.SIGN_SELF,
+        ),
+        ([_lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY], "unknown_issuer", trust.SIGN_UNTRUSTED),
+        ([_lib.X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN], "unknown_issuer", trust.SIGN_UNTRUSTED),
+        ([_lib.X509_V_ERR_CERT_HAS_EXPIRED, _lib.X509_V_ERR_INVALID_CA], "expired", trust.SIGN_UNTRUSTED),
+        ([66], "weak_key", trust.SIGN_UNTRUSTED),
+        ([68], "weak_signature", trust.SIGN_UNTRUSTED),
+        ([_lib.X509_V_ERR_PERMITTED_VIOLATION], "bad_chain", trust.SIGN_UNTRUSTED),
+        ([_lib.X509_V_ERR_CERT_REVOKED], "other", trust.SIGN_UNTRUSTED),
+    ],
+)
+def test_classify_takes_openssls_first_error_and_signs_so_the_client_fails_alike(
+    codes: list[int], reason: str | None, signing: str
+) -> None:
+    leaf = pki.Authority.root().leaf("a.test").cert
+    errors = [VerifyError(code, 0) for code in codes]
+    verdict = trust.classify(errors, [leaf])
+    assert verdict.reason == reason
+    assert trust.signing_mode(errors, verdict) == signing
+
+
+def test_what_seclevel_2_lets_through_is_still_weak() -> None:
+    root = pki.Authority.root()
+    p224 = root.leaf("a.test", key=pki.ec_key(ec.SECP224R1())).cert
+    verdict = trust.classify([], [p224, root.cert])
+    assert (verdict.reason, trust.signing_mode([], verdict)) == ("weak_key", trust.SIGN_UNTRUSTED)
+
+
+def test_bumpers_own_ca_is_never_trusted_upstream(tmp_path: Path) -> None:
+    """Even when the machine's store trusts it (OpenSSL reported no error), as in a lab that
+    installed ca.pem system-wide: a mimic met upstream means a proxy loop or an impostor."""
+    own = ca_files.create(tmp_path / "ca")
+    leaf = pki.Authority(own.key, own.cert).leaf("loop.test").cert
+    verdict = trust.classify([], [leaf], [own.cert])
+    assert verdict.reason == "unknown_issuer" and "bumper's own CA" in verdict.detail
+
+
+# --- real connections: direct versus through bumper ----------------------------------------------
+
+ZOO: dict[str, Callable[[pki.Authority], pki.Leaf]] = {
+    "good": lambda root: root.leaf("good.test"),
+    "expired": lambda root: root.leaf("expired.test", not_before=pki.NOW - 90 * DAY, not_after=pki.NOW - DAY),
+    "not-yet-valid": lambda root: root.leaf("future.test", not_before=pki.NOW + DAY, not_after=pki.NOW + 90 * DAY),
+    "self-signed": lambda root: pki.self_signed_leaf("self.test"),
+    "unknown-issuer": lambda root: pki.Authority.root("a root nobody trusts").leaf("stranger.test"),
+    "wrong-host": lambda root: root.leaf("other.test"),
+    "client-auth-only": lambda root: root.leaf("eku.test", eku=(ExtendedKeyUsageOID.CLIENT_AUTH,)),
+}
+HOSTS = {
+    "good": "good.test",
+    "expired": "expired.test",
+    "not-yet-valid": "future.test",
+    "self-signed": "self.test",
+    "unknown-issuer": "stranger.test",
+    "wrong-host": "wrong.test",
+    "client-auth-only": "eku.test",
+}
+REASONS = {
+    "good": "trusted",
+    "expired": "expired",
+    "not-yet-valid": "not_yet_valid",
+    "self-signed": "self_signed",
+    "unknown-issuer": "unknown_issuer",
+    "wrong-host": "hostname_mismatch",
+    "client-auth-only": "bad_eku",
+}
+
+
+@pytest.fixture(scope="module")
+def zoo(start_upstream, test_pki: Pki) -> dict[str, Upstream]:
+    return {case: start_upstream(ZOO[case](test_pki.root), host=HOSTS[case]) for case in ZOO}
+
+
+def curl_verdict(args: list[str], url: str) -> tuple[int, str, str]:
+    """curl's exit code, ssl_verify_result and local port."""
+    r = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "--max-time", "20", "-w", "%{ssl_verify_result} %{local_port}", *args, url],
+        capture_output=True,
+        text=True,
+        timeout=40,
+    )
+    verify_result, port = r.stdout.split()
+    return r.returncode, verify_result, port
+
+
+@pytest.mark.parametrize("case", list(ZOO))
+def test_client_sees_through_bumper_what_it_sees_directly(
+    case: str, zoo: dict[str, Upstream], bumper: Bumper, test_pki: Pki
+) -> None:
+    upstream = zoo[case]
+    url = upstream.url("/")
+    resolve = f"{upstream.host}:{upstream.port}:127.0.0.1"
+    direct = curl_verdict(["--cacert", str(test_pki.root_pem), "--resolve", resolve], url)
+    proxied = curl_verdict(["--cacert", str(bumper.ca_pem), "-x", bumper.proxy], url)
+    assert proxied[:2] == direct[:2], f"direct {direct[:2]}, through bumper {proxied[:2]}"
+    fingerprint = upstream.leaf.cert.fingerprint(hashes.SHA256()).hex().upper()
+    line = bumper.connection_line(int(proxied[2]))
+    assert f" verify={REASONS[case]} upstream_sha256={fingerprint} " in line
+
+
+def test_a_client_that_proceeds_anyway_is_served(zoo: dict[str, Upstream], bumper: Bumper) -> None:
+    r = curl(bumper, zoo["expired"].url("/"), "-k")
+    assert (r.returncode, r.stdout) == (0, "hello from upstream")
+
+
+@pytest.fixture(scope="module")
+def strict_policy_bumper(start_bumper, tmp_path_factory: pytest.TempPathFactory) -> Bumper:
+    path = tmp_path_factory.mktemp("trust-policy") / "policy.yaml"
+    path.write_text(
+        "default: bump\n"
+        "on_upstream_error: block\n"
+        "rules:\n"
+        "  - name: legacy\n"
+        "    match: {sni: [expired.test]}\n"
+        "    action: bump\n"
+        "    on_upstream_error: allow\n"
+    )
+    return start_bumper("--policy", str(path))
+
+
+@pytest.mark.parametrize(
+    ("accept", "content_type"), [("application/json", "application/json"), ("text/html", "text/html")]
+)
+def test_block_answers_every_request_with_a_502_page(
+    zoo: dict[str, Upstream], strict_policy_bumper: Bumper, accept: str, content_type: str
+) -> None:
+    upstream = zoo["unknown-issuer"]
+    r = curl(strict_policy_bumper, upstream.url("/"), "-H", f"Accept: {accept}", "-w", "\n%{http_code} %{content_type}")
+    body, meta = r.stdout.rsplit("\n", 1)
+    assert r.returncode == 0, r.stderr  # the handshake succeeds with bumper's own certificate for the name
+    assert meta.startswith(f"502 {content_type}")
+    fingerprint = upstream.leaf.cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    if content_type == "application/json":
+        page = json.loads(body)
+        assert (page["host"], page["reason"], page["upstream_sha256"]) == (upstream.host, "unknown_issuer", fingerprint)
+    else:
+        assert upstream.host in body and "unknown_issuer" in body and fingerprint in body
+
+
+def test_allow_trusts_a_named_host_anyway_and_warns(zoo: dict[str, Upstream], strict_policy_bumper: Bumper) -> None:
+    r = curl(strict_policy_bumper, zoo["expired"].url("/"))
+    assert (r.returncode, r.stdout) == (0, "hello from upstream"), r.stderr
+    assert "expired.test: upstream certificate failed verification (expired" in strict_policy_bumper.process.log
+    assert "trusted anyway by rule 'legacy'" in strict_policy_bumper.process.log
+
+
+def test_a_trusted_upstream_is_not_blocked(zoo: dict[str, Upstream], strict_policy_bumper: Bumper) -> None:
+    assert curl(strict_policy_bumper, zoo["good"].url("/")).stdout == "hello from upstream"
+
+
+def test_allow_needs_exact_names(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("rules:\n  - match: {sni: ['*.test']}\n    action: bump\n    on_upstream_error: allow\n")
+    with pytest.raises(ConfigError, match="allow needs a match that names its hosts exactly"):
+        policy.load(path)
