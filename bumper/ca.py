@@ -289,6 +289,17 @@ def _pem_key(key: keys.PrivateKey) -> bytes:
     )
 
 
+def load_pem_certificates(path: Path, label: str = "") -> list[x509.Certificate]:
+    """Every certificate in a PEM file, or a ConfigError naming LABEL (default: the path)."""
+    label = label or str(path)
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"{label}: cannot read: {e.strerror}") from None
+    except ValueError:  # also what cryptography raises for a file without any certificate
+        raise ConfigError(f"{label}: not a PEM certificate file") from None
+
+
 def _load_cert(path: Path) -> x509.Certificate:
     data = _read(path)
     try:

@@ -11,7 +11,6 @@ import logging
 import sys
 from pathlib import Path
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from bumper import __version__, compare, keys, policy
@@ -202,7 +201,7 @@ def _mimic_command(args: list[str]) -> int:
     p.add_argument("cert", metavar="CERT.pem", type=Path, help="the upstream leaf first, then its chain")
     p.add_argument("--text", action="store_true", help="show upstream and mimic side by side, field by field")
     opts = p.parse_args(args)
-    upstream = _read_leaf(opts.cert)
+    upstream = ca_files.load_pem_certificates(opts.cert)[0]  # the leaf; the rest is its chain
     authority = _existing_ca(opts.ca)
     store = MimicStore(authority, KeyPool(PoolSettings(warm=())))
     try:
@@ -217,16 +216,6 @@ def _mimic_command(args: list[str]) -> int:
         for cert in (made.cert, *authority.chain):
             print(cert.public_bytes(serialization.Encoding.PEM).decode(), end="")
     return 0
-
-
-def _read_leaf(path: Path) -> x509.Certificate:
-    try:
-        certs = x509.load_pem_x509_certificates(path.read_bytes())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except ValueError:
-        raise ConfigError(f"{path}: not a PEM certificate file") from None
-    return certs[0]
 
 
 def _existing_ca(directory: Path) -> ca_files.CertificateAuthority:

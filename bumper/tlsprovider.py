@@ -21,8 +21,7 @@ from mitmproxy.addons.tlsconfig import AppData, alpn_select_callback
 from OpenSSL import SSL, crypto
 
 from bumper import trust
-from bumper.ca import fingerprint
-from bumper.errors import ConfigError
+from bumper.ca import fingerprint, load_pem_certificates
 from bumper.eventlog import ConnectionLog
 from bumper.mimic import UnmimicableCertificate
 from bumper.mimicstore import Mimic, MimicStore
@@ -60,14 +59,7 @@ class UpstreamTrust:
 
     def check(self) -> None:
         for path in self.extra_ca_files:
-            try:
-                certs = x509.load_pem_x509_certificates(path.read_bytes())
-            except OSError as e:
-                raise ConfigError(f"--upstream-ca {path}: cannot read: {e.strerror}") from None
-            except ValueError:
-                raise ConfigError(f"--upstream-ca {path}: not a PEM certificate file") from None
-            if not certs:
-                raise ConfigError(f"--upstream-ca {path}: holds no certificate")
+            load_pem_certificates(path, f"--upstream-ca {path}")
 
 
 def upstream_context(trust: UpstreamTrust) -> SSL.Context:
