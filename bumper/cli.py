@@ -89,6 +89,11 @@ def _run_parser() -> argparse.ArgumentParser:
         default=[],
         help="connect to ADDRESS for upstream host NAME (or *.domain), without DNS (repeatable)",
     )
+    p.add_argument(
+        "--no-fetch-issuers",
+        action="store_true",
+        help="do not complete upstream chains that lack an intermediate through the leaf's AIA caIssuers URL",
+    )
     p.add_argument("--policy", metavar="FILE", type=Path, help="YAML policy: bump, splice or block (default: bump all)")
     m = p.add_argument_group("mimic certificates")
     m.add_argument(
@@ -140,6 +145,7 @@ def _run_command(args: list[str]) -> int:
         trust=UpstreamTrust(tuple(opts.upstream_ca)),
         resolve=tuple(Override.parse(spec) for spec in opts.resolve),
         policy=policy.load(opts.policy) if opts.policy else policy.LAB,
+        fetch_issuers=not opts.no_fetch_issuers,
         mimics=MimicSettings(
             memory_entries=opts.mimic_cache,
             db_entries=opts.mimic_db,

@@ -15,8 +15,8 @@ from mitmproxy import master, options
 from mitmproxy.addons import proxyserver
 from mitmproxy.utils import asyncio_utils, human
 
+from bumper import aia, keys, names
 from bumper import ca as ca_files
-from bumper import keys, names
 from bumper.connect import ConnectReplies
 from bumper.enforce import PolicyEnforcer
 from bumper.errors import ConfigError
@@ -72,6 +72,7 @@ class ProxyConfig:
     resolve: tuple[Override, ...] = ()
     policy: Policy = LAB
     mimics: MimicSettings = MimicSettings()
+    fetch_issuers: bool = True  # complete chains that lack an intermediate (AIA caIssuers)
 
 
 def mimic_store(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> MimicStore:
@@ -93,7 +94,14 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         enforcer,  # before TlsProvider: it sees the decision
         ConnectReplies(),
         pages,
-        TlsProvider(mimic_store(config, authority), config.trust, connections, enforcer.decision_for, pages),
+        TlsProvider(
+            mimic_store(config, authority),
+            config.trust,
+            connections,
+            enforcer.decision_for,
+            pages,
+            aia.IssuerFetcher() if config.fetch_issuers else None,
+        ),
     )
     m.options.update(
         mode=["regular"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from mitmproxy import certs, connection, tls
 from mitmproxy.addons.tlsconfig import AppData, alpn_select_callback
 from OpenSSL import SSL, crypto
 
-from bumper import trust
+from bumper import aia, trust
 from bumper.ca import fingerprint, load_pem_certificates
 from bumper.eventlog import ConnectionLog
 from bumper.mimic import UnmimicableCertificate
@@ -56,6 +57,11 @@ class UpstreamTrust:
     """Roots for verifying upstreams: the system store plus any --upstream-ca files."""
 
     extra_ca_files: tuple[Path, ...] = ()
+
+    def all_files(self) -> list[Path]:
+        """The system bundle (as OpenSSL finds it, SSL_CERT_FILE included) and the extra files."""
+        system = ssl.get_default_verify_paths().cafile
+        return [*([Path(system)] if system else []), *self.extra_ca_files]
 
     def check(self) -> None:
         for path in self.extra_ca_files:
@@ -128,8 +134,11 @@ class TlsProvider:
         connections: ConnectionLog,
         decisions: Callable[[str], Decision | None],
         pages: UpstreamErrorPages,
+        issuers: aia.IssuerFetcher | None = None,
     ) -> None:
         self.mimics = mimics
+        self.issuers = issuers  # completes chains that lack an intermediate; None: off
+        self._roots = aia.load_roots(roots.all_files()) if issuers else []
         self.connections = connections
         self.decisions = decisions  # the policy's decision for a client connection
         self.pages = pages
@@ -189,11 +198,18 @@ class TlsProvider:
         if record := self.connections.record(client.id):
             record.fail(reason)
 
-    def tls_established_server(self, data: tls.TlsData) -> None:
+    async def tls_established_server(self, data: tls.TlsData) -> None:
         assert data.ssl_conn is not None
         errors: list[trust.VerifyError] = data.ssl_conn.get_app_data()
         chain = [c._cert for c in data.conn.certificate_list]  # mitmproxy's Cert wraps cryptography's
-        verdict = trust.classify(errors, chain, [*self._own_cas, self.mimics.untrusted().cert])
+        own_cas = [*self._own_cas, self.mimics.untrusted().cert]
+        verdict = trust.classify(errors, chain, own_cas)
+        missing = trust.missing_issuer(errors)
+        if missing is not None and self.issuers is not None and missing < len(chain):
+            fetched = await self.issuers.issuers(chain[missing])
+            if fetched and aia.verifies_with(chain[0], [*chain[1:], *fetched], self._roots, str(data.conn.sni)):
+                errors, chain = [], [*chain, *fetched]
+                verdict = trust.classify(errors, chain, own_cas)  # own CA and weakness checks still apply
         found = UpstreamVerdict(verdict, trust.signing_mode(errors, verdict), fingerprint(chain[0]) if chain else "-")
         self._verdicts[data.context.client.id] = found
         if record := self.connections.record(data.context.client.id):

@@ -59,6 +59,9 @@ _REASON_BY_CODE: dict[int, str] = {
     _lib.X509_V_ERR_KEYUSAGE_NO_CERTSIGN: "bad_chain",
 }
 
+_MISSING_ISSUER = frozenset(
+    {_lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY, _lib.X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE}
+)
 _MIN_RSA_BITS = 2048
 _MIN_EC_BITS = 256
 _WEAK_HASHES = (hashes.MD5, hashes.SHA1)
@@ -106,6 +109,14 @@ def classify(
         first = errors[0]
         return Verdict(reason_for(first.code), f"{first.text} (depth {first.depth})")
     return _weakness(chain) or TRUSTED
+
+
+def missing_issuer(errors: Sequence[VerifyError]) -> int | None:
+    """The depth of the certificate whose issuer OpenSSL could not find (an incomplete chain), if any."""
+    for error in errors:
+        if error.code in _MISSING_ISSUER:
+            return error.depth
+    return None
 
 
 def _through_own_ca(chain: Sequence[x509.Certificate], own_cas: list[x509.Certificate]) -> bool:

@@ -56,6 +56,28 @@ class Authority:
         )
         return cls(key, cert)
 
+    def intermediate(self, common_name: str = "bumper test intermediate") -> Authority:
+        """An issuing CA below this one (pathlen 0)."""
+        key = rsa_key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(common_name))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - DAY)
+            .not_valid_after(NOW + 300 * DAY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),  # type: ignore[attr-defined]
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())  # type: ignore[arg-type]
+        )
+        return Authority(key, cert)
+
     def leaf(
         self,
         *dns_names: str,
