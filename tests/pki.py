@@ -10,6 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import crypto
 
 NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
@@ -56,10 +57,15 @@ class Authority:
         )
         return cls(key, cert)
 
-    def intermediate(self, common_name: str = "bumper test intermediate") -> Authority:
-        """An issuing CA below this one (pathlen 0)."""
+    def intermediate(
+        self,
+        common_name: str = "bumper test intermediate",
+        ca: bool = True,
+        extra: tuple[tuple[x509.ExtensionType, bool], ...] = (),
+    ) -> Authority:
+        """An issuing CA below this one (pathlen 0); with CA=False, one that only pretends to be."""
         key = rsa_key()
-        cert = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(name(common_name))
             .issuer_name(self.cert.subject)
@@ -67,16 +73,17 @@ class Authority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(NOW - DAY)
             .not_valid_after(NOW + 300 * DAY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
             .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),  # type: ignore[attr-defined]
                 critical=False,
             )
-            .sign(self.key, hashes.SHA256())  # type: ignore[arg-type]
         )
-        return Authority(key, cert)
+        for ext, critical in extra:
+            builder = builder.add_extension(ext, critical=critical)
+        return Authority(key, builder.sign(self.key, hashes.SHA256()))  # type: ignore[arg-type]
 
     def leaf(
         self,
@@ -137,16 +144,24 @@ def self_signed_leaf(*dns_names: str) -> Leaf:
     return Leaf(key, cert, Authority(key, cert))
 
 
+def resigned_with_sha1(cert: x509.Certificate, issuer: Authority) -> x509.Certificate:
+    """CERT signed again with SHA-1: cryptography refuses to, OpenSSL still does, as old CAs did."""
+    legacy = crypto.X509.from_cryptography(cert)
+    legacy.sign(crypto.PKey.from_cryptography_key(issuer.key), "sha1")  # type: ignore[arg-type]
+    return legacy.to_cryptography()
+
+
 @dataclass
 class Leaf:
     key: object
     cert: x509.Certificate
     issuer: Authority
+    chain: tuple[x509.Certificate, ...] = ()  # intermediates the server sends after the leaf
 
     def write(self, directory: Path, stem: str) -> tuple[Path, Path]:
         """Write CERT (leaf then issuer chain) and KEY files for a server."""
         cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
-        cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        cert_path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self.cert, *self.chain)))
         key_path.write_bytes(
             self.key.private_bytes(  # type: ignore[attr-defined]
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

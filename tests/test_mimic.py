@@ -19,7 +19,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, ExtensionOID, NameOID
-from OpenSSL import crypto
 
 from bumper import ca as ca_files
 from bumper import keys, mimic
@@ -71,10 +70,7 @@ def make_upstream(
     for value, critical in extensions:
         builder = builder.add_extension(value, critical=critical)
     if isinstance(signature_hash, hashes.SHA1):
-        # cryptography refuses to sign with SHA-1; OpenSSL still does, as old CAs did.
-        cert = crypto.X509.from_cryptography(builder.sign(issuer.key, hashes.SHA256()))  # type: ignore[arg-type]
-        cert.sign(crypto.PKey.from_cryptography_key(issuer.key), "sha1")  # type: ignore[arg-type]
-        return cert.to_cryptography()
+        return pki.resigned_with_sha1(builder.sign(issuer.key, hashes.SHA256()), issuer)  # type: ignore[arg-type]
     return builder.sign(issuer.key, signature_hash)  # type: ignore[arg-type]
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -137,6 +138,44 @@ def test_client_sees_through_bumper_what_it_sees_directly(
     fingerprint = upstream.leaf.cert.fingerprint(hashes.SHA256()).hex().upper()
     line = bumper.connection_line(int(proxied[2]))
     assert f" verify={REASONS[case]} upstream_sha256={fingerprint} " in line
+
+
+def _sha1_leaf(root: pki.Authority) -> pki.Leaf:
+    leaf = root.leaf("sha1.test")
+    return pki.Leaf(leaf.key, pki.resigned_with_sha1(leaf.cert, root), root)
+
+
+def _behind(intermediate: pki.Authority, host: str) -> pki.Leaf:
+    leaf = intermediate.leaf(host)
+    return pki.Leaf(leaf.key, leaf.cert, intermediate, chain=(intermediate.cert,))
+
+
+NOT_A_CA = "not a CA"
+PERMITTED = x509.NameConstraints(permitted_subtrees=[x509.DNSName("allowed.test")], excluded_subtrees=None)
+# Defects a client with a weaker policy might let through, and bumper never does.
+STRICTER: dict[str, tuple[str, Callable[[pki.Authority], pki.Leaf], str]] = {
+    "rsa-1024": ("weak1024.test", lambda root: root.leaf("weak1024.test", key=pki.rsa_key(1024)), "weak_key"),
+    "sha1-signed": ("sha1.test", _sha1_leaf, "weak_signature"),
+    "intermediate-not-a-ca": (
+        "chain.test",
+        lambda root: _behind(root.intermediate(NOT_A_CA, ca=False), "chain.test"),
+        "bad_chain",
+    ),
+    "name-constraint-violation": (
+        "evil.test",
+        lambda root: _behind(root.intermediate("constrained", extra=((PERMITTED, True),)), "evil.test"),
+        "bad_chain",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(STRICTER))
+def test_defects_only_an_untrusted_ca_can_carry(case: str, start_upstream, bumper: Bumper, test_pki: Pki) -> None:
+    host, make, reason = STRICTER[case]
+    upstream = start_upstream(make(test_pki.root), host=host)
+    code, verify_result, port = curl_verdict(["--cacert", str(bumper.ca_pem), "-x", bumper.proxy], upstream.url("/"))
+    assert (code, verify_result) == (60, "20")  # signed by bumper's untrusted CA: an unknown issuer to the client
+    assert f" verify={reason} " in bumper.connection_line(int(port))
 
 
 def test_a_client_that_proceeds_anyway_is_served(zoo: dict[str, Upstream], bumper: Bumper) -> None:
