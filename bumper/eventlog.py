@@ -110,5 +110,12 @@ def is_plain_proxy_request(flow: http.HTTPFlow) -> bool:
 
 
 def short_reason(error: str) -> str:
-    """mitmproxy's error text, without the hex dump it appends to unparseable ClientHellos."""
-    return "Cannot parse ClientHello" if error.startswith("Cannot parse ClientHello") else error
+    """mitmproxy's error text, said plainly: no hex dump of an unparseable ClientHello, and no
+    guess about trust where the handshake failed on what the two sides offered."""
+    if error.startswith("Cannot parse ClientHello"):
+        return "Cannot parse ClientHello"
+    if "no shared cipher" in error:
+        return "no cipher suite in common (bumper accepts only forward-secret AEAD suites)"
+    if "unsupported protocol" in error or "tls_version_client_min" in error:
+        return "no TLS version in common (bumper accepts TLS 1.2 and 1.3)"
+    return error

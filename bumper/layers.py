@@ -20,9 +20,11 @@ from OpenSSL import SSL
 _TLS_RECORD_PREFIX = 3
 
 
-class _CloseNotify:
-    """Ends TLS with a close_notify alert before the TCP close, as RFC 8446 6.1 asks; stock
-    mitmproxy 11 just drops the connection, which strict clients report as a truncation."""
+class _TLSAlerts:
+    """Ends TLS as RFC 8446 (6) asks, where stock mitmproxy 11 just drops the TCP connection:
+    a close_notify before closing an open session, and OpenSSL's fatal alert (handshake_failure,
+    protocol_version, ...) when a handshake fails. Strict clients read a bare close as truncation,
+    and scanners mistake a silent close for acceptance."""
 
     def send_close(self, command: commands.CloseConnection) -> layer.CommandGenerator[None]:
         if self.tls is not None and self.tunnel_state is TunnelState.OPEN:  # type: ignore[attr-defined]
@@ -33,12 +35,17 @@ class _CloseNotify:
             yield from self.tls_interact()  # type: ignore[attr-defined]
         yield from super().send_close(command)  # type: ignore[misc]
 
+    def on_handshake_error(self, err: str) -> layer.CommandGenerator[None]:
+        if self.tls is not None:  # type: ignore[attr-defined]
+            yield from self.tls_interact()  # type: ignore[attr-defined]
+        yield from super().on_handshake_error(err)  # type: ignore[misc]
 
-class ServerTLSLayer(_CloseNotify, layers.ServerTLSLayer):
+
+class ServerTLSLayer(_TLSAlerts, layers.ServerTLSLayer):
     pass
 
 
-class ClientTLSLayer(_CloseNotify, layers.ClientTLSLayer):
+class ClientTLSLayer(_TLSAlerts, layers.ClientTLSLayer):
     pass
 
 
