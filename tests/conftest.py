@@ -109,6 +109,11 @@ class Upstream:
     def url(self, path: str = "/") -> str:
         return f"https://{self.host}:{self.port}{path}"
 
+    @property
+    def requests(self) -> int:
+        """How many HTTP requests have reached this upstream so far."""
+        return sum(line.startswith("request ") for line in self.process.lines)
+
 
 @dataclass
 class Bumper:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -133,8 +134,11 @@ def test_client_sees_through_bumper_what_it_sees_directly(
     url = upstream.url("/")
     resolve = f"{upstream.host}:{upstream.port}:127.0.0.1"
     direct = curl_verdict(["--cacert", str(test_pki.root_pem), "--resolve", resolve], url)
+    before = upstream.requests
     proxied = curl_verdict(["--cacert", str(bumper.ca_pem), "-x", bumper.proxy], url)
     assert proxied[:2] == direct[:2], f"direct {direct[:2]}, through bumper {proxied[:2]}"
+    time.sleep(0.2)  # the upstream's log line, if any, is on its way
+    assert upstream.requests - before == (1 if case == "good" else 0)  # a refused client sent nothing
     fingerprint = upstream.leaf.cert.fingerprint(hashes.SHA256()).hex().upper()
     line = bumper.connection_line(int(proxied[2]))
     assert f" verify={REASONS[case]} upstream_sha256={fingerprint} " in line
@@ -205,6 +209,7 @@ def test_block_answers_every_request_with_a_502_page(
     zoo: dict[str, Upstream], strict_policy_bumper: Bumper, accept: str, content_type: str
 ) -> None:
     upstream = zoo["unknown-issuer"]
+    before = upstream.requests
     r = curl(strict_policy_bumper, upstream.url("/"), "-H", f"Accept: {accept}", "-w", "\n%{http_code} %{content_type}")
     body, meta = r.stdout.rsplit("\n", 1)
     assert r.returncode == 0, r.stderr  # the handshake succeeds with bumper's own certificate for the name
@@ -215,6 +220,8 @@ def test_block_answers_every_request_with_a_502_page(
         assert (page["host"], page["reason"], page["upstream_sha256"]) == (upstream.host, "unknown_issuer", fingerprint)
     else:
         assert upstream.host in body and "unknown_issuer" in body and fingerprint in body
+    time.sleep(0.2)
+    assert upstream.requests == before  # nothing was sent upstream
 
 
 def test_allow_trusts_a_named_host_anyway_and_warns(zoo: dict[str, Upstream], strict_policy_bumper: Bumper) -> None:

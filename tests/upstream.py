@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import json
 import ssl
+import sys
 from typing import Any
 
 CHUNK = 64 * 1024
@@ -54,6 +55,8 @@ async def _websocket(receive: Any, send: Any) -> None:
 
 async def _http(scope: dict[str, Any], receive: Any, send: Any) -> None:
     path, method = scope["path"], scope["method"]
+    # One line per request that reached the upstream: tests count them (Upstream.requests).
+    print(f"request {method} {path}", file=sys.stderr, flush=True)
     if method == "POST" and path == "/upload":
         digest, length = hashlib.sha256(), 0
         while True:
