@@ -59,7 +59,7 @@ def parse_certificates(body: bytes) -> list[x509.Certificate]:
         if b"-----BEGIN CERTIFICATE-----" in body:
             return x509.load_pem_x509_certificates(body)
         return [x509.load_der_x509_certificate(body)]
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         return []
 
 

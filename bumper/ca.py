@@ -156,7 +156,7 @@ def untrusted(directory: Path, now: datetime.datetime | None = None) -> Certific
     cert_path, key_path = directory / UNTRUSTED_CERT_FILE, directory / UNTRUSTED_KEY_FILE
     now = now or _utcnow()
     if not cert_path.exists() and not key_path.exists():
-        key = keys.RSA2048.generate()
+        key = keys.P256.generate()  # made on the event loop at first need: an EC key takes no time
         name = _ca_name("bumper UNTRUSTED CA, never trust it")
         cert = _ca_cert(key, name, key, None, now, CA_LIFETIME)
         try:
@@ -296,7 +296,7 @@ def load_pem_certificates(path: Path, label: str = "") -> list[x509.Certificate]
         return x509.load_pem_x509_certificates(path.read_bytes())
     except OSError as e:
         raise ConfigError(f"{label}: cannot read: {e.strerror}") from None
-    except ValueError:  # also what cryptography raises for a file without any certificate
+    except (ValueError, x509.InvalidVersion):  # ValueError also for a file without any certificate
         raise ConfigError(f"{label}: not a PEM certificate file") from None
 
 

@@ -120,14 +120,14 @@ def _run_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--key-max-age",
         metavar="SECONDS",
-        type=float,
+        type=_seconds,
         default=PoolSettings.max_age,
         help="seconds a key serves before it rotates (default: %(default)s)",
     )
     m.add_argument(
         "--fallback-key",
         metavar="TYPE",
-        type=KeySpec.parse,
+        type=_key_type,
         default=keys.P256,
         help="key type when the upstream's cannot be mirrored (DSA, Ed448...): rsa2048..rsa8192, "
         "p256, p384, p521, ed25519 (default: p256)",
@@ -156,6 +156,10 @@ def _run_command(args: list[str]) -> int:
     )
     config.trust.check()
     authority, created = ca_files.load_or_create(config.ca_dir)
+    if (config.ca_dir / ca_files.UNTRUSTED_CERT_FILE).exists() or (
+        config.ca_dir / ca_files.UNTRUSTED_KEY_FILE
+    ).exists():
+        ca_files.untrusted(config.ca_dir)  # a broken pair is a configuration error now, not at the first failure
     with asyncio.Runner(loop_factory=lambda: ResolvingEventLoop(config.resolve)) as runner:
         runner.run(serve(config, authority, announce_new_ca=created))
     return 0
@@ -230,6 +234,23 @@ def _existing_ca(directory: Path) -> ca_files.CertificateAuthority:
     return ca_files.load(directory)
 
 
+def _key_type(text: str) -> KeySpec:
+    try:
+        return KeySpec.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
@@ -242,6 +263,8 @@ def _setup_logging(verbose: bool) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # hpack logs every header value at DEBUG, Authorization and cookies included: never wanted.
+    logging.getLogger("hpack").setLevel(logging.INFO)
     if not verbose:
         # bumper's connection log says what happened to each connection in one line;
         # the proxy core's step-by-step messages are for -v.

@@ -73,6 +73,16 @@ class Policy:
     on_upstream_error: str = "mimic"
 
     def decide(self, connect_host: str, sni: str | None) -> Decision:
+        decision = self._first_match(connect_host, sni)
+        if decision.action == "splice" and sni and not names.is_ip_address(connect_host):
+            # A spliced tunnel is never inspected, so both names must earn it: an allow-listed SNI
+            # inside a CONNECT to a host that is not (domain fronting) is blocked.
+            as_connect = self._first_match(connect_host, connect_host)
+            if as_connect.action != "splice":
+                return Decision("block", f"{decision.rule} (SNI {sni} spliced, CONNECT host {connect_host} not)")
+        return decision
+
+    def _first_match(self, connect_host: str, sni: str | None) -> Decision:
         for rule in self.rules:
             if rule.matches(connect_host, sni):
                 return self._by(rule)
@@ -125,10 +135,20 @@ def load(path: Path) -> Policy:
     return policy
 
 
+def _duplicates(node: yaml.MappingNode, where: str, errors: _Errors) -> None:
+    """YAML keeps the last of repeated keys without a word; in a policy that hides a mistake."""
+    seen: set[str] = set()
+    for key_node, _ in node.value:
+        if key_node.value in seen:
+            errors.add(key_node, f"{where}{key_node.value}", "repeated key")
+        seen.add(key_node.value)
+
+
 def _policy(root: yaml.Node, errors: _Errors) -> Policy:
     if not isinstance(root, yaml.MappingNode):
         errors.add(root, "policy", "expected a mapping with `default` and `rules`")
         return Policy()
+    _duplicates(root, "", errors)
     default, on_upstream_error, rules = "bump", "mimic", []
     for key_node, value in root.value:
         key = key_node.value
@@ -153,6 +173,7 @@ def _rule(node: yaml.Node, index: int, errors: _Errors) -> Rule | None:
     if not isinstance(node, yaml.MappingNode):
         errors.add(node, where, "expected a mapping with name, match and action")
         return None
+    _duplicates(node, f"{where}.", errors)
     fields: dict[str, yaml.Node] = {}
     for key_node, value in node.value:
         if key_node.value not in RULE_KEYS:
@@ -182,6 +203,7 @@ def _match(node: yaml.Node | None, where: str, errors: _Errors) -> dict[str, tup
     if not isinstance(node, yaml.MappingNode):
         errors.add(node, where, "expected a mapping of sni and/or host")
         return {}
+    _duplicates(node, f"{where}.", errors)
     found: dict[str, tuple[str, ...]] = {}
     for key_node, value in node.value:
         key = key_node.value
@@ -189,6 +211,8 @@ def _match(node: yaml.Node | None, where: str, errors: _Errors) -> dict[str, tup
             errors.add(key_node, f"{where}.{key}", f"unknown key (expected one of: {', '.join(MATCH_KEYS)})")
             continue
         items = value.value if isinstance(value, yaml.SequenceNode) else [value]
+        if not items:  # an empty list would quietly match every name
+            errors.add(value, f"{where}.{key}", "empty list: name at least one host, or leave the key out")
         patterns = []
         for item in items:
             pattern = names.normalize(str(item.value)) if isinstance(item, yaml.ScalarNode) else ""

@@ -186,7 +186,8 @@ class TlsProvider:
                 name, verdict.reason, verdict.detail, rule,
             )  # fmt: skip
         else:  # block: bumper's own certificate for the name, then a 502 page for every request
-            self.pages.block(client.id, BlockedUpstream(name, str(verdict.reason), found.fingerprint, verdict.detail))
+            fingerprint_hex = found.fingerprint.replace(":", "")  # as the log line writes it
+            self.pages.block(client.id, BlockedUpstream(name, str(verdict.reason), fingerprint_hex, verdict.detail))
             if record := self.connections.record(client.id):
                 record.fail(f"upstream certificate failed verification ({verdict.reason}): blocked by rule {rule!r}")
         return await self.mimics.placeholder(name)

@@ -173,6 +173,8 @@ def signing_mode(errors: Sequence[VerifyError], verdict: Verdict) -> str:
     """How the `mimic` action signs, so the client's own check fails as it would have directly."""
     if verdict.trusted:
         return SIGN_WITH_CA
+    if any(e.depth > 0 for e in errors):
+        return SIGN_UNTRUSTED  # a defect above the leaf: the mimic, a leaf, cannot carry it
     reasons = {reason_for(e.code) for e in errors} | {verdict.reason}
     if reasons <= CARRIED_BY_THE_MIMIC:
         return SIGN_WITH_CA

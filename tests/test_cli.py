@@ -384,6 +384,9 @@ def test_bad_option_is_a_config_error(
         pytest.param(["--ca", "{ca}", "--no-such-option"], id="unknown-option"),
         pytest.param(["ca", "export", "--ca", "{ca}"], id="ca-export-without-path"),
         pytest.param(["ca", "show"], id="ca-show-missing---ca"),
+        pytest.param(["--ca", "{ca}", "--fallback-key", "dsa"], id="fallback-key-dsa"),
+        pytest.param(["--ca", "{ca}", "--key-max-age", "-1"], id="key-max-age-negative"),
+        pytest.param(["--ca", "{ca}", "--key-max-age", "nan"], id="key-max-age-nan"),
     ],
 )
 def test_usage_errors(ca_dir: Path, args: list[str]) -> None:

@@ -186,3 +186,29 @@ def test_plain_http_proxy_requests_obey_the_policy(
     line = policed.connection_line(int(client_port), kind="HTTP")
     assert f"HTTP plain.test:{plain_http_origin} sni=- action=bump rule=default verify=- upstream_sha256=-" in line
     assert line.endswith(" requests=1 outcome=ok")
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("rules:\n  - match: {sni: []}\n    action: splice\n", "2:18: rules[0].match.sni: empty list"),
+        ("default: bump\ndefault: block\n", "2:1: default: repeated key"),
+        ("rules:\n  - action: bump\n    action: block\n", "3:5: rules[0].action: repeated key"),
+    ],
+    ids=["empty-list-would-match-all", "repeated-top-key", "repeated-rule-key"],
+)
+def test_mistakes_yaml_would_hide_are_errors(tmp_path: Path, text: str, error: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        policy.load(path)
+    assert f"{path}:{error}" in str(e.value)
+
+
+def test_splice_must_hold_for_the_connect_host_too() -> None:
+    """Domain fronting: an allow-listed SNI inside a CONNECT to another host is not spliced."""
+    bank = policy.Policy("bump", (policy.Rule("bank", "splice", sni=("*.bank.test",)),))
+    assert bank.decide("www.bank.test", "www.bank.test").action == "splice"
+    fronted = bank.decide("evil.test", "www.bank.test")
+    assert fronted.action == "block" and "CONNECT host evil.test" in fronted.rule
+    assert bank.decide("192.0.2.7", "www.bank.test").action == "splice"  # an IP CONNECT: the SNI decides

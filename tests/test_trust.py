@@ -214,7 +214,7 @@ def test_block_answers_every_request_with_a_502_page(
     body, meta = r.stdout.rsplit("\n", 1)
     assert r.returncode == 0, r.stderr  # the handshake succeeds with bumper's own certificate for the name
     assert meta.startswith(f"502 {content_type}")
-    fingerprint = upstream.leaf.cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    fingerprint = upstream.leaf.cert.fingerprint(hashes.SHA256()).hex().upper()
     if content_type == "application/json":
         page = json.loads(body)
         assert (page["host"], page["reason"], page["upstream_sha256"]) == (upstream.host, "unknown_issuer", fingerprint)
@@ -240,3 +240,12 @@ def test_allow_needs_exact_names(tmp_path: Path) -> None:
     path.write_text("rules:\n  - match: {sni: ['*.test']}\n    action: bump\n    on_upstream_error: allow\n")
     with pytest.raises(ConfigError, match="allow needs a match that names its hosts exactly"):
         policy.load(path)
+
+
+def test_a_defect_above_the_leaf_is_never_carried() -> None:
+    """An expired intermediate or one without serverAuth: a leaf mimic cannot carry that, so the
+    untrusted CA signs, never the trusted one."""
+    leaf = pki.Authority.root().leaf("a.test").cert
+    for code in (_lib.X509_V_ERR_CERT_HAS_EXPIRED, _lib.X509_V_ERR_INVALID_PURPOSE):
+        errors = [VerifyError(code, 1)]
+        assert trust.signing_mode(errors, trust.classify(errors, [leaf])) == trust.SIGN_UNTRUSTED
