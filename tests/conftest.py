@@ -226,6 +226,13 @@ def bumper(start_bumper) -> Bumper:
     return start_bumper()
 
 
+def start_with_policy(start_bumper: Callable[..., Bumper], directory: Path, text: str) -> Bumper:
+    """bumper with --policy: TEXT written to a file in DIRECTORY."""
+    path = directory / "policy.yaml"
+    path.write_text(text)
+    return start_bumper("--policy", str(path))
+
+
 def curl(bumper: Bumper, url: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """curl through bumper, trusting only bumper's CA."""
     return subprocess.run(

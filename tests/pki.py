@@ -41,21 +41,13 @@ class Authority:
     @classmethod
     def root(cls, common_name: str = "bumper test root") -> Authority:
         key = rsa_key()
-        subject = name(common_name)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - DAY)
-            .not_valid_after(NOW + 365 * DAY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
+        usage = x509.KeyUsage(True, False, False, False, False, True, True, False, False)
+        extensions = (
+            (x509.BasicConstraints(ca=True, path_length=None), True),
+            (usage, True),
+            (x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False),
         )
-        return cls(key, cert)
+        return cls(key, _self_signed(key, name(common_name), 365 * DAY, extensions))
 
     def intermediate(
         self,
@@ -126,21 +118,31 @@ class Authority:
         return path
 
 
-def self_signed_leaf(*dns_names: str) -> Leaf:
-    """A server certificate that signs itself, as on an appliance nobody configured."""
-    key = rsa_key()
-    subject = name(dns_names[0])
-    cert = (
+def _self_signed(
+    key: rsa.RSAPrivateKey,
+    subject: x509.Name,
+    lifetime: datetime.timedelta,
+    extensions: tuple[tuple[x509.ExtensionType, bool], ...],
+) -> x509.Certificate:
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(NOW - DAY)
-        .not_valid_after(NOW + 90 * DAY)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
-        .sign(key, hashes.SHA256())
+        .not_valid_after(NOW + lifetime)
     )
+    for ext, critical in extensions:
+        builder = builder.add_extension(ext, critical=critical)
+    return builder.sign(key, hashes.SHA256())
+
+
+def self_signed_leaf(*dns_names: str) -> Leaf:
+    """A server certificate that signs itself, as on an appliance nobody configured."""
+    key = rsa_key()
+    san = x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names])
+    cert = _self_signed(key, name(dns_names[0]), 90 * DAY, ((san, False),))
     return Leaf(key, cert, Authority(key, cert))
 
 

@@ -11,7 +11,17 @@ from cryptography import x509
 
 from bumper import policy
 from bumper.errors import ConfigError
-from tests.conftest import BUMPER, Bumper, Pki, Upstream, client_tls_context, curl, open_tunnel, tcp_server
+from tests.conftest import (
+    BUMPER,
+    Bumper,
+    Pki,
+    Upstream,
+    client_tls_context,
+    curl,
+    open_tunnel,
+    start_with_policy,
+    tcp_server,
+)
 
 POLICIES = Path(__file__).parent.parent / "policies"
 
@@ -104,8 +114,9 @@ def counting_upstream() -> Iterator[tuple[int, list[int]]]:
 
 @pytest.fixture(scope="module")
 def policed(start_bumper, tmp_path_factory: pytest.TempPathFactory) -> Bumper:
-    path = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    path.write_text(
+    return start_with_policy(
+        start_bumper,
+        tmp_path_factory.mktemp("policy"),
         "default: bump\n"
         "rules:\n"
         "  - name: no-evil\n"
@@ -116,9 +127,8 @@ def policed(start_bumper, tmp_path_factory: pytest.TempPathFactory) -> Bumper:
         "    action: splice\n"
         "  - name: refused-sni\n"
         "    match: {sni: [refused.test]}\n"
-        "    action: block\n"
+        "    action: block\n",
     )
-    return start_bumper("--policy", str(path))
 
 
 def test_block_by_connect_host_answers_403_without_contacting_the_upstream(

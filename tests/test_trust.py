@@ -20,7 +20,7 @@ from bumper import policy, trust
 from bumper.errors import ConfigError
 from bumper.trust import VerifyError
 from tests import pki
-from tests.conftest import Bumper, Pki, Upstream, curl
+from tests.conftest import Bumper, Pki, Upstream, curl, start_with_policy
 
 _lib = trust._lib
 DAY = pki.DAY
@@ -189,17 +189,17 @@ def test_a_client_that_proceeds_anyway_is_served(zoo: dict[str, Upstream], bumpe
 
 @pytest.fixture(scope="module")
 def strict_policy_bumper(start_bumper, tmp_path_factory: pytest.TempPathFactory) -> Bumper:
-    path = tmp_path_factory.mktemp("trust-policy") / "policy.yaml"
-    path.write_text(
+    return start_with_policy(
+        start_bumper,
+        tmp_path_factory.mktemp("trust-policy"),
         "default: bump\n"
         "on_upstream_error: block\n"
         "rules:\n"
         "  - name: legacy\n"
         "    match: {sni: [expired.test]}\n"
         "    action: bump\n"
-        "    on_upstream_error: allow\n"
+        "    on_upstream_error: allow\n",
     )
-    return start_bumper("--policy", str(path))
 
 
 @pytest.mark.parametrize(
