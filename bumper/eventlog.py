@@ -44,6 +44,9 @@ class ConnectionRecord:
             outcome = self.error
         elif self.target == "-" and self.requests == 0:
             outcome = "no valid request (malformed, or none before the client closed)"
+        elif self.verify not in ("trusted", "-") and self.requests:
+            # The client went on past a mimic that failed its check (curl -k), or a rule allowed it.
+            outcome = f"ok, served although the upstream failed verification ({self.verify})"
         else:
             outcome = "ok"
         return (

@@ -183,8 +183,10 @@ def test_defects_only_an_untrusted_ca_can_carry(case: str, start_upstream, bumpe
 
 
 def test_a_client_that_proceeds_anyway_is_served(zoo: dict[str, Upstream], bumper: Bumper) -> None:
-    r = curl(bumper, zoo["expired"].url("/"), "-k")
-    assert (r.returncode, r.stdout) == (0, "hello from upstream")
+    r = curl(bumper, zoo["expired"].url("/"), "-k", "-w", "%{local_port}")
+    assert (r.returncode, r.stdout[:19]) == (0, "hello from upstream")
+    line = bumper.connection_line(int(r.stdout[19:]))
+    assert line.endswith("outcome=ok, served although the upstream failed verification (expired)")  # the override
 
 
 @pytest.fixture(scope="module")
