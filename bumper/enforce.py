@@ -7,12 +7,14 @@ from mitmproxy.utils import human
 
 from bumper.eventlog import ConnectionLog, is_plain_proxy_request
 from bumper.policy import Decision, Policy
+from bumper.probe import UpstreamProbe
 
 
 class PolicyEnforcer:
-    def __init__(self, policy: Policy, connections: ConnectionLog) -> None:
+    def __init__(self, policy: Policy, connections: ConnectionLog, probe: UpstreamProbe | None = None) -> None:
         self.policy = policy
         self.connections = connections
+        self.probe = probe  # for rules whose on_upstream_error is splice
         self._decisions: dict[str, Decision] = {}  # by client connection id, once its ClientHello is read
 
     def decision_for(self, client_id: str) -> Decision | None:
@@ -47,12 +49,19 @@ class PolicyEnforcer:
             record.decided(decision)
             record.fail(reason)
 
-    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+    async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         context = data.context
         assert context.server.address is not None
-        decision = self.policy.decide(context.server.address[0], data.client_hello.sni)
-        self._decisions[context.client.id] = decision
+        host, port = context.server.address[:2]
+        decision = self.policy.decide(host, data.client_hello.sni)
         record = self.connections.record(context.client.id)
+        if decision.action == "bump" and decision.on_upstream_error == "splice" and self.probe is not None:
+            verdict = await self.probe.verdict(host, port, data.client_hello.sni or host)
+            if verdict is not None and not verdict.trusted:
+                decision = Decision("splice", decision.rule, decision.on_upstream_error)
+                if record:
+                    record.verified(verdict, "-")
+        self._decisions[context.client.id] = decision
         if record:
             record.decided(decision)
         if decision.action == "splice":

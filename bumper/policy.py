@@ -3,7 +3,7 @@
 A policy file is YAML:
 
     default: bump            # bump | splice | block
-    on_upstream_error: mimic # mimic | block, when the upstream's certificate fails verification
+    on_upstream_error: mimic # mimic | block | splice, when the upstream's certificate fails verification
     rules:                   # ordered; the first rule that matches decides
       - name: banking
         match:
@@ -31,7 +31,7 @@ from bumper import names
 from bumper.errors import ConfigError
 
 ACTIONS = ("bump", "splice", "block")
-UPSTREAM_ERROR_ACTIONS = ("mimic", "block", "allow")
+UPSTREAM_ERROR_ACTIONS = ("mimic", "block", "allow", "splice")
 MATCH_KEYS = ("sni", "host")
 RULE_KEYS = ("name", "match", "action", "on_upstream_error")
 TOP_KEYS = ("default", "on_upstream_error", "rules")
@@ -230,9 +230,6 @@ def _action(node: yaml.Node, where: str, errors: _Errors) -> str:
 
 
 def _upstream_error_action(node: yaml.Node, where: str, errors: _Errors) -> str:
-    if isinstance(node, yaml.ScalarNode) and node.value == "splice":
-        errors.add(node, where, "splice is planned but not supported yet (expected one of: mimic, block, allow)")
-        return "block"
     return _choice(node, where, errors, UPSTREAM_ERROR_ACTIONS, "block")
 
 

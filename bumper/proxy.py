@@ -26,6 +26,7 @@ from bumper.layers import NextLayer
 from bumper.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES, SqliteMimicStore
 from bumper.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.policy import LAB, Policy
+from bumper.probe import UpstreamProbe
 from bumper.resolve import Override
 from bumper.tlsprovider import TlsProvider, UpstreamTrust
 from bumper.upstreamerror import UpstreamErrorPages
@@ -85,7 +86,10 @@ def mimic_store(config: ProxyConfig, authority: ca_files.CertificateAuthority) -
 def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> master.Master:
     m = master.Master(options.Options(), with_termlog=False)
     connections = ConnectionLog()
-    enforcer = PolicyEnforcer(config.policy, connections)
+    mimics = mimic_store(config, authority)
+    own_cas = [authority.trust_anchor, authority.cert]
+    probe = UpstreamProbe(config.trust, lambda: [*own_cas, mimics.untrusted().cert])
+    enforcer = PolicyEnforcer(config.policy, connections, probe)
     pages = UpstreamErrorPages()
     m.addons.add(
         proxyserver.Proxyserver(),
@@ -95,7 +99,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         ConnectReplies(),
         pages,
         TlsProvider(
-            mimic_store(config, authority),
+            mimics,
             config.trust,
             connections,
             enforcer.decision_for,

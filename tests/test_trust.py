@@ -251,3 +251,30 @@ def test_a_defect_above_the_leaf_is_never_carried() -> None:
     for code in (_lib.X509_V_ERR_CERT_HAS_EXPIRED, _lib.X509_V_ERR_INVALID_PURPOSE):
         errors = [VerifyError(code, 1)]
         assert trust.signing_mode(errors, trust.classify(errors, [leaf])) == trust.SIGN_UNTRUSTED
+
+
+@pytest.fixture(scope="module")
+def splice_on_error_bumper(start_bumper, tmp_path_factory: pytest.TempPathFactory) -> Bumper:
+    return start_with_policy(start_bumper, tmp_path_factory.mktemp("splice-policy"), "on_upstream_error: splice\n")
+
+
+@pytest.mark.parametrize("case", ["expired", "self-signed", "unknown-issuer"])
+def test_splice_passes_a_failed_upstream_through_untouched(
+    case: str, zoo: dict[str, Upstream], splice_on_error_bumper: Bumper, test_pki: Pki
+) -> None:
+    """The client sees the upstream's real certificate, and fails (or not) exactly as directly."""
+    upstream = zoo[case]
+    url, resolve = upstream.url("/"), f"{upstream.host}:{upstream.port}:127.0.0.1"
+    direct = curl_verdict(["--cacert", str(test_pki.root_pem), "--resolve", resolve], url)
+    spliced = curl_verdict(["--cacert", str(test_pki.root_pem), "-x", splice_on_error_bumper.proxy], url)
+    assert spliced[:2] == direct[:2] != (0, "0")
+    line = splice_on_error_bumper.connection_line(int(spliced[2]))
+    assert f"action=splice rule=default verify={REASONS[case]} " in line
+
+
+def test_splice_on_error_still_bumps_a_trusted_upstream(
+    zoo: dict[str, Upstream], splice_on_error_bumper: Bumper
+) -> None:
+    r = curl(splice_on_error_bumper, zoo["good"].url("/"), "-w", "%{local_port}")
+    assert r.stdout[:19] == "hello from upstream"  # verified against bumper's CA: it was bumped
+    assert "action=bump rule=default verify=trusted" in splice_on_error_bumper.connection_line(int(r.stdout[19:]))
