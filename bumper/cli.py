@@ -23,7 +23,7 @@ from bumper.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES
 from bumper.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.proxy import ListenAddress, MimicSettings, ProxyConfig, serve
 from bumper.resolve import Override, ResolvingEventLoop
-from bumper.tlsprovider import UpstreamTrust
+from bumper.tlsprovider import CLIENT_CIPHERS, ClientTls, UpstreamTrust
 
 EXIT_CONFIG = 2
 
@@ -89,6 +89,14 @@ def _run_parser() -> argparse.ArgumentParser:
         default=[],
         help="connect to ADDRESS for upstream host NAME (or *.domain), without DNS (repeatable)",
     )
+    t = p.add_argument_group("TLS towards clients")
+    t.add_argument("--client-tls-min", choices=("1.2", "1.3"), default="1.2", help="lowest TLS version (default: 1.2)")
+    t.add_argument(
+        "--client-ciphers",
+        metavar="OPENSSL-CIPHERS",
+        default=CLIENT_CIPHERS,
+        help="TLS 1.2 suites in OpenSSL's syntax (default: Mozilla's intermediate list)",
+    )
     p.add_argument(
         "--no-fetch-issuers",
         action="store_true",
@@ -146,6 +154,7 @@ def _run_command(args: list[str]) -> int:
         resolve=tuple(Override.parse(spec) for spec in opts.resolve),
         policy=policy.load(opts.policy) if opts.policy else policy.LAB,
         fetch_issuers=not opts.no_fetch_issuers,
+        client_tls=ClientTls(opts.client_tls_min, opts.client_ciphers),
         mimics=MimicSettings(
             memory_entries=opts.mimic_cache,
             db_entries=opts.mimic_db,
@@ -155,6 +164,7 @@ def _run_command(args: list[str]) -> int:
         ),
     )
     config.trust.check()
+    config.client_tls.check()
     authority, created = ca_files.load_or_create(config.ca_dir)
     if (config.ca_dir / ca_files.UNTRUSTED_CERT_FILE).exists() or (
         config.ca_dir / ca_files.UNTRUSTED_KEY_FILE

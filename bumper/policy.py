@@ -33,7 +33,8 @@ from bumper.errors import ConfigError
 ACTIONS = ("bump", "splice", "block")
 UPSTREAM_ERROR_ACTIONS = ("mimic", "block", "allow", "splice")
 MATCH_KEYS = ("sni", "host")
-RULE_KEYS = ("name", "match", "action", "on_upstream_error")
+RULE_KEYS = ("name", "match", "action", "on_upstream_error", "upstream_tls_min")
+UPSTREAM_TLS_VERSIONS = ("1.0", "1.1", "1.2")
 TOP_KEYS = ("default", "on_upstream_error", "rules")
 
 
@@ -44,6 +45,7 @@ class Rule:
     sni: tuple[str, ...] = ()
     host: tuple[str, ...] = ()
     on_upstream_error: str | None = None  # None: the policy's own
+    upstream_tls_min: str = "1.2"  # below 1.2 only for hosts the rule names exactly
 
     def names_hosts_exactly(self) -> bool:
         patterns = (*self.sni, *self.host)
@@ -64,6 +66,7 @@ class Decision:
     action: str
     rule: str  # the rule's name, or "default"
     on_upstream_error: str = "mimic"
+    upstream_tls_min: str = "1.2"
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ class Policy:
         return Decision(self.default, "default", self.on_upstream_error)
 
     def _by(self, rule: Rule) -> Decision:
-        return Decision(rule.action, rule.name, rule.on_upstream_error or self.on_upstream_error)
+        return Decision(rule.action, rule.name, rule.on_upstream_error or self.on_upstream_error, rule.upstream_tls_min)
 
 
 LAB = Policy()  # no --policy: bump everything
@@ -194,6 +197,12 @@ def _rule(node: yaml.Node, index: int, errors: _Errors) -> Rule | None:
                 node_value, f"{where}.on_upstream_error", "allow needs a match that names its hosts exactly, no globs"
             )
         rule = Rule(rule.name, rule.action, rule.sni, rule.host, on_error)
+    if "upstream_tls_min" in fields:
+        node_value = fields["upstream_tls_min"]
+        version = _choice(node_value, f"{where}.upstream_tls_min", errors, UPSTREAM_TLS_VERSIONS, "1.2", "version")
+        if version != "1.2" and not rule.names_hosts_exactly():
+            errors.add(node_value, f"{where}.upstream_tls_min", "below 1.2 needs a match that names its hosts exactly")
+        rule = Rule(rule.name, rule.action, rule.sni, rule.host, rule.on_upstream_error, version)
     return rule
 
 
@@ -233,8 +242,10 @@ def _upstream_error_action(node: yaml.Node, where: str, errors: _Errors) -> str:
     return _choice(node, where, errors, UPSTREAM_ERROR_ACTIONS, "block")
 
 
-def _choice(node: yaml.Node, where: str, errors: _Errors, choices: tuple[str, ...], invalid: str) -> str:
+def _choice(
+    node: yaml.Node, where: str, errors: _Errors, choices: tuple[str, ...], invalid: str, what: str = "action"
+) -> str:
     if isinstance(node, yaml.ScalarNode) and node.value in choices:
         return str(node.value)
-    errors.add(node, where, f"unknown action {getattr(node, 'value', node)!r} (expected one of: {', '.join(choices)})")
+    errors.add(node, where, f"unknown {what} {getattr(node, 'value', node)!r} (expected one of: {', '.join(choices)})")
     return invalid  # never reached by a running proxy: the file is rejected

@@ -28,7 +28,7 @@ from bumper.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.policy import LAB, Policy
 from bumper.probe import UpstreamProbe
 from bumper.resolve import Override
-from bumper.tlsprovider import TlsProvider, UpstreamTrust
+from bumper.tlsprovider import ClientTls, TlsProvider, UpstreamTrust
 from bumper.upstreamerror import UpstreamErrorPages
 
 log = logging.getLogger("bumper")
@@ -74,6 +74,7 @@ class ProxyConfig:
     policy: Policy = LAB
     mimics: MimicSettings = MimicSettings()
     fetch_issuers: bool = True  # complete chains that lack an intermediate (AIA caIssuers)
+    client_tls: ClientTls = ClientTls()
 
 
 def mimic_store(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> MimicStore:
@@ -105,6 +106,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
             enforcer.decision_for,
             pages,
             aia.IssuerFetcher() if config.fetch_issuers else None,
+            config.client_tls,
         ),
     )
     m.options.update(

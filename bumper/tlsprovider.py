@@ -23,6 +23,7 @@ from OpenSSL import SSL, crypto
 
 from bumper import aia, trust
 from bumper.ca import fingerprint, load_pem_certificates
+from bumper.errors import ConfigError
 from bumper.eventlog import ConnectionLog
 from bumper.mimic import UnmimicableCertificate
 from bumper.mimicstore import Mimic, MimicStore
@@ -68,11 +69,34 @@ class UpstreamTrust:
             load_pem_certificates(path, f"--upstream-ca {path}")
 
 
-def upstream_context(trust: UpstreamTrust) -> SSL.Context:
+# Only for upstreams a rule names, that speak nothing newer than TLS 1.0 or 1.1: OpenSSL 3 needs
+# SECLEVEL 0 for those, and they need CBC suites. Still no RC4, 3DES, export, NULL or anonymous.
+LEGACY_UPSTREAM_CIPHERS = (
+    "@SECLEVEL=0:ECDHE+AES:DHE+AES:RSA+AES:!aNULL:!eNULL:!EXPORT:!DES:!3DES:!RC4:!MD5:!PSK:!SRP:!DSS"
+)
+_VERSIONS = {"1.0": SSL.TLS1_VERSION, "1.1": SSL.TLS1_1_VERSION, "1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """The client leg: TLS 1.2 and 1.3 with Mozilla's "intermediate" suites unless told otherwise."""
+
+    min_version: str = "1.2"
+    ciphers: str = CLIENT_CIPHERS
+
+    def check(self) -> None:
+        try:
+            SSL.Context(SSL.TLS_SERVER_METHOD).set_cipher_list(self.ciphers.encode())
+        except SSL.Error:
+            raise ConfigError(f"--client-ciphers {self.ciphers!r}: OpenSSL accepts none of these suites") from None
+
+
+def upstream_context(trust: UpstreamTrust, min_version: str = "1.2") -> SSL.Context:
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_min_proto_version(_VERSIONS[min_version])
     context.set_max_proto_version(SSL.TLS1_3_VERSION)
-    context.set_cipher_list(UPSTREAM_CIPHERS.encode())
+    legacy = _VERSIONS[min_version] < SSL.TLS1_2_VERSION
+    context.set_cipher_list((LEGACY_UPSTREAM_CIPHERS if legacy else UPSTREAM_CIPHERS).encode())
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
     # Every verification error is recorded, not fatal: the handshake completes so that bumper can
     # classify the failure and act on it (trust.py). Nothing is trusted on the way: a connection
@@ -85,14 +109,15 @@ def upstream_context(trust: UpstreamTrust) -> SSL.Context:
     return context
 
 
-def client_context(chain: tuple[x509.Certificate, ...] = ()) -> SSL.Context:
+def client_context(chain: tuple[x509.Certificate, ...] = (), settings: ClientTls | None = None) -> SSL.Context:
     """Towards clients; CHAIN (the issuing intermediates) follows every mimic."""
+    settings = settings or ClientTls()
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     for cert in chain:
         context.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_min_proto_version(_VERSIONS[settings.min_version])
     context.set_max_proto_version(SSL.TLS1_3_VERSION)
-    context.set_cipher_list(CLIENT_CIPHERS.encode())
+    context.set_cipher_list(settings.ciphers.encode())
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
     context.set_alpn_select_callback(alpn_select_callback)  # type: ignore[arg-type]
     return context
@@ -135,6 +160,7 @@ class TlsProvider:
         decisions: Callable[[str], Decision | None],
         pages: UpstreamErrorPages,
         issuers: aia.IssuerFetcher | None = None,
+        client_tls: ClientTls | None = None,
     ) -> None:
         self.mimics = mimics
         self.issuers = issuers  # completes chains that lack an intermediate; None: off
@@ -142,8 +168,9 @@ class TlsProvider:
         self.connections = connections
         self.decisions = decisions  # the policy's decision for a client connection
         self.pages = pages
-        self._upstream_ctx = upstream_context(roots)
-        self._client_ctx = client_context(mimics.ca.chain)
+        self._roots_config = roots
+        self._upstream_ctx = {"1.2": upstream_context(roots)}  # by the lowest TLS version a rule allows
+        self._client_ctx = client_context(mimics.ca.chain, client_tls)
         self._own_cas = [mimics.ca.trust_anchor, mimics.ca.cert]
         self._verdicts: dict[str, UpstreamVerdict] = {}  # by client connection id, until its handshake
 
@@ -159,13 +186,20 @@ class TlsProvider:
         server.sni = server.sni or client.sni or server.address[0]
         if not server.alpn_offers:
             server.alpn_offers = tuple(client.alpn_offers)
-        conn = SSL.Connection(self._upstream_ctx)
+        decision = self.decisions(client.id)
+        conn = SSL.Connection(self._upstream_context(decision.upstream_tls_min if decision else "1.2"))
         conn.set_app_data([])  # the verification errors, filled by _record_verify_error
         expect_hostname(conn, server.sni)
         if server.alpn_offers:
             conn.set_alpn_protos(list(server.alpn_offers))
         conn.set_connect_state()
         tls_start.ssl_conn = conn
+
+    def _upstream_context(self, min_version: str) -> SSL.Context:
+        context = self._upstream_ctx.get(min_version)
+        if context is None:
+            context = self._upstream_ctx[min_version] = upstream_context(self._roots_config, min_version)
+        return context
 
     async def _certificate_for(
         self, client: connection.Client, server: connection.Server, upstream: x509.Certificate, found: UpstreamVerdict

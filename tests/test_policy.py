@@ -222,3 +222,10 @@ def test_splice_must_hold_for_the_connect_host_too() -> None:
     fronted = bank.decide("evil.test", "www.bank.test")
     assert fronted.action == "block" and "CONNECT host evil.test" in fronted.rule
     assert bank.decide("192.0.2.7", "www.bank.test").action == "splice"  # an IP CONNECT: the SNI decides
+
+
+def test_tls_below_12_needs_exact_names(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text('rules:\n  - match: {sni: ["*.old.test"]}\n    action: bump\n    upstream_tls_min: "1.0"\n')
+    with pytest.raises(ConfigError, match="upstream_tls_min: below 1.2 needs a match that names its hosts exactly"):
+        policy.load(path)

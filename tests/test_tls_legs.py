@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
-from tests.conftest import Bumper, Upstream, client_tls_context, curl, open_tunnel, tcp_server
+from tests.conftest import Bumper, Upstream, client_tls_context, curl, open_tunnel, start_with_policy, tcp_server
 
 SUPPORTED_VERSIONS = 43
 TLS12, TLS13 = 0x0303, 0x0304
@@ -123,3 +123,25 @@ def test_testssl_finds_nothing_on_the_client_leg(bumper: Bumper, upstream: Upstr
     vulnerable.pop("LUCKY13", None)
     assert vulnerable == {}
     assert len(findings) > 20  # testssl really ran its checks
+
+
+def test_client_leg_can_require_tls13(start_bumper, upstream: Upstream) -> None:
+    strict = start_bumper("--client-tls-min", "1.3")
+    assert curl(strict, upstream.url("/"), "--tls-max", "1.2").returncode == 35  # handshake refused
+    assert curl(strict, upstream.url("/"), "--tlsv1.3").stdout == "hello from upstream"
+
+
+def test_tls_below_12_upstream_only_where_a_rule_names_the_host(start_bumper, start_upstream, tmp_path: Path) -> None:
+    legacy = start_upstream(tls="1.1", host="legacy.upstream.test")
+    default = start_bumper()
+    r = curl(default, legacy.url("/"), "-w", "%{local_port}")
+    assert r.returncode != 0
+    assert "outcome=upstream TLS failed" in default.connection_line(int(r.stdout))
+    allowing = start_with_policy(
+        start_bumper,
+        tmp_path,
+        "rules:\n  - name: old-erp\n    match: {sni: [legacy.upstream.test]}\n    action: bump\n"
+        '    upstream_tls_min: "1.1"\n',
+    )
+    r = curl(allowing, legacy.url("/"))
+    assert (r.returncode, r.stdout) == (0, "hello from upstream"), r.stderr  # the client leg stays TLS 1.2+

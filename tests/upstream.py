@@ -1,6 +1,6 @@
 """The tests' local HTTPS upstream: a real server (hypercorn) speaking HTTP/1.1, h2 and WebSocket.
 
-Run as: python tests/upstream.py --fd N --cert C --key K [--tls 1.2|1.3]
+Run as: python tests/upstream.py --fd N --cert C --key K [--tls 1.1|1.2|1.3]
 (the test binds the listening socket itself and passes it down, so there is no port race).
 
 Routes:
@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--cert", required=True)
     p.add_argument("--key", required=True)
     # Only this TLS version: a handshake that succeeds proves which version the proxy spoke.
-    p.add_argument("--tls", choices=("any", "1.2", "1.3"), default="any")
+    p.add_argument("--tls", choices=("any", "1.1", "1.2", "1.3"), default="any")
     args = p.parse_args()
 
     class TestConfig(Config):
@@ -108,8 +108,8 @@ def main() -> None:
             context.load_cert_chain(args.cert, args.key)
             context.set_alpn_protocols(["h2", "http/1.1"])
             if args.tls != "any":
-                version = ssl.TLSVersion.TLSv1_2 if args.tls == "1.2" else ssl.TLSVersion.TLSv1_3
-                context.minimum_version = context.maximum_version = version
+                version = {"1.1": ssl.TLSVersion.TLSv1_1, "1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+                context.minimum_version = context.maximum_version = version[args.tls]
             return context
 
     config = TestConfig()
