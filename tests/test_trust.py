@@ -4,6 +4,8 @@ bumper the same verification failure it sees directly, and the block and allow a
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ from bumper import policy, trust
 from bumper.errors import ConfigError
 from bumper.trust import VerifyError
 from tests import pki
-from tests.conftest import Bumper, Pki, Upstream, curl, start_with_policy
+from tests.conftest import Bumper, Pki, Upstream, client_tls_context, curl, open_tunnel, start_with_policy
 
 _lib = trust._lib
 DAY = pki.DAY
@@ -190,8 +192,13 @@ def test_a_client_that_proceeds_anyway_is_served(zoo: dict[str, Upstream], bumpe
     assert line.endswith("outcome=ok, served although the upstream failed verification (expired)")  # the override
 
 
+FAILING = [case for case in ZOO if case != "good"]
+
+
 @pytest.fixture(scope="module")
 def strict_policy_bumper(start_bumper, tmp_path_factory: pytest.TempPathFactory) -> Bumper:
+    """Blocks failed upstreams, but for a rule that names every zoo host and allows them."""
+    allowed = ", ".join(HOSTS[case] for case in FAILING if case != "unknown-issuer")
     return start_with_policy(
         start_bumper,
         tmp_path_factory.mktemp("trust-policy"),
@@ -199,39 +206,67 @@ def strict_policy_bumper(start_bumper, tmp_path_factory: pytest.TempPathFactory)
         "on_upstream_error: block\n"
         "rules:\n"
         "  - name: legacy\n"
-        "    match: {sni: [expired.test]}\n"
+        f"    match: {{sni: [{allowed}]}}\n"
         "    action: bump\n"
         "    on_upstream_error: allow\n",
     )
 
 
-@pytest.mark.parametrize(
-    ("accept", "content_type"), [("application/json", "application/json"), ("text/html", "text/html")]
-)
-def test_block_answers_every_request_with_a_502_page(
-    zoo: dict[str, Upstream], strict_policy_bumper: Bumper, accept: str, content_type: str
-) -> None:
-    upstream = zoo["unknown-issuer"]
+@pytest.fixture(scope="module")
+def block_bumper(start_bumper, tmp_path_factory: pytest.TempPathFactory) -> Bumper:
+    return start_with_policy(start_bumper, tmp_path_factory.mktemp("block-policy"), "on_upstream_error: block\n")
+
+
+@pytest.mark.parametrize("case", FAILING)
+def test_block_answers_every_request_with_a_502_page(zoo: dict[str, Upstream], block_bumper: Bumper, case: str) -> None:
+    upstream = zoo[case]
     before = upstream.requests
-    r = curl(strict_policy_bumper, upstream.url("/"), "-H", f"Accept: {accept}", "-w", "\n%{http_code} %{content_type}")
+    r = curl(block_bumper, upstream.url("/"), "-H", "Accept: application/json", "-w", "\n%{http_code} %{local_port}")
     body, meta = r.stdout.rsplit("\n", 1)
+    status, port = meta.split()
     assert r.returncode == 0, r.stderr  # the handshake succeeds with bumper's own certificate for the name
-    assert meta.startswith(f"502 {content_type}")
     fingerprint = upstream.leaf.cert.fingerprint(hashes.SHA256()).hex().upper()
-    if content_type == "application/json":
-        page = json.loads(body)
-        assert (page["host"], page["reason"], page["upstream_sha256"]) == (upstream.host, "unknown_issuer", fingerprint)
-    else:
-        assert upstream.host in body and "unknown_issuer" in body and fingerprint in body
+    page = json.loads(body)
+    assert (status, page["host"], page["reason"], page["upstream_sha256"]) == (
+        "502",
+        upstream.host,
+        REASONS[case],
+        fingerprint,
+    )
+    assert (
+        f"outcome=upstream certificate failed verification ({REASONS[case]}): blocked"
+        in block_bumper.connection_line(int(port))
+    )
     time.sleep(0.2)
     assert upstream.requests == before  # nothing was sent upstream
 
 
-def test_allow_trusts_a_named_host_anyway_and_warns(zoo: dict[str, Upstream], strict_policy_bumper: Bumper) -> None:
-    r = curl(strict_policy_bumper, zoo["expired"].url("/"))
+@pytest.mark.parametrize(("accept", "content_type"), [("text/html", "text/html"), ("*/*", "text/plain")])
+def test_the_block_page_speaks_the_clients_language(
+    zoo: dict[str, Upstream], block_bumper: Bumper, accept: str, content_type: str
+) -> None:
+    upstream = zoo["unknown-issuer"]
+    r = curl(block_bumper, upstream.url("/"), "-H", f"Accept: {accept}", "-w", "\n%{content_type}")
+    body, served_type = r.stdout.rsplit("\n", 1)
+    assert served_type.startswith(content_type)
+    assert upstream.host in body and "unknown_issuer" in body
+
+
+@pytest.mark.parametrize("case", [c for c in FAILING if c != "unknown-issuer"])
+def test_allow_trusts_a_named_host_anyway_and_warns(
+    zoo: dict[str, Upstream], strict_policy_bumper: Bumper, case: str
+) -> None:
+    upstream = zoo[case]
+    r = curl(strict_policy_bumper, upstream.url("/"))
     assert (r.returncode, r.stdout) == (0, "hello from upstream"), r.stderr
-    assert "expired.test: upstream certificate failed verification (expired" in strict_policy_bumper.process.log
-    assert "trusted anyway by rule 'legacy'" in strict_policy_bumper.process.log
+    log = strict_policy_bumper.process.log
+    assert f"{upstream.host}: upstream certificate failed verification ({REASONS[case]}" in log
+    assert "trusted anyway by rule 'legacy'" in log
+
+
+def test_a_host_the_allow_rule_does_not_name_is_blocked(zoo: dict[str, Upstream], strict_policy_bumper: Bumper) -> None:
+    r = curl(strict_policy_bumper, zoo["unknown-issuer"].url("/"), "-w", "\n%{http_code}")
+    assert r.stdout.rsplit("\n", 1)[1] == "502"
 
 
 def test_a_trusted_upstream_is_not_blocked(zoo: dict[str, Upstream], strict_policy_bumper: Bumper) -> None:
@@ -259,7 +294,7 @@ def splice_on_error_bumper(start_bumper, tmp_path_factory: pytest.TempPathFactor
     return start_with_policy(start_bumper, tmp_path_factory.mktemp("splice-policy"), "on_upstream_error: splice\n")
 
 
-@pytest.mark.parametrize("case", ["expired", "self-signed", "unknown-issuer"])
+@pytest.mark.parametrize("case", FAILING)
 def test_splice_passes_a_failed_upstream_through_untouched(
     case: str, zoo: dict[str, Upstream], splice_on_error_bumper: Bumper, test_pki: Pki
 ) -> None:
@@ -279,3 +314,24 @@ def test_splice_on_error_still_bumps_a_trusted_upstream(
     r = curl(splice_on_error_bumper, zoo["good"].url("/"), "-w", "%{local_port}")
     assert r.stdout[:19] == "hello from upstream"  # verified against bumper's CA: it was bumped
     assert "action=bump rule=default verify=trusted" in splice_on_error_bumper.connection_line(int(r.stdout[19:]))
+
+
+def python_verify_code(sock: socket.socket, cafile: Path, host: str) -> int:
+    """Python's verify_code for a handshake over SOCK (0: verified)."""
+    try:
+        client_tls_context(cafile).wrap_socket(sock, server_hostname=host).close()
+    except ssl.SSLCertVerificationError as e:
+        return e.verify_code
+    return 0
+
+
+@pytest.mark.parametrize("case", list(ZOO))
+def test_python_sees_through_bumper_what_it_sees_directly(
+    case: str, zoo: dict[str, Upstream], bumper: Bumper, test_pki: Pki
+) -> None:
+    upstream = zoo[case]
+    direct = python_verify_code(
+        socket.create_connection(("127.0.0.1", upstream.port), timeout=15), test_pki.root_pem, upstream.host
+    )
+    tunnel, _ = open_tunnel(bumper, upstream.host, upstream.port)
+    assert python_verify_code(tunnel, bumper.ca_pem, upstream.host) == direct
