@@ -43,6 +43,7 @@ examples:
 subcommands:
   bumper ca init|show|export --ca DIR    manage the CA (bumper ca --help)
   bumper mimic --ca DIR CERT.pem         the mimic bumper would serve for CERT.pem (--text: side by side)
+  bumper policy check FILE               OK, or every problem in a policy file with its line and column
 """
 
 
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             return _ca_command(args[1:])
         if args and args[0] == "mimic":
             return _mimic_command(args[1:])
+        if args and args[0] == "policy":
+            return _policy_command(args[1:])
         return _run_command(args)
     except ConfigError as e:
         print(f"bumper: {e}", file=sys.stderr)
@@ -209,6 +212,21 @@ def _ca_command(args: list[str]) -> int:
         encoding = opts.format or ("der" if opts.path.suffix.lower() in (".der", ".cer") else "pem")
         ca_files.export(authority, opts.path, encoding)
         print(f"wrote the CA certificate ({encoding.upper()}) to {opts.path}")
+    return 0
+
+
+def _policy_command(args: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bumper policy", description="Work with policy files.")
+    sub = p.add_subparsers(dest="action", required=True)
+    check = sub.add_parser("check", help="print OK, or every problem as FILE:LINE:COLUMN: key: what is wrong")
+    check.add_argument("file", metavar="FILE", type=Path)
+    opts = p.parse_args(args)
+    try:
+        policy.load(opts.file)
+    except ConfigError as e:
+        print(e)  # every problem, one per line
+        return EXIT_CONFIG
+    print("OK")
     return 0
 
 
