@@ -162,6 +162,8 @@ def start_contender(name: str, origin: Origin, workdir: Path) -> Contender:
     t0 = time.perf_counter()
     if name == "bumper":
         ca_dir = workdir / "bumper-ca"
+        any_port = workdir / "any-port.yaml"  # the origin listens on a random port, not 443/8443
+        any_port.write_text('default: bump\nports: ["1-65535"]\n')
         process = spawn(
             "bumper",
             [
@@ -171,6 +173,7 @@ def start_contender(name: str, origin: Origin, workdir: Path) -> Contender:
                 "--upstream-ca", str(origin.root_pem),
                 "--resolve", f"*.{DOMAIN}={HOST}",
                 "--mimic-db", "0",
+                "--policy", str(any_port),
             ],
         )  # fmt: skip
         cafile = ca_dir / "ca.pem"

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from mitmproxy import connection, http, tls
 from mitmproxy.utils import human
 
 from bumper.eventlog import ConnectionLog, is_plain_proxy_request
-from bumper.policy import Decision, Policy
+from bumper.policy import Address, Decision, Policy
 from bumper.probe import UpstreamProbe
+
+
+def client_address(client: connection.Client) -> Address | None:
+    try:
+        return ipaddress.ip_address(client.peername[0])
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 class PolicyEnforcer:
@@ -24,8 +33,11 @@ class PolicyEnforcer:
         self._decisions.pop(client.id, None)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
+        client, port = client_address(flow.client_conn), flow.request.port
+        if why := self.policy.refusal(client, port):
+            return self._refuse(flow, Decision("block", "clients/ports"), "CONNECT to", why)
         # Refuse before any upstream connection when the CONNECT host alone decides `block`.
-        decision = self.policy.decide_at_connect(flow.request.host)
+        decision = self.policy.decide_at_connect(flow.request.host, client, port)
         if decision is not None and decision.action == "block":
             self._refuse(flow, decision, "CONNECT to")
 
@@ -33,15 +45,18 @@ class PolicyEnforcer:
         # Plain-HTTP proxy requests have no ClientHello: the request's host is all there is to match.
         if not is_plain_proxy_request(flow):
             return
-        decision = self.policy.decide(flow.request.host, None)
+        client = client_address(flow.client_conn)
+        if why := self.policy.refusal(client, None):
+            return self._refuse(flow, Decision("block", "clients/ports"), "request to", why)
+        decision = self.policy.decide(flow.request.host, None, client, flow.request.port)
         if decision.action == "block":
             self._refuse(flow, decision, "request to")
         elif record := self.connections.record(flow.client_conn.id):
             record.decided(decision)
 
-    def _refuse(self, flow: http.HTTPFlow, decision: Decision, what: str) -> None:
+    def _refuse(self, flow: http.HTTPFlow, decision: Decision, what: str, reason: str = "") -> None:
         target = human.format_address((flow.request.host, flow.request.port))
-        reason = f"blocked by policy rule {decision.rule!r}"
+        reason = reason or f"blocked by policy rule {decision.rule!r}"
         flow.response = http.Response.make(
             403, f"bumper: {what} {target} {reason}\n", {"content-type": "text/plain; charset=utf-8"}
         )
@@ -53,7 +68,7 @@ class PolicyEnforcer:
         context = data.context
         assert context.server.address is not None
         host, port = context.server.address[:2]
-        decision = self.policy.decide(host, data.client_hello.sni)
+        decision = self.policy.decide(host, data.client_hello.sni, client_address(context.client), port)
         record = self.connections.record(context.client.id)
         if decision.action == "bump" and decision.on_upstream_error == "splice" and self.probe is not None:
             verdict = await self.probe.verdict(host, port, data.client_hello.sni or host)

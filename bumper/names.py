@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
+
+REGEX_PREFIX = "regex:"
 
 
 def normalize(host: str) -> str:
@@ -19,7 +23,14 @@ def is_ip_address(host: str) -> bool:
 
 
 def valid_pattern(pattern: str) -> bool:
-    """An exact name, or `*.` followed by a name: the wildcard only as the whole first label."""
+    """An exact name, `*.` followed by a name (the wildcard only as the whole first label), or
+    `regex:` followed by a regular expression that must match the whole name."""
+    if pattern.startswith(REGEX_PREFIX):
+        try:
+            _regex(pattern[len(REGEX_PREFIX) :])
+        except re.error:
+            return False
+        return True
     name = pattern[2:] if pattern.startswith("*.") else pattern
     labels = name.split(".")
     return bool(name) and "*" not in name and all(labels)
@@ -27,7 +38,14 @@ def valid_pattern(pattern: str) -> bool:
 
 def host_matches(pattern: str, host: str) -> bool:
     """`*.example.com` matches any name below example.com at any depth; `example.com` only itself."""
+    if pattern.startswith(REGEX_PREFIX):
+        return _regex(pattern[len(REGEX_PREFIX) :]).fullmatch(normalize(host)) is not None
     pattern, host = normalize(pattern), normalize(host)
     if pattern.startswith("*."):
         return host.endswith(pattern[1:])
     return host == pattern
+
+
+@functools.lru_cache(maxsize=4096)
+def _regex(expression: str) -> re.Pattern[str]:
+    return re.compile(expression, re.IGNORECASE)

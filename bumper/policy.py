@@ -22,6 +22,8 @@ of a key may.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +32,26 @@ import yaml
 from bumper import names
 from bumper.errors import ConfigError
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 ACTIONS = ("bump", "splice", "block")
 UPSTREAM_ERROR_ACTIONS = ("mimic", "block", "allow", "splice")
-MATCH_KEYS = ("sni", "host")
+MATCH_KEYS = ("sni", "host", "client", "port")
 RULE_KEYS = ("name", "match", "action", "on_upstream_error", "upstream_tls_min")
 UPSTREAM_TLS_VERSIONS = ("1.0", "1.1", "1.2")
-TOP_KEYS = ("default", "on_upstream_error", "rules")
+TOP_KEYS = ("default", "on_upstream_error", "clients", "ports", "rules")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+PortRange = tuple[int, int]
+# Who may use the proxy, like Squid's `localnet`: loopback, private, CGNAT and link-local ranges.
+LOCALNET: tuple[Network, ...] = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16",
+        "::1/128", "fc00::/7", "fe80::/10",
+    )
+)  # fmt: skip
+# Where CONNECT may go, like Squid's `SSL_ports`.
+SSL_PORTS: tuple[PortRange, ...] = ((443, 443), (8443, 8443))
 
 
 @dataclass(frozen=True)
@@ -44,18 +60,24 @@ class Rule:
     action: str
     sni: tuple[str, ...] = ()
     host: tuple[str, ...] = ()
+    client: tuple[Network, ...] = ()
+    port: tuple[PortRange, ...] = ()
     on_upstream_error: str | None = None  # None: the policy's own
     upstream_tls_min: str = "1.2"  # below 1.2 only for hosts the rule names exactly
 
     def names_hosts_exactly(self) -> bool:
         patterns = (*self.sni, *self.host)
-        return bool(patterns) and not any(p.startswith("*.") for p in patterns)
+        return bool(patterns) and not any(p.startswith(("*.", names.REGEX_PREFIX)) for p in patterns)
 
     def needs_sni(self) -> bool:
         return bool(self.sni)
 
-    def matches(self, connect_host: str, sni: str | None) -> bool:
+    def matches(self, connect_host: str, sni: str | None, client: Address | None = None, port: int = 443) -> bool:
         if self.host and not any(names.host_matches(p, connect_host) for p in self.host):
+            return False
+        if self.client and (client is None or not any(client in net for net in self.client)):
+            return False
+        if self.port and not in_ranges(port, self.port):
             return False
         name = sni or connect_host
         return not self.sni or any(names.host_matches(p, name) for p in self.sni)
@@ -69,34 +91,49 @@ class Decision:
     upstream_tls_min: str = "1.2"
 
 
+def in_ranges(port: int, ranges: tuple[PortRange, ...]) -> bool:
+    return any(low <= port <= high for low, high in ranges)
+
+
 @dataclass(frozen=True)
 class Policy:
     default: str = "bump"
     rules: tuple[Rule, ...] = ()
     on_upstream_error: str = "mimic"
+    clients: tuple[Network, ...] = LOCALNET
+    ports: tuple[PortRange, ...] = SSL_PORTS
 
-    def decide(self, connect_host: str, sni: str | None) -> Decision:
-        decision = self._first_match(connect_host, sni)
+    def refusal(self, client: Address | None, port: int | None) -> str | None:
+        """Why a request from CLIENT is refused before any rule is read, or None: every client must be
+        in `clients`, and a CONNECT's PORT (None for plain HTTP) in `ports`."""
+        if client is None or not any(client in net for net in self.clients):
+            return f"client {client} is not in the policy's clients"
+        if port is not None and not in_ranges(port, self.ports):
+            return f"port {port} is not in the policy's ports"
+        return None
+
+    def decide(self, connect_host: str, sni: str | None, client: Address | None = None, port: int = 443) -> Decision:
+        decision = self._first_match(connect_host, sni, client, port)
         if decision.action == "splice" and sni and not names.is_ip_address(connect_host):
             # A spliced tunnel is never inspected, so both names must earn it: an allow-listed SNI
             # inside a CONNECT to a host that is not (domain fronting) is blocked.
-            as_connect = self._first_match(connect_host, connect_host)
+            as_connect = self._first_match(connect_host, connect_host, client, port)
             if as_connect.action != "splice":
                 return Decision("block", f"{decision.rule} (SNI {sni} spliced, CONNECT host {connect_host} not)")
         return decision
 
-    def _first_match(self, connect_host: str, sni: str | None) -> Decision:
+    def _first_match(self, connect_host: str, sni: str | None, client: Address | None, port: int) -> Decision:
         for rule in self.rules:
-            if rule.matches(connect_host, sni):
+            if rule.matches(connect_host, sni, client, port):
                 return self._by(rule)
         return Decision(self.default, "default", self.on_upstream_error)
 
-    def decide_at_connect(self, connect_host: str) -> Decision | None:
+    def decide_at_connect(self, connect_host: str, client: Address | None = None, port: int = 443) -> Decision | None:
         """The decision when only the CONNECT host is known, or None when it hangs on the SNI."""
         for rule in self.rules:
             if rule.needs_sni():
                 return None
-            if rule.matches(connect_host, None):
+            if rule.matches(connect_host, None, client, port):
                 return self._by(rule)
         return Decision(self.default, "default", self.on_upstream_error)
 
@@ -104,7 +141,7 @@ class Policy:
         return Decision(rule.action, rule.name, rule.on_upstream_error or self.on_upstream_error, rule.upstream_tls_min)
 
 
-LAB = Policy()  # no --policy: bump everything
+LAB = Policy()  # no --policy: bump everything from local clients to the usual TLS ports
 
 
 class _Errors:
@@ -153,9 +190,14 @@ def _policy(root: yaml.Node, errors: _Errors) -> Policy:
         return Policy()
     _duplicates(root, "", errors)
     default, on_upstream_error, rules = "bump", "mimic", []
+    clients, ports = LOCALNET, SSL_PORTS
     for key_node, value in root.value:
         key = key_node.value
-        if key == "default":
+        if key == "clients":
+            clients = _networks(value, key, errors)
+        elif key == "ports":
+            ports = _ports(value, key, errors)
+        elif key == "default":
             default = _action(value, "default", errors)
         elif key == "on_upstream_error":
             on_upstream_error = _upstream_error_action(value, key, errors)
@@ -168,7 +210,7 @@ def _policy(root: yaml.Node, errors: _Errors) -> Policy:
             rules = [_rule(node, i, errors) for i, node in enumerate(value.value)]
         else:
             errors.add(key_node, key, f"unknown key (expected one of: {', '.join(TOP_KEYS)})")
-    return Policy(default, tuple(r for r in rules if r is not None), on_upstream_error)
+    return Policy(default, tuple(r for r in rules if r is not None), on_upstream_error, clients, ports)
 
 
 def _rule(node: yaml.Node, index: int, errors: _Errors) -> Rule | None:
@@ -188,7 +230,14 @@ def _rule(node: yaml.Node, index: int, errors: _Errors) -> Rule | None:
     name = fields["name"].value if "name" in fields and isinstance(fields["name"], yaml.ScalarNode) else where
     action = _action(fields["action"], f"{where}.action", errors)
     patterns = _match(fields.get("match"), f"{where}.match", errors)
-    rule = Rule(name=str(name), action=action, sni=patterns.get("sni", ()), host=patterns.get("host", ()))
+    rule = Rule(
+        name=str(name),
+        action=action,
+        sni=patterns.get("sni", ()),  # type: ignore[arg-type]
+        host=patterns.get("host", ()),  # type: ignore[arg-type]
+        client=patterns.get("client", ()),  # type: ignore[arg-type]
+        port=patterns.get("port", ()),  # type: ignore[arg-type]
+    )
     if "on_upstream_error" in fields:
         node_value = fields["on_upstream_error"]
         on_error = _upstream_error_action(node_value, f"{where}.on_upstream_error", errors)
@@ -196,42 +245,74 @@ def _rule(node: yaml.Node, index: int, errors: _Errors) -> Rule | None:
             errors.add(
                 node_value, f"{where}.on_upstream_error", "allow needs a match that names its hosts exactly, no globs"
             )
-        rule = Rule(rule.name, rule.action, rule.sni, rule.host, on_error)
+        rule = dataclasses.replace(rule, on_upstream_error=on_error)
     if "upstream_tls_min" in fields:
         node_value = fields["upstream_tls_min"]
         version = _choice(node_value, f"{where}.upstream_tls_min", errors, UPSTREAM_TLS_VERSIONS, "1.2", "version")
         if version != "1.2" and not rule.names_hosts_exactly():
             errors.add(node_value, f"{where}.upstream_tls_min", "below 1.2 needs a match that names its hosts exactly")
-        rule = Rule(rule.name, rule.action, rule.sni, rule.host, rule.on_upstream_error, version)
+        rule = dataclasses.replace(rule, upstream_tls_min=version)
     return rule
 
 
-def _match(node: yaml.Node | None, where: str, errors: _Errors) -> dict[str, tuple[str, ...]]:
+def _match(node: yaml.Node | None, where: str, errors: _Errors) -> dict[str, tuple[object, ...]]:
     if node is None:
         return {}
     if not isinstance(node, yaml.MappingNode):
-        errors.add(node, where, "expected a mapping of sni and/or host")
+        errors.add(node, where, f"expected a mapping of {', '.join(MATCH_KEYS)}")
         return {}
     _duplicates(node, f"{where}.", errors)
-    found: dict[str, tuple[str, ...]] = {}
+    found: dict[str, tuple[object, ...]] = {}
     for key_node, value in node.value:
         key = key_node.value
-        if key not in MATCH_KEYS:
+        if key == "client":
+            found[key] = _networks(value, f"{where}.{key}", errors)
+        elif key == "port":
+            found[key] = _ports(value, f"{where}.{key}", errors)
+        elif key in ("sni", "host"):
+            found[key] = _patterns(value, f"{where}.{key}", errors)
+        else:
             errors.add(key_node, f"{where}.{key}", f"unknown key (expected one of: {', '.join(MATCH_KEYS)})")
-            continue
-        items = value.value if isinstance(value, yaml.SequenceNode) else [value]
-        if not items:  # an empty list would quietly match every name
-            errors.add(value, f"{where}.{key}", "empty list: name at least one host, or leave the key out")
-        patterns = []
-        for item in items:
-            pattern = names.normalize(str(item.value)) if isinstance(item, yaml.ScalarNode) else ""
-            if not names.valid_pattern(pattern):
-                errors.add(
-                    item, f"{where}.{key}", f"bad name or glob {item.value!r} (use example.com or *.example.com)"
-                )
-            patterns.append(pattern)
-        found[key] = tuple(patterns)
     return found
+
+
+def _items(node: yaml.Node, where: str, errors: _Errors) -> list[yaml.Node]:
+    items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    if not items:  # an empty list would quietly match everything
+        errors.add(node, where, "empty list: name at least one, or leave the key out")
+    return items
+
+
+def _patterns(node: yaml.Node, where: str, errors: _Errors) -> tuple[str, ...]:
+    patterns = []
+    for item in _items(node, where, errors):
+        text = str(item.value) if isinstance(item, yaml.ScalarNode) else ""
+        pattern = text if text.startswith(names.REGEX_PREFIX) else names.normalize(text)
+        if not names.valid_pattern(pattern):
+            errors.add(item, where, f"bad name, glob or regex {text!r} (use example.com, *.example.com or regex:...)")
+        patterns.append(pattern)
+    return tuple(patterns)
+
+
+def _networks(node: yaml.Node, where: str, errors: _Errors) -> tuple[Network, ...]:
+    networks = []
+    for item in _items(node, where, errors):
+        try:
+            networks.append(ipaddress.ip_network(str(item.value), strict=False))
+        except ValueError:
+            errors.add(item, where, f"bad CIDR {item.value!r} (use 10.0.0.0/8, 2001:db8::/32 or one address)")
+    return tuple(networks)
+
+
+def _ports(node: yaml.Node, where: str, errors: _Errors) -> tuple[PortRange, ...]:
+    ranges = []
+    for item in _items(node, where, errors):
+        low, _, high = str(item.value).partition("-")
+        if low.isdigit() and (not high or high.isdigit()) and 1 <= int(low) <= int(high or low) <= 65535:
+            ranges.append((int(low), int(high or low)))
+        else:
+            errors.add(item, where, f"bad port {item.value!r} (use 443 or a range such as 8000-8999)")
+    return tuple(ranges)
 
 
 def _action(node: yaml.Node, where: str, errors: _Errors) -> str:

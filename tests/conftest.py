@@ -21,6 +21,7 @@ from tests import pki
 UPSTREAM_SCRIPT = Path(__file__).with_name("upstream.py")
 BUMPER = shutil.which("bumper", path=str(Path(sys.executable).parent)) or "bumper"
 UPSTREAM_HOST = "upstream.test"
+ANY_PORT_POLICY = Path(__file__).with_name("lab-any-port.yaml")
 START_TIMEOUT = 30.0
 
 
@@ -208,6 +209,8 @@ def start_bumper(test_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Ite
         args = [BUMPER, "--ca", str(ca_dir), "--listen", "127.0.0.1:0", "--resolve", "*.test=127.0.0.1"]
         if trust_test_root:
             args += ["--upstream-ca", str(test_pki.root_pem)]
+        if "--policy" not in extra:  # the tests' upstreams listen on any port, not only 443/8443
+            args += ["--policy", str(ANY_PORT_POLICY)]
         proc = subprocess.Popen(
             [*args, *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
@@ -227,9 +230,9 @@ def bumper(start_bumper) -> Bumper:
 
 
 def start_with_policy(start_bumper: Callable[..., Bumper], directory: Path, text: str) -> Bumper:
-    """bumper with --policy: TEXT written to a file in DIRECTORY."""
+    """bumper with --policy: TEXT written to a file in DIRECTORY (any port, unless TEXT says)."""
     path = directory / "policy.yaml"
-    path.write_text(text)
+    path.write_text(text if "ports:" in text else f"ports: ['1-65535']\n{text}")
     return start_bumper("--policy", str(path))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,20 +66,26 @@ def test_every_error_is_reported_with_file_line_and_column(tmp_path: Path) -> No
     path.write_text(
         "default: bmup\n"
         "colour: red\n"
+        "ports: [443, 70000, 8000-7000]\n"
         "rules:\n"
         "  - name: one\n"
-        "    match: {sni: ['*.ok.test', 'bad*glob.test'], port: 443}\n"
+        "    match: {sni: ['*.ok.test', 'bad*glob.test', 'regex:(('], client: [10.0.0.0/33], listener: [a]}\n"
         "    action: splice\n"
         "  - name: two\n"
     )
     with pytest.raises(ConfigError) as e:
         policy.load(path)
+    bad_name = "(use example.com, *.example.com or regex:...)"
     assert str(e.value).splitlines() == [
         f"{path}:1:10: default: unknown action 'bmup' (expected one of: bump, splice, block)",
-        f"{path}:2:1: colour: unknown key (expected one of: default, on_upstream_error, rules)",
-        f"{path}:5:32: rules[0].match.sni: bad name or glob 'bad*glob.test' (use example.com or *.example.com)",
-        f"{path}:5:50: rules[0].match.port: unknown key (expected one of: sni, host)",
-        f"{path}:7:5: rules[1].action: missing",
+        f"{path}:2:1: colour: unknown key (expected one of: default, on_upstream_error, clients, ports, rules)",
+        f"{path}:3:14: ports: bad port '70000' (use 443 or a range such as 8000-8999)",
+        f"{path}:3:21: ports: bad port '8000-7000' (use 443 or a range such as 8000-8999)",
+        f"{path}:6:32: rules[0].match.sni: bad name, glob or regex 'bad*glob.test' {bad_name}",
+        f"{path}:6:49: rules[0].match.sni: bad name, glob or regex 'regex:((' {bad_name}",
+        f"{path}:6:71: rules[0].match.client: bad CIDR '10.0.0.0/33' (use 10.0.0.0/8, 2001:db8::/32 or one address)",
+        f"{path}:6:85: rules[0].match.listener: unknown key (expected one of: sni, host, client, port)",
+        f"{path}:8:5: rules[1].action: missing",
     ]
 
 
@@ -229,3 +236,36 @@ def test_tls_below_12_needs_exact_names(tmp_path: Path) -> None:
     path.write_text('rules:\n  - match: {sni: ["*.old.test"]}\n    action: bump\n    upstream_tls_min: "1.0"\n')
     with pytest.raises(ConfigError, match="upstream_tls_min: below 1.2 needs a match that names its hosts exactly"):
         policy.load(path)
+
+
+def test_rules_match_clients_ports_and_regexes() -> None:
+    rule = policy.Rule(
+        "office",
+        "bump",
+        sni=("regex:(www|api)\\.shop\\.test",),
+        client=(ipaddress.ip_network("10.1.0.0/16"),),
+        port=((443, 443), (8000, 8999)),
+    )
+    office, elsewhere = ipaddress.ip_address("10.1.2.3"), ipaddress.ip_address("10.2.0.1")
+    assert rule.matches("x", "API.shop.test", office, 8443)
+    assert not rule.matches("x", "api.shop.test", elsewhere, 443)  # another client
+    assert not rule.matches("x", "api.shop.test", office, 9443)  # another port
+    assert not rule.matches("x", "cdn.shop.test", office, 443)  # the regex must match the whole name
+    assert not rule.matches("x", "api.shop.test", None, 443)  # an unknown client matches no client rule
+
+
+def test_connect_outside_the_policys_clients_or_ports_gets_403(
+    start_bumper, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    lab = start_bumper("--policy", str(POLICIES / "lab.yaml"))  # ports: the default 443 and 8443
+    sock, reply = open_tunnel(lab, upstream.host, upstream.port)
+    assert reply.startswith(b"HTTP/1.1 403")
+    port = sock.getsockname()[1]
+    sock.close()
+    assert f"outcome=port {upstream.port} is not in the policy's ports" in lab.connection_line(port)
+
+    office_only = start_with_policy(start_bumper, tmp_path_factory.mktemp("clients"), "clients: [10.0.0.0/8]\n")
+    r = curl(office_only, upstream.url("/"), "-w", "%{http_connect} %{local_port}")
+    status, port_text = r.stdout.split()
+    assert status == "403"
+    assert "outcome=client 127.0.0.1 is not in the policy's clients" in office_only.connection_line(int(port_text))
