@@ -61,6 +61,23 @@ def test_shipped_lab_policy_loads() -> None:
     assert policy.load(POLICIES / "lab.yaml") == policy.Policy("bump", ())
 
 
+@pytest.mark.parametrize(
+    ("name", "host", "action"),
+    [
+        ("egress-allowlist", "en.wikipedia.org", "bump"),
+        ("egress-allowlist", "evil.example", "block"),
+        ("privacy", "www.chase.com", "splice"),
+        ("privacy", "www.nhs.uk", "splice"),
+        ("privacy", "news.example", "bump"),
+        ("pinned-apps", "gateway.icloud.com", "splice"),
+        ("pinned-apps", "news.example", "bump"),
+    ],
+)
+def test_shipped_examples_load_and_decide(name: str, host: str, action: str) -> None:
+    loaded = policy.load(POLICIES / f"{name}.yaml")
+    assert loaded.decide(host, host, ipaddress.ip_address("10.0.0.5"), 443).action == action
+
+
 def test_every_error_is_reported_with_file_line_and_column(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(
