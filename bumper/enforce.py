@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 
 from mitmproxy import connection, http, tls
+from mitmproxy.net.http import url
 from mitmproxy.utils import human
 
 from bumper.eventlog import ConnectionLog, is_plain_proxy_request
-from bumper.policy import Address, Decision, Policy
+from bumper.policy import Address, Decision, Policy, name_mismatch
 from bumper.probe import UpstreamProbe
+
+log = logging.getLogger("bumper.policy")
 
 
 def client_address(client: connection.Client) -> Address | None:
@@ -42,6 +46,8 @@ class PolicyEnforcer:
             self._refuse(flow, decision, "CONNECT to")
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.client_conn.tls:
+            return self._check_names(flow)
         # Plain-HTTP proxy requests have no ClientHello: the request's host is all there is to match.
         if not is_plain_proxy_request(flow):
             return
@@ -53,6 +59,28 @@ class PolicyEnforcer:
             self._refuse(flow, decision, "request to")
         elif record := self.connections.record(flow.client_conn.id):
             record.decided(decision)
+
+    def _check_names(self, flow: http.HTTPFlow) -> None:
+        """In a bumped connection, CONNECT host, SNI and Host must name one site."""
+        assert flow.server_conn.address is not None
+        connect_host, sni = flow.server_conn.address[0], flow.client_conn.sni
+        host_header = url.parse_authority(flow.request.host_header or "", check=False)[0] or None
+        if not name_mismatch(connect_host, sni, host_header):
+            return
+        names_seen = f"CONNECT {connect_host}, SNI {sni or '-'}, Host {host_header or '-'}"
+        if self.policy.mismatch == "log":
+            log.warning(
+                "%s: names disagree (%s); relayed, as the policy's mismatch: log says",
+                flow.client_conn.peername,
+                names_seen,
+            )
+            return
+        reason = f"names disagree ({names_seen})"
+        flow.response = http.Response.make(
+            403, f"bumper: request refused: {reason}\n", {"content-type": "text/plain; charset=utf-8"}
+        )
+        if record := self.connections.record(flow.client_conn.id):
+            record.fail(reason)
 
     def _refuse(self, flow: http.HTTPFlow, decision: Decision, what: str, reason: str = "") -> None:
         target = human.format_address((flow.request.host, flow.request.port))

@@ -39,7 +39,8 @@ UPSTREAM_ERROR_ACTIONS = ("mimic", "block", "allow", "splice")
 MATCH_KEYS = ("sni", "host", "client", "port")
 RULE_KEYS = ("name", "match", "action", "on_upstream_error", "upstream_tls_min")
 UPSTREAM_TLS_VERSIONS = ("1.0", "1.1", "1.2")
-TOP_KEYS = ("default", "on_upstream_error", "clients", "ports", "rules")
+TOP_KEYS = ("default", "on_upstream_error", "clients", "ports", "mismatch", "rules")
+MISMATCH_ACTIONS = ("block", "log")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 PortRange = tuple[int, int]
 # Who may use the proxy, like Squid's `localnet`: loopback, private, CGNAT and link-local ranges.
@@ -91,6 +92,15 @@ class Decision:
     upstream_tls_min: str = "1.2"
 
 
+def name_mismatch(connect_host: str, sni: str | None, host_header: str | None) -> bool:
+    """Whether a bumped request's names disagree (domain fronting, tunnelling): the CONNECT host
+    (unless it is an IP address, when the SNI alone names the site), the SNI and the Host header."""
+    seen = {names.normalize(n) for n in (sni, host_header) if n}
+    if not names.is_ip_address(connect_host):
+        seen.add(names.normalize(connect_host))
+    return len(seen) > 1
+
+
 def in_ranges(port: int, ranges: tuple[PortRange, ...]) -> bool:
     return any(low <= port <= high for low, high in ranges)
 
@@ -102,6 +112,7 @@ class Policy:
     on_upstream_error: str = "mimic"
     clients: tuple[Network, ...] = LOCALNET
     ports: tuple[PortRange, ...] = SSL_PORTS
+    mismatch: str = "block"  # when CONNECT host, SNI and Host disagree in a bumped connection
 
     def refusal(self, client: Address | None, port: int | None) -> str | None:
         """Why a request from CLIENT is refused before any rule is read, or None: every client must be
@@ -190,10 +201,12 @@ def _policy(root: yaml.Node, errors: _Errors) -> Policy:
         return Policy()
     _duplicates(root, "", errors)
     default, on_upstream_error, rules = "bump", "mimic", []
-    clients, ports = LOCALNET, SSL_PORTS
+    clients, ports, mismatch = LOCALNET, SSL_PORTS, "block"
     for key_node, value in root.value:
         key = key_node.value
-        if key == "clients":
+        if key == "mismatch":
+            mismatch = _choice(value, key, errors, MISMATCH_ACTIONS, "block")
+        elif key == "clients":
             clients = _networks(value, key, errors)
         elif key == "ports":
             ports = _ports(value, key, errors)
@@ -210,7 +223,7 @@ def _policy(root: yaml.Node, errors: _Errors) -> Policy:
             rules = [_rule(node, i, errors) for i, node in enumerate(value.value)]
         else:
             errors.add(key_node, key, f"unknown key (expected one of: {', '.join(TOP_KEYS)})")
-    return Policy(default, tuple(r for r in rules if r is not None), on_upstream_error, clients, ports)
+    return Policy(default, tuple(r for r in rules if r is not None), on_upstream_error, clients, ports, mismatch)
 
 
 def _rule(node: yaml.Node, index: int, errors: _Errors) -> Rule | None:

@@ -95,7 +95,7 @@ def test_every_error_is_reported_with_file_line_and_column(tmp_path: Path) -> No
     bad_name = "(use example.com, *.example.com or regex:...)"
     assert str(e.value).splitlines() == [
         f"{path}:1:10: default: unknown action 'bmup' (expected one of: bump, splice, block)",
-        f"{path}:2:1: colour: unknown key (expected one of: default, on_upstream_error, clients, ports, rules)",
+        f"{path}:2:1: colour: unknown key (expected one of: {', '.join(policy.TOP_KEYS)})",
         f"{path}:3:14: ports: bad port '70000' (use 443 or a range such as 8000-8999)",
         f"{path}:3:21: ports: bad port '8000-7000' (use 443 or a range such as 8000-8999)",
         f"{path}:6:32: rules[0].match.sni: bad name, glob or regex 'bad*glob.test' {bad_name}",
@@ -286,3 +286,34 @@ def test_connect_outside_the_policys_clients_or_ports_gets_403(
     status, port_text = r.stdout.split()
     assert status == "403"
     assert "outcome=client 127.0.0.1 is not in the policy's clients" in office_only.connection_line(int(port_text))
+
+
+@pytest.mark.parametrize(
+    ("connect", "sni", "host", "mismatch"),
+    [
+        ("a.test", "a.test", "A.test", False),
+        ("a.test", None, "a.test", False),
+        ("192.0.2.1", "a.test", "a.test", False),  # an IP CONNECT: the SNI names the site
+        ("a.test", "a.test", "b.test", True),  # domain fronting
+        ("a.test", "b.test", "b.test", True),
+        ("192.0.2.1", "a.test", "b.test", True),
+    ],
+)
+def test_name_mismatch(connect: str, sni: str | None, host: str, mismatch: bool) -> None:
+    assert policy.name_mismatch(connect, sni, host) is mismatch
+
+
+@pytest.mark.parametrize(("setting", "status"), [("", "403"), ("mismatch: log\n", "200")])
+def test_domain_fronting_in_a_bumped_connection(
+    start_bumper, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory, setting: str, status: str
+) -> None:
+    fronting = start_with_policy(start_bumper, tmp_path_factory.mktemp("mismatch"), setting + "default: bump\n")
+    r = curl(fronting, upstream.url("/"), "-H", "Host: hidden.test", "-w", "\n%{http_code} %{local_port}")
+    code, port = r.stdout.rsplit("\n", 1)[1].split()
+    assert code == status
+    names_seen = f"CONNECT {upstream.host}, SNI {upstream.host}, Host hidden.test"
+    if status == "403":
+        assert f"outcome=names disagree ({names_seen})" in fronting.connection_line(int(port))
+    else:
+        fronting.connection_line(int(port))
+        assert f"names disagree ({names_seen}); relayed" in fronting.process.log
