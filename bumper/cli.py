@@ -156,6 +156,7 @@ def _run_command(args: list[str]) -> int:
         trust=UpstreamTrust(tuple(opts.upstream_ca)),
         resolve=tuple(Override.parse(spec) for spec in opts.resolve),
         policy=policy.load(opts.policy) if opts.policy else policy.LAB,
+        policy_path=opts.policy,
         fetch_issuers=not opts.no_fetch_issuers,
         client_tls=ClientTls(opts.client_tls_min, opts.client_ciphers),
         mimics=MimicSettings(

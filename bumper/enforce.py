@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+from pathlib import Path
 
 from mitmproxy import connection, http, tls
 from mitmproxy.net.http import url
 from mitmproxy.utils import human
 
+from bumper.errors import ConfigError
 from bumper.eventlog import ConnectionLog, is_plain_proxy_request
 from bumper.policy import Address, Decision, Policy, name_mismatch
+from bumper.policy import load as load_policy
 from bumper.probe import UpstreamProbe
 
 log = logging.getLogger("bumper.policy")
+
+WATCH_INTERVAL = 1.0  # seconds between looks at the policy file
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def client_address(client: connection.Client) -> Address | None:
@@ -24,11 +38,51 @@ def client_address(client: connection.Client) -> Address | None:
 
 
 class PolicyEnforcer:
-    def __init__(self, policy: Policy, connections: ConnectionLog, probe: UpstreamProbe | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        connections: ConnectionLog,
+        probe: UpstreamProbe | None = None,
+        path: Path | None = None,
+    ) -> None:
         self.policy = policy
+        self.path = path  # the policy file, reloaded on SIGHUP and when it changes
+        self._watcher: asyncio.Task[None] | None = None
         self.connections = connections
         self.probe = probe  # for rules whose on_upstream_error is splice
         self._decisions: dict[str, Decision] = {}  # by client connection id, once its ClientHello is read
+
+    def running(self) -> None:
+        if self.path is not None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(self.path))
+
+    def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    def reload(self) -> None:
+        """A new policy for new connections; connections in flight keep the decisions they got.
+        An invalid file changes nothing: the policy in force stays, and one line says why."""
+        if self.path is None:
+            return
+        try:
+            new = load_policy(self.path)
+        except ConfigError as e:
+            problems = str(e).splitlines()
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            log.error("policy not reloaded, the one in force stays: %s%s", problems[0], more)
+            return
+        self.policy = new
+        log.info("policy reloaded from %s: %d rules, default %s", self.path, len(new.rules), new.default)
+
+    async def _watch(self, path: Path) -> None:
+        seen = _stamp(path)
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            stamp = _stamp(path)
+            if stamp != seen:
+                seen = stamp
+                self.reload()
 
     def decision_for(self, client_id: str) -> Decision | None:
         return self._decisions.get(client_id)

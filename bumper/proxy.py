@@ -72,6 +72,7 @@ class ProxyConfig:
     trust: UpstreamTrust
     resolve: tuple[Override, ...] = ()
     policy: Policy = LAB
+    policy_path: Path | None = None  # reloaded on SIGHUP and when it changes
     mimics: MimicSettings = MimicSettings()
     fetch_issuers: bool = True  # complete chains that lack an intermediate (AIA caIssuers)
     client_tls: ClientTls = ClientTls()
@@ -90,7 +91,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     mimics = mimic_store(config, authority)
     own_cas = [authority.trust_anchor, authority.cert]
     probe = UpstreamProbe(config.trust, lambda: [*own_cas, mimics.untrusted().cert])
-    enforcer = PolicyEnforcer(config.policy, connections, probe)
+    enforcer = PolicyEnforcer(config.policy, connections, probe, config.policy_path)
     pages = UpstreamErrorPages()
     m.addons.add(
         proxyserver.Proxyserver(),
@@ -139,6 +140,7 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, m.shutdown)
+        loop.add_signal_handler(signal.SIGHUP, m.addons.get("policyenforcer").reload)
         try:
             await m.running()
             await m.should_exit.wait()
