@@ -23,6 +23,7 @@ of a key may.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,23 +134,62 @@ class Policy:
                 return Decision("block", f"{decision.rule} (SNI {sni} spliced, CONNECT host {connect_host} not)")
         return decision
 
+    @functools.cached_property
+    def _index(self) -> RuleIndex:
+        return RuleIndex(self.rules)
+
     def _first_match(self, connect_host: str, sni: str | None, client: Address | None, port: int) -> Decision:
-        for rule in self.rules:
-            if rule.matches(connect_host, sni, client, port):
-                return self._by(rule)
+        for i in self._index.candidates(connect_host, sni or connect_host):
+            if self.rules[i].matches(connect_host, sni, client, port):
+                return self._by(self.rules[i])
         return Decision(self.default, "default", self.on_upstream_error)
 
     def decide_at_connect(self, connect_host: str, client: Address | None = None, port: int = 443) -> Decision | None:
-        """The decision when only the CONNECT host is known, or None when it hangs on the SNI."""
-        for rule in self.rules:
-            if rule.needs_sni():
-                return None
-            if rule.matches(connect_host, None, client, port):
-                return self._by(rule)
+        """The decision when only the CONNECT host is known, or None when it hangs on the SNI: the
+        first rule that matches, unless a rule that needs the SNI comes before it."""
+        first_sni_rule = self._index.first_sni_rule
+        for i in self._index.candidates(connect_host, connect_host):
+            if i > first_sni_rule:
+                break
+            if not self.rules[i].needs_sni() and self.rules[i].matches(connect_host, None, client, port):
+                return self._by(self.rules[i])
+        if first_sni_rule < len(self.rules):
+            return None
         return Decision(self.default, "default", self.on_upstream_error)
 
     def _by(self, rule: Rule) -> Decision:
         return Decision(rule.action, rule.name, rule.on_upstream_error or self.on_upstream_error, rule.upstream_tls_min)
+
+
+class RuleIndex:
+    """Which rules could match a name, without scanning them all: exact names and `*.` suffixes are
+    looked up by the name's own labels; rules with regexes or without names are always candidates.
+    The candidates are then checked in order with Rule.matches, so the first match still wins."""
+
+    def __init__(self, rules: tuple[Rule, ...]) -> None:
+        self.by_sni: dict[str, list[int]] = {}  # a name or "*.suffix" -> rules whose sni lists it
+        self.by_host: dict[str, list[int]] = {}  # the same for rules that match on the host alone
+        self.always: list[int] = []
+        self.first_sni_rule = next((i for i, r in enumerate(rules) if r.needs_sni()), len(rules))
+        for i, rule in enumerate(rules):
+            patterns, index = (rule.sni, self.by_sni) if rule.sni else (rule.host, self.by_host)
+            if not patterns or any(p.startswith(names.REGEX_PREFIX) for p in patterns):
+                self.always.append(i)
+                continue
+            for pattern in patterns:
+                index.setdefault(pattern, []).append(i)
+
+    def candidates(self, connect_host: str, name: str) -> list[int]:
+        found = set(self.always)
+        for index, key in ((self.by_sni, name), (self.by_host, connect_host)):
+            if not index:
+                continue
+            key = names.normalize(key)
+            found.update(index.get(key, ()))
+            labels = key.split(".")
+            for start in range(1, len(labels)):  # www.bank.test -> *.bank.test, *.test
+                found.update(index.get("*." + ".".join(labels[start:]), ()))
+        return sorted(found)
 
 
 LAB = Policy()  # no --policy: bump everything from local clients to the usual TLS ports

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bumper import policy
 from bumper.errors import ConfigError
@@ -317,3 +319,50 @@ def test_domain_fronting_in_a_bumped_connection(
     else:
         fronting.connection_line(int(port))
         assert f"names disagree ({names_seen}); relayed" in fronting.process.log
+
+
+LABELS = ["a", "b", "shop", "bank", "test", "example"]
+name_strategy = st.lists(st.sampled_from(LABELS), min_size=1, max_size=4).map(".".join)
+pattern_strategy = st.one_of(
+    name_strategy,
+    name_strategy.map(lambda n: "*." + n),
+    st.sampled_from(["regex:(a|b)\\.test", "regex:.*bank.*"]),
+)
+rule_strategy = st.builds(
+    policy.Rule,
+    name=st.sampled_from(["r1", "r2", "r3"]),
+    action=st.sampled_from(policy.ACTIONS),
+    sni=st.lists(pattern_strategy, max_size=3).map(tuple),
+    host=st.lists(pattern_strategy, max_size=2).map(tuple),
+    port=st.sampled_from([(), ((443, 443),), ((8000, 8999),)]),
+)
+
+
+def linear_decide(p: policy.Policy, host: str, sni: str | None, port: int) -> policy.Decision:
+    """The definition: the first rule that matches, scanning them all."""
+    rule = next((r for r in p.rules if r.matches(host, sni, None, port)), None)
+    return p._by(rule) if rule else policy.Decision(p.default, "default", p.on_upstream_error)
+
+
+def linear_decide_at_connect(p: policy.Policy, host: str, port: int) -> policy.Decision | None:
+    for r in p.rules:
+        if r.needs_sni():
+            return None
+        if r.matches(host, None, None, port):
+            return p._by(r)
+    return policy.Decision(p.default, "default", p.on_upstream_error)
+
+
+@settings(derandomize=True, max_examples=300, deadline=None, database=None)
+@given(
+    rules=st.lists(rule_strategy, max_size=12),
+    host=name_strategy,
+    sni=st.one_of(st.none(), name_strategy),
+    port=st.sampled_from([443, 8443, 8080]),
+)
+def test_the_rule_index_decides_as_a_scan_of_every_rule(
+    rules: list[policy.Rule], host: str, sni: str | None, port: int
+) -> None:
+    p = policy.Policy("bump", tuple(rules))
+    assert p._first_match(host, sni, None, port) == linear_decide(p, host, sni, port)
+    assert p.decide_at_connect(host, None, port) == linear_decide_at_connect(p, host, port)
