@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 from pathlib import Path
@@ -13,6 +14,7 @@ from mitmproxy.utils import human
 
 from bumper.errors import ConfigError
 from bumper.eventlog import ConnectionLog, is_plain_proxy_request
+from bumper.pinning import LearnedPins, is_rejection
 from bumper.policy import Address, Decision, Policy, name_mismatch
 from bumper.policy import load as load_policy
 from bumper.probe import UpstreamProbe
@@ -49,6 +51,8 @@ class PolicyEnforcer:
         self.path = path  # the policy file, reloaded on SIGHUP and when it changes
         self._watcher: asyncio.Task[None] | None = None
         self.connections = connections
+        self.pins = LearnedPins()
+        self._talked: set[str] = set()  # client connections that sent a request after their handshake
         self.probe = probe  # for rules whose on_upstream_error is splice
         self._decisions: dict[str, Decision] = {}  # by client connection id, once its ClientHello is read
 
@@ -88,7 +92,29 @@ class PolicyEnforcer:
         return self._decisions.get(client_id)
 
     def client_disconnected(self, client: connection.Client) -> None:
-        self._decisions.pop(client.id, None)
+        decision = self._decisions.pop(client.id, None)
+        talked = client.id in self._talked
+        self._talked.discard(client.id)
+        if decision is not None and client.tls_established and not talked:
+            self._learn(client, decision, "closed before any request")
+
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        client = data.context.client
+        decision = self._decisions.get(client.id)
+        if decision is not None and is_rejection(str(data.conn.error)):
+            self._learn(client, decision, str(data.conn.error))
+
+    def _learn(self, client: connection.Client, decision: Decision, why: str) -> None:
+        """With learn_pinning, a client that rejects the mimic for a name has it spliced for a while."""
+        address = client.peername[0] if client.peername else None
+        if not decision.learn_pinning or decision.action != "bump" or not client.sni or address is None:
+            return
+        if not self.pins.pinned(address, client.sni):
+            self.pins.remember(address, client.sni)
+            log.info(
+                "learned: %s rejects the mimic for %s (%s); spliced for %d s (rule %r)",
+                address, client.sni, why, self.pins.ttl, decision.rule,
+            )  # fmt: skip
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         client, port = client_address(flow.client_conn), flow.request.port
@@ -101,6 +127,7 @@ class PolicyEnforcer:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.client_conn.tls:
+            self._talked.add(flow.client_conn.id)
             return self._check_names(flow)
         # Plain-HTTP proxy requests have no ClientHello: the request's host is all there is to match.
         if not is_plain_proxy_request(flow):
@@ -158,6 +185,9 @@ class PolicyEnforcer:
                 decision = Decision("splice", decision.rule, decision.on_upstream_error)
                 if record:
                     record.verified(verdict, "-")
+        sni, address = data.client_hello.sni, context.client.peername[0] if context.client.peername else None
+        if decision.action == "bump" and decision.learn_pinning and sni and address and self.pins.pinned(address, sni):
+            decision = dataclasses.replace(decision, action="splice", rule=f"{decision.rule} (learned pinning)")
         self._decisions[context.client.id] = decision
         if record:
             record.decided(decision)

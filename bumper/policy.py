@@ -38,7 +38,7 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 ACTIONS = ("bump", "splice", "block")
 UPSTREAM_ERROR_ACTIONS = ("mimic", "block", "allow", "splice")
 MATCH_KEYS = ("sni", "host", "client", "port")
-RULE_KEYS = ("name", "match", "action", "on_upstream_error", "upstream_tls_min")
+RULE_KEYS = ("name", "match", "action", "on_upstream_error", "upstream_tls_min", "learn_pinning")
 UPSTREAM_TLS_VERSIONS = ("1.0", "1.1", "1.2")
 TOP_KEYS = ("default", "on_upstream_error", "clients", "ports", "mismatch", "rules")
 MISMATCH_ACTIONS = ("block", "log")
@@ -66,6 +66,7 @@ class Rule:
     port: tuple[PortRange, ...] = ()
     on_upstream_error: str | None = None  # None: the policy's own
     upstream_tls_min: str = "1.2"  # below 1.2 only for hosts the rule names exactly
+    learn_pinning: bool = False  # splice (client, SNI) pairs whose client rejected the mimic
 
     def names_hosts_exactly(self) -> bool:
         patterns = (*self.sni, *self.host)
@@ -91,6 +92,7 @@ class Decision:
     rule: str  # the rule's name, or "default"
     on_upstream_error: str = "mimic"
     upstream_tls_min: str = "1.2"
+    learn_pinning: bool = False
 
 
 def name_mismatch(connect_host: str, sni: str | None, host_header: str | None) -> bool:
@@ -158,7 +160,10 @@ class Policy:
         return Decision(self.default, "default", self.on_upstream_error)
 
     def _by(self, rule: Rule) -> Decision:
-        return Decision(rule.action, rule.name, rule.on_upstream_error or self.on_upstream_error, rule.upstream_tls_min)
+        return Decision(
+            rule.action, rule.name, rule.on_upstream_error or self.on_upstream_error, rule.upstream_tls_min,
+            rule.learn_pinning,
+        )  # fmt: skip
 
 
 class RuleIndex:
@@ -299,6 +304,10 @@ def _rule(node: yaml.Node, index: int, errors: _Errors) -> Rule | None:
                 node_value, f"{where}.on_upstream_error", "allow needs a match that names its hosts exactly, no globs"
             )
         rule = dataclasses.replace(rule, on_upstream_error=on_error)
+    if "learn_pinning" in fields:
+        node_value = fields["learn_pinning"]
+        learn = _choice(node_value, f"{where}.learn_pinning", errors, ("true", "false"), "false", "value")
+        rule = dataclasses.replace(rule, learn_pinning=learn == "true")
     if "upstream_tls_min" in fields:
         node_value = fields["upstream_tls_min"]
         version = _choice(node_value, f"{where}.upstream_tls_min", errors, UPSTREAM_TLS_VERSIONS, "1.2", "version")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -366,3 +368,44 @@ def test_the_rule_index_decides_as_a_scan_of_every_rule(
     p = policy.Policy("bump", tuple(rules))
     assert p._first_match(host, sni, None, port) == linear_decide(p, host, sni, port)
     assert p.decide_at_connect(host, None, port) == linear_decide_at_connect(p, host, port)
+
+
+def test_learn_pinning_splices_a_client_that_rejected_the_mimic(
+    start_bumper, upstream: Upstream, test_pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    learning = start_with_policy(
+        start_bumper,
+        tmp_path_factory.mktemp("pinning"),
+        "rules:\n  - name: apps\n    match: {sni: ['*.upstream.test']}\n    action: bump\n    learn_pinning: true\n",
+    )
+    host = "app.upstream.test"
+    pinned_app = client_tls_context(test_pki.root_pem)  # trusts only the real root: rejects any mimic
+    sock, _ = open_tunnel(learning, host, upstream.port)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        pinned_app.wrap_socket(sock, server_hostname=host)
+    wait = time.monotonic() + 10
+    while "learned: 127.0.0.1 rejects the mimic for app.upstream.test" not in learning.process.log:
+        assert time.monotonic() < wait, learning.process.log
+        time.sleep(0.05)
+    sock, _ = open_tunnel(learning, host, upstream.port)  # the same client and name, again
+    with pinned_app.wrap_socket(sock, server_hostname=host) as tls:  # now the real certificate
+        der = tls.getpeercert(binary_form=True)
+        port = tls.getsockname()[1]
+    assert der is not None and x509.load_der_x509_certificate(der) == upstream.leaf.cert
+    assert "action=splice rule=apps (learned pinning)" in learning.connection_line(port)
+    other = curl(learning, f"https://other.upstream.test:{upstream.port}/")  # other names: still bumped
+    assert other.stdout == "hello from upstream"
+
+
+def test_learned_pins_expire_and_stay_bounded() -> None:
+    from bumper.pinning import LearnedPins
+
+    now = [0.0]
+    pins = LearnedPins(ttl=10, capacity=2, clock=lambda: now[0])
+    pins.remember("10.0.0.1", "a.test")
+    assert pins.pinned("10.0.0.1", "a.test") and not pins.pinned("10.0.0.2", "a.test")
+    now[0] = 11
+    assert not pins.pinned("10.0.0.1", "a.test")
+    for name in ("b.test", "c.test", "d.test"):
+        pins.remember("10.0.0.1", name)
+    assert [pins.pinned("10.0.0.1", n) for n in ("b.test", "c.test", "d.test")] == [False, True, True]
