@@ -37,7 +37,9 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 ACTIONS = ("bump", "splice", "block")
 UPSTREAM_ERROR_ACTIONS = ("mimic", "block", "allow", "splice")
-MATCH_KEYS = ("sni", "host", "client", "port")
+MATCH_KEYS = ("sni", "host", "client", "port", "listener")
+# bumper has one listener today, the explicit proxy; rules can already name it for later modes.
+LISTENERS = ("proxy",)
 RULE_KEYS = ("name", "match", "action", "on_upstream_error", "upstream_tls_min", "learn_pinning")
 UPSTREAM_TLS_VERSIONS = ("1.0", "1.1", "1.2")
 TOP_KEYS = ("default", "on_upstream_error", "clients", "ports", "mismatch", "rules")
@@ -64,6 +66,7 @@ class Rule:
     host: tuple[str, ...] = ()
     client: tuple[Network, ...] = ()
     port: tuple[PortRange, ...] = ()
+    listener: tuple[str, ...] = ()
     on_upstream_error: str | None = None  # None: the policy's own
     upstream_tls_min: str = "1.2"  # below 1.2 only for hosts the rule names exactly
     learn_pinning: bool = False  # splice (client, SNI) pairs whose client rejected the mimic
@@ -81,6 +84,8 @@ class Rule:
         if self.client and (client is None or not any(client in net for net in self.client)):
             return False
         if self.port and not in_ranges(port, self.port):
+            return False
+        if self.listener and "proxy" not in self.listener:
             return False
         name = sni or connect_host
         return not self.sni or any(names.host_matches(p, name) for p in self.sni)
@@ -295,6 +300,7 @@ def _rule(node: yaml.Node, index: int, errors: _Errors) -> Rule | None:
         host=patterns.get("host", ()),  # type: ignore[arg-type]
         client=patterns.get("client", ()),  # type: ignore[arg-type]
         port=patterns.get("port", ()),  # type: ignore[arg-type]
+        listener=patterns.get("listener", ()),  # type: ignore[arg-type]
     )
     if "on_upstream_error" in fields:
         node_value = fields["on_upstream_error"]
@@ -333,6 +339,11 @@ def _match(node: yaml.Node | None, where: str, errors: _Errors) -> dict[str, tup
             found[key] = _ports(value, f"{where}.{key}", errors)
         elif key in ("sni", "host"):
             found[key] = _patterns(value, f"{where}.{key}", errors)
+        elif key == "listener":
+            found[key] = tuple(
+                _choice(item, f"{where}.{key}", errors, LISTENERS, "proxy", "listener")
+                for item in _items(value, f"{where}.{key}", errors)
+            )
         else:
             errors.add(key_node, f"{where}.{key}", f"unknown key (expected one of: {', '.join(MATCH_KEYS)})")
     return found

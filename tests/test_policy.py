@@ -90,7 +90,7 @@ def test_every_error_is_reported_with_file_line_and_column(tmp_path: Path) -> No
         "ports: [443, 70000, 8000-7000]\n"
         "rules:\n"
         "  - name: one\n"
-        "    match: {sni: ['*.ok.test', 'bad*glob.test', 'regex:(('], client: [10.0.0.0/33], listener: [a]}\n"
+        "    match: {sni: ['*.ok.test', 'bad*glob.test', 'regex:(('], client: [10.0.0.0/33], listen: [a]}\n"
         "    action: splice\n"
         "  - name: two\n"
     )
@@ -105,7 +105,7 @@ def test_every_error_is_reported_with_file_line_and_column(tmp_path: Path) -> No
         f"{path}:6:32: rules[0].match.sni: bad name, glob or regex 'bad*glob.test' {bad_name}",
         f"{path}:6:49: rules[0].match.sni: bad name, glob or regex 'regex:((' {bad_name}",
         f"{path}:6:71: rules[0].match.client: bad CIDR '10.0.0.0/33' (use 10.0.0.0/8, 2001:db8::/32 or one address)",
-        f"{path}:6:85: rules[0].match.listener: unknown key (expected one of: sni, host, client, port)",
+        f"{path}:6:85: rules[0].match.listen: unknown key (expected one of: sni, host, client, port, listener)",
         f"{path}:8:5: rules[1].action: missing",
     ]
 
@@ -409,3 +409,12 @@ def test_learned_pins_expire_and_stay_bounded() -> None:
     for name in ("b.test", "c.test", "d.test"):
         pins.remember("10.0.0.1", name)
     assert [pins.pinned("10.0.0.1", n) for n in ("b.test", "c.test", "d.test")] == [False, True, True]
+
+
+def test_rules_can_name_the_listener(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("rules:\n  - match: {listener: [proxy]}\n    action: block\n")
+    assert policy.load(path).decide("a.test", "a.test").action == "block"
+    path.write_text("rules:\n  - match: {listener: [socks]}\n    action: block\n")
+    with pytest.raises(ConfigError, match="unknown listener 'socks' \\(expected one of: proxy\\)"):
+        policy.load(path)
