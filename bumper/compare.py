@@ -9,7 +9,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509.oid import ExtensionOID
 
-from bumper import keys
+from bumper import der, keys
 
 SAME = "(same)"
 ABSENT = "-"
@@ -27,23 +27,16 @@ def compare(upstream: x509.Certificate, mimic: x509.Certificate) -> list[Row]:
         Row("subject", upstream.subject.rfc4514_string() or "(empty)", mimic.subject.rfc4514_string() or "(empty)"),
         Row("issuer", upstream.issuer.rfc4514_string(), mimic.issuer.rfc4514_string()),
         Row("serial", f"{upstream.serial_number:#x}", f"{mimic.serial_number:#x}"),
-        Row(
-            "not before",
-            f"{upstream.not_valid_before_utc:%Y-%m-%d %H:%M:%S}",
-            f"{mimic.not_valid_before_utc:%Y-%m-%d %H:%M:%S}",
-        ),
-        Row(
-            "not after",
-            f"{upstream.not_valid_after_utc:%Y-%m-%d %H:%M:%S}",
-            f"{mimic.not_valid_after_utc:%Y-%m-%d %H:%M:%S}",
-        ),
+        Row("not before", _time(upstream.not_valid_before_utc), _time(mimic.not_valid_before_utc)),
+        Row("not after", _time(upstream.not_valid_after_utc), _time(mimic.not_valid_after_utc)),
         Row("key", _key(upstream), _key(mimic)),
         Row("signature", _signature(upstream), _signature(mimic)),
     ]
-    upstream_ext = {e.oid: e for e in upstream.extensions}
-    mimic_ext = {e.oid: e for e in mimic.extensions}
+    upstream_ext, mimic_ext = _extensions(upstream), _extensions(mimic)
     for oid in [*upstream_ext, *(o for o in mimic_ext if o not in upstream_ext)]:
-        rows.append(Row(_oid_name(oid), _extension(upstream_ext.get(oid)), _extension(mimic_ext.get(oid))))
+        rows.append(
+            Row(_oid_name(x509.ObjectIdentifier(oid)), upstream_ext.get(oid, ABSENT), mimic_ext.get(oid, ABSENT))
+        )
     return [Row(r.field, r.upstream, SAME if r.mimic == r.upstream else r.mimic) for r in rows]
 
 
@@ -75,9 +68,19 @@ def _oid_name(oid: x509.ObjectIdentifier) -> str:
     return oid.dotted_string if name == "Unknown OID" else name
 
 
-def _extension(ext: x509.Extension | None) -> str:
-    if ext is None:
-        return ABSENT
+def _extensions(cert: x509.Certificate) -> dict[str, str]:
+    """Each extension by dotted OID, in order, as text: parsed where cryptography can read the
+    certificate's extensions, else as the raw DER that bumper copies (der.py)."""
+    try:
+        return {e.oid.dotted_string: _extension(e) for e in cert.extensions}
+    except (ValueError, x509.UnsupportedGeneralNameType):  # contents cryptography does not read
+        return {
+            e.oid: f"{'critical ' if e.critical else ''}DER {e.value.hex()}"
+            for e in der.extensions(cert.tbs_certificate_bytes)
+        }
+
+
+def _extension(ext: x509.Extension) -> str:
     critical = "critical " if ext.critical else ""
     if ext.oid == ExtensionOID.SUBJECT_ALTERNATIVE_NAME:
         value = ", ".join(_general_name(n) for n in ext.value)

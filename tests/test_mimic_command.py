@@ -100,3 +100,16 @@ def test_no_ca_is_one_line_and_exit_2(tmp_path: Path, upstream_file: tuple[Path,
     assert (result.returncode, result.stderr.count("\n")) == (2, 1)
     assert "holds no CA" in result.stderr
     assert not (tmp_path / "none").exists()  # nothing was created
+
+
+def test_text_shows_extensions_cryptography_cannot_read(ca_dir: Path, tmp_path: Path) -> None:
+    """A SAN with an x400Address is copied verbatim; --text shows it as DER instead of failing."""
+    import cryptography_vectors
+
+    der = cryptography_vectors.open_vector_file("x509/san_x400address.der", "rb").read()
+    path = tmp_path / "x400.pem"
+    path.write_bytes(x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM))
+    result = bumper_cli("mimic", "--ca", ca_dir, path, "--text")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert " DER 30" in rows["subjectAltName"] and rows["subjectAltName"].endswith("(same)")
