@@ -15,13 +15,14 @@ from cryptography.hazmat.primitives import serialization
 
 from bumper import __version__, compare, keys, policy
 from bumper import ca as ca_files
+from bumper.addonload import load_registry
 from bumper.errors import ConfigError
 from bumper.keypool import KeyPool, PoolSettings
 from bumper.keys import KeySpec
 from bumper.mimic import UnmimicableCertificate
 from bumper.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES
 from bumper.mimicstore import DEFAULT_CAPACITY, MimicStore
-from bumper.proxy import ListenAddress, MimicSettings, ProxyConfig, serve
+from bumper.proxy import ListenAddress, MimicSettings, ProxyConfig, access_log, serve
 from bumper.resolve import Override, ResolvingEventLoop
 from bumper.tlsprovider import CLIENT_CIPHERS, ClientTls, UpstreamTrust
 
@@ -35,6 +36,8 @@ examples:
       a client that trusts the CA, through the proxy
   bumper --ca ca/ --upstream-ca lab-root.pem --resolve '*.example.test=127.0.0.1'
       a lab upstream: its own root, names mapped without DNS
+  bumper --ca ca/ --policy policies/lab.yaml --access-log /var/log/bumper/access.jsonl
+      a policy (which addons inspect what), and a JSON Lines access log of everything
   bumper ca show --ca ca/
       subject, SHA-256 fingerprint, validity and key type of the CA
   bumper ca export --ca ca/ /tmp/bumper-ca.der
@@ -43,7 +46,7 @@ examples:
 subcommands:
   bumper ca init|show|export --ca DIR    manage the CA (bumper ca --help)
   bumper mimic --ca DIR CERT.pem         the mimic bumper would serve for CERT.pem (--text: side by side)
-  bumper policy check FILE               OK, or every problem in a policy file with its line and column
+  bumper policy check FILE [--addons DIR]  OK, or every problem in a policy file with its line and column
 """
 
 
@@ -106,6 +109,14 @@ def _run_parser() -> argparse.ArgumentParser:
         help="do not complete upstream chains that lack an intermediate through the leaf's AIA caIssuers URL",
     )
     p.add_argument("--policy", metavar="FILE", type=Path, help="YAML policy: bump, splice or block (default: bump all)")
+    a = p.add_argument_group("inspection addons")
+    _addons_option(a)
+    a.add_argument(
+        "--access-log",
+        metavar="PATH",
+        help="JSON Lines access log of every request and connection, to PATH or - for stdout "
+        "(reopened on SIGUSR1); the same as the access_log addon on every rule",
+    )
     m = p.add_argument_group("mimic certificates")
     m.add_argument(
         "--mimic-cache",
@@ -147,16 +158,30 @@ def _run_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _addons_option(group: argparse._ActionsContainer) -> None:
+    group.add_argument(
+        "--addons",
+        metavar="DIR",
+        type=Path,
+        action="append",
+        default=[],
+        help="load the addons in DIR/*.py, besides bumper's own and the bumper.addons entry points (repeatable)",
+    )
+
+
 def _run_command(args: list[str]) -> int:
     opts = _run_parser().parse_args(args)
     _setup_logging(opts.verbose)
+    addons = load_registry(opts.addons)
     config = ProxyConfig(
         ca_dir=opts.ca,
         listen=ListenAddress.parse(opts.listen),
         trust=UpstreamTrust(tuple(opts.upstream_ca)),
         resolve=tuple(Override.parse(spec) for spec in opts.resolve),
-        policy=policy.load(opts.policy) if opts.policy else policy.LAB,
+        policy=policy.load(opts.policy, addons) if opts.policy else policy.LAB,
         policy_path=opts.policy,
+        addons=addons,
+        always=access_log(addons, opts.access_log) if opts.access_log else (),
         fetch_issuers=not opts.no_fetch_issuers,
         client_tls=ClientTls(opts.client_tls_min, opts.client_ciphers),
         mimics=MimicSettings(
@@ -221,9 +246,11 @@ def _policy_command(args: list[str]) -> int:
     sub = p.add_subparsers(dest="action", required=True)
     check = sub.add_parser("check", help="print OK, or every problem as FILE:LINE:COLUMN: key: what is wrong")
     check.add_argument("file", metavar="FILE", type=Path)
+    _addons_option(check)
     opts = p.parse_args(args)
+    addons = load_registry(opts.addons)  # an addon that cannot load is a configuration error (exit 2)
     try:
-        policy.load(opts.file)
+        policy.load(opts.file, addons)
     except ConfigError as e:
         print(e)  # every problem, one per line
         return EXIT_CONFIG

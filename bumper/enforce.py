@@ -6,7 +6,9 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from mitmproxy import connection, http, tls
 from mitmproxy.net.http import url
@@ -46,8 +48,10 @@ class PolicyEnforcer:
         connections: ConnectionLog,
         probe: UpstreamProbe | None = None,
         path: Path | None = None,
+        addons: Mapping[str, Any] | None = None,
     ) -> None:
         self.policy = policy
+        self.addons = addons  # the addon classes a reloaded policy may name
         self.path = path  # the policy file, reloaded on SIGHUP and when it changes
         self._watcher: asyncio.Task[None] | None = None
         self.connections = connections
@@ -70,7 +74,7 @@ class PolicyEnforcer:
         if self.path is None:
             return
         try:
-            new = load_policy(self.path)
+            new = load_policy(self.path, self.addons)
         except ConfigError as e:
             problems = str(e).splitlines()
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""

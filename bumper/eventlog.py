@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from mitmproxy import connection, http, tls
@@ -17,6 +18,8 @@ log = logging.getLogger("bumper.conn")
 
 @dataclass
 class ConnectionRecord:
+    """What bumper knows of one client connection: for this log, the access log and addons."""
+
     client: str
     kind: str = "CONNECT"  # or HTTP: a plain-HTTP proxy request, no tunnel
     target: str = "-"  # host:port from the CONNECT request or the plain request's URL
@@ -27,8 +30,12 @@ class ConnectionRecord:
     upstream: str = "-"  # the upstream leaf's SHA-256 fingerprint
     requests: int = 0
     error: str | None = None  # the first thing that went wrong, if anything did
+    decision: Decision | None = None
+    conn: connection.Client | None = None
+    server: connection.Server | None = None  # the upstream connection, once one was opened
 
     def decided(self, decision: Decision) -> None:
+        self.decision = decision
         self.action, self.rule = decision.action, decision.rule
 
     def verified(self, verdict: Verdict, fingerprint: str) -> None:
@@ -39,31 +46,43 @@ class ConnectionRecord:
         if self.error is None:
             self.error = reason
 
-    def line(self) -> str:
+    @property
+    def connect_host(self) -> str | None:
+        """The host the client named: in CONNECT, or in a plain-HTTP request's URL."""
+        return self.target.rpartition(":")[0].strip("[]") or None if self.target != "-" else None
+
+    def outcome(self) -> str:
         if self.error:
-            outcome = self.error
-        elif self.target == "-" and self.requests == 0:
-            outcome = "no valid request (malformed, or none before the client closed)"
-        elif self.verify not in ("trusted", "-") and self.requests:
+            return self.error
+        if self.target == "-" and self.requests == 0:
+            return "no valid request (malformed, or none before the client closed)"
+        if self.verify not in ("trusted", "-") and self.requests:
             # The client went on past a mimic that failed its check (curl -k), or a rule allowed it.
-            outcome = f"ok, served although the upstream failed verification ({self.verify})"
-        else:
-            outcome = "ok"
+            return f"ok, served although the upstream failed verification ({self.verify})"
+        return "ok"
+
+    def line(self) -> str:
         return (
             f"{self.client} {self.kind} {self.target} sni={self.sni} action={self.action} rule={self.rule} "
-            f"verify={self.verify} upstream_sha256={self.upstream} requests={self.requests} outcome={outcome}"
+            f"verify={self.verify} upstream_sha256={self.upstream} requests={self.requests} outcome={self.outcome()}"
         )
 
 
 class ConnectionLog:
     def __init__(self) -> None:
         self.records: dict[str, ConnectionRecord] = {}
+        # Told of every record as its connection ends (the addons' connection_end).
+        self.on_end: list[Callable[[ConnectionRecord], Awaitable[None]]] = []
 
     def record(self, client_id: str) -> ConnectionRecord | None:
         return self.records.get(client_id)
 
     def client_connected(self, client: connection.Client) -> None:
-        self.records[client.id] = ConnectionRecord(client=human.format_address(client.peername))
+        self.records[client.id] = ConnectionRecord(client=human.format_address(client.peername), conn=client)
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if record := self.records.get(data.client.id):
+            record.server = data.server
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if record := self.records.get(flow.client_conn.id):
@@ -98,13 +117,15 @@ class ConnectionLog:
         if record := self.records.get(flow.client_conn.id):
             record.fail(f"HTTP error: {flow.error.msg if flow.error else 'unknown'}")
 
-    def client_disconnected(self, client: connection.Client) -> None:
+    async def client_disconnected(self, client: connection.Client) -> None:
         record = self.records.pop(client.id, None)
         if record is None:
             return
         if client.error:
             record.fail(client.error)
         log.info(record.line())
+        for ended in self.on_end:
+            await ended(record)
 
 
 def is_plain_proxy_request(flow: http.HTTPFlow) -> bool:

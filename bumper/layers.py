@@ -16,6 +16,8 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.tunnel import TunnelState
 from OpenSSL import SSL
 
+from bumper.httpstream import HttpLayer
+
 # starts_like_tls_record needs this many bytes to decide.
 _TLS_RECORD_PREFIX = 3
 
@@ -71,7 +73,7 @@ class NextLayer:
             nextlayer.layer = self._proxy_request(context, nextlayer.data_client())
         elif context.client.tls:
             # Decrypted: HTTP/1.1 or h2 by ALPN, HTTP/1.1 when the client offered none.
-            nextlayer.layer = layers.HttpLayer(context, HTTPMode.transparent)
+            nextlayer.layer = HttpLayer(context, HTTPMode.transparent)
         else:
             nextlayer.layer = self._inside_tunnel(context, nextlayer.data_client())
 
@@ -82,7 +84,7 @@ class NextLayer:
         if starts_like_tls_record(data):
             # A client configured with https:// for the proxy itself; it would wait forever.
             return Refuse(context, "not HTTP: the client opened TLS to the proxy port (use http:// for the proxy)")
-        return layers.HttpLayer(context, HTTPMode.regular)
+        return HttpLayer(context, HTTPMode.regular)
 
     @staticmethod
     def _inside_tunnel(context: Context, data: bytes) -> layer.Layer | None:

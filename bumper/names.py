@@ -49,3 +49,16 @@ def host_matches(pattern: str, host: str) -> bool:
 @functools.lru_cache(maxsize=4096)
 def _regex(expression: str) -> re.Pattern[str]:
     return re.compile(expression, re.IGNORECASE)
+
+
+def checked_patterns(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """PATTERNS normalized, or ValueError naming the first bad one (for addon settings)."""
+    normalized = tuple(p if p.startswith(REGEX_PREFIX) else normalize(p) for p in patterns)
+    for original, pattern in zip(patterns, normalized, strict=True):
+        if not valid_pattern(pattern):
+            raise ValueError(f"bad name, glob or regex {original!r} (use example.com, *.example.com or regex:...)")
+    return normalized
+
+
+def matches_any(patterns: tuple[str, ...], host: str) -> bool:
+    return any(host_matches(p, host) for p in patterns)

@@ -25,12 +25,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from bumper import names
+from bumper import names, settings
 from bumper.errors import ConfigError
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -40,7 +42,11 @@ UPSTREAM_ERROR_ACTIONS = ("mimic", "block", "allow", "splice")
 MATCH_KEYS = ("sni", "host", "client", "port", "listener")
 # bumper has one listener today, the explicit proxy; rules can already name it for later modes.
 LISTENERS = ("proxy",)
-RULE_KEYS = ("name", "match", "action", "on_upstream_error", "upstream_tls_min", "learn_pinning")
+RULE_KEYS = ("name", "match", "action", "on_upstream_error", "upstream_tls_min", "learn_pinning", "addons")
+ON_ERROR = ("fail-open", "fail-closed")
+# Keys of an addon's entry that are bumper's, not the addon's settings.
+ADDON_KEYS = ("on_error", "timeout")
+DEFAULT_ADDON_TIMEOUT = 1.0  # seconds a hook may take before it counts as failed
 UPSTREAM_TLS_VERSIONS = ("1.0", "1.1", "1.2")
 TOP_KEYS = ("default", "on_upstream_error", "clients", "ports", "mismatch", "rules")
 MISMATCH_ACTIONS = ("block", "log")
@@ -59,6 +65,16 @@ SSL_PORTS: tuple[PortRange, ...] = ((443, 443), (8443, 8443))
 
 
 @dataclass(frozen=True)
+class AddonSpec:
+    """One entry of a rule's addon chain: which addon, its checked settings, and what a failure does."""
+
+    name: str
+    settings: Any
+    on_error: str = "fail-open"  # fail-open | fail-closed
+    timeout: float = DEFAULT_ADDON_TIMEOUT
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     action: str
@@ -70,6 +86,7 @@ class Rule:
     on_upstream_error: str | None = None  # None: the policy's own
     upstream_tls_min: str = "1.2"  # below 1.2 only for hosts the rule names exactly
     learn_pinning: bool = False  # splice (client, SNI) pairs whose client rejected the mimic
+    addons: tuple[AddonSpec, ...] = ()  # the chain run on bumped traffic, in order
 
     def names_hosts_exactly(self) -> bool:
         patterns = (*self.sni, *self.host)
@@ -98,6 +115,7 @@ class Decision:
     on_upstream_error: str = "mimic"
     upstream_tls_min: str = "1.2"
     learn_pinning: bool = False
+    addons: tuple[AddonSpec, ...] = ()
 
 
 def name_mismatch(connect_host: str, sni: str | None, host_header: str | None) -> bool:
@@ -167,7 +185,7 @@ class Policy:
     def _by(self, rule: Rule) -> Decision:
         return Decision(
             rule.action, rule.name, rule.on_upstream_error or self.on_upstream_error, rule.upstream_tls_min,
-            rule.learn_pinning,
+            rule.learn_pinning, rule.addons,
         )  # fmt: skip
 
 
@@ -208,8 +226,9 @@ LAB = Policy()  # no --policy: bump everything from local clients to the usual T
 class _Errors:
     """Collects every problem in a policy file as FILE:LINE:COLUMN: key: what is wrong."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, addons: Mapping[str, Any]) -> None:
         self.path = path
+        self.addons = addons
         self.messages: list[str] = []
 
     def add(self, node: yaml.Node, key: str, message: str) -> None:
@@ -217,8 +236,9 @@ class _Errors:
         self.messages.append(f"{self.path}:{mark.line + 1}:{mark.column + 1}: {key}: {message}")
 
 
-def load(path: Path) -> Policy:
-    """Read and check a policy file; every problem found is reported at once in one ConfigError."""
+def load(path: Path, addons: Mapping[str, Any] | None = None) -> Policy:
+    """Read and check a policy file; every problem found is reported at once in one ConfigError.
+    ADDONS: the addon classes rules may name, by name (bumper.addonload)."""
     try:
         text = path.read_text()
     except OSError as e:
@@ -229,7 +249,7 @@ def load(path: Path) -> Policy:
         mark = getattr(e, "problem_mark", None)
         where = f"{mark.line + 1}:{mark.column + 1}:" if mark else ""
         raise ConfigError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
-    errors = _Errors(path)
+    errors = _Errors(path, addons or {})
     policy = _policy(root, errors) if root is not None else Policy()
     if errors.messages:
         raise ConfigError("\n".join(errors.messages))
@@ -320,7 +340,62 @@ def _rule(node: yaml.Node, index: int, errors: _Errors) -> Rule | None:
         if version != "1.2" and not rule.names_hosts_exactly():
             errors.add(node_value, f"{where}.upstream_tls_min", "below 1.2 needs a match that names its hosts exactly")
         rule = dataclasses.replace(rule, upstream_tls_min=version)
+    if "addons" in fields:
+        if action != "bump":
+            errors.add(
+                fields["addons"],
+                f"{where}.addons",
+                f"addons run on decrypted traffic only; this rule's action is {action}",
+            )
+        rule = dataclasses.replace(rule, addons=_addons(fields["addons"], f"{where}.addons", errors))
     return rule
+
+
+def _addons(node: yaml.Node, where: str, errors: _Errors) -> tuple[AddonSpec, ...]:
+    """`- name` or `- name: {settings, on_error, timeout}`, in chain order."""
+    specs = []
+    for i, item in enumerate(_items(node, where, errors)):
+        here = f"{where}[{i}]"
+        if isinstance(item, yaml.ScalarNode):
+            name_node, body = item, None
+        elif isinstance(item, yaml.MappingNode) and len(item.value) == 1:
+            name_node, body = item.value[0]
+        else:
+            errors.add(item, here, "expected an addon name, or one name mapped to its settings")
+            continue
+        name = str(name_node.value)
+        cls = errors.addons.get(name)
+        if cls is None:
+            known = ", ".join(sorted(errors.addons)) or "none loaded"
+            errors.add(name_node, here, f"unknown addon {name!r} (known: {known})")
+            continue
+        on_error, timeout = None, DEFAULT_ADDON_TIMEOUT
+        if isinstance(body, yaml.MappingNode):
+            _duplicates(body, f"{here}.{name}.", errors)
+            own = [(k, v) for k, v in body.value if k.value in ADDON_KEYS]
+            body = yaml.MappingNode(body.tag, [(k, v) for k, v in body.value if k.value not in ADDON_KEYS])
+            body.start_mark = name_node.start_mark
+            for key_node, value in own:
+                if key_node.value == "on_error":
+                    on_error = _choice(value, f"{here}.{name}.on_error", errors, ON_ERROR, "fail-closed", "value")
+                else:
+                    timeout = _seconds(value, f"{here}.{name}.timeout", errors)
+        config = settings.build(cls.Settings, body, f"{here}.{name}", errors.add)
+        if config is not None:
+            on_error = on_error or ("fail-closed" if cls.blocks_with(config) else "fail-open")
+            specs.append(AddonSpec(name, config, on_error, timeout))
+    return tuple(specs)
+
+
+def _seconds(node: yaml.Node, where: str, errors: _Errors) -> float:
+    try:
+        value = float(str(node.value))
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 60:
+        errors.add(node, where, f"bad timeout {getattr(node, 'value', node)!r} (seconds, more than 0, at most 60)")
+        return DEFAULT_ADDON_TIMEOUT
+    return value
 
 
 def _match(node: yaml.Node | None, where: str, errors: _Errors) -> dict[str, tuple[object, ...]]:

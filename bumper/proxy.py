@@ -6,9 +6,9 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mitmproxy import master, options
@@ -17,6 +17,8 @@ from mitmproxy.utils import asyncio_utils, human
 
 from bumper import aia, keys, names
 from bumper import ca as ca_files
+from bumper.addon import Addon
+from bumper.chain import AddonRunner
 from bumper.connect import ConnectReplies
 from bumper.enforce import PolicyEnforcer
 from bumper.errors import ConfigError
@@ -25,7 +27,7 @@ from bumper.keypool import KeyPool, PoolSettings
 from bumper.layers import NextLayer
 from bumper.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES, SqliteMimicStore
 from bumper.mimicstore import DEFAULT_CAPACITY, MimicStore
-from bumper.policy import LAB, Policy
+from bumper.policy import LAB, AddonSpec, Policy
 from bumper.probe import UpstreamProbe
 from bumper.resolve import Override
 from bumper.tlsprovider import ClientTls, TlsProvider, UpstreamTrust
@@ -76,6 +78,13 @@ class ProxyConfig:
     mimics: MimicSettings = MimicSettings()
     fetch_issuers: bool = True  # complete chains that lack an intermediate (AIA caIssuers)
     client_tls: ClientTls = ClientTls()
+    addons: Mapping[str, type[Addon]] = field(default_factory=dict)  # what policy rules may name
+    always: tuple[AddonSpec, ...] = ()  # addons on all traffic, whatever the policy says (--access-log)
+
+
+def access_log(addons: Mapping[str, type[Addon]], path: str) -> tuple[AddonSpec, ...]:
+    """--access-log PATH: the access_log addon on every connection."""
+    return (AddonSpec("access_log", addons["access_log"].Settings(path=path), on_error="fail-open"),)
 
 
 def mimic_store(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> MimicStore:
@@ -91,7 +100,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     mimics = mimic_store(config, authority)
     own_cas = [authority.trust_anchor, authority.cert]
     probe = UpstreamProbe(config.trust, lambda: [*own_cas, mimics.untrusted().cert])
-    enforcer = PolicyEnforcer(config.policy, connections, probe, config.policy_path)
+    enforcer = PolicyEnforcer(config.policy, connections, probe, config.policy_path, config.addons)
     pages = UpstreamErrorPages()
     m.addons.add(
         proxyserver.Proxyserver(),
@@ -100,6 +109,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         enforcer,  # before TlsProvider: it sees the decision
         ConnectReplies(),
         pages,
+        AddonRunner(config.addons, connections, config.always),  # after enforcer and pages: it skips what they refused
         TlsProvider(
             mimics,
             config.trust,
@@ -141,6 +151,7 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, m.shutdown)
         loop.add_signal_handler(signal.SIGHUP, m.addons.get("policyenforcer").reload)
+        loop.add_signal_handler(signal.SIGUSR1, m.addons.get("addonrunner").reopen)
         try:
             await m.running()
             await m.should_exit.wait()

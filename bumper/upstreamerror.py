@@ -3,11 +3,12 @@ says why, and nothing is sent upstream."""
 
 from __future__ import annotations
 
-import html
-import json
 from dataclasses import dataclass
 
 from mitmproxy import connection, http
+
+from bumper import pages
+from bumper.httpstream import respond_early
 
 
 @dataclass(frozen=True)
@@ -18,23 +19,14 @@ class BlockedUpstream:
     detail: str = ""
 
 
-def page(blocked: BlockedUpstream, accept: str) -> tuple[bytes, str]:
-    """The 502 body and its content type, as the client's Accept header prefers."""
-    fields = {
+def fields(blocked: BlockedUpstream) -> dict[str, str]:
+    return {
         "error": "upstream certificate failed verification",
         "host": blocked.host,
         "reason": blocked.reason,
         "detail": blocked.detail,
         "upstream_sha256": blocked.fingerprint,
     }
-    if "application/json" in accept:
-        return json.dumps(fields).encode() + b"\n", "application/json"
-    if "text/html" in accept:
-        rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in fields.items())
-        body = f"<!doctype html><title>bumper: blocked</title><h1>Blocked by bumper</h1><table>{rows}</table>\n"
-        return body.encode(), "text/html; charset=utf-8"
-    text = "".join(f"{k}: {v}\n" for k, v in fields.items())
-    return text.encode(), "text/plain; charset=utf-8"
 
 
 class UpstreamErrorPages:
@@ -47,8 +39,7 @@ class UpstreamErrorPages:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         blocked = self._blocked.get(flow.client_conn.id)
         if blocked is not None:
-            body, content_type = page(blocked, flow.request.headers.get("accept", ""))
-            flow.response = http.Response.make(502, body, {"content-type": content_type})
+            respond_early(flow, pages.response(502, "Blocked by bumper", fields(blocked), flow.request))
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._blocked.pop(client.id, None)

@@ -67,6 +67,17 @@ async def _http(scope: dict[str, Any], receive: Any, send: Any) -> None:
             if not message.get("more_body"):
                 break
         await _respond(send, json.dumps({"length": length, "sha256": digest.hexdigest()}).encode())
+    elif path == "/headers":  # the request's headers as the upstream got them
+        headers = [[k.decode(), v.decode()] for k, v in scope["headers"]]
+        await _respond(send, json.dumps(headers).encode())
+    elif path == "/echo":  # the query string, or a POSTed body, as the response body
+        body = scope["query_string"]
+        while method == "POST":
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await _respond(send, body)
     elif path == "/info":
         await _respond(send, json.dumps({"http_version": scope["http_version"]}).encode())
     elif path.startswith("/bytes/"):

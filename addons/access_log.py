@@ -1,0 +1,145 @@
+"""access_log: one JSON line per HTTP exchange and one per client connection (bumped, spliced or
+blocked), to a file or stdout. The field names are a stable interface: docs/addons.md lists them."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from mitmproxy import connection, http
+from mitmproxy.utils import human
+
+from bumper.addon import Addon, ConnectionInfo, aborted, body_bytes, connection_info, refusal_of
+from bumper.ca import fingerprint
+
+
+@dataclass(frozen=True)
+class AccessLogSettings:
+    path: str = "-"  # a file (appended to, created 0600) or - for stdout
+
+
+class AccessLog(Addon):
+    name = "access_log"
+    Settings = AccessLogSettings
+
+    def __init__(self, settings: AccessLogSettings) -> None:
+        super().__init__(settings)
+        self._file: IO[str] | None = None
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._write(exchange(flow))
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None or aborted(flow):
+            self._write(exchange(flow))
+
+    def connection_end(self, conn: ConnectionInfo) -> None:
+        self._write(connection_line(conn))
+
+    def reopen(self) -> None:
+        """SIGUSR1, after logrotate moved the file: the next line starts a new one."""
+        self.done()
+
+    def done(self) -> None:
+        if self._file is not None and self._file is not sys.stdout:
+            self._file.close()
+        self._file = None
+
+    def _write(self, fields: dict[str, Any]) -> None:
+        if self._file is None:
+            self._file = self._open()
+        self._file.write(json.dumps(fields, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def _open(self) -> IO[str]:
+        if self.settings.path == "-":
+            return sys.stdout
+        # URLs and client addresses are personal data: readable by the proxy's user only.
+        fd = os.open(self.settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def exchange(flow: http.HTTPFlow) -> dict[str, Any]:
+    conn = connection_info(flow)
+    request, response = flow.request, flow.response
+    refusal = refusal_of(flow)
+    ended = (response.timestamp_end if response and response.timestamp_end else None) or time.time()
+    return {
+        "type": "http",
+        "time": _iso(request.timestamp_start),
+        "id": flow.id,
+        **_connection_fields(conn, flow.client_conn, flow.server_conn),
+        "method": request.method,
+        "url": request.pretty_url,
+        "status": response.status_code if response and not aborted(flow) else None,
+        "bytes_up": body_bytes(flow, "request"),
+        "bytes_down": body_bytes(flow, "response"),
+        "request_ms": _ms(request.timestamp_start, ended),
+        "blocked_by": refusal.addon if refusal else None,
+        "reason": refusal.reason if refusal else None,
+        "ref": refusal.ref if refusal else None,
+        "error": flow.error.msg if flow.error else None,
+    }
+
+
+def connection_line(conn: ConnectionInfo) -> dict[str, Any]:
+    client = conn.conn
+    assert client is not None
+    return {
+        "type": "connection",
+        "time": _iso(client.timestamp_start),
+        "id": client.id,
+        **_connection_fields(conn, client, conn.server),
+        "requests": conn.requests,
+        "duration_ms": _ms(client.timestamp_start, client.timestamp_end or time.time()),
+        "outcome": conn.outcome(),
+    }
+
+
+def _connection_fields(
+    conn: ConnectionInfo | None, client: connection.Client, server: connection.Server | None
+) -> dict[str, Any]:
+    upstream_cert = server.certificate_list[0] if server and server.certificate_list else None
+    bumped = client.tls_established and client.mitmcert is not None
+    return {
+        "client": human.format_address(client.peername),
+        "connect_host": conn.connect_host if conn else None,
+        "sni": client.sni,
+        "upstream": human.format_address(server.peername) if server and server.peername else None,
+        "rule": conn.rule if conn and conn.rule != "-" else None,
+        "action": conn.action if conn and conn.action != "-" else None,
+        "upstream_sha256": _hex(fingerprint(upstream_cert._cert)) if upstream_cert else None,
+        "upstream_issuer": upstream_cert._cert.issuer.rfc4514_string() if upstream_cert else None,
+        "verify": conn.verify if conn and conn.verify != "-" else None,
+        "mimic_sha256": _hex(fingerprint(client.mitmcert._cert)) if bumped and client.mitmcert else None,
+        "client_tls_version": client.tls_version if bumped else None,
+        "client_cipher": client.cipher if bumped else None,
+        "upstream_tls_version": server.tls_version if server and server.tls_established else None,
+        "upstream_cipher": server.cipher if server and server.tls_established else None,
+        "alpn": client.alpn.decode(errors="replace") if bumped and client.alpn else None,
+        "upstream_connect_ms": _ms(server.timestamp_start, server.timestamp_tcp_setup) if server else None,
+        "upstream_tls_ms": _ms(server.timestamp_tcp_setup, server.timestamp_tls_setup) if server else None,
+        # Server-first: the client's handshake resumes once the upstream's is done.
+        "client_tls_ms": _ms(server.timestamp_tls_setup, client.timestamp_tls_setup) if server and bumped else None,
+    }
+
+
+def _hex(colon_fingerprint: str) -> str:
+    return colon_fingerprint.replace(":", "").lower()
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _ms(start: float | None, end: float | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((end - start) * 1000, 3)

@@ -1,0 +1,124 @@
+"""bumper's addon API: mitmproxy's addon model, narrowed to what policy chains need.
+
+An addon is a class with a `name`, a `Settings` dataclass that the policy fills, and hooks as
+methods. The mitmproxy hooks it may define take an `http.HTTPFlow`:
+
+    requestheaders, request, responseheaders, response, error,
+    websocket_start, websocket_message, websocket_end
+
+Hooks may be coroutines. bumper adds its own:
+
+    request_data(flow, chunk) -> bytes     each piece of the request body, as it streams;
+    response_data(flow, chunk) -> bytes    b"" marks the end (return what you held back)
+    connection_end(conn: ConnectionInfo)   once per client connection: bumped, spliced or blocked
+    reopen()                               on SIGUSR1 (log rotation)
+
+An addon refuses a request by raising `Refuse(reason)` from any flow hook; bumper answers with a
+page naming the addon and a reference id, and nothing more of the request goes upstream. Any
+other exception, or a hook over its time budget, is the addon failing: see docs/addons.md.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from mitmproxy import http
+
+from bumper import pages
+from bumper.eventlog import ConnectionRecord as ConnectionInfo
+from bumper.httpstream import ABORTED, RESPONSE_SENT, abort, respond_early
+from bumper.settings import Bytes
+
+FLOW_HOOKS = (
+    "requestheaders", "request", "responseheaders", "response", "error",
+    "websocket_start", "websocket_message", "websocket_end",
+)  # fmt: skip
+DATA_HOOKS = ("request_data", "response_data")
+CONNECTION_HOOKS = ("connection_end",)
+__all__ = [
+    "Addon", "Bytes", "ConnectionInfo", "Refuse", "Refusal",
+    "aborted", "body_bytes", "connection_info", "refuse", "refusal_of",
+]  # fmt: skip
+
+# flow.metadata keys
+CONNECTION = "bumper.connection"  # the flow's ConnectionInfo
+REFUSAL = "bumper.refusal"  # the Refusal that answered the flow, if one did
+BODY_BYTES = "bumper.body_bytes"  # {"request": n, "response": n} for streamed bodies
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    pass
+
+
+class Addon:
+    """Subclass, set `name` (and `Settings`, `blocks`), define hooks."""
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[Any]] = NoSettings
+    # Addons that exist to block fail closed by default, observers fail open.
+    blocks: ClassVar[bool] = False
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    @classmethod
+    def blocks_with(cls, settings: Any) -> bool:
+        """Whether these settings make the addon block (so that it fails closed by default)."""
+        return cls.blocks
+
+
+class Refuse(Exception):
+    """Raised by a hook: answer the request with STATUS and a page saying REASON."""
+
+    def __init__(self, reason: str, status: int = 403) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Refusal:
+    addon: str
+    reason: str
+    status: int
+    ref: str = field(default_factory=lambda: secrets.token_hex(6))
+
+
+def refuse(flow: http.HTTPFlow, refusal: Refusal) -> None:
+    """Answer FLOW with REFUSAL's page; if its response is already streaming, cut it off."""
+    flow.metadata[REFUSAL] = refusal
+    if flow.metadata.get(RESPONSE_SENT):
+        abort(flow, f"refused by addon {refusal.addon}: {refusal.reason}")
+        return
+    fields = {"error": refusal.reason, "addon": refusal.addon, "reference": refusal.ref}
+    heading = "Blocked by bumper" if refusal.status < 500 else "bumper: inspection failed"
+    respond_early(flow, pages.response(refusal.status, heading, fields, flow.request))
+
+
+def connection_info(flow: http.HTTPFlow) -> ConnectionInfo | None:
+    info = flow.metadata.get(CONNECTION)
+    return info if isinstance(info, ConnectionInfo) else None
+
+
+def refusal_of(flow: http.HTTPFlow) -> Refusal | None:
+    refusal = flow.metadata.get(REFUSAL)
+    return refusal if isinstance(refusal, Refusal) else None
+
+
+def aborted(flow: http.HTTPFlow) -> bool:
+    """Whether FLOW's response was cut off mid-stream (a refusal or an addon failure)."""
+    return bool(flow.metadata.get(ABORTED))
+
+
+def body_bytes(flow: http.HTTPFlow, side: str) -> int:
+    """The bytes of FLOW's request or response body (SIDE) that went through bumper."""
+    message = flow.request if side == "request" else flow.response
+    if message is None:
+        return 0
+    streamed = flow.metadata.get(BODY_BYTES, {})
+    if side in streamed:
+        return int(streamed[side])
+    return len(message.raw_content or b"")

@@ -1,0 +1,202 @@
+"""Runs bumper addons: each bumped flow through its policy rule's chain, every flow and connection
+through the always-on addons (--access-log), each call isolated so that an addon that raises or
+overruns its time budget costs its own flow at most, never the proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from mitmproxy import http
+
+from bumper.addon import BODY_BYTES, CONNECTION, REFUSAL, Addon, Refusal, Refuse, refuse
+from bumper.eventlog import ConnectionLog, ConnectionRecord
+from bumper.httpstream import EARLY
+from bumper.policy import AddonSpec
+
+log = logging.getLogger("bumper.addons")
+
+Bound = tuple[AddonSpec, Addon]
+CHAIN = "bumper.chain"  # flow.metadata: the addons this flow runs through
+REQUEST_SIDE = ("requestheaders", "request")
+
+
+class AddonTimeout(Exception):
+    pass
+
+
+class AddonRunner:
+    def __init__(
+        self, registry: Mapping[str, type[Addon]], connections: ConnectionLog, always: tuple[AddonSpec, ...] = ()
+    ) -> None:
+        self.registry = registry
+        self.connections = connections
+        self.always = always
+        # One instance per addon and settings, shared by every rule and policy reload that names
+        # them alike, so state (an open log file, counters) survives a reload.
+        self._instances: dict[tuple[str, str], Addon] = {}
+        connections.on_end.append(self.connection_end)
+
+    def _bind(self, specs: tuple[AddonSpec, ...]) -> list[Bound]:
+        bound = []
+        for spec in specs:
+            key = (spec.name, repr(spec.settings))
+            addon = self._instances.get(key)
+            if addon is None:
+                addon = self._instances[key] = self.registry[spec.name](spec.settings)
+            bound.append((spec, addon))
+        return bound
+
+    def _chain_of(self, record: ConnectionRecord | None) -> list[Bound]:
+        decision = record.decision if record else None
+        rule_chain = decision.addons if decision is not None and decision.action == "bump" else ()
+        return self._bind((*self.always, *rule_chain))
+
+    # mitmproxy hooks
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        record = self.connections.record(flow.client_conn.id)
+        flow.metadata[CONNECTION] = record
+        chain = flow.metadata[CHAIN] = self._chain_of(record)
+        if not chain:
+            return
+        await self._flow_hook(flow, "requestheaders")
+        if flow.response is None:
+            self._stream(flow, "request")
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        await self._flow_hook(flow, "request")
+
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        await self._flow_hook(flow, "responseheaders")
+        if flow.response is not None and REFUSAL not in flow.metadata:
+            self._stream(flow, "response")
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        await self._flow_hook(flow, "response")
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        await self._flow_hook(flow, "error")
+
+    async def websocket_start(self, flow: http.HTTPFlow) -> None:
+        await self._flow_hook(flow, "websocket_start")
+
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
+        await self._flow_hook(flow, "websocket_message")
+
+    async def websocket_end(self, flow: http.HTTPFlow) -> None:
+        await self._flow_hook(flow, "websocket_end")
+
+    async def connection_end(self, record: ConnectionRecord) -> None:
+        for spec, addon in self._chain_of(record):
+            await self._call(spec, addon, "connection_end", None, record)
+
+    def reopen(self) -> None:
+        """SIGUSR1: addons reopen their files (after logrotate moved them)."""
+        for addon in list(self._instances.values()):
+            if hasattr(addon, "reopen"):
+                try:
+                    addon.reopen()
+                except Exception as e:
+                    log.error("addon %s failed to reopen: %s: %s", addon.name, type(e).__name__, e)
+
+    def done(self) -> None:
+        for addon in list(self._instances.values()):
+            if hasattr(addon, "done"):
+                try:
+                    addon.done()
+                except Exception as e:
+                    log.error("addon %s failed while shutting down: %s: %s", addon.name, type(e).__name__, e)
+
+    # running addons
+
+    async def _flow_hook(self, flow: http.HTTPFlow, hook: str) -> None:
+        for spec, addon in flow.metadata.get(CHAIN, ()):
+            if hook in REQUEST_SIDE and flow.response is not None:
+                return  # answered (refused): later addons never see the request
+            await self._call(spec, addon, hook, flow, flow)
+
+    async def _call(self, spec: AddonSpec, addon: Addon, hook: str, flow: http.HTTPFlow | None, *args: Any) -> None:
+        method = getattr(addon, hook, None)
+        if method is None:
+            return
+        started = time.monotonic()
+        try:
+            result = method(*args)
+            if inspect.isawaitable(result):
+                try:
+                    await asyncio.wait_for(result, spec.timeout)
+                except TimeoutError:
+                    raise AddonTimeout(f"did not finish within its {spec.timeout:g} s budget") from None
+            _check_budget(spec, started)
+        except Refuse as r:
+            if flow is not None:
+                refuse(flow, Refusal(spec.name, r.reason, r.status))
+        except Exception as e:  # the addon's own failure: contained here, whatever it is
+            self._failed(spec, hook, flow, e)
+
+    def _stream(self, flow: http.HTTPFlow, side: str) -> None:
+        """Route a body through the chain's data hooks as it streams, counting its bytes; bodies
+        of unknown length are streamed too, so that none is ever held whole in memory."""
+        message = flow.request if side == "request" else flow.response
+        if message is None or flow.metadata.get(EARLY):
+            return  # bumper's own answer: nothing to inspect
+        hook = f"{side}_data"
+        chain: list[Bound] = [b for b in flow.metadata.get(CHAIN, ()) if hasattr(b[1], hook)]
+        if not (chain or message.stream or "content-length" not in message.headers):
+            return  # buffered by mitmproxy (small, known length): hooks see message.content
+        counts = flow.metadata.setdefault(BODY_BYTES, {})
+        counts[side] = 0
+
+        def stream(data: bytes) -> bytes:
+            counts[side] += len(data)
+            end = not data
+            for spec, addon in chain:
+                out = self._call_data(spec, addon, hook, flow, data) if data else b""
+                if end:
+                    out += self._call_data(spec, addon, hook, flow, b"")
+                if REFUSAL in flow.metadata:
+                    return b""
+                data = out
+            return data
+
+        message.stream = stream
+
+    def _call_data(self, spec: AddonSpec, addon: Addon, hook: str, flow: http.HTTPFlow, data: bytes) -> bytes:
+        method: Callable[[http.HTTPFlow, bytes], bytes] = getattr(addon, hook)
+        started = time.monotonic()
+        try:
+            out = method(flow, data)
+            if not isinstance(out, bytes):
+                raise TypeError(f"{hook} returned {type(out).__name__}, not bytes")
+            _check_budget(spec, started)
+            return out
+        except Refuse as r:
+            refuse(flow, Refusal(spec.name, r.reason, r.status))
+        except Exception as e:
+            self._failed(spec, hook, flow, e)
+            if spec.on_error == "fail-open":
+                return data
+        return b""
+
+    def _failed(self, spec: AddonSpec, hook: str, flow: http.HTTPFlow | None, e: Exception) -> None:
+        closed = spec.on_error == "fail-closed" and flow is not None
+        outcome = "answered with 502 (fail-closed)" if closed else "passed on (fail-open)"
+        log.error(
+            "addon %s failed in %s, flow %s: %s: %s; the flow is %s",
+            spec.name, hook, flow.id if flow else "-", type(e).__name__, e, outcome,
+        )  # fmt: skip
+        log.debug("addon %s traceback", spec.name, exc_info=e)
+        if closed and flow is not None and REFUSAL not in flow.metadata:
+            refuse(flow, Refusal(spec.name, f"addon {spec.name} failed", 502))
+
+
+def _check_budget(spec: AddonSpec, started: float) -> None:
+    """A plain function cannot be interrupted; one that overran its budget is a failure all the same."""
+    took = time.monotonic() - started
+    if took > spec.timeout:
+        raise AddonTimeout(f"took {took:.2f} s, over its {spec.timeout:g} s budget")

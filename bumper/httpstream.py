@@ -1,0 +1,150 @@
+"""mitmproxy's HTTP layer, with the two things an inspecting proxy needs that stock mitmproxy 11 lacks.
+
+1. Answering a request before its body is read (a 403 from policy, a 413 from upload_limit)
+   without buffering the body: stock mitmproxy buffers the whole upload first, and when that
+   upload is large enough to be streamed it fails with "Can't set a response and enable
+   streaming at the same time". Here the body is read and dropped, then the answer is sent.
+2. Stopping a body that is already streaming (a DLP match, a limit passed mid-upload): the
+   upstream request is reset, and the client gets the refusal once its upload ends; a response
+   stopped mid-stream is cut off (HTTP/1: the connection closes; h2: the stream is reset).
+
+Addons ask for these with `respond_early` and `abort` and never touch the layers.
+"""
+
+from __future__ import annotations
+
+import time
+
+from mitmproxy import http
+from mitmproxy.proxy import events, layer, layers
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.http import (
+    HttpResponseHeadersHook,
+    RequestData,
+    RequestEndOfMessage,
+    RequestProtocolError,
+    RequestTrailers,
+    ResponseData,
+    ResponseEndOfMessage,
+    ResponseProtocolError,
+    SendHttp,
+)
+
+# flow.metadata keys
+EARLY = "bumper.early_response"  # the flow was answered by bumper, not (or no longer) by the upstream
+RESPONSE_SENT = "bumper.response_sent"  # the upstream's response headers went to the client
+ABORTED = "bumper.aborted"  # why a streamed response body was cut off
+
+
+def respond_early(flow: http.HTTPFlow, response: http.Response) -> None:
+    """Answer FLOW with RESPONSE instead of the upstream: whatever body is still to come, the
+    client's or the upstream's, is read and dropped, never forwarded or kept in memory. Works from
+    requestheaders, request, a request stream and responseheaders."""
+    flow.response = response
+    flow.metadata[EARLY] = True
+    # A client waiting for "100 Continue" is not asked for the body it would only have dropped.
+    flow.request.headers.pop("expect", None)
+    # Both routed through the start_*_stream methods below, which discard instead of streaming.
+    if not flow.request.stream:
+        flow.request.stream = True
+    response.stream = True
+
+
+def abort(flow: http.HTTPFlow, reason: str) -> None:
+    """Cut off FLOW's response body, which is already streaming to the client."""
+    flow.metadata[ABORTED] = reason
+
+
+def _chunks(produced: bytes | list[bytes] | object) -> list[bytes]:
+    if isinstance(produced, bytes):
+        return [produced] if produced else []
+    return list(produced)  # type: ignore[call-overload]
+
+
+class HttpStream(http_layers.HttpStream):
+    def start_request_stream(self) -> layer.CommandGenerator[None]:
+        if self.flow.response is not None:
+            self.client_state = self.state_discard_request_body
+            return
+        yield from super().start_request_stream()
+
+    def state_stream_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestTrailers):
+            self.flow.request.trailers = event.trailers
+            return
+        if not isinstance(event, RequestData | RequestEndOfMessage):
+            return (yield from super().state_stream_request_body(event))
+        stream = self.flow.request.stream
+        data = event.data if isinstance(event, RequestData) else b""
+        chunks = _chunks(stream(data)) if callable(stream) else ([data] if data else [])
+        if self.flow.response is not None:  # refused while streaming: the upstream must not get the rest
+            yield SendHttp(RequestProtocolError(self.stream_id, "refused by bumper", 400), self.context.server)
+            self.server_state = self.state_errored
+            self.client_state = self.state_discard_request_body
+            if isinstance(event, RequestEndOfMessage):
+                yield from self._send_early_response()
+            return
+        for chunk in chunks:
+            yield SendHttp(RequestData(self.stream_id, chunk), self.context.server)
+        if isinstance(event, RequestEndOfMessage):
+            self.flow.request.stream = True  # already called for the end: the parent must not call it again
+            yield from super().state_stream_request_body(event)
+
+    def state_discard_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestEndOfMessage):
+            yield from self._send_early_response()
+
+    def _send_early_response(self) -> layer.CommandGenerator[None]:
+        assert self.flow.response is not None
+        self.flow.request.timestamp_end = time.time()
+        self.client_state = self.state_done
+        self.flow.response.timestamp_start = time.time()
+        yield HttpResponseHeadersHook(self.flow)
+        yield from self.send_response()
+
+    def start_response_stream(self) -> layer.CommandGenerator[None]:
+        if self.flow.metadata.get(EARLY):  # refused at responseheaders: drain the upstream's body
+            self.server_state = self.state_discard_response_body
+            return
+        self.flow.metadata[RESPONSE_SENT] = True
+        yield from super().start_response_stream()
+
+    def state_discard_response_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, ResponseEndOfMessage):
+            yield from self.send_response()
+
+    def state_stream_response_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if self.flow.metadata.get(ABORTED):
+            return
+        if not isinstance(event, ResponseData | ResponseEndOfMessage):
+            return (yield from super().state_stream_response_body(event))
+        assert self.flow.response is not None
+        stream = self.flow.response.stream
+        data = event.data if isinstance(event, ResponseData) else b""
+        chunks = _chunks(stream(data)) if callable(stream) else ([data] if data else [])
+        if reason := self.flow.metadata.get(ABORTED):
+            yield SendHttp(ResponseProtocolError(self.stream_id, reason, 502), self.context.client)
+            yield SendHttp(RequestProtocolError(self.stream_id, reason, 400), self.context.server)
+            self.client_state = self.server_state = self.state_errored
+            return
+        for chunk in chunks:
+            yield SendHttp(ResponseData(self.stream_id, chunk), self.context.client)
+        if isinstance(event, ResponseEndOfMessage):
+            yield from self.send_response(already_streamed=True)
+
+    def handle_protocol_error(
+        self, event: RequestProtocolError | ResponseProtocolError
+    ) -> layer.CommandGenerator[None]:
+        if isinstance(event, ResponseProtocolError) and self.flow_refused_upstream():
+            return  # the upstream going away is our doing; the client gets the refusal instead
+        yield from super().handle_protocol_error(event)
+
+    def flow_refused_upstream(self) -> bool:
+        return hasattr(self, "flow") and bool(self.flow.metadata.get(EARLY)) and self.server_state == self.state_errored
+
+
+class HttpLayer(layers.HttpLayer):
+    def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
+        ctx = self.context.fork()
+        self.streams[stream_id] = HttpStream(ctx, stream_id)
+        yield from self.event_to_child(self.streams[stream_id], events.Start())
