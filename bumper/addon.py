@@ -6,12 +6,16 @@ methods. The mitmproxy hooks it may define take an `http.HTTPFlow`:
     requestheaders, request, responseheaders, response, error,
     websocket_start, websocket_message, websocket_end
 
-Hooks may be coroutines. bumper adds its own:
+and tls_clienthello(data), which runs once the policy has decided on the ClientHello. Hooks may
+be coroutines. bumper adds its own:
 
-    request_data(flow, chunk) -> bytes     each piece of the request body, as it streams;
-    response_data(flow, chunk) -> bytes    b"" marks the end (return what you held back)
-    connection_end(conn: ConnectionInfo)   once per client connection: bumped, spliced or blocked
-    reopen()                               on SIGUSR1 (log rotation)
+    request_data(flow, chunk) -> bytes       each piece of the request body, as it streams;
+    response_data(flow, chunk) -> bytes      b"" marks the end (return what you held back)
+    connection_bumped(conn: ConnectionInfo)  the client's handshake is done: the decision, the
+                                             upstream's certificate and its verification are known
+    connection_end(conn: ConnectionInfo)     once per client connection: bumped, spliced or blocked
+    reopen()                                 on SIGUSR1 (log rotation)
+    done()                                   when bumper shuts down
 
 An addon refuses a request by raising `Refuse(reason)` from any flow hook; bumper answers with a
 page naming the addon and a reference id, and nothing more of the request goes upstream. Any
@@ -28,15 +32,10 @@ from mitmproxy import http
 
 from bumper import pages
 from bumper.eventlog import ConnectionRecord as ConnectionInfo
-from bumper.httpstream import ABORTED, RESPONSE_SENT, abort, respond_early
+from bumper.httpstream import ABORTED, RESPONSE_SENT, STREAMED, abort, respond_early
 from bumper.settings import Bytes
 
-FLOW_HOOKS = (
-    "requestheaders", "request", "responseheaders", "response", "error",
-    "websocket_start", "websocket_message", "websocket_end",
-)  # fmt: skip
 DATA_HOOKS = ("request_data", "response_data")
-CONNECTION_HOOKS = ("connection_end",)
 __all__ = [
     "Addon", "Bytes", "ConnectionInfo", "Refuse", "Refusal",
     "aborted", "body_bytes", "connection_info", "refuse", "refusal_of",
@@ -45,7 +44,6 @@ __all__ = [
 # flow.metadata keys
 CONNECTION = "bumper.connection"  # the flow's ConnectionInfo
 REFUSAL = "bumper.refusal"  # the Refusal that answered the flow, if one did
-BODY_BYTES = "bumper.body_bytes"  # {"request": n, "response": n} for streamed bodies
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,7 @@ def body_bytes(flow: http.HTTPFlow, side: str) -> int:
     message = flow.request if side == "request" else flow.response
     if message is None:
         return 0
-    streamed = flow.metadata.get(BODY_BYTES, {})
+    streamed = flow.metadata.get(STREAMED, {})
     if side in streamed:
         return int(streamed[side])
     return len(message.raw_content or b"")

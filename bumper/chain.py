@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mitmproxy import http
+from mitmproxy import http, tls
 
-from bumper.addon import BODY_BYTES, CONNECTION, REFUSAL, Addon, Refusal, Refuse, refuse
+from bumper.addon import CONNECTION, REFUSAL, Addon, Refusal, Refuse, refuse
 from bumper.eventlog import ConnectionLog, ConnectionRecord
 from bumper.httpstream import EARLY
 from bumper.policy import AddonSpec
@@ -91,6 +91,16 @@ class AddonRunner:
     async def websocket_end(self, flow: http.HTTPFlow) -> None:
         await self._flow_hook(flow, "websocket_end")
 
+    async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        # After PolicyEnforcer's: the decision, and so the chain, is known.
+        for spec, addon in self._chain_of(self.connections.record(data.context.client.id)):
+            await self._call(spec, addon, "tls_clienthello", None, data)
+
+    async def tls_established_client(self, data: tls.TlsData) -> None:
+        record = self.connections.record(data.context.client.id)
+        for spec, addon in self._chain_of(record):
+            await self._call(spec, addon, "connection_bumped", None, record)
+
     async def connection_end(self, record: ConnectionRecord) -> None:
         for spec, addon in self._chain_of(record):
             await self._call(spec, addon, "connection_end", None, record)
@@ -140,20 +150,17 @@ class AddonRunner:
             self._failed(spec, hook, flow, e)
 
     def _stream(self, flow: http.HTTPFlow, side: str) -> None:
-        """Route a body through the chain's data hooks as it streams, counting its bytes; bodies
-        of unknown length are streamed too, so that none is ever held whole in memory."""
+        """Route a body through the chain's data hooks as it streams: from its first byte, whatever
+        its size, so that each piece is inspected before it is passed on and none is held whole."""
         message = flow.request if side == "request" else flow.response
         if message is None or flow.metadata.get(EARLY):
             return  # bumper's own answer: nothing to inspect
         hook = f"{side}_data"
         chain: list[Bound] = [b for b in flow.metadata.get(CHAIN, ()) if hasattr(b[1], hook)]
-        if not (chain or message.stream or "content-length" not in message.headers):
-            return  # buffered by mitmproxy (small, known length): hooks see message.content
-        counts = flow.metadata.setdefault(BODY_BYTES, {})
-        counts[side] = 0
+        if not chain:
+            return  # mitmproxy buffers small bodies (hooks see message.content) and streams large ones
 
         def stream(data: bytes) -> bytes:
-            counts[side] += len(data)
             end = not data
             for spec, addon in chain:
                 out = self._call_data(spec, addon, hook, flow, data) if data else b""

@@ -34,6 +34,7 @@ from mitmproxy.proxy.layers.http import (
 EARLY = "bumper.early_response"  # the flow was answered by bumper, not (or no longer) by the upstream
 RESPONSE_SENT = "bumper.response_sent"  # the upstream's response headers went to the client
 ABORTED = "bumper.aborted"  # why a streamed response body was cut off
+STREAMED = "bumper.streamed"  # {"request": bytes, "response": bytes} of bodies that were streamed
 
 
 def respond_early(flow: http.HTTPFlow, response: http.Response) -> None:
@@ -53,6 +54,11 @@ def respond_early(flow: http.HTTPFlow, response: http.Response) -> None:
 def abort(flow: http.HTTPFlow, reason: str) -> None:
     """Cut off FLOW's response body, which is already streaming to the client."""
     flow.metadata[ABORTED] = reason
+
+
+def _count(flow: http.HTTPFlow, side: str, data: bytes) -> None:
+    counts = flow.metadata.setdefault(STREAMED, {})
+    counts[side] = counts.get(side, 0) + len(data)
 
 
 def _chunks(produced: bytes | list[bytes] | object) -> list[bytes]:
@@ -76,6 +82,7 @@ class HttpStream(http_layers.HttpStream):
             return (yield from super().state_stream_request_body(event))
         stream = self.flow.request.stream
         data = event.data if isinstance(event, RequestData) else b""
+        _count(self.flow, "request", data)
         chunks = _chunks(stream(data)) if callable(stream) else ([data] if data else [])
         if self.flow.response is not None:  # refused while streaming: the upstream must not get the rest
             yield SendHttp(RequestProtocolError(self.stream_id, "refused by bumper", 400), self.context.server)
@@ -121,6 +128,7 @@ class HttpStream(http_layers.HttpStream):
         assert self.flow.response is not None
         stream = self.flow.response.stream
         data = event.data if isinstance(event, ResponseData) else b""
+        _count(self.flow, "response", data)
         chunks = _chunks(stream(data)) if callable(stream) else ([data] if data else [])
         if reason := self.flow.metadata.get(ABORTED):
             yield SendHttp(ResponseProtocolError(self.stream_id, reason, 502), self.context.client)

@@ -142,6 +142,7 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
             ok = await server.setup_servers()
         if not ok:
             raise ConfigError(f"--listen {config.listen}: {_listen_failure(errors)}")
+        await m.running()  # before the listening line: who reads it may rely on a started proxy
         for host, port, *_ in server.listen_addrs():
             listening = human.format_address((host, port))
             print(f"bumper: proxy listening on {listening}", file=sys.stderr, flush=True)
@@ -153,7 +154,6 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
         loop.add_signal_handler(signal.SIGHUP, m.addons.get("policyenforcer").reload)
         loop.add_signal_handler(signal.SIGUSR1, m.addons.get("addonrunner").reopen)
         try:
-            await m.running()
             await m.should_exit.wait()
         finally:
             await m.done()
