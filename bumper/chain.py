@@ -42,14 +42,18 @@ class AddonRunner:
         connections.on_end.append(self.connection_end)
 
     def _bind(self, specs: tuple[AddonSpec, ...]) -> list[Bound]:
-        bound = []
-        for spec in specs:
-            key = (spec.name, repr(spec.settings))
-            addon = self._instances.get(key)
-            if addon is None:
-                addon = self._instances[key] = self.registry[spec.name](spec.settings)
-            bound.append((spec, addon))
-        return bound
+        return [(spec, self._instance(spec)) for spec in specs]
+
+    def _instance(self, spec: AddonSpec) -> Addon:
+        addon = self._instances.get(spec.key)
+        if addon is None:
+            try:
+                addon = self.registry[spec.name](spec.settings)
+            except Exception as e:  # the addon's own constructor: its flows fail as its on_error says
+                log.error("addon %s cannot start: %s: %s", spec.name, type(e).__name__, e)
+                addon = _Broken(spec.name, e)
+            self._instances[spec.key] = addon
+        return addon
 
     def _chain_of(self, record: ConnectionRecord | None) -> list[Bound]:
         decision = record.decision if record else None
@@ -200,6 +204,17 @@ class AddonRunner:
         log.debug("addon %s traceback", spec.name, exc_info=e)
         if closed and flow is not None and REFUSAL not in flow.metadata:
             refuse(flow, Refusal(spec.name, f"addon {spec.name} failed", 502))
+
+
+class _Broken(Addon):
+    """Stands in for an addon whose constructor failed: each of its flows fails with that error."""
+
+    def __init__(self, name: str, error: Exception) -> None:
+        super().__init__(None)
+        self.name, self.error = name, error  # type: ignore[misc]
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        raise self.error
 
 
 def _check_budget(spec: AddonSpec, started: float) -> None:

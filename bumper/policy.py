@@ -73,6 +73,11 @@ class AddonSpec:
     on_error: str = "fail-open"  # fail-open | fail-closed
     timeout: float = DEFAULT_ADDON_TIMEOUT
 
+    @functools.cached_property
+    def key(self) -> tuple[str, str]:
+        """Equal for entries that name one addon with equal settings, in any rule or reload."""
+        return self.name, repr(self.settings)
+
 
 @dataclass(frozen=True)
 class Rule:

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bumper import policy
+from bumper.addonload import load_registry
 from bumper.errors import ConfigError
 from tests.conftest import (
     BUMPER,
@@ -75,11 +76,25 @@ def test_shipped_lab_policy_loads() -> None:
         ("privacy", "news.example", "bump"),
         ("pinned-apps", "gateway.icloud.com", "splice"),
         ("pinned-apps", "news.example", "bump"),
+        ("inspect", "www.chase.com", "splice"),
+        ("inspect", "gist.github.com", "bump"),
+        ("inspect", "news.example", "bump"),
     ],
 )
 def test_shipped_examples_load_and_decide(name: str, host: str, action: str) -> None:
-    loaded = policy.load(POLICIES / f"{name}.yaml")
+    loaded = policy.load(POLICIES / f"{name}.yaml", load_registry())
     assert loaded.decide(host, host, ipaddress.ip_address("10.0.0.5"), 443).action == action
+
+
+def test_shipped_inspect_example_names_its_chains_in_order() -> None:
+    loaded = policy.load(POLICIES / "inspect.yaml", load_registry())
+    chain = loaded.decide("gist.github.com", "gist.github.com", ipaddress.ip_address("10.0.0.5")).addons
+    assert [spec.name for spec in chain] == ["block", "dlp", "upload_limit"]
+    assert [spec.on_error for spec in chain] == ["fail-closed"] * 3  # all three block
+    default_chain = loaded.decide("news.example", "news.example", ipaddress.ip_address("10.0.0.5")).addons
+    assert [(spec.name, spec.on_error) for spec in default_chain] == [
+        ("headers", "fail-open"), ("dlp", "fail-open"), ("upload_limit", "fail-closed"),
+    ]  # fmt: skip
 
 
 def test_every_error_is_reported_with_file_line_and_column(tmp_path: Path) -> None:
