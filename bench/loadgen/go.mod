@@ -1,0 +1,3 @@
+module bumper.bench/loadgen
+
+go 1.19
