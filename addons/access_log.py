@@ -9,18 +9,29 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import IO, Any
 
 from mitmproxy import connection, http
 from mitmproxy.utils import human
 
-from bumper.addon import Addon, ConnectionInfo, aborted, body_bytes, connection_info, refusal_of
+from bumper.addon import Addon, ConnectionInfo, aborted, body_bytes, connection_info, logged_url, refusal_of
 from bumper.ca import fingerprint
 
 
 @dataclass(frozen=True)
 class AccessLogSettings:
     path: str = "-"  # a file (appended to, created 0600) or - for stdout
+
+    def __post_init__(self) -> None:
+        if self.path == "-":
+            return
+        target = Path(self.path)
+        if target.is_dir():
+            raise ValueError(f"{self.path} is a directory")
+        writable = os.access(target, os.W_OK) if target.exists() else os.access(target.parent, os.W_OK | os.X_OK)
+        if not writable:
+            raise ValueError(f"cannot write {self.path}: no such directory, or no permission")
 
 
 class AccessLog(Addon):
@@ -73,9 +84,10 @@ def exchange(flow: http.HTTPFlow) -> dict[str, Any]:
         "type": "http",
         "time": _iso(request.timestamp_start),
         "id": flow.id,
+        "connection": flow.client_conn.id,  # the id of its connection's line
         **_connection_fields(conn, flow.client_conn, flow.server_conn),
         "method": request.method,
-        "url": request.pretty_url,
+        "url": logged_url(flow),
         "status": response.status_code if response and not aborted(flow) else None,
         "bytes_up": body_bytes(flow, "request"),
         "bytes_down": body_bytes(flow, "response"),

@@ -18,7 +18,8 @@ from bumper.addon import Addon, Refuse
 class BlockSettings:
     domains: tuple[str, ...] = ()  # example.com, *.example.com, regex:...
     urls: tuple[str, ...] = ()  # host/path globs (example.com/admin/*), or regex: on the whole URL
-    files: tuple[str, ...] = ()  # one domain or URL pattern per line; a pattern with "/" is a URL one; # comments
+    # One domain or URL pattern per line, # comments; an entry with "/" (regex: ones too) is a URL pattern.
+    files: tuple[str, ...] = ()
     reason: str = "blocked by policy"
     # The files' entries, read when the policy is (re)loaded: part of the settings, so that a reload
     # after a list changed gets a new Block and one with the same lists keeps the old.
@@ -45,7 +46,7 @@ class BlockSettings:
             for line in lines:
                 entry = line.split("#", 1)[0].strip()
                 if entry:
-                    (urls if "/" in entry and not entry.startswith(names.REGEX_PREFIX) else domains).append(entry)
+                    (urls if "/" in entry else domains).append(entry)
         return tuple(domains), tuple(urls)
 
 

@@ -22,7 +22,7 @@ from typing import Literal
 
 from mitmproxy import http
 
-from bumper.addon import Addon, Bytes, Refuse
+from bumper.addon import LOGGED_URL, Addon, Bytes, Refuse
 
 log = logging.getLogger("bumper.addons.dlp")
 
@@ -139,14 +139,25 @@ class Dlp(Addon):
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
-        if "url" in self.settings.scan and "?" in request.path:
-            query = request.path.encode("utf-8", "surrogateescape")
-            request.path = self._checked(flow, "request query string", query).decode("utf-8", "surrogateescape")
+        if "url" in self.settings.scan:
+            self._check_url(flow)
         if "headers" in self.settings.scan:
             self._check_headers(flow, request.headers, "request")
         declared = request.headers.get("content-length", "")
         if self.settings.over_cap == "block" and declared.isdigit() and int(declared) > self.settings.max_body:
             raise Refuse(f"request body over the DLP scan limit of {self.settings.max_body} bytes")
+
+    def _check_url(self, flow: http.HTTPFlow) -> None:
+        """The path and query string. Whatever the action, logs (the access log too) get the URL masked."""
+        raw = flow.request.path.encode("utf-8", "surrogateescape")
+        findings = list(find(self.patterns, raw))
+        if not findings:
+            return
+        masked_path = redact(raw, findings).decode("utf-8", "surrogateescape")
+        flow.metadata[LOGGED_URL] = flow.request.pretty_url.replace(flow.request.path, masked_path, 1)
+        if self.settings.action == "redact":
+            flow.request.path = masked_path
+        self._act(flow, "request URL", findings)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if self.settings.responses and "headers" in self.settings.scan and flow.response is not None:
@@ -185,7 +196,7 @@ class Dlp(Addon):
             raise Refuse(f"the {where} holds what looks like a secret ({kinds})")
 
     def _scan_body(self, flow: http.HTTPFlow, side: str, chunk: bytes) -> bytes:
-        scan: BodyScan = flow.metadata.setdefault(f"dlp.{side}", BodyScan())
+        scan: BodyScan = flow.metadata.setdefault(f"dlp.{id(self)}.{side}", BodyScan())  # one per dlp in the chain
         if scan.done:
             return chunk
         data = scan.held + chunk

@@ -12,8 +12,6 @@ from mitmproxy.utils import human
 from bumper import names
 from bumper.addon import Addon, Bytes, Refuse
 
-_SENT = "upload_limit.bytes"  # flow.metadata: request body bytes seen so far
-
 
 @dataclass(frozen=True)
 class UploadLimitSettings:
@@ -29,6 +27,10 @@ class UploadLimit(Addon):
     Settings = UploadLimitSettings
     blocks = True
 
+    def __init__(self, settings: UploadLimitSettings) -> None:
+        super().__init__(settings)
+        self._key = f"upload_limit.{id(self)}"
+
     def limit(self, host: str) -> int:
         for pattern, limit in self.settings.hosts.items():
             if names.host_matches(pattern, host):
@@ -40,10 +42,10 @@ class UploadLimit(Addon):
         limit = self.limit(flow.request.pretty_host)
         if declared.isdigit() and int(declared) > limit:
             raise Refuse(self._reason(limit), 413)
-        flow.metadata[_SENT] = 0
+        flow.metadata[self._key] = 0  # the body's bytes seen so far, by this entry of the chain
 
     def request_data(self, flow: http.HTTPFlow, chunk: bytes) -> bytes:
-        sent = flow.metadata[_SENT] = flow.metadata.get(_SENT, 0) + len(chunk)
+        sent = flow.metadata[self._key] = flow.metadata.get(self._key, 0) + len(chunk)
         limit = self.limit(flow.request.pretty_host)
         if sent > limit:
             raise Refuse(self._reason(limit), 413)

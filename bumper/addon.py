@@ -24,6 +24,7 @@ other exception, or a hook over its time budget, is the addon failing: see docs/
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -32,18 +33,22 @@ from mitmproxy import http
 
 from bumper import pages
 from bumper.eventlog import ConnectionRecord as ConnectionInfo
-from bumper.httpstream import ABORTED, RESPONSE_SENT, STREAMED, abort, respond_early
+from bumper.httpstream import ABORTED, RESPONSE_DELIVERED, RESPONSE_SENT, STREAMED, abort, respond_early
 from bumper.settings import Bytes
 
-DATA_HOOKS = ("request_data", "response_data")
+log = logging.getLogger("bumper.addons")
+
+# Called where bumper cannot await: plain functions only.
+SYNC_HOOKS = ("request_data", "response_data", "reopen", "done")
 __all__ = [
     "Addon", "Bytes", "ConnectionInfo", "Refuse", "Refusal",
-    "aborted", "body_bytes", "connection_info", "refuse", "refusal_of",
+    "aborted", "body_bytes", "connection_info", "logged_url", "refuse", "refusal_of",
 ]  # fmt: skip
 
 # flow.metadata keys
 CONNECTION = "bumper.connection"  # the flow's ConnectionInfo
 REFUSAL = "bumper.refusal"  # the Refusal that answered the flow, if one did
+LOGGED_URL = "bumper.logged_url"  # the URL as logs may show it, when an addon found a secret in it
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,10 @@ class Refusal:
 
 def refuse(flow: http.HTTPFlow, refusal: Refusal) -> None:
     """Answer FLOW with REFUSAL's page; if its response is already streaming, cut it off."""
+    if flow.metadata.get(RESPONSE_DELIVERED):
+        log.warning("addon %s refused flow %s after its response was delivered: too late to stop (%s)",
+                    refusal.addon, flow.id, refusal.reason)  # fmt: skip
+        return
     flow.metadata[REFUSAL] = refusal
     if flow.metadata.get(RESPONSE_SENT):
         abort(flow, f"refused by addon {refusal.addon}: {refusal.reason}")
@@ -104,6 +113,11 @@ def connection_info(flow: http.HTTPFlow) -> ConnectionInfo | None:
 def refusal_of(flow: http.HTTPFlow) -> Refusal | None:
     refusal = flow.metadata.get(REFUSAL)
     return refusal if isinstance(refusal, Refusal) else None
+
+
+def logged_url(flow: http.HTTPFlow) -> str:
+    """FLOW's URL as logs may show it: with any secret an addon found in it masked."""
+    return str(flow.metadata.get(LOGGED_URL) or flow.request.pretty_url)
 
 
 def aborted(flow: http.HTTPFlow) -> bool:

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 
-from bumper.addon import DATA_HOOKS, Addon
+from bumper.addon import SYNC_HOOKS, Addon
 from bumper.errors import ConfigError
 
 ENTRY_POINT_GROUP = "bumper.addons"
@@ -79,6 +79,6 @@ def _register(registry: Registry, classes: Iterable[type[Addon]], where: str) ->
             raise ConfigError(f"{where}: addon class {cls.__name__} has no `name`")
         if name in registry:
             raise ConfigError(f"{where}: addon name {name!r} is already taken by {registry[name].__module__}")
-        if any(inspect.iscoroutinefunction(getattr(cls, hook, None)) for hook in DATA_HOOKS):
-            raise ConfigError(f"{where}: {name}: request_data and response_data must be plain functions, not async")
+        if any(inspect.iscoroutinefunction(getattr(cls, hook, None)) for hook in SYNC_HOOKS):
+            raise ConfigError(f"{where}: {name}: {', '.join(SYNC_HOOKS)} must be plain functions, not async")
         registry[name] = cls

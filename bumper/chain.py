@@ -8,7 +8,8 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import http, tls
@@ -16,7 +17,7 @@ from mitmproxy import http, tls
 from bumper.addon import CONNECTION, REFUSAL, Addon, Refusal, Refuse, refuse
 from bumper.eventlog import ConnectionLog, ConnectionRecord
 from bumper.httpstream import EARLY
-from bumper.policy import AddonSpec
+from bumper.policy import AddonSpec, Policy
 
 log = logging.getLogger("bumper.addons")
 
@@ -58,7 +59,8 @@ class AddonRunner:
     def _chain_of(self, record: ConnectionRecord | None) -> list[Bound]:
         decision = record.decision if record else None
         rule_chain = decision.addons if decision is not None and decision.action == "bump" else ()
-        return self._bind((*self.always, *rule_chain))
+        always = {spec.key for spec in self.always}  # an access log named twice still writes each line once
+        return self._bind((*self.always, *(spec for spec in rule_chain if spec.key not in always)))
 
     # mitmproxy hooks
 
@@ -97,8 +99,10 @@ class AddonRunner:
 
     async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         # After PolicyEnforcer's: the decision, and so the chain, is known.
-        for spec, addon in self._chain_of(self.connections.record(data.context.client.id)):
-            await self._call(spec, addon, "tls_clienthello", None, data)
+        client = data.context.client
+        for spec, addon in self._chain_of(self.connections.record(client.id)):
+            if not await self._call(spec, addon, "tls_clienthello", None, data) and spec.on_error == "fail-closed":
+                client.error = client.error or f"addon {spec.name} failed (fail-closed)"
 
     async def tls_established_client(self, data: tls.TlsData) -> None:
         record = self.connections.record(data.context.client.id)
@@ -109,22 +113,26 @@ class AddonRunner:
         for spec, addon in self._chain_of(record):
             await self._call(spec, addon, "connection_end", None, record)
 
+    def policy_reloaded(self, policy: Policy) -> None:
+        """Forget the instances the new policy no longer names; flows in flight keep theirs."""
+        named = {spec.key for spec in self.always} | {spec.key for rule in policy.rules for spec in rule.addons}
+        for key in [k for k in self._instances if k not in named]:
+            del self._instances[key]
+
     def reopen(self) -> None:
         """SIGUSR1: addons reopen their files (after logrotate moved them)."""
-        for addon in list(self._instances.values()):
-            if hasattr(addon, "reopen"):
-                try:
-                    addon.reopen()
-                except Exception as e:
-                    log.error("addon %s failed to reopen: %s: %s", addon.name, type(e).__name__, e)
+        self._each("reopen")
 
     def done(self) -> None:
+        self._each("done")
+
+    def _each(self, hook: str) -> None:
         for addon in list(self._instances.values()):
-            if hasattr(addon, "done"):
+            if hasattr(addon, hook):
                 try:
-                    addon.done()
+                    getattr(addon, hook)()
                 except Exception as e:
-                    log.error("addon %s failed while shutting down: %s: %s", addon.name, type(e).__name__, e)
+                    log.error("addon %s failed in %s: %s: %s", addon.name, hook, type(e).__name__, e)
 
     # running addons
 
@@ -134,10 +142,11 @@ class AddonRunner:
                 return  # answered (refused): later addons never see the request
             await self._call(spec, addon, hook, flow, flow)
 
-    async def _call(self, spec: AddonSpec, addon: Addon, hook: str, flow: http.HTTPFlow | None, *args: Any) -> None:
+    async def _call(self, spec: AddonSpec, addon: Addon, hook: str, flow: http.HTTPFlow | None, *args: Any) -> bool:
+        """Run one hook of one addon; False if it failed (raised, or overran its time budget)."""
         method = getattr(addon, hook, None)
         if method is None:
-            return
+            return True
         started = time.monotonic()
         try:
             result = method(*args)
@@ -149,9 +158,22 @@ class AddonRunner:
             _check_budget(spec, started)
         except Refuse as r:
             if flow is not None:
-                refuse(flow, Refusal(spec.name, r.reason, r.status))
+                self._refused(spec, hook, flow, r)
         except Exception as e:  # the addon's own failure: contained here, whatever it is
             self._failed(spec, hook, flow, e)
+            return False
+        return True
+
+    def _refused(self, spec: AddonSpec, hook: str, flow: http.HTTPFlow, r: Refuse) -> None:
+        if hook == "websocket_message":  # the upgrade is long done: what can be stopped is this message
+            assert flow.websocket is not None
+            flow.websocket.messages[-1].drop()
+            log.info("addon %s dropped a WebSocket message, flow %s: %s", spec.name, flow.id, r.reason)
+        elif hook.startswith("websocket"):
+            log.warning("addon %s refused in %s, flow %s, which cannot be refused: %s", spec.name, hook, flow.id,
+                        r.reason)  # fmt: skip
+        else:
+            refuse(flow, Refusal(spec.name, r.reason, r.status))
 
     def _stream(self, flow: http.HTTPFlow, side: str) -> None:
         """Route a body through the chain's data hooks as it streams: from its first byte, whatever
@@ -160,16 +182,16 @@ class AddonRunner:
         if message is None or flow.metadata.get(EARLY):
             return  # bumper's own answer: nothing to inspect
         hook = f"{side}_data"
-        chain: list[Bound] = [b for b in flow.metadata.get(CHAIN, ()) if hasattr(b[1], hook)]
+        chain = [_DataHook(spec, addon, hook) for spec, addon in flow.metadata.get(CHAIN, ()) if hasattr(addon, hook)]
         if not chain:
             return  # mitmproxy buffers small bodies (hooks see message.content) and streams large ones
 
         def stream(data: bytes) -> bytes:
             end = not data
-            for spec, addon in chain:
-                out = self._call_data(spec, addon, hook, flow, data) if data else b""
+            for step in chain:
+                out = self._call_data(step, flow, data) if data else b""
                 if end:
-                    out += self._call_data(spec, addon, hook, flow, b"")
+                    out += self._call_data(step, flow, b"")
                 if REFUSAL in flow.metadata:
                     return b""
                 data = out
@@ -177,33 +199,62 @@ class AddonRunner:
 
         message.stream = stream
 
-    def _call_data(self, spec: AddonSpec, addon: Addon, hook: str, flow: http.HTTPFlow, data: bytes) -> bytes:
-        method: Callable[[http.HTTPFlow, bytes], bytes] = getattr(addon, hook)
+    def _call_data(self, step: _DataHook, flow: http.HTTPFlow, data: bytes) -> bytes:
+        if step.failed:
+            return data  # failed open earlier in this body: out of the way for the rest of it
         started = time.monotonic()
         try:
-            out = method(flow, data)
+            out = getattr(step.addon, step.hook)(flow, data)
             if not isinstance(out, bytes):
-                raise TypeError(f"{hook} returned {type(out).__name__}, not bytes")
-            _check_budget(spec, started)
+                raise TypeError(f"{step.hook} returned {type(out).__name__}, not bytes")
+            _check_budget(step.spec, started)
+            step.seen += len(data)
+            step.passed += len(out)
             return out
         except Refuse as r:
-            refuse(flow, Refusal(spec.name, r.reason, r.status))
+            refuse(flow, Refusal(step.spec.name, r.reason, r.status))
         except Exception as e:
-            self._failed(spec, hook, flow, e)
-            if spec.on_error == "fail-open":
+            # Failing open is only possible if the addon holds none of the body back: bytes it kept
+            # are lost with it, and a body missing some bytes is worse than one refused.
+            intact = step.spec.on_error == "fail-open" and step.seen == step.passed
+            self._failed(step.spec, step.hook, flow, e, closed=not intact)
+            if intact:
+                step.failed = True
                 return data
         return b""
 
-    def _failed(self, spec: AddonSpec, hook: str, flow: http.HTTPFlow | None, e: Exception) -> None:
-        closed = spec.on_error == "fail-closed" and flow is not None
-        outcome = "answered with 502 (fail-closed)" if closed else "passed on (fail-open)"
+    def _failed(
+        self, spec: AddonSpec, hook: str, flow: http.HTTPFlow | None, e: Exception, closed: bool | None = None
+    ) -> None:
+        if closed is None:
+            closed = spec.on_error == "fail-closed"
+        if flow is None:
+            outcome = "the connection is refused (fail-closed)" if closed and hook == "tls_clienthello" else "logged"
+        elif closed:
+            outcome = "the flow is answered with 502 (fail-closed)"
+            if spec.on_error == "fail-open":
+                outcome = "the flow is cut off: the addon held part of the body back"
+        else:
+            outcome = "the flow goes on (fail-open)"
         log.error(
-            "addon %s failed in %s, flow %s: %s: %s; the flow is %s",
+            "addon %s failed in %s, flow %s: %s: %s; %s",
             spec.name, hook, flow.id if flow else "-", type(e).__name__, e, outcome,
         )  # fmt: skip
         log.debug("addon %s traceback", spec.name, exc_info=e)
-        if closed and flow is not None and REFUSAL not in flow.metadata:
+        if closed and flow is not None and REFUSAL not in flow.metadata and not hook.startswith("websocket"):
             refuse(flow, Refusal(spec.name, f"addon {spec.name} failed", 502))
+
+
+@dataclass
+class _DataHook:
+    """One addon's data hook on one body: how much went in and came out, to know what it holds."""
+
+    spec: AddonSpec
+    addon: Addon
+    hook: str
+    seen: int = 0
+    passed: int = 0
+    failed: bool = False
 
 
 class _Broken(Addon):

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class PolicyEnforcer:
     ) -> None:
         self.policy = policy
         self.addons = addons  # the addon classes a reloaded policy may name
+        self.on_reload: list[Callable[[Policy], None]] = []
         self.path = path  # the policy file, reloaded on SIGHUP and when it changes
         self._watcher: asyncio.Task[None] | None = None
         self.connections = connections
@@ -81,6 +82,8 @@ class PolicyEnforcer:
             log.error("policy not reloaded, the one in force stays: %s%s", problems[0], more)
             return
         self.policy = new
+        for reloaded in self.on_reload:
+            reloaded(new)
         log.info("policy reloaded from %s: %d rules, default %s", self.path, len(new.rules), new.default)
 
     async def _watch(self, path: Path) -> None:

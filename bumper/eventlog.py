@@ -27,7 +27,7 @@ class ConnectionRecord:
     action: str = "-"
     rule: str = "-"
     verify: str = "-"  # "trusted" or the reason code the upstream failed verification with
-    upstream: str = "-"  # the upstream leaf's SHA-256 fingerprint
+    upstream_sha256: str = "-"  # the upstream leaf's SHA-256 fingerprint, upper-case hex
     requests: int = 0
     error: str | None = None  # the first thing that went wrong, if anything did
     decision: Decision | None = None
@@ -40,7 +40,7 @@ class ConnectionRecord:
 
     def verified(self, verdict: Verdict, fingerprint: str) -> None:
         self.verify = verdict.reason or "trusted"
-        self.upstream = fingerprint.replace(":", "")
+        self.upstream_sha256 = fingerprint.replace(":", "")
 
     def fail(self, reason: str) -> None:
         if self.error is None:
@@ -64,7 +64,8 @@ class ConnectionRecord:
     def line(self) -> str:
         return (
             f"{self.client} {self.kind} {self.target} sni={self.sni} action={self.action} rule={self.rule} "
-            f"verify={self.verify} upstream_sha256={self.upstream} requests={self.requests} outcome={self.outcome()}"
+            f"verify={self.verify} upstream_sha256={self.upstream_sha256} requests={self.requests} "
+            f"outcome={self.outcome()}"
         )
 
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import time
 
-from mitmproxy import http
+from mitmproxy import flow, http
 from mitmproxy.proxy import events, layer, layers
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import (
+    DropStream,
+    HttpErrorHook,
+    HttpRequestHook,
     HttpResponseHeadersHook,
     RequestData,
     RequestEndOfMessage,
@@ -33,6 +36,7 @@ from mitmproxy.proxy.layers.http import (
 # flow.metadata keys
 EARLY = "bumper.early_response"  # the flow was answered by bumper, not (or no longer) by the upstream
 RESPONSE_SENT = "bumper.response_sent"  # the upstream's response headers went to the client
+RESPONSE_DELIVERED = "bumper.response_delivered"  # and its whole streamed body: too late to stop it
 ABORTED = "bumper.aborted"  # why a streamed response body was cut off
 STREAMED = "bumper.streamed"  # {"request": bytes, "response": bytes} of bodies that were streamed
 
@@ -84,18 +88,31 @@ class HttpStream(http_layers.HttpStream):
         data = event.data if isinstance(event, RequestData) else b""
         _count(self.flow, "request", data)
         chunks = _chunks(stream(data)) if callable(stream) else ([data] if data else [])
-        if self.flow.response is not None:  # refused while streaming: the upstream must not get the rest
-            yield SendHttp(RequestProtocolError(self.stream_id, "refused by bumper", 400), self.context.server)
-            self.server_state = self.state_errored
-            self.client_state = self.state_discard_request_body
-            if isinstance(event, RequestEndOfMessage):
-                yield from self._send_early_response()
-            return
+        if self.flow.metadata.get(EARLY):  # refused while streaming: the upstream must not get the rest
+            return (yield from self._refuse_after_streaming(ended=isinstance(event, RequestEndOfMessage)))
         for chunk in chunks:
             yield SendHttp(RequestData(self.stream_id, chunk), self.context.server)
-        if isinstance(event, RequestEndOfMessage):
-            self.flow.request.stream = True  # already called for the end: the parent must not call it again
-            yield from super().state_stream_request_body(event)
+        if isinstance(event, RequestData):
+            return
+        # The end, as the parent does it, but a refusal from the request hook still stops the upstream.
+        self.flow.request.timestamp_end = time.time()
+        yield HttpRequestHook(self.flow)
+        if self.flow.metadata.get(EARLY):
+            return (yield from self._refuse_after_streaming(ended=True))
+        self.client_state = self.state_done
+        if self.flow.request.trailers:
+            yield SendHttp(RequestTrailers(self.stream_id, self.flow.request.trailers), self.context.server)
+        yield SendHttp(event, self.context.server)
+        if self.server_state == self.state_done:
+            yield from self.flow_done()
+
+    def _refuse_after_streaming(self, ended: bool) -> layer.CommandGenerator[None]:
+        """The upstream has part of the body: reset its request, then answer once the client is done."""
+        yield SendHttp(RequestProtocolError(self.stream_id, "refused by bumper", 400), self.context.server)
+        self.server_state = self.state_errored
+        self.client_state = self.state_discard_request_body
+        if ended:
+            yield from self._send_early_response()
 
     def state_discard_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, RequestEndOfMessage):
@@ -134,10 +151,15 @@ class HttpStream(http_layers.HttpStream):
             yield SendHttp(ResponseProtocolError(self.stream_id, reason, 502), self.context.client)
             yield SendHttp(RequestProtocolError(self.stream_id, reason, 400), self.context.server)
             self.client_state = self.server_state = self.state_errored
+            self.flow.error = flow.Error(reason)
+            yield HttpErrorHook(self.flow)
+            self.flow.live = False
+            yield DropStream(self.stream_id)
             return
         for chunk in chunks:
             yield SendHttp(ResponseData(self.stream_id, chunk), self.context.client)
         if isinstance(event, ResponseEndOfMessage):
+            self.flow.metadata[RESPONSE_DELIVERED] = True
             yield from self.send_response(already_streamed=True)
 
     def handle_protocol_error(

@@ -376,8 +376,8 @@ def _addons(node: yaml.Node, where: str, errors: _Errors) -> tuple[AddonSpec, ..
             continue
         on_error, timeout = None, DEFAULT_ADDON_TIMEOUT
         if isinstance(body, yaml.MappingNode):
-            _duplicates(body, f"{here}.{name}.", errors)
             own = [(k, v) for k, v in body.value if k.value in ADDON_KEYS]
+            _duplicates(yaml.MappingNode(body.tag, own), f"{here}.{name}.", errors)  # settings: settings.build
             body = yaml.MappingNode(body.tag, [(k, v) for k, v in body.value if k.value not in ADDON_KEYS])
             body.start_mark = name_node.start_mark
             for key_node, value in own:
@@ -385,7 +385,7 @@ def _addons(node: yaml.Node, where: str, errors: _Errors) -> tuple[AddonSpec, ..
                     on_error = _choice(value, f"{here}.{name}.on_error", errors, ON_ERROR, "fail-closed", "value")
                 else:
                     timeout = _seconds(value, f"{here}.{name}.timeout", errors)
-        config = settings.build(cls.Settings, body, f"{here}.{name}", errors.add)
+        config = settings.build(cls.Settings, body, f"{here}.{name}", errors.add, at=name_node)
         if config is not None:
             on_error = on_error or ("fail-closed" if cls.blocks_with(config) else "fail-open")
             specs.append(AddonSpec(name, config, on_error, timeout))
@@ -394,11 +394,12 @@ def _addons(node: yaml.Node, where: str, errors: _Errors) -> tuple[AddonSpec, ..
 
 def _seconds(node: yaml.Node, where: str, errors: _Errors) -> float:
     try:
-        value = float(str(node.value))
+        value = float(node.value) if isinstance(node, yaml.ScalarNode) else 0.0
     except ValueError:
         value = 0.0
     if not 0 < value <= 60:
-        errors.add(node, where, f"bad timeout {getattr(node, 'value', node)!r} (seconds, more than 0, at most 60)")
+        shown = repr(node.value) if isinstance(node, yaml.ScalarNode) else "a list or mapping"
+        errors.add(node, where, f"bad timeout {shown} (seconds, more than 0, at most 60)")
         return DEFAULT_ADDON_TIMEOUT
     return value
 

@@ -84,7 +84,11 @@ class ProxyConfig:
 
 def access_log(addons: Mapping[str, type[Addon]], path: str) -> tuple[AddonSpec, ...]:
     """--access-log PATH: the access_log addon on every connection."""
-    return (AddonSpec("access_log", addons["access_log"].Settings(path=path), on_error="fail-open"),)
+    try:
+        settings = addons["access_log"].Settings(path=path)
+    except ValueError as e:
+        raise ConfigError(f"--access-log: {e}") from None
+    return (AddonSpec("access_log", settings, on_error="fail-open"),)
 
 
 def mimic_store(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> MimicStore:
@@ -102,6 +106,8 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     probe = UpstreamProbe(config.trust, lambda: [*own_cas, mimics.untrusted().cert])
     enforcer = PolicyEnforcer(config.policy, connections, probe, config.policy_path, config.addons)
     pages = UpstreamErrorPages()
+    runner = AddonRunner(config.addons, connections, config.always)
+    enforcer.on_reload.append(runner.policy_reloaded)
     m.addons.add(
         proxyserver.Proxyserver(),
         NextLayer(),
@@ -109,7 +115,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         enforcer,  # before TlsProvider: it sees the decision
         ConnectReplies(),
         pages,
-        AddonRunner(config.addons, connections, config.always),  # after enforcer and pages: it skips what they refused
+        runner,  # after enforcer and pages: it skips what they refused
         TlsProvider(
             mimics,
             config.trust,

@@ -25,6 +25,9 @@ _SIZE = re.compile(r"(\d+)\s*([kmg]?)i?b?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
+_START = yaml.ScalarNode("tag:yaml.org,2002:null", "", start_mark=yaml.Mark("", 0, 0, 0, "", 0))
+
+
 class _Invalid(Exception):
     """A value already reported; the caller drops it."""
 
@@ -36,15 +39,18 @@ def parse_size(text: str) -> int:
     return int(m[1]) * _UNITS[m[2].lower()]
 
 
-def build(cls: type[Any], node: yaml.Node | None, where: str, add_error: AddError) -> Any | None:
-    """An instance of dataclass CLS from NODE (None: every field's default), or None when NODE is invalid."""
+def build(
+    cls: type[Any], node: yaml.Node | None, where: str, add_error: AddError, at: yaml.Node | None = None
+) -> Any | None:
+    """An instance of dataclass CLS from NODE (None: every field's default), or None when NODE is
+    invalid. Problems without a node of their own (a missing setting) are reported AT."""
     try:
-        return _dataclass(cls, node, where, add_error)
+        return _dataclass(cls, node, where, add_error, at or _START)
     except _Invalid:
         return None
 
 
-def _dataclass(cls: type[Any], node: yaml.Node | None, where: str, add_error: AddError) -> Any:
+def _dataclass(cls: type[Any], node: yaml.Node | None, where: str, add_error: AddError, at: yaml.Node) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     items: list[tuple[yaml.Node, yaml.Node]] = []
@@ -54,9 +60,11 @@ def _dataclass(cls: type[Any], node: yaml.Node | None, where: str, add_error: Ad
             raise _Invalid
         items = node.value
     values: dict[str, Any] = {}
-    failed = False
+    seen: set[str] = set()
+    failed = _repeated(items, where, add_error)
     for key_node, value in items:
         key = str(key_node.value)
+        seen.add(key)
         if key not in fields:
             known = ", ".join(fields) or "this addon has no settings"
             add_error(key_node, f"{where}.{key}", f"unknown setting (expected one of: {known})")
@@ -67,16 +75,28 @@ def _dataclass(cls: type[Any], node: yaml.Node | None, where: str, add_error: Ad
         except _Invalid:
             failed = True
     for name, f in fields.items():
-        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            add_error(node if node is not None else yaml.ScalarNode("tag", ""), f"{where}.{name}", "missing")
+        if name not in seen and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            add_error(node or at, f"{where}.{name}", "missing")
             failed = True
     if failed:
         raise _Invalid
     try:
         return cls(**values)
     except (ValueError, TypeError) as e:
-        add_error(node or yaml.ScalarNode("tag", ""), where, str(e))
+        add_error(node or at, where, str(e))
         raise _Invalid from None
+
+
+def _repeated(items: list[tuple[yaml.Node, yaml.Node]], where: str, add_error: AddError) -> bool:
+    """YAML keeps the last of repeated keys without a word; in a policy that hides a mistake."""
+    seen: set[str] = set()
+    found = False
+    for key_node, _ in items:
+        if key_node.value in seen:
+            add_error(key_node, f"{where}.{key_node.value}", "repeated key")
+            found = True
+        seen.add(key_node.value)
+    return found
 
 
 def _value(tp: Any, node: yaml.Node, where: str, add_error: AddError) -> Any:
@@ -91,7 +111,7 @@ def _value(tp: Any, node: yaml.Node, where: str, add_error: AddError) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _value(inner, node, where, add_error)
     if dataclasses.is_dataclass(tp):
-        return _dataclass(tp, node, where, add_error)  # type: ignore[arg-type]
+        return _dataclass(tp, node, where, add_error, node)  # type: ignore[arg-type]
     if origin is tuple:
         items = node.value if isinstance(node, yaml.SequenceNode) else [node]
         results, failed = [], False
@@ -106,7 +126,15 @@ def _value(tp: Any, node: yaml.Node, where: str, add_error: AddError) -> Any:
     if origin is dict:
         if not isinstance(node, yaml.MappingNode):
             fail("expected a mapping")
-        return {str(k.value): _value(args[1], v, f"{where}.{k.value}", add_error) for k, v in node.value}
+        entries, failed = {}, _repeated(node.value, where, add_error)
+        for k, v in node.value:
+            try:
+                entries[str(k.value)] = _value(args[1], v, f"{where}.{k.value}", add_error)
+            except _Invalid:
+                failed = True
+        if failed:
+            raise _Invalid
+        return entries
     if not isinstance(node, yaml.ScalarNode):
         fail("expected a single value, not a list or mapping")
     text, tag = str(node.value), node.tag
