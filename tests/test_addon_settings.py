@@ -5,6 +5,7 @@ rule's `addons:` (names, settings, on_error, timeout); bumper.addonload builds t
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,7 +169,7 @@ def test_bad_sizes_are_reported_at_the_value(text: str) -> None:
         ("enabled: 'true'", "2:10: s.enabled: expected true or false, not 'true'"),
         ("mode: quick", "2:7: s.mode: 'quick' is not one of: fast, careful"),
         ("maybe: seven", "2:8: s.maybe: expected a number, not 'seven'"),
-        ("name: {a: 1}", "2:7: s.name: expected a single value, not a list or mapping"),
+        ("tags: {a: 1}", "2:7: s.tags: expected a single value, not a list or mapping"),
         ("limits: [a]", "2:9: s.limits: expected a mapping"),
         ("limits: {a.test: lots}", "2:18: s.limits.a.test: bad size 'lots' (use bytes, or 512k, 10m, 1g)"),
         ("inner: h.test", "2:8: s.inner: expected a mapping of settings (host, port)"),
@@ -375,7 +376,7 @@ def test_every_shipped_addon_with_its_settings(tmp_path: Path) -> None:
     rules = chain(
         tmp_path,
         """
-        - access_log: {path: /var/log/bumper/access.jsonl}
+        - access_log: {path: ACCESS_LOG}
         - block: {domains: ["*.ads.test", evil.test], urls: ["shop.test/admin/*"], reason: not here}
         - dlp: {detect: [card, jwt], custom: {ticket: "TCK-[0-9]{6}"}, max_body: 2m, timeout: 5}
         - headers:
@@ -383,11 +384,11 @@ def test_every_shipped_addon_with_its_settings(tmp_path: Path) -> None:
             response: {add: {x-inspected: "yes"}}
             keep_authorization_for: ["*.corp.test"]
         - upload_limit: {max_bytes: 10m, hosts: {"*.files.test": 1g}, on_error: fail-open}
-        """,
+        """.replace("ACCESS_LOG", str(tmp_path / "access.jsonl")),
         load_registry(),
     )
     assert rules == (
-        AddonSpec("access_log", AccessLogSettings("/var/log/bumper/access.jsonl"), "fail-open", 1.0),
+        AddonSpec("access_log", AccessLogSettings(str(tmp_path / "access.jsonl")), "fail-open", 1.0),
         AddonSpec(
             "block",
             BlockSettings(domains=("*.ads.test", "evil.test"), urls=("shop.test/admin/*",), reason="not here"),
@@ -645,7 +646,7 @@ def test_a_module_contributes_only_the_addons_it_defines(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
-    ("files", "error"),
+    ("files", "error"),  # ERROR: a regular expression for the start of the message
     [
         ({"a.py": ADDON_MODULE.format(cls="A", name="block")}, "{d}/a.py: addon name 'block' is already taken by "
          "bumper_addons.block"),
@@ -659,7 +660,7 @@ def test_a_module_contributes_only_the_addons_it_defines(tmp_path: Path) -> None
         ({"a.py": "raise RuntimeError('not today')\n"}, "--addons: {d}/a.py: cannot load: RuntimeError: not today"),
         ({"a.py": "from bumper.addon import Addon\n\nclass Bad(Addon):\n    name = 'bad'\n"
                   "    async def request_data(self, flow, chunk):\n        return chunk\n"},
-         "{d}/a.py: bad: request_data and response_data must be plain functions, not async"),
+         "{d}/a.py: bad: request_data.* must be plain functions, not async"),
     ],
     ids=["taken-by-shipped", "twice-in-dir", "no-name", "syntax-error", "import-error", "raises", "async-data-hook"],
 )  # fmt: skip
@@ -670,7 +671,7 @@ def test_registry_errors_are_one_line(tmp_path: Path, files: dict[str, str], err
     with pytest.raises(ConfigError) as e:
         load_registry([directory])
     message = str(e.value)
-    assert "\n" not in message and message.startswith(error.format(d=directory)), message
+    assert "\n" not in message and re.match(error.format(d=re.escape(str(directory))), message), message
 
 
 def test_an_addons_dir_that_is_not_a_directory(tmp_path: Path) -> None:
