@@ -139,9 +139,10 @@ def _value(tp: Any, node: yaml.Node, where: str, add_error: AddError) -> Any:
         fail("expected a single value, not a list or mapping")
     text, tag = str(node.value), node.tag
     if origin is Literal:
-        if text not in args:
-            fail(f"{text!r} is not one of: {', '.join(map(str, args))}")
-        return text
+        for choice in args:  # Literal["a", "b"], or of numbers: Literal[1, 2]
+            if text == str(choice):
+                return choice
+        fail(f"{text!r} is not one of: {', '.join(map(str, args))}")
     if tp is Bytes:
         try:
             return parse_size(text)
