@@ -124,6 +124,7 @@ type result struct {
 	Dials        int64              `json:"dials"`
 	WarmupDials  int64              `json:"warmup_dials"`
 	PeerCloses   int64              `json:"peer_closes"`
+	CloseResps   int64              `json:"connection_close_responses"`
 	Elapsed      float64            `json:"elapsed_s"`
 	RPS          float64            `json:"rps,omitempty"`
 	Bytes        int64              `json:"bytes,omitempty"`
@@ -199,15 +200,25 @@ func cpuBusy(a, b map[string]cpuTimes) map[string]float64 {
 
 // --- clients -------------------------------------------------------------------------------------
 
-// countedConn counts the connections the other side closed first (a read saw EOF or an error
-// before this side closed): a proxy dropping a keep-alive connection shows up here.
+// countedConn counts the connections the other side closed first at the TCP level (a read saw EOF
+// or an error before this side closed). A TLS 1.3 close_notify is not seen here: the TLS layer stops
+// reading after it; keep-alive runs list when each unexpected new connection was made instead.
 type countedConn struct {
 	net.Conn
 	closed int32
 	peer   int32
 }
 
-var peerCloses int64
+var (
+	measureStart time.Time
+	newConnMu    sync.Mutex
+	newConns     []string
+)
+
+var (
+	peerCloses     int64 // connections whose TCP read saw an error or EOF before this side closed them
+	closeResponses int64 // responses that said "Connection: close"
+)
 
 func (c *countedConn) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
@@ -281,6 +292,9 @@ func get(ctx context.Context, client *http.Client, u string) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
+	if resp.Close {
+		atomic.AddInt64(&closeResponses, 1)
+	}
 	n, err := io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
 	if err != nil {
@@ -344,9 +358,31 @@ func runRequests(res *result, keepAlive bool) {
 			var lat []float64
 			var myBytes int64
 			var myEnd time.Time
+			ctx := context.Background()
+			if keepAlive { // a new connection in the measured window: when, and how long the worker had been idle
+				var prevEnd time.Time
+				ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+					GotConn: func(info httptrace.GotConnInfo) {
+						if !info.Reused {
+							newConnMu.Lock()
+							if len(newConns) < 20 {
+								newConns = append(newConns, fmt.Sprintf("at +%.3f s, %.1f ms after the worker's previous response",
+									time.Since(measureStart).Seconds(), time.Since(prevEnd).Seconds()*1e3))
+							}
+							newConnMu.Unlock()
+						}
+					},
+					PutIdleConn: func(err error) {
+						prevEnd = time.Now()
+						if err != nil {
+							res.addError(fmt.Errorf("connection not kept: %w", err))
+						}
+					},
+				})
+			}
 			for time.Now().Before(measureEnd) && atomic.AddInt64(&started, 1) <= int64(cfg.n) {
 				t0 := time.Now()
-				n, err := get(context.Background(), client, u)
+				n, err := get(ctx, client, u)
 				t1 := time.Now()
 				if err != nil {
 					res.addError(err)
@@ -372,6 +408,7 @@ func runRequests(res *result, keepAlive bool) {
 	res.WarmupDials = atomic.LoadInt64(&dials)
 	cpu0 := readCPU()
 	start := time.Now()
+	measureStart = start
 	measureEnd = start.Add(cfg.duration) // read by the workers only after ready is closed
 	close(ready)
 	wg.Wait()
@@ -388,9 +425,13 @@ func runRequests(res *result, keepAlive bool) {
 		res.RPS = float64(len(all)) / res.Elapsed
 	}
 	res.Dials = atomic.LoadInt64(&dials)
+	if len(newConns) > 0 {
+		res.Extra = map[string]any{"new_connections_while_measured": newConns}
+	}
 	if keepAlive && res.Dials != int64(cfg.c) {
-		res.Fail = fmt.Sprintf("keep-alive run opened %d connections, not exactly c=%d (%d closed by the other side)",
-			res.Dials, cfg.c, atomic.LoadInt64(&peerCloses))
+		res.Fail = fmt.Sprintf("keep-alive run opened %d connections, not exactly c=%d (%d during the warm-up; "+
+			"%d responses said Connection: close, %d connections closed by the other side)",
+			res.Dials, cfg.c, res.WarmupDials, atomic.LoadInt64(&closeResponses), atomic.LoadInt64(&peerCloses))
 	}
 	if !keepAlive {
 		res.Extra = map[string]any{"measured_dials": res.Dials - res.WarmupDials}
@@ -741,6 +782,7 @@ func main() {
 		os.Exit(2)
 	}
 	res.PeerCloses = atomic.LoadInt64(&peerCloses)
+	res.CloseResps = atomic.LoadInt64(&closeResponses)
 	out, _ := json.Marshal(res)
 	fmt.Println(string(out))
 	if res.Fail != "" {
