@@ -28,13 +28,17 @@ log = logging.getLogger("bumper.addons.dlp")
 
 Detector = Literal["card", "aws_key", "private_key", "jwt"]
 Place = Literal["url", "headers", "body"]
-OVERLAP = 4096  # bytes held back between chunks: the longest match found across a chunk boundary
+OVERLAP = 8192  # bytes held back between chunks: the longest match (a PEM key block) found across a boundary
 
 PATTERNS: dict[str, re.Pattern[bytes]] = {
     # 13 to 19 digits, optionally grouped by single spaces or dashes; checked further by _is_card.
     "card": re.compile(rb"(?<![0-9])[0-9](?:[ -]?[0-9]){12,18}(?![0-9])"),
     "aws_key": re.compile(rb"(?<![A-Z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Z0-9])"),
-    "private_key": re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
+    # The whole PEM block, so that redact masks the key material too; the header alone when no end follows.
+    "private_key": re.compile(
+        rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"
+        rb"(?:[A-Za-z0-9+/=\s:,-]{0,8000}?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?"
+    ),
     "jwt": re.compile(rb"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}"),
 }
 # Issuer prefixes (IIN) of the card networks: Visa, Mastercard, Amex, Discover, JCB, Diners, UnionPay.
@@ -64,7 +68,7 @@ def masked(kind: str, secret: bytes) -> str:
         digits = text.replace(" ", "").replace("-", "")
         return f"{'*' * (len(digits) - 4)}{digits[-4:]}"
     if kind == "private_key":
-        return text  # the PEM header itself is no secret
+        return f"-----{text.split('-----')[1]}-----"  # the PEM header, no key material
     return f"{text[:4]}{'*' * max(len(text) - 4, 0)} ({len(text)} chars)"
 
 
@@ -74,6 +78,7 @@ class Finding:
     excerpt: str  # masked
     start: int
     end: int
+    complete: bool = True  # False: a PEM header whose key material may still follow
 
 
 def find(patterns: dict[str, re.Pattern[bytes]], data: bytes) -> Iterator[Finding]:
@@ -81,7 +86,8 @@ def find(patterns: dict[str, re.Pattern[bytes]], data: bytes) -> Iterator[Findin
         for m in pattern.finditer(data):
             if kind == "card" and not _is_card(m[0]):
                 continue
-            yield Finding(kind, masked(kind, m[0]), m.start(), m.end())
+            complete = kind != "private_key" or b"-----END" in m[0]
+            yield Finding(kind, masked(kind, m[0]), m.start(), m.end(), complete)
 
 
 def redact(data: bytes, findings: list[Finding]) -> bytes:
@@ -123,6 +129,12 @@ class DlpSettings:
     def patterns(self) -> dict[str, re.Pattern[bytes]]:
         chosen: dict[str, re.Pattern[bytes]] = {kind: PATTERNS[kind] for kind in self.detect}
         return {**chosen, **{name: re.compile(regex.encode()) for name, regex in self.custom.items()}}
+
+
+def _may_grow(finding: Finding, length: int) -> bool:
+    """Whether the next chunk could make FINDING longer: it ends where the data does, or it is a PEM
+    header whose key block could still end within the held-back bytes."""
+    return finding.end >= length or (not finding.complete and length - finding.start < OVERLAP)
 
 
 class Dlp(Addon):
@@ -174,11 +186,16 @@ class Dlp(Addon):
         return self._scan_body(flow, "response", chunk)
 
     def _check_headers(self, flow: http.HTTPFlow, headers: http.Headers, side: str) -> None:
-        for name, value in list(headers.items(multi=True)):
-            raw = value.encode("utf-8", "surrogateescape")
-            checked = self._checked(flow, f"{side} header {name}", raw)
-            if checked != raw:
-                headers.set_all(name, [checked.decode("utf-8", "surrogateescape")])
+        for name in list(dict.fromkeys(headers.keys())):
+            values = headers.get_all(name)
+            checked = [
+                self._checked(flow, f"{side} header {name}", v.encode("utf-8", "surrogateescape")).decode(
+                    "utf-8", "surrogateescape"
+                )
+                for v in values
+            ]
+            if checked != values:  # every value of the name kept, in order
+                headers.set_all(name, checked)
 
     def _checked(self, flow: http.HTTPFlow, where: str, data: bytes) -> bytes:
         findings = list(find(self.patterns, data))
@@ -208,7 +225,7 @@ class Dlp(Addon):
         findings = [
             f
             for f in find(self.patterns, data)
-            if scan.offset + f.end > scan.reported and (final or f.end < len(data))  # else it may still grow
+            if scan.offset + f.end > scan.reported and (final or not _may_grow(f, len(data)))
         ]
         self._act(flow, f"{side} body", findings)
         if findings:
