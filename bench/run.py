@@ -1307,8 +1307,8 @@ def main() -> int:
                                 contender.proc.stop()
                         for wl, r in run["results"].items():
                             if r.get("fail"):
-                                when = (r.get("extra") or {}).get("new_connections_while_measured") or []
-                                more = f"; new connections {', '.join(when[:3])}" if when else ""
+                                when = (r.get("extra") or {}).get("unexpected_new_connections") or []
+                                more = f"; unexpected connections: {', '.join(when[:3])}" if when else ""
                                 failures.append(f"rep {rep + 1} {wl} {name}: {r['fail']}{more}"[:800])
                             elif r.get("errors"):
                                 failures.append(

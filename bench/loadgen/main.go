@@ -340,10 +340,46 @@ func runRequests(res *result, keepAlive bool) {
 			defer wg.Done()
 			client := newClient(newTransport(keepAlive, false))
 			defer client.Transport.(*http.Transport).CloseIdleConnections()
+			// Every connection after the worker's first is unexpected in a keep-alive run: say when it
+			// came, after how many requests on the previous one, and how long after its last response.
+			ctx := context.Background()
+			var prevEnd time.Time
+			var onConn, conns int
+			measuring := false
+			if keepAlive {
+				ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+					GotConn: func(info httptrace.GotConnInfo) {
+						if !info.Reused {
+							conns++
+							if conns > 1 {
+								phase := "in the warm-up"
+								if measuring {
+									phase = fmt.Sprintf("at +%.3f s", time.Since(measureStart).Seconds())
+								}
+								newConnMu.Lock()
+								if len(newConns) < 20 {
+									newConns = append(newConns, fmt.Sprintf(
+										"%s, after %d requests on the previous one, %.1f ms after its last response",
+										phase, onConn, time.Since(prevEnd).Seconds()*1e3))
+								}
+								newConnMu.Unlock()
+							}
+							onConn = 0
+						}
+						onConn++
+					},
+					PutIdleConn: func(err error) {
+						prevEnd = time.Now()
+						if err != nil {
+							res.addError(fmt.Errorf("connection not kept: %w", err))
+						}
+					},
+				})
+			}
 			// warm-up: at least one request (the connection is opened), then until warmEnd
 			first := true
 			for first || time.Now().Before(warmEnd) {
-				if _, err := get(context.Background(), client, u); err != nil {
+				if _, err := get(ctx, client, u); err != nil {
 					res.addError(fmt.Errorf("warm-up: %w", err))
 					if !first {
 						break
@@ -355,31 +391,10 @@ func runRequests(res *result, keepAlive bool) {
 				}
 			}
 			<-ready
+			measuring = true
 			var lat []float64
 			var myBytes int64
 			var myEnd time.Time
-			ctx := context.Background()
-			if keepAlive { // a new connection in the measured window: when, and how long the worker had been idle
-				var prevEnd time.Time
-				ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
-					GotConn: func(info httptrace.GotConnInfo) {
-						if !info.Reused {
-							newConnMu.Lock()
-							if len(newConns) < 20 {
-								newConns = append(newConns, fmt.Sprintf("at +%.3f s, %.1f ms after the worker's previous response",
-									time.Since(measureStart).Seconds(), time.Since(prevEnd).Seconds()*1e3))
-							}
-							newConnMu.Unlock()
-						}
-					},
-					PutIdleConn: func(err error) {
-						prevEnd = time.Now()
-						if err != nil {
-							res.addError(fmt.Errorf("connection not kept: %w", err))
-						}
-					},
-				})
-			}
 			for time.Now().Before(measureEnd) && atomic.AddInt64(&started, 1) <= int64(cfg.n) {
 				t0 := time.Now()
 				n, err := get(ctx, client, u)
@@ -426,7 +441,7 @@ func runRequests(res *result, keepAlive bool) {
 	}
 	res.Dials = atomic.LoadInt64(&dials)
 	if len(newConns) > 0 {
-		res.Extra = map[string]any{"new_connections_while_measured": newConns}
+		res.Extra = map[string]any{"unexpected_new_connections": newConns}
 	}
 	if keepAlive && res.Dials != int64(cfg.c) {
 		res.Fail = fmt.Sprintf("keep-alive run opened %d connections, not exactly c=%d (%d during the warm-up; "+
