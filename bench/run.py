@@ -502,11 +502,10 @@ def start_contender(
             argv += ["--access-log", str(access_log)]
         else:
             notes.append("bumper has no --access-log yet: run without an access log")
-        if origin.port not in (443, 8443):
+        if origin.port not in (443, 8443):  # the default policy allows only these (noted under the table)
             policy = work / "ports.yaml"
             policy.write_text("ports: ['1-65535']\n")
             argv += ["--policy", str(policy)]
-            notes.append(f"origin on port {origin.port}, not 8443: policy file with ports ['1-65535']")
         proc = Proc("bumper", argv, PROXY_CPU, work)
         port = int(proc.wait_for_line(r"proxy listening on 127\.0\.0\.1:(\d+)").group(1))
         cafile = work / "ca" / "ca.pem"
@@ -1265,7 +1264,10 @@ def main() -> int:
             f.chmod(0o644)
         origin_port = 8443 if port_is_free(8443) else free_port()
         if origin_port != 8443:
-            notes.append(f"port 8443 was taken: the origin listens on {origin_port} (bumper gets a ports policy)")
+            notes.append(
+                f"port 8443 was taken: the origin listens on {origin_port}, and bumper gets a policy file with "
+                "ports ['1-65535'] (its default policy allows 443 and 8443 only)"
+            )
         origin = start_nginx(workroot, pki["dir"], names, origin_port, prof.bulk_bytes)
         log(f"origin: nginx on {HOST}:{origin_port} (pid {origin.proc.pid}, CPU {LOAD_CPU})")
         try:
