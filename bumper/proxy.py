@@ -15,7 +15,7 @@ from mitmproxy import master, options
 from mitmproxy.addons import proxyserver
 from mitmproxy.utils import asyncio_utils, human
 
-from bumper import aia, keys, names
+from bumper import aia, dispatch, keys, names
 from bumper import ca as ca_files
 from bumper.addon import Addon
 from bumper.chain import AddonRunner
@@ -99,7 +99,7 @@ def mimic_store(config: ProxyConfig, authority: ca_files.CertificateAuthority) -
 
 
 def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> master.Master:
-    m = master.Master(options.Options(), with_termlog=False)
+    m = dispatch.Master(options.Options(), with_termlog=False)
     connections = ConnectionLog()
     mimics = mimic_store(config, authority)
     own_cas = [authority.trust_anchor, authority.cert]
