@@ -3,6 +3,7 @@ blocked), to a file or stdout. The field names are a stable interface: docs/addo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -34,6 +35,9 @@ class AccessLogSettings:
             raise ValueError(f"cannot write {self.path}: no such directory, or no permission")
 
 
+FLUSH_DELAY = 0.1  # seconds a line may wait in the buffer
+
+
 class AccessLog(Addon):
     name = "access_log"
     Settings = AccessLogSettings
@@ -41,6 +45,7 @@ class AccessLog(Addon):
     def __init__(self, settings: AccessLogSettings) -> None:
         super().__init__(settings)
         self._file: IO[str] | None = None
+        self._flush: asyncio.TimerHandle | None = None
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._write(exchange(flow))
@@ -57,6 +62,7 @@ class AccessLog(Addon):
         self.done()
 
     def done(self) -> None:
+        self._flushed()
         if self._file is not None and self._file is not sys.stdout:
             self._file.close()
         self._file = None
@@ -65,7 +71,16 @@ class AccessLog(Addon):
         if self._file is None:
             self._file = self._open()
         self._file.write(json.dumps(fields, separators=(",", ":")) + "\n")
-        self._file.flush()
+        # Written out within FLUSH_DELAY, not line by line: one write for many busy requests.
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(FLUSH_DELAY, self._flushed)
+
+    def _flushed(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self._file is not None:
+            self._file.flush()
 
     def _open(self) -> IO[str]:
         if self.settings.path == "-":
