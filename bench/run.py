@@ -1,6 +1,6 @@
 """The whole benchmark: direct, stock mitmproxy, bumper and squid in front of one nginx origin, one core each side.
 
-    make bench          # bench/setup.sh (Debian packages, .venv, the Go load generator), then this, ~25 min
+    make bench          # bench/setup.sh (Debian packages, .venv, the Go load generator), then this, ~15-20 min
     make bench-quick    # tiny counts, 1 repetition: proves the harness works end to end, ~3 min
     .venv/bin/python bench/run.py [--quick] [--reps N] [--duration S] [--only w1,w2,...] [--contenders ...]
 
@@ -185,6 +185,11 @@ def wait_port(port: int, proc: Proc, timeout: float = START_TIMEOUT) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{proc.name}: nothing listening on {HOST}:{port} after {timeout:.0f} s:\n{proc.log_text()}")
+
+
+def nofile() -> int:
+    """The file-descriptor limit children get (run.py raises it as far as it may at start)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
 
 def free_port() -> int:
@@ -403,8 +408,8 @@ def start_nginx(workdir: Path, pki_dir: Path, names: list[str], port: int, bulk_
 daemon off;
 pid {d / "nginx.pid"};
 error_log {d / "error.log"} warn;
-worker_rlimit_nofile 60000;
-events {{ worker_connections 16384; }}
+worker_rlimit_nofile {nofile()};
+events {{ worker_connections {min(16384, nofile() // 2)}; }}
 http {{
   access_log off;
   default_type application/octet-stream;
@@ -570,7 +575,7 @@ pid_filename {work / "squid.pid"}
 cache_log {work / "cache.log"}
 access_log stdio:{access_log}
 coredump_dir {work}
-max_filedescriptors 60000
+max_filedescriptors {nofile()}
 shutdown_lifetime 1 seconds
 pinger_enable off
 {"cache_effective_user proxy" if root else ""}
@@ -808,6 +813,11 @@ def group_idle(contender: Contender, origin: Origin, prof: Profile, only: set[st
         if proc.poll() is None:
             proc.kill()  # this loadgen's own PID
             proc.wait(10)
+    # Let the proxy see the closes before it is stopped (stopping mitmproxy or bumper with connections
+    # still open prints one asyncio CancelledError traceback per connection).
+    settle = time.monotonic() + 10
+    while time.monotonic() < settle and contender.proc.alive() and fd_sockets(pid) > r.get("proxy_sockets_base", 0):
+        time.sleep(0.2)
     if not contender.proc.alive():
         r["fail"] = f"{contender.name} died: {contender.proc.log_text(10)}"
     return {"w5": r}
