@@ -996,7 +996,7 @@ CPU_ROWS = [
     ("w2c50", "2 · keep-alive c=50"),
     ("w3down", "3 · download"),
     ("w3up", "3 · upload"),
-    ("w4", "4 · setup, 200 names"),
+    ("w4", "4 · setup, {names} names"),
 ]
 
 
@@ -1088,6 +1088,7 @@ def report(agg: dict, micro: dict, names: list[str], prof: Profile, env: dict, p
     for wl, label in CPU_ROWS:
         if wl not in agg:
             continue
+        label = label.format(names=len(names))
         cells = []
         for n in cols:
             slot = agg[wl].get(n)
