@@ -4,6 +4,7 @@ blocked), to a file or stdout. The field names are a stable interface: docs/addo
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from cryptography import x509
 from mitmproxy import connection, http
 from mitmproxy.utils import human
 
@@ -140,10 +142,10 @@ def _connection_fields(
         "upstream": human.format_address(server.peername) if server and server.peername else None,
         "rule": conn.rule if conn and conn.rule != "-" else None,
         "action": conn.action if conn and conn.action != "-" else None,
-        "upstream_sha256": _hex(fingerprint(upstream_cert._cert)) if upstream_cert else None,
-        "upstream_issuer": upstream_cert._cert.issuer.rfc4514_string() if upstream_cert else None,
+        "upstream_sha256": _sha256(upstream_cert._cert) if upstream_cert else None,
+        "upstream_issuer": _issuer(upstream_cert._cert) if upstream_cert else None,
         "verify": conn.verify if conn and conn.verify != "-" else None,
-        "mimic_sha256": _hex(fingerprint(client.mitmcert._cert)) if bumped and client.mitmcert else None,
+        "mimic_sha256": _sha256(client.mitmcert._cert) if bumped and client.mitmcert else None,
         "client_tls_version": client.tls_version if bumped else None,
         "client_cipher": client.cipher if bumped else None,
         "upstream_tls_version": server.tls_version if server and server.tls_established else None,
@@ -156,8 +158,15 @@ def _connection_fields(
     }
 
 
-def _hex(colon_fingerprint: str) -> str:
-    return colon_fingerprint.replace(":", "").lower()
+# Every request of a connection names the same two certificates: work them out once.
+@functools.lru_cache(maxsize=4096)
+def _sha256(cert: x509.Certificate) -> str:
+    return fingerprint(cert).replace(":", "").lower()
+
+
+@functools.lru_cache(maxsize=4096)
+def _issuer(cert: x509.Certificate) -> str:
+    return cert.issuer.rfc4514_string()
 
 
 def _iso(timestamp: float | None) -> str | None:
