@@ -48,16 +48,29 @@ class AccessLog(Addon):
         super().__init__(settings)
         self._file: IO[str] | None = None
         self._flush: asyncio.TimerHandle | None = None
+        # The fields every request of a connection (to one upstream) shares, by client and server id.
+        self._shared: dict[str, dict[str, dict[str, Any]]] = {}
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._write(exchange(flow))
+        self._write(exchange(flow, self._tls_fields(flow)))
 
     def error(self, flow: http.HTTPFlow) -> None:
         if flow.response is None or aborted(flow):
-            self._write(exchange(flow))
+            self._write(exchange(flow, self._tls_fields(flow)))
 
     def connection_end(self, conn: ConnectionInfo) -> None:
+        if conn.conn is not None:
+            self._shared.pop(conn.conn.id, None)
         self._write(connection_line(conn))
+
+    def _tls_fields(self, flow: http.HTTPFlow) -> dict[str, Any]:
+        if flow.server_conn.timestamp_tcp_setup is None:  # not connected (yet): nothing fixed to keep
+            return tls_fields(flow.client_conn, flow.server_conn)
+        by_server = self._shared.setdefault(flow.client_conn.id, {})
+        fields = by_server.get(flow.server_conn.id)
+        if fields is None:
+            fields = by_server[flow.server_conn.id] = tls_fields(flow.client_conn, flow.server_conn)
+        return fields
 
     def reopen(self) -> None:
         """SIGUSR1, after logrotate moved the file: the next line starts a new one."""
@@ -92,7 +105,7 @@ class AccessLog(Addon):
         return os.fdopen(fd, "a", encoding="utf-8")
 
 
-def exchange(flow: http.HTTPFlow) -> dict[str, Any]:
+def exchange(flow: http.HTTPFlow, shared: dict[str, Any] | None = None) -> dict[str, Any]:
     conn = connection_info(flow)
     request, response = flow.request, flow.response
     refusal = refusal_of(flow)
@@ -102,7 +115,7 @@ def exchange(flow: http.HTTPFlow) -> dict[str, Any]:
         "time": _iso(request.timestamp_start),
         "id": flow.id,
         "connection": flow.client_conn.id,  # the id of its connection's line
-        **_connection_fields(conn, flow.client_conn, flow.server_conn),
+        **_connection_fields(conn, flow.client_conn, flow.server_conn, shared),
         "method": request.method,
         "url": logged_url(flow),
         "status": response.status_code if response and not aborted(flow) else None,
@@ -131,20 +144,38 @@ def connection_line(conn: ConnectionInfo) -> dict[str, Any]:
 
 
 def _connection_fields(
-    conn: ConnectionInfo | None, client: connection.Client, server: connection.Server | None
+    conn: ConnectionInfo | None,
+    client: connection.Client,
+    server: connection.Server | None,
+    shared: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    tls = shared if shared is not None else tls_fields(client, server)
+    return {
+        "client": tls["client"],
+        "connect_host": conn.connect_host if conn else None,
+        "sni": client.sni,
+        "upstream": tls["upstream"],
+        "rule": conn.rule if conn and conn.rule != "-" else None,
+        "action": conn.action if conn and conn.action != "-" else None,
+        "upstream_sha256": tls["upstream_sha256"],
+        "upstream_issuer": tls["upstream_issuer"],
+        "verify": conn.verify if conn and conn.verify != "-" else None,
+        **{k: v for k, v in tls.items() if k not in _SHARED_FIRST},
+    }
+
+
+_SHARED_FIRST = ("client", "upstream", "upstream_sha256", "upstream_issuer")
+
+
+def tls_fields(client: connection.Client, server: connection.Server | None) -> dict[str, Any]:
+    """The fields fixed once both handshakes are done: the same for every request on them."""
     upstream_cert = server.certificate_list[0] if server and server.certificate_list else None
     bumped = client.tls_established and client.mitmcert is not None
     return {
         "client": human.format_address(client.peername),
-        "connect_host": conn.connect_host if conn else None,
-        "sni": client.sni,
         "upstream": human.format_address(server.peername) if server and server.peername else None,
-        "rule": conn.rule if conn and conn.rule != "-" else None,
-        "action": conn.action if conn and conn.action != "-" else None,
         "upstream_sha256": _sha256(upstream_cert._cert) if upstream_cert else None,
         "upstream_issuer": _issuer(upstream_cert._cert) if upstream_cert else None,
-        "verify": conn.verify if conn and conn.verify != "-" else None,
         "mimic_sha256": _sha256(client.mitmcert._cert) if bumped and client.mitmcert else None,
         "client_tls_version": client.tls_version if bumped else None,
         "client_cipher": client.cipher if bumped else None,

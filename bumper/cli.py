@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -158,6 +159,18 @@ def _run_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _without_debug_checks(args: list[str]) -> None:
+    """Run the proxy as `python -O`. Unless Python is optimised, mitmproxy type-checks every HTTP
+    message it builds and every event its layers pass (its `if __debug__` blocks): about a tenth of
+    the CPU per keep-alive request in bench/run.py's profile. bumper's own asserts only narrow
+    types. The process keeps its PID. BUMPER_DEBUG_CHECKS=1 keeps the checks."""
+    if sys.flags.optimize or os.environ.get("BUMPER_DEBUG_CHECKS"):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-O", "-m", "bumper", *args])
+
+
 def _addons_option(group: argparse._ActionsContainer) -> None:
     group.add_argument(
         "--addons",
@@ -171,6 +184,7 @@ def _addons_option(group: argparse._ActionsContainer) -> None:
 
 def _run_command(args: list[str]) -> int:
     opts = _run_parser().parse_args(args)
+    _without_debug_checks(args)
     _setup_logging(opts.verbose)
     addons = load_registry(opts.addons)
     config = ProxyConfig(
