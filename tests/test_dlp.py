@@ -5,16 +5,12 @@ responses, and the secret never showing in bumper's own log."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
 import re
-import ssl
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +20,8 @@ from bumper_addons.dlp import OVERLAP, Dlp, DlpSettings, find, luhn_ok, masked, 
 from mitmproxy.test import tflow
 
 from bumper.addon import Refuse
-from tests.conftest import Bumper, Pki, Upstream, client_tls_context, curl, listening_socket
+from tests.conftest import Bumper, Pki, Upstream, client_tls_context, curl
+from tests.recording import Recorder, recording_upstream
 
 KIB, MIB = 1024, 1024 * 1024
 CARD = "4111111111111111"
@@ -351,102 +348,14 @@ def secrets_stay_out_of_the_log(request: pytest.FixtureRequest) -> Iterator[None
         assert not leaked, f"bumper logged {leaked}"
 
 
-@dataclass
-class Received:
-    """One request as the recording upstream got it."""
-
-    target: str  # path and query
-    headers: list[tuple[str, str]]
-    body: bytearray = field(default_factory=bytearray)
-    complete: bool = False
-    ended: bool = False
-
-
-@dataclass
-class Recorder:
-    port: int
-    received: list[Received]
-
-    def url(self, host: str, target: str) -> str:
-        return f"https://{host}.upstream.test:{self.port}{target}"
-
-    def got(self, prefix: str, timeout: float = 10) -> list[Received]:
-        """The requests whose path starts with PREFIX, once the upstream is done with each."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [r for r in self.received if r.target.startswith(prefix)]
-            if (found and all(r.ended for r in found)) or time.monotonic() > deadline:
-                return found
-            time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
 def recorder(test_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recorder]:
-    """A real HTTPS upstream (hypercorn, h1 and h2, in a thread of the test) that records exactly what
-    reached it of each request: target, headers, body bytes, and whether the body was complete."""
-    from hypercorn.asyncio import serve
-    from hypercorn.config import Config
-
+    """The recording upstream (tests/recording.py), for this module's tests."""
     cert, key = test_pki.root.leaf("upstream.test", "*.upstream.test").write(
         tmp_path_factory.mktemp("recorder"), "recorder"
     )
-    received: list[Received] = []
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})  # startup, then shutdown
-                if message["type"] == "lifespan.shutdown":
-                    return
-        query = scope["query_string"].decode()
-        headers = [(k.decode(), v.decode()) for k, v in scope["headers"]]
-        record = Received(scope["path"] + (f"?{query}" if query else ""), headers)
-        received.append(record)
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                record.ended = True
-                return
-            record.body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        record.complete = record.ended = True
-        answer = json.dumps({"length": len(record.body), "sha256": hashlib.sha256(record.body).hexdigest()}).encode()
-        await send(
-            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(answer))]}
-        )
-        await send({"type": "http.response.body", "body": answer})
-
-    class RecorderConfig(Config):
-        def create_ssl_context(self) -> ssl.SSLContext:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(cert, key)
-            context.set_alpn_protocols(["h2", "http/1.1"])
-            return context
-
-    sock = listening_socket()
-    port = sock.getsockname()[1]
-    config = RecorderConfig()
-    config.certfile, config.keyfile = str(cert), str(key)
-    config.bind = [f"fd://{sock.detach()}"]  # hypercorn's from now on: it closes it
-    config.loglevel = "WARNING"
-    started = threading.Event()
-    loop_and_stop: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop_and_stop.append((asyncio.get_running_loop(), stop))
-        started.set()
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
-
-    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    thread.start()
-    assert started.wait(10)
-    yield Recorder(port, received)
-    loop, stop = loop_and_stop[0]
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(10)
+    with recording_upstream(cert, key) as recorder:
+        yield recorder
 
 
 def fetch(bumper: Bumper, url: str, *args: str) -> tuple[int, str]:
@@ -459,7 +368,7 @@ def fetch(bumper: Bumper, url: str, *args: str) -> tuple[int, str]:
 def assert_nothing_arrived(bumper: Bumper, recorder: Recorder, prefix: str) -> None:
     """No request for PREFIX reached the upstream: checked once a later request has reached it."""
     sentinel = f"/sentinel-{time.monotonic_ns()}"
-    assert fetch(bumper, recorder.url("plain", sentinel))[0] == 200
+    assert fetch(bumper, recorder.url(host="plain.upstream.test", target=sentinel))[0] == 200
     assert recorder.got(sentinel)
     time.sleep(0.2)
     assert recorder.got(prefix, timeout=0) == []
@@ -472,7 +381,9 @@ def dlp_lines(bumper: Bumper, host: str) -> list[str]:
 @pytest.mark.parametrize("http", ["--http1.1", "--http2"])
 def test_block_a_card_in_the_query_string(inspecting: Bumper, recorder: Recorder, http: str) -> None:
     target = f"/query-block{http}?card={CARD}"
-    status, body = fetch(inspecting, recorder.url("block", target), http, "-H", "Accept: application/json")
+    status, body = fetch(
+        inspecting, recorder.url(host="block.upstream.test", target=target), http, "-H", "Accept: application/json"
+    )
     assert status == 403
     page = json.loads(body)
     assert page["addon"] == "dlp"
@@ -487,7 +398,9 @@ def test_block_a_card_in_the_query_string(inspecting: Bumper, recorder: Recorder
 )
 def test_block_a_secret_in_a_header(inspecting: Bumper, recorder: Recorder, header: str, kind: str) -> None:
     name = header.split(":")[0].lower()
-    status, body = fetch(inspecting, recorder.url("block", f"/header-block-{kind}"), "-H", header)
+    status, body = fetch(
+        inspecting, recorder.url(host="block.upstream.test", target=f"/header-block-{kind}"), "-H", header
+    )
     assert status == 403
     assert f"error: the request header {name} holds what looks like a secret ({kind})" in body
     assert_nothing_arrived(inspecting, recorder, f"/header-block-{kind}")
@@ -499,7 +412,9 @@ def test_block_a_secret_in_a_post_body(
     inspecting: Bumper, recorder: Recorder, http: str, secret: str, kind: str
 ) -> None:
     target = f"/body-block-{kind}{http}"
-    status, body = fetch(inspecting, recorder.url("block", target), http, "--data-binary", f"note: {secret}\n")
+    status, body = fetch(
+        inspecting, recorder.url(host="block.upstream.test", target=target), http, "--data-binary", f"note: {secret}\n"
+    )
     assert status == 403
     assert f"error: the request body holds what looks like a secret ({kind})" in body
     for record in recorder.got(target):  # the request may have begun upstream; its body never got there
@@ -510,7 +425,7 @@ def test_block_a_secret_in_a_post_body(
 
 def test_a_card_in_the_path_is_caught(inspecting: Bumper, recorder: Recorder) -> None:
     """scan: url is the whole URL: a card in the path, with no query string, is caught like one in the query."""
-    status, _ = fetch(inspecting, recorder.url("block", f"/path-card/{CARD}"))
+    status, _ = fetch(inspecting, recorder.url(host="block.upstream.test", target=f"/path-card/{CARD}"))
     assert status == 403
     assert_nothing_arrived(inspecting, recorder, "/path-card/")
 
@@ -520,7 +435,9 @@ def test_the_access_log_has_a_secret_found_in_the_url_masked(
     inspecting: Bumper, dlp_dir: Path, recorder: Recorder, host: str
 ) -> None:
     target = f"/logged-{host}?card={CARD}&n=1"
-    r = curl(inspecting, recorder.url(host, target), "-w", STATUS_MARK + "%{http_code} %{local_port}")
+    r = curl(
+        inspecting, recorder.url(target, f"{host}.upstream.test"), "-w", STATUS_MARK + "%{http_code} %{local_port}"
+    )
     status, port = r.stdout.rpartition(STATUS_MARK)[2].split()
     assert status == ("403" if host == "block" else "200"), r.stdout
     client = f"127.0.0.1:{port}"
@@ -532,7 +449,7 @@ def test_the_access_log_has_a_secret_found_in_the_url_masked(
             break
         time.sleep(0.02)
     (entry,) = [e for e in entries if e["type"] == "http"]
-    assert entry["url"] == recorder.url(host, f"/logged-{host}?card={'*' * len(CARD)}&n=1")
+    assert entry["url"] == recorder.url(f"/logged-{host}?card={'*' * len(CARD)}&n=1", f"{host}.upstream.test")
     assert not [line for line in lines if client in line and CARD in line]
 
 
@@ -620,7 +537,9 @@ def test_a_secret_deep_in_a_5mib_upload_is_blocked_before_it_goes_upstream(
     path = tmp_path / "upload"
     path.write_bytes(big_body(5 * MIB, offset, AWS_KEY))
     target = f"/big-block-{offset}"
-    status, body = fetch(inspecting, recorder.url("block", target), "--data-binary", f"@{path}")
+    status, body = fetch(
+        inspecting, recorder.url(host="block.upstream.test", target=target), "--data-binary", f"@{path}"
+    )
     assert status == 403 and "(aws_key)" in body, body
     for record in recorder.got(target):
         assert record.ended and not record.complete, record.target
@@ -651,12 +570,14 @@ def test_over_cap_block_refuses_bodies_past_the_scan_limit(
 ) -> None:
     clean = tmp_path / "clean"
     clean.write_bytes((FILLER * 3000)[: 100 * KIB])
-    status, body = fetch(inspecting, recorder.url("capblock", "/cap-declared"), "--data-binary", f"@{clean}")
+    status, body = fetch(
+        inspecting, recorder.url(host="capblock.upstream.test", target="/cap-declared"), "--data-binary", f"@{clean}"
+    )
     assert status == 403 and "request body over the DLP scan limit of 65536 bytes" in body, body
     assert_nothing_arrived(inspecting, recorder, "/cap-declared")  # known from Content-Length: refused at once
     status, body = fetch(
         inspecting,
-        recorder.url("capblock", "/cap-chunked"),
+        recorder.url(host="capblock.upstream.test", target="/cap-chunked"),
         "--http1.1", "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{clean}",
     )  # fmt: skip
     assert status == 403 and "request body over the DLP scan limit" in body, body
@@ -664,20 +585,26 @@ def test_over_cap_block_refuses_bodies_past_the_scan_limit(
         assert not record.complete and len(record.body) <= 64 * KIB
     small = tmp_path / "small"
     small.write_bytes((FILLER * 3000)[: 60 * KIB])
-    status, body = fetch(inspecting, recorder.url("capblock", "/cap-small"), "--data-binary", f"@{small}")
+    status, body = fetch(
+        inspecting, recorder.url(host="capblock.upstream.test", target="/cap-small"), "--data-binary", f"@{small}"
+    )
     assert status == 200 and json.loads(body)["length"] == 60 * KIB
 
 
 def test_over_cap_pass_lets_the_rest_through_unscanned(inspecting: Bumper, recorder: Recorder, tmp_path: Path) -> None:
     late = tmp_path / "late"
     late.write_bytes(big_body(256 * KIB, 200 * KIB, CARD))  # far past the 64k cap
-    status, body = fetch(inspecting, recorder.url("cappass", "/cap-pass-late"), "--data-binary", f"@{late}")
+    status, body = fetch(
+        inspecting, recorder.url(host="cappass.upstream.test", target="/cap-pass-late"), "--data-binary", f"@{late}"
+    )
     assert status == 200, body
     (record,) = recorder.got("/cap-pass-late")
     assert record.complete and bytes(record.body) == late.read_bytes()
     early = tmp_path / "early"
     early.write_bytes(big_body(256 * KIB, 10 * KIB, CARD))  # within the cap: scanned, blocked
-    status, body = fetch(inspecting, recorder.url("cappass", "/cap-pass-early"), "--data-binary", f"@{early}")
+    status, body = fetch(
+        inspecting, recorder.url(host="cappass.upstream.test", target="/cap-pass-early"), "--data-binary", f"@{early}"
+    )
     assert status == 403 and "(card)" in body
 
 

@@ -5,21 +5,17 @@ never gets all of it; per-host limits; HTTP/1.1 and h2; the proxy serves on afte
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import ssl
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import Bumper, Pki, Upstream, client_tls_context, curl, listening_socket, start_with_policy
+from tests.conftest import Bumper, Pki, Upstream, client_tls_context, curl, start_with_policy
+from tests.recording import Recorder, recording_upstream
 
 KIB = 1024
 LIMIT = 100 * KIB  # upstream.test and every host not listed
@@ -127,103 +123,14 @@ def test_per_host_limits(limited: Bumper, origin: Upstream, tmp_path: Path, host
         assert json.loads(body) == {"length": size, "sha256": digest}
 
 
-@dataclass
-class Received:
-    """One request as the recording upstream got it."""
-
-    path: str
-    http_version: str
-    body_bytes: int = 0
-    complete: bool = False  # the whole body arrived
-    ended: bool = False  # the upstream is done with it: complete, or the client (bumper) went away
-
-
-@dataclass
-class Recorder:
-    port: int
-    received: list[Received]
-
-    def url(self, path: str, host: str = "upstream.test") -> str:
-        return f"https://{host}:{self.port}{path}"
-
-    def ended(self, path: str, timeout: float = 10) -> list[Received]:
-        """The requests for PATH, once the upstream is done with each (none: none arrived in time)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [r for r in self.received if r.path == path]
-            if found and all(r.ended for r in found):
-                return found
-            time.sleep(0.02)
-        return [r for r in self.received if r.path == path]
-
-
 @pytest.fixture(scope="module")
 def recorder(test_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recorder]:
-    """A real HTTPS upstream (hypercorn: HTTP/1.1 and h2, in a thread of the test) that records how
-    much of each request body it got, and whether all of it: tests/upstream.py cannot say that of a
-    request cut off in the middle. Answers every complete request with {length, sha256}."""
-    from hypercorn.asyncio import serve
-    from hypercorn.config import Config
-
-    leaf = test_pki.root.leaf("upstream.test", "*.upstream.test")
-    cert, key = leaf.write(tmp_path_factory.mktemp("recorder"), "recorder")
-    received: list[Received] = []
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})  # startup, then shutdown
-                if message["type"] == "lifespan.shutdown":
-                    return
-        record = Received(scope["path"], scope["http_version"])
-        received.append(record)
-        digest = hashlib.sha256()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                record.ended = True
-                return
-            record.body_bytes += len(message.get("body", b""))
-            digest.update(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        record.complete = record.ended = True
-        answer = json.dumps({"length": record.body_bytes, "sha256": digest.hexdigest()}).encode()
-        await send(
-            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(answer))]}
-        )
-        await send({"type": "http.response.body", "body": answer})
-
-    class RecorderConfig(Config):
-        def create_ssl_context(self) -> ssl.SSLContext:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(cert, key)
-            context.set_alpn_protocols(["h2", "http/1.1"])
-            return context
-
-    sock = listening_socket()
-    port = sock.getsockname()[1]
-    config = RecorderConfig()
-    config.certfile, config.keyfile = str(cert), str(key)
-    config.bind = [f"fd://{sock.detach()}"]  # hypercorn's from now on: it closes it
-    config.loglevel = "WARNING"
-    started = threading.Event()
-    loop_and_stop: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop_and_stop.append((asyncio.get_running_loop(), stop))
-        started.set()
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
-
-    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    thread.start()
-    assert started.wait(10)
-    yield Recorder(port, received)
-    loop, stop = loop_and_stop[0]
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(10)
+    """The recording upstream (tests/recording.py), for this module's tests."""
+    cert, key = test_pki.root.leaf("upstream.test", "*.upstream.test").write(
+        tmp_path_factory.mktemp("recorder"), "recorder"
+    )
+    with recording_upstream(cert, key) as recorder:
+        yield recorder
 
 
 def chunks(size: int, piece: int = 16 * KIB) -> Iterator[bytes]:
