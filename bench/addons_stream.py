@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from _common import Root, ec_key, environment, pem_cert, pem_key, sigterm_as_interrupt, timestamp, write_json
-from coldmint import executable, spawn
+from coldmint import _read_head, executable, spawn
 
 CHUNK = 256 * 1024
 PATTERN = hashlib.sha256(b"bumper bench").digest() * (CHUNK // 32)  # one chunk's bytes, repeated
@@ -104,21 +104,10 @@ def tunnel(proxy_port: int, origin_port: int, ca_pem: Path) -> ssl.SSLSocket:
     return context.wrap_socket(sock, server_hostname=HOST)
 
 
-def read_head(sock: ssl.SSLSocket) -> tuple[bytes, bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise RuntimeError(f"connection closed before the response head: {data!r}")
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return head, rest
-
-
 def download(sock: ssl.SSLSocket, n: int) -> tuple[float, str]:
     started = time.monotonic()
     sock.sendall(f"GET /down?{n} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-    head, body = read_head(sock)
+    head, body = _read_head(sock)
     if not head.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(f"download: {head!r}")
     digest, got = hashlib.sha256(body), len(body)
@@ -136,7 +125,7 @@ def upload(sock: ssl.SSLSocket, n: int) -> tuple[float, str]:
     sock.sendall(f"POST /up HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {n}\r\n\r\n".encode())
     for sent in range(0, n, CHUNK):
         sock.sendall(PATTERN[: min(CHUNK, n - sent)])
-    head, body = read_head(sock)
+    head, body = _read_head(sock)
     while len(body) < 64:
         body += sock.recv(64)
     if not head.startswith(b"HTTP/1.1 200"):

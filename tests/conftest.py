@@ -229,6 +229,18 @@ def bumper(start_bumper) -> Bumper:
     return start_bumper()
 
 
+@pytest.fixture(scope="module")
+def recorder(test_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A recording upstream (tests/recording.py) for one test module."""
+    from tests.recording import recording_upstream  # it imports listening_socket from here
+
+    cert, key = test_pki.root.leaf("upstream.test", "*.upstream.test").write(
+        tmp_path_factory.mktemp("recorder"), "recorder"
+    )
+    with recording_upstream(cert, key) as upstream:
+        yield upstream
+
+
 def start_with_policy(start_bumper: Callable[..., Bumper], directory: Path, text: str) -> Bumper:
     """bumper with --policy: TEXT written to a file in DIRECTORY (any port, unless TEXT says)."""
     path = directory / "policy.yaml"

@@ -20,8 +20,8 @@ from bumper_addons.dlp import OVERLAP, Dlp, DlpSettings, find, luhn_ok, masked, 
 from mitmproxy.test import tflow
 
 from bumper.addon import Refuse
-from tests.conftest import Bumper, Pki, Upstream, client_tls_context, curl
-from tests.recording import Recorder, recording_upstream
+from tests.conftest import Bumper, Upstream, client_tls_context, curl
+from tests.recording import Recorder
 
 KIB, MIB = 1024, 1024 * 1024
 CARD = "4111111111111111"
@@ -346,16 +346,6 @@ def secrets_stay_out_of_the_log(request: pytest.FixtureRequest) -> Iterator[None
         assert "Traceback" not in log
         leaked = [s for s in NEVER_LOGGED if s in log]
         assert not leaked, f"bumper logged {leaked}"
-
-
-@pytest.fixture(scope="module")
-def recorder(test_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recorder]:
-    """The recording upstream (tests/recording.py), for this module's tests."""
-    cert, key = test_pki.root.leaf("upstream.test", "*.upstream.test").write(
-        tmp_path_factory.mktemp("recorder"), "recorder"
-    )
-    with recording_upstream(cert, key) as recorder:
-        yield recorder
 
 
 def fetch(bumper: Bumper, url: str, *args: str) -> tuple[int, str]:

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Bumper, Pki, Upstream, client_tls_context, curl, start_with_policy
-from tests.recording import Recorder, recording_upstream
+from tests.conftest import Bumper, Upstream, client_tls_context, curl, start_with_policy
+from tests.recording import Recorder
 
 KIB = 1024
 LIMIT = 100 * KIB  # upstream.test and every host not listed
@@ -121,16 +121,6 @@ def test_per_host_limits(limited: Bumper, origin: Upstream, tmp_path: Path, host
     assert got == status, body
     if status == 200:
         assert json.loads(body) == {"length": size, "sha256": digest}
-
-
-@pytest.fixture(scope="module")
-def recorder(test_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recorder]:
-    """The recording upstream (tests/recording.py), for this module's tests."""
-    cert, key = test_pki.root.leaf("upstream.test", "*.upstream.test").write(
-        tmp_path_factory.mktemp("recorder"), "recorder"
-    )
-    with recording_upstream(cert, key) as recorder:
-        yield recorder
 
 
 def chunks(size: int, piece: int = 16 * KIB) -> Iterator[bytes]:
