@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,28 +49,33 @@ class AccessLog(Addon):
         self._file: IO[str] | None = None
         self._flush: asyncio.TimerHandle | None = None
         # The fields every request of a connection (to one upstream) shares, by client and server id.
-        self._shared: dict[str, dict[str, dict[str, Any]]] = {}
+        self._shared: dict[str, dict[tuple[str | None, ...], str]] = {}
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._write(exchange(flow, self._tls_fields(flow)))
+        self._write(exchange(flow, self._connection_json(flow)))
 
     def error(self, flow: http.HTTPFlow) -> None:
         if flow.response is None or aborted(flow):
-            self._write(exchange(flow, self._tls_fields(flow)))
+            self._write(exchange(flow, self._connection_json(flow)))
 
     def connection_end(self, conn: ConnectionInfo) -> None:
         if conn.conn is not None:
             self._shared.pop(conn.conn.id, None)
         self._write(connection_line(conn))
 
-    def _tls_fields(self, flow: http.HTTPFlow) -> dict[str, Any]:
-        if flow.server_conn.timestamp_tcp_setup is None:  # not connected (yet): nothing fixed to keep
-            return tls_fields(flow.client_conn, flow.server_conn)
-        by_server = self._shared.setdefault(flow.client_conn.id, {})
-        fields = by_server.get(flow.server_conn.id)
-        if fields is None:
-            fields = by_server[flow.server_conn.id] = tls_fields(flow.client_conn, flow.server_conn)
-        return fields
+    def _connection_json(self, flow: http.HTTPFlow) -> str:
+        """The connection's fields of FLOW's line, as JSON: built once per connection and upstream,
+        since every request on them repeats them (the policy's verdict is part of the key)."""
+        conn = connection_info(flow)
+        client, server = flow.client_conn, flow.server_conn
+        if server.timestamp_tcp_setup is None:  # not connected (yet): nothing fixed to keep
+            return connection_json(conn, client, server)
+        key = (server.id, conn.connect_host, conn.rule, conn.action, conn.verify) if conn else (server.id,)
+        by_connection = self._shared.setdefault(client.id, {})
+        text = by_connection.get(key)
+        if text is None:
+            text = by_connection[key] = connection_json(conn, client, server)
+        return text
 
     def reopen(self) -> None:
         """SIGUSR1, after logrotate moved the file: the next line starts a new one."""
@@ -82,10 +87,10 @@ class AccessLog(Addon):
             self._file.close()
         self._file = None
 
-    def _write(self, fields: dict[str, Any]) -> None:
+    def _write(self, line: str) -> None:
         if self._file is None:
             self._file = self._open()
-        self._file.write(json.dumps(fields, separators=(",", ":")) + "\n")
+        self._file.write(line)
         # Written out within FLUSH_DELAY, not line by line: one write for many busy requests.
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(FLUSH_DELAY, self._flushed)
@@ -105,17 +110,12 @@ class AccessLog(Addon):
         return os.fdopen(fd, "a", encoding="utf-8")
 
 
-def exchange(flow: http.HTTPFlow, shared: dict[str, Any] | None = None) -> dict[str, Any]:
-    conn = connection_info(flow)
+def exchange(flow: http.HTTPFlow, connection_fields: str) -> str:
     request, response = flow.request, flow.response
     refusal = refusal_of(flow)
     ended = (response.timestamp_end if response and response.timestamp_end else None) or time.time()
-    return {
-        "type": "http",
-        "time": _iso(request.timestamp_start),
-        "id": flow.id,
-        "connection": flow.client_conn.id,  # the id of its connection's line
-        **_connection_fields(conn, flow.client_conn, flow.server_conn, shared),
+    head = {"type": "http", "time": _iso(request.timestamp_start), "id": flow.id, "connection": flow.client_conn.id}
+    tail = {
         "method": request.method,
         "url": logged_url(flow),
         "status": response.status_code if response and not aborted(flow) else None,
@@ -127,30 +127,33 @@ def exchange(flow: http.HTTPFlow, shared: dict[str, Any] | None = None) -> dict[
         "ref": refusal.ref if refusal else None,
         "error": flow.error.msg if flow.error else None,
     }
+    return _line(head, connection_fields, tail)
 
 
-def connection_line(conn: ConnectionInfo) -> dict[str, Any]:
+def connection_line(conn: ConnectionInfo) -> str:
     client = conn.conn
     assert client is not None
-    return {
-        "type": "connection",
-        "time": _iso(client.timestamp_start),
-        "id": client.id,
-        **_connection_fields(conn, client, conn.server),
+    head = {"type": "connection", "time": _iso(client.timestamp_start), "id": client.id}
+    tail = {
         "requests": conn.requests,
         "duration_ms": _ms(client.timestamp_start, client.timestamp_end or time.time()),
         "outcome": conn.outcome(),
     }
+    return _line(head, connection_json(conn, client, conn.server), tail)
 
 
-def _connection_fields(
-    conn: ConnectionInfo | None,
-    client: connection.Client,
-    server: connection.Server | None,
-    shared: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    tls = shared if shared is not None else tls_fields(client, server)
-    return {
+def _line(head: dict[str, Any], connection_fields: str, tail: dict[str, Any]) -> str:
+    """One JSON object: HEAD's fields, the connection's (already JSON, without braces), TAIL's."""
+    return f"{_json(head)[:-1]},{connection_fields},{_json(tail)[1:]}\n"
+
+
+_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def connection_json(conn: ConnectionInfo | None, client: connection.Client, server: connection.Server | None) -> str:
+    """The fields a line shares with every line of its connection, as JSON members (no braces)."""
+    tls = tls_fields(client, server)
+    fields = {
         "client": tls["client"],
         "connect_host": conn.connect_host if conn else None,
         "sni": client.sni,
@@ -162,6 +165,7 @@ def _connection_fields(
         "verify": conn.verify if conn and conn.verify != "-" else None,
         **{k: v for k, v in tls.items() if k not in _SHARED_FIRST},
     }
+    return _json(fields)[1:-1]
 
 
 _SHARED_FIRST = ("client", "upstream", "upstream_sha256", "upstream_issuer")
@@ -201,9 +205,20 @@ def _issuer(cert: x509.Certificate) -> str:
 
 
 def _iso(timestamp: float | None) -> str | None:
+    """RFC 3339 in UTC to the millisecond, as datetime.isoformat(timespec="milliseconds") writes it
+    (microseconds rounded, then cut), at a fraction of its cost."""
     if timestamp is None:
         return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    fraction, seconds = math.modf(timestamp)
+    micros = round(fraction * 1_000_000)  # as datetime.fromtimestamp rounds
+    if micros >= 1_000_000:
+        seconds, micros = seconds + 1, micros - 1_000_000
+    return f"{_second(int(seconds))}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def _ms(start: float | None, end: float | None) -> float | None:

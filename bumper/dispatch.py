@@ -14,14 +14,17 @@ an addon sees is unchanged: the same handlers, in the same order, with the same 
 
 from __future__ import annotations
 
+import collections
 import inspect
 import logging
 import types
-from collections.abc import Callable
-from dataclasses import fields
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, fields
 from typing import Any
 
 from mitmproxy import addonmanager, exceptions, flow, hooks, master
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.context import Context
 
 logger = logging.getLogger("mitmproxy.addonmanager")
 
@@ -58,24 +61,117 @@ class AddonManager(addonmanager.AddonManager):
         return found
 
     async def trigger_event(self, event: hooks.Hook) -> None:
-        args = _args(event)
-        for func in self.handlers(event.name):
+        rest = self._run(self.handlers(event.name), _args(event))
+        if rest is not None:
+            await rest
+
+    def _run(self, handlers: list[Handler], args: list[Any], start: int = 0) -> Awaitable[None] | None:
+        """Call HANDLERS from START on, as far as they go without waiting: None when all are done,
+        else an awaitable for the rest (from the first handler that returned one)."""
+        for i in range(start, len(handlers)):
             try:
-                result = func(*args)
+                result = handlers[i](*args)
                 if result is not None and inspect.isawaitable(result):
-                    await result
-            except exceptions.AddonHalt:
+                    return self._run_rest(result, handlers, args, i + 1)
+            except Exception as e:
+                if _halts(e):
+                    return None
+        return None
+
+    async def _run_rest(self, pending: Awaitable[Any], handlers: list[Handler], args: list[Any], start: int) -> None:
+        try:
+            await pending
+        except Exception as e:
+            if _halts(e):
                 return
-            except exceptions.OptionsError:
-                raise
-            except Exception as e:  # as mitmproxy's safecall: one addon's error is logged, the next runs
-                logger.error(f"Addon error: {e}", exc_info=True)
+        rest = self._run(handlers, args, start)
+        if rest is not None:
+            await rest
+
+    def start_hook(self, hook: commands.StartHook) -> Awaitable[None] | None:
+        """What mitmproxy's connection handler awaits for HOOK in a task of its own (handle_lifecycle,
+        then waiting for an intercepted flow), run now: None if it is all done, else an awaitable
+        for the rest."""
+        args = _args(hook)
+        rest = self._run(self.handlers(hook.name), args)
+        message = args[0] if args else None
+        if not isinstance(message, flow.Flow):
+            return rest
+        if rest is None and not message.intercepted and not self.handlers(hooks.UpdateHook.name):
+            return None
+        return self._flow_rest(rest, message)
+
+    async def _flow_rest(self, rest: Awaitable[None] | None, message: flow.Flow) -> None:
+        if rest is not None:
+            await rest
+        if self.handlers(hooks.UpdateHook.name):
+            await self.trigger_event(hooks.UpdateHook([message]))
+        await message.wait_for_resume()
 
     async def handle_lifecycle(self, event: hooks.Hook) -> None:
+        if isinstance(event, _Rest):
+            await event.rest
+            return
         await self.trigger_event(event)
         message = _args(event)[0]
         if isinstance(message, flow.Flow) and self.handlers(hooks.UpdateHook.name):
             await self.trigger_event(hooks.UpdateHook([message]))
+
+
+def _halts(e: Exception) -> bool:
+    """As mitmproxy's safecall: AddonHalt stops the event, OptionsError goes to the caller, any other
+    error of one addon is logged and the next handler runs."""
+    if isinstance(e, exceptions.AddonHalt):
+        return True
+    if isinstance(e, exceptions.OptionsError):
+        raise e
+    logger.error(f"Addon error: {e}", exc_info=True)
+    return False
+
+
+@dataclass
+class _Rest(commands.StartHook):
+    """The part of a hook that has to wait (an async handler, an intercepted flow), handed to
+    mitmproxy's connection handler to run in a task like any hook; its completion is the hook's."""
+
+    rest: Awaitable[None]
+    name = "bumper_hook_rest"
+
+    def __post_init__(self) -> None:
+        self.hook: commands.StartHook | None = None
+
+
+class SyncHooks(layer.Layer):
+    """Runs the hooks of the layers below it on the spot, where stock mitmproxy starts an asyncio
+    task per hook (four per HTTP request at least) and feeds its completion back as a new event
+    from the event loop. Hooks whose handlers all return without waiting complete before the event
+    that raised them is done; the others go to mitmproxy's task as before. It takes no place in
+    the context's layer stack: the layers below see the same parents as without it."""
+
+    def __init__(self, context: Context, child: layer.Layer, dispatcher: AddonManager) -> None:
+        super().__init__(context)
+        self.context.layers.remove(self)
+        self.child = child
+        self.dispatcher = dispatcher
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.HookCompleted) and isinstance(event.command, _Rest):
+            assert event.command.hook is not None
+            event = events.HookCompleted(event.command.hook)
+        queue = collections.deque([event])
+        while queue:
+            for command in self.child.handle_event(queue.popleft()):
+                if not isinstance(command, commands.StartHook):
+                    yield command
+                    continue
+                rest = self.dispatcher.start_hook(command)
+                if rest is not None:
+                    deferred = _Rest(rest)
+                    deferred.hook = command
+                    deferred.blocking = command.blocking  # the layer below that waits, never True here
+                    yield deferred
+                elif command.blocking:
+                    queue.append(events.HookCompleted(command))
 
 
 _FIELDS: dict[type, tuple[str, ...]] = {}
@@ -89,6 +185,8 @@ def _args(event: hooks.Hook) -> list[Any]:
 
 
 class Master(master.Master):
+    addons: AddonManager
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         assert not self.addons.chain, "replaced before any addon is added"

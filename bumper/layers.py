@@ -16,6 +16,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.tunnel import TunnelState
 from OpenSSL import SSL
 
+from bumper.dispatch import AddonManager, SyncHooks
 from bumper.httpstream import HttpLayer
 
 # starts_like_tls_record needs this many bytes to decide.
@@ -65,12 +66,16 @@ class Refuse(layer.Layer):
 
 
 class NextLayer:
+    def __init__(self, dispatcher: AddonManager) -> None:
+        self.dispatcher = dispatcher
+
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if nextlayer.layer is not None:
             return
         context = nextlayer.context
         if len(context.layers) == 1 and isinstance(context.layers[0], modes.HttpProxy):
-            nextlayer.layer = self._proxy_request(context, nextlayer.data_client())
+            top = self._proxy_request(context, nextlayer.data_client())
+            nextlayer.layer = top and SyncHooks(context, top, self.dispatcher)
         elif context.client.tls:
             # Decrypted: HTTP/1.1 or h2 by ALPN, HTTP/1.1 when the client offered none.
             nextlayer.layer = HttpLayer(context, HTTPMode.transparent)

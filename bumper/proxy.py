@@ -110,7 +110,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     enforcer.on_reload.append(runner.policy_reloaded)
     m.addons.add(
         proxyserver.Proxyserver(),
-        NextLayer(),
+        NextLayer(m.addons),
         connections,
         enforcer,  # before TlsProvider: it sees the decision
         ConnectReplies(),
