@@ -8,7 +8,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,21 +97,22 @@ class AddonRunner:
     def websocket_end(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         return self._flow_hook(flow, "websocket_end")
 
-    async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+    def tls_clienthello(self, data: tls.ClientHelloData) -> Awaitable[None] | None:
         # After PolicyEnforcer's: the decision, and so the chain, is known.
         client = data.context.client
-        for spec, addon in self._chain_of(self.connections.record(client.id)):
-            if not await self._call(spec, addon, "tls_clienthello", None, data) and spec.on_error == "fail-closed":
+
+        def failed(spec: AddonSpec) -> None:
+            if spec.on_error == "fail-closed":
                 client.error = client.error or f"addon {spec.name} failed (fail-closed)"
 
-    async def tls_established_client(self, data: tls.TlsData) -> None:
-        record = self.connections.record(data.context.client.id)
-        for spec, addon in self._chain_of(record):
-            await self._call(spec, addon, "connection_bumped", None, record)
+        return self._run(self._chain_of(self.connections.record(client.id)), "tls_clienthello", None, (data,), failed)
 
-    async def connection_end(self, record: ConnectionRecord) -> None:
-        for spec, addon in self._chain_of(record):
-            await self._call(spec, addon, "connection_end", None, record)
+    def tls_established_client(self, data: tls.TlsData) -> Awaitable[None] | None:
+        record = self.connections.record(data.context.client.id)
+        return self._run(self._chain_of(record), "connection_bumped", None, (record,))
+
+    def connection_end(self, record: ConnectionRecord) -> Awaitable[None] | None:
+        return self._run(self._chain_of(record), "connection_end", None, (record,))
 
     def policy_reloaded(self, policy: Policy) -> None:
         """Forget the instances the new policy no longer names; flows in flight keep theirs."""
@@ -136,32 +137,52 @@ class AddonRunner:
 
     # running addons
 
-    def _flow_hook(self, flow: http.HTTPFlow, hook: str, start: int = 0) -> Awaitable[None] | None:
-        chain = flow.metadata.get(CHAIN, ())
+    def _flow_hook(self, flow: http.HTTPFlow, hook: str) -> Awaitable[None] | None:
+        return self._run(flow.metadata.get(CHAIN, ()), hook, flow, (flow,))
+
+    def _run(
+        self,
+        chain: Sequence[Bound],
+        hook: str,
+        flow: http.HTTPFlow | None,
+        args: tuple[Any, ...],
+        failed: Callable[[AddonSpec], None] | None = None,
+        start: int = 0,
+    ) -> Awaitable[None] | None:
+        """Run HOOK through CHAIN from START, as far as it goes without waiting: None when every addon
+        is done, else an awaitable for the rest. FAILED is told of each addon that failed."""
         for i in range(start, len(chain)):
-            if hook in REQUEST_SIDE and flow.response is not None:
+            if flow is not None and hook in REQUEST_SIDE and flow.response is not None:
                 return None  # answered (refused): later addons never see the request
             spec, addon = chain[i]
-            outcome = self._start(spec, addon, hook, flow, flow)
+            outcome = self._start(spec, addon, hook, flow, *args)
             if not isinstance(outcome, bool):
-                return self._flow_hook_rest(outcome, flow, hook, i + 1)
+                return self._run_rest(outcome, chain, hook, flow, args, failed, i)
+            if not outcome and failed is not None:
+                failed(spec)
         return None
 
-    async def _flow_hook_rest(self, pending: Awaitable[bool], flow: http.HTTPFlow, hook: str, start: int) -> None:
-        await pending
-        rest = self._flow_hook(flow, hook, start)
+    async def _run_rest(
+        self,
+        pending: Awaitable[bool],
+        chain: Sequence[Bound],
+        hook: str,
+        flow: http.HTTPFlow | None,
+        args: tuple[Any, ...],
+        failed: Callable[[AddonSpec], None] | None,
+        waiting: int,
+    ) -> None:
+        if not await pending and failed is not None:
+            failed(chain[waiting][0])
+        rest = self._run(chain, hook, flow, args, failed, waiting + 1)
         if rest is not None:
             await rest
-
-    async def _call(self, spec: AddonSpec, addon: Addon, hook: str, flow: http.HTTPFlow | None, *args: Any) -> bool:
-        """Run one hook of one addon; False if it failed (raised, or overran its time budget)."""
-        outcome = self._start(spec, addon, hook, flow, *args)
-        return outcome if isinstance(outcome, bool) else await outcome
 
     def _start(
         self, spec: AddonSpec, addon: Addon, hook: str, flow: http.HTTPFlow | None, *args: Any
     ) -> bool | Awaitable[bool]:
-        """_call as far as it goes without waiting: its result, or an awaitable of it for an async hook."""
+        """Run one hook of one addon as far as it goes without waiting: False if it failed (raised, or
+        overran its time budget), or for an async hook an awaitable of that."""
         method = getattr(addon, hook, None)
         if method is None:
             return True

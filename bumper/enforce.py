@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -180,18 +180,29 @@ class PolicyEnforcer:
             record.decided(decision)
             record.fail(reason)
 
-    async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+    def tls_clienthello(self, data: tls.ClientHelloData) -> Awaitable[None] | None:
         context = data.context
         assert context.server.address is not None
         host, port = context.server.address[:2]
         decision = self.policy.decide(host, data.client_hello.sni, client_address(context.client), port)
-        record = self.connections.record(context.client.id)
         if decision.action == "bump" and decision.on_upstream_error == "splice" and self.probe is not None:
-            verdict = await self.probe.verdict(host, port, data.client_hello.sni or host)
-            if verdict is not None and not verdict.trusted:
-                decision = Decision("splice", decision.rule, decision.on_upstream_error)
-                if record:
-                    record.verified(verdict, "-")
+            return self._probe_first(data, decision, host, port)  # only this decision has to wait
+        self._apply(data, decision)
+        return None
+
+    async def _probe_first(self, data: tls.ClientHelloData, decision: Decision, host: str, port: int) -> None:
+        """on_upstream_error: splice: the upstream's verdict, before the client's handshake, decides."""
+        assert self.probe is not None
+        verdict = await self.probe.verdict(host, port, data.client_hello.sni or host)
+        if verdict is not None and not verdict.trusted:
+            decision = Decision("splice", decision.rule, decision.on_upstream_error)
+            if record := self.connections.record(data.context.client.id):
+                record.verified(verdict, "-")
+        self._apply(data, decision)
+
+    def _apply(self, data: tls.ClientHelloData, decision: Decision) -> None:
+        context = data.context
+        record = self.connections.record(context.client.id)
         sni, address = data.client_hello.sni, context.client.peername[0] if context.client.peername else None
         if decision.action == "bump" and decision.learn_pinning and sni and address and self.pins.pinned(address, sni):
             decision = dataclasses.replace(decision, action="splice", rule=f"{decision.rule} (learned pinning)")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy import server_hooks
@@ -73,7 +75,7 @@ class ConnectionLog:
     def __init__(self) -> None:
         self.records: dict[str, ConnectionRecord] = {}
         # Told of every record as its connection ends (the addons' connection_end).
-        self.on_end: list[Callable[[ConnectionRecord], Awaitable[None]]] = []
+        self.on_end: list[Callable[[ConnectionRecord], Awaitable[None] | None]] = []
 
     def record(self, client_id: str) -> ConnectionRecord | None:
         return self.records.get(client_id)
@@ -118,15 +120,16 @@ class ConnectionLog:
         if record := self.records.get(flow.client_conn.id):
             record.fail(f"HTTP error: {flow.error.msg if flow.error else 'unknown'}")
 
-    async def client_disconnected(self, client: connection.Client) -> None:
+    def client_disconnected(self, client: connection.Client) -> Awaitable[Any] | None:
         record = self.records.pop(client.id, None)
         if record is None:
-            return
+            return None
         if client.error:
             record.fail(client.error)
         log.info(record.line())
-        for ended in self.on_end:
-            await ended(record)
+        # Each callback runs now; those that have to wait finish together.
+        waiting = [pending for ended in self.on_end if (pending := ended(record)) is not None]
+        return asyncio.gather(*waiting) if waiting else None
 
 
 def is_plain_proxy_request(flow: http.HTTPFlow) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,18 +237,28 @@ class TlsProvider:
         if record := self.connections.record(client.id):
             record.fail(reason)
 
-    async def tls_established_server(self, data: tls.TlsData) -> None:
+    def tls_established_server(self, data: tls.TlsData) -> Awaitable[None] | None:
         assert data.ssl_conn is not None
         errors: list[trust.VerifyError] = data.ssl_conn.get_app_data()
         chain = [c._cert for c in data.conn.certificate_list]  # mitmproxy's Cert wraps cryptography's
-        own_cas = [*self._own_cas, self.mimics.untrusted().cert]
-        verdict = trust.classify(errors, chain, own_cas)
         missing = trust.missing_issuer(errors)
         if missing is not None and self.issuers is not None and missing < len(chain):
-            fetched = await self.issuers.issuers(chain[missing])
-            if fetched and aia.verifies_with(chain[0], [*chain[1:], *fetched], self._roots, str(data.conn.sni)):
-                errors, chain = [], [*chain, *fetched]
-                verdict = trust.classify(errors, chain, own_cas)  # own CA and weakness checks still apply
+            return self._fetch_issuer_first(data, errors, chain, missing)  # only this verdict has to wait
+        self._judge(data, errors, chain)
+        return None
+
+    async def _fetch_issuer_first(
+        self, data: tls.TlsData, errors: list[trust.VerifyError], chain: list[x509.Certificate], missing: int
+    ) -> None:
+        """An upstream that sent an incomplete chain: its missing issuer, fetched by AIA, may complete it."""
+        assert self.issuers is not None
+        fetched = await self.issuers.issuers(chain[missing])
+        if fetched and aia.verifies_with(chain[0], [*chain[1:], *fetched], self._roots, str(data.conn.sni)):
+            errors, chain = [], [*chain, *fetched]  # own CA and weakness checks still apply, in _judge
+        self._judge(data, errors, chain)
+
+    def _judge(self, data: tls.TlsData, errors: list[trust.VerifyError], chain: list[x509.Certificate]) -> None:
+        verdict = trust.classify(errors, chain, [*self._own_cas, self.mimics.untrusted().cert])
         found = UpstreamVerdict(verdict, trust.signing_mode(errors, verdict), fingerprint(chain[0]) if chain else "-")
         self._verdicts[data.context.client.id] = found
         if record := self.connections.record(data.context.client.id):
