@@ -48,7 +48,8 @@ class AccessLog(Addon):
         super().__init__(settings)
         self._file: IO[str] | None = None
         self._flush: asyncio.TimerHandle | None = None
-        # The fields every request of a connection (to one upstream) shares, by client and server id.
+        # The JSON of the fields every request of a connection shares: by client id, then upstream
+        # connection and the policy's verdict on it.
         self._shared: dict[str, dict[tuple[str | None, ...], str]] = {}
 
     def response(self, flow: http.HTTPFlow) -> None:

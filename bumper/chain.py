@@ -64,9 +64,9 @@ class AddonRunner:
 
     # mitmproxy hooks
 
-    # The flow hooks run synchronously as far as the chain allows: they return None when every addon
-    # is done, or an awaitable for the rest (an async addon hook). The dispatcher then runs the hook
-    # without an asyncio task, which matters at thousands of requests a second.
+    # Each hook runs synchronously as far as the chain allows: it returns None when every addon is
+    # done, or an awaitable for the rest (an async addon hook). The dispatcher then completes the
+    # hook without an asyncio task (dispatch.SyncHooks), which matters at thousands of requests a second.
 
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         record = self.connections.record(flow.client_conn.id)
