@@ -35,7 +35,8 @@ _libc.mallinfo2.restype = _MallInfo2
 
 
 def heap_in_use() -> int:
-    return int(_libc.mallinfo2().uordblks) + int(_libc.mallinfo2().hblkhd)
+    info = _libc.mallinfo2()
+    return int(info.uordblks) + int(info.hblkhd)
 
 
 def contexts(release_buffers: bool) -> tuple[SSL.Context, SSL.Context]:

@@ -92,30 +92,35 @@ class AddonManager(addonmanager.AddonManager):
         """What mitmproxy's connection handler awaits for HOOK in a task of its own (handle_lifecycle,
         then waiting for an intercepted flow), run now: None if it is all done, else an awaitable
         for the rest."""
-        args = _args(hook)
-        rest = self._run(self.handlers(hook.name), args)
-        message = args[0] if args else None
-        if not isinstance(message, flow.Flow):
-            return rest
-        if rest is None and not message.intercepted and not self.handlers(hooks.UpdateHook.name):
-            return None
-        return self._flow_rest(rest, message)
-
-    async def _flow_rest(self, rest: Awaitable[None] | None, message: flow.Flow) -> None:
-        if rest is not None:
-            await rest
-        if self.handlers(hooks.UpdateHook.name):
-            await self.trigger_event(hooks.UpdateHook([message]))
-        await message.wait_for_resume()
+        rest = self._lifecycle(hook)
+        message = _args(hook)[0]
+        if isinstance(message, flow.Flow) and (rest is not None or message.intercepted):
+            return self._until_resumed(rest, message)
+        return rest
 
     async def handle_lifecycle(self, event: hooks.Hook) -> None:
-        if isinstance(event, _Rest):
-            await event.rest
-            return
-        await self.trigger_event(event)
-        message = _args(event)[0]
-        if isinstance(message, flow.Flow) and self.handlers(hooks.UpdateHook.name):
-            await self.trigger_event(hooks.UpdateHook([message]))
+        rest = event.rest if isinstance(event, _Rest) else self._lifecycle(event)
+        if rest is not None:
+            await rest
+
+    def _lifecycle(self, event: hooks.Hook) -> Awaitable[None] | None:
+        """handle_lifecycle as far as it goes without waiting: the handlers, then `update` for a flow
+        if an addon listens to it."""
+        args = _args(event)
+        rest = self._run(self.handlers(event.name), args)
+        if isinstance(args[0], flow.Flow) and self.handlers(hooks.UpdateHook.name):
+            return self._then_update(rest, args[0])
+        return rest
+
+    async def _then_update(self, rest: Awaitable[None] | None, message: flow.Flow) -> None:
+        if rest is not None:
+            await rest
+        await self.trigger_event(hooks.UpdateHook([message]))
+
+    async def _until_resumed(self, rest: Awaitable[None] | None, message: flow.Flow) -> None:
+        if rest is not None:
+            await rest
+        await message.wait_for_resume()
 
 
 def _halts(e: Exception) -> bool:

@@ -75,7 +75,8 @@ class NextLayer:
         context = nextlayer.context
         if len(context.layers) == 1 and isinstance(context.layers[0], modes.HttpProxy):
             top = self._proxy_request(context, nextlayer.data_client())
-            nextlayer.layer = top and SyncHooks(context, top, self.dispatcher)
+            if top is not None:
+                nextlayer.layer = SyncHooks(context, top, self.dispatcher)
         elif context.client.tls:
             # Decrypted: HTTP/1.1 or h2 by ALPN, HTTP/1.1 when the client offered none.
             nextlayer.layer = HttpLayer(context, HTTPMode.transparent)
