@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from mitmproxy import http
+from mitmproxy.net.http import url
 
-from bumper import pages
+from bumper import names, pages
 from bumper.eventlog import ConnectionRecord as ConnectionInfo
 from bumper.httpstream import ABORTED, RESPONSE_DELIVERED, RESPONSE_SENT, STREAMED, abort, respond_early
 from bumper.settings import Bytes
@@ -117,7 +118,17 @@ def refusal_of(flow: http.HTTPFlow) -> Refusal | None:
 
 def logged_url(flow: http.HTTPFlow) -> str:
     """FLOW's URL as logs may show it: with any secret an addon found in it masked."""
-    return str(flow.metadata.get(LOGGED_URL) or flow.request.pretty_url)
+    return str(flow.metadata.get(LOGGED_URL) or pretty_url(flow.request))
+
+
+def pretty_url(request: http.Request) -> str:
+    """mitmproxy's Request.pretty_url, with the Host header read through the cache every request of
+    a connection shares."""
+    host_header = request.host_header
+    if request.first_line_format == "authority" or not host_header:
+        return request.pretty_url
+    host, port = names.parse_authority(host_header)
+    return url.unparse(request.scheme, host, port or url.default_port(request.scheme) or 443, request.path)
 
 
 def aborted(flow: http.HTTPFlow) -> bool:

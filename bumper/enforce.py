@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from mitmproxy import connection, http, tls
-from mitmproxy.net.http import url
 from mitmproxy.utils import human
 
+from bumper import names
 from bumper.errors import ConfigError
 from bumper.eventlog import ConnectionLog, is_plain_proxy_request
 from bumper.pinning import LearnedPins, is_rejection
@@ -152,7 +152,7 @@ class PolicyEnforcer:
         """In a bumped connection, CONNECT host, SNI and Host must name one site."""
         assert flow.server_conn.address is not None
         connect_host, sni = flow.server_conn.address[0], flow.client_conn.sni
-        host_header = url.parse_authority(flow.request.host_header or "", check=False)[0] or None
+        host_header = names.parse_authority(flow.request.host_header or "")[0] or None
         if not name_mismatch(connect_host, sni, host_header):
             return
         names_seen = f"CONNECT {connect_host}, SNI {sni or '-'}, Host {host_header or '-'}"

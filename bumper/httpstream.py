@@ -13,6 +13,7 @@ Addons ask for these with `respond_early` and `abort` and never touch the layers
 
 from __future__ import annotations
 
+import copy
 import time
 
 from mitmproxy import flow, http
@@ -175,6 +176,9 @@ class HttpStream(http_layers.HttpStream):
 
 class HttpLayer(layers.HttpLayer):
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
-        ctx = self.context.fork()
+        # Context.fork() builds a Server (uuid4 and all) only to replace it: a copy forks the same,
+        # and this runs once per request.
+        ctx = copy.copy(self.context)
+        ctx.layers = self.context.layers.copy()
         self.streams[stream_id] = HttpStream(ctx, stream_id)
         yield from self.event_to_child(self.streams[stream_id], events.Start())

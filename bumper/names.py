@@ -6,6 +6,8 @@ import functools
 import ipaddress
 import re
 
+from mitmproxy.net.http import url
+
 REGEX_PREFIX = "regex:"
 
 
@@ -20,6 +22,13 @@ def is_ip_address(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+@functools.lru_cache(maxsize=4096)  # every request of a connection repeats its Host header
+def parse_authority(authority: str) -> tuple[str, int | None]:
+    """Host and port of a Host header or :authority, read leniently as mitmproxy's pretty_url reads
+    them: a malformed value is its own host."""
+    return url.parse_authority(authority, check=False)
 
 
 def valid_pattern(pattern: str) -> bool:

@@ -21,7 +21,9 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
+from mitmproxy.test import tutils
 
+from bumper.addon import pretty_url
 from tests.conftest import (
     ANY_PORT_POLICY,
     BUMPER,
@@ -491,3 +493,18 @@ def test_access_log_to_stdout(stdout_bumper: tuple[Bumper, list[str]], upstream:
     assert entries[0]["url"] == upstream.url("/echo?stdout") and entries[0]["bytes_down"] == 6
     assert HTTP_KEYS <= set(entries[0]) and CONNECTION_KEYS <= set(entries[1])
     assert not any(line.startswith("{") for line in bumper.process.lines)  # and none on stderr
+
+
+@pytest.mark.parametrize(
+    "host_header", [None, "", "site.test", "Site.Test:8443", "[::1]:99", "bücher.example", "a b", "a:b:c", "host:99999"]
+)
+@pytest.mark.parametrize("scheme,port", [("https", 443), ("http", 80), ("https", 8443)])
+def test_the_logged_url_is_mitmproxys_pretty_url(host_header: str | None, scheme: str, port: int) -> None:
+    """The log reads each Host header through a shared cache; what it writes must not change."""
+    request = tutils.treq(scheme=scheme.encode(), host=b"origin.test", port=port, path=b"/p?q=1", authority=b"")
+    request.headers.pop("Host", None)
+    if host_header is not None:
+        request.headers["Host"] = host_header
+    assert pretty_url(request) == pretty_url(request) == request.pretty_url
+    connect = tutils.treq(method=b"CONNECT", authority=b"origin.test:443", path=b"")
+    assert pretty_url(connect) == connect.pretty_url == "origin.test:443"
