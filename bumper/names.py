@@ -16,7 +16,18 @@ def normalize(host: str) -> str:
     return host.strip().rstrip(".").lower()
 
 
+# Every request of a connection asks again about the same names, so the answers are cached; but only
+# for values as short as a DNS name with its port: longer ones (from a broken or hostile peer) would
+# make 4096 cache entries cost megabytes.
+CACHED_LENGTH = 260
+
+
 def is_ip_address(host: str) -> bool:
+    return (_is_ip_address if len(host) <= CACHED_LENGTH else _is_ip_address.__wrapped__)(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_ip_address(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -24,10 +35,14 @@ def is_ip_address(host: str) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=4096)  # every request of a connection repeats its Host header
 def parse_authority(authority: str) -> tuple[str, int | None]:
     """Host and port of a Host header or :authority, read leniently as mitmproxy's pretty_url reads
     them: a malformed value is its own host."""
+    return (_parse_authority if len(authority) <= CACHED_LENGTH else _parse_authority.__wrapped__)(authority)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_authority(authority: str) -> tuple[str, int | None]:
     return url.parse_authority(authority, check=False)
 
 

@@ -123,7 +123,6 @@ class Decision:
     addons: tuple[AddonSpec, ...] = ()
 
 
-@functools.lru_cache(maxsize=4096)  # every request of a connection asks again
 def name_mismatch(connect_host: str, sni: str | None, host_header: str | None) -> bool:
     """Whether a bumped request's names disagree (domain fronting, tunnelling): the CONNECT host
     (unless it is an IP address, when the SNI alone names the site), the SNI and the Host header."""

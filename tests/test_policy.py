@@ -13,8 +13,9 @@ import pytest
 from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mitmproxy.net.http import url
 
-from bumper import policy
+from bumper import names, policy
 from bumper.addonload import load_registry
 from bumper.errors import ConfigError
 from tests.conftest import (
@@ -433,3 +434,19 @@ def test_rules_can_name_the_listener(tmp_path: Path) -> None:
     path.write_text("rules:\n  - match: {listener: [socks]}\n    action: block\n")
     with pytest.raises(ConfigError, match="unknown listener 'socks' \\(expected one of: proxy\\)"):
         policy.load(path)
+
+
+@pytest.mark.parametrize("value", ["site.test", "10.0.0.1", "[::1]:8443", "x" * 300, "fe80::1%" + "e" * 300])
+def test_names_asked_per_request_are_cached_only_when_short(value: str) -> None:
+    """A Host header or CONNECT host longer than any name gets the same answer, and is not kept."""
+    names._is_ip_address.cache_clear()
+    names._parse_authority.cache_clear()
+    assert names.parse_authority(value) == url.parse_authority(value, check=False)
+    try:
+        ipaddress.ip_address(value)
+        is_ip = True
+    except ValueError:
+        is_ip = False
+    assert names.is_ip_address(value) is is_ip
+    kept = 0 if len(value) > names.CACHED_LENGTH else 1
+    assert names._parse_authority.cache_info().currsize == names._is_ip_address.cache_info().currsize == kept
