@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import signal
 import ssl
@@ -23,6 +24,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from mitmproxy.test import tutils
 
+from addons.access_log import _iso
 from bumper.addon import pretty_url
 from tests.conftest import (
     ANY_PORT_POLICY,
@@ -508,3 +510,14 @@ def test_the_logged_url_is_mitmproxys_pretty_url(host_header: str | None, scheme
     assert pretty_url(request) == pretty_url(request) == request.pretty_url
     connect = tutils.treq(method=b"CONNECT", authority=b"origin.test:443", path=b"")
     assert pretty_url(connect) == connect.pretty_url == "origin.test:443"
+
+
+def test_times_are_written_as_datetime_writes_them() -> None:
+    """_iso stands in for datetime.isoformat on every line: same rounding, same text."""
+    rng = random.Random(8)
+    stamps = [rng.uniform(0, 4e9) for _ in range(20_000)]
+    stamps += [s + f for s in (1_764_700_000.0, 0.0) for f in (0.0, 0.0004995, 0.0005, 0.9994999, 0.9995, 0.9999996)]
+    for stamp in stamps:
+        expected = datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        assert _iso(stamp) == expected, stamp
+    assert _iso(None) is None
