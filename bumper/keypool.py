@@ -82,7 +82,12 @@ class KeyPool:
         if current is None or self._worn_out(current):
             replacing = self._replacing.get(spec)
             if replacing is None:  # one replacement, however many connections need it at once
-                replacing = self._replacing[spec] = asyncio.ensure_future(self._replace(spec))
+                # Tasks start eagerly (mitmproxy's task factory): a spare that is ready replaces the
+                # key before ensure_future returns, and then there is nothing to share.
+                replacing = asyncio.ensure_future(self._replace(spec))
+                if not replacing.done():
+                    self._replacing[spec] = replacing
+                    replacing.add_done_callback(lambda _: self._replacing.pop(spec, None))
             current = await asyncio.shield(replacing)
         current.uses += 1
         self._spare(spec)  # the next key of this type is made while this one serves
@@ -97,14 +102,11 @@ class KeyPool:
         return current.uses >= self.settings.max_uses or self._clock() - current.born >= self.settings.max_age
 
     async def _replace(self, spec: keys.KeySpec) -> _Current:
-        try:
-            future = self._spare(spec)
-            del self._spares[spec]
-            current = self._current[spec] = _Current(PooledKey.of(await future), self._clock())
-            log.debug("new %s mimic key", spec)
-            return current
-        finally:
-            del self._replacing[spec]
+        future = self._spare(spec)
+        del self._spares[spec]
+        current = self._current[spec] = _Current(PooledKey.of(await future), self._clock())
+        log.debug("new %s mimic key", spec)
+        return current
 
     def _spare(self, spec: keys.KeySpec) -> asyncio.Future[keys.PrivateKey]:
         future = self._spares.get(spec)

@@ -1,9 +1,8 @@
 # Sourced by ./run and ./test: make .venv with bumper installed (EXTRAS: "" or "[test]").
-# A fresh Debian/Ubuntu machine needs only python3 (3.11); what is missing is installed here.
+# bumper needs Python >= 3.12 (mitmproxy 12 does); what else is missing is installed here.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-PYTHON=${PYTHON:-python3}
 apt_install() {
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1 ||
@@ -14,11 +13,40 @@ apt_install() {
   fi
 }
 
-if [ ! -x .venv/bin/python ]; then
-  if ! "$PYTHON" -m venv .venv >/dev/null 2>&1; then
+# A Python >= 3.12 that runs: $PYTHON, python3.13, python3.12, python3, then pyenv's own builds
+# (pyenv's shims exist for versions that are not selected, and refuse to run: they are tried, not trusted).
+new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; }
+find_python() {
+  local candidate
+  for candidate in ${PYTHON:-} python3.13 python3.12 python3 \
+    $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.*/bin/python3 2>/dev/null | sort -rV); do
+    if new_enough "$candidate"; then
+      command -v "$candidate"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# .venv is remade only when its Python is gone, and reinstalled only when pyproject.toml (or the
+# extras asked for) changed since the last install: a complete .venv starts without a package index.
+STAMP=.venv/.bumper-installed
+wanted="$(sha256sum pyproject.toml | cut -d' ' -f1) ${EXTRAS:-}"
+if [ ! -x .venv/bin/python ] || ! new_enough .venv/bin/python; then
+  if ! PY=$(find_python); then
+    echo "bumper: needs Python >= 3.12 (mitmproxy 12 does): install python3.12 or newer (Debian 13 and Ubuntu 24.04 ship one), or set PYTHON=/path/to/python3.12" >&2
+    exit 2
+  fi
+  rm -rf .venv
+  if ! "$PY" -m venv .venv >/dev/null 2>&1; then
     rm -rf .venv
-    apt_install python3-venv
-    "$PYTHON" -m venv .venv
+    apt_install "python3-venv"
+    "$PY" -m venv .venv
   fi
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${EXTRAS:-}"
+# The [test] install covers the plain one: ./run after ./test installs nothing.
+installed=$(cat "$STAMP" 2>/dev/null || true)
+if [ "$installed" != "$wanted" ] && [ "$installed" != "${wanted% *} [test]" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${EXTRAS:-}"
+  echo "$wanted" > "$STAMP"
+fi
