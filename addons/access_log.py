@@ -179,9 +179,9 @@ def tls_fields(client: connection.Client, server: connection.Server | None) -> d
     return {
         "client": human.format_address(client.peername),
         "upstream": human.format_address(server.peername) if server and server.peername else None,
-        "upstream_sha256": _sha256(upstream_cert._cert) if upstream_cert else None,
-        "upstream_issuer": _issuer(upstream_cert._cert) if upstream_cert else None,
-        "mimic_sha256": _sha256(client.mitmcert._cert) if bumped and client.mitmcert else None,
+        "upstream_sha256": _sha256(upstream_cert.to_cryptography()) if upstream_cert else None,
+        "upstream_issuer": _issuer(upstream_cert.to_cryptography()) if upstream_cert else None,
+        "mimic_sha256": _sha256(client.mitmcert.to_cryptography()) if bumped and client.mitmcert else None,
         "client_tls_version": client.tls_version if bumped else None,
         "client_cipher": client.cipher if bumped else None,
         "upstream_tls_version": server.tls_version if server and server.tls_established else None,

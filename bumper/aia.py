@@ -13,12 +13,14 @@ import ipaddress
 import logging
 import time
 import urllib.parse
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
@@ -85,7 +87,11 @@ def load_roots(paths: Sequence[Path]) -> list[x509.Certificate]:
     roots: list[x509.Certificate] = []
     for path in paths:
         try:
-            roots += x509.load_pem_x509_certificates(path.read_bytes())
+            with warnings.catch_warnings():
+                # The system store holds roots that predate RFC 5280's rules (a negative serial):
+                # the operator's to judge, not a reason to print a warning at every start.
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                roots += x509.load_pem_x509_certificates(path.read_bytes())
         except (OSError, ValueError) as e:
             log.warning("cannot read roots from %s for chain completion: %s", path, e)
     return roots

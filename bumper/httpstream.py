@@ -21,6 +21,7 @@ from mitmproxy.proxy import events, layer, layers
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import (
     DropStream,
+    ErrorCode,
     HttpErrorHook,
     HttpRequestHook,
     HttpResponseHeadersHook,
@@ -109,7 +110,7 @@ class HttpStream(http_layers.HttpStream):
 
     def _refuse_after_streaming(self, ended: bool) -> layer.CommandGenerator[None]:
         """The upstream has part of the body: reset its request, then answer once the client is done."""
-        yield SendHttp(RequestProtocolError(self.stream_id, "refused by bumper", 400), self.context.server)
+        yield SendHttp(RequestProtocolError(self.stream_id, "refused by bumper", ErrorCode.GENERIC_CLIENT_ERROR), self.context.server)
         self.server_state = self.state_errored
         self.client_state = self.state_discard_request_body
         if ended:
@@ -149,8 +150,8 @@ class HttpStream(http_layers.HttpStream):
         _count(self.flow, "response", data)
         chunks = _chunks(stream(data)) if callable(stream) else ([data] if data else [])
         if reason := self.flow.metadata.get(ABORTED):
-            yield SendHttp(ResponseProtocolError(self.stream_id, reason, 502), self.context.client)
-            yield SendHttp(RequestProtocolError(self.stream_id, reason, 400), self.context.server)
+            yield SendHttp(ResponseProtocolError(self.stream_id, reason, ErrorCode.GENERIC_SERVER_ERROR), self.context.client)
+            yield SendHttp(RequestProtocolError(self.stream_id, reason, ErrorCode.GENERIC_CLIENT_ERROR), self.context.server)
             self.client_state = self.server_state = self.state_errored
             self.flow.error = flow.Error(reason)
             yield HttpErrorHook(self.flow)

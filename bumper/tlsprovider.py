@@ -240,7 +240,7 @@ class TlsProvider:
     def tls_established_server(self, data: tls.TlsData) -> Awaitable[None] | None:
         assert data.ssl_conn is not None
         errors: list[trust.VerifyError] = data.ssl_conn.get_app_data()
-        chain = [c._cert for c in data.conn.certificate_list]  # mitmproxy's Cert wraps cryptography's
+        chain = [c.to_cryptography() for c in data.conn.certificate_list]  # mitmproxy's Cert wraps cryptography's
         missing = trust.missing_issuer(errors)
         if missing is not None and self.issuers is not None and missing < len(chain):
             return self._fetch_issuer_first(data, errors, chain, missing)  # only this verdict has to wait
@@ -285,7 +285,7 @@ class TlsProvider:
         found = self._verdicts.pop(client.id, None)
         if found is None:
             return self._refuse(client, "upstream TLS failed: no verification verdict")  # fail closed
-        upstream = server.certificate_list[0]._cert  # mitmproxy's Cert wraps a cryptography certificate
+        upstream = server.certificate_list[0].to_cryptography()  # mitmproxy's Cert wraps a cryptography certificate
         try:
             made = await self._certificate_for(client, server, upstream, found)
         except UnmimicableCertificate as e:

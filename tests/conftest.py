@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -23,6 +24,11 @@ BUMPER = shutil.which("bumper", path=str(Path(sys.executable).parent)) or "bumpe
 UPSTREAM_HOST = "upstream.test"
 ANY_PORT_POLICY = Path(__file__).with_name("lab-any-port.yaml")
 START_TIMEOUT = 30.0
+
+# The proxy runs as `python -O` (cli._without_debug_checks), which skips mitmproxy's own type checks
+# of every event and message; the tests keep them on, so that a wrong event reaches an assertion here
+# instead of a confusing failure later. tests/test_internals.py checks the -O start itself.
+os.environ.setdefault("BUMPER_DEBUG_CHECKS", "1")
 
 
 def listening_socket() -> socket.socket:
@@ -63,6 +69,7 @@ class Process:
 
     proc: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
+    test_start: int = 0  # the first line written during the current test
 
     def __post_init__(self) -> None:
         threading.Thread(target=self._drain, daemon=True).start()
@@ -135,10 +142,10 @@ class Bumper:
         deadline = time.monotonic() + timeout
         marker = f" 127.0.0.1:{client_port} {kind} "
         while time.monotonic() < deadline:
-            found = [line for line in self.process.lines if marker in line]
+            found = [line for line in self.process.lines[self.process.test_start :] if marker in line]
             if found:
                 time.sleep(0.05)  # a second line for the same connection would be a bug: let it show
-                found = [line for line in self.process.lines if marker in line]
+                found = [line for line in self.process.lines[self.process.test_start :] if marker in line]
                 assert len(found) == 1, found
                 return found[0]
             time.sleep(0.02)
@@ -200,9 +207,27 @@ def upstream(start_upstream) -> Upstream:
     return start_upstream()
 
 
+# Every bumper the tests started: a traceback in its log fails the test during which it appeared.
+STARTED_BUMPERS: list[Process] = []
+
+
+@pytest.fixture(autouse=True)
+def no_traceback() -> Iterator[None]:
+    """Marks where each bumper's log stood when the test began (connection_line looks no further
+    back: a client port from an earlier test may come round again), and fails the test if bumper
+    wrote a traceback during it."""
+    for process in STARTED_BUMPERS:
+        process.test_start = len(process.lines)
+    yield
+    for process in STARTED_BUMPERS:
+        new = process.lines[process.test_start :]
+        if any("Traceback" in line for line in new):
+            pytest.fail("bumper wrote a traceback:\n" + "\n".join(new), pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def start_bumper(test_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    started: list[Process] = []
+    started = STARTED_BUMPERS
 
     def start(*extra: str, ca_dir: Path | None = None, trust_test_root: bool = True) -> Bumper:
         ca_dir = ca_dir or tmp_path_factory.mktemp("ca") / "ca"

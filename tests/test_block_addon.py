@@ -58,11 +58,6 @@ def blocking(start_bumper, tmp_path_factory: pytest.TempPathFactory) -> Bumper:
     return start_with_policy(start_bumper, directory, policy_text(list_file))
 
 
-@pytest.fixture(autouse=True)
-def no_traceback(blocking: Bumper):
-    yield
-    assert "Traceback" not in blocking.process.log
-
 
 def fetch(bumper: Bumper, url: str, *args: str) -> tuple[int, str, str, str]:
     """Status, content type, cache-control and body of one request through BUMPER."""

@@ -430,6 +430,8 @@ CA_CREATED = datetime.datetime(2015, 6, 1, tzinfo=UTC)
 VECTORS_UNMIMICABLE = {
     "custom/invalid_utf8_common_name.pem": "unreadable subject",
     "custom/long-form-name-attribute.pem": "unreadable subject",
+    # An attribute value of an application tag: cryptography 50 refuses to read such a subject.
+    "custom/name_attribute_unsupported_tag.pem": "unreadable subject",
     "custom/two_basic_constraints.pem": "extension 2.5.29.19 appears twice",
 }
 # Sound extension DER that cryptography cannot parse: bumper copies it without parsing it.
@@ -1155,7 +1157,7 @@ def assert_breaks(upstream: x509.Certificate, corruption: Corruption) -> None:
     part = unreadable_part(upstream)
     assert part == (corruption.breaks if corruption.breaks in ("subject", "extension") else None)
     if corruption.breaks == "key":
-        with pytest.raises(ValueError):
+        with pytest.raises((ValueError, UnsupportedAlgorithm)):
             upstream.public_key()
     if corruption.breaks == "signature algorithm":
         with pytest.raises(UnsupportedAlgorithm):

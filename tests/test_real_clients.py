@@ -72,11 +72,6 @@ def upstreams(start_upstream: Callable[..., Upstream], test_pki: Pki) -> dict[tu
     }
 
 
-@pytest.fixture(autouse=True)
-def no_traceback(bumper: Bumper) -> Iterator[None]:
-    yield
-    assert "Traceback" not in bumper.process.log
-
 
 def run(
     args: list[str], input: str | None = None, env: dict[str, str] | None = None

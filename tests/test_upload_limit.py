@@ -48,11 +48,6 @@ def limited(start_bumper, tmp_path_factory: pytest.TempPathFactory) -> Bumper:
     return start_with_policy(start_bumper, tmp_path_factory.mktemp("upload-limit"), POLICY)
 
 
-@pytest.fixture(autouse=True)
-def no_traceback(limited: Bumper):
-    yield
-    assert "Traceback" not in limited.process.log
-
 
 def payload(directory: Path, size: int) -> tuple[Path, str]:
     path = directory / f"payload-{size}"

@@ -1,0 +1,176 @@
+"""The mitmproxy and pyOpenSSL insides bumper leans on, pinned (docs/architecture.md, "What bumper takes
+from mitmproxy's insides").
+
+bumper overrides some of mitmproxy's methods, copies parts of others, and reads the wording of its
+errors. A new mitmproxy release that changes any of them could break bumper without one failing
+request to show it. So the source of each is pinned here by its hash: an upgrade that changes one
+fails this test, naming it, and someone reads the change and bumper's use of it before updating
+the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import pkgutil
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy import version
+from OpenSSL import SSL
+
+import bumper
+import bumper_addons
+from tests.conftest import Bumper
+
+ARCHITECTURE = Path(__file__).parents[1] / "docs" / "architecture.md"
+
+# Each mitmproxy name, the first 16 hex digits of its source's SHA-256 in the mitmproxy release
+# pyproject.toml allows, and where bumper depends on it.
+PINNED: dict[str, tuple[str, str]] = {
+    # HttpStream: bumper's subclass answers early and cuts bodies off (bumper/httpstream.py)
+    "mitmproxy.proxy.layers.http.HttpStream.start_request_stream": ("46f03368a2a54362", "overridden"),
+    "mitmproxy.proxy.layers.http.HttpStream.state_stream_request_body": ("c98f7f715cef7cfa", "overridden, end copied"),
+    "mitmproxy.proxy.layers.http.HttpStream.start_response_stream": ("b0de9e9a5ee27276", "overridden"),
+    "mitmproxy.proxy.layers.http.HttpStream.state_stream_response_body": ("3fb6320300d3ddd5", "overridden, copied"),
+    "mitmproxy.proxy.layers.http.HttpStream.handle_protocol_error": ("59fc3b2eeeabf63a", "overridden"),
+    "mitmproxy.proxy.layers.http.HttpStream.send_response": ("d581bc106152e369", "called mid-state"),
+    "mitmproxy.proxy.layers.http.HttpStream.flow_done": ("ad9969744785c572", "called"),
+    "mitmproxy.proxy.layers.http.HttpLayer.make_stream": ("654959c6e74548e1", "overridden, copied"),
+    "mitmproxy.proxy.context.Context.fork": ("cad9374a0689f10a", "replicated by make_stream"),
+    # TLS layers: close_notify and alerts (bumper/layers.py)
+    "mitmproxy.proxy.layers.tls.TLSLayer.send_close": ("d9b1161f42db9992", "overridden"),
+    "mitmproxy.proxy.layers.tls.TLSLayer.tls_interact": ("62d6d57d43dd1a2e", "called"),
+    "mitmproxy.proxy.layers.tls.TLSLayer.on_handshake_error": ("affcdcce93e86080", "overridden"),
+    "mitmproxy.proxy.layers.tls.ServerTLSLayer.on_handshake_error": ("fd53d44a5dee8d8a", "overridden"),
+    "mitmproxy.proxy.layers.tls.ClientTLSLayer.on_handshake_error": ("04a3a2530293d19b", "overridden; wording read"),
+    "mitmproxy.proxy.layers.tls.TLSLayer.receive_handshake_data": ("721fe6313c0979fe", "error wording read"),
+    "mitmproxy.proxy.layers.tls.ClientTLSLayer.receive_handshake_data": ("a0ee021f92f6d0ff", "error wording read"),
+    # The hook dispatcher (bumper/dispatch.py)
+    "mitmproxy.addonmanager.AddonManager.register": ("01ddcca314eebbd3", "overridden"),
+    "mitmproxy.addonmanager.AddonManager.remove": ("2e93aab2204a39f6", "overridden"),
+    "mitmproxy.addonmanager.AddonManager.clear": ("5fd484329fa05882", "overridden"),
+    "mitmproxy.addonmanager.AddonManager.trigger_event": ("b763c59bc4992e33", "overridden"),
+    "mitmproxy.addonmanager.AddonManager.handle_lifecycle": ("38c97e792d1db5b7", "overridden"),
+    "mitmproxy.addonmanager.safecall": ("f2052c18340e99b0", "replicated by dispatch._halts"),
+    "mitmproxy.addonmanager.traverse": ("bad3d9f88bdf9269", "called"),
+    "mitmproxy.master.Master.__init__": ("8e2a46cc1aca56ca", "addons replaced after it"),
+    "mitmproxy.master.Master._asyncio_exception_handler": ("822415006521e79e", "private, installed by proxy.serve"),
+    "mitmproxy.proxy.server.ConnectionHandler.hook_task": ("9ac7970160526268", "what SyncHooks does in place"),
+    "mitmproxy.proxy.layer.Layer._handle_event": ("1a704a031407036d", "implemented by SyncHooks and Refuse"),
+    "mitmproxy.hooks.Hook.__init_subclass__": ("09b689277643e8f3", "registers dispatch._Rest by its name"),
+    # Listening and the stock addons bumper replaces (bumper/proxy.py, bumper/tlsprovider.py, bumper/layers.py)
+    "mitmproxy.addons.proxyserver.Servers.update": ("e653c1bdfa8cf352", "its error log parsed"),
+    "mitmproxy.addons.tlsconfig.alpn_select_callback": ("41a266755820fa37", "used"),
+    "mitmproxy.addons.tlsconfig.AppData": ("88cb35fe3ca564af", "used"),
+    "mitmproxy.addons.tlsconfig.TlsConfig.tls_start_client": ("d3093c897eeafc2f", "replaced by TlsProvider"),
+    "mitmproxy.addons.tlsconfig.TlsConfig.tls_start_server": ("2e2dc9c25670cf64", "replaced by TlsProvider"),
+    "mitmproxy.addons.next_layer.NextLayer.next_layer": ("d277fef31bbe9519", "replaced by layers.NextLayer"),
+    "mitmproxy.http.Request.pretty_url": ("22587ae7fe2a8eab", "replicated by addon.pretty_url"),
+}
+
+# pyOpenSSL has no public call for these: host name checks and OpenSSL's verify error codes.
+OPENSSL_LIB = (
+    "SSL_get0_param",
+    "X509_VERIFY_PARAM_set_hostflags",
+    "X509_VERIFY_PARAM_set1_host",
+    "X509_VERIFY_PARAM_set1_ip",
+    "X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS",
+    "X509_CHECK_FLAG_NEVER_CHECK_SUBJECT",
+    "X509_verify_cert_error_string",
+    "X509_V_ERR_CERT_HAS_EXPIRED",
+    "X509_V_ERR_HOSTNAME_MISMATCH",
+)
+
+
+def resolve(qualname: str) -> Any:
+    parts = qualname.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attribute in parts[i:]:
+            obj = getattr(obj, attribute)
+        return obj.fget if isinstance(obj, property) else obj
+    raise ImportError(qualname)
+
+
+def source_hash(obj: Any) -> str:
+    return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("qualname", sorted(PINNED))
+def test_the_mitmproxy_source_bumper_builds_on_is_unchanged(qualname: str) -> None:
+    pinned, use = PINNED[qualname]
+    try:
+        found = source_hash(resolve(qualname))
+    except (ImportError, AttributeError):
+        pytest.fail(f"{qualname} ({use} by bumper) is gone in mitmproxy {version.VERSION}")
+    assert found == pinned, (
+        f"{qualname} changed in this mitmproxy ({use} by bumper): read the change and bumper's use of it "
+        f"(docs/architecture.md), then pin {found!r} here"
+    )
+
+
+def bumper_modules() -> list[Any]:
+    return [
+        importlib.import_module(info.name)
+        for package in (bumper, bumper_addons)
+        for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")
+        if not info.name.endswith("__main__")
+    ]
+
+
+def test_every_mitmproxy_method_bumper_overrides_is_pinned() -> None:
+    """A new override of a mitmproxy method that nobody pinned would go unguarded."""
+    unpinned = []
+    for module in bumper_modules():
+        for cls in vars(module).values():
+            if not inspect.isclass(cls) or not cls.__module__.startswith(("bumper", "bumper_addons")):
+                continue
+            for name, value in vars(cls).items():
+                if not callable(value):
+                    continue
+                for base in cls.__mro__[1:]:
+                    if base.__module__.startswith("mitmproxy") and name in vars(base) and not name.startswith("__"):
+                        if not any(p.endswith(f".{base.__qualname__}.{name}") for p in PINNED):
+                            unpinned.append(f"{cls.__module__}.{cls.__qualname__}.{name} overrides {base.__qualname__}")
+                        break
+    assert not unpinned, "\n".join(unpinned)
+
+
+def test_every_pinned_internal_is_in_the_architecture_doc() -> None:
+    doc = ARCHITECTURE.read_text()
+    missing = [q for q in PINNED if ".".join(q.split(".")[-2:]) not in doc]
+    assert not missing, f"docs/architecture.md does not list: {missing}"
+
+
+@pytest.mark.parametrize("symbol", OPENSSL_LIB)
+def test_the_raw_openssl_calls_bumper_makes_exist(symbol: str) -> None:
+    assert hasattr(SSL._lib, symbol), f"pyOpenSSL's bindings no longer have {symbol}"  # type: ignore[attr-defined]
+
+
+def test_mitmproxy_still_words_a_client_rejecting_the_certificate_as_bumper_reads_it() -> None:
+    """pinning.is_rejection and eventlog.short_reason read these phrases out of mitmproxy's errors."""
+    client_tls = inspect.getsource(resolve("mitmproxy.proxy.layers.tls.ClientTLSLayer"))
+    any_tls = inspect.getsource(resolve("mitmproxy.proxy.layers.tls.TLSLayer.receive_handshake_data"))
+    for phrase in ("Cannot parse ClientHello", "disconnected during the handshake"):
+        assert phrase in client_tls, phrase
+    for phrase in ("unknown ca", "bad certificate"):
+        assert re.search(rf"alert {phrase}", any_tls), phrase
+
+
+@pytest.mark.parametrize("checks", ["", "1"])
+def test_the_proxy_runs_without_mitmproxys_debug_checks_unless_asked(
+    start_bumper: Callable[..., Bumper], monkeypatch: pytest.MonkeyPatch, checks: str
+) -> None:
+    """The tests keep mitmproxy's `if __debug__` checks on (conftest); a user's bumper runs as `python -O`."""
+    monkeypatch.setenv("BUMPER_DEBUG_CHECKS", checks)
+    started = start_bumper()
+    argv = Path(f"/proc/{started.process.proc.pid}/cmdline").read_bytes().split(b"\0")
+    assert (b"-O" in argv) is (checks == "")
