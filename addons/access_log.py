@@ -60,8 +60,7 @@ class AccessLog(Addon):
             self._write(exchange(flow, self._connection_json(flow)))
 
     def connection_end(self, conn: ConnectionInfo) -> None:
-        if conn.conn is not None:
-            self._shared.pop(conn.conn.id, None)
+        self._shared.pop(conn.conn.id, None)
         self._write(connection_line(conn))
 
     def _connection_json(self, flow: http.HTTPFlow) -> str:
@@ -133,7 +132,6 @@ def exchange(flow: http.HTTPFlow, connection_fields: str) -> str:
 
 def connection_line(conn: ConnectionInfo) -> str:
     client = conn.conn
-    assert client is not None
     head = {"type": "connection", "time": _iso(client.timestamp_start), "id": client.id}
     tail = {
         "requests": conn.requests,
@@ -159,11 +157,11 @@ def connection_json(conn: ConnectionInfo | None, client: connection.Client, serv
         "connect_host": conn.connect_host if conn else None,
         "sni": client.sni,
         "upstream": tls["upstream"],
-        "rule": conn.rule if conn and conn.rule != "-" else None,
-        "action": conn.action if conn and conn.action != "-" else None,
+        "rule": conn.rule if conn else None,
+        "action": conn.action if conn else None,
         "upstream_sha256": tls["upstream_sha256"],
         "upstream_issuer": tls["upstream_issuer"],
-        "verify": conn.verify if conn and conn.verify != "-" else None,
+        "verify": conn.verify if conn else None,
         **{k: v for k, v in tls.items() if k not in _SHARED_FIRST},
     }
     return _json(fields)[1:-1]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bumper.policy import Decision, Policy, Rule  # noqa: E402
+from bumper.policy import Action, Decision, Policy, Rule  # noqa: E402
 
 RULES = 10_000
 LOOKUPS = 20_000
@@ -29,13 +29,13 @@ def build() -> Policy:
     rules = []
     for i in range(RULES - 1):
         if i < 6000:
-            rules.append(Rule(f"exact{i}", "bump", sni=(f"host{i}.site{i % 97}.test",)))
+            rules.append(Rule(f"exact{i}", Action.BUMP, sni=(f"host{i}.site{i % 97}.test",)))
         elif i < 9000:
-            rules.append(Rule(f"suffix{i}", "splice", sni=(f"*.zone{i}.test",)))
+            rules.append(Rule(f"suffix{i}", Action.SPLICE, sni=(f"*.zone{i}.test",)))
         else:
-            rules.append(Rule(f"port{i}", "block", host=(f"svc{i}.test",), port=((8000, 8999),)))
-    rules.append(Rule("catch-all", "block"))
-    return Policy("bump", tuple(rules))
+            rules.append(Rule(f"port{i}", Action.BLOCK, host=(f"svc{i}.test",), port=((8000, 8999),)))
+    rules.append(Rule("catch-all", Action.BLOCK))
+    return Policy(Action.BUMP, tuple(rules))
 
 
 def names(rng: random.Random, count: int) -> list[str]:

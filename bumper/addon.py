@@ -33,9 +33,9 @@ from mitmproxy import http
 from mitmproxy.net.http import url
 
 from bumper import names, pages
-from bumper.eventlog import ConnectionRecord as ConnectionInfo
-from bumper.httpstream import ABORTED, RESPONSE_DELIVERED, RESPONSE_SENT, STREAMED, abort, respond_early
+from bumper.httpstream import RESPONSE_DELIVERED, RESPONSE_SENT, abort, aborted, body_bytes, respond_early
 from bumper.settings import Bytes
+from bumper.state import ConnectionState as ConnectionInfo
 
 log = logging.getLogger("bumper.addons")
 
@@ -129,19 +129,3 @@ def pretty_url(request: http.Request) -> str:
         return request.pretty_url
     host, port = names.parse_authority(host_header)
     return url.unparse(request.scheme, host, port or url.default_port(request.scheme) or 443, request.path)
-
-
-def aborted(flow: http.HTTPFlow) -> bool:
-    """Whether FLOW's response was cut off mid-stream (a refusal or an addon failure)."""
-    return bool(flow.metadata.get(ABORTED))
-
-
-def body_bytes(flow: http.HTTPFlow, side: str) -> int:
-    """The bytes of FLOW's request or response body (SIDE) that went through bumper."""
-    message = flow.request if side == "request" else flow.response
-    if message is None:
-        return 0
-    streamed = flow.metadata.get(STREAMED, {})
-    if side in streamed:
-        return int(streamed[side])
-    return len(message.raw_content or b"")

@@ -15,9 +15,10 @@ from typing import Any
 from mitmproxy import http, tls
 
 from bumper.addon import CONNECTION, REFUSAL, Addon, Refusal, Refuse, refuse
-from bumper.eventlog import ConnectionLog, ConnectionRecord
+from bumper.eventlog import ConnectionLog
 from bumper.httpstream import EARLY
-from bumper.policy import AddonSpec, Policy
+from bumper.policy import Action, AddonSpec, OnError, Policy
+from bumper.state import ConnectionState
 
 log = logging.getLogger("bumper.addons")
 
@@ -32,15 +33,15 @@ class AddonTimeout(Exception):
 
 class AddonRunner:
     def __init__(
-        self, registry: Mapping[str, type[Addon]], connections: ConnectionLog, always: tuple[AddonSpec, ...] = ()
+        self, registry: Mapping[str, type[Addon]], log: ConnectionLog, always: tuple[AddonSpec, ...] = ()
     ) -> None:
         self.registry = registry
-        self.connections = connections
+        self.states = log.states
         self.always = always
         # One instance per addon and settings, shared by every rule and policy reload that names
         # them alike, so state (an open log file, counters) survives a reload.
         self._instances: dict[tuple[str, str], Addon] = {}
-        connections.on_end.append(self.connection_end)
+        log.on_end.append(self.connection_end)
 
     def _bind(self, specs: tuple[AddonSpec, ...]) -> list[Bound]:
         return [(spec, self._instance(spec)) for spec in specs]
@@ -56,9 +57,9 @@ class AddonRunner:
             self._instances[spec.key] = addon
         return addon
 
-    def _chain_of(self, record: ConnectionRecord | None) -> list[Bound]:
-        decision = record.decision if record else None
-        rule_chain = decision.addons if decision is not None and decision.action == "bump" else ()
+    def _chain_of(self, state: ConnectionState | None) -> list[Bound]:
+        decision = state.decision if state else None
+        rule_chain = decision.addons if decision is not None and decision.action is Action.BUMP else ()
         always = {spec.key for spec in self.always}  # an access log named twice still writes each line once
         return self._bind((*self.always, *(spec for spec in rule_chain if spec.key not in always)))
 
@@ -69,9 +70,9 @@ class AddonRunner:
     # hook without an asyncio task (dispatch.SyncHooks), which matters at thousands of requests a second.
 
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        record = self.connections.record(flow.client_conn.id)
-        flow.metadata[CONNECTION] = record
-        chain = flow.metadata[CHAIN] = self._chain_of(record)
+        state = self.states.of(flow.client_conn.id)
+        flow.metadata[CONNECTION] = state
+        chain = flow.metadata[CHAIN] = self._chain_of(state)
         if not chain:
             return None
         return _then(self._flow_hook(flow, "requestheaders"), self._stream_request, flow)
@@ -102,17 +103,17 @@ class AddonRunner:
         client = data.context.client
 
         def failed(spec: AddonSpec) -> None:
-            if spec.on_error == "fail-closed":
+            if spec.on_error is OnError.FAIL_CLOSED:
                 client.error = client.error or f"addon {spec.name} failed (fail-closed)"
 
-        return self._run(self._chain_of(self.connections.record(client.id)), "tls_clienthello", None, (data,), failed)
+        return self._run(self._chain_of(self.states.of(client.id)), "tls_clienthello", None, (data,), failed)
 
     def tls_established_client(self, data: tls.TlsData) -> Awaitable[None] | None:
-        record = self.connections.record(data.context.client.id)
-        return self._run(self._chain_of(record), "connection_bumped", None, (record,))
+        state = self.states.of(data.context.client.id)
+        return self._run(self._chain_of(state), "connection_bumped", None, (state,))
 
-    def connection_end(self, record: ConnectionRecord) -> Awaitable[None] | None:
-        return self._run(self._chain_of(record), "connection_end", None, (record,))
+    def connection_end(self, state: ConnectionState) -> Awaitable[None] | None:
+        return self._run(self._chain_of(state), "connection_end", None, (state,))
 
     def policy_reloaded(self, policy: Policy) -> None:
         """Forget the instances the new policy no longer names; flows in flight keep theirs."""
@@ -279,7 +280,7 @@ class AddonRunner:
         except Exception as e:
             # Failing open is only possible if the addon holds none of the body back: bytes it kept
             # are lost with it, and a body missing some bytes is worse than one refused.
-            intact = step.spec.on_error == "fail-open" and step.seen == step.passed
+            intact = step.spec.on_error is OnError.FAIL_OPEN and step.seen == step.passed
             self._failed(step.spec, step.hook, flow, e, closed=not intact)
             if intact:
                 step.failed = True
@@ -290,12 +291,12 @@ class AddonRunner:
         self, spec: AddonSpec, hook: str, flow: http.HTTPFlow | None, e: Exception, closed: bool | None = None
     ) -> None:
         if closed is None:
-            closed = spec.on_error == "fail-closed"
+            closed = spec.on_error is OnError.FAIL_CLOSED
         if flow is None:
             outcome = "the connection is refused (fail-closed)" if closed and hook == "tls_clienthello" else "logged"
         elif closed:
             outcome = "the flow is answered with 502 (fail-closed)"
-            if spec.on_error == "fail-open":
+            if spec.on_error is OnError.FAIL_OPEN:
                 outcome = "the flow is cut off: the addon held part of the body back"
         else:
             outcome = "the flow goes on (fail-open)"

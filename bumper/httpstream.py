@@ -62,6 +62,22 @@ def abort(flow: http.HTTPFlow, reason: str) -> None:
     flow.metadata[ABORTED] = reason
 
 
+def aborted(flow: http.HTTPFlow) -> bool:
+    """Whether FLOW's response was cut off mid-stream (a refusal or an addon failure)."""
+    return bool(flow.metadata.get(ABORTED))
+
+
+def body_bytes(flow: http.HTTPFlow, side: str) -> int:
+    """The bytes of FLOW's request or response body (SIDE) that went through bumper."""
+    message = flow.request if side == "request" else flow.response
+    if message is None:
+        return 0
+    streamed = flow.metadata.get(STREAMED, {})
+    if side in streamed:
+        return int(streamed[side])
+    return len(message.raw_content or b"")
+
+
 def _count(flow: http.HTTPFlow, side: str, data: bytes) -> None:
     counts = flow.metadata.setdefault(STREAMED, {})
     counts[side] = counts.get(side, 0) + len(data)
@@ -110,7 +126,8 @@ class HttpStream(http_layers.HttpStream):
 
     def _refuse_after_streaming(self, ended: bool) -> layer.CommandGenerator[None]:
         """The upstream has part of the body: reset its request, then answer once the client is done."""
-        yield SendHttp(RequestProtocolError(self.stream_id, "refused by bumper", ErrorCode.GENERIC_CLIENT_ERROR), self.context.server)
+        reset = RequestProtocolError(self.stream_id, "refused by bumper", ErrorCode.GENERIC_CLIENT_ERROR)
+        yield SendHttp(reset, self.context.server)
         self.server_state = self.state_errored
         self.client_state = self.state_discard_request_body
         if ended:
@@ -150,8 +167,10 @@ class HttpStream(http_layers.HttpStream):
         _count(self.flow, "response", data)
         chunks = _chunks(stream(data)) if callable(stream) else ([data] if data else [])
         if reason := self.flow.metadata.get(ABORTED):
-            yield SendHttp(ResponseProtocolError(self.stream_id, reason, ErrorCode.GENERIC_SERVER_ERROR), self.context.client)
-            yield SendHttp(RequestProtocolError(self.stream_id, reason, ErrorCode.GENERIC_CLIENT_ERROR), self.context.server)
+            cut_off = ResponseProtocolError(self.stream_id, reason, ErrorCode.GENERIC_SERVER_ERROR)
+            reset = RequestProtocolError(self.stream_id, reason, ErrorCode.GENERIC_CLIENT_ERROR)
+            yield SendHttp(cut_off, self.context.client)
+            yield SendHttp(reset, self.context.server)
             self.client_state = self.server_state = self.state_errored
             self.flow.error = flow.Error(reason)
             yield HttpErrorHook(self.flow)

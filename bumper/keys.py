@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -17,12 +18,14 @@ _CURVES: dict[str, type[ec.EllipticCurve]] = {
 _CURVE_LABELS = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 _RSA_SIZES = (2048, 3072, 4096, 8192)
 
+Algorithm = Literal["rsa", "ec", "ed25519"]
+
 
 @dataclass(frozen=True)
 class KeySpec:
     """A key algorithm and its strength: RSA with a modulus size, EC with a curve, or Ed25519."""
 
-    algorithm: str  # "rsa" | "ec" | "ed25519"
+    algorithm: Algorithm
     size: int = 0  # RSA modulus bits
     curve: str = ""  # EC curve name as cryptography spells it
 

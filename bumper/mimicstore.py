@@ -86,8 +86,8 @@ class MimicStore:
         if self.disk is not None:
             self.disk.close()
 
-    async def get(self, upstream: x509.Certificate, mode: str = trust.SIGN_WITH_CA) -> Mimic:
-        """The mimic of UPSTREAM, signed as MODE says (trust.SIGN_*). Raises mimic.UnmimicableCertificate."""
+    async def get(self, upstream: x509.Certificate, mode: trust.Signing = trust.Signing.CA) -> Mimic:
+        """The mimic of UPSTREAM, signed as MODE says. Raises mimic.UnmimicableCertificate."""
         cache_key = (upstream.fingerprint(hashes.SHA256()), mode)
         hit = self._memory.get(cache_key)
         if hit is not None:
@@ -118,7 +118,7 @@ class MimicStore:
     async def _load_or_mint(self, upstream: x509.Certificate, cache_key: tuple[bytes, str]) -> Mimic:
         made = self._from_disk(cache_key)
         if made is None:
-            made = await self._mint(upstream, cache_key[1])
+            made = await self._mint(upstream, trust.Signing(cache_key[1]))
             if self.disk is not None:
                 self.disk.put(*cache_key, self.ca.fingerprint, made.stored())
         self._remember(cache_key, made)
@@ -136,11 +136,11 @@ class MimicStore:
         except (ValueError, UnsupportedAlgorithm):
             log.warning("unreadable entry in the mimic cache; minting again")
             return None
-        return Mimic.of(cert, key) if self._still_good(cert, cache_key[1]) else None
+        return Mimic.of(cert, key) if self._still_good(cert, trust.Signing(cache_key[1])) else None
 
-    def _still_good(self, cert: x509.Certificate, mode: str) -> bool:
+    def _still_good(self, cert: x509.Certificate, mode: trust.Signing) -> bool:
         """A cached mimic is served only if the current signer made it and it does not outlive it."""
-        signer = cert if mode == trust.SIGN_SELF else self._signer(mode).cert
+        signer = cert if mode == trust.Signing.SELF else self._signer(mode).cert
         try:
             cert.verify_directly_issued_by(signer)
         except (ValueError, TypeError, InvalidSignature):
@@ -148,10 +148,10 @@ class MimicStore:
         now = datetime.datetime.now(datetime.UTC)
         return cert.not_valid_after_utc <= signer.not_valid_after_utc and now <= signer.not_valid_after_utc
 
-    def _signer(self, mode: str) -> CertificateAuthority:
-        return self.untrusted() if mode == trust.SIGN_UNTRUSTED else self.ca
+    def _signer(self, mode: trust.Signing) -> CertificateAuthority:
+        return self.untrusted() if mode == trust.Signing.UNTRUSTED else self.ca
 
-    async def _mint(self, upstream: x509.Certificate, mode: str) -> Mimic:
+    async def _mint(self, upstream: x509.Certificate, mode: trust.Signing) -> Mimic:
         choice = mimic.choose_key_spec(upstream, self.fallback)
         if choice.fell_back:
             log.info(
@@ -161,7 +161,7 @@ class MimicStore:
                 choice.spec,
             )
         pooled = await self.pool.key_for(choice.spec)
-        if mode == trust.SIGN_SELF:
+        if mode == trust.Signing.SELF:
             # Self-signed like the upstream: the mimic's own key signs, under the upstream's name.
             signer = CertificateAuthority(cert=upstream, key=pooled.key, directory=self.ca.directory)
         else:

@@ -25,8 +25,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +38,52 @@ from bumper.errors import ConfigError
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-ACTIONS = ("bump", "splice", "block")
-UPSTREAM_ERROR_ACTIONS = ("mimic", "block", "allow", "splice")
+
+
+class Action(StrEnum):
+    """What the policy does with a connection."""
+
+    BUMP = "bump"  # decrypt, inspect, re-encrypt
+    SPLICE = "splice"  # relay the bytes untouched
+    BLOCK = "block"  # refuse
+
+
+class OnUpstreamError(StrEnum):
+    """What a bumped connection does when the upstream's certificate fails verification."""
+
+    MIMIC = "mimic"  # a mimic that fails the client's own check as the upstream's would have
+    BLOCK = "block"  # a 502 page for every request
+    ALLOW = "allow"  # bumper's own certificate: trusted anyway (named hosts only)
+    SPLICE = "splice"  # probed before the client's handshake, and passed through
+
+
+class OnError(StrEnum):
+    """What an inspection addon's failure does to the flow."""
+
+    FAIL_OPEN = "fail-open"
+    FAIL_CLOSED = "fail-closed"
+
+
+class Mismatch(StrEnum):
+    """What a bumped request whose CONNECT host, SNI and Host disagree gets."""
+
+    BLOCK = "block"
+    LOG = "log"
+
+
+ACTIONS = tuple(Action)
+UPSTREAM_ERROR_ACTIONS = tuple(OnUpstreamError)
 MATCH_KEYS = ("sni", "host", "client", "port", "listener")
 # bumper has one listener today, the explicit proxy; rules can already name it for later modes.
 LISTENERS = ("proxy",)
 RULE_KEYS = ("name", "match", "action", "on_upstream_error", "upstream_tls_min", "learn_pinning", "addons")
-ON_ERROR = ("fail-open", "fail-closed")
+ON_ERROR = tuple(OnError)
 # Keys of an addon's entry that are bumper's, not the addon's settings.
 ADDON_KEYS = ("on_error", "timeout")
 DEFAULT_ADDON_TIMEOUT = 1.0  # seconds a hook may take before it counts as failed
 UPSTREAM_TLS_VERSIONS = ("1.0", "1.1", "1.2")
 TOP_KEYS = ("default", "on_upstream_error", "clients", "ports", "mismatch", "rules")
-MISMATCH_ACTIONS = ("block", "log")
+MISMATCH_ACTIONS = tuple(Mismatch)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 PortRange = tuple[int, int]
 # Who may use the proxy, like Squid's `localnet`: loopback, private, CGNAT and link-local ranges.
@@ -70,7 +104,7 @@ class AddonSpec:
 
     name: str
     settings: Any
-    on_error: str = "fail-open"  # fail-open | fail-closed
+    on_error: OnError = OnError.FAIL_OPEN
     timeout: float = DEFAULT_ADDON_TIMEOUT
 
     @functools.cached_property
@@ -82,13 +116,13 @@ class AddonSpec:
 @dataclass(frozen=True)
 class Rule:
     name: str
-    action: str
+    action: Action
     sni: tuple[str, ...] = ()
     host: tuple[str, ...] = ()
     client: tuple[Network, ...] = ()
     port: tuple[PortRange, ...] = ()
     listener: tuple[str, ...] = ()
-    on_upstream_error: str | None = None  # None: the policy's own
+    on_upstream_error: OnUpstreamError | None = None  # None: the policy's own
     upstream_tls_min: str = "1.2"  # below 1.2 only for hosts the rule names exactly
     learn_pinning: bool = False  # splice (client, SNI) pairs whose client rejected the mimic
     addons: tuple[AddonSpec, ...] = ()  # the chain run on bumped traffic, in order
@@ -115,9 +149,9 @@ class Rule:
 
 @dataclass(frozen=True)
 class Decision:
-    action: str
+    action: Action
     rule: str  # the rule's name, or "default"
-    on_upstream_error: str = "mimic"
+    on_upstream_error: OnUpstreamError = OnUpstreamError.MIMIC
     upstream_tls_min: str = "1.2"
     learn_pinning: bool = False
     addons: tuple[AddonSpec, ...] = ()
@@ -138,12 +172,12 @@ def in_ranges(port: int, ranges: tuple[PortRange, ...]) -> bool:
 
 @dataclass(frozen=True)
 class Policy:
-    default: str = "bump"
+    default: Action = Action.BUMP
     rules: tuple[Rule, ...] = ()
-    on_upstream_error: str = "mimic"
+    on_upstream_error: OnUpstreamError = OnUpstreamError.MIMIC
     clients: tuple[Network, ...] = LOCALNET
     ports: tuple[PortRange, ...] = SSL_PORTS
-    mismatch: str = "block"  # when CONNECT host, SNI and Host disagree in a bumped connection
+    mismatch: Mismatch = Mismatch.BLOCK  # when CONNECT host, SNI and Host disagree in a bumped connection
 
     def refusal(self, client: Address | None, port: int | None) -> str | None:
         """Why a request from CLIENT is refused before any rule is read, or None: every client must be
@@ -156,12 +190,12 @@ class Policy:
 
     def decide(self, connect_host: str, sni: str | None, client: Address | None = None, port: int = 443) -> Decision:
         decision = self._first_match(connect_host, sni, client, port)
-        if decision.action == "splice" and sni and not names.is_ip_address(connect_host):
+        if decision.action is Action.SPLICE and sni and not names.is_ip_address(connect_host):
             # A spliced tunnel is never inspected, so both names must earn it: an allow-listed SNI
             # inside a CONNECT to a host that is not (domain fronting) is blocked.
             as_connect = self._first_match(connect_host, connect_host, client, port)
-            if as_connect.action != "splice":
-                return Decision("block", f"{decision.rule} (SNI {sni} spliced, CONNECT host {connect_host} not)")
+            if as_connect.action is not Action.SPLICE:
+                return Decision(Action.BLOCK, f"{decision.rule} (SNI {sni} spliced, CONNECT host {connect_host} not)")
         return decision
 
     @functools.cached_property
@@ -275,12 +309,12 @@ def _policy(root: yaml.Node, errors: _Errors) -> Policy:
         errors.add(root, "policy", "expected a mapping with `default` and `rules`")
         return Policy()
     _duplicates(root, "", errors)
-    default, on_upstream_error, rules = "bump", "mimic", []
-    clients, ports, mismatch = LOCALNET, SSL_PORTS, "block"
+    default, on_upstream_error, rules = Action.BUMP, OnUpstreamError.MIMIC, []
+    clients, ports, mismatch = LOCALNET, SSL_PORTS, Mismatch.BLOCK
     for key_node, value in root.value:
         key = key_node.value
         if key == "mismatch":
-            mismatch = _choice(value, key, errors, MISMATCH_ACTIONS, "block")
+            mismatch = Mismatch(_choice(value, key, errors, MISMATCH_ACTIONS, "block"))
         elif key == "clients":
             clients = _networks(value, key, errors)
         elif key == "ports":
@@ -289,7 +323,7 @@ def _policy(root: yaml.Node, errors: _Errors) -> Policy:
             default = _action(value, "default", errors)
         elif key == "on_upstream_error":
             on_upstream_error = _upstream_error_action(value, key, errors)
-            if on_upstream_error == "allow":
+            if on_upstream_error is OnUpstreamError.ALLOW:
                 errors.add(value, key, "allow is only for rules that name their hosts exactly")
         elif key == "rules":
             if not isinstance(value, yaml.SequenceNode):
@@ -330,7 +364,7 @@ def _rule(node: yaml.Node, index: int, errors: _Errors) -> Rule | None:
     if "on_upstream_error" in fields:
         node_value = fields["on_upstream_error"]
         on_error = _upstream_error_action(node_value, f"{where}.on_upstream_error", errors)
-        if on_error == "allow" and not rule.names_hosts_exactly():
+        if on_error is OnUpstreamError.ALLOW and not rule.names_hosts_exactly():
             errors.add(
                 node_value, f"{where}.on_upstream_error", "allow needs a match that names its hosts exactly, no globs"
             )
@@ -346,7 +380,7 @@ def _rule(node: yaml.Node, index: int, errors: _Errors) -> Rule | None:
             errors.add(node_value, f"{where}.upstream_tls_min", "below 1.2 needs a match that names its hosts exactly")
         rule = dataclasses.replace(rule, upstream_tls_min=version)
     if "addons" in fields:
-        if action != "bump":
+        if action is not Action.BUMP:
             errors.add(
                 fields["addons"],
                 f"{where}.addons",
@@ -382,12 +416,13 @@ def _addons(node: yaml.Node, where: str, errors: _Errors) -> tuple[AddonSpec, ..
             body.start_mark = name_node.start_mark
             for key_node, value in own:
                 if key_node.value == "on_error":
-                    on_error = _choice(value, f"{here}.{name}.on_error", errors, ON_ERROR, "fail-closed", "value")
+                    where_on_error = f"{here}.{name}.on_error"
+                    on_error = OnError(_choice(value, where_on_error, errors, ON_ERROR, "fail-closed", "value"))
                 else:
                     timeout = _seconds(value, f"{here}.{name}.timeout", errors)
         config = settings.build(cls.Settings, body, f"{here}.{name}", errors.add, at=name_node)
         if config is not None:
-            on_error = on_error or ("fail-closed" if cls.blocks_with(config) else "fail-open")
+            on_error = on_error or (OnError.FAIL_CLOSED if cls.blocks_with(config) else OnError.FAIL_OPEN)
             specs.append(AddonSpec(name, config, on_error, timeout))
     return tuple(specs)
 
@@ -469,16 +504,16 @@ def _ports(node: yaml.Node, where: str, errors: _Errors) -> tuple[PortRange, ...
     return tuple(ranges)
 
 
-def _action(node: yaml.Node, where: str, errors: _Errors) -> str:
-    return _choice(node, where, errors, ACTIONS, "block")
+def _action(node: yaml.Node, where: str, errors: _Errors) -> Action:
+    return Action(_choice(node, where, errors, ACTIONS, "block"))
 
 
-def _upstream_error_action(node: yaml.Node, where: str, errors: _Errors) -> str:
-    return _choice(node, where, errors, UPSTREAM_ERROR_ACTIONS, "block")
+def _upstream_error_action(node: yaml.Node, where: str, errors: _Errors) -> OnUpstreamError:
+    return OnUpstreamError(_choice(node, where, errors, UPSTREAM_ERROR_ACTIONS, "block"))
 
 
 def _choice(
-    node: yaml.Node, where: str, errors: _Errors, choices: tuple[str, ...], invalid: str, what: str = "action"
+    node: yaml.Node, where: str, errors: _Errors, choices: Sequence[str], invalid: str, what: str = "action"
 ) -> str:
     if isinstance(node, yaml.ScalarNode) and node.value in choices:
         return str(node.value)

@@ -27,9 +27,12 @@ from bumper.keypool import KeyPool, PoolSettings
 from bumper.layers import NextLayer
 from bumper.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES, SqliteMimicStore
 from bumper.mimicstore import DEFAULT_CAPACITY, MimicStore
-from bumper.policy import LAB, AddonSpec, Policy
+from bumper.pinning import LearnedPins, PinLearner
+from bumper.policy import LAB, AddonSpec, OnError, Policy
+from bumper.policysource import PolicySource
 from bumper.probe import UpstreamProbe
 from bumper.resolve import Override
+from bumper.state import ConnectionStates
 from bumper.tlsprovider import ClientTls, TlsProvider, UpstreamTrust
 from bumper.upstreamerror import UpstreamErrorPages
 
@@ -88,7 +91,7 @@ def access_log(addons: Mapping[str, type[Addon]], path: str) -> tuple[AddonSpec,
         settings = addons["access_log"].Settings(path=path)
     except ValueError as e:
         raise ConfigError(f"--access-log: {e}") from None
-    return (AddonSpec("access_log", settings, on_error="fail-open"),)
+    return (AddonSpec("access_log", settings, on_error=OnError.FAIL_OPEN),)
 
 
 def mimic_store(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> MimicStore:
@@ -100,31 +103,34 @@ def mimic_store(config: ProxyConfig, authority: ca_files.CertificateAuthority) -
 
 def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> master.Master:
     m = dispatch.Master(options.Options(), with_termlog=False)
-    connections = ConnectionLog()
+    states = ConnectionStates()
+    connection_log = ConnectionLog(states)
     mimics = mimic_store(config, authority)
     own_cas = [authority.trust_anchor, authority.cert]
     probe = UpstreamProbe(config.trust, lambda: [*own_cas, mimics.untrusted().cert])
-    enforcer = PolicyEnforcer(config.policy, connections, probe, config.policy_path, config.addons)
-    pages = UpstreamErrorPages()
-    runner = AddonRunner(config.addons, connections, config.always)
-    enforcer.on_reload.append(runner.policy_reloaded)
+    source = PolicySource(config.policy, config.policy_path, config.addons)
+    pins = PinLearner(LearnedPins(), states)
+    connection_log.on_end.append(pins.connection_ended)
+    runner = AddonRunner(config.addons, connection_log, config.always)
+    source.on_reload.append(runner.policy_reloaded)
     m.addons.add(
         proxyserver.Proxyserver(),
         NextLayer(m.addons),
-        connections,
-        enforcer,  # before TlsProvider: it sees the decision
+        states,  # first: every other addon finds the connection's state
+        source,
+        PolicyEnforcer(source, states, pins.pins, probe),  # before TlsProvider: it sees the decision
+        pins,
         ConnectReplies(),
-        pages,
-        runner,  # after enforcer and pages: it skips what they refused
+        UpstreamErrorPages(states),
+        runner,  # after the enforcer and the error pages: it skips what they refused
         TlsProvider(
             mimics,
             config.trust,
-            connections,
-            enforcer.decision_for,
-            pages,
+            states,
             aia.IssuerFetcher() if config.fetch_issuers else None,
             config.client_tls,
         ),
+        connection_log,  # last: the others' client_disconnected still see the state it then forgets
     )
     m.options.update(
         mode=["regular"],
@@ -157,7 +163,7 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, m.shutdown)
-        loop.add_signal_handler(signal.SIGHUP, m.addons.get("policyenforcer").reload)
+        loop.add_signal_handler(signal.SIGHUP, m.addons.get("policysource").reload)
         loop.add_signal_handler(signal.SIGUSR1, m.addons.get("addonrunner").reopen)
         try:
             await m.should_exit.wait()

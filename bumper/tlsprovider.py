@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,12 @@ from OpenSSL import SSL, crypto
 from bumper import aia, trust
 from bumper.ca import fingerprint, load_pem_certificates
 from bumper.errors import ConfigError
-from bumper.eventlog import ConnectionLog
 from bumper.mimic import UnmimicableCertificate
 from bumper.mimicstore import Mimic, MimicStore
-from bumper.policy import Decision
-from bumper.upstreamerror import BlockedUpstream, UpstreamErrorPages
+from bumper.policy import OnUpstreamError
+from bumper.state import BlockedUpstream, ConnectionState, ConnectionStates
+from bumper.trust import UpstreamVerdict
+from bumper.upstreamerror import BY_UPSTREAM_ERROR
 
 log = logging.getLogger("bumper.tls")
 
@@ -148,35 +149,23 @@ def expect_hostname(conn: SSL.Connection, name: str) -> None:
     SSL._openssl_assert(ok == 1)  # type: ignore[attr-defined]
 
 
-@dataclass(frozen=True)
-class UpstreamVerdict:
-    verdict: trust.Verdict
-    signing: str  # trust.SIGN_*: how the mimic for this connection is signed
-    fingerprint: str  # the upstream leaf's SHA-256
-
-
 class TlsProvider:
     def __init__(
         self,
         mimics: MimicStore,
         roots: UpstreamTrust,
-        connections: ConnectionLog,
-        decisions: Callable[[str], Decision | None],
-        pages: UpstreamErrorPages,
+        states: ConnectionStates,
         issuers: aia.IssuerFetcher | None = None,
         client_tls: ClientTls | None = None,
     ) -> None:
         self.mimics = mimics
         self.issuers = issuers  # completes chains that lack an intermediate; None: off
         self._roots = aia.load_roots(roots.all_files()) if issuers else []
-        self.connections = connections
-        self.decisions = decisions  # the policy's decision for a client connection
-        self.pages = pages
+        self.states = states
         self._roots_config = roots
         self._upstream_ctx = {"1.2": upstream_context(roots)}  # by the lowest TLS version a rule allows
         self._client_ctx = client_context(mimics.ca.chain, client_tls)
         self._own_cas = [mimics.ca.trust_anchor, mimics.ca.cert]
-        self._verdicts: dict[str, UpstreamVerdict] = {}  # by client connection id, until its handshake
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         # Server-first, unless the connection is spliced or refused (client.error set by bumper).
@@ -190,7 +179,10 @@ class TlsProvider:
         server.sni = server.sni or client.sni or server.address[0]
         if not server.alpn_offers:
             server.alpn_offers = tuple(client.alpn_offers)
-        decision = self.decisions(client.id)
+        state = self.states.of(client.id)
+        decision = state.decision if state else None
+        if state:
+            state.upstream = None  # only this handshake's verdict may decide the client's certificate
         conn = SSL.Connection(self._upstream_context(decision.upstream_tls_min if decision else "1.2"))
         conn.set_app_data([])  # the verification errors, filled by _record_verify_error
         expect_hostname(conn, server.sni)
@@ -206,17 +198,18 @@ class TlsProvider:
         return context
 
     async def _certificate_for(
-        self, client: connection.Client, server: connection.Server, upstream: x509.Certificate, found: UpstreamVerdict
+        self, state: ConnectionState, server: connection.Server, upstream: x509.Certificate, found: UpstreamVerdict
     ) -> Mimic:
         """What the client is shown, by the verdict and the rule's on_upstream_error."""
         verdict = found.verdict
-        decision = self.decisions(client.id)
-        action = decision.on_upstream_error if decision else "mimic"
-        if verdict.trusted or action == "mimic":
+        decision = state.decision
+        action = decision.on_upstream_error if decision else OnUpstreamError.MIMIC
+        if verdict.trusted or action is OnUpstreamError.MIMIC:
+            assert found.signing is not None
             return await self.mimics.get(upstream, found.signing)
         rule = decision.rule if decision else "default"
         name = str(server.sni)
-        if action == "allow":
+        if action is OnUpstreamError.ALLOW:
             # The operator trusts this named host anyway: bumper's own certificate for the name,
             # since a copy would carry the very defect (dates, names) the rule overrides.
             log.warning(
@@ -224,18 +217,19 @@ class TlsProvider:
                 name, verdict.reason, verdict.detail, rule,
             )  # fmt: skip
         else:  # block: bumper's own certificate for the name, then a 502 page for every request
-            fingerprint_hex = found.fingerprint.replace(":", "")  # as the log line writes it
-            self.pages.block(client.id, BlockedUpstream(name, str(verdict.reason), fingerprint_hex, verdict.detail))
-            if record := self.connections.record(client.id):
-                record.fail(f"upstream certificate failed verification ({verdict.reason}): blocked by rule {rule!r}")
+            state.blocked = BlockedUpstream(name, str(verdict.reason), found.fingerprint or "-", verdict.detail)
+            state.refuse(
+                f"upstream certificate failed verification ({verdict.reason}): blocked by rule {rule!r}",
+                BY_UPSTREAM_ERROR,
+            )
         return await self.mimics.placeholder(name)
 
     def _refuse(self, client: connection.Client, reason: str) -> None:
         """No TLS context for the client: mitmproxy closes the connection. The reason goes to the
         log now, before mitmproxy's own "connection closed early" can take its place."""
         client.error = reason
-        if record := self.connections.record(client.id):
-            record.fail(reason)
+        if state := self.states.of(client.id):
+            state.refuse(reason, "bumper")
 
     def tls_established_server(self, data: tls.TlsData) -> Awaitable[None] | None:
         assert data.ssl_conn is not None
@@ -259,13 +253,9 @@ class TlsProvider:
 
     def _judge(self, data: tls.TlsData, errors: list[trust.VerifyError], chain: list[x509.Certificate]) -> None:
         verdict = trust.classify(errors, chain, [*self._own_cas, self.mimics.untrusted().cert])
-        found = UpstreamVerdict(verdict, trust.signing_mode(errors, verdict), fingerprint(chain[0]) if chain else "-")
-        self._verdicts[data.context.client.id] = found
-        if record := self.connections.record(data.context.client.id):
-            record.verified(found.verdict, found.fingerprint)
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        self._verdicts.pop(client.id, None)
+        leaf = fingerprint(chain[0]).replace(":", "") if chain else None
+        if state := self.states.of(data.context.client.id):
+            state.verified(UpstreamVerdict(verdict, trust.signing_mode(errors, verdict), leaf))
 
     def running(self) -> None:
         self.mimics.start()
@@ -282,12 +272,13 @@ class TlsProvider:
         if not server.tls_established or not server.certificate_list:
             # Nothing verified to mimic: refusing the client is the only honest answer.
             return self._refuse(client, f"upstream TLS failed: {server.error or 'no certificate'}")
-        found = self._verdicts.pop(client.id, None)
-        if found is None:
+        state = self.states.of(client.id)
+        found = state.upstream if state else None
+        if state is None or found is None or found.signing is None:
             return self._refuse(client, "upstream TLS failed: no verification verdict")  # fail closed
-        upstream = server.certificate_list[0].to_cryptography()  # mitmproxy's Cert wraps a cryptography certificate
+        upstream = server.certificate_list[0].to_cryptography()
         try:
-            made = await self._certificate_for(client, server, upstream, found)
+            made = await self._certificate_for(state, server, upstream, found)
         except UnmimicableCertificate as e:
             return self._refuse(client, f"cannot mimic the upstream certificate: {e}")
         conn = SSL.Connection(self._client_ctx)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from cryptography import x509
@@ -92,6 +93,15 @@ class Verdict:
 TRUSTED = Verdict(None)
 
 
+@dataclass(frozen=True)
+class UpstreamVerdict:
+    """The verdict on one connection's upstream, with what the mimic needs from it."""
+
+    verdict: Verdict
+    signing: Signing | None  # how the mimic is signed; None for the splice probe's verdict (no mimic)
+    fingerprint: str | None  # the upstream leaf's SHA-256, upper-case hex; None when there was no leaf
+
+
 def reason_for(code: int) -> str:
     return _REASON_BY_CODE.get(code, "other")
 
@@ -164,20 +174,23 @@ def _hash_of(cert: x509.Certificate) -> hashes.HashAlgorithm | None:
 # them just as it would have met them on the upstream's own certificate.
 CARRIED_BY_THE_MIMIC = frozenset({"expired", "not_yet_valid", "hostname_mismatch", "bad_eku"})
 
-SIGN_WITH_CA = "ca"  # bumper's trusted CA: the upstream is trusted, or its only defects are carried
-SIGN_SELF = "self"  # self-signed, as the upstream was
-SIGN_UNTRUSTED = "untrusted"  # bumper's untrusted CA: the client sees an unknown issuer
+class Signing(StrEnum):
+    """Who signs a connection's mimic (the mimic cache keeps one per upstream certificate and mode)."""
+
+    CA = "ca"  # bumper's trusted CA: the upstream is trusted, or its only defects are carried
+    SELF = "self"  # self-signed, as the upstream was
+    UNTRUSTED = "untrusted"  # bumper's untrusted CA: the client sees an unknown issuer
 
 
-def signing_mode(errors: Sequence[VerifyError], verdict: Verdict) -> str:
+def signing_mode(errors: Sequence[VerifyError], verdict: Verdict) -> Signing:
     """How the `mimic` action signs, so the client's own check fails as it would have directly."""
     if verdict.trusted:
-        return SIGN_WITH_CA
+        return Signing.CA
     if any(e.depth > 0 for e in errors):
-        return SIGN_UNTRUSTED  # a defect above the leaf: the mimic, a leaf, cannot carry it
+        return Signing.UNTRUSTED  # a defect above the leaf: the mimic, a leaf, cannot carry it
     reasons = {reason_for(e.code) for e in errors} | {verdict.reason}
     if reasons <= CARRIED_BY_THE_MIMIC:
-        return SIGN_WITH_CA
+        return Signing.CA
     if reasons <= CARRIED_BY_THE_MIMIC | {"self_signed"}:
-        return SIGN_SELF
-    return SIGN_UNTRUSTED
+        return Signing.SELF
+    return Signing.UNTRUSTED

@@ -3,20 +3,14 @@ says why, and nothing is sent upstream."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from mitmproxy import connection, http
+from mitmproxy import http
 
 from bumper import pages
 from bumper.httpstream import respond_early
+from bumper.state import BlockedUpstream, ConnectionStates
 
-
-@dataclass(frozen=True)
-class BlockedUpstream:
-    host: str
-    reason: str  # trust.REASONS
-    fingerprint: str  # the upstream leaf's SHA-256
-    detail: str = ""
+# ConnectionState.refused_by for connections on_upstream_error: block stopped.
+BY_UPSTREAM_ERROR = "on_upstream_error"
 
 
 def fields(blocked: BlockedUpstream) -> dict[str, str]:
@@ -30,16 +24,10 @@ def fields(blocked: BlockedUpstream) -> dict[str, str]:
 
 
 class UpstreamErrorPages:
-    def __init__(self) -> None:
-        self._blocked: dict[str, BlockedUpstream] = {}  # by client connection id
-
-    def block(self, client_id: str, blocked: BlockedUpstream) -> None:
-        self._blocked[client_id] = blocked
+    def __init__(self, states: ConnectionStates) -> None:
+        self.states = states
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        blocked = self._blocked.get(flow.client_conn.id)
-        if blocked is not None:
-            respond_early(flow, pages.response(502, "Blocked by bumper", fields(blocked), flow.request))
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        self._blocked.pop(client.id, None)
+        state = self.states.of(flow.client_conn.id)
+        if state is not None and state.blocked is not None:
+            respond_early(flow, pages.response(502, "Blocked by bumper", fields(state.blocked), flow.request))

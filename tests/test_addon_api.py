@@ -327,6 +327,30 @@ def test_a_chain_runs_in_order_on_requests_and_responses(lab: Lab, upstream: Ups
     ]  # fmt: skip
 
 
+def test_connection_end_gets_the_whole_state_of_the_connection(lab: Lab, upstream: Upstream, tmp_path: Path) -> None:
+    """One ConnectionState per connection: what the policy, the upstream leg and the HTTP layer
+    recorded in it, as an addon reads it when the connection ends."""
+    body = tmp_path / "body"
+    body.write_bytes(b"x" * 3000)
+    url = f"https://tagged.upstream.test:{upstream.port}/echo"
+    r, echoed, port = fetch(lab, url, "--data-binary", f"@{body}", "--http1.1")
+    assert r.returncode == 0 and len(echoed) == 3000, r.stderr
+    (end,) = [line for line in lab.recorder_lines(port) if line["hook"] == "connection_end"]
+    assert (end["action"], end["rule"]) == ("bump", "tagged")
+    assert end["state"] == {
+        "kind": "CONNECT", "target": f"tagged.upstream.test:{upstream.port}", "sni": "tagged.upstream.test",
+        "verify": "trusted", "spoke": True, "requests": 1, "bytes_up": 3000, "bytes_down": 3000, "error": None,
+        "refused_by": None,
+    }  # fmt: skip
+
+    # A request the policy refuses on a bumped connection: who refused it is part of the state.
+    r, _, port = fetch(lab, url, "-H", "Host: elsewhere.test", "--http1.1")
+    assert r.returncode == 0, r.stderr
+    (end,) = [line for line in lab.recorder_lines(port) if line["hook"] == "connection_end"]
+    assert end["state"]["refused_by"] == "policy"
+    assert end["state"]["error"].startswith("names disagree")
+
+
 def test_a_rule_without_addons_runs_none(lab: Lab, upstream: Upstream) -> None:
     for host in ("bare.upstream.test", "default.upstream.test"):  # a rule without addons; the default
         r, body, port = fetch(lab, f"https://{host}:{upstream.port}/headers")

@@ -23,7 +23,7 @@ from bumper import policy, settings
 from bumper.addon import Addon, Bytes
 from bumper.addonload import load_registry
 from bumper.errors import ConfigError
-from bumper.policy import AddonSpec
+from bumper.policy import AddonSpec, OnError
 
 FIXTURE_ADDONS = Path(__file__).with_name("addons_fixture")
 SHIPPED = ("access_log", "block", "dlp", "headers", "upload_limit")
@@ -343,12 +343,12 @@ def test_a_chain_keeps_its_order_settings_and_bumpers_keys(tmp_path: Path) -> No
         - sometimes:
         """,
     ) == (
-        AddonSpec("observer", Observer.Settings(), "fail-open", 1.0),
-        AddonSpec("blocker", Blocker.Settings(), "fail-closed", 1.0),
-        AddonSpec("observer", Observer.Settings(label="second"), "fail-closed", 0.25),
-        AddonSpec("needy", Needy.Settings("t.test", Bytes(2048)), "fail-open", 1.0),
-        AddonSpec("sometimes", Sometimes.Settings(enforce=True), "fail-closed", 1.0),
-        AddonSpec("sometimes", Sometimes.Settings(), "fail-open", 1.0),
+        AddonSpec("observer", Observer.Settings(), OnError.FAIL_OPEN, 1.0),
+        AddonSpec("blocker", Blocker.Settings(), OnError.FAIL_CLOSED, 1.0),
+        AddonSpec("observer", Observer.Settings(label="second"), OnError.FAIL_CLOSED, 0.25),
+        AddonSpec("needy", Needy.Settings("t.test", Bytes(2048)), OnError.FAIL_OPEN, 1.0),
+        AddonSpec("sometimes", Sometimes.Settings(enforce=True), OnError.FAIL_CLOSED, 1.0),
+        AddonSpec("sometimes", Sometimes.Settings(), OnError.FAIL_OPEN, 1.0),
     )
 
 
@@ -388,17 +388,17 @@ def test_every_shipped_addon_with_its_settings(tmp_path: Path) -> None:
         load_registry(),
     )
     assert rules == (
-        AddonSpec("access_log", AccessLogSettings(str(tmp_path / "access.jsonl")), "fail-open", 1.0),
+        AddonSpec("access_log", AccessLogSettings(str(tmp_path / "access.jsonl")), OnError.FAIL_OPEN, 1.0),
         AddonSpec(
             "block",
             BlockSettings(domains=("*.ads.test", "evil.test"), urls=("shop.test/admin/*",), reason="not here"),
-            "fail-closed",
+            OnError.FAIL_CLOSED,
             1.0,
         ),
         AddonSpec(
             "dlp",
             DlpSettings(detect=("card", "jwt"), custom={"ticket": "TCK-[0-9]{6}"}, max_body=Bytes(2 * 1024**2)),
-            "fail-open",
+            OnError.FAIL_OPEN,
             5.0,
         ),
         AddonSpec(
@@ -408,13 +408,13 @@ def test_every_shipped_addon_with_its_settings(tmp_path: Path) -> None:
                 response=Edits(add={"x-inspected": "yes"}),
                 keep_authorization_for=("*.corp.test",),
             ),
-            "fail-open",
+            OnError.FAIL_OPEN,
             1.0,
         ),
         AddonSpec(
             "upload_limit",
             UploadLimitSettings(max_bytes=Bytes(10 * 1024**2), hosts={"*.files.test": Bytes(1024**3)}),
-            "fail-open",
+            OnError.FAIL_OPEN,
             1.0,
         ),
     )

@@ -19,12 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bumper_addons
 import pytest
 from mitmproxy import version
 from OpenSSL import SSL
 
 import bumper
-import bumper_addons
 from tests.conftest import Bumper
 
 ARCHITECTURE = Path(__file__).parents[1] / "docs" / "architecture.md"
@@ -156,7 +156,7 @@ def test_the_raw_openssl_calls_bumper_makes_exist(symbol: str) -> None:
 
 
 def test_mitmproxy_still_words_a_client_rejecting_the_certificate_as_bumper_reads_it() -> None:
-    """pinning.is_rejection and eventlog.short_reason read these phrases out of mitmproxy's errors."""
+    """pinning.is_rejection and state.short_reason read these phrases out of mitmproxy's errors."""
     client_tls = inspect.getsource(resolve("mitmproxy.proxy.layers.tls.ClientTLSLayer"))
     any_tls = inspect.getsource(resolve("mitmproxy.proxy.layers.tls.TLSLayer.receive_handshake_data"))
     for phrase in ("Cannot parse ClientHello", "disconnected during the handshake"):

@@ -18,6 +18,7 @@ from mitmproxy.net.http import url
 from bumper import names, policy
 from bumper.addonload import load_registry
 from bumper.errors import ConfigError
+from bumper.policy import Action
 from tests.conftest import (
     BUMPER,
     Bumper,
@@ -35,8 +36,8 @@ POLICIES = Path(__file__).parent.parent / "policies"
 SAMPLE = policy.Policy(
     default="bump",
     rules=(
-        policy.Rule("bank", "splice", sni=("*.bank.test", "bank.test")),
-        policy.Rule("evil", "block", host=("evil.test",)),
+        policy.Rule("bank", Action.SPLICE, sni=("*.bank.test", "bank.test")),
+        policy.Rule("evil", Action.BLOCK, host=("evil.test",)),
     ),
 )
 
@@ -44,12 +45,12 @@ SAMPLE = policy.Policy(
 @pytest.mark.parametrize(
     ("host", "sni", "expected"),
     [
-        ("www.bank.test", "www.bank.test", policy.Decision("splice", "bank")),
-        ("a.b.bank.test", None, policy.Decision("splice", "bank")),  # no SNI: the CONNECT host is matched
-        ("bank.test", "bank.test", policy.Decision("splice", "bank")),
-        ("notbank.test", "notbank.test", policy.Decision("bump", "default")),
-        ("evil.test", "anything.test", policy.Decision("block", "evil")),
-        ("other.test", "other.test", policy.Decision("bump", "default")),
+        ("www.bank.test", "www.bank.test", policy.Decision(Action.SPLICE, "bank")),
+        ("a.b.bank.test", None, policy.Decision(Action.SPLICE, "bank")),  # no SNI: the CONNECT host is matched
+        ("bank.test", "bank.test", policy.Decision(Action.SPLICE, "bank")),
+        ("notbank.test", "notbank.test", policy.Decision(Action.BUMP, "default")),
+        ("evil.test", "anything.test", policy.Decision(Action.BLOCK, "evil")),
+        ("other.test", "other.test", policy.Decision(Action.BUMP, "default")),
     ],
 )
 def test_decide(host: str, sni: str | None, expected: policy.Decision) -> None:
@@ -58,13 +59,13 @@ def test_decide(host: str, sni: str | None, expected: policy.Decision) -> None:
 
 def test_decide_at_connect_waits_for_the_sni_when_an_earlier_rule_needs_it() -> None:
     assert SAMPLE.decide_at_connect("evil.test") is None  # "bank" (an SNI rule) comes first
-    host_first = policy.Policy("bump", (SAMPLE.rules[1], SAMPLE.rules[0]))
-    assert host_first.decide_at_connect("evil.test") == policy.Decision("block", "evil")
+    host_first = policy.Policy(Action.BUMP, (SAMPLE.rules[1], SAMPLE.rules[0]))
+    assert host_first.decide_at_connect("evil.test") == policy.Decision(Action.BLOCK, "evil")
     assert host_first.decide_at_connect("fine.test") is None
 
 
 def test_shipped_lab_policy_loads() -> None:
-    assert policy.load(POLICIES / "lab.yaml") == policy.Policy("bump", ())
+    assert policy.load(POLICIES / "lab.yaml") == policy.Policy(Action.BUMP, ())
 
 
 @pytest.mark.parametrize(
@@ -261,7 +262,7 @@ def test_mistakes_yaml_would_hide_are_errors(tmp_path: Path, text: str, error: s
 
 def test_splice_must_hold_for_the_connect_host_too() -> None:
     """Domain fronting: an allow-listed SNI inside a CONNECT to another host is not spliced."""
-    bank = policy.Policy("bump", (policy.Rule("bank", "splice", sni=("*.bank.test",)),))
+    bank = policy.Policy(Action.BUMP, (policy.Rule("bank", Action.SPLICE, sni=("*.bank.test",)),))
     assert bank.decide("www.bank.test", "www.bank.test").action == "splice"
     fronted = bank.decide("evil.test", "www.bank.test")
     assert fronted.action == "block" and "CONNECT host evil.test" in fronted.rule
@@ -278,7 +279,7 @@ def test_tls_below_12_needs_exact_names(tmp_path: Path) -> None:
 def test_rules_match_clients_ports_and_regexes() -> None:
     rule = policy.Rule(
         "office",
-        "bump",
+        Action.BUMP,
         sni=("regex:(www|api)\\.shop\\.test",),
         client=(ipaddress.ip_network("10.1.0.0/16"),),
         port=((443, 443), (8000, 8999)),
@@ -381,7 +382,7 @@ def linear_decide_at_connect(p: policy.Policy, host: str, port: int) -> policy.D
 def test_the_rule_index_decides_as_a_scan_of_every_rule(
     rules: list[policy.Rule], host: str, sni: str | None, port: int
 ) -> None:
-    p = policy.Policy("bump", tuple(rules))
+    p = policy.Policy(Action.BUMP, tuple(rules))
     assert p._first_match(host, sni, None, port) == linear_decide(p, host, sni, port)
     assert p.decide_at_connect(host, None, port) == linear_decide_at_connect(p, host, port)
 

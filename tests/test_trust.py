@@ -33,25 +33,25 @@ DAY = pki.DAY
 @pytest.mark.parametrize(
     ("codes", "reason", "signing"),
     [
-        ([], None, trust.SIGN_WITH_CA),
-        ([_lib.X509_V_ERR_CERT_HAS_EXPIRED], "expired", trust.SIGN_WITH_CA),
-        ([_lib.X509_V_ERR_CERT_NOT_YET_VALID], "not_yet_valid", trust.SIGN_WITH_CA),
-        ([_lib.X509_V_ERR_HOSTNAME_MISMATCH], "hostname_mismatch", trust.SIGN_WITH_CA),
-        ([_lib.X509_V_ERR_INVALID_PURPOSE], "bad_eku", trust.SIGN_WITH_CA),
-        ([_lib.X509_V_ERR_CERT_HAS_EXPIRED, _lib.X509_V_ERR_HOSTNAME_MISMATCH], "expired", trust.SIGN_WITH_CA),
-        ([_lib.X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT], "self_signed", trust.SIGN_SELF),
+        ([], None, trust.Signing.CA),
+        ([_lib.X509_V_ERR_CERT_HAS_EXPIRED], "expired", trust.Signing.CA),
+        ([_lib.X509_V_ERR_CERT_NOT_YET_VALID], "not_yet_valid", trust.Signing.CA),
+        ([_lib.X509_V_ERR_HOSTNAME_MISMATCH], "hostname_mismatch", trust.Signing.CA),
+        ([_lib.X509_V_ERR_INVALID_PURPOSE], "bad_eku", trust.Signing.CA),
+        ([_lib.X509_V_ERR_CERT_HAS_EXPIRED, _lib.X509_V_ERR_HOSTNAME_MISMATCH], "expired", trust.Signing.CA),
+        ([_lib.X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT], "self_signed", trust.Signing.SELF),
         (
             [_lib.X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT, _lib.X509_V_ERR_CERT_HAS_EXPIRED],
             "self_signed",
-            trust.SIGN_SELF,
+            trust.Signing.SELF,
         ),
-        ([_lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY], "unknown_issuer", trust.SIGN_UNTRUSTED),
-        ([_lib.X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN], "unknown_issuer", trust.SIGN_UNTRUSTED),
-        ([_lib.X509_V_ERR_CERT_HAS_EXPIRED, _lib.X509_V_ERR_INVALID_CA], "expired", trust.SIGN_UNTRUSTED),
-        ([66], "weak_key", trust.SIGN_UNTRUSTED),
-        ([68], "weak_signature", trust.SIGN_UNTRUSTED),
-        ([_lib.X509_V_ERR_PERMITTED_VIOLATION], "bad_chain", trust.SIGN_UNTRUSTED),
-        ([_lib.X509_V_ERR_CERT_REVOKED], "other", trust.SIGN_UNTRUSTED),
+        ([_lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY], "unknown_issuer", trust.Signing.UNTRUSTED),
+        ([_lib.X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN], "unknown_issuer", trust.Signing.UNTRUSTED),
+        ([_lib.X509_V_ERR_CERT_HAS_EXPIRED, _lib.X509_V_ERR_INVALID_CA], "expired", trust.Signing.UNTRUSTED),
+        ([66], "weak_key", trust.Signing.UNTRUSTED),
+        ([68], "weak_signature", trust.Signing.UNTRUSTED),
+        ([_lib.X509_V_ERR_PERMITTED_VIOLATION], "bad_chain", trust.Signing.UNTRUSTED),
+        ([_lib.X509_V_ERR_CERT_REVOKED], "other", trust.Signing.UNTRUSTED),
     ],
 )
 def test_classify_takes_openssls_first_error_and_signs_so_the_client_fails_alike(
@@ -68,7 +68,7 @@ def test_what_seclevel_2_lets_through_is_still_weak() -> None:
     root = pki.Authority.root()
     p224 = root.leaf("a.test", key=pki.ec_key(ec.SECP224R1())).cert
     verdict = trust.classify([], [p224, root.cert])
-    assert (verdict.reason, trust.signing_mode([], verdict)) == ("weak_key", trust.SIGN_UNTRUSTED)
+    assert (verdict.reason, trust.signing_mode([], verdict)) == ("weak_key", trust.Signing.UNTRUSTED)
 
 
 def test_bumpers_own_ca_is_never_trusted_upstream(tmp_path: Path) -> None:
@@ -286,7 +286,7 @@ def test_a_defect_above_the_leaf_is_never_carried() -> None:
     leaf = pki.Authority.root().leaf("a.test").cert
     for code in (_lib.X509_V_ERR_CERT_HAS_EXPIRED, _lib.X509_V_ERR_INVALID_PURPOSE):
         errors = [VerifyError(code, 1)]
-        assert trust.signing_mode(errors, trust.classify(errors, [leaf])) == trust.SIGN_UNTRUSTED
+        assert trust.signing_mode(errors, trust.classify(errors, [leaf])) == trust.Signing.UNTRUSTED
 
 
 @pytest.fixture(scope="module")

@@ -111,13 +111,11 @@ class ExampleTag(Addon):
         # connection_info: what bumper knows of the connection (rule, SNI, verification...).
         # It is None only for flows that did not come through bumper's proxy (a unit test's).
         info = connection_info(flow)
-        value = self.settings.value or (info.rule if info else "-")
+        value = self.settings.value or (info.rule if info and info.rule else "-")
         flow.request.headers[self.settings.header] = value  # replaces any the client sent
 
     def connection_end(self, conn: ConnectionInfo) -> None:
         """Once per client connection whose rule runs this addon, after bumper's own log line."""
-        if conn.conn is None:
-            return
         refused = self._refused.pop(conn.conn.id, 0)
         if refused:
             log.info(

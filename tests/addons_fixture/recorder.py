@@ -44,4 +44,9 @@ class Recorder(Addon):
         self._write("connection_bumped", conn.conn, action=conn.action, rule=conn.rule)
 
     def connection_end(self, conn: ConnectionInfo) -> None:
-        self._write("connection_end", conn.conn, action=conn.action, rule=conn.rule)
+        state = {
+            field: getattr(conn, field)
+            for field in ("kind", "target", "sni", "verify", "spoke", "requests", "bytes_up", "bytes_down", "error",
+                          "refused_by")
+        }  # fmt: skip
+        self._write("connection_end", conn.conn, action=conn.action, rule=conn.rule, state=state)

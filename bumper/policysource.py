@@ -1,0 +1,68 @@
+"""Where the policy in force comes from: the file, loaded at start-up and reloaded on SIGHUP and
+whenever it changes. An invalid file changes nothing: the policy in force stays, and one line says why."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from bumper.errors import ConfigError
+from bumper.policy import Policy
+from bumper.policy import load as load_policy
+
+log = logging.getLogger("bumper.policy")
+
+WATCH_INTERVAL = 1.0  # seconds between looks at the policy file
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+class PolicySource:
+    def __init__(self, policy: Policy, path: Path | None = None, addons: Mapping[str, Any] | None = None) -> None:
+        self.policy = policy
+        self.path = path  # None: no file, nothing to reload
+        self.addons = addons  # the addon classes a reloaded policy may name
+        self.on_reload: list[Callable[[Policy], None]] = []
+        self._watcher: asyncio.Task[None] | None = None
+
+    def running(self) -> None:
+        if self.path is not None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(self.path))
+
+    def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    def reload(self) -> None:
+        """A new policy for new connections; connections in flight keep the decisions they got."""
+        if self.path is None:
+            return
+        try:
+            new = load_policy(self.path, self.addons)
+        except ConfigError as e:
+            problems = str(e).splitlines()
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            log.error("policy not reloaded, the one in force stays: %s%s", problems[0], more)
+            return
+        self.policy = new
+        for reloaded in self.on_reload:
+            reloaded(new)
+        log.info("policy reloaded from %s: %d rules, default %s", self.path, len(new.rules), new.default)
+
+    async def _watch(self, path: Path) -> None:
+        seen = _stamp(path)
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            stamp = _stamp(path)
+            if stamp != seen:
+                seen = stamp
+                self.reload()

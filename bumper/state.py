@@ -1,0 +1,197 @@
+"""One object per client connection holding everything bumper knows about it, as Squid's ServerBump
+does for a bumped one: bumper's addons read and write it instead of keeping dictionaries of their own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from mitmproxy import connection, http, tls
+from mitmproxy.proxy import server_hooks
+from mitmproxy.utils import human
+
+from bumper.httpstream import aborted, body_bytes
+from bumper.policy import Action, Decision
+from bumper.trust import UpstreamVerdict, Verdict
+
+
+class Kind(StrEnum):
+    CONNECT = "CONNECT"  # a CONNECT tunnel
+    HTTP = "HTTP"  # a plain http:// request sent to the proxy, no tunnel
+
+
+@dataclass(frozen=True)
+class BlockedUpstream:
+    """What the 502 page of on_upstream_error: block says about the upstream."""
+
+    host: str
+    reason: str  # trust.REASONS
+    fingerprint: str  # the upstream leaf's SHA-256
+    detail: str = ""
+
+
+@dataclass
+class ConnectionState:
+    """What bumper knows of one client connection: the policy's decision, the upstream's verdict,
+    what was refused and by whom, bytes, and the names involved. Missing values are None; the log
+    line writes them as `-`."""
+
+    conn: connection.Client
+    client: str  # the client's address and port, as the log line shows it
+    kind: Kind = Kind.CONNECT
+    target: str | None = None  # host:port from the CONNECT request or the plain request's URL
+    sni: str | None = None
+    decision: Decision | None = None
+    upstream: UpstreamVerdict | None = None  # the verdict on the upstream's certificate
+    blocked: BlockedUpstream | None = None  # on_upstream_error: block: every request gets a 502 page
+    spoke: bool = False  # the client sent a request after its handshake (learned pinning asks)
+    requests: int = 0  # HTTP responses sent to the client
+    bytes_up: int = 0  # HTTP body bytes from the client to the upstream
+    bytes_down: int = 0  # and back
+    error: str | None = None  # the first thing that went wrong, if anything did
+    refused_by: str | None = None  # who refused the connection or a request on it: policy, an addon...
+    server: connection.Server | None = None  # the upstream connection, once one was opened
+
+    @property
+    def action(self) -> Action | None:
+        return self.decision.action if self.decision else None
+
+    @property
+    def rule(self) -> str | None:
+        return self.decision.rule if self.decision else None
+
+    @property
+    def verify(self) -> str | None:
+        """`trusted`, the reason code the upstream failed verification with, or None: not verified."""
+        return (self.upstream.verdict.reason or "trusted") if self.upstream else None
+
+    @property
+    def upstream_sha256(self) -> str | None:
+        """The upstream leaf's SHA-256 fingerprint, upper-case hex."""
+        return self.upstream.fingerprint if self.upstream else None
+
+    @property
+    def connect_host(self) -> str | None:
+        """The host the client named: in CONNECT, or in a plain-HTTP request's URL."""
+        return self.target.rpartition(":")[0].strip("[]") or None if self.target else None
+
+    def decided(self, decision: Decision) -> None:
+        self.decision = decision
+
+    def verified(self, verdict: UpstreamVerdict) -> None:
+        self.upstream = verdict
+
+    def fail(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+
+    def refuse(self, reason: str, by: str) -> None:
+        """Record a refusal and who made it; the first failure stays the outcome."""
+        self.fail(reason)
+        self.refused_by = self.refused_by or by
+
+    def outcome(self) -> str:
+        if self.error:
+            return self.error
+        if self.target is None and self.requests == 0:
+            return "no valid request (malformed, or none before the client closed)"
+        if self.verify not in ("trusted", None) and self.requests:
+            # The client went on past a mimic that failed its check (curl -k), or a rule allowed it.
+            return f"ok, served although the upstream failed verification ({self.verify})"
+        return "ok"
+
+    def line(self) -> str:
+        return (
+            f"{self.client} {self.kind} {_dash(self.target)} sni={_dash(self.sni)} action={_dash(self.action)} "
+            f"rule={_dash(self.rule)} verify={_dash(self.verify)} upstream_sha256={_dash(self.upstream_sha256)} "
+            f"requests={self.requests} outcome={self.outcome()}"
+        )
+
+
+def _dash(value: str | None) -> str:
+    return "-" if value is None else value
+
+
+def probed(verdict: Verdict) -> UpstreamVerdict:
+    """A verdict from the splice probe: no certificate of this connection's to sign or fingerprint."""
+    return UpstreamVerdict(verdict, None, None)
+
+
+class ConnectionStates:
+    """Creates each client connection's ConnectionState and records what mitmproxy's hooks tell of it.
+    Added before bumper's other addons, so theirs can rely on the state; ConnectionLog, added last,
+    forgets it once the connection's line is written."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, ConnectionState] = {}
+
+    def of(self, client_id: str) -> ConnectionState | None:
+        return self._states.get(client_id)
+
+    def pop(self, client_id: str) -> ConnectionState | None:
+        return self._states.pop(client_id, None)
+
+    def client_connected(self, client: connection.Client) -> None:
+        self._states[client.id] = ConnectionState(client, human.format_address(client.peername))
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if state := self._states.get(data.client.id):
+            state.server = data.server
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if state := self._states.get(flow.client_conn.id):
+            state.target = f"{flow.request.host}:{flow.request.port}"
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        state = self._states.get(flow.client_conn.id)
+        if state and is_plain_proxy_request(flow) and state.target is None:
+            state.kind, state.target = Kind.HTTP, f"{flow.request.host}:{flow.request.port}"
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if state := self._states.get(data.client.id):
+            state.fail(f"upstream connect failed: {data.server.error}")
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        if state := self._states.get(data.context.client.id):
+            state.sni = data.client_hello.sni
+
+    def tls_failed_server(self, data: tls.TlsData) -> None:
+        if state := self._states.get(data.context.client.id):
+            state.fail(f"upstream TLS failed: {short_reason(data.conn.error or 'unknown')}")
+
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        if state := self._states.get(data.context.client.id):
+            state.fail(f"client TLS failed: {short_reason(data.conn.error or 'unknown')}")
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.request.method != "CONNECT" and (state := self._states.get(flow.client_conn.id)):
+            state.requests += 1
+            self._count(state, flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if state := self._states.get(flow.client_conn.id):
+            state.fail(f"HTTP error: {flow.error.msg if flow.error else 'unknown'}")
+            if flow.response is None or aborted(flow):  # else its response hook counted it
+                self._count(state, flow)
+
+    @staticmethod
+    def _count(state: ConnectionState, flow: http.HTTPFlow) -> None:
+        state.bytes_up += body_bytes(flow, "request")
+        state.bytes_down += body_bytes(flow, "response")
+
+
+def is_plain_proxy_request(flow: http.HTTPFlow) -> bool:
+    """A request sent to the proxy in the clear (GET http://...), not one inside a bumped tunnel."""
+    return not flow.client_conn.tls and flow.request.method != "CONNECT"
+
+
+def short_reason(error: str) -> str:
+    """mitmproxy's error text, said plainly: no hex dump of an unparseable ClientHello, and no
+    guess about trust where the handshake failed on what the two sides offered."""
+    if error.startswith("Cannot parse ClientHello"):
+        return "Cannot parse ClientHello"
+    if "no shared cipher" in error:
+        return "no cipher suite in common (bumper accepts only forward-secret AEAD suites)"
+    if "unsupported protocol" in error or "tls_version_client_min" in error:
+        return "no TLS version in common (bumper accepts TLS 1.2 and 1.3)"
+    return error
