@@ -19,7 +19,7 @@ from mitmproxy import connection, http
 from mitmproxy.utils import human
 
 from bumper.addon import Addon, ConnectionInfo, aborted, body_bytes, connection_info, logged_url, refusal_of
-from bumper.ca import fingerprint
+from bumper.certs.ca import fingerprint
 
 
 @dataclass(frozen=True)

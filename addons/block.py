@@ -10,8 +10,8 @@ from pathlib import Path
 
 from mitmproxy import http
 
-from bumper import names
 from bumper.addon import Addon, Refuse
+from bumper.policy import names
 
 
 @dataclass(frozen=True)

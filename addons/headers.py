@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from mitmproxy import http
 
-from bumper import names
 from bumper.addon import Addon
+from bumper.policy import names
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 field-name
 

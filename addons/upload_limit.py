@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from mitmproxy import http
 from mitmproxy.utils import human
 
-from bumper import names
 from bumper.addon import Addon, Bytes, Refuse
+from bumper.policy import names
 
 
 @dataclass(frozen=True)

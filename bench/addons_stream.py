@@ -171,7 +171,7 @@ def main() -> int:
     p.add_argument("--size", default="1g", help="bytes each way: 1g (default), 256m ...")
     p.add_argument("--quick", action="store_true", help="16 MiB each way: checks the script, not the figure")
     args = p.parse_args()
-    from bumper.settings import parse_size
+    from bumper.policy.binder import parse_size
 
     n = 16 * 1024 * 1024 if args.quick else parse_size(args.size)
     sigterm_as_interrupt()

@@ -36,11 +36,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from OpenSSL import crypto
 
-from bumper import ca as ca_files
-from bumper import keys, mimic
-from bumper.keypool import KeyPool, PooledKey, PoolSettings, load_own_key
-from bumper.mimicdb import SqliteMimicStore
-from bumper.mimicstore import Mimic, MimicStore
+from bumper.certs import ca as ca_files
+from bumper.certs import keys, mimic
+from bumper.certs.keypool import KeyPool, PooledKey, PoolSettings, load_own_key
+from bumper.certs.mimicdb import SqliteMimicStore
+from bumper.certs.mimicstore import Mimic, MimicStore
 
 TARGETS = {
     "mint_p50": 2e-3,

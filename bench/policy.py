@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bumper.policy import Action, Decision, Policy, Rule  # noqa: E402
+from bumper.policy.rules import Action, Decision, Policy, Rule  # noqa: E402
 
 RULES = 10_000
 LOOKUPS = 20_000

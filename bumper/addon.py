@@ -32,10 +32,11 @@ from typing import Any, ClassVar
 from mitmproxy import http
 from mitmproxy.net.http import url
 
-from bumper import names, pages
-from bumper.httpstream import RESPONSE_DELIVERED, RESPONSE_SENT, abort, aborted, body_bytes, respond_early
-from bumper.settings import Bytes
-from bumper.state import ConnectionState as ConnectionInfo
+from bumper.policy.binder import Bytes
+from bumper.proxy import pages
+from bumper.proxy.authority import parse_authority
+from bumper.proxy.httpstream import RESPONSE_DELIVERED, RESPONSE_SENT, abort, aborted, body_bytes, respond_early
+from bumper.proxy.state import ConnectionState as ConnectionInfo
 
 log = logging.getLogger("bumper.addons")
 
@@ -127,5 +128,5 @@ def pretty_url(request: http.Request) -> str:
     host_header = request.host_header
     if request.first_line_format == "authority" or not host_header:
         return request.pretty_url
-    host, port = names.parse_authority(host_header)
+    host, port = parse_authority(host_header)
     return url.unparse(request.scheme, host, port or url.default_port(request.scheme) or 443, request.path)

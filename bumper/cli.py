@@ -14,18 +14,21 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from bumper import __version__, compare, keys, policy
-from bumper import ca as ca_files
-from bumper.addonload import load_registry
+from bumper import __version__
+from bumper.certs import ca as ca_files
+from bumper.certs import compare, keys
+from bumper.certs.keypool import KeyPool, PoolSettings
+from bumper.certs.keys import KeySpec
+from bumper.certs.mimic import UnmimicableCertificate
+from bumper.certs.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES
+from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.errors import ConfigError
-from bumper.keypool import KeyPool, PoolSettings
-from bumper.keys import KeySpec
-from bumper.mimic import UnmimicableCertificate
-from bumper.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES
-from bumper.mimicstore import DEFAULT_CAPACITY, MimicStore
-from bumper.proxy import ListenAddress, MimicSettings, ProxyConfig, access_log, serve
-from bumper.resolve import Override, ResolvingEventLoop
-from bumper.tlsprovider import CLIENT_CIPHERS, ClientTls, UpstreamTrust
+from bumper.inspect.loading import load_registry
+from bumper.policy import rules as policy
+from bumper.proxy.master import ListenAddress, MimicSettings, ProxyConfig, access_log, serve
+from bumper.proxy.tlsprovider import CLIENT_CIPHERS, ClientTls
+from bumper.upstream.resolve import Override, ResolvingEventLoop
+from bumper.upstream.tls import UpstreamTrust
 
 EXIT_CONFIG = 2
 

@@ -335,6 +335,7 @@ def test_connection_end_gets_the_whole_state_of_the_connection(lab: Lab, upstrea
     url = f"https://tagged.upstream.test:{upstream.port}/echo"
     r, echoed, port = fetch(lab, url, "--data-binary", f"@{body}", "--http1.1")
     assert r.returncode == 0 and len(echoed) == 3000, r.stderr
+    lab.recorded_hooks(port)  # waits for connection_end
     (end,) = [line for line in lab.recorder_lines(port) if line["hook"] == "connection_end"]
     assert (end["action"], end["rule"]) == ("bump", "tagged")
     assert end["state"] == {
@@ -346,6 +347,7 @@ def test_connection_end_gets_the_whole_state_of_the_connection(lab: Lab, upstrea
     # A request the policy refuses on a bumped connection: who refused it is part of the state.
     r, _, port = fetch(lab, url, "-H", "Host: elsewhere.test", "--http1.1")
     assert r.returncode == 0, r.stderr
+    lab.recorded_hooks(port)  # waits for connection_end
     (end,) = [line for line in lab.recorder_lines(port) if line["hook"] == "connection_end"]
     assert end["state"]["refused_by"] == "policy"
     assert end["state"]["error"].startswith("names disagree")

@@ -19,11 +19,12 @@ from bumper_addons.dlp import DlpSettings
 from bumper_addons.headers import Edits, HeadersSettings
 from bumper_addons.upload_limit import UploadLimitSettings
 
-from bumper import policy, settings
 from bumper.addon import Addon, Bytes
-from bumper.addonload import load_registry
 from bumper.errors import ConfigError
-from bumper.policy import AddonSpec, OnError
+from bumper.inspect.loading import load_registry
+from bumper.policy import binder as settings
+from bumper.policy import rules as policy
+from bumper.policy.rules import AddonSpec, OnError
 
 FIXTURE_ADDONS = Path(__file__).with_name("addons_fixture")
 SHIPPED = ("access_log", "block", "dlp", "headers", "upload_limit")

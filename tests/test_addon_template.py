@@ -15,7 +15,7 @@ import pytest
 from mitmproxy.test import tflow
 
 from bumper.addon import Refuse
-from bumper.addonload import load_registry
+from bumper.inspect.loading import load_registry
 from tests.conftest import BUMPER, Bumper, Upstream, curl, start_with_policy
 
 EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"

@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
-from bumper import aia
+from bumper.upstream import aia
 from tests import pki
 from tests.conftest import Bumper, Pki, Upstream, curl, tcp_server
 

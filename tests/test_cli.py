@@ -20,8 +20,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from bumper import __version__, keys
-from bumper import ca as ca_files
+from bumper import __version__
+from bumper.certs import ca as ca_files
+from bumper.certs import keys
 from tests import pki
 from tests.conftest import BUMPER, Process
 

@@ -15,7 +15,7 @@ from mitmproxy.proxy import commands, context, events, layer
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.test import tflow
 
-from bumper import dispatch
+from bumper.proxy import dispatch
 
 
 class Recorder:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from bumper import ca as ca_files
+from bumper.certs import ca as ca_files
 from tests.conftest import BUMPER, Upstream, client_tls_context, curl, open_tunnel
 
 

@@ -32,7 +32,7 @@ ARCHITECTURE = Path(__file__).parents[1] / "docs" / "architecture.md"
 # Each mitmproxy name, the first 16 hex digits of its source's SHA-256 in the mitmproxy release
 # pyproject.toml allows, and where bumper depends on it.
 PINNED: dict[str, tuple[str, str]] = {
-    # HttpStream: bumper's subclass answers early and cuts bodies off (bumper/httpstream.py)
+    # HttpStream: bumper's subclass answers early and cuts bodies off (bumper/proxy/httpstream.py)
     "mitmproxy.proxy.layers.http.HttpStream.start_request_stream": ("46f03368a2a54362", "overridden"),
     "mitmproxy.proxy.layers.http.HttpStream.state_stream_request_body": ("c98f7f715cef7cfa", "overridden, end copied"),
     "mitmproxy.proxy.layers.http.HttpStream.start_response_stream": ("b0de9e9a5ee27276", "overridden"),
@@ -42,7 +42,7 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layers.http.HttpStream.flow_done": ("ad9969744785c572", "called"),
     "mitmproxy.proxy.layers.http.HttpLayer.make_stream": ("654959c6e74548e1", "overridden, copied"),
     "mitmproxy.proxy.context.Context.fork": ("cad9374a0689f10a", "replicated by make_stream"),
-    # TLS layers: close_notify and alerts (bumper/layers.py)
+    # TLS layers: close_notify and alerts (bumper/proxy/layers.py)
     "mitmproxy.proxy.layers.tls.TLSLayer.send_close": ("d9b1161f42db9992", "overridden"),
     "mitmproxy.proxy.layers.tls.TLSLayer.tls_interact": ("62d6d57d43dd1a2e", "called"),
     "mitmproxy.proxy.layers.tls.TLSLayer.on_handshake_error": ("affcdcce93e86080", "overridden"),
@@ -50,7 +50,7 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layers.tls.ClientTLSLayer.on_handshake_error": ("04a3a2530293d19b", "overridden; wording read"),
     "mitmproxy.proxy.layers.tls.TLSLayer.receive_handshake_data": ("721fe6313c0979fe", "error wording read"),
     "mitmproxy.proxy.layers.tls.ClientTLSLayer.receive_handshake_data": ("a0ee021f92f6d0ff", "error wording read"),
-    # The hook dispatcher (bumper/dispatch.py)
+    # The hook dispatcher (bumper/proxy/dispatch.py)
     "mitmproxy.addonmanager.AddonManager.register": ("01ddcca314eebbd3", "overridden"),
     "mitmproxy.addonmanager.AddonManager.remove": ("2e93aab2204a39f6", "overridden"),
     "mitmproxy.addonmanager.AddonManager.clear": ("5fd484329fa05882", "overridden"),
@@ -63,7 +63,7 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.server.ConnectionHandler.hook_task": ("9ac7970160526268", "what SyncHooks does in place"),
     "mitmproxy.proxy.layer.Layer._handle_event": ("1a704a031407036d", "implemented by SyncHooks and Refuse"),
     "mitmproxy.hooks.Hook.__init_subclass__": ("09b689277643e8f3", "registers dispatch._Rest by its name"),
-    # Listening and the stock addons bumper replaces (bumper/proxy.py, bumper/tlsprovider.py, bumper/layers.py)
+    # Listening and the stock addons bumper replaces (proxy/master.py, proxy/tlsprovider.py, proxy/layers.py)
     "mitmproxy.addons.proxyserver.Servers.update": ("e653c1bdfa8cf352", "its error log parsed"),
     "mitmproxy.addons.tlsconfig.alpn_select_callback": ("41a266755820fa37", "used"),
     "mitmproxy.addons.tlsconfig.AppData": ("88cb35fe3ca564af", "used"),

@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, ExtensionOID, NameOID
 
-from bumper import ca as ca_files
-from bumper import keys, mimic
-from bumper.ca import CertificateAuthority
-from bumper.mimicstore import Mimic, MimicStore
+from bumper.certs import ca as ca_files
+from bumper.certs import keys, mimic
+from bumper.certs.ca import CertificateAuthority
+from bumper.certs.mimicstore import Mimic, MimicStore
 from tests import pki
 
 DAY = pki.DAY

@@ -12,11 +12,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from bumper import ca as ca_files
-from bumper import keys
-from bumper.keypool import KeyPool, PoolSettings
-from bumper.mimicdb import DB_FILE, SqliteMimicStore, StoredMimic
-from bumper.mimicstore import MimicStore
+from bumper.certs import ca as ca_files
+from bumper.certs import keys
+from bumper.certs.keypool import KeyPool, PoolSettings
+from bumper.certs.mimicdb import DB_FILE, SqliteMimicStore, StoredMimic
+from bumper.certs.mimicstore import MimicStore
 from tests import pki
 from tests.conftest import Bumper, Upstream, client_tls_context, open_tunnel
 

@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
-from bumper import ca as ca_files
+from bumper.certs import ca as ca_files
 from tests import pki
 from tests.conftest import BUMPER
 

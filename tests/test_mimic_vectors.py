@@ -43,11 +43,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from bumper import ca as ca_files
-from bumper import keys, mimic
-from bumper.ca import CertificateAuthority
-from bumper.keypool import PooledKey
-from bumper.mimicstore import MimicStore
+from bumper.certs import ca as ca_files
+from bumper.certs import keys, mimic
+from bumper.certs.ca import CertificateAuthority
+from bumper.certs.keypool import PooledKey
+from bumper.certs.mimicstore import MimicStore
 from tests import pki
 from tests.test_mimic import UNKNOWN_OID, key_usage, make_upstream, san, sct_list_extension, spki, upstream_issuer
 

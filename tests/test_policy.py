@@ -15,10 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy.net.http import url
 
-from bumper import names, policy
-from bumper.addonload import load_registry
 from bumper.errors import ConfigError
-from bumper.policy import Action
+from bumper.inspect.loading import load_registry
+from bumper.policy import names
+from bumper.policy import rules as policy
+from bumper.policy.rules import Action
+from bumper.proxy import authority
 from tests.conftest import (
     BUMPER,
     Bumper,
@@ -415,7 +417,7 @@ def test_learn_pinning_splices_a_client_that_rejected_the_mimic(
 
 
 def test_learned_pins_expire_and_stay_bounded() -> None:
-    from bumper.pinning import LearnedPins
+    from bumper.policy.pinning import LearnedPins
 
     now = [0.0]
     pins = LearnedPins(ttl=10, capacity=2, clock=lambda: now[0])
@@ -441,8 +443,8 @@ def test_rules_can_name_the_listener(tmp_path: Path) -> None:
 def test_names_asked_per_request_are_cached_only_when_short(value: str) -> None:
     """A Host header or CONNECT host longer than any name gets the same answer, and is not kept."""
     names._is_ip_address.cache_clear()
-    names._parse_authority.cache_clear()
-    assert names.parse_authority(value) == url.parse_authority(value, check=False)
+    authority._parse_authority.cache_clear()
+    assert authority.parse_authority(value) == url.parse_authority(value, check=False)
     try:
         ipaddress.ip_address(value)
         is_ip = True
@@ -450,4 +452,4 @@ def test_names_asked_per_request_are_cached_only_when_short(value: str) -> None:
         is_ip = False
     assert names.is_ip_address(value) is is_ip
     kept = 0 if len(value) > names.CACHED_LENGTH else 1
-    assert names._parse_authority.cache_info().currsize == names._is_ip_address.cache_info().currsize == kept
+    assert authority._parse_authority.cache_info().currsize == names._is_ip_address.cache_info().currsize == kept

@@ -17,10 +17,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from bumper import ca as ca_files
-from bumper import policy, trust
+from bumper.certs import ca as ca_files
+from bumper.certs import trust
+from bumper.certs.trust import VerifyError
 from bumper.errors import ConfigError
-from bumper.trust import VerifyError
+from bumper.policy import rules as policy
 from tests import pki
 from tests.conftest import Bumper, Pki, Upstream, client_tls_context, curl, open_tunnel, start_with_policy
 

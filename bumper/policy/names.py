@@ -6,8 +6,6 @@ import functools
 import ipaddress
 import re
 
-from mitmproxy.net.http import url
-
 REGEX_PREFIX = "regex:"
 
 
@@ -33,17 +31,6 @@ def _is_ip_address(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def parse_authority(authority: str) -> tuple[str, int | None]:
-    """Host and port of a Host header or :authority, read leniently as mitmproxy's pretty_url reads
-    them: a malformed value is its own host."""
-    return (_parse_authority if len(authority) <= CACHED_LENGTH else _parse_authority.__wrapped__)(authority)
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_authority(authority: str) -> tuple[str, int | None]:
-    return url.parse_authority(authority, check=False)
 
 
 def valid_pattern(pattern: str) -> bool:

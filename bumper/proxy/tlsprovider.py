@@ -8,28 +8,26 @@ upstream certificate does not carry. SSL contexts are built once, not per connec
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import ssl
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from mitmproxy import certs, connection, tls
 from mitmproxy.addons.tlsconfig import AppData, alpn_select_callback
 from OpenSSL import SSL, crypto
 
-from bumper import aia, trust
-from bumper.ca import fingerprint, load_pem_certificates
+from bumper.certs import trust
+from bumper.certs.ca import fingerprint
+from bumper.certs.mimic import UnmimicableCertificate
+from bumper.certs.mimicstore import Mimic, MimicStore
+from bumper.certs.trust import UpstreamVerdict
 from bumper.errors import ConfigError
-from bumper.mimic import UnmimicableCertificate
-from bumper.mimicstore import Mimic, MimicStore
-from bumper.policy import OnUpstreamError
-from bumper.state import BlockedUpstream, ConnectionState, ConnectionStates
-from bumper.trust import UpstreamVerdict
-from bumper.upstreamerror import BY_UPSTREAM_ERROR
+from bumper.policy.rules import OnUpstreamError
+from bumper.proxy.state import BlockedUpstream, ConnectionState, ConnectionStates
+from bumper.proxy.upstreamerror import BY_UPSTREAM_ERROR
+from bumper.upstream import aia
+from bumper.upstream.tls import TLS_VERSIONS, UpstreamTrust, expect_hostname, upstream_context
 
 log = logging.getLogger("bumper.tls")
 
@@ -40,42 +38,6 @@ CLIENT_CIPHERS = (
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
     "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
 )
-# Towards upstreams: forward-secret AEAD first, CBC only with ECDHE; never anything that
-# would lower a client's security (no RC4, 3DES, DES, NULL, anonymous, export, PSK, SRP...).
-# SECLEVEL=2 makes OpenSSL refuse RSA keys under 2048 bits and SHA-1 signatures.
-UPSTREAM_CIPHERS = (
-    "@SECLEVEL=2:ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:ECDHE+AES:"
-    "!aNULL:!eNULL:!EXPORT:!DES:!3DES:!RC4:!MD5:!PSK:!SRP:!CAMELLIA:!IDEA:!SEED:!DSS"
-)
-
-# pyOpenSSL's raw OpenSSL bindings: hostname checking has no public pyOpenSSL API.
-_lib: Any = SSL._lib  # type: ignore[attr-defined]
-# Host name checks as browsers do them: no partial wildcards, never the subject CN.
-_HOSTFLAGS = _lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS | getattr(_lib, "X509_CHECK_FLAG_NEVER_CHECK_SUBJECT", 0)
-
-
-@dataclass(frozen=True)
-class UpstreamTrust:
-    """Roots for verifying upstreams: the system store plus any --upstream-ca files."""
-
-    extra_ca_files: tuple[Path, ...] = ()
-
-    def all_files(self) -> list[Path]:
-        """The system bundle (as OpenSSL finds it, SSL_CERT_FILE included) and the extra files."""
-        system = ssl.get_default_verify_paths().cafile
-        return [*([Path(system)] if system else []), *self.extra_ca_files]
-
-    def check(self) -> None:
-        for path in self.extra_ca_files:
-            load_pem_certificates(path, f"--upstream-ca {path}")
-
-
-# Only for upstreams a rule names, that speak nothing newer than TLS 1.0 or 1.1: OpenSSL 3 needs
-# SECLEVEL 0 for those, and they need CBC suites. Still no RC4, 3DES, export, NULL or anonymous.
-LEGACY_UPSTREAM_CIPHERS = (
-    "@SECLEVEL=0:ECDHE+AES:DHE+AES:RSA+AES:!aNULL:!eNULL:!EXPORT:!DES:!3DES:!RC4:!MD5:!PSK:!SRP:!DSS"
-)
-_VERSIONS = {"1.0": SSL.TLS1_VERSION, "1.1": SSL.TLS1_1_VERSION, "1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 
 
 @dataclass(frozen=True)
@@ -92,25 +54,6 @@ class ClientTls:
             raise ConfigError(f"--client-ciphers {self.ciphers!r}: OpenSSL accepts none of these suites") from None
 
 
-def upstream_context(trust: UpstreamTrust, min_version: str = "1.2") -> SSL.Context:
-    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    context.set_mode(SSL.MODE_RELEASE_BUFFERS)  # see client_context
-    context.set_min_proto_version(_VERSIONS[min_version])
-    context.set_max_proto_version(SSL.TLS1_3_VERSION)
-    legacy = _VERSIONS[min_version] < SSL.TLS1_2_VERSION
-    context.set_cipher_list((LEGACY_UPSTREAM_CIPHERS if legacy else UPSTREAM_CIPHERS).encode())
-    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
-    # Every verification error is recorded, not fatal: the handshake completes so that bumper can
-    # classify the failure and act on it (trust.py). Nothing is trusted on the way: a connection
-    # without a verdict, or with a failed one, never gets a trusted mimic unless its defects are
-    # ones the mimic carries to the client itself.
-    context.set_verify(SSL.VERIFY_PEER, _record_verify_error)
-    context.set_default_verify_paths()
-    for path in trust.extra_ca_files:
-        context.load_verify_locations(str(path))
-    return context
-
-
 def client_context(chain: tuple[x509.Certificate, ...] = (), settings: ClientTls | None = None) -> SSL.Context:
     """Towards clients; CHAIN (the issuing intermediates) follows every mimic."""
     settings = settings or ClientTls()
@@ -120,33 +63,12 @@ def client_context(chain: tuple[x509.Certificate, ...] = (), settings: ClientTls
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     for cert in chain:
         context.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
-    context.set_min_proto_version(_VERSIONS[settings.min_version])
+    context.set_min_proto_version(TLS_VERSIONS[settings.min_version])
     context.set_max_proto_version(SSL.TLS1_3_VERSION)
     context.set_cipher_list(settings.ciphers.encode())
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
-    context.set_alpn_select_callback(alpn_select_callback)  # type: ignore[arg-type]
+    context.set_alpn_select_callback(alpn_select_callback)
     return context
-
-
-def _record_verify_error(conn: SSL.Connection, cert: crypto.X509, code: int, depth: int, ok: int) -> bool:
-    if not ok:
-        conn.get_app_data().append(trust.VerifyError(code, depth))
-    return True
-
-
-def expect_hostname(conn: SSL.Connection, name: str) -> None:
-    """Send NAME as SNI (unless it is an IP address) and make OpenSSL verify the certificate covers it."""
-    param = _lib.SSL_get0_param(conn._ssl)  # type: ignore[attr-defined]
-    _lib.X509_VERIFY_PARAM_set_hostflags(param, _HOSTFLAGS)
-    try:
-        ip = ipaddress.ip_address(name).packed
-    except ValueError:
-        host = name.encode("idna")
-        conn.set_tlsext_host_name(host)
-        ok = _lib.X509_VERIFY_PARAM_set1_host(param, host, len(host))
-    else:
-        ok = _lib.X509_VERIFY_PARAM_set1_ip(param, ip, len(ip))
-    SSL._openssl_assert(ok == 1)  # type: ignore[attr-defined]
 
 
 class TlsProvider:

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
+from typing import Literal
 
-from bumper import names
 from bumper.errors import ConfigError
+from bumper.policy import names
+
+# One answer of getaddrinfo, as typeshed spells it (IPv4 and IPv6 apart).
+IPv6Address = tuple[str, int, int, int] | tuple[int, bytes]
+AddressInfo = (
+    tuple[Literal[socket.AddressFamily.AF_INET], socket.SocketKind, int, str, tuple[str, int]]
+    | tuple[Literal[socket.AddressFamily.AF_INET6], socket.SocketKind, int, str, IPv6Address]
+)
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,16 @@ class ResolvingEventLoop(asyncio.SelectorEventLoop):
         super().__init__()
         self.overrides = overrides
 
-    async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):  # type: ignore[no-untyped-def]
+    async def getaddrinfo(
+        self,
+        host: bytes | str | None,
+        port: bytes | str | int | None,
+        *,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[AddressInfo]:
         if isinstance(host, bytes):
             host = host.decode("idna")
         address = lookup(self.overrides, host) if host else None

@@ -9,7 +9,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509.oid import ExtensionOID
 
-from bumper import der, keys
+from bumper.certs import der, keys
 
 SAME = "(same)"
 ABSENT = "-"
@@ -80,11 +80,11 @@ def _extensions(cert: x509.Certificate) -> dict[str, str]:
         }
 
 
-def _extension(ext: x509.Extension) -> str:
+def _extension(ext: x509.Extension[x509.ExtensionType]) -> str:
     critical = "critical " if ext.critical else ""
-    if ext.oid == ExtensionOID.SUBJECT_ALTERNATIVE_NAME:
+    if isinstance(ext.value, x509.SubjectAlternativeName):
         value = ", ".join(_general_name(n) for n in ext.value)
-    elif ext.oid == ExtensionOID.EXTENDED_KEY_USAGE:
+    elif isinstance(ext.value, x509.ExtendedKeyUsage):
         value = ", ".join(_oid_name(oid) for oid in ext.value)
     elif ext.oid in (ExtensionOID.SUBJECT_KEY_IDENTIFIER, ExtensionOID.AUTHORITY_KEY_IDENTIFIER):
         digest = getattr(ext.value, "digest", None) or getattr(ext.value, "key_identifier", None) or b""

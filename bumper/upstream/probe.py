@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 
 from cryptography import x509
 
-from bumper import trust
-from bumper.tlsprovider import UPSTREAM_CIPHERS, UpstreamTrust
+from bumper.certs import trust
+from bumper.upstream.tls import UPSTREAM_CIPHERS, UpstreamTrust
 
 PROBE_TIMEOUT = 10.0
 

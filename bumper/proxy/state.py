@@ -10,9 +10,9 @@ from mitmproxy import connection, http, tls
 from mitmproxy.proxy import server_hooks
 from mitmproxy.utils import human
 
-from bumper.httpstream import aborted, body_bytes
-from bumper.policy import Action, Decision
-from bumper.trust import UpstreamVerdict, Verdict
+from bumper.certs.trust import UpstreamVerdict, Verdict
+from bumper.policy.rules import Action, Decision
+from bumper.proxy.httpstream import aborted, body_bytes
 
 
 class Kind(StrEnum):

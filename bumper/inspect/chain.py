@@ -15,10 +15,10 @@ from typing import Any
 from mitmproxy import http, tls
 
 from bumper.addon import CONNECTION, REFUSAL, Addon, Refusal, Refuse, refuse
-from bumper.eventlog import ConnectionLog
-from bumper.httpstream import EARLY
-from bumper.policy import Action, AddonSpec, OnError, Policy
-from bumper.state import ConnectionState
+from bumper.policy.rules import Action, AddonSpec, OnError, Policy
+from bumper.proxy.eventlog import ConnectionLog
+from bumper.proxy.httpstream import EARLY
+from bumper.proxy.state import ConnectionState
 
 log = logging.getLogger("bumper.addons")
 

@@ -15,11 +15,11 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import crypto
 
-from bumper import ca as ca_files
-from bumper import keys, mimic, trust
-from bumper.ca import CertificateAuthority, fingerprint
-from bumper.keypool import KeyPool, PooledKey, load_own_key
-from bumper.mimicdb import MimicStoreBackend, StoredMimic
+from bumper.certs import ca as ca_files
+from bumper.certs import keys, mimic, trust
+from bumper.certs.ca import CertificateAuthority, fingerprint
+from bumper.certs.keypool import KeyPool, PooledKey, load_own_key
+from bumper.certs.mimicdb import MimicStoreBackend, StoredMimic
 
 log = logging.getLogger("bumper.mimic")
 

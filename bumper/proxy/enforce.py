@@ -10,12 +10,12 @@ from collections.abc import Awaitable
 from mitmproxy import connection, http, tls
 from mitmproxy.utils import human
 
-from bumper import names
-from bumper.pinning import LearnedPins
-from bumper.policy import Action, Address, Decision, Mismatch, OnUpstreamError, name_mismatch
-from bumper.policysource import PolicySource
-from bumper.probe import UpstreamProbe
-from bumper.state import ConnectionStates, is_plain_proxy_request, probed
+from bumper.policy.pinning import LearnedPins
+from bumper.policy.rules import Action, Address, Decision, Mismatch, OnUpstreamError, name_mismatch
+from bumper.policy.source import PolicySource
+from bumper.proxy.authority import parse_authority
+from bumper.proxy.state import ConnectionStates, is_plain_proxy_request, probed
+from bumper.upstream.probe import UpstreamProbe
 
 log = logging.getLogger("bumper.policy")
 
@@ -71,7 +71,7 @@ class PolicyEnforcer:
         """In a bumped connection, CONNECT host, SNI and Host must name one site."""
         assert flow.server_conn.address is not None
         connect_host, sni = flow.server_conn.address[0], flow.client_conn.sni
-        host_header = names.parse_authority(flow.request.host_header or "")[0] or None
+        host_header = parse_authority(flow.request.host_header or "")[0] or None
         if not name_mismatch(connect_host, sni, host_header):
             return
         names_seen = f"CONNECT {connect_host}, SNI {sni or '-'}, Host {host_header or '-'}"

@@ -16,8 +16,8 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.tunnel import TunnelState
 from OpenSSL import SSL
 
-from bumper.dispatch import AddonManager, SyncHooks
-from bumper.httpstream import HttpLayer
+from bumper.proxy.dispatch import AddonManager, SyncHooks
+from bumper.proxy.httpstream import HttpLayer
 
 # starts_like_tls_record needs this many bytes to decide.
 _TLS_RECORD_PREFIX = 3

@@ -33,8 +33,9 @@ from typing import Any
 
 import yaml
 
-from bumper import names, settings
 from bumper.errors import ConfigError
+from bumper.policy import binder as settings
+from bumper.policy import names
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
-from bumper import der, keys
-from bumper.ca import CertificateAuthority
+from bumper.certs import der, keys
+from bumper.certs.ca import CertificateAuthority
 
 # Extensions that would make the mimic claim something bumper cannot stand behind:
 # revocation and CT data of the upstream's CA, OCSP must-staple (bumper cannot staple for its

@@ -15,26 +15,31 @@ from mitmproxy import master, options
 from mitmproxy.addons import proxyserver
 from mitmproxy.utils import asyncio_utils, human
 
-from bumper import aia, dispatch, keys, names
-from bumper import ca as ca_files
 from bumper.addon import Addon
-from bumper.chain import AddonRunner
-from bumper.connect import ConnectReplies
-from bumper.enforce import PolicyEnforcer
+from bumper.certs import ca as ca_files
+from bumper.certs import keys
+from bumper.certs.keypool import KeyPool, PoolSettings
+from bumper.certs.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES, SqliteMimicStore
+from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.errors import ConfigError
-from bumper.eventlog import ConnectionLog
-from bumper.keypool import KeyPool, PoolSettings
-from bumper.layers import NextLayer
-from bumper.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES, SqliteMimicStore
-from bumper.mimicstore import DEFAULT_CAPACITY, MimicStore
-from bumper.pinning import LearnedPins, PinLearner
-from bumper.policy import LAB, AddonSpec, OnError, Policy
-from bumper.policysource import PolicySource
-from bumper.probe import UpstreamProbe
-from bumper.resolve import Override
-from bumper.state import ConnectionStates
-from bumper.tlsprovider import ClientTls, TlsProvider, UpstreamTrust
-from bumper.upstreamerror import UpstreamErrorPages
+from bumper.inspect.chain import AddonRunner
+from bumper.policy import names
+from bumper.policy.pinning import LearnedPins
+from bumper.policy.rules import LAB, AddonSpec, OnError, Policy
+from bumper.policy.source import PolicySource
+from bumper.proxy import dispatch
+from bumper.proxy.connect import ConnectReplies
+from bumper.proxy.enforce import PolicyEnforcer
+from bumper.proxy.eventlog import ConnectionLog
+from bumper.proxy.layers import NextLayer
+from bumper.proxy.pinlearner import PinLearner
+from bumper.proxy.state import ConnectionStates
+from bumper.proxy.tlsprovider import ClientTls, TlsProvider
+from bumper.proxy.upstreamerror import UpstreamErrorPages
+from bumper.upstream import aia
+from bumper.upstream.probe import UpstreamProbe
+from bumper.upstream.resolve import Override
+from bumper.upstream.tls import UpstreamTrust
 
 log = logging.getLogger("bumper")
 

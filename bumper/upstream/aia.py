@@ -24,7 +24,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
-from bumper import names
+from bumper.policy import names
 
 log = logging.getLogger("bumper.aia")
 
@@ -70,11 +70,11 @@ def verifies_with(
 ) -> bool:
     """Whether LEAF, with INTERMEDIATES (untrusted, only to build the path), chains to ROOTS and is
     valid for NAME as a TLS server certificate (RFC 5280 and the CA/Browser Forum profile)."""
-    subject: verification.DNSName | verification.IPAddress
+    subject: x509.DNSName | x509.IPAddress
     if names.is_ip_address(name):
-        subject = verification.IPAddress(ipaddress.ip_address(name))
+        subject = x509.IPAddress(ipaddress.ip_address(name))
     else:
-        subject = verification.DNSName(name)
+        subject = x509.DNSName(name)
     verifier = verification.PolicyBuilder().store(verification.Store(list(roots))).build_server_verifier(subject)
     try:
         verifier.verify(leaf, list(intermediates))

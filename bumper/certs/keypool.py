@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 
-from bumper import keys
+from bumper.certs import keys
 
 log = logging.getLogger("bumper.keys")
 

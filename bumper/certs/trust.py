@@ -33,8 +33,8 @@ REASONS = (
     "other",
 )
 
-_lib: Any = SSL._lib  # type: ignore[attr-defined]
-_ffi: Any = SSL._ffi  # type: ignore[attr-defined]
+_lib: Any = SSL._lib  # type: ignore[attr-defined,unused-ignore]
+_ffi: Any = SSL._ffi  # type: ignore[attr-defined,unused-ignore]
 
 # OpenSSL's X509_V_ERR_* codes; the three "too weak" codes (stable since 1.1.0) are not in the binding.
 _REASON_BY_CODE: dict[int, str] = {
@@ -77,7 +77,7 @@ class VerifyError:
 
     @property
     def text(self) -> str:
-        return _ffi.string(_lib.X509_verify_cert_error_string(self.code)).decode()
+        return str(_ffi.string(_lib.X509_verify_cert_error_string(self.code)).decode())
 
 
 @dataclass(frozen=True)

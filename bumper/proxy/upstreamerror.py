@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from bumper import pages
-from bumper.httpstream import respond_early
-from bumper.state import BlockedUpstream, ConnectionStates
+from bumper.proxy import pages
+from bumper.proxy.httpstream import respond_early
+from bumper.proxy.state import BlockedUpstream, ConnectionStates
 
 # ConnectionState.refused_by for connections on_upstream_error: block stopped.
 BY_UPSTREAM_ERROR = "on_upstream_error"

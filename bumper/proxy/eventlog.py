@@ -9,7 +9,7 @@ from typing import Any
 
 from mitmproxy import connection
 
-from bumper.state import ConnectionState, ConnectionStates
+from bumper.proxy.state import ConnectionState, ConnectionStates
 
 log = logging.getLogger("bumper.conn")
 

@@ -1,0 +1,95 @@
+"""The upstream leg's TLS: which roots, versions and ciphers bumper verifies upstreams with, and the
+host name check. Shared by the bumped connection's upstream handshake and the splice probe, so that
+both verify alike."""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from OpenSSL import SSL, crypto
+
+from bumper.certs import trust
+from bumper.certs.ca import load_pem_certificates
+
+# Towards upstreams: forward-secret AEAD first, CBC only with ECDHE; never anything that
+# would lower a client's security (no RC4, 3DES, DES, NULL, anonymous, export, PSK, SRP...).
+# SECLEVEL=2 makes OpenSSL refuse RSA keys under 2048 bits and SHA-1 signatures.
+UPSTREAM_CIPHERS = (
+    "@SECLEVEL=2:ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:ECDHE+AES:"
+    "!aNULL:!eNULL:!EXPORT:!DES:!3DES:!RC4:!MD5:!PSK:!SRP:!CAMELLIA:!IDEA:!SEED:!DSS"
+)
+
+# Only for upstreams a rule names, that speak nothing newer than TLS 1.0 or 1.1: OpenSSL 3 needs
+# SECLEVEL 0 for those, and they need CBC suites. Still no RC4, 3DES, export, NULL or anonymous.
+LEGACY_UPSTREAM_CIPHERS = (
+    "@SECLEVEL=0:ECDHE+AES:DHE+AES:RSA+AES:!aNULL:!eNULL:!EXPORT:!DES:!3DES:!RC4:!MD5:!PSK:!SRP:!DSS"
+)
+# The versions a rule or option may name, as OpenSSL numbers them.
+TLS_VERSIONS = {
+    "1.0": SSL.TLS1_VERSION, "1.1": SSL.TLS1_1_VERSION, "1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION,
+}  # fmt: skip
+
+# pyOpenSSL's raw OpenSSL bindings: hostname checking has no public pyOpenSSL API.
+_lib: Any = SSL._lib  # type: ignore[attr-defined,unused-ignore]
+# Host name checks as browsers do them: no partial wildcards, never the subject CN.
+_HOSTFLAGS = _lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS | getattr(_lib, "X509_CHECK_FLAG_NEVER_CHECK_SUBJECT", 0)
+
+
+@dataclass(frozen=True)
+class UpstreamTrust:
+    """Roots for verifying upstreams: the system store plus any --upstream-ca files."""
+
+    extra_ca_files: tuple[Path, ...] = ()
+
+    def all_files(self) -> list[Path]:
+        """The system bundle (as OpenSSL finds it, SSL_CERT_FILE included) and the extra files."""
+        system = ssl.get_default_verify_paths().cafile
+        return [*([Path(system)] if system else []), *self.extra_ca_files]
+
+    def check(self) -> None:
+        for path in self.extra_ca_files:
+            load_pem_certificates(path, f"--upstream-ca {path}")
+
+
+def upstream_context(trust: UpstreamTrust, min_version: str = "1.2") -> SSL.Context:
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)  # idle connections keep no record buffers: see client_context
+    context.set_min_proto_version(TLS_VERSIONS[min_version])
+    context.set_max_proto_version(SSL.TLS1_3_VERSION)
+    legacy = TLS_VERSIONS[min_version] < SSL.TLS1_2_VERSION
+    context.set_cipher_list((LEGACY_UPSTREAM_CIPHERS if legacy else UPSTREAM_CIPHERS).encode())
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    # Every verification error is recorded, not fatal: the handshake completes so that bumper can
+    # classify the failure and act on it (trust.py). Nothing is trusted on the way: a connection
+    # without a verdict, or with a failed one, never gets a trusted mimic unless its defects are
+    # ones the mimic carries to the client itself.
+    context.set_verify(SSL.VERIFY_PEER, _record_verify_error)
+    context.set_default_verify_paths()
+    for path in trust.extra_ca_files:
+        context.load_verify_locations(str(path))
+    return context
+
+
+def _record_verify_error(conn: SSL.Connection, cert: crypto.X509, code: int, depth: int, ok: int) -> bool:
+    if not ok:
+        conn.get_app_data().append(trust.VerifyError(code, depth))
+    return True
+
+
+def expect_hostname(conn: SSL.Connection, name: str) -> None:
+    """Send NAME as SNI (unless it is an IP address) and make OpenSSL verify the certificate covers it."""
+    param = _lib.SSL_get0_param(conn._ssl)
+    _lib.X509_VERIFY_PARAM_set_hostflags(param, _HOSTFLAGS)
+    try:
+        ip = ipaddress.ip_address(name).packed
+    except ValueError:
+        host = name.encode("idna")
+        conn.set_tlsext_host_name(host)
+        ok = _lib.X509_VERIFY_PARAM_set1_host(param, host, len(host))
+    else:
+        ok = _lib.X509_VERIFY_PARAM_set1_ip(param, ip, len(ip))
+    SSL._openssl_assert(ok == 1)
