@@ -30,7 +30,7 @@ from bumper.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.policy import LAB, AddonSpec, Policy
 from bumper.probe import UpstreamProbe
 from bumper.resolve import Override
-from bumper.tlsprovider import ClientTls, TlsProvider, UpstreamTrust
+from bumper.tlsprovider import ClientTls, TlsProvider, UpstreamTrust, UpstreamVerifier
 from bumper.upstreamerror import UpstreamErrorPages
 
 log = logging.getLogger("bumper")
@@ -105,6 +105,11 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     own_cas = [authority.trust_anchor, authority.cert]
     probe = UpstreamProbe(config.trust, lambda: [*own_cas, mimics.untrusted().cert])
     enforcer = PolicyEnforcer(config.policy, connections, probe, config.policy_path, config.addons)
+    verifier = UpstreamVerifier(
+        config.trust,
+        lambda: [*own_cas, mimics.untrusted().cert],
+        aia.IssuerFetcher() if config.fetch_issuers else None,
+    )
     pages = UpstreamErrorPages()
     runner = AddonRunner(config.addons, connections, config.always)
     enforcer.on_reload.append(runner.policy_reloaded)
@@ -116,15 +121,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         ConnectReplies(),
         pages,
         runner,  # after enforcer and pages: it skips what they refused
-        TlsProvider(
-            mimics,
-            config.trust,
-            connections,
-            enforcer.decision_for,
-            pages,
-            aia.IssuerFetcher() if config.fetch_issuers else None,
-            config.client_tls,
-        ),
+        TlsProvider(mimics, verifier, connections, enforcer.decision_for, pages, config.client_tls),
     )
     m.options.update(
         mode=["regular"],

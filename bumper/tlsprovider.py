@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,27 +155,79 @@ class UpstreamVerdict:
     fingerprint: str  # the upstream leaf's SHA-256
 
 
+class UpstreamVerifier:
+    """How bumper verifies an upstream, for both who ask: the bumped upstream leg (TlsProvider) and
+    the probe of `on_upstream_error: splice` (probe.py). One context per TLS floor, one host name
+    check, one recording of errors, one classification and one AIA fetcher (with its cache): the
+    two cannot reach different verdicts on the same upstream."""
+
+    def __init__(
+        self,
+        roots: UpstreamTrust,
+        own_cas: Callable[[], Sequence[x509.Certificate]],
+        issuers: aia.IssuerFetcher | None = None,
+    ) -> None:
+        self._roots = roots
+        self._own_cas = own_cas  # bumper's CAs, the untrusted one too: never trusted upstream
+        self._issuers = issuers  # completes chains that lack an intermediate; None: off
+        self._aia_roots = aia.load_roots(roots.all_files()) if issuers else []
+        self._contexts = {"1.2": upstream_context(roots)}  # by the lowest TLS version a rule allows
+
+    def connection(self, name: str, min_version: str, alpn_offers: Sequence[bytes]) -> SSL.Connection:
+        """A client connection to an upstream that should be NAME, its errors recorded in its app data."""
+        context = self._contexts.get(min_version)
+        if context is None:
+            context = self._contexts[min_version] = upstream_context(self._roots, min_version)
+        conn = SSL.Connection(context)
+        conn.set_app_data([])  # the verification errors, filled by _record_verify_error
+        expect_hostname(conn, name)
+        if alpn_offers:  # the server may choose its certificate by ALPN too
+            conn.set_alpn_protos(list(alpn_offers))
+        conn.set_connect_state()
+        return conn
+
+    def fetches_issuer(self, errors: Sequence[trust.VerifyError], chain: Sequence[x509.Certificate]) -> bool:
+        """Whether the verdict waits for an AIA fetch: a missing issuer, and fetching is on."""
+        return self._missing(errors, chain) is not None
+
+    def _missing(self, errors: Sequence[trust.VerifyError], chain: Sequence[x509.Certificate]) -> int | None:
+        missing = trust.missing_issuer(errors)
+        return missing if missing is not None and self._issuers is not None and missing < len(chain) else None
+
+    async def judge_completed(
+        self, errors: list[trust.VerifyError], chain: list[x509.Certificate], name: str
+    ) -> UpstreamVerdict:
+        """The verdict, after fetching the missing issuer of an incomplete chain (if fetches_issuer)."""
+        missing = self._missing(errors, chain)
+        if missing is not None:
+            assert self._issuers is not None
+            fetched = await self._issuers.issuers(chain[missing])
+            if fetched and aia.verifies_with(chain[0], [*chain[1:], *fetched], self._aia_roots, name):
+                errors, chain = [], [*chain, *fetched]  # own CA and weakness checks still apply, in judge
+        return self.judge(errors, chain)
+
+    def judge(self, errors: list[trust.VerifyError], chain: list[x509.Certificate]) -> UpstreamVerdict:
+        """The verdict on a chain (leaf first) and the errors OpenSSL recorded while verifying it."""
+        verdict = trust.classify(errors, chain, self._own_cas())
+        return UpstreamVerdict(verdict, trust.signing_mode(errors, verdict), fingerprint(chain[0]) if chain else "-")
+
+
 class TlsProvider:
     def __init__(
         self,
         mimics: MimicStore,
-        roots: UpstreamTrust,
+        verifier: UpstreamVerifier,
         connections: ConnectionLog,
         decisions: Callable[[str], Decision | None],
         pages: UpstreamErrorPages,
-        issuers: aia.IssuerFetcher | None = None,
         client_tls: ClientTls | None = None,
     ) -> None:
         self.mimics = mimics
-        self.issuers = issuers  # completes chains that lack an intermediate; None: off
-        self._roots = aia.load_roots(roots.all_files()) if issuers else []
+        self.verifier = verifier  # shared with the splice probe
         self.connections = connections
         self.decisions = decisions  # the policy's decision for a client connection
         self.pages = pages
-        self._roots_config = roots
-        self._upstream_ctx = {"1.2": upstream_context(roots)}  # by the lowest TLS version a rule allows
         self._client_ctx = client_context(mimics.ca.chain, client_tls)
-        self._own_cas = [mimics.ca.trust_anchor, mimics.ca.cert]
         self._verdicts: dict[str, UpstreamVerdict] = {}  # by client connection id, until its handshake
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
@@ -191,19 +243,8 @@ class TlsProvider:
         if not server.alpn_offers:
             server.alpn_offers = tuple(client.alpn_offers)
         decision = self.decisions(client.id)
-        conn = SSL.Connection(self._upstream_context(decision.upstream_tls_min if decision else "1.2"))
-        conn.set_app_data([])  # the verification errors, filled by _record_verify_error
-        expect_hostname(conn, server.sni)
-        if server.alpn_offers:
-            conn.set_alpn_protos(list(server.alpn_offers))
-        conn.set_connect_state()
-        tls_start.ssl_conn = conn
-
-    def _upstream_context(self, min_version: str) -> SSL.Context:
-        context = self._upstream_ctx.get(min_version)
-        if context is None:
-            context = self._upstream_ctx[min_version] = upstream_context(self._roots_config, min_version)
-        return context
+        min_version = decision.upstream_tls_min if decision else "1.2"
+        tls_start.ssl_conn = self.verifier.connection(server.sni, min_version, server.alpn_offers)
 
     async def _certificate_for(
         self, client: connection.Client, server: connection.Server, upstream: x509.Certificate, found: UpstreamVerdict
@@ -241,25 +282,18 @@ class TlsProvider:
         assert data.ssl_conn is not None
         errors: list[trust.VerifyError] = data.ssl_conn.get_app_data()
         chain = [c._cert for c in data.conn.certificate_list]  # mitmproxy's Cert wraps cryptography's
-        missing = trust.missing_issuer(errors)
-        if missing is not None and self.issuers is not None and missing < len(chain):
-            return self._fetch_issuer_first(data, errors, chain, missing)  # only this verdict has to wait
-        self._judge(data, errors, chain)
+        if self.verifier.fetches_issuer(errors, chain):
+            return self._fetch_issuer_first(data, errors, chain)  # only this verdict has to wait
+        self._keep(data, self.verifier.judge(errors, chain))
         return None
 
     async def _fetch_issuer_first(
-        self, data: tls.TlsData, errors: list[trust.VerifyError], chain: list[x509.Certificate], missing: int
+        self, data: tls.TlsData, errors: list[trust.VerifyError], chain: list[x509.Certificate]
     ) -> None:
         """An upstream that sent an incomplete chain: its missing issuer, fetched by AIA, may complete it."""
-        assert self.issuers is not None
-        fetched = await self.issuers.issuers(chain[missing])
-        if fetched and aia.verifies_with(chain[0], [*chain[1:], *fetched], self._roots, str(data.conn.sni)):
-            errors, chain = [], [*chain, *fetched]  # own CA and weakness checks still apply, in _judge
-        self._judge(data, errors, chain)
+        self._keep(data, await self.verifier.judge_completed(errors, chain, str(data.conn.sni)))
 
-    def _judge(self, data: tls.TlsData, errors: list[trust.VerifyError], chain: list[x509.Certificate]) -> None:
-        verdict = trust.classify(errors, chain, [*self._own_cas, self.mimics.untrusted().cert])
-        found = UpstreamVerdict(verdict, trust.signing_mode(errors, verdict), fingerprint(chain[0]) if chain else "-")
+    def _keep(self, data: tls.TlsData, found: UpstreamVerdict) -> None:
         self._verdicts[data.context.client.id] = found
         if record := self.connections.record(data.context.client.id):
             record.verified(found.verdict, found.fingerprint)
