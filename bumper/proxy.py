@@ -103,13 +103,13 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     connections = ConnectionLog()
     mimics = mimic_store(config, authority)
     own_cas = [authority.trust_anchor, authority.cert]
-    probe = UpstreamProbe(config.trust, lambda: [*own_cas, mimics.untrusted().cert])
-    enforcer = PolicyEnforcer(config.policy, connections, probe, config.policy_path, config.addons)
+    # One verifier for the bumped upstream leg and the splice probe: they cannot disagree.
     verifier = UpstreamVerifier(
         config.trust,
         lambda: [*own_cas, mimics.untrusted().cert],
         aia.IssuerFetcher() if config.fetch_issuers else None,
     )
+    enforcer = PolicyEnforcer(config.policy, connections, UpstreamProbe(verifier), config.policy_path, config.addons)
     pages = UpstreamErrorPages()
     runner = AddonRunner(config.addons, connections, config.always)
     enforcer.on_reload.append(runner.policy_reloaded)
