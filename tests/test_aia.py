@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -12,7 +13,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from bumper.upstream import aia
 from tests import pki
-from tests.conftest import Bumper, Pki, Upstream, curl, tcp_server
+from tests.conftest import Bumper, Pki, Upstream, curl, start_with_policy, tcp_server
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,21 @@ def test_the_missing_intermediate_is_fetched_once_and_the_chain_trusted(
         line = bumper.connection_line(int(r.stdout.removeprefix("hello from upstream")))
         assert " verify=trusted " in line
     assert len(requests) == 1 and requests[0].startswith(b"GET /int.der HTTP/1.0\r\n")  # cached
+
+
+def test_the_splice_probe_completes_the_chain_with_the_bumped_legs_fetch(
+    start_bumper, incomplete_upstream: Upstream, issuer_server, tmp_path: Path
+) -> None:
+    """Under on_upstream_error: splice, the probe fetches the missing intermediate as the bumped leg
+    would: the chain is trusted, so the connection is bumped, not spliced. Probe and bumped leg share
+    one fetcher, so one fetch serves both."""
+    _, requests = issuer_server
+    splicing = start_with_policy(start_bumper, tmp_path, "on_upstream_error: splice\n")
+    r = curl(splicing, incomplete_upstream.url("/"), "-w", "%{local_port}")
+    assert r.stdout.startswith("hello from upstream"), r.stderr  # curl trusts bumper's CA only: bumped
+    line = splicing.connection_line(int(r.stdout.removeprefix("hello from upstream")))
+    assert " action=bump rule=default verify=trusted " in line
+    assert len(requests) == 1
 
 
 def test_without_fetching_the_chain_stays_incomplete(

@@ -3,7 +3,9 @@ bumper the same verification failure it sees directly, and the block and allow a
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -22,6 +24,9 @@ from bumper.certs import trust
 from bumper.certs.trust import VerifyError
 from bumper.errors import ConfigError
 from bumper.policy import rules as policy
+from bumper.upstream.probe import UpstreamProbe
+from bumper.upstream.tls import UpstreamTrust
+from bumper.upstream.verifier import UpstreamVerifier
 from tests import pki
 from tests.conftest import Bumper, Pki, Upstream, client_tls_context, curl, open_tunnel, start_with_policy
 
@@ -177,11 +182,16 @@ STRICTER: dict[str, tuple[str, Callable[[pki.Authority], pki.Leaf], str]] = {
 }
 
 
+@pytest.fixture(scope="module")
+def stricter(start_upstream, test_pki: Pki) -> dict[str, Upstream]:
+    return {case: start_upstream(make(test_pki.root), host=host) for case, (host, make, _) in STRICTER.items()}
+
+
 @pytest.mark.parametrize("case", list(STRICTER))
-def test_defects_only_an_untrusted_ca_can_carry(case: str, start_upstream, bumper: Bumper, test_pki: Pki) -> None:
-    host, make, reason = STRICTER[case]
-    upstream = start_upstream(make(test_pki.root), host=host)
-    code, verify_result, port = curl_verdict(["--cacert", str(bumper.ca_pem), "-x", bumper.proxy], upstream.url("/"))
+def test_defects_only_an_untrusted_ca_can_carry(case: str, stricter: dict[str, Upstream], bumper: Bumper) -> None:
+    reason = STRICTER[case][2]
+    args = ["--cacert", str(bumper.ca_pem), "-x", bumper.proxy]
+    code, verify_result, port = curl_verdict(args, stricter[case].url("/"))
     assert (code, verify_result) == (60, "20")  # signed by bumper's untrusted CA: an unknown issuer to the client
     assert f" verify={reason} " in bumper.connection_line(int(port))
 
@@ -336,3 +346,109 @@ def test_python_sees_through_bumper_what_it_sees_directly(
     )
     tunnel, _ = open_tunnel(bumper, upstream.host, upstream.port)
     assert python_verify_code(tunnel, bumper.ca_pem, upstream.host) == direct
+
+
+# --- the splice probe verifies exactly as the bumped leg does -------------------------------------
+
+
+def log_field(line: str, name: str) -> str:
+    """One NAME=VALUE field of a connection log line."""
+    found = re.search(rf" {name}=(\S+)", line)
+    assert found is not None, line
+    return found.group(1)
+
+
+@pytest.mark.parametrize(
+    ("host", "make"),
+    [
+        # No subjectAltName: the host is named only in the subject CN, which Python's default context
+        # (the probe's before) still reads when there is no SAN, and browsers and bumper never do.
+        ("cn-only.test", lambda root: root.leaf(subject=pki.name("cn-only.test"))),
+        ("www.test", lambda root: root.leaf("w*.test")),  # a partial wildcard
+    ],
+)
+def test_the_probe_checks_the_name_as_the_bumped_leg_does(
+    host: str,
+    make: Callable[[pki.Authority], pki.Leaf],
+    start_upstream,
+    bumper: Bumper,
+    splice_on_error_bumper: Bumper,
+    test_pki: Pki,
+) -> None:
+    """The same upstream under a bump rule and under a splice-on-error rule: one verdict, so the
+    second splices it, where it bumped it before and answered every request with a 502."""
+    upstream = start_upstream(make(test_pki.root), host=host)
+    _, _, bumped_port = curl_verdict(["-k", "-x", bumper.proxy], upstream.url("/"))
+    _, _, spliced_port = curl_verdict(["-k", "-x", splice_on_error_bumper.proxy], upstream.url("/"))
+    bumped = bumper.connection_line(int(bumped_port))
+    spliced = splice_on_error_bumper.connection_line(int(spliced_port))
+    assert (log_field(bumped, "action"), log_field(bumped, "verify")) == ("bump", "hostname_mismatch")
+    assert (log_field(spliced, "action"), log_field(spliced, "verify")) == ("splice", "hostname_mismatch")
+
+
+def old_erp_policy(on_upstream_error: str) -> str:
+    return (
+        "rules:\n"
+        "  - name: old-erp\n"
+        "    match: {sni: [old-erp.test]}\n"
+        "    action: bump\n"
+        '    upstream_tls_min: "1.1"\n'
+        f"    on_upstream_error: {on_upstream_error}\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def expired_tls11_upstream(start_upstream, test_pki: Pki) -> Upstream:
+    leaf = test_pki.root.leaf("old-erp.test", not_before=pki.NOW - 90 * DAY, not_after=pki.NOW - DAY)
+    return start_upstream(leaf, tls="1.1", host="old-erp.test")
+
+
+def test_the_probe_speaks_down_to_the_rules_tls_floor(
+    start_bumper, expired_tls11_upstream: Upstream, tmp_path: Path
+) -> None:
+    """A TLS 1.1-only upstream with an expired certificate, under a rule with upstream_tls_min "1.1":
+    the bumped leg reaches it and calls it expired, and so must the probe, which then splices it."""
+    lines = {}
+    for on_error in ("mimic", "splice"):
+        (tmp_path / on_error).mkdir()
+        proxy = start_with_policy(start_bumper, tmp_path / on_error, old_erp_policy(on_error))
+        _, _, port = curl_verdict(["-k", "-x", proxy.proxy], expired_tls11_upstream.url("/"))
+        lines[on_error] = proxy.connection_line(int(port))
+    assert [log_field(lines[e], "action") for e in ("mimic", "splice")] == ["bump", "splice"]
+    assert [log_field(lines[e], "verify") for e in ("mimic", "splice")] == ["expired", "expired"]
+
+
+def test_below_the_rules_tls_floor_the_probe_fails_as_the_bumped_leg_does(
+    expired_tls11_upstream: Upstream, bumper: Bumper, splice_on_error_bumper: Bumper
+) -> None:
+    """The default floor, TLS 1.2, and an upstream that speaks only 1.1: the bumped leg's handshake
+    fails, with no verdict. The probe's fails too, it cannot tell, so the connection goes on to be
+    bumped and fails the same way: it is not spliced past the floor."""
+    decided = []
+    for proxy in (bumper, splice_on_error_bumper):
+        code, _, port = curl_verdict(["-k", "-x", proxy.proxy], expired_tls11_upstream.url("/"))
+        assert code != 0
+        line = proxy.connection_line(int(port))
+        decided.append(line[line.index(" action=") :])
+    assert decided[0] == decided[1]
+    assert " action=bump rule=default verify=- upstream_sha256=- requests=0 outcome=upstream TLS failed: " in decided[0]
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+@pytest.mark.parametrize("case", [*FAILING, *STRICTER])
+def test_the_probe_reaches_the_bumped_legs_verdict(
+    case: str, zoo: dict[str, Upstream], stricter: dict[str, Upstream], block_bumper: Bumper, test_pki: Pki
+) -> None:
+    """The probe, with block_bumper's roots and CAs, against a failing upstream: its verdict, reason and
+    detail, is the one block_bumper's bumped leg reached and wrote on its 502 page."""
+    upstream = {**zoo, **stricter}[case]
+    r = curl(block_bumper, upstream.url("/"), "-H", "Accept: application/json")
+    page = json.loads(r.stdout)
+    own_cas = [load_cert(block_bumper.ca_dir / name) for name in ("ca.pem", ca_files.UNTRUSTED_CERT_FILE)]
+    probe = UpstreamProbe(UpstreamVerifier(UpstreamTrust((test_pki.root_pem,)), lambda: own_cas))
+    verdict = asyncio.run(probe.verdict("127.0.0.1", upstream.port, upstream.host, "1.2", [b"h2", b"http/1.1"]))
+    assert verdict is not None
+    assert (verdict.reason, verdict.detail) == (page["reason"], page["detail"])

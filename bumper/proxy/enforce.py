@@ -116,7 +116,10 @@ class PolicyEnforcer:
     async def _probe_first(self, data: tls.ClientHelloData, decision: Decision, host: str, port: int) -> None:
         """on_upstream_error: splice: the upstream's verdict, before the client's handshake, decides."""
         assert self.probe is not None
-        verdict = await self.probe.verdict(host, port, data.client_hello.sni or host)
+        hello = data.client_hello
+        # As the bumped leg will ask: the client's SNI (or the CONNECT host) and ALPN offers, the rule's TLS floor.
+        name, floor = hello.sni or host, decision.upstream_tls_min
+        verdict = await self.probe.verdict(host, port, name, floor, hello.alpn_protocols)
         if verdict is not None and not verdict.trusted:
             decision = Decision(Action.SPLICE, decision.rule, decision.on_upstream_error)
             if state := self.states.of(data.context.client.id):

@@ -40,6 +40,7 @@ from bumper.upstream import aia
 from bumper.upstream.probe import UpstreamProbe
 from bumper.upstream.resolve import Override
 from bumper.upstream.tls import UpstreamTrust
+from bumper.upstream.verifier import UpstreamVerifier
 
 log = logging.getLogger("bumper")
 
@@ -112,7 +113,12 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     connection_log = ConnectionLog(states)
     mimics = mimic_store(config, authority)
     own_cas = [authority.trust_anchor, authority.cert]
-    probe = UpstreamProbe(config.trust, lambda: [*own_cas, mimics.untrusted().cert])
+    # One verifier for the bumped upstream leg and the splice probe: they cannot disagree.
+    verifier = UpstreamVerifier(
+        config.trust,
+        lambda: [*own_cas, mimics.untrusted().cert],
+        aia.IssuerFetcher() if config.fetch_issuers else None,
+    )
     source = PolicySource(config.policy, config.policy_path, config.addons)
     pins = PinLearner(LearnedPins(), states)
     connection_log.on_end.append(pins.connection_ended)
@@ -123,18 +129,12 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         NextLayer(m.addons),
         states,  # first: every other addon finds the connection's state
         source,
-        PolicyEnforcer(source, states, pins.pins, probe),  # before TlsProvider: it sees the decision
+        PolicyEnforcer(source, states, pins.pins, UpstreamProbe(verifier)),  # before TlsProvider: it sees the decision
         pins,
         ConnectReplies(),
         UpstreamErrorPages(states),
         runner,  # after the enforcer and the error pages: it skips what they refused
-        TlsProvider(
-            mimics,
-            config.trust,
-            states,
-            aia.IssuerFetcher() if config.fetch_issuers else None,
-            config.client_tls,
-        ),
+        TlsProvider(mimics, verifier, states, config.client_tls),
         connection_log,  # last: the others' client_disconnected still see the state it then forgets
     )
     m.options.update(

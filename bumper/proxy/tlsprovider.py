@@ -18,7 +18,6 @@ from mitmproxy.addons.tlsconfig import AppData, alpn_select_callback
 from OpenSSL import SSL, crypto
 
 from bumper.certs import trust
-from bumper.certs.ca import fingerprint
 from bumper.certs.mimic import UnmimicableCertificate
 from bumper.certs.mimicstore import Mimic, MimicStore
 from bumper.certs.trust import UpstreamVerdict
@@ -26,8 +25,8 @@ from bumper.errors import ConfigError
 from bumper.policy.rules import OnUpstreamError
 from bumper.proxy.state import BlockedUpstream, ConnectionState, ConnectionStates
 from bumper.proxy.upstreamerror import BY_UPSTREAM_ERROR
-from bumper.upstream import aia
-from bumper.upstream.tls import TLS_VERSIONS, UpstreamTrust, expect_hostname, upstream_context
+from bumper.upstream.tls import TLS_VERSIONS
+from bumper.upstream.verifier import UpstreamVerifier
 
 log = logging.getLogger("bumper.tls")
 
@@ -75,19 +74,14 @@ class TlsProvider:
     def __init__(
         self,
         mimics: MimicStore,
-        roots: UpstreamTrust,
+        verifier: UpstreamVerifier,
         states: ConnectionStates,
-        issuers: aia.IssuerFetcher | None = None,
         client_tls: ClientTls | None = None,
     ) -> None:
         self.mimics = mimics
-        self.issuers = issuers  # completes chains that lack an intermediate; None: off
-        self._roots = aia.load_roots(roots.all_files()) if issuers else []
+        self.verifier = verifier  # shared with the splice probe
         self.states = states
-        self._roots_config = roots
-        self._upstream_ctx = {"1.2": upstream_context(roots)}  # by the lowest TLS version a rule allows
         self._client_ctx = client_context(mimics.ca.chain, client_tls)
-        self._own_cas = [mimics.ca.trust_anchor, mimics.ca.cert]
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         # Server-first, unless the connection is spliced or refused (client.error set by bumper).
@@ -105,19 +99,8 @@ class TlsProvider:
         decision = state.decision if state else None
         if state:
             state.upstream = None  # only this handshake's verdict may decide the client's certificate
-        conn = SSL.Connection(self._upstream_context(decision.upstream_tls_min if decision else "1.2"))
-        conn.set_app_data([])  # the verification errors, filled by _record_verify_error
-        expect_hostname(conn, server.sni)
-        if server.alpn_offers:
-            conn.set_alpn_protos(list(server.alpn_offers))
-        conn.set_connect_state()
-        tls_start.ssl_conn = conn
-
-    def _upstream_context(self, min_version: str) -> SSL.Context:
-        context = self._upstream_ctx.get(min_version)
-        if context is None:
-            context = self._upstream_ctx[min_version] = upstream_context(self._roots_config, min_version)
-        return context
+        min_version = decision.upstream_tls_min if decision else "1.2"
+        tls_start.ssl_conn = self.verifier.connection(server.sni, min_version, server.alpn_offers)
 
     async def _certificate_for(
         self, state: ConnectionState, server: connection.Server, upstream: x509.Certificate, found: UpstreamVerdict
@@ -156,28 +139,21 @@ class TlsProvider:
     def tls_established_server(self, data: tls.TlsData) -> Awaitable[None] | None:
         assert data.ssl_conn is not None
         errors: list[trust.VerifyError] = data.ssl_conn.get_app_data()
-        chain = [c.to_cryptography() for c in data.conn.certificate_list]  # mitmproxy's Cert wraps cryptography's
-        missing = trust.missing_issuer(errors)
-        if missing is not None and self.issuers is not None and missing < len(chain):
-            return self._fetch_issuer_first(data, errors, chain, missing)  # only this verdict has to wait
-        self._judge(data, errors, chain)
+        chain = [c.to_cryptography() for c in data.conn.certificate_list]
+        if self.verifier.fetches_issuer(errors, chain):
+            return self._fetch_issuer_first(data, errors, chain)  # only this verdict has to wait
+        self._keep(data, self.verifier.judge(errors, chain))
         return None
 
     async def _fetch_issuer_first(
-        self, data: tls.TlsData, errors: list[trust.VerifyError], chain: list[x509.Certificate], missing: int
+        self, data: tls.TlsData, errors: list[trust.VerifyError], chain: list[x509.Certificate]
     ) -> None:
         """An upstream that sent an incomplete chain: its missing issuer, fetched by AIA, may complete it."""
-        assert self.issuers is not None
-        fetched = await self.issuers.issuers(chain[missing])
-        if fetched and aia.verifies_with(chain[0], [*chain[1:], *fetched], self._roots, str(data.conn.sni)):
-            errors, chain = [], [*chain, *fetched]  # own CA and weakness checks still apply, in _judge
-        self._judge(data, errors, chain)
+        self._keep(data, await self.verifier.judge_completed(errors, chain, str(data.conn.sni)))
 
-    def _judge(self, data: tls.TlsData, errors: list[trust.VerifyError], chain: list[x509.Certificate]) -> None:
-        verdict = trust.classify(errors, chain, [*self._own_cas, self.mimics.untrusted().cert])
-        leaf = fingerprint(chain[0]).replace(":", "") if chain else None
+    def _keep(self, data: tls.TlsData, found: UpstreamVerdict) -> None:
         if state := self.states.of(data.context.client.id):
-            state.verified(UpstreamVerdict(verdict, trust.signing_mode(errors, verdict), leaf))
+            state.verified(found)
 
     def running(self) -> None:
         self.mimics.start()
