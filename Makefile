@@ -1,17 +1,22 @@
 # make bench: the whole benchmark (bench/README.md, "run.py"), about 15-20 minutes on 2 cores.
 # make bench-quick: the same with tiny counts and one repetition, to check the harness (a few minutes).
-# VENV=/path/to/venv uses an existing venv (with bumper and mitmproxy 11) instead of making .venv;
+# VENV=/path/to/venv uses an existing venv (with bumper and mitmproxy 12) instead of making .venv;
 # BENCH_ARGS="--only w1,w2 --contenders bumper,mitmproxy" is passed to bench/run.py.
+# BASELINE=/path/to/other/venv compares two bumper builds side by side in one run (say before and after
+# a dependency upgrade): that venv's bumper runs as one more contender, bumper-before, started as bumper
+# is, and the table gets a bumper/bumper-before column (bench/run.py --baseline).
 VENV ?= .venv
 BENCH_ARGS ?=
+BASELINE ?=
+RUN_ARGS = $(if $(BASELINE),--baseline $(BASELINE)) $(BENCH_ARGS)
 
 .PHONY: bench bench-quick bench-setup bench-clean
 
 bench: bench-setup
-	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+	$(VENV)/bin/python bench/run.py $(RUN_ARGS)
 
 bench-quick: bench-setup
-	$(VENV)/bin/python bench/run.py --quick $(BENCH_ARGS)
+	$(VENV)/bin/python bench/run.py --quick $(RUN_ARGS)
 
 bench-setup:
 	VENV=$(VENV) bash bench/setup.sh

@@ -214,20 +214,30 @@ def environment() -> dict[str, object]:
         info["mitmproxy"] = mitmproxy.version.VERSION
     except ImportError:
         pass
+    commit = bumper_commit(REPO_DIR)
+    if commit:
+        info["bumper_commit"] = commit
+    return info
+
+
+def bumper_commit(repo: Path) -> str | None:
+    """REPO's commit, with +local-edits-in-bumper/ when its bumper/ has uncommitted changes; None when REPO is
+    not the top of a git checkout (a venv inside a checkout is not that checkout's code)."""
+    if not (repo / ".git").exists():  # a directory in a clone, a file in a worktree
+        return None
     try:
         head = subprocess.run(
-            ["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(REPO_DIR), "status", "--porcelain", "--", "bumper"],
+            ["git", "-C", str(repo), "status", "--porcelain", "--", "bumper"],
             capture_output=True,
             text=True,
             timeout=10,
         ).stdout.strip()
-        info["bumper_commit"] = head + ("+local-edits-in-bumper/" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        pass
-    return info
+        return None
+    return (head + ("+local-edits-in-bumper/" if dirty else "")) if head else None
 
 
 def write_json(kind: str, stamp: str, data: dict[str, object]) -> Path:

@@ -2,7 +2,9 @@
 
     make bench          # bench/setup.sh (Debian packages, .venv, the Go load generator), then this, ~15-20 min
     make bench-quick    # tiny counts, 1 repetition: proves the harness works end to end, ~3 min
+    make bench BASELINE=/other/venv   # another bumper build side by side, as the contender bumper-before
     .venv/bin/python bench/run.py [--quick] [--reps N] [--duration S] [--only w1,w2,...] [--contenders ...]
+                                  [--baseline VENV]
 
 The proxy under test runs on CPU 0 (`taskset -c 0`); nginx (the origin), the load generator
 (bench/loadgen, Go) and this script run on CPU 1, so every figure is per core. How busy each CPU was
@@ -16,6 +18,10 @@ Workloads (see bench/README.md):
   w4  200 distinct host names, first contact (cold mint) then again (cache hit): setup p50, p99
   w5  1,000 idle bumped connections held open: proxy RSS per connection
   w6  bumper only: policy decision with 10,000 rules (bench/policy.py), mint times (bench/mint.py)
+
+--baseline VENV adds bumper-before: the bumper in VENV (VENV/bin/bumper, and VENV/bin/python for w6),
+started exactly as bumper is, so two builds (say before and after a dependency upgrade) are compared
+in one run; the table gets a bumper/bumper-before column.
 
 Each contender is started fresh for each group of workloads and each repetition (in an order rotated
 per repetition) and stopped by its own PID (SIGTERM, then SIGKILL), also on Ctrl-C and on errors.
@@ -40,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import _common as c
@@ -56,8 +62,10 @@ NAME_FMT = "h%03d." + DOMAIN
 BIN = Path(sys.executable).parent
 CACHE = c.BENCH_DIR / ".cache"
 LOADGEN = CACHE / "loadgen"
-CONTENDERS = ("direct", "mitmproxy", "bumper", "squid")
-PROXIES = ("mitmproxy", "bumper", "squid")
+BASELINE = "bumper-before"  # the bumper build of --baseline VENV
+CONTENDERS = ("direct", "mitmproxy", "bumper", BASELINE, "squid")
+# The table's bumper/X ratio columns, for each X in the run: the other build first, it is why it was asked for.
+RATIO_COLUMNS = (BASELINE, "mitmproxy", "squid", "direct")
 START_TIMEOUT = 60.0
 SETTLE = 2.0  # seconds between a proxy listening and the first measured connection (bumper makes its pooled keys)
 MIB = 1 << 20
@@ -462,12 +470,52 @@ def executable(name: str) -> str:
     return str(path) if path.exists() else (shutil.which(name) or name)
 
 
-def bumper_has_access_log() -> bool:
+def has_access_log(bumper: str) -> bool:
     try:
-        out = subprocess.run([executable("bumper"), "--help"], capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run([bumper, "--help"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         return False
     return "--access-log" in out
+
+
+# Run by a build's Python: what that build is.
+# A build's Python must never run in a checkout: bumper re-executes itself as `python -O -m bumper`, and its key
+# worker is a multiprocessing forkserver started with `python -c`; both put the working directory first on
+# sys.path, so the checkout's bumper/ would shadow the build's own. Each build's bumper runs in its own work
+# directory, and this query and workload 6's scripts run in a bench/ directory (no bumper/ there, and on the
+# scripts' sys.path anyway).
+_BUILD_INFO = (
+    "import json, pathlib, sys, bumper, mitmproxy.version; "
+    "print(json.dumps([sys.version.split()[0], mitmproxy.version.VERSION, str(pathlib.Path(bumper.__file__).parent)]))"
+)
+
+
+@dataclass(frozen=True)
+class Build:
+    """A bumper build under test: its bumper executable, the Python of its venv (which runs workload 6), and the
+    git checkout its bumper package is in (None for an installed copy)."""
+
+    bumper: str
+    python: str
+    access_log: bool  # whether it has --access-log (older builds did not)
+    checkout: Path | None
+    commit: str  # as c.bumper_commit, "?" without a checkout
+    mitmproxy: str
+    python_version: str
+
+    @classmethod
+    def of(cls, bumper: str, python: str) -> Build:
+        p = subprocess.run([python, "-c", _BUILD_INFO], capture_output=True, text=True, timeout=60, cwd=c.BENCH_DIR)
+        if p.returncode:
+            raise SystemExit(f"bench: {python} cannot import bumper and mitmproxy:\n{p.stderr.strip()[-500:]}")
+        python_version, mitmproxy, package = json.loads(p.stdout)
+        repo = Path(package).parent
+        commit = c.bumper_commit(repo)
+        checkout = repo if commit else None
+        return cls(bumper, python, has_access_log(bumper), checkout, commit or "?", mitmproxy, python_version)
+
+    def label(self) -> str:
+        return f"{self.commit} on mitmproxy {self.mitmproxy}, Python {self.python_version}"
 
 
 def squid_unavailable() -> str | None:
@@ -486,15 +534,16 @@ def squid_unavailable() -> str | None:
 
 
 def start_contender(
-    name: str, origin: Origin, workroot: Path, pki_dir: Path, names: list[str], state: dict
+    name: str, origin: Origin, workroot: Path, pki_dir: Path, names: list[str], builds: dict[str, Build]
 ) -> Contender:
     if name == "direct":
         return Contender("direct", origin.port, origin.root)
     work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workroot))
     work.chmod(0o755)
-    if name == "bumper":
+    if name in builds:  # every bumper build is started the same way, so the builds are all that differs
+        build = builds[name]
         argv = [
-            executable("bumper"),
+            build.bumper,
             "--ca", str(work / "ca"),
             "--listen", f"{HOST}:0",
             "--upstream-ca", str(origin.root),
@@ -502,16 +551,16 @@ def start_contender(
         ]  # fmt: skip
         notes = []
         access_log = None
-        if state["bumper_access_log"]:
+        if build.access_log:
             access_log = work / "access.jsonl"
             argv += ["--access-log", str(access_log)]
         else:
-            notes.append("bumper has no --access-log yet: run without an access log")
+            notes.append(f"{name} has no --access-log: it ran without an access log")
         if origin.port not in (443, 8443):  # the default policy allows only these (noted under the table)
             policy = work / "ports.yaml"
             policy.write_text("ports: ['1-65535']\n")
             argv += ["--policy", str(policy)]
-        proc = Proc("bumper", argv, PROXY_CPU, work)
+        proc = Proc(name, argv, PROXY_CPU, work, cwd=work)  # not a checkout: see _BUILD_INFO
         port = int(proc.wait_for_line(r"proxy listening on 127\.0\.0\.1:(\d+)").group(1))
         cafile = work / "ca" / "ca.pem"
     elif name == "mitmproxy":
@@ -831,45 +880,74 @@ GROUPS = {
 }
 
 
-def run_micro(prof: Profile, only: set[str]) -> dict:
-    """Workload 6: bench/policy.py and bench/mint.py, each pinned to the proxy CPU, prof.micro_reps times."""
-    out: dict = {"policy": [], "mint": [], "errors": []}
-    py = sys.executable
+def rotated(items: list[str], rep: int) -> list[str]:
+    """ITEMS in the order of repetition REP: each repetition starts one further along."""
+    return items[rep % len(items) :] + items[: rep % len(items)]
+
+
+def w6_scripts(name: str, build: Build) -> Path | None:
+    """The bench/ whose policy.py and mint.py workload 6 runs with BUILD's Python: this checkout's for bumper; for
+    another build, a fresh copy (in bench/.cache/) of its own checkout's bench/, whose scripts use that bumper's
+    API and whose results files stay out of that checkout. None when there is none."""
+    if name == "bumper":
+        return c.BENCH_DIR
+    if build.checkout is None or not (build.checkout / "bench" / "mint.py").is_file():
+        return None
+    copy = CACHE / f"{name}-bench" / "bench"
+    shutil.rmtree(copy.parent, ignore_errors=True)
+    shutil.copytree(build.checkout / "bench", copy, ignore=shutil.ignore_patterns(".cache", "results"))
+    return copy
+
+
+def run_micro(prof: Profile, builds: dict[str, Build]) -> dict[str, dict]:
+    """Workload 6: bench/policy.py and bench/mint.py, run by each build's Python (so against its bumper), each
+    pinned to the proxy CPU, prof.micro_reps times, the builds in an order rotated every repetition."""
+    out: dict[str, dict] = {name: {"policy": [], "mint": [], "errors": []} for name in builds}
+    scripts = {name: w6_scripts(name, build) for name, build in builds.items()}
+    for name, where in scripts.items():
+        if where is None:
+            out[name]["errors"].append(f"w6 {name}: its bumper is not in a checkout with bench/mint.py: not run")
     for rep in range(prof.micro_reps):
-        start = time.time()
-        log(f"w6 policy.py {rep + 1}/{prof.micro_reps}...")
-        p = subprocess.run(
-            ["taskset", "-c", str(PROXY_CPU), py, str(c.BENCH_DIR / "policy.py")],
-            capture_output=True, text=True, timeout=300, cwd=c.REPO_DIR,
-        )  # fmt: skip
-        found = [f for f in c.RESULTS_DIR.glob("policy-*.json") if f.stat().st_mtime >= start - 1]
-        if p.returncode == 0 and found:
-            d = json.loads(max(found, key=lambda f: f.stat().st_mtime).read_text())
-            out["policy"].append({"p50_us": d["indexed_us"]["p50"], "p99_us": d["indexed_us"]["p99"],
-                                  "scan_p50_us": d["scan_us"]["p50"], "rules": d["rules"]})  # fmt: skip
-        else:
-            out["errors"].append(f"policy.py exit {p.returncode}: {p.stderr[-400:]}")
-        log(f"w6 mint.py {rep + 1}/{prof.micro_reps}...")
-        argv = ["taskset", "-c", str(PROXY_CPU), py, str(c.BENCH_DIR / "mint.py")] + (
-            ["--quick"] if prof.mint_quick else []
-        )
-        m = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=c.REPO_DIR)
-        path = re.search(r"JSON: (\S+\.json)", m.stdout)
-        if m.returncode == 0 and path:
-            d = json.loads((c.REPO_DIR / path.group(1)).read_text())
-            out["mint"].append(
-                {
-                    "mint_p50_ms": d["mint"]["all"]["p50"] * 1e3,
-                    "mint_p99_ms": d["mint"]["all"]["p99"] * 1e3,
-                    "memory_hit_p50_us": d["memory_hit"]["hit"]["p50"] * 1e6,
-                    "disk_hit_p50_ms": d["disk"]["disk_hit"]["p50"] * 1e3,
-                    "burst_max_lag_ms": d["burst"]["lag"]["max"] * 1e3,
-                    "json": path.group(1),
-                }
-            )
-        else:
-            out["errors"].append(f"mint.py exit {m.returncode}: {m.stderr[-400:]}")
+        for name in rotated([n for n, where in scripts.items() if where], rep):
+            micro_rep(f"{rep + 1}/{prof.micro_reps} {name}", builds[name].python, scripts[name], prof, out[name])
     return out
+
+
+def micro_rep(what: str, py: str, scripts: Path, prof: Profile, out: dict) -> None:
+    """One repetition of workload 6: the Python PY runs SCRIPTS/policy.py and SCRIPTS/mint.py (from SCRIPTS: see
+    _BUILD_INFO); their figures and errors are appended to OUT."""
+    start = time.time()
+    log(f"w6 policy.py {what}...")
+    p = subprocess.run(
+        ["taskset", "-c", str(PROXY_CPU), py, str(scripts / "policy.py")],
+        capture_output=True, text=True, timeout=300, cwd=scripts,
+    )  # fmt: skip
+    found = [f for f in (scripts / "results").glob("policy-*.json") if f.stat().st_mtime >= start - 1]
+    if p.returncode == 0 and found:
+        d = json.loads(max(found, key=lambda f: f.stat().st_mtime).read_text())
+        out["policy"].append({"p50_us": d["indexed_us"]["p50"], "p99_us": d["indexed_us"]["p99"],
+                              "scan_p50_us": d["scan_us"]["p50"], "rules": d["rules"]})  # fmt: skip
+    else:
+        out["errors"].append(f"policy.py {what} exit {p.returncode}: {p.stderr[-400:]}")
+    log(f"w6 mint.py {what}...")
+    argv = ["taskset", "-c", str(PROXY_CPU), py, str(scripts / "mint.py")] + (["--quick"] if prof.mint_quick else [])
+    m = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=scripts)
+    path = re.search(r"JSON: (\S+\.json)", m.stdout)  # relative to the parent of SCRIPTS
+    if m.returncode == 0 and path:
+        written = scripts.parent / path.group(1)
+        d = json.loads(written.read_text())
+        out["mint"].append(
+            {
+                "mint_p50_ms": d["mint"]["all"]["p50"] * 1e3,
+                "mint_p99_ms": d["mint"]["all"]["p99"] * 1e3,
+                "memory_hit_p50_us": d["memory_hit"]["hit"]["p50"] * 1e6,
+                "disk_hit_p50_ms": d["disk"]["disk_hit"]["p50"] * 1e3,
+                "burst_max_lag_ms": d["burst"]["lag"]["max"] * 1e3,
+                "json": str(written.relative_to(c.REPO_DIR)),
+            }
+        )
+    else:
+        out["errors"].append(f"mint.py {what} exit {m.returncode}: {m.stderr[-400:]}")
 
 
 # --- aggregation and the report --------------------------------------------------------------------
@@ -1018,31 +1096,33 @@ def target_cell(wl: str, metric: str, b: float, m: float) -> tuple[str, str]:
     return label, "met" if ok else "**MISSED**"
 
 
-def report(agg: dict, micro: dict, names: list[str], prof: Profile, env: dict, probes_by: dict, notes: list[str],
-           failures: list[str], contenders: list[str]) -> str:  # fmt: skip
+def report(agg: dict, micro: dict[str, dict], names: list[str], prof: Profile, env: dict, builds: dict[str, Build],
+           probes_by: dict, notes: list[str], failures: list[str], contenders: list[str]) -> str:  # fmt: skip
     cols = [n for n in CONTENDERS if n in contenders]
+    against = [n for n in RATIO_COLUMNS if n in cols]
+
+    def row(label: str, cells: list[str], vals: dict[str, float], target: tuple[str, str]) -> str:
+        """A table line; the bumper/X ratio cells are left empty for an X with no figure of that kind."""
+        b = vals.get("bumper", math.nan)
+        ratios = [fmt_ratio(ratio(b, vals[n])) if n in vals else "" for n in against]
+        return "| " + " | ".join([label, *cells, *ratios, *target]) + " |"
+
     lines = [
-        f"## bench/run.py — {env['date_utc']} (bumper {env.get('bumper_commit', '?')}, "
-        f"mitmproxy {env.get('mitmproxy', '?')}, "
-        f"{env.get('squid', 'no squid')}, {env.get('nginx', '?')}, load {env['loadavg_at_start'][0]:.2f})",
+        f"## bench/run.py — {env['date_utc']} ("
+        + "; ".join(f"{n} {b.label()}" for n, b in builds.items())
+        + f"; {env.get('squid', 'no squid')}, {env.get('nginx', '?')}, load {env['loadavg_at_start'][0]:.2f})",
         "",
         f"Medians over {prof.reps} repetition(s); the proxy on CPU {PROXY_CPU}, nginx and the load generator on "
         f"CPU {LOAD_CPU}. Ratios are bumper's figure over the other's (for latency and RSS lower is better).",
         "",
-        "| workload · metric | "
-        + " | ".join(cols)
-        + " | bumper/mitmproxy | bumper/squid | bumper/direct | target | met |",
-        "|---|" + "---:|" * len(cols) + "---:|---:|---:|---|---|",
+        "| " + " | ".join(["workload · metric", *cols, *(f"bumper/{n}" for n in against), "target", "met"]) + " |",
+        "|---|" + "---:|" * (len(cols) + len(against)) + "---|---|",
     ]
     for wl, metric, label, kind in ROWS:
         if wl not in agg:
             continue
         by = agg[wl]
-
-        def val(name: str, by: dict = by, metric: str = metric) -> float:
-            slot = by.get(name)
-            return slot["median"].get(metric, math.nan) if slot else math.nan
-
+        vals = {n: by[n]["median"].get(metric, math.nan) if n in by else math.nan for n in cols}
         cells = []
         for n in cols:
             slot = by.get(n)
@@ -1051,29 +1131,24 @@ def report(agg: dict, micro: dict, names: list[str], prof: Profile, env: dict, p
             elif slot["n"] == 0:
                 cells.append("FAIL")
             else:
-                cells.append(fmt(val(n), kind) + ("" if slot["failed"] == 0 else f" ({slot['failed']} failed)"))
-        b = val("bumper")
-        t_label, t_met = target_cell(wl, metric, b, val("mitmproxy"))
-        lines.append(
-            f"| {label} | " + " | ".join(cells) + f" | {fmt_ratio(ratio(b, val('mitmproxy')))} | "
-            f"{fmt_ratio(ratio(b, val('squid')))} | {fmt_ratio(ratio(b, val('direct')))} | {t_label} | {t_met} |"
-        )
-    if micro.get("n_policy") or micro.get("n_mint"):
+                cells.append(fmt(vals[n], kind) + ("" if slot["failed"] == 0 else f" ({slot['failed']} failed)"))
+        target = target_cell(wl, metric, vals.get("bumper", math.nan), vals.get("mitmproxy", math.nan))
+        lines.append(row(label, cells, vals, target))
+    mine = micro.get("bumper", {})
+    if mine.get("n_policy") or mine.get("n_mint"):
         for key, label, kind in (
             (
                 "policy_p50_us",
-                f"6 · policy decision, 10,000 rules · p50 (bench/policy.py, n={micro['n_policy']})",
+                f"6 · policy decision, 10,000 rules · p50 (bench/policy.py, n={mine['n_policy']})",
                 "us",
             ),
-            ("mint_p50_ms", f"6 · mint, pooled key · p50 (bench/mint.py, n={micro['n_mint']})", "ms"),
+            ("mint_p50_ms", f"6 · mint, pooled key · p50 (bench/mint.py, n={mine['n_mint']})", "ms"),
             ("memory_hit_p50_us", "6 · mint, memory-cache hit · p50", "us"),
             ("disk_hit_p50_ms", "6 · mint, disk-cache hit after restart · p50", "ms"),
         ):
-            v = micro.get(key, math.nan)
-            t_label, t_met = target_cell("w6", key, v, math.nan)
-            cells = ["" for _ in cols]
-            cells[cols.index("bumper")] = fmt(v, kind) if "bumper" in cols else ""
-            lines.append(f"| {label} | " + " | ".join(cells) + f" |  |  |  | {t_label} | {t_met} |")
+            vals = {n: m[key] for n, m in micro.items()}
+            cells = [fmt(vals[n], kind) if n in vals else "" for n in cols]
+            lines.append(row(label, cells, vals, target_cell("w6", key, vals["bumper"], math.nan)))
     # CPU
     lines += [
         "",
@@ -1206,12 +1281,24 @@ def main() -> int:
     p.add_argument("--reps", type=int)
     p.add_argument("--duration", type=float, help="seconds measured per w1/w2 run")
     p.add_argument("--only", default="w1,w2,w3,w4,w5,w6", help="comma-separated workloads")
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--contenders", default=",".join(n for n in CONTENDERS if n != BASELINE),
+                   help=f"comma-separated; {BASELINE} comes with --baseline")  # fmt: skip
+    p.add_argument("--baseline", type=Path, metavar="VENV", help=f"also run the bumper of VENV (VENV/bin/bumper; "
+                   f"VENV/bin/python for w6) as the contender {BASELINE}, started as bumper is: two builds side by "
+                   "side, e.g. before and after a dependency upgrade")  # fmt: skip
     p.add_argument("--budget", type=float, help="seconds after which no new run starts")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs) for debugging")
     p.add_argument("--wait-quiet", type=float, help="wait up to this many seconds for both CPUs to be idle first "
                    "(default 300, --quick 0)")  # fmt: skip
     args = p.parse_args()
+    asked = args.contenders.split(",")
+    if BASELINE in asked and not args.baseline:
+        p.error(f"{BASELINE} is the build of --baseline VENV, which is missing")
+    if args.baseline:
+        args.baseline = args.baseline.absolute()
+        for tool in ("bumper", "python"):
+            if not os.access(args.baseline / "bin" / tool, os.X_OK):
+                p.error(f"--baseline {args.baseline}: no {args.baseline / 'bin' / tool}")
     prof = QUICK if args.quick else Profile()
     if args.wait_quiet is None:
         args.wait_quiet = 0.0 if args.quick else 300.0
@@ -1222,7 +1309,7 @@ def main() -> int:
     if args.budget:
         prof.budget = args.budget
     only = set(args.only.split(","))
-    wanted = [n for n in CONTENDERS if n in args.contenders.split(",")]
+    wanted = [n for n in CONTENDERS if n in asked or (n == BASELINE and args.baseline)]
     c.sigterm_as_interrupt()
     started = time.monotonic()
     stamp = c.timestamp()
@@ -1242,9 +1329,14 @@ def main() -> int:
         raise SystemExit("bench: needs 2 CPUs (one for the proxy, one for the origin and the load generator)")
     os.sched_setaffinity(0, {LOAD_CPU})  # this script stays off the proxy's core
 
-    state = {"bumper_access_log": bumper_has_access_log()}
-    if "bumper" in wanted and not state["bumper_access_log"]:
-        notes.append("bumper --access-log is not there yet: bumper ran without its access log")
+    builds = {"bumper": Build.of(executable("bumper"), sys.executable)}
+    if args.baseline:
+        builds[BASELINE] = Build.of(str(args.baseline / "bin" / "bumper"), str(args.baseline / "bin" / "python"))
+        notes.append(
+            f"{BASELINE} is the bumper in {args.baseline} ({builds[BASELINE].label()}), started with the same "
+            "flags, CPU and bench PKI as bumper; its workload 6 is its own checkout's bench/policy.py and "
+            f"bench/mint.py (copied to bench/.cache/{BASELINE}-bench/) run by its Python"
+        )
     if "squid" in wanted:
         why = squid_unavailable()
         if why:
@@ -1264,7 +1356,7 @@ def main() -> int:
     runs: list[dict] = []
     probes_by: dict = {}
     skipped: list[str] = []
-    micro: dict = {}
+    micro: dict[str, dict] = {}
     tmp = tempfile.mkdtemp(prefix="bumper-bench-")
     try:
         workroot = Path(tmp)
@@ -1284,10 +1376,9 @@ def main() -> int:
         try:
             groups = [g for g, (_, wls) in GROUPS.items() if any(w in only for w in wls)]
             for rep in range(prof.reps):
-                order = wanted[rep % len(wanted) :] + wanted[: rep % len(wanted)]
                 for group in groups:
                     fn = GROUPS[group][0]
-                    for name in order:
+                    for name in rotated(wanted, rep):
                         if group == "idle" and name == "direct":
                             continue
                         if time.monotonic() - started > prof.budget:
@@ -1297,7 +1388,7 @@ def main() -> int:
                         run = {"rep": rep, "group": group, "contender": name, "results": {}}
                         contender = None
                         try:
-                            contender = start_contender(name, origin, workroot, pki["dir"], names, state)
+                            contender = start_contender(name, origin, workroot, pki["dir"], names, builds)
                             for note in contender.notes:
                                 if note not in notes:
                                     notes.append(note)
@@ -1337,14 +1428,14 @@ def main() -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     if "w6" in only and time.monotonic() - started <= prof.budget + 600:
-        micro = run_micro(prof, only)
-        failures += micro.get("errors", [])
+        micro = run_micro(prof, builds)
+        failures += [e for m in micro.values() for e in m["errors"]]
     agg = aggregate(runs)
-    m_agg = micro_agg(micro) if micro else {}
-    if "bumper" in wanted:
-        lines = [r.get("access_log_lines") for r in runs if r["contender"] == "bumper" and "access_log_lines" in r]
+    m_agg = {name: micro_agg(m) for name, m in micro.items()}
+    for name in builds:
+        lines = [r["access_log_lines"] for r in runs if r["contender"] == name and "access_log_lines" in r]
         if lines:
-            notes.append(f"bumper's access log was on: {sum(lines):,} lines written over its runs")
+            notes.append(f"{name}'s access log was on: {sum(lines):,} lines written over its runs")
     notes.append(
         "mitmproxy is stock: it reads whole request and response bodies into memory before passing them on "
         "(stream_large_bodies unset), which shows in its workload 3 RSS"
@@ -1356,12 +1447,13 @@ def main() -> int:
         )
     if skipped:
         notes.append(f"skipped for the time budget ({prof.budget:.0f} s): {', '.join(skipped)}")
-    table = report(agg, m_agg, names, prof, env, probes_by, notes, failures, wanted)
+    table = report(agg, m_agg, names, prof, env, builds, probes_by, notes, failures, wanted)
     result = {
         "kind": "run",
         "environment": env,
         "profile": prof.__dict__,
         "contenders": wanted,
+        "builds": {name: asdict(b) for name, b in builds.items()},
         "aggregate": agg,
         "micro": {"aggregate": m_agg, "runs": micro},
         "probes": probes_by,

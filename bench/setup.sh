@@ -2,7 +2,7 @@
 # Run by `make bench` and `make bench-quick` before bench/run.py: installs what the benchmark needs
 # when it is missing. As root, from Debian's packages: golang-go (to build bench/loadgen), nginx (the
 # origin), squid-openssl (optional: if it cannot be installed, run.py skips squid and says why).
-# The project venv (.venv, bumper editable + mitmproxy 11 with mitmdump) is made by scripts/venv.sh,
+# The project venv (.venv, bumper editable + mitmproxy 12 with mitmdump) is made by scripts/venv.sh,
 # as ./run does; VENV=/some/venv uses an existing one instead.
 set -euo pipefail
 VENV=${VENV:-.venv}
