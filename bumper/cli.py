@@ -171,7 +171,9 @@ def _without_debug_checks(args: list[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-O", "-m", "bumper", *args])
+    # -P: `-m` would put the working directory first on the import path, and a `bumper/` (or a module
+    # named like a dependency) there would run instead of the installed code.
+    os.execv(sys.executable, [sys.executable, "-P", "-O", "-m", "bumper", *args])
 
 
 def _addons_option(group: argparse._ActionsContainer) -> None:

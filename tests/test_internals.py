@@ -14,7 +14,9 @@ import hashlib
 import importlib
 import inspect
 import pkgutil
+import os
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from mitmproxy import version
 from OpenSSL import SSL
 
 import bumper
-from tests.conftest import Bumper
+from tests.conftest import BUMPER, Bumper
 
 ARCHITECTURE = Path(__file__).parents[1] / "docs" / "architecture.md"
 
@@ -174,3 +176,20 @@ def test_the_proxy_runs_without_mitmproxys_debug_checks_unless_asked(
     started = start_bumper()
     argv = Path(f"/proc/{started.process.proc.pid}/cmdline").read_bytes().split(b"\0")
     assert (b"-O" in argv) is (checks == "")
+
+
+def test_the_re_executed_proxy_never_imports_from_the_working_directory(tmp_path: Path) -> None:
+    """bumper re-executes itself as `python -O -m bumper`: a `bumper/` in the directory it was started
+    from (a checkout, a download folder) must not be what runs."""
+    impostor = tmp_path / "bumper"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text("")
+    (impostor / "__main__.py").write_text("import sys; print('impostor ran', file=sys.stderr); sys.exit(3)\n")
+    env = {k: v for k, v in os.environ.items() if k != "BUMPER_DEBUG_CHECKS"}
+    r = subprocess.run(
+        [BUMPER, "--ca", str(tmp_path / "ca"), "--policy", str(tmp_path / "missing.yaml")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    # The installed bumper ran, after its re-exec: it read the options and refused the missing policy.
+    assert (r.returncode, "impostor ran" in r.stderr) == (2, False), r.stderr
+    assert "missing.yaml" in r.stderr
