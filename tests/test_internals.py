@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
-import pkgutil
 import os
+import pkgutil
 import re
 import subprocess
 from collections.abc import Callable
