@@ -24,7 +24,8 @@ from bumper.certs.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES
 from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.errors import ConfigError
 from bumper.inspect.loading import load_registry
-from bumper.policy import rules as policy
+from bumper.policy.load import load as load_policy
+from bumper.policy.rules import LAB
 from bumper.proxy.master import ListenAddress, MimicSettings, ProxyConfig, access_log, serve
 from bumper.proxy.tlsprovider import CLIENT_CIPHERS, ClientTls
 from bumper.upstream.resolve import Override, ResolvingEventLoop
@@ -197,7 +198,7 @@ def _run_command(args: list[str]) -> int:
         listen=ListenAddress.parse(opts.listen),
         trust=UpstreamTrust(tuple(opts.upstream_ca)),
         resolve=tuple(Override.parse(spec) for spec in opts.resolve),
-        policy=policy.load(opts.policy, addons) if opts.policy else policy.LAB,
+        policy=load_policy(opts.policy, addons) if opts.policy else LAB,
         policy_path=opts.policy,
         addons=addons,
         always=access_log(addons, opts.access_log) if opts.access_log else (),
@@ -269,7 +270,7 @@ def _policy_command(args: list[str]) -> int:
     opts = p.parse_args(args)
     addons = load_registry(opts.addons)  # an addon that cannot load is a configuration error (exit 2)
     try:
-        policy.load(opts.file, addons)
+        load_policy(opts.file, addons)
     except ConfigError as e:
         print(e)  # every problem, one per line
         return EXIT_CONFIG

@@ -651,7 +651,7 @@ def test_policy_check_with_an_addons_dir(tmp_path: Path) -> None:
         f"{path}:5:9: rules[0].addons[0].tagger.tag: missing",
         f"{path}:6:53: rules[0].addons[1].stopper.timeout: bad timeout '0' (seconds, more than 0, at most 60)",
         f"{path}:6:26: rules[0].addons[1].stopper.after: bad size 'lots' (use bytes, or 512k, 10m, 1g)",
-        f"{path}:6:38: rules[0].addons[1].stopper.side: 'both' is not one of: request, response",
+        f"{path}:6:38: rules[0].addons[1].stopper.side: unknown value 'both' (expected one of: request, response)",
         f"{path}:9:13: rules[1].addons: addons run on decrypted traffic only; this rule's action is splice",
     ]
 

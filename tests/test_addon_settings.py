@@ -1,15 +1,18 @@
-"""Addon settings and addon chains in policy files, without sockets: bumper.settings fills an addon's
-Settings dataclass from YAML and says FILE:LINE:COLUMN for every problem; bumper.policy reads a bump
-rule's `addons:` (names, settings, on_error, timeout); bumper.addonload builds the registry."""
+"""Addon settings and addon chains in policy files, without sockets: bumper.policy.binder fills a
+dataclass (an addon's Settings, or the policy file's shape) from YAML and says FILE:LINE:COLUMN for
+every problem; bumper.policy.load reads a bump rule's `addons:` (names, settings, on_error, timeout);
+bumper.inspect.loading builds the registry."""
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import textwrap
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pytest
 import yaml
@@ -22,15 +25,17 @@ from bumper_addons.upload_limit import UploadLimitSettings
 from bumper.addon import Addon, Bytes
 from bumper.errors import ConfigError
 from bumper.inspect.loading import load_registry
-from bumper.policy import binder as settings
+from bumper.policy import binder
 from bumper.policy import rules as policy
+from bumper.policy.binder import Check, HostPattern, Network, Noun, OneOrMore, PortRange, Problems
+from bumper.policy.load import load as load_policy
 from bumper.policy.rules import AddonSpec, OnError
 
 FIXTURE_ADDONS = Path(__file__).with_name("addons_fixture")
 SHIPPED = ("access_log", "block", "dlp", "headers", "upload_limit")
 
 
-# settings.build on its own: a YAML node in, a dataclass or "LINE:COLUMN: where: message" lines out
+# binder.build on its own: a YAML node in, a dataclass or "LINE:COLUMN: where: message" lines out
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ class Checked:
             raise ValueError(f"low ({self.low}) is above high ({self.high})")
 
 
-def build(cls: type[Any], text: str | None) -> tuple[Any, list[str]]:
+def build(cls: type[Any], text: str | None, **options: Any) -> tuple[Any, list[str]]:
     errors: list[str] = []
 
     def add_error(node: yaml.Node, where: str, message: str) -> None:
@@ -82,7 +87,7 @@ def build(cls: type[Any], text: str | None) -> tuple[Any, list[str]]:
         errors.append(f"{mark.line + 1}:{mark.column + 1}: {where}: {message}")
 
     node = None if text is None else yaml.compose(textwrap.dedent(text), Loader=yaml.SafeLoader)
-    return settings.build(cls, node, "s", add_error), errors
+    return binder.build(cls, node, "s", add_error, **options), errors
 
 
 def test_every_field_type_is_filled_from_yaml() -> None:
@@ -168,7 +173,7 @@ def test_bad_sizes_are_reported_at_the_value(text: str) -> None:
         ("ratio: fast", "2:8: s.ratio: expected a number, not 'fast'"),
         ("enabled: 1", "2:10: s.enabled: expected true or false, not '1'"),
         ("enabled: 'true'", "2:10: s.enabled: expected true or false, not 'true'"),
-        ("mode: quick", "2:7: s.mode: 'quick' is not one of: fast, careful"),
+        ("mode: quick", "2:7: s.mode: unknown value 'quick' (expected one of: fast, careful)"),
         ("maybe: seven", "2:8: s.maybe: expected a number, not 'seven'"),
         ("tags: {a: 1}", "2:7: s.tags: expected a single value, not a list or mapping"),
         ("limits: [a]", "2:9: s.limits: expected a mapping"),
@@ -211,7 +216,7 @@ def test_post_init_errors_are_reported_at_their_mapping() -> None:
     assert build(Checked, "high: 3\nlow: 5\n") == (None, ["1:1: s: low (5) is above high (3)"])
     built, errors = build(Every, "name: x\ninners:\n  - {host: a.test}\n  - {host: b.test, port: 0}\n")
     assert built is None
-    assert errors == ["4:5: s.inners: port 0 is out of range"]
+    assert errors == ["4:5: s.inners[1]: port 0 is out of range"]
 
 
 def test_errors_inside_nested_dataclasses_keep_their_position() -> None:
@@ -250,6 +255,160 @@ def test_every_bad_value_in_a_dict_setting_is_reported() -> None:
         "2:18: s.limits.a.test: bad size 'lots' (use bytes, or 512k, 10m, 1g)",
         "2:32: s.limits.b.test: bad size 'heaps' (use bytes, or 512k, 10m, 1g)",
     ]
+
+
+# the kinds a policy file needs, on their own
+
+
+class Colour(StrEnum):
+    RED = "red"
+    DARK_BLUE = "dark-blue"
+
+
+@dataclass(frozen=True)
+class PolicyKinds:
+    colour: Annotated[Colour, Noun("colour")] = Colour.RED
+    shade: Colour | None = None
+    nets: OneOrMore[Network] = ()
+    ports: OneOrMore[PortRange] = ()
+    hosts: OneOrMore[HostPattern] = ()
+    wait: Annotated[float, binder.seconds("wait", above=0, most=5)] = 1.0
+    maybe: tuple[str, ...] = ("default",)
+
+
+def test_policy_kinds_are_filled_from_yaml() -> None:
+    built, errors = build(
+        PolicyKinds,
+        r"""
+        colour: dark-blue
+        shade: red
+        nets: [10.1.0.0/16, 192.0.2.7, "2001:db8::/32", 10.2.3.4/8]
+        ports: [443, 8000-8999, 65535]
+        hosts: [Example.COM., "*.b.test", 'regex:(www|api)\.C\.test']
+        wait: 5
+        maybe:
+        """,
+    )
+    assert errors == []
+    assert built == PolicyKinds(
+        colour=Colour.DARK_BLUE,
+        shade=Colour.RED,
+        nets=tuple(map(ipaddress.ip_network, ["10.1.0.0/16", "192.0.2.7/32", "2001:db8::/32", "10.0.0.0/8"])),
+        ports=((443, 443), (8000, 8999), (65535, 65535)),
+        hosts=("example.com", "*.b.test", r"regex:(www|api)\.C\.test"),  # a regex as written
+        wait=5.0,
+        maybe=(),  # null: the empty list
+    )
+    assert type(built.colour) is Colour
+
+
+def test_one_item_alone_is_a_list_of_one() -> None:
+    built, errors = build(PolicyKinds, "nets: 10.0.0.1\nports: 8000-8080\nhosts: a.test\n")
+    assert errors == []
+    assert built.nets == (ipaddress.ip_network("10.0.0.1/32"),)
+    assert (built.ports, built.hosts) == (((8000, 8080),), ("a.test",))
+
+
+CIDR_HINT = "(use 10.0.0.0/8, 2001:db8::/32 or one address)"
+PORT_HINT = "(use 443 or a range such as 8000-8999)"
+NAME_HINT = "(use example.com, *.example.com or regex:...)"
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("colour: blue", "1:9: s.colour: unknown colour 'blue' (expected one of: red, dark-blue)"),
+        ("colour: RED", "1:9: s.colour: unknown colour 'RED' (expected one of: red, dark-blue)"),
+        ("shade: [red]", "1:8: s.shade: expected a single value, not a list or mapping"),
+        ("shade: dark_blue", "1:8: s.shade: unknown value 'dark_blue' (expected one of: red, dark-blue)"),
+        ("nets: [10.0.0.0/33]", f"1:8: s.nets: bad CIDR '10.0.0.0/33' {CIDR_HINT}"),
+        ("nets: [office]", f"1:8: s.nets: bad CIDR 'office' {CIDR_HINT}"),
+        ("nets: [[10.0.0.0/8]]", "1:8: s.nets: expected a single value, not a list or mapping"),
+        ("ports: [0]", f"1:9: s.ports: bad port '0' {PORT_HINT}"),
+        ("ports: [65536]", f"1:9: s.ports: bad port '65536' {PORT_HINT}"),
+        ("ports: [9000-8000]", f"1:9: s.ports: bad port '9000-8000' {PORT_HINT}"),
+        ("ports: [8000-]", f"1:9: s.ports: bad port '8000-' {PORT_HINT}"),
+        ("ports: [https]", f"1:9: s.ports: bad port 'https' {PORT_HINT}"),
+        ("hosts: ['bad*glob.test']", f"1:9: s.hosts: bad name, glob or regex 'bad*glob.test' {NAME_HINT}"),
+        ("hosts: ['*']", f"1:9: s.hosts: bad name, glob or regex '*' {NAME_HINT}"),
+        ("hosts: ['a..test']", f"1:9: s.hosts: bad name, glob or regex 'a..test' {NAME_HINT}"),
+        ("hosts: ['regex:((']", f"1:9: s.hosts: bad name, glob or regex 'regex:((' {NAME_HINT}"),
+        ("nets: []", "1:7: s.nets: empty list: name at least one, or leave the key out"),
+        ("hosts: ~", "1:8: s.hosts: empty list: name at least one, or leave the key out"),
+        ("wait: 0", "1:7: s.wait: bad wait '0' (seconds, more than 0, at most 5)"),
+        ("wait: 5.5", "1:7: s.wait: bad wait '5.5' (seconds, more than 0, at most 5)"),
+        ("wait: .inf", "1:7: s.wait: bad wait '.inf' (seconds, more than 0, at most 5)"),
+        ("wait: {s: 1}", "1:7: s.wait: expected a single value, not a list or mapping"),
+    ],
+)
+def test_a_bad_policy_kind_is_reported_at_its_value(line: str, error: str) -> None:
+    assert build(PolicyKinds, line + "\n") == (None, [error])
+
+
+def test_every_bad_item_of_a_list_is_reported() -> None:
+    built, errors = build(PolicyKinds, 'nets: [10.0.0.0/8, 300.0.0.0/8, "::1", x]\nports: [443, 0]\n')
+    assert built is None
+    assert errors == [
+        f"1:20: s.nets: bad CIDR '300.0.0.0/8' {CIDR_HINT}",
+        f"1:40: s.nets: bad CIDR 'x' {CIDR_HINT}",
+        f"2:14: s.ports: bad port '0' {PORT_HINT}",
+    ]
+
+
+def test_keys_are_named_by_the_callers_noun() -> None:
+    assert build(Inner, "host: h\nhots: h\n", noun="key") == (
+        None,
+        ["2:1: s.hots: unknown key (expected one of: host, port)"],
+    )
+    assert build(Inner, "[h]", noun="key") == (None, ["1:1: s: expected a mapping of keys (host, port)"])
+
+
+def _even(n: int) -> None:
+    if n % 2:
+        raise ValueError(f"{n} is odd")
+
+
+@dataclass(frozen=True)
+class Window:
+    low: Annotated[int, Check(_even)] = 0
+    high: int = 10
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise Problems({"low": f"above high ({self.high})", "high": f"below low ({self.low})"})
+
+
+def test_checks_report_at_the_value_and_problems_at_their_keys() -> None:
+    assert build(Window, "low: 3\nhigh: x\n") == (
+        None,
+        ["1:6: s.low: 3 is odd", "2:7: s.high: expected a number, not 'x'"],
+    )
+    assert build(Window, "high: 2\nlow: 4\n") == (None, ["2:6: s.low: above high (2)", "1:7: s.high: below low (4)"])
+    assert build(Window, "\nhigh: -2\n") == (None, ["2:1: s.low: above high (-2)", "2:7: s.high: below low (0)"])
+
+
+@dataclass(frozen=True)
+class Tag:
+    text: str
+
+
+@dataclass(frozen=True)
+class Tagged:
+    tags: tuple[Tag, ...] = ()
+
+
+def test_a_callers_own_kind_binds_its_nodes_and_its_items_are_numbered() -> None:
+    seen: list[str] = []
+
+    def tag(node: yaml.Node, where: str) -> Tag:
+        if not isinstance(node, yaml.ScalarNode) or not str(node.value).startswith("#"):
+            seen.append(f"{node.start_mark.line + 1}:{node.start_mark.column + 1}: {where}: not a #tag")
+            raise binder.Invalid
+        return Tag(str(node.value))
+
+    assert build(Tagged, "tags: ['#a', '#b']", kinds={Tag: tag}) == (Tagged((Tag("#a"), Tag("#b"))), [])
+    assert build(Tagged, "tags: ['#a', b, [c]]", kinds={Tag: tag}) == (None, [])
+    assert seen == ["1:14: s.tags[1]: not a #tag", "1:17: s.tags[2]: not a #tag"]
 
 
 # policy.load: a bump rule's `addons:`
@@ -314,7 +473,7 @@ TEST_ADDONS: dict[str, type[Addon]] = {c.name: c for c in (Observer, Blocker, Ne
 def load(tmp_path: Path, text: str, addons: dict[str, type[Addon]] | None = None) -> policy.Policy:
     path = tmp_path / "policy.yaml"
     path.write_text(textwrap.dedent(text))
-    return policy.load(path, TEST_ADDONS if addons is None else addons)
+    return load_policy(path, TEST_ADDONS if addons is None else addons)
 
 
 def errors_of(tmp_path: Path, text: str, addons: dict[str, type[Addon]] | None = None) -> list[str]:
@@ -469,7 +628,7 @@ def test_unknown_addons_and_settings_are_reported_with_line_and_column(tmp_path:
         f"7:9: rules[0].addons[1]: unknown addon 'nope' (known: {known})",
         "8:24: rules[0].addons[2].needy.limit: bad size 'lots' (use bytes, or 512k, 10m, 1g)",
         "8:9: rules[0].addons[2].needy.target: missing",
-        "9:19: rules[0].addons[3].blocker.anything: unknown setting (expected one of: this addon has no settings)",
+        "9:19: rules[0].addons[3].blocker.anything: unknown setting (expected none)",
     ]
 
 
@@ -497,8 +656,8 @@ def test_shipped_addons_settings_errors(tmp_path: Path) -> None:
     assert errors == [
         "5:9: rules[0].addons[0].block: bad name, glob or regex 'bad*glob.test' "
         "(use example.com, *.example.com or regex:...)",
-        "6:23: rules[0].addons[1].dlp.action: 'shout' is not one of: alert, block, redact",
-        "6:45: rules[0].addons[1].dlp.detect: 'ssn' is not one of: card, aws_key, private_key, jwt",
+        "6:23: rules[0].addons[1].dlp.action: unknown value 'shout' (expected one of: alert, block, redact)",
+        "6:45: rules[0].addons[1].dlp.detect: unknown value 'ssn' (expected one of: card, aws_key, private_key, jwt)",
         "7:9: rules[0].addons[2].dlp: custom pattern 't': bad regex: unterminated character set at position 1",
         "8:9: rules[0].addons[3].dlp: custom pattern 'card' has the name of a built-in one",
         "9:28: rules[0].addons[4].headers.request: bad header name 'bad header'",

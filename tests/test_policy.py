@@ -19,6 +19,7 @@ from bumper.errors import ConfigError
 from bumper.inspect.loading import load_registry
 from bumper.policy import names
 from bumper.policy import rules as policy
+from bumper.policy.load import load as load_policy
 from bumper.policy.rules import Action
 from bumper.proxy import authority
 from tests.conftest import (
@@ -67,7 +68,7 @@ def test_decide_at_connect_waits_for_the_sni_when_an_earlier_rule_needs_it() -> 
 
 
 def test_shipped_lab_policy_loads() -> None:
-    assert policy.load(POLICIES / "lab.yaml") == policy.Policy(Action.BUMP, ())
+    assert load_policy(POLICIES / "lab.yaml") == policy.Policy(Action.BUMP, ())
 
 
 @pytest.mark.parametrize(
@@ -86,12 +87,12 @@ def test_shipped_lab_policy_loads() -> None:
     ],
 )
 def test_shipped_examples_load_and_decide(name: str, host: str, action: str) -> None:
-    loaded = policy.load(POLICIES / f"{name}.yaml", load_registry())
+    loaded = load_policy(POLICIES / f"{name}.yaml", load_registry())
     assert loaded.decide(host, host, ipaddress.ip_address("10.0.0.5"), 443).action == action
 
 
 def test_shipped_inspect_example_names_its_chains_in_order() -> None:
-    loaded = policy.load(POLICIES / "inspect.yaml", load_registry())
+    loaded = load_policy(POLICIES / "inspect.yaml", load_registry())
     chain = loaded.decide("gist.github.com", "gist.github.com", ipaddress.ip_address("10.0.0.5")).addons
     assert [spec.name for spec in chain] == ["block", "dlp", "upload_limit"]
     assert [spec.on_error for spec in chain] == ["fail-closed"] * 3  # all three block
@@ -114,11 +115,12 @@ def test_every_error_is_reported_with_file_line_and_column(tmp_path: Path) -> No
         "  - name: two\n"
     )
     with pytest.raises(ConfigError) as e:
-        policy.load(path)
+        load_policy(path)
     bad_name = "(use example.com, *.example.com or regex:...)"
     assert str(e.value).splitlines() == [
         f"{path}:1:10: default: unknown action 'bmup' (expected one of: bump, splice, block)",
-        f"{path}:2:1: colour: unknown key (expected one of: {', '.join(policy.TOP_KEYS)})",
+        f"{path}:2:1: colour: unknown key (expected one of: default, on_upstream_error, clients, ports, mismatch, "
+        "rules)",
         f"{path}:3:14: ports: bad port '70000' (use 443 or a range such as 8000-8999)",
         f"{path}:3:21: ports: bad port '8000-7000' (use 443 or a range such as 8000-8999)",
         f"{path}:6:32: rules[0].match.sni: bad name, glob or regex 'bad*glob.test' {bad_name}",
@@ -129,11 +131,68 @@ def test_every_error_is_reported_with_file_line_and_column(tmp_path: Path) -> No
     ]
 
 
+def test_problems_of_every_kind_are_reported_at_once(tmp_path: Path) -> None:
+    """Bad values, unknown and repeated keys, empty and missing ones, checks across keys, addons and
+    their settings: one run of `bumper policy check` names them all, each at its line and column."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "default: bump\n"
+        "on_upstream_error: allow\n"
+        "clients: [10.0.0.0/8, 10.0.0.0/40]\n"
+        "ports: []\n"
+        "mismatch: warn\n"
+        "colour: red\n"
+        "rules:\n"
+        "  - name: bank\n"
+        "    match: {sni: ['*.bank.test'], port: [443, 99999]}\n"
+        "    action: splice\n"
+        "  - name: legacy\n"
+        "    match: {sni: ['*.old.test']}\n"
+        "    action: bump\n"
+        "    upstream_tls_min: '1.0'\n"
+        "    on_upstream_error: allow\n"
+        "  - name: watched\n"
+        "    action: splice\n"
+        "    addons: [headers]\n"
+        "  - name: chain\n"
+        "    action: bump\n"
+        "    learn_pinning: maybe\n"
+        "    addons:\n"
+        "      - headers: {timeout: 0, colour: red}\n"
+        "      - nope\n"
+        "  - match: {listener: socks}\n"
+        "    name: again\n"
+        "    name: twice\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_policy(path, load_registry())
+    assert str(e.value).splitlines() == [
+        f"{path}:2:20: on_upstream_error: allow is only for rules that name their hosts exactly",
+        f"{path}:3:23: clients: bad CIDR '10.0.0.0/40' (use 10.0.0.0/8, 2001:db8::/32 or one address)",
+        f"{path}:4:8: ports: empty list: name at least one, or leave the key out",
+        f"{path}:5:11: mismatch: unknown action 'warn' (expected one of: block, log)",
+        f"{path}:6:1: colour: unknown key (expected one of: default, on_upstream_error, clients, ports, mismatch, "
+        "rules)",
+        f"{path}:9:47: rules[0].match.port: bad port '99999' (use 443 or a range such as 8000-8999)",
+        f"{path}:15:24: rules[1].on_upstream_error: allow needs a match that names its hosts exactly, no globs",
+        f"{path}:14:23: rules[1].upstream_tls_min: below 1.2 needs a match that names its hosts exactly",
+        f"{path}:18:13: rules[2].addons: addons run on decrypted traffic only; this rule's action is splice",
+        f"{path}:21:20: rules[3].learn_pinning: expected true or false, not 'maybe'",
+        f"{path}:23:28: rules[3].addons[0].headers.timeout: bad timeout '0' (seconds, more than 0, at most 60)",
+        f"{path}:23:31: rules[3].addons[0].headers.colour: unknown setting (expected one of: request, response, "
+        "keep_authorization_for)",
+        f"{path}:24:9: rules[3].addons[1]: unknown addon 'nope' (known: access_log, block, dlp, headers, upload_limit)",
+        f"{path}:27:5: rules[4].name: repeated key",
+        f"{path}:25:23: rules[4].match.listener: unknown listener 'socks' (expected one of: proxy)",
+        f"{path}:25:5: rules[4].action: missing",
+    ]
+
+
 def test_invalid_yaml_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("default: [bump\n")
     with pytest.raises(ConfigError, match=rf"^{path}:2:1: not valid YAML"):
-        policy.load(path)
+        load_policy(path)
 
 
 def test_bumper_refuses_to_start_with_an_invalid_policy(tmp_path: Path) -> None:
@@ -251,15 +310,24 @@ def test_plain_http_proxy_requests_obey_the_policy(
         ("rules:\n  - match: {sni: []}\n    action: splice\n", "2:18: rules[0].match.sni: empty list"),
         ("default: bump\ndefault: block\n", "2:1: default: repeated key"),
         ("rules:\n  - action: bump\n    action: block\n", "3:5: rules[0].action: repeated key"),
+        ("rules:\n  - action: splice\n    match:\n      sni:\n", "4:11: rules[0].match.sni: empty list"),
+        ("- default: bump\n", "1:1: expected a mapping of keys (default, on_upstream_error, clients, ports, "),
     ],
-    ids=["empty-list-would-match-all", "repeated-top-key", "repeated-rule-key"],
+    ids=["empty-list-would-match-all", "repeated-top-key", "repeated-rule-key", "nothing-is-empty", "not-a-mapping"],
 )
 def test_mistakes_yaml_would_hide_are_errors(tmp_path: Path, text: str, error: str) -> None:
     path = tmp_path / "p.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as e:
-        policy.load(path)
+        load_policy(path)
     assert f"{path}:{error}" in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["", "rules:\n", "rules: []\n", "default: bump\nrules:\n"])
+def test_an_empty_file_or_list_of_rules_is_the_lab_policy(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    assert load_policy(path) == policy.LAB
 
 
 def test_splice_must_hold_for_the_connect_host_too() -> None:
@@ -275,7 +343,7 @@ def test_tls_below_12_needs_exact_names(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text('rules:\n  - match: {sni: ["*.old.test"]}\n    action: bump\n    upstream_tls_min: "1.0"\n')
     with pytest.raises(ConfigError, match="upstream_tls_min: below 1.2 needs a match that names its hosts exactly"):
-        policy.load(path)
+        load_policy(path)
 
 
 def test_rules_match_clients_ports_and_regexes() -> None:
@@ -352,7 +420,7 @@ pattern_strategy = st.one_of(
 rule_strategy = st.builds(
     policy.Rule,
     name=st.sampled_from(["r1", "r2", "r3"]),
-    action=st.sampled_from(policy.ACTIONS),
+    action=st.sampled_from(Action),
     sni=st.lists(pattern_strategy, max_size=3).map(tuple),
     host=st.lists(pattern_strategy, max_size=2).map(tuple),
     port=st.sampled_from([(), ((443, 443),), ((8000, 8999),)]),
@@ -433,10 +501,10 @@ def test_learned_pins_expire_and_stay_bounded() -> None:
 def test_rules_can_name_the_listener(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text("rules:\n  - match: {listener: [proxy]}\n    action: block\n")
-    assert policy.load(path).decide("a.test", "a.test").action == "block"
+    assert load_policy(path).decide("a.test", "a.test").action == "block"
     path.write_text("rules:\n  - match: {listener: [socks]}\n    action: block\n")
     with pytest.raises(ConfigError, match="unknown listener 'socks' \\(expected one of: proxy\\)"):
-        policy.load(path)
+        load_policy(path)
 
 
 @pytest.mark.parametrize("value", ["site.test", "10.0.0.1", "[::1]:8443", "x" * 300, "fe80::1%" + "e" * 300])

@@ -23,7 +23,7 @@ from bumper.certs import ca as ca_files
 from bumper.certs import trust
 from bumper.certs.trust import VerifyError
 from bumper.errors import ConfigError
-from bumper.policy import rules as policy
+from bumper.policy.load import load as load_policy
 from bumper.upstream.probe import UpstreamProbe
 from bumper.upstream.tls import UpstreamTrust
 from bumper.upstream.verifier import UpstreamVerifier
@@ -288,7 +288,7 @@ def test_allow_needs_exact_names(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text("rules:\n  - match: {sni: ['*.test']}\n    action: bump\n    on_upstream_error: allow\n")
     with pytest.raises(ConfigError, match="allow needs a match that names its hosts exactly"):
-        policy.load(path)
+        load_policy(path)
 
 
 def test_a_defect_above_the_leaf_is_never_carried() -> None:

@@ -62,13 +62,22 @@ def _regex(expression: str) -> re.Pattern[str]:
     return re.compile(expression, re.IGNORECASE)
 
 
+def checked_pattern(pattern: str) -> str:
+    """PATTERN normalized (a regex as it is), or ValueError saying what is wrong with it."""
+    normalized = pattern if pattern.startswith(REGEX_PREFIX) else normalize(pattern)
+    if not valid_pattern(normalized):
+        raise ValueError(f"bad name, glob or regex {pattern!r} (use example.com, *.example.com or regex:...)")
+    return normalized
+
+
 def checked_patterns(patterns: tuple[str, ...]) -> tuple[str, ...]:
     """PATTERNS normalized, or ValueError naming the first bad one (for addon settings)."""
-    normalized = tuple(p if p.startswith(REGEX_PREFIX) else normalize(p) for p in patterns)
-    for original, pattern in zip(patterns, normalized, strict=True):
-        if not valid_pattern(pattern):
-            raise ValueError(f"bad name, glob or regex {original!r} (use example.com, *.example.com or regex:...)")
-    return normalized
+    return tuple(checked_pattern(p) for p in patterns)
+
+
+def all_exact(patterns: tuple[str, ...]) -> bool:
+    """Whether PATTERNS name hosts exactly: at least one, and no `*.` glob or regex among them."""
+    return bool(patterns) and not any(p.startswith(("*.", REGEX_PREFIX)) for p in patterns)
 
 
 def matches_any(patterns: tuple[str, ...], host: str) -> bool:

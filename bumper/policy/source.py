@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from bumper.errors import ConfigError
+from bumper.policy.load import load as load_policy
 from bumper.policy.rules import Policy
-from bumper.policy.rules import load as load_policy
 
 log = logging.getLogger("bumper.policy")
 

@@ -1,0 +1,196 @@
+"""Reading a policy file: its YAML bound to the dataclasses below (the file's shape) by
+bumper.policy.binder, then turned into a rules.Policy. Every problem is reported at once, as
+FILE:LINE:COLUMN: key: what is wrong.
+
+    default: bump            # bump | splice | block
+    on_upstream_error: mimic # mimic | block | splice, when the upstream's certificate fails verification
+    rules:                   # ordered; the first rule that matches decides
+      - name: banking
+        match:
+          sni: ["*.bank.example", "bank.example"]
+        action: splice
+      - name: legacy-intranet
+        match:
+          sni: [old.intranet.example]
+        action: bump
+        on_upstream_error: allow   # only where a rule names its hosts exactly
+
+`match` keys: `sni` (the name in the ClientHello; the CONNECT host when there is none), `host` (the
+CONNECT host), `client`, `port` and `listener`. Every key given must match, any entry of a key may.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+
+from bumper.errors import ConfigError
+from bumper.policy import binder, names
+from bumper.policy.binder import Check, HostPattern, Network, Noun, OneOrMore, PortRange
+from bumper.policy.rules import (
+    DEFAULT_ADDON_TIMEOUT,
+    LOCALNET,
+    SSL_PORTS,
+    Action,
+    AddonSpec,
+    Mismatch,
+    OnError,
+    OnUpstreamError,
+    Policy,
+    Rule,
+)
+
+_ACTION = Noun("action")  # "unknown action 'x' (expected one of: ...)"
+
+
+@dataclass(frozen=True)
+class Match:
+    """A rule's `match:`."""
+
+    sni: OneOrMore[HostPattern] = ()
+    host: OneOrMore[HostPattern] = ()
+    client: OneOrMore[Network] = ()
+    port: OneOrMore[PortRange] = ()
+    # bumper has one listener today, the explicit proxy; rules can already name it for later modes.
+    listener: OneOrMore[Annotated[Literal["proxy"], Noun("listener")]] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuleEntry:
+    """One of `rules:`."""
+
+    name: str | None = None  # None: rules[N]
+    match: Match = Match()
+    action: Annotated[Action, _ACTION]
+    on_upstream_error: Annotated[OnUpstreamError, _ACTION] | None = None  # None: the policy's own
+    upstream_tls_min: Annotated[Literal["1.0", "1.1", "1.2"], Noun("version")] = "1.2"
+    learn_pinning: bool = False
+    addons: OneOrMore[AddonSpec] = ()  # `- name` or `- name: {settings..., on_error, timeout}`
+
+    def __post_init__(self) -> None:
+        # Checks across keys: they run once every key of the rule is valid, and each problem is
+        # reported at the key at fault.
+        exact = names.all_exact((*self.match.sni, *self.match.host))
+        problems: dict[str, str] = {}
+        if self.on_upstream_error is OnUpstreamError.ALLOW and not exact:
+            problems["on_upstream_error"] = "allow needs a match that names its hosts exactly, no globs"
+        if self.upstream_tls_min != "1.2" and not exact:
+            problems["upstream_tls_min"] = "below 1.2 needs a match that names its hosts exactly"
+        if self.addons and self.action is not Action.BUMP:
+            problems["addons"] = f"addons run on decrypted traffic only; this rule's action is {self.action}"
+        if problems:
+            raise binder.Problems(problems)
+
+    def rule(self, index: int) -> Rule:
+        m = self.match
+        return Rule(
+            self.name or f"rules[{index}]", self.action, sni=m.sni, host=m.host, client=m.client, port=m.port,
+            listener=m.listener, on_upstream_error=self.on_upstream_error, upstream_tls_min=self.upstream_tls_min,
+            learn_pinning=self.learn_pinning, addons=self.addons,
+        )  # fmt: skip
+
+
+def _not_allow(action: OnUpstreamError) -> None:
+    if action is OnUpstreamError.ALLOW:
+        raise ValueError("allow is only for rules that name their hosts exactly")
+
+
+@dataclass(frozen=True)
+class PolicyFile:
+    """The file: the model's Policy, with rules as written."""
+
+    default: Annotated[Action, _ACTION] = Action.BUMP
+    on_upstream_error: Annotated[OnUpstreamError, _ACTION, Check(_not_allow)] = OnUpstreamError.MIMIC
+    clients: OneOrMore[Network] = LOCALNET
+    ports: OneOrMore[PortRange] = SSL_PORTS
+    mismatch: Annotated[Mismatch, _ACTION] = Mismatch.BLOCK
+    rules: tuple[RuleEntry, ...] = ()
+
+    def policy(self) -> Policy:
+        rules = tuple(entry.rule(i) for i, entry in enumerate(self.rules))
+        return Policy(
+            self.default, rules, on_upstream_error=self.on_upstream_error, clients=self.clients, ports=self.ports,
+            mismatch=self.mismatch,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AddonOptions:
+    """bumper's own keys in an addon's entry, beside the addon's settings."""
+
+    on_error: OnError | None = None  # None: fail-closed for an addon that blocks, fail-open for observers
+    timeout: Annotated[float, binder.seconds("timeout", above=0, most=60)] = DEFAULT_ADDON_TIMEOUT
+
+
+_OPTIONS = {f.name for f in dataclasses.fields(AddonOptions)}
+
+
+class _Errors:
+    """Collects every problem in a policy file as FILE:LINE:COLUMN: key: what is wrong."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.messages: list[str] = []
+
+    def add(self, node: yaml.Node, key: str, message: str) -> None:
+        mark = node.start_mark
+        about = f"{key}: " if key else ""  # the whole file has no key
+        self.messages.append(f"{self.path}:{mark.line + 1}:{mark.column + 1}: {about}{message}")
+
+
+def load(path: Path, addons: Mapping[str, Any] | None = None) -> Policy:
+    """Read and check a policy file; every problem found is reported at once in one ConfigError.
+    ADDONS: the addon classes rules may name, by name (bumper.inspect.loading)."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{mark.line + 1}:{mark.column + 1}:" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
+    errors = _Errors(path)
+    kinds = {AddonSpec: functools.partial(_addon, addons or {}, errors.add)}
+    bound = binder.build(PolicyFile, root, "", errors.add, noun="key", kinds=kinds)
+    if bound is None or errors.messages:
+        raise ConfigError("\n".join(errors.messages))
+    return bound.policy()
+
+
+def _addon(registry: Mapping[str, Any], add_error: binder.AddError, item: yaml.Node, where: str) -> AddonSpec:
+    """One entry of a rule's `addons:`. Its key is the addon's name, so it is no dataclass of its own:
+    the name picks the addon's Settings, bound from the entry's keys but bumper's (AddonOptions)."""
+    if isinstance(item, yaml.ScalarNode):
+        name_node, body = item, None
+    elif isinstance(item, yaml.MappingNode) and len(item.value) == 1:
+        name_node, body = item.value[0]
+    else:
+        add_error(item, where, "expected an addon name, or one name mapped to its settings")
+        raise binder.Invalid
+    name = str(name_node.value)
+    cls = registry.get(name)
+    if cls is None:
+        add_error(name_node, where, f"unknown addon {name!r} (known: {', '.join(sorted(registry)) or 'none loaded'})")
+        raise binder.Invalid
+    where = f"{where}.{name}"
+    ours = None
+    if isinstance(body, yaml.MappingNode):
+        # Missing settings and the addon's own checks are reported at its name.
+        ours = yaml.MappingNode(body.tag, [(k, v) for k, v in body.value if k.value in _OPTIONS])
+        body = yaml.MappingNode(
+            body.tag, [(k, v) for k, v in body.value if k.value not in _OPTIONS], start_mark=name_node.start_mark
+        )
+    options = binder.build(AddonOptions, ours, where, add_error, noun="key")
+    settings = binder.build(cls.Settings, body, where, add_error, at=name_node)
+    if options is None or settings is None:
+        raise binder.Invalid
+    on_error = options.on_error or (OnError.FAIL_CLOSED if cls.blocks_with(settings) else OnError.FAIL_OPEN)
+    return AddonSpec(name, settings, on_error, options.timeout)
