@@ -111,7 +111,9 @@ class TlsProvider:
         action = decision.on_upstream_error if decision else OnUpstreamError.MIMIC
         if verdict.trusted or action is OnUpstreamError.MIMIC:
             assert found.signing is not None
-            return await self.mimics.get(upstream, found.signing)
+            # The verdict fingerprinted this very leaf (the first of the same certificate list).
+            sha256 = bytes.fromhex(found.fingerprint) if found.fingerprint else None
+            return await self.mimics.get(upstream, found.signing, sha256)
         rule = decision.rule if decision else "default"
         name = str(server.sni)
         if action is OnUpstreamError.ALLOW:
