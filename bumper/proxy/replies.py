@@ -1,5 +1,6 @@
 """Everything bumper answers a client itself, instead of an upstream: CONNECT refusals, policy and
-addon refusals, upstream failures.
+addon refusals, upstream failures, and its own wording of the errors mitmproxy's HTTP layer would
+answer with an HTML page of its own.
 
 Every answer is one `Reply`, rendered by the request's Accept header: a JSON object for
 `application/json`, an HTML table for `text/html`, plain text otherwise. The plain text starts
@@ -15,9 +16,13 @@ import json
 from typing import ClassVar
 
 from mitmproxy import http
+from mitmproxy.proxy.layers.http import ErrorCode
 from mitmproxy.utils import human
 
 BLOCKED = "Blocked by bumper"
+
+# mitmproxy's advice about options bumper has no way to set, at the end of its validation errors.
+_OPTION_ADVICE = " Disable the validate_inbound_headers option to skip this security check."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +62,9 @@ class Reply:
         lines = [f"bumper: {fields.pop('error')}", *(f"{k}: {v}" for k, v in fields.items())]
         return "".join(f"{line}\n" for line in lines).encode(), "text/plain; charset=utf-8"
 
-    def response(self, request: http.Request) -> http.Response:
-        """The reply as an answer to REQUEST."""
-        body, content_type = self.render(request.headers.get("accept", ""))
+    def response(self, request: http.Request | None) -> http.Response:
+        """The reply as an answer to REQUEST (None: a request too broken to read its Accept)."""
+        body, content_type = self.render(request.headers.get("accept", "") if request else "")
         return http.Response.make(self.status, body, {"content-type": content_type, "cache-control": "no-store"})
 
 
@@ -98,6 +103,24 @@ def addon_refusal(addon: str, reason: str, status: int, reference: str) -> Reply
     """An addon refused the request (a 4xx), or failed with on_error: fail-closed (a 5xx)."""
     heading = BLOCKED if status < 500 else "Inspection failed"
     return Reply(status, heading, reason, addon=addon, reference=reference)
+
+
+def bad_request(message: str, status: int = 400) -> Reply:
+    return Reply(status, "Bad request", f"bad request: {message}")
+
+
+def protocol_error(code: ErrorCode, message: str, request: http.Request) -> Reply | None:
+    """What bumper answers where mitmproxy's HTTP layer would answer REQUEST with its own error page
+    (CODE and MESSAGE are the layer's); None where mitmproxy sends no page (a kill, a cancel)."""
+    status = code.http_status_code()
+    if status is None:
+        return None
+    message = message.removesuffix(_OPTION_ADVICE)
+    if code is ErrorCode.CONNECT_FAILED:
+        return cannot_connect(request, message)
+    if status < 500:
+        return bad_request(message, status)
+    return Reply(status, "No valid response", f"no valid response from {_target(request)}: {message}")
 
 
 class ConnectReplies:
