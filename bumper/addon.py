@@ -33,7 +33,7 @@ from mitmproxy import http
 from mitmproxy.net.http import url
 
 from bumper.policy.binder import Bytes
-from bumper.proxy import pages
+from bumper.proxy import replies
 from bumper.proxy.authority import parse_authority
 from bumper.proxy.httpstream import RESPONSE_DELIVERED, RESPONSE_SENT, abort, aborted, body_bytes, respond_early
 from bumper.proxy.state import ConnectionState as ConnectionInfo
@@ -102,9 +102,8 @@ def refuse(flow: http.HTTPFlow, refusal: Refusal) -> None:
     if flow.metadata.get(RESPONSE_SENT):
         abort(flow, f"refused by addon {refusal.addon}: {refusal.reason}")
         return
-    fields = {"error": refusal.reason, "addon": refusal.addon, "reference": refusal.ref}
-    heading = "Blocked by bumper" if refusal.status < 500 else "bumper: inspection failed"
-    respond_early(flow, pages.response(refusal.status, heading, fields, flow.request))
+    reply = replies.addon_refusal(refusal.addon, refusal.reason, refusal.status, refusal.ref)
+    respond_early(flow, reply.response(flow.request))
 
 
 def connection_info(flow: http.HTTPFlow) -> ConnectionInfo | None:

@@ -419,7 +419,7 @@ def test_fail_closed_answers_502_and_nothing_reaches_the_upstream(lab: Lab, upst
     assert r.returncode == 0, r.stderr
     assert head.startswith("HTTP/2 502")
     fields = dict(line.split(": ", 1) for line in body.splitlines())
-    assert fields["addon"] == "boom" and fields["error"] == "addon boom failed"
+    assert fields["addon"] == "boom" and fields["bumper"] == "addon boom failed"
     entry = lab.access_entry(port)
     assert (entry["status"], entry["blocked_by"], entry["ref"]) == (502, "boom", fields["reference"])
     line = lab.failure_line(entry["id"])
@@ -527,7 +527,7 @@ def test_refuse_at_responseheaders(lab: Lab, upstream: Upstream, version: str) -
     assert head.splitlines()[0].split()[1] == "403"
     assert "x-sha256" not in head.lower()  # none of the upstream's response
     fields = dict(line.split(": ", 1) for line in body.splitlines())
-    assert (fields["addon"], fields["error"]) == ("resp_refuser", "the upstream's answer is not allowed")
+    assert (fields["addon"], fields["bumper"]) == ("resp_refuser", "the upstream's answer is not allowed")
     assert lab.access_entry(port)["ref"] == fields["reference"]
     other = curl(lab.bumper, f"https://refuse-response.upstream.test:{upstream.port}/")  # not under /bytes/
     assert other.stdout == "hello from upstream"

@@ -67,7 +67,7 @@ def test_a_refused_path_gets_the_page_and_never_reaches_the_upstream(tagging: Bu
     r = curl(tagging, upstream.url("/admin/users?id=1"), "-w", "\n%{http_code}")
     body, _, status = r.stdout.rpartition("\n")
     assert status == "403"
-    assert "error: this path is not allowed through the proxy (/admin)" in body
+    assert "bumper: this path is not allowed through the proxy (/admin)" in body
     assert "addon: example_tag" in body
     assert re.search(r"reference: [0-9a-f]{12}", body)
     # A path that only starts with the same letters is not under /admin.

@@ -106,7 +106,7 @@ def test_listed_requests_get_403_and_never_reach_the_upstream(
 ) -> None:
     status, content_type, _, body = fetch(blocking, f"https://{host}:{origin.port}{path}")
     assert (status, content_type) == (403, "text/plain; charset=utf-8"), body
-    assert f"error: {REASON} ({why})\naddon: block\n" in body
+    assert body.startswith(f"bumper: {REASON} ({why})\naddon: block\n")
     assert_never_reached(blocking, origin, path.partition("?")[0])
 
 
@@ -165,7 +165,7 @@ def test_page_by_accept_plain_text(blocking: Bumper, origin: Upstream, accept: s
     status, content_type, _, body = fetch(blocking, f"https://upstream.test:{origin.port}/admin/text", *args)
     assert (status, content_type) == (403, "text/plain; charset=utf-8")
     lines = body.splitlines()
-    assert lines[:2] == [f"error: {REASON} (URL upstream.test/admin/*)", "addon: block"]
+    assert lines[:2] == [f"bumper: {REASON} (URL upstream.test/admin/*)", "addon: block"]
     assert len(lines) == 3 and lines[2].startswith("reference: ") and REFERENCE.fullmatch(lines[2][11:])
 
 

@@ -392,7 +392,7 @@ def test_block_a_secret_in_a_header(inspecting: Bumper, recorder: Recorder, head
         inspecting, recorder.url(host="block.upstream.test", target=f"/header-block-{kind}"), "-H", header
     )
     assert status == 403
-    assert f"error: the request header {name} holds what looks like a secret ({kind})" in body
+    assert f"bumper: the request header {name} holds what looks like a secret ({kind})" in body
     assert_nothing_arrived(inspecting, recorder, f"/header-block-{kind}")
 
 
@@ -406,7 +406,7 @@ def test_block_a_secret_in_a_post_body(
         inspecting, recorder.url(host="block.upstream.test", target=target), http, "--data-binary", f"note: {secret}\n"
     )
     assert status == 403
-    assert f"error: the request body holds what looks like a secret ({kind})" in body
+    assert f"bumper: the request body holds what looks like a secret ({kind})" in body
     for record in recorder.got(target):  # the request may have begun upstream; its body never got there
         assert record.ended and not record.complete and secret.encode() not in record.body, record
     line = dlp_lines(inspecting, "block.upstream.test")[-1]

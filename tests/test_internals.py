@@ -44,6 +44,15 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layers.http.HttpStream.flow_done": ("ad9969744785c572", "called"),
     "mitmproxy.proxy.layers.http.HttpLayer.make_stream": ("654959c6e74548e1", "overridden, copied"),
     "mitmproxy.proxy.context.Context.fork": ("cad9374a0689f10a", "replicated by make_stream"),
+    # bumper's answers instead of mitmproxy's error pages (bumper/proxy/httpstream.py, bumper/proxy/replies.py)
+    "mitmproxy.proxy.layers.http.HttpLayer.event_to_child": ("1095f6e1581d1780", "overridden"),
+    "mitmproxy.proxy.layers.http.HttpLayer._handle_event": ("6ba31883cc7a06b3", "keeps a preset Http1Server"),
+    "mitmproxy.proxy.layers.http._http1.Http1Server.read_headers": ("3fe0945216bcf7bc", "overridden, page read"),
+    "mitmproxy.proxy.layers.http._http1.Http1Server.send": ("cc218a1337c0f5cf", "its error page and close replicated"),
+    "mitmproxy.proxy.layers.http._http2.Http2Connection._handle_event": ("7fc814a8a507f234", "its error page replaced"),
+    "mitmproxy.proxy.layers.http._base.format_error": ("26271a67770fbaf1", "its paragraph read"),
+    "mitmproxy.proxy.layers.http.ErrorCode.http_status_code": ("4c08deb71c963636", "called"),
+    "mitmproxy.proxy.layers.http.HttpStream.check_invalid": ("ef0a126eef45d903", "error wording read"),
     # TLS layers: close_notify and alerts (bumper/proxy/layers.py)
     "mitmproxy.proxy.layers.tls.TLSLayer.send_close": ("d9b1161f42db9992", "overridden"),
     "mitmproxy.proxy.layers.tls.TLSLayer.tls_interact": ("62d6d57d43dd1a2e", "called"),

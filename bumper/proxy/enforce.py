@@ -8,11 +8,11 @@ import logging
 from collections.abc import Awaitable
 
 from mitmproxy import connection, http, tls
-from mitmproxy.utils import human
 
 from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import Action, Address, Decision, Mismatch, OnUpstreamError, name_mismatch
 from bumper.policy.source import PolicySource
+from bumper.proxy import replies
 from bumper.proxy.authority import parse_authority
 from bumper.proxy.state import ConnectionStates, is_plain_proxy_request, probed
 from bumper.upstream.probe import UpstreamProbe
@@ -82,19 +82,14 @@ class PolicyEnforcer:
                 names_seen,
             )
             return
-        reason = f"names disagree ({names_seen})"
-        flow.response = http.Response.make(
-            403, f"bumper: request refused: {reason}\n", {"content-type": "text/plain; charset=utf-8"}
-        )
+        flow.response = replies.names_disagree(names_seen).response(flow.request)
         if state := self.states.of(flow.client_conn.id):
-            state.refuse(reason, BY_POLICY)
+            state.refuse(f"names disagree ({names_seen})", BY_POLICY)
 
-    def _refuse(self, flow: http.HTTPFlow, decision: Decision, what: str, reason: str = "") -> None:
-        target = human.format_address((flow.request.host, flow.request.port))
-        reason = reason or f"blocked by policy rule {decision.rule!r}"
-        flow.response = http.Response.make(
-            403, f"bumper: {what} {target} {reason}\n", {"content-type": "text/plain; charset=utf-8"}
-        )
+    def _refuse(self, flow: http.HTTPFlow, decision: Decision, what: str, why: str = "") -> None:
+        """A 403 for a rule's block, or for WHY (a client or port outside the policy's)."""
+        reason = why or f"blocked by policy rule {decision.rule!r}"
+        flow.response = replies.refused(what, flow.request, f"refused: {why}" if why else reason).response(flow.request)
         if state := self.states.of(flow.client_conn.id):
             state.decided(decision)
             state.refuse(reason, BY_POLICY)

@@ -1,4 +1,4 @@
-"""mitmproxy's HTTP layer, with the two things an inspecting proxy needs that stock mitmproxy 11 lacks.
+"""mitmproxy's HTTP layer, with what an inspecting proxy needs that stock mitmproxy lacks.
 
 1. Answering a request before its body is read (a 403 from policy, a 413 from upload_limit)
    without buffering the body: stock mitmproxy buffers the whole upload first, and when that
@@ -7,6 +7,9 @@
 2. Stopping a body that is already streaming (a DLP match, a limit passed mid-upload): the
    upstream request is reset, and the client gets the refusal once its upload ends; a response
    stopped mid-stream is cut off (HTTP/1: the connection closes; h2: the stream is reset).
+3. bumper's own answer (bumper/proxy/replies.py) wherever mitmproxy's layer would send the client
+   its HTML error page: a request head it cannot parse, a request without a destination, an
+   upstream it cannot connect to or that sends no valid response.
 
 Addons ask for these with `respond_early` and `abort` and never touch the layers.
 """
@@ -14,10 +17,14 @@ Addons ask for these with `respond_early` and `abort` and never touch the layers
 from __future__ import annotations
 
 import copy
+import html
 import time
 
 from mitmproxy import flow, http
-from mitmproxy.proxy import events, layer, layers
+from mitmproxy.connection import ConnectionState
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands, events, layer, layers
+from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import (
     DropStream,
@@ -31,9 +38,12 @@ from mitmproxy.proxy.layers.http import (
     RequestTrailers,
     ResponseData,
     ResponseEndOfMessage,
+    ResponseHeaders,
     ResponseProtocolError,
     SendHttp,
 )
+
+from bumper.proxy import replies
 
 # flow.metadata keys
 EARLY = "bumper.early_response"  # the flow was answered by bumper, not (or no longer) by the upstream
@@ -90,6 +100,9 @@ def _chunks(produced: bytes | list[bytes] | object) -> list[bytes]:
 
 
 class HttpStream(http_layers.HttpStream):
+    # The client has this stream's response headers: from then on an error can only cut it off.
+    client_has_response = False
+
     def start_request_stream(self) -> layer.CommandGenerator[None]:
         if self.flow.response is not None:
             self.client_state = self.state_discard_request_body
@@ -194,7 +207,73 @@ class HttpStream(http_layers.HttpStream):
         return hasattr(self, "flow") and bool(self.flow.metadata.get(EARLY)) and self.server_state == self.state_errored
 
 
+def _instead_of_mitmproxys(reply: replies.Reply, request: http.Request | None) -> http.Response:
+    """REPLY as the answer where mitmproxy would send its error page, which ends an HTTP/1
+    connection: the rest of a failed request may still be on its way, and is no next request."""
+    response = reply.response(request)
+    response.headers["connection"] = "close"  # h2 drops it: there the stream ends, not the connection
+    return response
+
+
+class Http1Server(http_layers.Http1Server):
+    """mitmproxy's HTTP/1 server side, answering a request head it cannot parse with bumper's 400."""
+
+    def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        for command in super().read_headers(event):
+            if isinstance(command, commands.SendData):  # the only data it sends itself: its 400 page
+                # The parser's reason is in the page only, as the paragraph of mitmproxy's format_error.
+                reason = html.unescape(command.data.partition(b"<p>")[2].partition(b"</p>")[0].decode())
+                # self.request: the head, if it parsed and only its body's framing is wrong.
+                response = _instead_of_mitmproxys(replies.bad_request(reason), self.request)
+                command = commands.SendData(self.conn, http1.assemble_response(response))
+            yield command
+
+
 class HttpLayer(layers.HttpLayer):
+    def __init__(self, context: Context, mode: http_layers.HTTPMode) -> None:
+        super().__init__(context, mode)
+        if context.client.alpn != b"h2":  # HTTP/1, as mitmproxy decides at Start (bumper speaks no HTTP/3)
+            # mitmproxy's Start keeps a client connection layer that is already there.
+            self.connections[context.client] = Http1Server(context.fork())
+
+    def event_to_child(
+        self, child: layer.Layer | http_layers.HttpStream, event: events.Event
+    ) -> layer.CommandGenerator[None]:
+        # Every response and error for the client passes here, on its way to the client's connection layer.
+        if (
+            isinstance(event, ResponseHeaders | ResponseProtocolError)
+            and child is self.connections.get(self.context.client)
+            and isinstance(stream := self.streams.get(event.stream_id), HttpStream)  # make_stream's, not dropped
+        ):
+            if isinstance(event, ResponseHeaders):
+                # An interim answer (100 Continue) leaves room for the final one, bumper's included.
+                status = event.response.status_code
+                stream.client_has_response = stream.client_has_response or status >= 200 or status == 101
+            elif response := self._instead_of_error_page(stream, event):
+                return self._send_to_client(child, event.stream_id, response)
+        return super().event_to_child(child, event)
+
+    def _instead_of_error_page(self, stream: HttpStream, error: ResponseProtocolError) -> http.Response | None:
+        """bumper's answer where mitmproxy's client connection layer would send its error page."""
+        if stream.client_has_response or not self.context.client.state & ConnectionState.CAN_WRITE:
+            return None  # no page: the connection is cut off, or gone
+        reply = replies.protocol_error(error.code, error.message, stream.flow.request)
+        return _instead_of_mitmproxys(reply, stream.flow.request) if reply else None
+
+    def _send_to_client(
+        self, connection: layer.Layer | http_layers.HttpStream, stream_id: int, response: http.Response
+    ) -> layer.CommandGenerator[None]:
+        for event in (
+            ResponseHeaders(stream_id, response),
+            ResponseData(stream_id, response.raw_content or b""),
+            ResponseEndOfMessage(stream_id),
+        ):
+            yield from super().event_to_child(connection, event)
+        if isinstance(connection, http_layers.Http1Server) and self.context.client.state & ConnectionState.CAN_WRITE:
+            # As after mitmproxy's page: the rest of a failed request (smuggling, or an upload that
+            # has nowhere to go) is not read.
+            yield commands.CloseConnection(self.context.client)
+
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         # Context.fork() builds a Server (uuid4 and all) only to replace it: a copy forks the same,
         # and this runs once per request.

@@ -28,11 +28,11 @@ from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import LAB, AddonSpec, OnError, Policy
 from bumper.policy.source import PolicySource
 from bumper.proxy import dispatch
-from bumper.proxy.connect import ConnectReplies
 from bumper.proxy.enforce import PolicyEnforcer
 from bumper.proxy.eventlog import ConnectionLog
 from bumper.proxy.layers import NextLayer
 from bumper.proxy.pinlearner import PinLearner
+from bumper.proxy.replies import ConnectReplies
 from bumper.proxy.state import ConnectionStates
 from bumper.proxy.tlsprovider import ClientTls, TlsProvider
 from bumper.proxy.upstreamerror import UpstreamErrorPages

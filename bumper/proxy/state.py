@@ -13,21 +13,12 @@ from mitmproxy.utils import human
 from bumper.certs.trust import UpstreamVerdict, Verdict
 from bumper.policy.rules import Action, Decision
 from bumper.proxy.httpstream import aborted, body_bytes
+from bumper.proxy.replies import Reply
 
 
 class Kind(StrEnum):
     CONNECT = "CONNECT"  # a CONNECT tunnel
     HTTP = "HTTP"  # a plain http:// request sent to the proxy, no tunnel
-
-
-@dataclass(frozen=True)
-class BlockedUpstream:
-    """What the 502 page of on_upstream_error: block says about the upstream."""
-
-    host: str
-    reason: str  # trust.REASONS
-    fingerprint: str  # the upstream leaf's SHA-256
-    detail: str = ""
 
 
 @dataclass
@@ -43,7 +34,7 @@ class ConnectionState:
     sni: str | None = None
     decision: Decision | None = None
     upstream: UpstreamVerdict | None = None  # the verdict on the upstream's certificate
-    blocked: BlockedUpstream | None = None  # on_upstream_error: block: every request gets a 502 page
+    blocked: Reply | None = None  # on_upstream_error: block: every request gets this 502
     spoke: bool = False  # the client sent a request after its handshake (learned pinning asks)
     requests: int = 0  # HTTP responses sent to the client
     bytes_up: int = 0  # HTTP body bytes from the client to the upstream

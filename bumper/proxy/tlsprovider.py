@@ -23,7 +23,8 @@ from bumper.certs.mimicstore import Mimic, MimicStore
 from bumper.certs.trust import UpstreamVerdict
 from bumper.errors import ConfigError
 from bumper.policy.rules import OnUpstreamError
-from bumper.proxy.state import BlockedUpstream, ConnectionState, ConnectionStates
+from bumper.proxy import replies
+from bumper.proxy.state import ConnectionState, ConnectionStates
 from bumper.proxy.upstreamerror import BY_UPSTREAM_ERROR
 from bumper.upstream.tls import TLS_VERSIONS
 from bumper.upstream.verifier import UpstreamVerifier
@@ -124,7 +125,8 @@ class TlsProvider:
                 name, verdict.reason, verdict.detail, rule,
             )  # fmt: skip
         else:  # block: bumper's own certificate for the name, then a 502 page for every request
-            state.blocked = BlockedUpstream(name, str(verdict.reason), found.fingerprint or "-", verdict.detail)
+            fingerprint = found.fingerprint or "-"
+            state.blocked = replies.upstream_blocked(name, str(verdict.reason), fingerprint, verdict.detail)
             state.refuse(
                 f"upstream certificate failed verification ({verdict.reason}): blocked by rule {rule!r}",
                 BY_UPSTREAM_ERROR,

@@ -5,22 +5,11 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from bumper.proxy import pages
 from bumper.proxy.httpstream import respond_early
-from bumper.proxy.state import BlockedUpstream, ConnectionStates
+from bumper.proxy.state import ConnectionStates
 
 # ConnectionState.refused_by for connections on_upstream_error: block stopped.
 BY_UPSTREAM_ERROR = "on_upstream_error"
-
-
-def fields(blocked: BlockedUpstream) -> dict[str, str]:
-    return {
-        "error": "upstream certificate failed verification",
-        "host": blocked.host,
-        "reason": blocked.reason,
-        "detail": blocked.detail,
-        "upstream_sha256": blocked.fingerprint,
-    }
 
 
 class UpstreamErrorPages:
@@ -30,4 +19,4 @@ class UpstreamErrorPages:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         state = self.states.of(flow.client_conn.id)
         if state is not None and state.blocked is not None:
-            respond_early(flow, pages.response(502, "Blocked by bumper", fields(state.blocked), flow.request))
+            respond_early(flow, state.blocked.response(flow.request))

@@ -1,0 +1,133 @@
+"""Everything bumper answers a client itself, instead of an upstream: CONNECT refusals, policy and
+addon refusals, upstream failures, and its own wording of the errors mitmproxy's HTTP layer would
+answer with an HTML page of its own.
+
+Every answer is one `Reply`, rendered by the request's Accept header: a JSON object for
+`application/json`, an HTML table for `text/html`, plain text otherwise. The plain text starts
+with `bumper: ` and the error, so whoever reads it knows the proxy answered, not the site; a reply
+with more to say adds `key: value` lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+from typing import ClassVar
+
+from mitmproxy import http
+from mitmproxy.proxy.layers.http import ErrorCode
+from mitmproxy.utils import human
+
+BLOCKED = "Blocked by bumper"
+
+# mitmproxy's advice about options bumper has no way to set, at the end of its validation errors.
+_OPTION_ADVICE = " Disable the validate_inbound_headers option to skip this security check."
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """One answer of bumper's own. The fields after `heading` are what the client is told: `error`
+    always, the others where they apply, in this order."""
+
+    status: int
+    heading: str  # the HTML page's title and heading
+    error: str
+    host: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+    upstream_sha256: str | None = None
+    addon: str | None = None
+    reference: str | None = None
+
+    _NOT_SAID: ClassVar[tuple[str, ...]] = ("status", "heading")
+
+    def fields(self) -> dict[str, str]:
+        return {
+            f.name: value
+            for f in dataclasses.fields(self)
+            if f.name not in self._NOT_SAID and (value := getattr(self, f.name)) is not None
+        }
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """The body and its content type, as the client's Accept header prefers."""
+        fields = self.fields()
+        if "application/json" in accept:
+            return json.dumps(fields).encode() + b"\n", "application/json"
+        if "text/html" in accept:
+            rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in fields.items())
+            heading = html.escape(self.heading)
+            page = f"<!doctype html><title>bumper: {heading}</title><h1>{heading}</h1><table>{rows}</table>\n"
+            return page.encode(), "text/html; charset=utf-8"
+        lines = [f"bumper: {fields.pop('error')}", *(f"{k}: {v}" for k, v in fields.items())]
+        return "".join(f"{line}\n" for line in lines).encode(), "text/plain; charset=utf-8"
+
+    def response(self, request: http.Request | None) -> http.Response:
+        """The reply as an answer to REQUEST (None: a request too broken to read its Accept)."""
+        body, content_type = self.render(request.headers.get("accept", "") if request else "")
+        return http.Response.make(self.status, body, {"content-type": content_type, "cache-control": "no-store"})
+
+
+def _target(request: http.Request) -> str:
+    return human.format_address((request.host, request.port))
+
+
+def refused(what: str, request: http.Request, reason: str) -> Reply:
+    """The policy refused a CONNECT or a plain-HTTP request (WHAT: "CONNECT to", "request to")."""
+    return Reply(403, BLOCKED, f"{what} {_target(request)} {reason}")
+
+
+def names_disagree(names_seen: str) -> Reply:
+    return Reply(403, BLOCKED, f"request refused: names disagree ({names_seen})")
+
+
+def cannot_connect(request: http.Request, reason: str) -> Reply:
+    return Reply(502, "Cannot connect", f"cannot connect to {_target(request)}: {reason}")
+
+
+def upstream_blocked(host: str, reason: str, fingerprint: str, detail: str) -> Reply:
+    """on_upstream_error: block: the 502 every request on the connection gets. REASON is one of
+    trust.REASONS, FINGERPRINT the upstream leaf's SHA-256."""
+    return Reply(
+        502,
+        BLOCKED,
+        "upstream certificate failed verification",
+        host=host,
+        reason=reason,
+        detail=detail,
+        upstream_sha256=fingerprint,
+    )
+
+
+def addon_refusal(addon: str, reason: str, status: int, reference: str) -> Reply:
+    """An addon refused the request (a 4xx), or failed with on_error: fail-closed (a 5xx)."""
+    heading = BLOCKED if status < 500 else "Inspection failed"
+    return Reply(status, heading, reason, addon=addon, reference=reference)
+
+
+def bad_request(message: str, status: int = 400) -> Reply:
+    return Reply(status, "Bad request", f"bad request: {message}")
+
+
+def protocol_error(code: ErrorCode, message: str, request: http.Request) -> Reply | None:
+    """What bumper answers where mitmproxy's HTTP layer would answer REQUEST with its own error page
+    (CODE and MESSAGE are the layer's); None where mitmproxy sends no page (a kill, a cancel)."""
+    status = code.http_status_code()
+    if status is None:
+        return None
+    message = message.removesuffix(_OPTION_ADVICE)
+    if code is ErrorCode.CONNECT_FAILED:
+        return cannot_connect(request, message)
+    if status < 500:
+        return bad_request(message, status)
+    return Reply(status, "No valid response", f"no valid response from {_target(request)}: {message}")
+
+
+class ConnectReplies:
+    """The answer to a CONNECT that cannot become a tunnel."""
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy's own 502 text gives advice about its options; say plainly what failed instead.
+        if flow.response is not None and flow.response.status_code == 502:
+            reason = flow.server_conn.error or "cannot connect"
+            flow.response = cannot_connect(flow.request, reason).response(flow.request)
