@@ -37,6 +37,8 @@ examples:
       a client that trusts the CA, through the proxy
   bumper --ca ca/ --upstream-ca lab-root.pem --resolve '*.example.test=127.0.0.1'
       a lab upstream: its own root, names mapped without DNS
+  bumper --ca ca/ --resolve 'www.example.test=127.0.0.1:18443'
+      clients ask for www.example.test:443; bumper connects to 127.0.0.1:18443
   bumper --ca ca/ --policy policies/lab.yaml --access-log /var/log/bumper/access.jsonl
       a policy (which addons inspect what), and a JSON Lines access log of everything
   bumper ca show --ca ca/
@@ -91,10 +93,11 @@ def _run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--resolve",
-        metavar="NAME=ADDRESS",
+        metavar="NAME=ADDRESS[:PORT]",
         action="append",
         default=[],
-        help="connect to ADDRESS for upstream host NAME (or *.domain), without DNS (repeatable)",
+        help="connect to ADDRESS (and PORT, whatever port the client asked for) for upstream host NAME "
+        "(or *.domain), without DNS (repeatable)",
     )
     t = p.add_argument_group("TLS towards clients")
     t.add_argument("--client-tls-min", choices=("1.2", "1.3"), default="1.2", help="lowest TLS version (default: 1.2)")

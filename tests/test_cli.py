@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from bumper import __version__, keys
 from bumper import ca as ca_files
 from tests import pki
-from tests.conftest import BUMPER, Process
+from tests.conftest import BUMPER, UPSTREAM_HOST, Bumper, Pki, Process, Upstream, curl
 
 TIMEOUT = 30
 LISTEN_ANY = ["--listen", "127.0.0.1:0"]
@@ -347,7 +347,8 @@ def busy_port() -> Iterator[int]:
 BAD_OPTIONS = [
     pytest.param(["--listen", "nonsense"], ["--listen", "nonsense"], id="listen-nonsense"),
     pytest.param(["--listen", "1.2.3.4.5:80"], ["--listen", "1.2.3.4.5:80"], id="listen-five-octets"),
-    pytest.param(["--listen", "127.0.0.1:99999"], ["--listen", "99999"], id="listen-port-out-of-range"),
+    pytest.param(["--listen", "127.0.0.1:99999"], ["--listen", "port 99999 is out of range"], id="listen-port-out-of-range"),
+    pytest.param(["--listen", "127.0.0.1:８０"], ["--listen", "is not a port number"], id="listen-port-not-ascii"),
     pytest.param(["--listen", "example.test:8080"], ["--listen", "example.test"], id="listen-host-name"),
     pytest.param(
         ["--listen", "127.0.0.1:{busy_port}"], ["--listen", "{busy_port}", "address already in use"], id="listen-busy"
@@ -357,6 +358,14 @@ BAD_OPTIONS = [
     pytest.param(["--resolve", "a..test=127.0.0.1"], ["--resolve", "a..test"], id="resolve-empty-label"),
     pytest.param(["--resolve", "*.*.test=127.0.0.1"], ["--resolve", "*.*.test"], id="resolve-double-wildcard"),
     pytest.param(["--resolve", "x.test=not-an-ip"], ["--resolve", "not-an-ip"], id="resolve-address-not-ip"),
+    pytest.param(["--resolve", "x.test=lab:8443"], ["--resolve", "'lab' is not an IP address"], id="resolve-name-and-port"),
+    pytest.param(
+        ["--resolve", "x.test=127.0.0.1:65536"], ["--resolve", "port 65536 is out of range"], id="resolve-port-too-big"
+    ),
+    pytest.param(["--resolve", "x.test=127.0.0.1:0"], ["--resolve", "port 0 is out of range"], id="resolve-port-zero"),
+    pytest.param(["--resolve", "x.test=127.0.0.1:"], ["--resolve", "'' is not a port number"], id="resolve-port-empty"),
+    pytest.param(["--resolve", "x.test=[::1]:https"], ["--resolve", "'https' is not a port number"], id="resolve-v6-port"),
+    pytest.param(["--resolve", "x.test=[::1"], ["--resolve", "'[::1' is not an IP address"], id="resolve-v6-unclosed"),
     pytest.param(["--upstream-ca", "{tmp}/missing.pem"], ["--upstream-ca", "missing.pem"], id="upstream-ca-missing"),
     pytest.param(["--upstream-ca", "{tmp}/root.der"], ["--upstream-ca", "root.der"], id="upstream-ca-not-pem"),
 ]
@@ -448,3 +457,26 @@ def test_first_run_creates_and_announces_the_ca(tmp_path: Path, launch: Callable
     again.wait_for_line(LISTENING)
     assert CREATED not in stop_and_drain(again)
     assert ca_snapshot(directory) == before
+
+
+# --- --resolve NAME=ADDRESS:PORT ----------------------------------------------------------------
+
+
+def test_resolve_with_a_port_reaches_a_lab_upstream_as_name_443(
+    ca_dir: Path, launch: Callable[..., Process], upstream: Upstream, test_pki: Pki
+) -> None:
+    """The client asks for NAME:443, which the default policy allows; bumper connects to the port
+    the mapping gives. The other forms only have to be accepted."""
+    process = launch(
+        "--ca", ca_dir, *LISTEN_ANY, "--upstream-ca", test_pki.root_pem,
+        "--resolve", f"{UPSTREAM_HOST}=127.0.0.1:{upstream.port}",
+        "--resolve", "v6.test=[::1]:8443", "--resolve", "bare-v6.test=::1", "--resolve", "v4.test=127.0.0.1",
+    )  # fmt: skip
+    bumper = Bumper(process, int(process.wait_for_line(r"proxy listening on 127\.0\.0\.1:(\d+)").group(1)), ca_dir)
+    before = upstream.requests
+
+    result = curl(bumper, f"https://{UPSTREAM_HOST}/")
+
+    assert (result.returncode, result.stdout) == (0, "hello from upstream"), result.stderr
+    assert upstream.requests == before + 1
+    process.wait_for_line(rf"CONNECT {re.escape(UPSTREAM_HOST)}:443 .*verify=trusted .*outcome=ok")
