@@ -493,6 +493,7 @@ def start_contender(
     work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workroot))
     work.chmod(0o755)
     if name == "bumper":
+        (work / "ca").mkdir()  # bumper makes a new CA only in a directory that exists
         argv = [
             executable("bumper"),
             "--ca", str(work / "ca"),

@@ -117,7 +117,14 @@ def trust_instructions(ca: CertificateAuthority, listen: str) -> str:
 
 
 def load_or_create(directory: Path, now: datetime.datetime | None = None) -> tuple[CertificateAuthority, bool]:
-    """Load the CA in DIR, or create one when DIR holds neither file. Returns (ca, created)."""
+    """Load the CA in DIR, or create one when DIR exists and holds neither file. Returns (ca, created).
+
+    A directory that does not exist is more often a typo than a wish for a new root CA, which
+    every client would then have to trust: `bumper ca init` makes one there on purpose."""
+    if not directory.exists():
+        raise ConfigError(
+            f"--ca {directory}: no such directory; create a CA there with: bumper ca init --ca {directory}"
+        )
     if not (directory / CERT_FILE).exists() and not (directory / KEY_FILE).exists():
         return create(directory, now), True
     return load(directory, now), False

@@ -409,6 +409,18 @@ def test_usage_errors(ca_dir: Path, args: list[str]) -> None:
     assert snapshot(ca_dir) == before
 
 
+def test_a_missing_ca_dir_is_refused_not_created(tmp_path: Path) -> None:
+    directory = tmp_path / "typo" / "ca"
+
+    assert_config_error(
+        run("--ca", directory, *LISTEN_ANY),
+        f"--ca {directory}: no such directory",
+        f"create a CA there with: bumper ca init --ca {directory}",
+    )
+
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_empty_dir_stays_empty_on_an_option_error(tmp_path: Path) -> None:
     directory = tmp_path / "ca"
     directory.mkdir()
@@ -436,8 +448,11 @@ def test_existing_ca_is_loaded_not_overwritten(ca_dir: Path, launch: Callable[..
 
 
 def test_first_run_creates_and_announces_the_ca(tmp_path: Path, launch: Callable[..., Process]) -> None:
+    """In a directory without CA files, as ca/ is in a fresh clone (`./run` is `bumper --ca ca/`)."""
     directory = tmp_path / "ca"
     directory.mkdir()
+    for name in ("README.md", ".gitignore"):
+        (directory / name).write_text("committed with the repository\n")
 
     process = launch("--ca", directory, *LISTEN_ANY)
     process.wait_for_line(LISTENING)
@@ -445,7 +460,7 @@ def test_first_run_creates_and_announces_the_ca(tmp_path: Path, launch: Callable
     stop_and_drain(process)
 
     assert str(directory / "ca.pem") in announcement
-    assert sorted(p.name for p in directory.iterdir()) == [*CA_FILES, MIMIC_DB]
+    assert sorted(p.name for p in directory.iterdir()) == [".gitignore", "README.md", *CA_FILES, MIMIC_DB]
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert stat.S_IMODE((directory / MIMIC_DB).stat().st_mode) == 0o600  # it holds mimic private keys
     cert = load_pem(directory / "ca.pem")
