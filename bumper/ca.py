@@ -231,11 +231,15 @@ def create(
     return authority
 
 
+def exported(ca: CertificateAuthority, encoding: str) -> bytes:
+    """The CA certificate clients trust (never a key), as PEM or DER."""
+    return ca.trust_anchor.public_bytes(serialization.Encoding.DER if encoding == "der" else serialization.Encoding.PEM)
+
+
 def export(ca: CertificateAuthority, destination: Path, encoding: str) -> None:
-    """Write the CA certificate (never a key) to DESTINATION as PEM or DER."""
-    enc = serialization.Encoding.DER if encoding == "der" else serialization.Encoding.PEM
+    """Write exported(CA) to DESTINATION."""
     try:
-        destination.write_bytes(ca.trust_anchor.public_bytes(enc))
+        destination.write_bytes(exported(ca, encoding))
     except OSError as e:
         raise ConfigError(f"{destination}: cannot write: {e.strerror}") from None
 

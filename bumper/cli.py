@@ -28,6 +28,7 @@ from bumper.resolve import Override, ResolvingEventLoop
 from bumper.tlsprovider import CLIENT_CIPHERS, ClientTls, UpstreamTrust
 
 EXIT_CONFIG = 2
+STDOUT = "-"  # as a file argument
 
 EXAMPLES = """\
 examples:
@@ -227,7 +228,7 @@ def _ca_command(args: list[str]) -> int:
     for name, text in (
         ("init", "create a new CA in DIR (refuses to overwrite one)"),
         ("show", "subject, SHA-256 fingerprint, validity and key type"),
-        ("export", "write the CA certificate (never a key) to PATH"),
+        ("export", "write the CA certificate (never a key) to PATH, or - for stdout"),
     ):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--ca", metavar="DIR", type=Path, required=True)
@@ -238,7 +239,7 @@ def _ca_command(args: list[str]) -> int:
                 help="also make an issuing intermediate that signs the mimics, so the root key can go offline",
             )
         if name == "export":
-            s.add_argument("path", metavar="PATH", type=Path)
+            s.add_argument("path", metavar="PATH", help="a file, or - for stdout")
             s.add_argument("--format", choices=("pem", "der"), help="default: der for *.der and *.cer, else pem")
     opts = p.parse_args(args)
     if opts.action == "init":
@@ -251,10 +252,13 @@ def _ca_command(args: list[str]) -> int:
     authority = _existing_ca(opts.ca)
     if opts.action == "show":
         print(ca_files.describe(authority))
+    elif opts.path == STDOUT:  # the certificate alone, for a pipe: no message on stdout
+        sys.stdout.buffer.write(ca_files.exported(authority, opts.format or "pem"))
     else:
-        encoding = opts.format or ("der" if opts.path.suffix.lower() in (".der", ".cer") else "pem")
-        ca_files.export(authority, opts.path, encoding)
-        print(f"wrote the CA certificate ({encoding.upper()}) to {opts.path}")
+        path = Path(opts.path)  # compared as given above: ./- is a file named -
+        encoding = opts.format or ("der" if path.suffix.lower() in (".der", ".cer") else "pem")
+        ca_files.export(authority, path, encoding)
+        print(f"wrote the CA certificate ({encoding.upper()}) to {path}")
     return 0
 
 

@@ -230,6 +230,27 @@ def test_ca_export(ca_dir: Path, tmp_path: Path, name: str, extra: list[str], de
     assert snapshot(ca_dir) == before
 
 
+@pytest.mark.parametrize("extra, der", [([], False), (["--format", "der"], True), (["--format", "pem"], False)])
+def test_ca_export_to_stdout(ca_dir: Path, tmp_path: Path, extra: list[str], der: bool) -> None:
+    result = subprocess.run(
+        [BUMPER, "ca", "export", "--ca", str(ca_dir), *extra, "-"], capture_output=True, timeout=TIMEOUT, cwd=tmp_path
+    )
+
+    assert (result.returncode, result.stderr) == (0, b"")
+    encoding = serialization.Encoding.DER if der else serialization.Encoding.PEM
+    assert result.stdout == load_pem(ca_dir / "ca.pem").public_bytes(encoding)  # the certificate and nothing else
+    assert list(tmp_path.iterdir()) == [ca_dir]  # no file named -
+
+
+def test_ca_export_to_a_file_named_dash(ca_dir: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [BUMPER, "ca", "export", "--ca", str(ca_dir), "./-"], capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "-").read_bytes() == (ca_dir / "ca.pem").read_bytes()
+
+
 # --- configuration errors -----------------------------------------------------------------------
 
 
