@@ -40,6 +40,8 @@ ISSUING_KEY_FILE = "issuing.key"
 UNTRUSTED_CERT_FILE = "untrusted.pem"
 UNTRUSTED_KEY_FILE = "untrusted.key"
 
+PEM_MARKER = b"-----BEGIN "  # anywhere: PEM files may start with text, as openssl x509 -text writes them
+
 CA_LIFETIME = datetime.timedelta(days=3650)
 ISSUING_LIFETIME = datetime.timedelta(days=5 * 365)
 # Backdate notBefore a little so clients whose clocks lag still accept a fresh CA.
@@ -303,10 +305,23 @@ def _pem_key(key: keys.PrivateKey) -> bytes:
 def load_pem_certificates(path: Path, label: str = "") -> list[x509.Certificate]:
     """Every certificate in a PEM file, or a ConfigError naming LABEL (default: the path)."""
     label = label or str(path)
+    return _pem_certificates(_read(path, label), label)
+
+
+def load_certificates(path: Path) -> list[x509.Certificate]:
+    """Every certificate in a PEM file, or the one in a DER file, or a ConfigError naming the path."""
+    data = _read(path)
+    if PEM_MARKER in data:
+        return _pem_certificates(data, str(path))
     try:
-        return x509.load_pem_x509_certificates(path.read_bytes())
-    except OSError as e:
-        raise ConfigError(f"{label}: cannot read: {e.strerror}") from None
+        return [x509.load_der_x509_certificate(data)]
+    except (ValueError, x509.InvalidVersion):
+        raise ConfigError(f"{path}: not a certificate file (neither PEM nor DER)") from None
+
+
+def _pem_certificates(data: bytes, label: str) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(data)
     except (ValueError, x509.InvalidVersion):  # ValueError also for a file without any certificate
         raise ConfigError(f"{label}: not a PEM certificate file") from None
 
@@ -332,11 +347,11 @@ def _load_key(path: Path) -> keys.PrivateKey:
     return key  # type: ignore[return-value]
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path, label: str = "") -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        raise ConfigError(f"{label or path}: cannot read: {e.strerror}") from None
 
 
 def _check_is_ca(cert: x509.Certificate, path: Path) -> None:

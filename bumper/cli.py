@@ -49,7 +49,7 @@ examples:
 
 subcommands:
   bumper ca init|show|export --ca DIR    manage the CA (bumper ca --help)
-  bumper mimic --ca DIR CERT.pem         the mimic bumper would serve for CERT.pem (--text: side by side)
+  bumper mimic --ca DIR CERT             the mimic bumper would serve for CERT, PEM or DER (--text: side by side)
   bumper policy check FILE [--addons DIR]  OK, or every problem in a policy file with its line and column
 """
 
@@ -285,10 +285,10 @@ def _mimic_command(args: list[str]) -> int:
         description="Print the mimic bumper would serve for an upstream certificate, through the proxy's own code.",
     )
     p.add_argument("--ca", metavar="DIR", type=Path, required=True)
-    p.add_argument("cert", metavar="CERT.pem", type=Path, help="the upstream leaf first, then its chain")
+    p.add_argument("cert", metavar="CERT", type=Path, help="PEM (the upstream leaf first, then its chain) or DER")
     p.add_argument("--text", action="store_true", help="show upstream and mimic side by side, field by field")
     opts = p.parse_args(args)
-    upstream = ca_files.load_pem_certificates(opts.cert)[0]  # the leaf; the rest is its chain
+    upstream = ca_files.load_certificates(opts.cert)[0]  # the leaf; the rest is its chain
     authority = _existing_ca(opts.ca)
     store = MimicStore(authority, KeyPool(PoolSettings(warm=())))
     try:
