@@ -290,7 +290,7 @@ def _mimic_command(args: list[str]) -> int:
     opts = p.parse_args(args)
     upstream = ca_files.load_certificates(opts.cert)[0]  # the leaf; the rest is its chain
     authority = _existing_ca(opts.ca)
-    store = MimicStore(authority, KeyPool(PoolSettings(warm=())))
+    store = MimicStore(authority, KeyPool(PoolSettings(warm=(), worker=False)))
     try:
         made = asyncio.run(store.get(upstream))
     except UnmimicableCertificate as e:

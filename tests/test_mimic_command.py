@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
 from bumper import ca as ca_files
@@ -203,6 +204,20 @@ def test_text_shows_readable_values_never_python_reprs(ca_dir: Path, tmp_path: P
     assert upstream["OCSPNoCheck"] == "OCSPNoCheck"
     assert upstream["1.3.6.1.4.1.99999.2"] == "DER 0500"
     assert upstream["basicConstraints"] == "critical CA:FALSE"
+
+
+def test_an_rsa_upstream_never_ends_in_a_traceback(ca_dir: Path, tmp_path: Path) -> None:
+    """The mimic's RSA key came from a worker process whose shutdown raced the exit: now and then
+    `OSError: Bad file descriptor` and a traceback, more often on a busy machine."""
+    path = tmp_path / "rsa.pem"
+    path.write_bytes(pki.Authority.root().leaf("rsa.test", key=pki.rsa_key()).cert.public_bytes(serialization.Encoding.PEM))
+
+    for _ in range(5):
+        result = bumper_cli("mimic", "--ca", ca_dir, path)
+
+        assert (result.returncode, result.stderr) == (0, "")
+        (made,) = x509.load_pem_x509_certificates(result.stdout.encode())
+        assert isinstance(made.public_key(), rsa.RSAPublicKey)
 
 
 def test_no_ca_is_one_line_and_exit_2(tmp_path: Path, upstream_file: tuple[Path, x509.Certificate]) -> None:
