@@ -186,6 +186,7 @@ def main() -> int:
         origin_port, stop_origin = start_origin(work / "leaf.pem", work / "leaf.key")
         log = work / "access.jsonl"
         (work / "policy.yaml").write_text(POLICY.format(log=log))
+        (work / "ca").mkdir()  # bumper makes a new CA only in a directory that exists
         bumper = spawn(
             "bumper",
             [

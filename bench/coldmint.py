@@ -162,6 +162,7 @@ def start_contender(name: str, origin: Origin, workdir: Path) -> Contender:
     t0 = time.perf_counter()
     if name == "bumper":
         ca_dir = workdir / "bumper-ca"
+        ca_dir.mkdir()  # bumper makes a new CA only in a directory that exists
         any_port = workdir / "any-port.yaml"  # the origin listens on a random port, not 443/8443
         any_port.write_text('default: bump\nports: ["1-65535"]\n')
         process = spawn(

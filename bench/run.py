@@ -542,6 +542,7 @@ def start_contender(
     work.chmod(0o755)
     if name in builds:  # every bumper build is started the same way, so the builds are all that differs
         build = builds[name]
+        (work / "ca").mkdir()  # bumper makes a new CA only in a directory that exists
         argv = [
             build.bumper,
             "--ca", str(work / "ca"),

@@ -32,6 +32,7 @@ from bumper.upstream.resolve import Override, ResolvingEventLoop
 from bumper.upstream.tls import UpstreamTrust
 
 EXIT_CONFIG = 2
+STDOUT = "-"  # as a file argument
 
 EXAMPLES = """\
 examples:
@@ -41,6 +42,8 @@ examples:
       a client that trusts the CA, through the proxy
   bumper --ca ca/ --upstream-ca lab-root.pem --resolve '*.example.test=127.0.0.1'
       a lab upstream: its own root, names mapped without DNS
+  bumper --ca ca/ --resolve 'www.example.test=127.0.0.1:18443'
+      clients ask for www.example.test:443; bumper connects to 127.0.0.1:18443
   bumper --ca ca/ --policy policies/lab.yaml --access-log /var/log/bumper/access.jsonl
       a policy (which addons inspect what), and a JSON Lines access log of everything
   bumper ca show --ca ca/
@@ -50,7 +53,7 @@ examples:
 
 subcommands:
   bumper ca init|show|export --ca DIR    manage the CA (bumper ca --help)
-  bumper mimic --ca DIR CERT.pem         the mimic bumper would serve for CERT.pem (--text: side by side)
+  bumper mimic --ca DIR CERT             the mimic bumper would serve for CERT, PEM or DER (--text: side by side)
   bumper policy check FILE [--addons DIR]  OK, or every problem in a policy file with its line and column
 """
 
@@ -83,7 +86,7 @@ def _run_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"bumper {__version__}")
-    p.add_argument("--ca", metavar="DIR", type=Path, required=True, help="CA directory (created if it holds no CA)")
+    p.add_argument("--ca", metavar="DIR", type=Path, required=True, help="CA directory; a new CA is made in it if it exists and holds none")
     p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8080", help="default: %(default)s")
     p.add_argument(
         "--upstream-ca",
@@ -95,10 +98,11 @@ def _run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--resolve",
-        metavar="NAME=ADDRESS",
+        metavar="NAME=ADDRESS[:PORT]",
         action="append",
         default=[],
-        help="connect to ADDRESS for upstream host NAME (or *.domain), without DNS (repeatable)",
+        help="connect to ADDRESS (and PORT, whatever port the client asked for) for upstream host NAME "
+        "(or *.domain), without DNS (repeatable)",
     )
     t = p.add_argument_group("TLS towards clients")
     t.add_argument("--client-tls-min", choices=("1.2", "1.3"), default="1.2", help="lowest TLS version (default: 1.2)")
@@ -230,7 +234,7 @@ def _ca_command(args: list[str]) -> int:
     for name, text in (
         ("init", "create a new CA in DIR (refuses to overwrite one)"),
         ("show", "subject, SHA-256 fingerprint, validity and key type"),
-        ("export", "write the CA certificate (never a key) to PATH"),
+        ("export", "write the CA certificate (never a key) to PATH, or - for stdout"),
     ):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--ca", metavar="DIR", type=Path, required=True)
@@ -241,7 +245,7 @@ def _ca_command(args: list[str]) -> int:
                 help="also make an issuing intermediate that signs the mimics, so the root key can go offline",
             )
         if name == "export":
-            s.add_argument("path", metavar="PATH", type=Path)
+            s.add_argument("path", metavar="PATH", help="a file, or - for stdout")
             s.add_argument("--format", choices=("pem", "der"), help="default: der for *.der and *.cer, else pem")
     opts = p.parse_args(args)
     if opts.action == "init":
@@ -254,10 +258,13 @@ def _ca_command(args: list[str]) -> int:
     authority = _existing_ca(opts.ca)
     if opts.action == "show":
         print(ca_files.describe(authority))
+    elif opts.path == STDOUT:  # the certificate alone, for a pipe: no message on stdout
+        sys.stdout.buffer.write(ca_files.exported(authority, opts.format or "pem"))
     else:
-        encoding = opts.format or ("der" if opts.path.suffix.lower() in (".der", ".cer") else "pem")
-        ca_files.export(authority, opts.path, encoding)
-        print(f"wrote the CA certificate ({encoding.upper()}) to {opts.path}")
+        path = Path(opts.path)  # compared as given above: ./- is a file named -
+        encoding = opts.format or ("der" if path.suffix.lower() in (".der", ".cer") else "pem")
+        ca_files.export(authority, path, encoding)
+        print(f"wrote the CA certificate ({encoding.upper()}) to {path}")
     return 0
 
 
@@ -284,12 +291,12 @@ def _mimic_command(args: list[str]) -> int:
         description="Print the mimic bumper would serve for an upstream certificate, through the proxy's own code.",
     )
     p.add_argument("--ca", metavar="DIR", type=Path, required=True)
-    p.add_argument("cert", metavar="CERT.pem", type=Path, help="the upstream leaf first, then its chain")
+    p.add_argument("cert", metavar="CERT", type=Path, help="PEM (the upstream leaf first, then its chain) or DER")
     p.add_argument("--text", action="store_true", help="show upstream and mimic side by side, field by field")
     opts = p.parse_args(args)
-    upstream = ca_files.load_pem_certificates(opts.cert)[0]  # the leaf; the rest is its chain
+    upstream = ca_files.load_certificates(opts.cert)[0]  # the leaf; the rest is its chain
     authority = _existing_ca(opts.ca)
-    store = MimicStore(authority, KeyPool(PoolSettings(warm=())))
+    store = MimicStore(authority, KeyPool(PoolSettings(warm=(), worker=False)))
     try:
         made = asyncio.run(store.get(upstream))
     except UnmimicableCertificate as e:

@@ -230,7 +230,7 @@ def start_bumper(test_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Ite
     started = STARTED_BUMPERS
 
     def start(*extra: str, ca_dir: Path | None = None, trust_test_root: bool = True) -> Bumper:
-        ca_dir = ca_dir or tmp_path_factory.mktemp("ca") / "ca"
+        ca_dir = ca_dir or tmp_path_factory.mktemp("ca")  # empty: bumper makes its CA there
         args = [BUMPER, "--ca", str(ca_dir), "--listen", "127.0.0.1:0", "--resolve", "*.test=127.0.0.1"]
         if trust_test_root:
             args += ["--upstream-ca", str(test_pki.root_pem)]

@@ -451,6 +451,7 @@ def test_an_access_log_named_in_a_rule_writes_to_its_path(start_bumper, upstream
 @pytest.fixture
 def stdout_bumper(test_pki: Pki, tmp_path: Path) -> Iterator[tuple[Bumper, list[str]]]:
     """bumper with --access-log -, its stdout collected line by line (conftest's start_bumper drops stdout)."""
+    (tmp_path / "ca").mkdir()
     args = [
         BUMPER, "--ca", str(tmp_path / "ca"), "--listen", "127.0.0.1:0", "--resolve", "*.test=127.0.0.1",
         "--upstream-ca", str(test_pki.root_pem), "--policy", str(ANY_PORT_POLICY), "--access-log", "-",

@@ -706,6 +706,7 @@ def start_bumper_env(test_pki: Pki, tmp_path: Path) -> Iterator[Callable[..., Bu
 
     def start(*extra: str, env: dict[str, str]) -> Bumper:
         ca_dir = tmp_path / "ca"
+        ca_dir.mkdir(exist_ok=True)  # bumper makes its CA in it at the first start
         args = [BUMPER, "--ca", str(ca_dir), "--listen", "127.0.0.1:0", "--resolve", "*.test=127.0.0.1"]
         args += ["--upstream-ca", str(test_pki.root_pem)]
         proc = subprocess.Popen(

@@ -24,7 +24,7 @@ from bumper import __version__
 from bumper.certs import ca as ca_files
 from bumper.certs import keys
 from tests import pki
-from tests.conftest import BUMPER, Process
+from tests.conftest import BUMPER, UPSTREAM_HOST, Bumper, Pki, Process, Upstream, curl
 
 TIMEOUT = 30
 LISTEN_ANY = ["--listen", "127.0.0.1:0"]
@@ -231,6 +231,27 @@ def test_ca_export(ca_dir: Path, tmp_path: Path, name: str, extra: list[str], de
     assert snapshot(ca_dir) == before
 
 
+@pytest.mark.parametrize("extra, der", [([], False), (["--format", "der"], True), (["--format", "pem"], False)])
+def test_ca_export_to_stdout(ca_dir: Path, tmp_path: Path, extra: list[str], der: bool) -> None:
+    result = subprocess.run(
+        [BUMPER, "ca", "export", "--ca", str(ca_dir), *extra, "-"], capture_output=True, timeout=TIMEOUT, cwd=tmp_path
+    )
+
+    assert (result.returncode, result.stderr) == (0, b"")
+    encoding = serialization.Encoding.DER if der else serialization.Encoding.PEM
+    assert result.stdout == load_pem(ca_dir / "ca.pem").public_bytes(encoding)  # the certificate and nothing else
+    assert list(tmp_path.iterdir()) == [ca_dir]  # no file named -
+
+
+def test_ca_export_to_a_file_named_dash(ca_dir: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [BUMPER, "ca", "export", "--ca", str(ca_dir), "./-"], capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "-").read_bytes() == (ca_dir / "ca.pem").read_bytes()
+
+
 # --- configuration errors -----------------------------------------------------------------------
 
 
@@ -348,7 +369,8 @@ def busy_port() -> Iterator[int]:
 BAD_OPTIONS = [
     pytest.param(["--listen", "nonsense"], ["--listen", "nonsense"], id="listen-nonsense"),
     pytest.param(["--listen", "1.2.3.4.5:80"], ["--listen", "1.2.3.4.5:80"], id="listen-five-octets"),
-    pytest.param(["--listen", "127.0.0.1:99999"], ["--listen", "99999"], id="listen-port-out-of-range"),
+    pytest.param(["--listen", "127.0.0.1:99999"], ["--listen", "port 99999 is out of range"], id="listen-port-out-of-range"),
+    pytest.param(["--listen", "127.0.0.1:８０"], ["--listen", "is not a port number"], id="listen-port-not-ascii"),
     pytest.param(["--listen", "example.test:8080"], ["--listen", "example.test"], id="listen-host-name"),
     pytest.param(
         ["--listen", "127.0.0.1:{busy_port}"], ["--listen", "{busy_port}", "address already in use"], id="listen-busy"
@@ -358,6 +380,14 @@ BAD_OPTIONS = [
     pytest.param(["--resolve", "a..test=127.0.0.1"], ["--resolve", "a..test"], id="resolve-empty-label"),
     pytest.param(["--resolve", "*.*.test=127.0.0.1"], ["--resolve", "*.*.test"], id="resolve-double-wildcard"),
     pytest.param(["--resolve", "x.test=not-an-ip"], ["--resolve", "not-an-ip"], id="resolve-address-not-ip"),
+    pytest.param(["--resolve", "x.test=lab:8443"], ["--resolve", "'lab' is not an IP address"], id="resolve-name-and-port"),
+    pytest.param(
+        ["--resolve", "x.test=127.0.0.1:65536"], ["--resolve", "port 65536 is out of range"], id="resolve-port-too-big"
+    ),
+    pytest.param(["--resolve", "x.test=127.0.0.1:0"], ["--resolve", "port 0 is out of range"], id="resolve-port-zero"),
+    pytest.param(["--resolve", "x.test=127.0.0.1:"], ["--resolve", "'' is not a port number"], id="resolve-port-empty"),
+    pytest.param(["--resolve", "x.test=[::1]:https"], ["--resolve", "'https' is not a port number"], id="resolve-v6-port"),
+    pytest.param(["--resolve", "x.test=[::1"], ["--resolve", "'[::1' is not an IP address"], id="resolve-v6-unclosed"),
     pytest.param(["--upstream-ca", "{tmp}/missing.pem"], ["--upstream-ca", "missing.pem"], id="upstream-ca-missing"),
     pytest.param(["--upstream-ca", "{tmp}/root.der"], ["--upstream-ca", "root.der"], id="upstream-ca-not-pem"),
 ]
@@ -401,6 +431,18 @@ def test_usage_errors(ca_dir: Path, args: list[str]) -> None:
     assert snapshot(ca_dir) == before
 
 
+def test_a_missing_ca_dir_is_refused_not_created(tmp_path: Path) -> None:
+    directory = tmp_path / "typo" / "ca"
+
+    assert_config_error(
+        run("--ca", directory, *LISTEN_ANY),
+        f"--ca {directory}: no such directory",
+        f"create a CA there with: bumper ca init --ca {directory}",
+    )
+
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_empty_dir_stays_empty_on_an_option_error(tmp_path: Path) -> None:
     directory = tmp_path / "ca"
     directory.mkdir()
@@ -428,8 +470,11 @@ def test_existing_ca_is_loaded_not_overwritten(ca_dir: Path, launch: Callable[..
 
 
 def test_first_run_creates_and_announces_the_ca(tmp_path: Path, launch: Callable[..., Process]) -> None:
+    """In a directory without CA files, as ca/ is in a fresh clone (`./run` is `bumper --ca ca/`)."""
     directory = tmp_path / "ca"
     directory.mkdir()
+    for name in ("README.md", ".gitignore"):
+        (directory / name).write_text("committed with the repository\n")
 
     process = launch("--ca", directory, *LISTEN_ANY)
     process.wait_for_line(LISTENING)
@@ -437,7 +482,7 @@ def test_first_run_creates_and_announces_the_ca(tmp_path: Path, launch: Callable
     stop_and_drain(process)
 
     assert str(directory / "ca.pem") in announcement
-    assert sorted(p.name for p in directory.iterdir()) == [*CA_FILES, MIMIC_DB]
+    assert sorted(p.name for p in directory.iterdir()) == [".gitignore", "README.md", *CA_FILES, MIMIC_DB]
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert stat.S_IMODE((directory / MIMIC_DB).stat().st_mode) == 0o600  # it holds mimic private keys
     cert = load_pem(directory / "ca.pem")
@@ -449,3 +494,26 @@ def test_first_run_creates_and_announces_the_ca(tmp_path: Path, launch: Callable
     again.wait_for_line(LISTENING)
     assert CREATED not in stop_and_drain(again)
     assert ca_snapshot(directory) == before
+
+
+# --- --resolve NAME=ADDRESS:PORT ----------------------------------------------------------------
+
+
+def test_resolve_with_a_port_reaches_a_lab_upstream_as_name_443(
+    ca_dir: Path, launch: Callable[..., Process], upstream: Upstream, test_pki: Pki
+) -> None:
+    """The client asks for NAME:443, which the default policy allows; bumper connects to the port
+    the mapping gives. The other forms only have to be accepted."""
+    process = launch(
+        "--ca", ca_dir, *LISTEN_ANY, "--upstream-ca", test_pki.root_pem,
+        "--resolve", f"{UPSTREAM_HOST}=127.0.0.1:{upstream.port}",
+        "--resolve", "v6.test=[::1]:8443", "--resolve", "bare-v6.test=::1", "--resolve", "v4.test=127.0.0.1",
+    )  # fmt: skip
+    bumper = Bumper(process, int(process.wait_for_line(r"proxy listening on 127\.0\.0\.1:(\d+)").group(1)), ca_dir)
+    before = upstream.requests
+
+    result = curl(bumper, f"https://{UPSTREAM_HOST}/")
+
+    assert (result.returncode, result.stdout) == (0, "hello from upstream"), result.stderr
+    assert upstream.requests == before + 1
+    process.wait_for_line(rf"CONNECT {re.escape(UPSTREAM_HOST)}:443 .*verify=trusted .*outcome=ok")

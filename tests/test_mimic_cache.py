@@ -243,11 +243,11 @@ def served_leaf(bumper: Bumper, upstream: Upstream) -> x509.Certificate:
 
 
 def test_restarted_proxy_serves_the_cached_mimic(start_bumper, upstream: Upstream, tmp_path: Path) -> None:
-    first = start_bumper(ca_dir=tmp_path / "ca")
+    first = start_bumper(ca_dir=tmp_path)
     before = served_leaf(first, upstream)
     first.process.stop()
-    second = start_bumper(ca_dir=tmp_path / "ca")
+    second = start_bumper(ca_dir=tmp_path)
     assert served_leaf(second, upstream) == before
     second.process.stop()
-    off = start_bumper("--mimic-db", "0", ca_dir=tmp_path / "ca")
+    off = start_bumper("--mimic-db", "0", ca_dir=tmp_path)
     assert served_leaf(off, upstream) != before  # without the disk cache it mints anew

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import AuthorityInformationAccessOID
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
 from bumper.certs import ca as ca_files
 from tests import pki
@@ -77,11 +79,12 @@ def test_with_an_intermediate_the_chain_follows(tmp_path: Path, upstream_file: t
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"not a certificate\n", "not a PEM certificate file"),
+        (b"not a certificate\n", "not a certificate file (neither PEM nor DER)"),
+        (b"0\x82\x01\x00 a truncated DER SEQUENCE", "not a certificate file (neither PEM nor DER)"),
         (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "not a PEM certificate file"),
         (None, "cannot read"),
     ],
-    ids=["garbage", "broken-pem", "missing"],
+    ids=["garbage", "broken-der", "broken-pem", "missing"],
 )
 def test_unparseable_input_is_one_line_and_exit_2(
     ca_dir: Path, tmp_path: Path, content: bytes | None, message: str
@@ -93,6 +96,128 @@ def test_unparseable_input_is_one_line_and_exit_2(
     assert result.returncode == 2
     assert result.stderr == f"bumper: {path}: {message}" + result.stderr.split(message, 1)[1]
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def text_rows(stdout: str) -> dict[str, tuple[str, str]]:
+    """--text output by field: (upstream, mimic), each value's lines joined again (at spaces)."""
+    header, *lines = stdout.splitlines()
+    upstream_at, mimic_at = header.index("upstream"), header.index("mimic")
+    rows: dict[str, tuple[str, str]] = {}
+    field = ""
+    for line in lines:
+        field = line[:upstream_at].strip() or field  # a value's next lines leave the field empty
+        upstream, mimic = rows.get(field, ("", ""))
+        rows[field] = (f"{upstream} {line[upstream_at:mimic_at].strip()}".strip(), f"{mimic} {line[mimic_at:]}".strip())
+    return rows
+
+
+def without_fresh_values(text: str) -> list[str]:
+    """--text output without the rows that differ on every run: the mimic's serial and its new key's id."""
+    return [line for line in text.splitlines() if line.split()[0] not in ("serial", "subjectKeyIdentifier")]
+
+
+def test_der_input_gives_the_same_mimic_as_pem(
+    ca_dir: Path, tmp_path: Path, upstream_file: tuple[Path, x509.Certificate]
+) -> None:
+    pem_path, upstream = upstream_file
+    der_path = tmp_path / "upstream.der"
+    der_path.write_bytes(upstream.public_bytes(serialization.Encoding.DER))
+
+    from_pem = bumper_cli("mimic", "--ca", ca_dir, pem_path, "--text")
+    from_der = bumper_cli("mimic", "--ca", ca_dir, der_path, "--text")
+    as_pem = bumper_cli("mimic", "--ca", ca_dir, der_path)
+
+    assert (from_pem.returncode, from_der.returncode, as_pem.returncode) == (0, 0, 0), from_der.stderr
+    assert "shop.test" in from_der.stdout
+    assert without_fresh_values(from_der.stdout) == without_fresh_values(from_pem.stdout)
+    (made,) = x509.load_pem_x509_certificates(as_pem.stdout.encode())
+    assert made.subject == upstream.subject
+
+
+def many_extensions() -> tuple[tuple[x509.ExtensionType, bool], ...]:
+    """One of most extension types cryptography parses, each with values of every kind it holds."""
+    dv, custom = x509.ObjectIdentifier("2.23.140.1.2.1"), x509.ObjectIdentifier("1.3.6.1.4.1.99999.1")
+    notice = x509.UserNotice(x509.NoticeReference("Example CA", [1, 2]), "for testing only")
+    return (
+        (x509.KeyUsage(True, False, True, False, False, False, False, False, False), True),
+        (x509.CertificatePolicies([x509.PolicyInformation(dv, None), x509.PolicyInformation(custom, ["https://cps.test/", notice])]), False),
+        (x509.CRLDistributionPoints([
+            x509.DistributionPoint([x509.UniformResourceIdentifier("http://crl.test/a.crl")], None, None, None),
+            x509.DistributionPoint(
+                [x509.UniformResourceIdentifier("http://crl.test/b.crl")], None,
+                frozenset({x509.ReasonFlags.key_compromise, x509.ReasonFlags.ca_compromise}),
+                [x509.DirectoryName(pki.name("CRL issuer"))],
+            ),
+        ]), False),
+        (x509.IssuerAlternativeName([
+            x509.IPAddress(ipaddress.ip_address("192.0.2.1")), x509.IPAddress(ipaddress.ip_network("2001:db8::/32")),
+            x509.RFC822Name("ca@example.test"), x509.RegisteredID(x509.ObjectIdentifier("1.2.3.4")),
+            x509.OtherName(x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3"), b"\x0c\x03upn"),
+        ]), False),
+        (x509.TLSFeature([x509.TLSFeatureType.status_request]), False),
+        (x509.InhibitAnyPolicy(0), False),
+        (x509.PolicyConstraints(require_explicit_policy=0, inhibit_policy_mapping=None), True),
+        (x509.PrivateKeyUsagePeriod(pki.NOW - pki.DAY, pki.NOW + pki.DAY), False),
+        (x509.MSCertificateTemplate(x509.ObjectIdentifier("1.3.6.1.4.1.311.21.8.1"), 100, None), False),
+        (x509.OCSPNoCheck(), False),
+        (x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.2"), b"\x05\x00"), False),
+    )  # fmt: skip
+
+
+def test_text_shows_readable_values_never_python_reprs(ca_dir: Path, tmp_path: Path) -> None:
+    root = pki.Authority.root("policy root")
+    leaf = root.leaf(
+        "many.test", eku=(ExtendedKeyUsageOID.SERVER_AUTH, x509.ObjectIdentifier("1.3.6.1.4.1.99999.3")),
+        extra=((AIA, False), *many_extensions()),
+    )  # fmt: skip
+    path = tmp_path / "many.pem"
+    path.write_bytes(leaf.cert.public_bytes(serialization.Encoding.PEM))
+
+    result = bumper_cli("mimic", "--ca", ca_dir, path, "--text")
+
+    assert result.returncode == 0, result.stderr
+    for repr_mark in ("<", ">", "Object", "b'", 'b"', "datetime", "Name(", " object at "):
+        assert repr_mark not in result.stdout, f"{repr_mark!r} in:\n{result.stdout}"
+    upstream = {field: values[0] for field, values in text_rows(result.stdout).items()}
+    assert upstream["keyUsage"] == "critical digital_signature, key_encipherment"
+    assert upstream["extendedKeyUsage"] == "serverAuth, 1.3.6.1.4.1.99999.3"
+    assert upstream["authorityInfoAccess"] == "caIssuers URI:http://i.test/ca"
+    assert upstream["certificatePolicies"] == (
+        "CA/B domain-validated, 1.3.6.1.4.1.99999.1 [https://cps.test/, "
+        "(notice_reference=(organization=Example CA, notice_numbers=[1, 2]), explicit_text=for testing only)]"
+    )
+    assert upstream["cRLDistributionPoints"] == (
+        "URI:http://crl.test/a.crl, (full_name=[URI:http://crl.test/b.crl], reasons=[ca_compromise, "
+        "key_compromise], crl_issuer=[dirName:CN=CRL issuer,O=bumper tests])"
+    )
+    assert upstream["issuerAltName"] == (
+        "IP:192.0.2.1, IP:2001:db8::/32, email:ca@example.test, RID:1.2.3.4, "
+        "otherName:1.3.6.1.4.1.311.20.2.3:0c0375706e"
+    )
+    assert upstream["TLSFeature"] == "status_request"
+    assert upstream["inhibitAnyPolicy"] == "skip_certs=0"
+    assert upstream["policyConstraints"] == "critical require_explicit_policy=0"
+    assert upstream["privateKeyUsagePeriod"] == (
+        f"not_before={pki.NOW - pki.DAY:%Y-%m-%d %H:%M:%S} UTC, not_after={pki.NOW + pki.DAY:%Y-%m-%d %H:%M:%S} UTC"
+    )
+    assert upstream["msCertificateTemplate"] == "template_id=1.3.6.1.4.1.311.21.8.1, major_version=100"
+    assert upstream["OCSPNoCheck"] == "OCSPNoCheck"
+    assert upstream["1.3.6.1.4.1.99999.2"] == "DER 0500"
+    assert upstream["basicConstraints"] == "critical CA:FALSE"
+
+
+def test_an_rsa_upstream_never_ends_in_a_traceback(ca_dir: Path, tmp_path: Path) -> None:
+    """The mimic's RSA key came from a worker process whose shutdown raced the exit: now and then
+    `OSError: Bad file descriptor` and a traceback, more often on a busy machine."""
+    path = tmp_path / "rsa.pem"
+    path.write_bytes(pki.Authority.root().leaf("rsa.test", key=pki.rsa_key()).cert.public_bytes(serialization.Encoding.PEM))
+
+    for _ in range(5):
+        result = bumper_cli("mimic", "--ca", ca_dir, path)
+
+        assert (result.returncode, result.stderr) == (0, "")
+        (made,) = x509.load_pem_x509_certificates(result.stdout.encode())
+        assert isinstance(made.public_key(), rsa.RSAPublicKey)
 
 
 def test_no_ca_is_one_line_and_exit_2(tmp_path: Path, upstream_file: tuple[Path, x509.Certificate]) -> None:

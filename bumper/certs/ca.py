@@ -42,6 +42,8 @@ ISSUING_KEY_FILE = "issuing.key"
 UNTRUSTED_CERT_FILE = "untrusted.pem"
 UNTRUSTED_KEY_FILE = "untrusted.key"
 
+PEM_MARKER = b"-----BEGIN "  # anywhere: PEM files may start with text, as openssl x509 -text writes them
+
 CA_LIFETIME = datetime.timedelta(days=3650)
 ISSUING_LIFETIME = datetime.timedelta(days=5 * 365)
 # Backdate notBefore a little so clients whose clocks lag still accept a fresh CA.
@@ -119,7 +121,14 @@ def trust_instructions(ca: CertificateAuthority, listen: str) -> str:
 
 
 def load_or_create(directory: Path, now: datetime.datetime | None = None) -> tuple[CertificateAuthority, bool]:
-    """Load the CA in DIR, or create one when DIR holds neither file. Returns (ca, created)."""
+    """Load the CA in DIR, or create one when DIR exists and holds neither file. Returns (ca, created).
+
+    A directory that does not exist is more often a typo than a wish for a new root CA, which
+    every client would then have to trust: `bumper ca init` makes one there on purpose."""
+    if not directory.exists():
+        raise ConfigError(
+            f"--ca {directory}: no such directory; create a CA there with: bumper ca init --ca {directory}"
+        )
     if not (directory / CERT_FILE).exists() and not (directory / KEY_FILE).exists():
         return create(directory, now), True
     return load(directory, now), False
@@ -226,11 +235,15 @@ def create(
     return authority
 
 
+def exported(ca: CertificateAuthority, encoding: str) -> bytes:
+    """The CA certificate clients trust (never a key), as PEM or DER."""
+    return ca.trust_anchor.public_bytes(serialization.Encoding.DER if encoding == "der" else serialization.Encoding.PEM)
+
+
 def export(ca: CertificateAuthority, destination: Path, encoding: str) -> None:
-    """Write the CA certificate (never a key) to DESTINATION as PEM or DER."""
-    enc = serialization.Encoding.DER if encoding == "der" else serialization.Encoding.PEM
+    """Write exported(CA) to DESTINATION."""
     try:
-        destination.write_bytes(ca.trust_anchor.public_bytes(enc))
+        destination.write_bytes(exported(ca, encoding))
     except OSError as e:
         raise ConfigError(f"{destination}: cannot write: {e.strerror}") from None
 
@@ -294,10 +307,23 @@ def _pem_key(key: keys.PrivateKey) -> bytes:
 def load_pem_certificates(path: Path, label: str = "") -> list[x509.Certificate]:
     """Every certificate in a PEM file, or a ConfigError naming LABEL (default: the path)."""
     label = label or str(path)
+    return _pem_certificates(_read(path, label), label)
+
+
+def load_certificates(path: Path) -> list[x509.Certificate]:
+    """Every certificate in a PEM file, or the one in a DER file, or a ConfigError naming the path."""
+    data = _read(path)
+    if PEM_MARKER in data:
+        return _pem_certificates(data, str(path))
     try:
-        return x509.load_pem_x509_certificates(path.read_bytes())
-    except OSError as e:
-        raise ConfigError(f"{label}: cannot read: {e.strerror}") from None
+        return [x509.load_der_x509_certificate(data)]
+    except (ValueError, x509.InvalidVersion):
+        raise ConfigError(f"{path}: not a certificate file (neither PEM nor DER)") from None
+
+
+def _pem_certificates(data: bytes, label: str) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(data)
     except (ValueError, x509.InvalidVersion):  # ValueError also for a file without any certificate
         raise ConfigError(f"{label}: not a PEM certificate file") from None
 
@@ -323,11 +349,11 @@ def _load_key(path: Path) -> keys.PrivateKey:
     return key  # type: ignore[return-value]
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path, label: str = "") -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        raise ConfigError(f"{label or path}: cannot read: {e.strerror}") from None
 
 
 def _check_is_ca(cert: x509.Certificate, path: Path) -> None:

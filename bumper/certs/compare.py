@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import datetime
+import enum
+import itertools
+import textwrap
+from collections.abc import Iterable, Iterator, Set
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.x509.oid import ExtensionOID
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.certificate_transparency import SignedCertificateTimestamp
 
 from bumper.certs import der, keys
 
@@ -41,15 +47,19 @@ def compare(upstream: x509.Certificate, mimic: x509.Certificate) -> list[Row]:
 
 
 def render(rows: list[Row], width: int = 60) -> str:
+    """Two columns WIDTH wide; a longer value goes on over the next lines, so that two values that
+    differ never look alike."""
     field_width = max(len(r.field) for r in rows)
     lines = [f"{'field':<{field_width}}  {'upstream':<{width}}  mimic"]
     for r in rows:
-        lines.append(f"{r.field:<{field_width}}  {_cut(r.upstream, width):<{width}}  {_cut(r.mimic, width)}")
+        wrapped = itertools.zip_longest(_wrap(r.upstream, width), _wrap(r.mimic, width), fillvalue="")
+        for i, (upstream, mimic) in enumerate(wrapped):
+            lines.append(f"{r.field if i == 0 else '':<{field_width}}  {upstream:<{width}}  {mimic}".rstrip())
     return "\n".join(lines)
 
 
 def _time(moment: datetime.datetime) -> str:
-    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"  # cryptography's naive datetimes are UTC too
 
 
 def _key(cert: x509.Certificate) -> str:
@@ -63,9 +73,19 @@ def _signature(cert: x509.Certificate) -> str:
     return _oid_name(cert.signature_algorithm_oid)
 
 
+# Names for OIDs that cryptography prints as "Unknown OID", but certificates often carry.
+OID_NAMES = {
+    "2.5.29.32.0": "anyPolicy",
+    "2.23.140.1.1": "CA/B EV",
+    "2.23.140.1.2.1": "CA/B domain-validated",
+    "2.23.140.1.2.2": "CA/B organization-validated",
+    "2.23.140.1.2.3": "CA/B individual-validated",
+}
+
+
 def _oid_name(oid: x509.ObjectIdentifier) -> str:
-    name = oid._name
-    return oid.dotted_string if name == "Unknown OID" else name
+    name = oid._name  # cryptography's own table; it has no public one
+    return OID_NAMES.get(oid.dotted_string, oid.dotted_string) if name == "Unknown OID" else name
 
 
 def _extensions(cert: x509.Certificate) -> dict[str, str]:
@@ -82,22 +102,88 @@ def _extensions(cert: x509.Certificate) -> dict[str, str]:
 
 def _extension(ext: x509.Extension[x509.ExtensionType]) -> str:
     critical = "critical " if ext.critical else ""
-    if isinstance(ext.value, x509.SubjectAlternativeName):
-        value = ", ".join(_general_name(n) for n in ext.value)
-    elif isinstance(ext.value, x509.ExtendedKeyUsage):
-        value = ", ".join(_oid_name(oid) for oid in ext.value)
-    elif ext.oid in (ExtensionOID.SUBJECT_KEY_IDENTIFIER, ExtensionOID.AUTHORITY_KEY_IDENTIFIER):
-        digest = getattr(ext.value, "digest", None) or getattr(ext.value, "key_identifier", None) or b""
-        value = digest.hex(":")
-    else:
-        value = repr(ext.value).removeprefix("<").removesuffix(">")
-    return f"{critical}{value}"
+    return f"{critical}{_text(ext.value)}"
+
+
+def _text(value: object, nested: bool = False) -> str:
+    """VALUE, from cryptography's extension classes, as a person reads it: OIDs by name or dotted,
+    bytes in hex, times in UTC, flags by name; never a Python repr. A list or object inside another
+    is bracketed."""
+    match value:
+        case bool() | int() | str() | IPv4Address() | IPv6Address() | IPv4Network() | IPv6Network():
+            return str(value)  # before Iterable: a network iterates over its addresses
+        case bytes():
+            return value.hex(":")
+        case datetime.datetime():
+            return _time(value)
+        case enum.Enum():
+            return value.name
+        case x509.ObjectIdentifier():
+            return _oid_name(value)
+        case x509.Name() | x509.RelativeDistinguishedName():
+            return value.rfc4514_string()
+        case x509.GeneralName():
+            return _general_name(value)
+        case hashes.HashAlgorithm():
+            return value.name
+        case x509.SubjectKeyIdentifier():
+            return value.digest.hex(":")
+        case x509.AuthorityKeyIdentifier() if value.key_identifier is not None:
+            return value.key_identifier.hex(":")  # the issuer name and serial, if there, add nothing to compare
+        case x509.BasicConstraints(ca=False):
+            return "CA:FALSE"
+        case x509.BasicConstraints():
+            return "CA:TRUE" + ("" if value.path_length is None else f", pathlen:{value.path_length}")
+        case x509.PolicyInformation():
+            qualifiers = f" [{_text(value.policy_qualifiers)}]" if value.policy_qualifiers else ""
+            return _oid_name(value.policy_identifier) + qualifiers
+        case x509.DistributionPoint(full_name=list() as names, relative_name=None, reasons=None, crl_issuer=None):
+            return _text(names)  # the usual CRL URL alone
+        case x509.AccessDescription():
+            return f"{_oid_name(value.access_method)} {_general_name(value.access_location)}"
+        case x509.UnrecognizedExtension():
+            return f"DER {value.value.hex()}"
+        case SignedCertificateTimestamp():  # which log, and when: what a person compares
+            return f"(log {value.log_id.hex()} at {_time(value.timestamp)})"
+        case Iterable():  # SANs, key purposes, policies, distribution points, SCTs...
+            items = [_text(item, nested=True) for item in value]
+            if isinstance(value, Set):
+                items.sort()  # a frozenset's order is not the certificate's
+            text = ", ".join(items) or "(empty)"
+            return f"[{text}]" if nested else text
+    text = ", ".join(_fields(value)) or type(value).__name__  # PrecertPoison, OCSPNoCheck: presence alone
+    return f"({text})" if nested else text
+
+
+def _fields(value: object) -> Iterator[str]:
+    """An object's set properties, in the order its class defines them: `name` for a true flag
+    (keyUsage), `name=value` for the rest."""
+    for name, attribute in vars(type(value)).items():
+        if name.startswith("_") or not isinstance(attribute, property):
+            continue
+        try:
+            field = getattr(value, name)
+        except ValueError:  # keyUsage's encipher_only and decipher_only without key_agreement
+            continue
+        if field is True:
+            yield name
+        elif field is not None and field is not False and (isinstance(field, int) or field):  # not empty
+            yield f"{name}={_text(field, nested=True)}"
 
 
 def _general_name(name: x509.GeneralName) -> str:
-    kind = {x509.DNSName: "DNS", x509.IPAddress: "IP", x509.RFC822Name: "email", x509.UniformResourceIdentifier: "URI"}
-    return f"{kind.get(type(name), type(name).__name__)}:{name.value}"
+    if isinstance(name, x509.OtherName):
+        return f"otherName:{_oid_name(name.type_id)}:{name.value.hex()}"
+    kind = {
+        x509.DNSName: "DNS",
+        x509.IPAddress: "IP",
+        x509.RFC822Name: "email",
+        x509.UniformResourceIdentifier: "URI",
+        x509.DirectoryName: "dirName",
+        x509.RegisteredID: "RID",
+    }
+    return f"{kind[type(name)]}:{_text(name.value)}"
 
 
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _wrap(text: str, width: int) -> list[str]:
+    return textwrap.wrap(text, width, break_on_hyphens=False) or [""]

@@ -29,6 +29,9 @@ class PoolSettings:
     max_uses: int = 10_000  # mimics one key may serve before it is replaced
     max_age: float = 24 * 3600.0  # seconds a key may serve before it is replaced
     warm: tuple[keys.KeySpec, ...] = (keys.RSA2048, keys.P256)  # made at start-up
+    # RSA keys are made in a worker process, so the event loop never waits for one; a one-shot
+    # command (bumper mimic) has nothing else to run, and starting a process would only add risk.
+    worker: bool = True
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,10 @@ class KeyPool:
         return current.pooled
 
     def close(self) -> None:
+        """Stop the worker, after the key it is making (up to a second for RSA-4096): shut down
+        without waiting, it raced the interpreter's exit and sometimes ended in a traceback."""
         if self._workers is not None:
-            self._workers.shutdown(wait=False, cancel_futures=True)
+            self._workers.shutdown(wait=True, cancel_futures=True)
             self._workers = None
 
     def _worn_out(self, current: _Current) -> bool:
@@ -115,7 +120,7 @@ class KeyPool:
         return future
 
     async def _make(self, spec: keys.KeySpec) -> keys.PrivateKey:
-        if spec.algorithm != "rsa":
+        if spec.algorithm != "rsa" or not self.settings.worker:
             return spec.generate()
         try:
             der = await asyncio.get_running_loop().run_in_executor(self._worker(), _generate_der, spec)

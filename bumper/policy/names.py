@@ -7,6 +7,7 @@ import ipaddress
 import re
 
 REGEX_PREFIX = "regex:"
+MAX_PORT = 65535
 
 
 def normalize(host: str) -> str:
@@ -31,6 +32,15 @@ def _is_ip_address(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def parse_port(text: str, lowest: int) -> int:
+    """TEXT as a TCP port from LOWEST to 65535, or ValueError saying what is wrong with it."""
+    if not (text.isascii() and text.isdigit()):  # int() would take " 80", "8_0" and "٨٠"
+        raise ValueError(f"{text!r} is not a port number")
+    if not lowest <= int(text) <= MAX_PORT:
+        raise ValueError(f"port {text} is out of range ({lowest}-{MAX_PORT})")
+    return int(text)
 
 
 def valid_pattern(pattern: str) -> bool:

@@ -57,11 +57,14 @@ class ListenAddress:
     def parse(cls, text: str) -> ListenAddress:
         host, sep, port = text.rpartition(":")
         host = host.removeprefix("[").removesuffix("]")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep:
             raise ConfigError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
         if not (names.is_ip_address(host) or host == "localhost"):
             raise ConfigError(f"--listen {text!r}: {host!r} is not an IP address")
-        return cls(host, int(port))
+        try:
+            return cls(host, names.parse_port(port, lowest=0))  # 0: any free port
+        except ValueError as e:
+            raise ConfigError(f"--listen {text!r}: {e}") from None
 
     def __str__(self) -> str:
         return human.format_address((self.host, self.port))
