@@ -86,7 +86,13 @@ def _run_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"bumper {__version__}")
-    p.add_argument("--ca", metavar="DIR", type=Path, required=True, help="CA directory; a new CA is made in it if it exists and holds none")
+    p.add_argument(
+        "--ca",
+        metavar="DIR",
+        type=Path,
+        required=True,
+        help="CA directory; a new CA is made in it if it exists and holds none",
+    )
     p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8080", help="default: %(default)s")
     p.add_argument(
         "--upstream-ca",

@@ -245,7 +245,11 @@ def test_ca_export_to_stdout(ca_dir: Path, tmp_path: Path, extra: list[str], der
 
 def test_ca_export_to_a_file_named_dash(ca_dir: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        [BUMPER, "ca", "export", "--ca", str(ca_dir), "./-"], capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path
+        [BUMPER, "ca", "export", "--ca", str(ca_dir), "./-"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=tmp_path,
     )
 
     assert result.returncode == 0, result.stderr
@@ -369,7 +373,9 @@ def busy_port() -> Iterator[int]:
 BAD_OPTIONS = [
     pytest.param(["--listen", "nonsense"], ["--listen", "nonsense"], id="listen-nonsense"),
     pytest.param(["--listen", "1.2.3.4.5:80"], ["--listen", "1.2.3.4.5:80"], id="listen-five-octets"),
-    pytest.param(["--listen", "127.0.0.1:99999"], ["--listen", "port 99999 is out of range"], id="listen-port-out-of-range"),
+    pytest.param(
+        ["--listen", "127.0.0.1:99999"], ["--listen", "port 99999 is out of range"], id="listen-port-out-of-range"
+    ),
     pytest.param(["--listen", "127.0.0.1:８０"], ["--listen", "is not a port number"], id="listen-port-not-ascii"),
     pytest.param(["--listen", "example.test:8080"], ["--listen", "example.test"], id="listen-host-name"),
     pytest.param(
@@ -380,13 +386,17 @@ BAD_OPTIONS = [
     pytest.param(["--resolve", "a..test=127.0.0.1"], ["--resolve", "a..test"], id="resolve-empty-label"),
     pytest.param(["--resolve", "*.*.test=127.0.0.1"], ["--resolve", "*.*.test"], id="resolve-double-wildcard"),
     pytest.param(["--resolve", "x.test=not-an-ip"], ["--resolve", "not-an-ip"], id="resolve-address-not-ip"),
-    pytest.param(["--resolve", "x.test=lab:8443"], ["--resolve", "'lab' is not an IP address"], id="resolve-name-and-port"),
+    pytest.param(
+        ["--resolve", "x.test=lab:8443"], ["--resolve", "'lab' is not an IP address"], id="resolve-name-and-port"
+    ),
     pytest.param(
         ["--resolve", "x.test=127.0.0.1:65536"], ["--resolve", "port 65536 is out of range"], id="resolve-port-too-big"
     ),
     pytest.param(["--resolve", "x.test=127.0.0.1:0"], ["--resolve", "port 0 is out of range"], id="resolve-port-zero"),
     pytest.param(["--resolve", "x.test=127.0.0.1:"], ["--resolve", "'' is not a port number"], id="resolve-port-empty"),
-    pytest.param(["--resolve", "x.test=[::1]:https"], ["--resolve", "'https' is not a port number"], id="resolve-v6-port"),
+    pytest.param(
+        ["--resolve", "x.test=[::1]:https"], ["--resolve", "'https' is not a port number"], id="resolve-v6-port"
+    ),
     pytest.param(["--resolve", "x.test=[::1"], ["--resolve", "'[::1' is not an IP address"], id="resolve-v6-unclosed"),
     pytest.param(["--upstream-ca", "{tmp}/missing.pem"], ["--upstream-ca", "missing.pem"], id="upstream-ca-missing"),
     pytest.param(["--upstream-ca", "{tmp}/root.der"], ["--upstream-ca", "root.der"], id="upstream-ca-not-pem"),

@@ -140,20 +140,38 @@ def many_extensions() -> tuple[tuple[x509.ExtensionType, bool], ...]:
     notice = x509.UserNotice(x509.NoticeReference("Example CA", [1, 2]), "for testing only")
     return (
         (x509.KeyUsage(True, False, True, False, False, False, False, False, False), True),
-        (x509.CertificatePolicies([x509.PolicyInformation(dv, None), x509.PolicyInformation(custom, ["https://cps.test/", notice])]), False),
-        (x509.CRLDistributionPoints([
-            x509.DistributionPoint([x509.UniformResourceIdentifier("http://crl.test/a.crl")], None, None, None),
-            x509.DistributionPoint(
-                [x509.UniformResourceIdentifier("http://crl.test/b.crl")], None,
-                frozenset({x509.ReasonFlags.key_compromise, x509.ReasonFlags.ca_compromise}),
-                [x509.DirectoryName(pki.name("CRL issuer"))],
+        (
+            x509.CertificatePolicies(
+                [x509.PolicyInformation(dv, None), x509.PolicyInformation(custom, ["https://cps.test/", notice])]
             ),
-        ]), False),
-        (x509.IssuerAlternativeName([
-            x509.IPAddress(ipaddress.ip_address("192.0.2.1")), x509.IPAddress(ipaddress.ip_network("2001:db8::/32")),
-            x509.RFC822Name("ca@example.test"), x509.RegisteredID(x509.ObjectIdentifier("1.2.3.4")),
-            x509.OtherName(x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3"), b"\x0c\x03upn"),
-        ]), False),
+            False,
+        ),
+        (
+            x509.CRLDistributionPoints(
+                [
+                    x509.DistributionPoint([x509.UniformResourceIdentifier("http://crl.test/a.crl")], None, None, None),
+                    x509.DistributionPoint(
+                        [x509.UniformResourceIdentifier("http://crl.test/b.crl")],
+                        None,
+                        frozenset({x509.ReasonFlags.key_compromise, x509.ReasonFlags.ca_compromise}),
+                        [x509.DirectoryName(pki.name("CRL issuer"))],
+                    ),
+                ]
+            ),
+            False,
+        ),
+        (
+            x509.IssuerAlternativeName(
+                [
+                    x509.IPAddress(ipaddress.ip_address("192.0.2.1")),
+                    x509.IPAddress(ipaddress.ip_network("2001:db8::/32")),
+                    x509.RFC822Name("ca@example.test"),
+                    x509.RegisteredID(x509.ObjectIdentifier("1.2.3.4")),
+                    x509.OtherName(x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3"), b"\x0c\x03upn"),
+                ]
+            ),
+            False,
+        ),
         (x509.TLSFeature([x509.TLSFeatureType.status_request]), False),
         (x509.InhibitAnyPolicy(0), False),
         (x509.PolicyConstraints(require_explicit_policy=0, inhibit_policy_mapping=None), True),
@@ -161,15 +179,16 @@ def many_extensions() -> tuple[tuple[x509.ExtensionType, bool], ...]:
         (x509.MSCertificateTemplate(x509.ObjectIdentifier("1.3.6.1.4.1.311.21.8.1"), 100, None), False),
         (x509.OCSPNoCheck(), False),
         (x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.2"), b"\x05\x00"), False),
-    )  # fmt: skip
+    )
 
 
 def test_text_shows_readable_values_never_python_reprs(ca_dir: Path, tmp_path: Path) -> None:
     root = pki.Authority.root("policy root")
     leaf = root.leaf(
-        "many.test", eku=(ExtendedKeyUsageOID.SERVER_AUTH, x509.ObjectIdentifier("1.3.6.1.4.1.99999.3")),
+        "many.test",
+        eku=(ExtendedKeyUsageOID.SERVER_AUTH, x509.ObjectIdentifier("1.3.6.1.4.1.99999.3")),
         extra=((AIA, False), *many_extensions()),
-    )  # fmt: skip
+    )
     path = tmp_path / "many.pem"
     path.write_bytes(leaf.cert.public_bytes(serialization.Encoding.PEM))
 
@@ -210,7 +229,9 @@ def test_an_rsa_upstream_never_ends_in_a_traceback(ca_dir: Path, tmp_path: Path)
     """The mimic's RSA key came from a worker process whose shutdown raced the exit: now and then
     `OSError: Bad file descriptor` and a traceback, more often on a busy machine."""
     path = tmp_path / "rsa.pem"
-    path.write_bytes(pki.Authority.root().leaf("rsa.test", key=pki.rsa_key()).cert.public_bytes(serialization.Encoding.PEM))
+    path.write_bytes(
+        pki.Authority.root().leaf("rsa.test", key=pki.rsa_key()).cert.public_bytes(serialization.Encoding.PEM)
+    )
 
     for _ in range(5):
         result = bumper_cli("mimic", "--ca", ca_dir, path)
