@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from bumper import __version__, compare, keys, policy
+from bumper import __version__, compare, keys, policy, stopping
 from bumper import ca as ca_files
 from bumper.addonload import load_registry
 from bumper.errors import ConfigError
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"bumper: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM (__main__), before serve() gave them to the event loop
+        return stopping.interrupted(args)
     except BrokenPipeError:  # `bumper ca show | head -1`
         sys.stderr.close()
         return 0
@@ -178,7 +178,8 @@ def _without_debug_checks(args: list[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-O", "-m", "bumper", *args])
+    with stopping.held():  # a stop meanwhile waits for the new image, whose entry point handles it
+        os.execv(sys.executable, [sys.executable, "-O", "-m", "bumper", *args])
 
 
 def _addons_option(group: argparse._ActionsContainer) -> None:
@@ -193,6 +194,7 @@ def _addons_option(group: argparse._ActionsContainer) -> None:
 
 
 def _run_command(args: list[str]) -> int:
+    """Run the proxy until SIGINT or SIGTERM, its normal end."""
     opts = _run_parser().parse_args(args)
     _without_debug_checks(args)
     _setup_logging(opts.verbose)
@@ -225,7 +227,7 @@ def _run_command(args: list[str]) -> int:
         ca_files.untrusted(config.ca_dir)  # a broken pair is a configuration error now, not at the first failure
     with asyncio.Runner(loop_factory=lambda: ResolvingEventLoop(config.resolve)) as runner:
         runner.run(serve(config, authority, announce_new_ca=created))
-    return 0
+    return stopping.stopped()
 
 
 def _ca_command(args: list[str]) -> int:
