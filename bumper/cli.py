@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from bumper import __version__, compare, keys, policy, stopping
 from bumper import ca as ca_files
 from bumper.addonload import load_registry
+from bumper.clock import iso_utc
 from bumper.errors import ConfigError
 from bumper.keypool import KeyPool, PoolSettings
 from bumper.keys import KeySpec
@@ -342,9 +343,17 @@ def _count(text: str) -> int:
     return int(text)
 
 
+class _UtcFormatter(logging.Formatter):
+    """Each line starts with its time in UTC, as the access log writes it (bumper.clock), so that
+    both logs line up whatever the machine's time zone."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return iso_utc(record.created)
+
+
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(_UtcFormatter("%(asctime)s %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
