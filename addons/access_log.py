@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ from mitmproxy.utils import human
 
 from bumper.addon import Addon, ConnectionInfo, aborted, body_bytes, connection_info, logged_url, refusal_of
 from bumper.certs.ca import fingerprint
+from bumper.clock import iso_utc
 
 
 @dataclass(frozen=True)
@@ -204,20 +204,7 @@ def _issuer(cert: x509.Certificate) -> str:
 
 
 def _iso(timestamp: float | None) -> str | None:
-    """RFC 3339 in UTC to the millisecond, as datetime.isoformat(timespec="milliseconds") writes it
-    (microseconds rounded, then cut), at a fraction of its cost."""
-    if timestamp is None:
-        return None
-    fraction, seconds = math.modf(timestamp)
-    micros = round(fraction * 1_000_000)  # as datetime.fromtimestamp rounds
-    if micros >= 1_000_000:
-        seconds, micros = seconds + 1, micros - 1_000_000
-    return f"{_second(int(seconds))}.{micros // 1000:03d}Z"
-
-
-@functools.lru_cache(maxsize=64)
-def _second(seconds: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return None if timestamp is None else iso_utc(timestamp)  # the same clock as bumper's stderr log
 
 
 def _ms(start: float | None, end: float | None) -> float | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from bumper import __version__
+from bumper import __version__, stopping
 from bumper.certs import ca as ca_files
 from bumper.certs import compare, keys
 from bumper.certs.keypool import KeyPool, PoolSettings
@@ -22,6 +22,7 @@ from bumper.certs.keys import KeySpec
 from bumper.certs.mimic import UnmimicableCertificate
 from bumper.certs.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES
 from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
+from bumper.clock import iso_utc
 from bumper.errors import ConfigError
 from bumper.inspect.loading import load_registry
 from bumper.policy.load import load as load_policy
@@ -61,18 +62,14 @@ subcommands:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
-        if args and args[0] == "ca":
-            return _ca_command(args[1:])
-        if args and args[0] == "mimic":
-            return _mimic_command(args[1:])
-        if args and args[0] == "policy":
-            return _policy_command(args[1:])
+        if stopping.one_shot(args):
+            return _ONE_SHOT[args[0]](args[1:])
         return _run_command(args)
     except ConfigError as e:
         print(f"bumper: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM (__main__), before serve() gave them to the event loop
+        return stopping.interrupted(args)
     except BrokenPipeError:  # `bumper ca show | head -1`
         sys.stderr.close()
         return 0
@@ -184,7 +181,8 @@ def _without_debug_checks(args: list[str]) -> None:
     sys.stderr.flush()
     # -P: `-m` would put the working directory first on the import path, and a `bumper/` (or a module
     # named like a dependency) there would run instead of the installed code.
-    os.execv(sys.executable, [sys.executable, "-P", "-O", "-m", "bumper", *args])
+    with stopping.held():  # a stop meanwhile waits for the new image, whose entry point handles it
+        os.execv(sys.executable, [sys.executable, "-P", "-O", "-m", "bumper", *args])
 
 
 def _addons_option(group: argparse._ActionsContainer) -> None:
@@ -199,6 +197,7 @@ def _addons_option(group: argparse._ActionsContainer) -> None:
 
 
 def _run_command(args: list[str]) -> int:
+    """Run the proxy until SIGINT or SIGTERM, its normal end."""
     opts = _run_parser().parse_args(args)
     _without_debug_checks(args)
     _setup_logging(opts.verbose)
@@ -231,7 +230,7 @@ def _run_command(args: list[str]) -> int:
         ca_files.untrusted(config.ca_dir)  # a broken pair is a configuration error now, not at the first failure
     with asyncio.Runner(loop_factory=lambda: ResolvingEventLoop(config.resolve)) as runner:
         runner.run(serve(config, authority, announce_new_ca=created))
-    return 0
+    return stopping.stopped()
 
 
 def _ca_command(args: list[str]) -> int:
@@ -317,6 +316,11 @@ def _mimic_command(args: list[str]) -> int:
     return 0
 
 
+# Their names live in bumper.stopping, which the entry point reads before this module is imported.
+_ONE_SHOT = {"ca": _ca_command, "mimic": _mimic_command, "policy": _policy_command}
+assert _ONE_SHOT.keys() == stopping.ONE_SHOT_COMMANDS
+
+
 def _existing_ca(directory: Path) -> ca_files.CertificateAuthority:
     if not (directory / ca_files.CERT_FILE).exists() and not (directory / ca_files.KEY_FILE).exists():
         raise ConfigError(f"{directory}: holds no CA; create one with: bumper ca init --ca {directory}")
@@ -346,9 +350,17 @@ def _count(text: str) -> int:
     return int(text)
 
 
+class _UtcFormatter(logging.Formatter):
+    """Each line starts with its time in UTC, as the access log writes it (bumper.clock), so that
+    both logs line up whatever the machine's time zone."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return iso_utc(record.created)
+
+
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(_UtcFormatter("%(asctime)s %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

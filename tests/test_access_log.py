@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from mitmproxy.test import tutils
 
-from addons.access_log import _iso
 from bumper.addon import pretty_url
+from bumper.clock import iso_utc
 from tests.conftest import (
     ANY_PORT_POLICY,
     BUMPER,
@@ -170,7 +170,7 @@ def request_over_tls(
 
 def assert_iso_time_now(value: str) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", value), value
-    when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    when = datetime.fromisoformat(value)
     assert abs((datetime.now(UTC) - when).total_seconds()) < 120
 
 
@@ -450,13 +450,17 @@ def test_an_access_log_named_in_a_rule_writes_to_its_path(start_bumper, upstream
 
 @pytest.fixture
 def stdout_bumper(test_pki: Pki, tmp_path: Path) -> Iterator[tuple[Bumper, list[str]]]:
-    """bumper with --access-log -, its stdout collected line by line (conftest's start_bumper drops stdout)."""
+    """bumper with --access-log -, its stdout collected line by line (conftest's start_bumper drops stdout),
+    in a time zone far from UTC (UTC+14), where a local time would show."""
     (tmp_path / "ca").mkdir()
     args = [
         BUMPER, "--ca", str(tmp_path / "ca"), "--listen", "127.0.0.1:0", "--resolve", "*.test=127.0.0.1",
         "--upstream-ca", str(test_pki.root_pem), "--policy", str(ANY_PORT_POLICY), "--access-log", "-",
     ]  # fmt: skip
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "TZ": "LINT-14"}  # POSIX TZ: a zone named LINT, 14 hours east of UTC
+    proc = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     stdout: list[str] = []
 
     def drain() -> None:
@@ -491,6 +495,23 @@ def test_access_log_to_stdout(stdout_bumper: tuple[Bumper, list[str]], upstream:
     assert not any(line.startswith("{") for line in bumper.process.lines)  # and none on stderr
 
 
+def test_both_logs_write_one_utc_clock(stdout_bumper: tuple[Bumper, list[str]], upstream: Upstream) -> None:
+    """The stderr log's lines and the access log's times: the same notation, in UTC with its zone."""
+    bumper, stdout = stdout_bumper
+    _, port = curl_port(bumper, upstream.url("/"))
+    line = bumper.connection_line(port)
+    deadline = time.monotonic() + 10
+    while len(stdout) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    times = [line.split(" ", 1)[0], *(json.loads(entry)["time"] for entry in stdout)]
+
+    assert len(times) == 3, stdout
+    for value in times:
+        assert_iso_time_now(value)
+        assert datetime.fromisoformat(value).utcoffset() == timedelta(0), value
+
+
 @pytest.mark.parametrize(
     "host_header", [None, "", "site.test", "Site.Test:8443", "[::1]:99", "bücher.example", "a b", "a:b:c", "host:99999"]
 )
@@ -507,11 +528,10 @@ def test_the_logged_url_is_mitmproxys_pretty_url(host_header: str | None, scheme
 
 
 def test_times_are_written_as_datetime_writes_them() -> None:
-    """_iso stands in for datetime.isoformat on every line: same rounding, same text."""
+    """bumper.clock.iso_utc stands in for datetime.isoformat on every line: same rounding, same text."""
     rng = random.Random(8)
     stamps = [rng.uniform(0, 4e9) for _ in range(20_000)]
     stamps += [s + f for s in (1_764_700_000.0, 0.0) for f in (0.0, 0.0004995, 0.0005, 0.9994999, 0.9995, 0.9999996)]
     for stamp in stamps:
         expected = datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        assert _iso(stamp) == expected, stamp
-    assert _iso(None) is None
+        assert iso_utc(stamp) == expected, stamp

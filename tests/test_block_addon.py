@@ -58,7 +58,6 @@ def blocking(start_bumper, tmp_path_factory: pytest.TempPathFactory) -> Bumper:
     return start_with_policy(start_bumper, directory, policy_text(list_file))
 
 
-
 def fetch(bumper: Bumper, url: str, *args: str) -> tuple[int, str, str, str]:
     """Status, content type, cache-control and body of one request through BUMPER."""
     r = curl(bumper, url, *args, "-w", STATUS_MARK + "%{http_code} %{content_type}\n%header{cache-control}")
@@ -73,15 +72,20 @@ def upstream_paths(upstream: Upstream) -> list[str]:
     return [line.split(" ", 2)[2] for line in upstream.process.lines if line.startswith("request ")]
 
 
+def wait_for_path(upstream: Upstream, path: str, count: int = 1) -> None:
+    """The upstream has logged COUNT requests for PATH: its log line comes after the response."""
+    deadline = time.monotonic() + 10
+    while upstream_paths(upstream).count(path) < count:
+        assert time.monotonic() < deadline, upstream.process.log
+        time.sleep(0.02)
+
+
 def assert_never_reached(bumper: Bumper, upstream: Upstream, *paths: str) -> None:
     """None of PATHS reached the upstream: checked after a request that passes has reached it (so
     that anything bumper had forwarded before is in the upstream's log too), and a moment more."""
     sentinel = f"/sentinel-{time.monotonic_ns()}"
     assert fetch(bumper, f"https://upstream.test:{upstream.port}{sentinel}")[0] == 200
-    deadline = time.monotonic() + 10
-    while sentinel not in upstream_paths(upstream):
-        assert time.monotonic() < deadline, upstream.process.log
-        time.sleep(0.02)
+    wait_for_path(upstream, sentinel)
     time.sleep(0.2)
     seen = upstream_paths(upstream)
     assert not [p for p in paths if p in seen], seen
@@ -131,10 +135,12 @@ PASSING = [
 
 @pytest.mark.parametrize(("host", "path"), PASSING, ids=[f"{h}{p}" for h, p in PASSING])
 def test_requests_not_listed_pass(blocking: Bumper, origin: Upstream, host: str, path: str) -> None:
+    assert_never_reached(blocking, origin)  # every earlier request is in the upstream's log
     before = upstream_paths(origin).count(path.partition("?")[0])
     status, _, _, body = fetch(blocking, f"https://{host}:{origin.port}{path}")
     assert (status, body) == (200, "hello from upstream")
-    assert upstream_paths(origin).count(path.partition("?")[0]) == before + 1
+    wait_for_path(origin, path.partition("?")[0], before + 1)
+    assert upstream_paths(origin).count(path.partition("?")[0]) == before + 1  # once, not twice
 
 
 def test_page_by_accept_html(blocking: Bumper, origin: Upstream) -> None:

@@ -34,7 +34,6 @@ def handshake(
         return x509.load_der_x509_certificate(der), str(tls.version())
 
 
-
 def test_curl_through_bumper_gets_the_upstream_body_over_h2_and_tls13(bumper: Bumper, upstream: Upstream) -> None:
     r = curl(bumper, upstream.url("/info"), "-w", "\n%{http_version} %{ssl_verify_result}")
     assert r.returncode == 0, r.stderr

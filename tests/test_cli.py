@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -85,13 +87,15 @@ def ca_dir(tmp_path: Path) -> Path:
 def launch() -> Iterator[Callable[..., Process]]:
     started: list[Process] = []
 
-    def start(*args: str | Path) -> Process:
+    def start(*args: str | Path, new_session: bool = False, env: dict[str, str] | None = None) -> Process:
         proc = subprocess.Popen(
             [BUMPER, *map(str, args)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=new_session,  # a process group of its own, to signal as a terminal does
+            env=env,
         )
         started.append(Process(proc))
         return started[-1]
@@ -527,3 +531,95 @@ def test_resolve_with_a_port_reaches_a_lab_upstream_as_name_443(
     assert (result.returncode, result.stdout) == (0, "hello from upstream"), result.stderr
     assert upstream.requests == before + 1
     process.wait_for_line(rf"CONNECT {re.escape(UPSTREAM_HOST)}:443 .*verify=trusted .*outcome=ok")
+
+
+# --- stopping: SIGINT (Ctrl-C) and SIGTERM ------------------------------------------------------
+
+
+def group_processes(group: int) -> dict[int, int]:
+    """pid: parent pid of every live process in process group GROUP (zombies left to a PID 1 that
+    does not reap them are gone in all but name)."""
+    found = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat_file.read_text().split(" (", 1)
+        except OSError:  # it exited meanwhile
+            continue
+        state, ppid, pgrp = rest.rsplit(") ", 1)[1].split()[:3]
+        if int(pgrp) == group and state != "Z":
+            found[int(pid)] = int(ppid)
+    return found
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {TIMEOUT}s: {what}"
+        time.sleep(0.01)
+
+
+def key_worker_started(pid: int) -> bool:
+    """bumper's key worker runs: a grandchild, forked by the forkserver bumper started."""
+    return any(parent not in (pid, 1) for child, parent in group_processes(pid).items() if child != pid)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_process_group_stops_the_proxy_cleanly(
+    ca_dir: Path, launch: Callable[..., Process], sig: signal.Signals
+) -> None:
+    """Ctrl-C in a terminal reaches bumper and the processes it started alike (their process group):
+    one line, exit 0, and nothing left running."""
+    process = launch("--ca", ca_dir, *LISTEN_ANY, new_session=True)
+    process.wait_for_line(LISTENING)
+    pid = process.proc.pid
+    wait_until(lambda: key_worker_started(pid), "the key worker starts")
+    started = len(process.lines)
+
+    os.killpg(pid, sig)
+
+    assert process.proc.wait(TIMEOUT) == 0, process.log
+    stop_and_drain(process)
+    assert process.lines[started:] == ["bumper: stopped"], process.log
+    wait_until(lambda: not group_processes(pid), "every process of bumper's ends")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "proc_file, moment, env",
+    [
+        # Importing: cryptography's library is loaded, and mitmproxy's import takes a second more.
+        # BUMPER_DEBUG_CHECKS: no re-exec under python -O, which would import everything again.
+        pytest.param("maps", "cryptography/.*_rust", {"BUMPER_DEBUG_CHECKS": "1"}, id="importing"),
+        # The suite turns the debug checks on (conftest); empty turns them off, so bumper re-execs.
+        pytest.param("cmdline", "\0-P\0-O\0", {"BUMPER_DEBUG_CHECKS": ""}, id="after-the-re-exec"),
+    ],
+)
+def test_a_signal_during_start_up_stops_bumper_cleanly(
+    tmp_path: Path,
+    launch: Callable[..., Process],
+    sig: signal.Signals,
+    proc_file: str,
+    moment: str,
+    env: dict[str, str],
+) -> None:
+    """Before the listening line, whenever the signal comes: here at two moments /proc can show."""
+    process = launch("--ca", tmp_path, *LISTEN_ANY, new_session=True, env={**os.environ, **env})
+    pid = process.proc.pid
+    wait_until(lambda: re.search(moment, Path(f"/proc/{pid}/{proc_file}").read_text()) is not None, moment)
+
+    os.killpg(pid, sig)
+
+    assert process.proc.wait(TIMEOUT) == 0, process.log
+    assert stop_and_drain(process) == "bumper: stopped"
+
+
+def test_an_interrupted_one_shot_command_exits_130_quietly(ca_dir: Path, launch: Callable[..., Process]) -> None:
+    """Unlike the proxy, whose normal end is a signal: `bumper ca show ... && next` must not go on."""
+    process = launch("ca", "show", "--ca", ca_dir, new_session=True)
+    pid = process.proc.pid
+    wait_until(lambda: "cryptography/" in Path(f"/proc/{pid}/maps").read_text(), "bumper imports cryptography")
+
+    os.killpg(pid, signal.SIGINT)
+
+    assert process.proc.wait(TIMEOUT) == 130
+    assert stop_and_drain(process) == ""

@@ -42,7 +42,6 @@ def editing(start_bumper, tmp_path_factory: pytest.TempPathFactory) -> Bumper:
     return start_with_policy(start_bumper, tmp_path_factory.mktemp("headers"), POLICY)
 
 
-
 def seen_by_upstream(bumper: Bumper, url: str, *args: str) -> list[tuple[str, str]]:
     """The request headers as the upstream's /headers got them (names lower case, as both h1 and h2 give them)."""
     r = curl(bumper, url, *args)

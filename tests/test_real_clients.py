@@ -72,7 +72,6 @@ def upstreams(start_upstream: Callable[..., Upstream], test_pki: Pki) -> dict[tu
     }
 
 
-
 def run(
     args: list[str], input: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:

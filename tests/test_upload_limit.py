@@ -48,7 +48,6 @@ def limited(start_bumper, tmp_path_factory: pytest.TempPathFactory) -> Bumper:
     return start_with_policy(start_bumper, tmp_path_factory.mktemp("upload-limit"), POLICY)
 
 
-
 def payload(directory: Path, size: int) -> tuple[Path, str]:
     path = directory / f"payload-{size}"
     data = hashlib.sha256(str(size).encode()).digest() * (size // 32 + 1)

@@ -15,10 +15,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 
+from bumper import stopping
 from bumper.certs import keys
 
 log = logging.getLogger("bumper.keys")
@@ -123,12 +125,23 @@ class KeyPool:
         if spec.algorithm != "rsa" or not self.settings.worker:
             return spec.generate()
         try:
-            der = await asyncio.get_running_loop().run_in_executor(self._worker(), _generate_der, spec)
+            der = await self._in_worker(spec)
         except BrokenProcessPool:
             log.warning("the key worker process died; starting a new one")
             self._workers = None
-            der = await asyncio.get_running_loop().run_in_executor(self._worker(), _generate_der, spec)
+            der = await self._in_worker(spec)
         return load_own_key(der)
+
+    def _in_worker(self, spec: keys.KeySpec) -> asyncio.Future[bytes]:
+        # The worker (and the forkserver it comes from) must never see the signals that stop
+        # bumper: a terminal's Ctrl-C goes to the whole process group, and a worker that got it
+        # would print a traceback. bumper stops the worker itself (close). The executor starts them
+        # when a job is submitted, so they start with both signals blocked, as multiprocessing
+        # starts its own resource tracker; that tracker is started first because starting it
+        # unblocks them again.
+        resource_tracker.ensure_running()
+        with stopping.held():
+            return asyncio.get_running_loop().run_in_executor(self._worker(), _generate_der, spec)
 
     def _worker(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._workers is None:

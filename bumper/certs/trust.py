@@ -174,6 +174,7 @@ def _hash_of(cert: x509.Certificate) -> hashes.HashAlgorithm | None:
 # them just as it would have met them on the upstream's own certificate.
 CARRIED_BY_THE_MIMIC = frozenset({"expired", "not_yet_valid", "hostname_mismatch", "bad_eku"})
 
+
 class Signing(StrEnum):
     """Who signs a connection's mimic (the mimic cache keeps one per upstream certificate and mode)."""
 

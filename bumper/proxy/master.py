@@ -13,8 +13,10 @@ from pathlib import Path
 
 from mitmproxy import master, options
 from mitmproxy.addons import proxyserver
+from mitmproxy.connection import Address
 from mitmproxy.utils import asyncio_utils, human
 
+from bumper import stopping
 from bumper.addon import Addon
 from bumper.certs import ca as ca_files
 from bumper.certs import keys
@@ -153,6 +155,13 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
 
 async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, announce_new_ca: bool = False) -> None:
     m = build_master(config, authority)
+    loop = asyncio.get_running_loop()
+    # From here on a stop lets the start-up steps finish, then m.done() closes the key worker and
+    # the mimic cache: an interrupt in the middle of a step would leave them to the interpreter's exit.
+    for sig in stopping.SIGNALS:
+        loop.add_signal_handler(sig, m.shutdown)
+    if stopping.signalled():  # a stop whose KeyboardInterrupt Python swallowed (stopping.install)
+        m.shutdown()
     with (
         asyncio_utils.install_exception_handler(m._asyncio_exception_handler),
         asyncio_utils.set_eager_task_factory(),
@@ -162,21 +171,23 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
             ok = await server.setup_servers()
         if not ok:
             raise ConfigError(f"--listen {config.listen}: {_listen_failure(errors)}")
-        await m.running()  # before the listening line: who reads it may rely on a started proxy
-        for host, port, *_ in server.listen_addrs():
-            listening = human.format_address((host, port))
-            print(f"bumper: proxy listening on {listening}", file=sys.stderr, flush=True)
-        if announce_new_ca:
-            print(ca_files.trust_instructions(authority, listening), file=sys.stderr, flush=True)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, m.shutdown)
-        loop.add_signal_handler(signal.SIGHUP, m.addons.get("policysource").reload)
-        loop.add_signal_handler(signal.SIGUSR1, m.addons.get("addonrunner").reopen)
         try:
+            await m.running()  # before the listening line: who reads it may rely on a started proxy
+            if not m.should_exit.is_set():  # a proxy stopped during start-up has nothing to announce
+                _announce(server.listen_addrs(), authority if announce_new_ca else None)
+            loop.add_signal_handler(signal.SIGHUP, m.addons.get("policysource").reload)
+            loop.add_signal_handler(signal.SIGUSR1, m.addons.get("addonrunner").reopen)
             await m.should_exit.wait()
         finally:
             await m.done()
+
+
+def _announce(addresses: list[Address], new_ca: ca_files.CertificateAuthority | None) -> None:
+    for host, port, *_ in addresses:
+        listening = human.format_address((host, port))
+        print(f"bumper: proxy listening on {listening}", file=sys.stderr, flush=True)
+    if new_ca is not None:
+        print(ca_files.trust_instructions(new_ca, listening), file=sys.stderr, flush=True)
 
 
 def _listen_failure(errors: list[str]) -> str:
