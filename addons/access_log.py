@@ -19,6 +19,7 @@ from mitmproxy.utils import human
 
 from bumper.addon import Addon, ConnectionInfo, aborted, body_bytes, connection_info, logged_url, refusal_of
 from bumper.certs.ca import fingerprint
+from bumper.certs.compare import name_text
 from bumper.clock import iso_utc
 
 
@@ -200,7 +201,7 @@ def _sha256(cert: x509.Certificate) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _issuer(cert: x509.Certificate) -> str:
-    return cert.issuer.rfc4514_string()
+    return name_text(cert, "issuer")
 
 
 def _iso(timestamp: float | None) -> str | None:

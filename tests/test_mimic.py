@@ -351,7 +351,7 @@ def test_key_type_is_mirrored(store: SyncStore, make_key: object, expected: keys
     "make_key",
     [
         pytest.param(lambda: dsa.generate_private_key(2048), id="DSA-2048"),
-        pytest.param(lambda: pki.rsa_key(1024), id="RSA-1024"),
+        pytest.param(lambda: pki.rsa_key(2560), id="RSA-2560"),
         pytest.param(lambda: pki.ec_key(ec.SECP256K1()), id="secp256k1"),
     ],
 )
@@ -373,6 +373,22 @@ def test_unmirrorable_key_falls_back_to_p256_with_key_usage_fitted(store: SyncSt
     assert usage.value.data_encipherment is False
     assert mimic.choose_key_spec(upstream, keys.P256).fell_back is True
     made.cert.verify_directly_issued_by(store.ca.cert)
+
+
+def test_a_weak_rsa_key_is_mirrored_with_a_key_of_its_own(store: SyncStore) -> None:
+    """An RSA-1024 upstream gets an RSA-1024 mimic, so that a client refuses it for its key as it
+    would the upstream's; the key is made for that mimic alone, never shared like the pool's."""
+    weak = [make_upstream(key=pki.rsa_key(1024)) for _ in range(2)]
+    strong = [make_upstream(key=pki.rsa_key(2048)) for _ in range(2)]
+
+    weak_mimics = [store.get(upstream).cert for upstream in weak]
+    strong_mimics = [store.get(upstream).cert for upstream in strong]
+
+    assert [keys.describe(m.public_key()) for m in weak_mimics] == ["RSA-1024", "RSA-1024"]
+    assert spki(weak_mimics[0].public_key()) != spki(weak_mimics[1].public_key())
+    assert spki(strong_mimics[0].public_key()) == spki(strong_mimics[1].public_key())  # pooled, as before
+    assert mimic.choose_key_spec(weak[0], keys.P256) == mimic.KeyChoice(keys.KeySpec("rsa", size=1024), False, True)
+    assert store.get(weak[0]).cert is weak_mimics[0]  # cached with its key, like any mimic
 
 
 @pytest.mark.parametrize(
@@ -529,7 +545,7 @@ def test_serial_is_positive_random_and_at_most_20_octets(
         pytest.param(hashes.SHA384(), hashes.SHA384, id="SHA-384"),
         pytest.param(hashes.SHA512(), hashes.SHA512, id="SHA-512"),
         pytest.param(hashes.SHA224(), hashes.SHA256, id="SHA-224-to-SHA-256"),
-        pytest.param(hashes.SHA1(), hashes.SHA256, id="SHA-1-to-SHA-256"),
+        pytest.param(hashes.SHA1(), hashes.SHA1, id="SHA-1-mirrored"),
     ],
 )
 def test_signature_hash_follows_the_upstream(
@@ -541,7 +557,7 @@ def test_signature_hash_follows_the_upstream(
     made = store.get(upstream).cert
 
     assert type(made.signature_hash_algorithm) is expected
-    made.verify_directly_issued_by(store.ca.cert)
+    assert mimic.signed_by(made, store.ca.cert)
 
 
 def test_ed25519_ca_signs_without_a_hash(tmp_path: Path, runner: asyncio.Runner) -> None:

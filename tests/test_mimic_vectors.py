@@ -11,8 +11,11 @@ AKI and SKI are bumper's and come last; the issuer is the CA; the serial is fres
 most 20 octets; the key mirrors the upstream's type and strength or falls back to P-256; the
 signature hash is the upstream's SHA-256/384/512, else SHA-256; the CA's signature verifies.
 An upstream is refused with mimic.UnmimicableCertificate naming the reason, never another
-exception, exactly when cryptography cannot decode its subject, its extension list is not sound
-DER, an extension OID appears twice, or a keyUsage that must be refitted is not a sound BIT STRING.
+exception, exactly when its issuer or subject is not a sound Name (SEQUENCE OF SET OF SEQUENCE
+{ OID, any value }: a subject cryptography cannot decode, with an attribute of a string type it does
+not know, is copied all the same), its extension list is not sound DER, an extension OID appears
+twice, or a keyUsage that must be refitted is not a sound BIT STRING. A weak RSA key (1024 to 2047
+bits) is mirrored with one of its size, and a SHA-1 signature with SHA-1.
 
 Mimic keys are made once per key type (mimic_key) and handed to mimic.mint directly.
 """
@@ -37,7 +40,7 @@ import pytest
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from hypothesis import HealthCheck, event, given, settings
@@ -77,7 +80,7 @@ DROPPED = frozenset(
 MIRRORED_RSA_SIZES = (2048, 3072, 4096, 8192)
 MIRRORED_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 MIRRORABLE_SPECS = tuple(
-    [keys.KeySpec("rsa", size=n) for n in MIRRORED_RSA_SIZES]
+    [keys.KeySpec("rsa", size=n) for n in (*MIRRORED_RSA_SIZES, 1024, 2047)]  # weak ones with keys of their own
     + [keys.KeySpec("ec", curve=c) for c in MIRRORED_CURVES]
     + [keys.KeySpec("ed25519")]
 )
@@ -156,6 +159,34 @@ class RawTbs:
         found = [(critical, value) for dotted, critical, value in self.extensions if dotted == oid.dotted_string]
         assert len(found) <= 1, oid
         return found[0] if found else None
+
+
+def sound_name(name: bytes) -> None:
+    """Raises UnsoundDER unless NAME is SEQUENCE OF SET (not empty) OF SEQUENCE { OID, one element }."""
+    tag, start, end = _tlv(name, 0)
+    if tag != 0x30 or end != len(name):
+        raise UnsoundDER("a Name is not one SEQUENCE")
+    for rdn_tag, _, rdn_start, rdn_end in _children(name, start, end):
+        if rdn_tag != 0x31 or rdn_start == rdn_end:
+            raise UnsoundDER("an RDN is not a SET with something in it")
+        for attribute_tag, _, attribute_start, attribute_end in _children(name, rdn_start, rdn_end):
+            parts = _children(name, attribute_start, attribute_end) if attribute_tag == 0x30 else []
+            if len(parts) != 2 or parts[0][0] != 0x06:
+                raise UnsoundDER("an attribute is not SEQUENCE { OID, value }")
+            _oid(name[parts[0][2] : parts[0][3]])
+
+
+def signed_by_ca(made: x509.Certificate, ca: CertificateAuthority) -> None:
+    """The CA's signature on MADE verifies (SHA-1 too, which verify_directly_issued_by refuses)."""
+    assert made.issuer == ca.cert.subject
+    public_key = ca.cert.public_key()
+    algorithm = made.signature_hash_algorithm
+    if isinstance(public_key, rsa.RSAPublicKey):
+        public_key.verify(made.signature, made.tbs_certificate_bytes, padding.PKCS1v15(), algorithm)
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        public_key.verify(made.signature, made.tbs_certificate_bytes, ec.ECDSA(algorithm))
+    else:
+        made.verify_directly_issued_by(ca.cert)
 
 
 def raw_tbs(cert: x509.Certificate) -> RawTbs:
@@ -259,7 +290,9 @@ def expected_key_spec(upstream: x509.Certificate) -> tuple[keys.KeySpec, bool]:
         public_key = upstream.public_key()
     except Exception:  # an unknown or broken key is as unmirrorable as an exotic one
         return keys.P256, True
-    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size in MIRRORED_RSA_SIZES:
+    if isinstance(public_key, rsa.RSAPublicKey) and (
+        public_key.key_size in MIRRORED_RSA_SIZES or 1024 <= public_key.key_size < 2048
+    ):
         return keys.KeySpec("rsa", size=public_key.key_size), False
     if isinstance(public_key, ec.EllipticCurvePublicKey) and public_key.curve.name in MIRRORED_CURVES:
         return keys.KeySpec("ec", curve=public_key.curve.name), False
@@ -275,7 +308,8 @@ def expected_hash(upstream: x509.Certificate, ca: CertificateAuthority) -> type[
         algorithm = upstream.signature_hash_algorithm
     except Exception:  # unknown OID or unreadable parameters: the hash is bumper's to choose
         algorithm = None
-    return type(algorithm) if isinstance(algorithm, hashes.SHA256 | hashes.SHA384 | hashes.SHA512) else hashes.SHA256
+    copied = hashes.SHA1 | hashes.SHA256 | hashes.SHA384 | hashes.SHA512
+    return type(algorithm) if isinstance(algorithm, copied) else hashes.SHA256
 
 
 def expected_validity(upstream: x509.Certificate, ca: CertificateAuthority) -> tuple[datetime.datetime, ...]:
@@ -305,13 +339,12 @@ def expected_refusal(upstream: x509.Certificate) -> str | None:
     """What UnmimicableCertificate must say (lower-cased) when mint must refuse UPSTREAM, in the
     order mint finds it, or None when it must be mimicked."""
     try:
-        [attribute.value for attribute in upstream.subject]
-    except ValueError:
-        return "unreadable subject"
-    try:
-        extensions = raw_tbs(upstream).extensions
+        raw = raw_tbs(upstream)
+        sound_name(raw.issuer)
+        sound_name(raw.subject)
     except UnsoundDER:
-        return "malformed extensions"
+        return "malformed certificate"
+    extensions = raw.extensions
     refit = expected_key_spec(upstream)[1]
     seen = set()
     for oid, _, value in extensions:
@@ -329,7 +362,8 @@ def expected_refusal(upstream: x509.Certificate) -> str | None:
 def check_mint(upstream: x509.Certificate, ca: CertificateAuthority) -> x509.Certificate | None:
     """Mint UPSTREAM's mimic and check it field by field; None when it is rightly unmimicable."""
     spec, fell_back = expected_key_spec(upstream)
-    assert mimic.choose_key_spec(upstream, keys.P256) == mimic.KeyChoice(spec, fell_back)
+    weak = spec.algorithm == "rsa" and spec.size < 2048  # a key of its own, never the pool's
+    assert mimic.choose_key_spec(upstream, keys.P256) == mimic.KeyChoice(spec, fell_back, fresh=weak)
     key = mimic_key(spec)
     refusal = expected_refusal(upstream)
     if refusal is not None:
@@ -349,9 +383,10 @@ def assert_faithful(
     fell_back = expected_key_spec(upstream)[1]
 
     assert made.version is x509.Version.v3
-    # subject: the very same DER
+    # subject: the very same DER (and the same Name, where cryptography can read it)
     assert made_raw.subject == up_raw.subject
-    assert made.subject == upstream.subject
+    if unreadable_part(upstream) != "subject":
+        assert made.subject == upstream.subject
     # issuer: the CA, in the CA's own DER
     assert made_raw.issuer == ca_raw.subject
     # serial: fresh, positive, at most 20 octets
@@ -365,7 +400,7 @@ def assert_faithful(
     # key: the one handed to mint, never the upstream's
     assert made_raw.spki == spki(key.public_key())
     assert made_raw.spki != up_raw.spki
-    assert keys.KeySpec.of(made.public_key()) == expected_key_spec(upstream)[0]
+    assert keys.mirror_spec(made.public_key()) == expected_key_spec(upstream)[0]
 
     # extensions: the upstream's in order, less the dropped ones, each with its criticality and its
     # very DER (keyUsage refitted for a fallback key), then bumper's AKI and SKI
@@ -407,7 +442,7 @@ def assert_faithful(
         assert made.signature_hash_algorithm is None
     else:
         assert type(made.signature_hash_algorithm) is expected_algorithm
-    made.verify_directly_issued_by(ca.cert)
+    signed_by_ca(made, ca)
 
 
 def test_bumper_drops_exactly_the_issues_extensions() -> None:
@@ -428,12 +463,15 @@ CA_CREATED = datetime.datetime(2015, 6, 1, tzinfo=UTC)
 
 # Vectors bumper must refuse (UnmimicableCertificate), with what the reason must say.
 VECTORS_UNMIMICABLE = {
-    "custom/invalid_utf8_common_name.pem": "unreadable subject",
-    "custom/long-form-name-attribute.pem": "unreadable subject",
-    # An attribute value of an application tag: cryptography 50 refuses to read such a subject.
-    "custom/name_attribute_unsupported_tag.pem": "unreadable subject",
     "custom/two_basic_constraints.pem": "extension 2.5.29.19 appears twice",
 }
+# Subjects cryptography cannot read (not UTF-8, a long-form length, an attribute value of an
+# application tag), sound DER all the same: bumper copies them byte for byte.
+VECTORS_UNREADABLE_SUBJECTS_COPIED = (
+    "custom/invalid_utf8_common_name.pem",
+    "custom/long-form-name-attribute.pem",
+    "custom/name_attribute_unsupported_tag.pem",
+)
 # Sound extension DER that cryptography cannot parse: bumper copies it without parsing it.
 VECTORS_UNPARSABLE_EXTENSIONS_COPIED = (
     "badssl-sct-anonymous-sig.der",  # SCTs: dropped
@@ -536,11 +574,11 @@ def test_vectors_cover_every_directory_and_key_type(vector_ca: CertificateAuthor
     assert directories == {".", "custom", "custom/ca", "ed25519", "ed448", "PKITS_data/certs"}
 
     mirrored = Counter(str(spec) for spec, fell_back in map(expected_key_spec, certs) if not fell_back)
-    assert set(mirrored) == {"RSA-2048", "RSA-4096", "EC P-256", "EC P-384", "Ed25519"}
+    assert set(mirrored) == {"RSA-1024", "RSA-2048", "RSA-4096", "EC P-256", "EC P-384", "Ed25519"}
     fallbacks = Counter(
         describe_key(cert) for cert in certs if expected_key_spec(cert)[1]
-    )  # RSA-512/1024, DSA, Ed448, GOST, an unknown OID, explicit-curve EC
-    assert {"RSA-1024", "DSAPublicKey", "Ed448PublicKey", "unreadable"} <= set(fallbacks)
+    )  # RSA-512, DSA, Ed448, GOST, an unknown OID, explicit-curve EC
+    assert {"RSA-512", "DSAPublicKey", "Ed448PublicKey", "unreadable"} <= set(fallbacks)
 
     # The CA's validity cuts the vectors' both ways, and some fall wholly inside it.
     clamped = Counter(
@@ -555,6 +593,8 @@ def test_vectors_cover_every_directory_and_key_type(vector_ca: CertificateAuthor
     # Bad extensions of every kind, all sound DER: bumper copies them without parsing them.
     unreadable = {rel for rel, file_certs in vectors.items() if "extension" in map(unreadable_part, file_certs)}
     assert unreadable - set(VECTORS_UNMIMICABLE) == set(VECTORS_UNPARSABLE_EXTENSIONS_COPIED)
+    subjects = {rel for rel, file_certs in vectors.items() if "subject" in map(unreadable_part, file_certs)}
+    assert subjects == set(VECTORS_UNREADABLE_SUBJECTS_COPIED)
     refused = {
         rel: reason for rel, file_certs in vectors.items() for reason in map(expected_refusal, file_certs) if reason
     }
@@ -638,14 +678,14 @@ def _fake_rsa_public_key(bits: int) -> rsa.RSAPublicKey:
 
 
 UPSTREAM_KEY_MAKERS: dict[str, Callable[[], object]] = {
-    **{f"RSA-{n}": functools.partial(_fake_rsa_public_key, n) for n in MIRRORED_RSA_SIZES},
+    **{f"RSA-{n}": functools.partial(_fake_rsa_public_key, n) for n in (*MIRRORED_RSA_SIZES, 1024, 2047)},
     "EC P-256": lambda: ec.generate_private_key(ec.SECP256R1()).public_key(),
     "EC P-384": lambda: ec.generate_private_key(ec.SECP384R1()).public_key(),
     "EC P-521": lambda: ec.generate_private_key(ec.SECP521R1()).public_key(),
     "Ed25519": lambda: ed25519.Ed25519PrivateKey.generate().public_key(),
     # unmirrorable: the mimic falls back to P-256
-    "RSA-1024": functools.partial(_fake_rsa_public_key, 1024),
-    "RSA-2047": functools.partial(_fake_rsa_public_key, 2047),
+    "RSA-768": functools.partial(_fake_rsa_public_key, 768),
+    "RSA-2560": functools.partial(_fake_rsa_public_key, 2560),
     "EC secp256k1": lambda: ec.generate_private_key(ec.SECP256K1()).public_key(),
     "EC secp224r1": lambda: ec.generate_private_key(ec.SECP224R1()).public_key(),
     "Ed448": lambda: ed448.Ed448PrivateKey.generate().public_key(),
@@ -906,7 +946,7 @@ def test_random_upstream_is_mimicked_field_by_field(
 
     assert made is not None
     assert made.subject.public_bytes() == case.subject.public_bytes()
-    assert keys.KeySpec.of(made.public_key()) == MIRRORABLE_BY_LABEL[case.key_label]
+    assert keys.mirror_spec(made.public_key()) == MIRRORABLE_BY_LABEL[case.key_label]
     if case.san is None:
         with pytest.raises(x509.ExtensionNotFound):
             made.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -971,7 +1011,7 @@ def test_key_usage_of_a_mirrored_key_is_copied_as_it_is(
 #
 # Each corruption yields a certificate cryptography loads (it parses lazily; the extension list
 # itself it checks at load, see LOAD_TIME_CORRUPTIONS) but cannot fully read, or one bumper must
-# refuse. check_mint's oracle knows what follows: an unreadable subject, an extension OID that
+# refuse. check_mint's oracle knows what follows: an unsound Name, an extension OID that
 # appears twice, or a malformed keyUsage that must be refitted (fallback key) gives
 # UnmimicableCertificate naming it; any other extension, whatever its bytes, is copied verbatim;
 # an unreadable key falls back to P-256; an unreadable signature algorithm leaves the hash to
@@ -1014,8 +1054,8 @@ def duplicate_aia() -> x509.Certificate:
 
 
 def unmirrorable(*extensions: tuple[x509.ExtensionType, bool]) -> x509.Certificate:
-    """An upstream whose key (RSA-1024) the mimic cannot mirror, so that its keyUsage is refitted."""
-    return make_upstream(*extensions, key=PublicKeyOnly(upstream_public_key("RSA-1024")))  # type: ignore[arg-type]
+    """An upstream whose key (RSA-768) the mimic cannot mirror, so that its keyUsage is refitted."""
+    return make_upstream(*extensions, key=PublicKeyOnly(upstream_public_key("RSA-768")))  # type: ignore[arg-type]
 
 
 def fallback_key_usage(value: bytes) -> Callable[[], x509.Certificate]:
@@ -1063,6 +1103,9 @@ class Corruption:
     make: Callable[[], x509.Certificate]
     breaks: str  # what cryptography cannot read: "extension", "subject", "key", "signature algorithm" or "nothing"
     refused: str | None = None  # what UnmimicableCertificate must say, None when it must be mimicked
+    # What MimicStore.get says besides: OpenSSL, which serves the mimic, cannot load what mint copied.
+    # (An upstream never gets that far: its own handshake fails on the same bytes.)
+    openssl_refuses: str | None = None
 
 
 MALFORMED_KEY_USAGE = "malformed keyusage"
@@ -1131,8 +1174,11 @@ CORRUPTIONS = {
         fallback_key_usage(b"\x03\x02\x03\x84"), "extension", MALFORMED_KEY_USAGE
     ),
     # the subject
-    "subject-not-UTF-8": Corruption(broken_subject, "subject", "unreadable subject"),
-    "subject-not-UTF-8-and-unknown-key": Corruption(broken_subject_and_key, "subject", "unreadable subject"),
+    # sound DER: copied byte for byte
+    "subject-not-UTF-8": Corruption(broken_subject, "subject", openssl_refuses="invalid utf8string"),
+    "subject-not-UTF-8-and-unknown-key": Corruption(
+        broken_subject_and_key, "subject", openssl_refuses="invalid utf8string"
+    ),
     # the key and the signature algorithm: bumper's to choose
     "key-algorithm-unknown": Corruption(unknown_key_algorithm, "key"),
     "EC-point-all-zero": Corruption(ec_point(lambda p: b"\x04" + bytes(len(p) - 1)), "key"),
@@ -1199,7 +1245,7 @@ def test_store_gives_broken_upstreams_a_reason_never_a_crash(
 ) -> None:
     """MimicStore.get gives exactly what mint gives: the same mimic or the same refusal."""
     upstream = CORRUPTIONS[name].make()
-    refusal = expected_refusal(upstream)
+    refusal = expected_refusal(upstream) or CORRUPTIONS[name].openssl_refuses
     store = MimicStore(current_ca, pool=PrebuiltKeys())  # type: ignore[arg-type]
     caplog.set_level(logging.INFO, logger="bumper.mimic")
 

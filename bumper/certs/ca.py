@@ -17,6 +17,7 @@ And always, made on first need and never exported:
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import socket
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from bumper.certs import keys
+from bumper.certs import der, keys
 from bumper.errors import ConfigError
 
 CERT_FILE = "ca.pem"
@@ -65,6 +66,12 @@ class CertificateAuthority:
     def __post_init__(self) -> None:
         aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
         object.__setattr__(self, "authority_key_identifier", aki)
+
+    @functools.cached_property
+    def subject_der(self) -> bytes:
+        """The subject of `cert` as its own DER: a mimic's issuer, byte for byte (der.MalformedDER
+        when it is not a sound Name)."""
+        return der.parse_tbs(self.cert.tbs_certificate_bytes).subject
 
     @property
     def cert_path(self) -> Path:

@@ -30,8 +30,8 @@ class Row:
 
 def compare(upstream: x509.Certificate, mimic: x509.Certificate) -> list[Row]:
     rows = [
-        Row("subject", upstream.subject.rfc4514_string() or "(empty)", mimic.subject.rfc4514_string() or "(empty)"),
-        Row("issuer", upstream.issuer.rfc4514_string(), mimic.issuer.rfc4514_string()),
+        Row("subject", name_text(upstream, "subject"), name_text(mimic, "subject")),
+        Row("issuer", name_text(upstream, "issuer"), name_text(mimic, "issuer")),
         Row("serial", f"{upstream.serial_number:#x}", f"{mimic.serial_number:#x}"),
         Row("not before", _time(upstream.not_valid_before_utc), _time(mimic.not_valid_before_utc)),
         Row("not after", _time(upstream.not_valid_after_utc), _time(mimic.not_valid_after_utc)),
@@ -56,6 +56,20 @@ def render(rows: list[Row], width: int = 60) -> str:
         for i, (upstream, mimic) in enumerate(wrapped):
             lines.append(f"{r.field if i == 0 else '':<{field_width}}  {upstream:<{width}}  {mimic}".rstrip())
     return "\n".join(lines)
+
+
+def name_text(cert: x509.Certificate, part: str) -> str:
+    """CERT's subject or issuer (PART) as RFC 4514 text, or as `DER` and its hex where cryptography
+    cannot read it (an attribute of a string type it does not know): shown, never a traceback."""
+    try:
+        return (cert.subject if part == "subject" else cert.issuer).rfc4514_string() or "(empty)"
+    except ValueError:
+        pass
+    try:
+        tbs = der.parse_tbs(cert.tbs_certificate_bytes)
+    except der.MalformedDER:
+        return "(malformed)"
+    return f"DER {(tbs.subject if part == 'subject' else tbs.issuer).hex()}"
 
 
 def _time(moment: datetime.datetime) -> str:

@@ -98,6 +98,10 @@ class KeyPool:
         self._spare(spec)  # the next key of this type is made while this one serves
         return current.pooled
 
+    async def fresh(self, spec: keys.KeySpec) -> PooledKey:
+        """A key for one mimic alone, made as the pool's are (RSA in the worker), never handed out again."""
+        return PooledKey.of(await self._make(spec))
+
     def close(self) -> None:
         """Stop the worker, after the key it is making (up to a second for RSA-4096): shut down
         without waiting, it raced the interpreter's exit and sometimes ended in a traceback."""

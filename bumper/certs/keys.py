@@ -17,6 +17,10 @@ _CURVES: dict[str, type[ec.EllipticCurve]] = {
 }
 _CURVE_LABELS = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 _RSA_SIZES = (2048, 3072, 4096, 8192)
+# Weak RSA keys are mirrored too (a mimic key as weak as the upstream's, for that mimic alone), so that
+# a client refuses the mimic for its key as it would refuse the upstream's: from the least size
+# cryptography makes up to the least size OpenSSL's default security level accepts.
+_WEAK_RSA_SIZES = range(1024, 2048)
 
 Algorithm = Literal["rsa", "ec", "ed25519"]
 
@@ -55,12 +59,24 @@ class KeySpec:
             return cls("ed25519")
         return None
 
+    @property
+    def weak(self) -> bool:
+        """A key below the strength OpenSSL's default security level accepts (mirror_spec)."""
+        return self.algorithm == "rsa" and self.size in _WEAK_RSA_SIZES
+
     def generate(self) -> PrivateKey:
         if self.algorithm == "rsa":
             return rsa.generate_private_key(public_exponent=65537, key_size=self.size)
         if self.algorithm == "ec":
             return ec.generate_private_key(_CURVES[self.curve]())
         return ed25519.Ed25519PrivateKey.generate()
+
+
+def mirror_spec(public_key: object) -> KeySpec | None:
+    """The spec of a mimic key that mirrors PUBLIC_KEY, a weak RSA key included; None when there is none."""
+    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size in _WEAK_RSA_SIZES:
+        return KeySpec("rsa", size=public_key.key_size)
+    return KeySpec.of(public_key)
 
 
 def describe(public_key: object) -> str:

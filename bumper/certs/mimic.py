@@ -11,9 +11,9 @@ import ipaddress
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from bumper.certs import der, keys
@@ -38,7 +38,21 @@ DROPPED_EXTENSIONS = frozenset(
 
 _DROPPED = frozenset(oid.dotted_string for oid in DROPPED_EXTENSIONS)
 _KEY_USAGE = ExtensionOID.KEY_USAGE.dotted_string
-_COPIED_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+_AKI = ExtensionOID.AUTHORITY_KEY_IDENTIFIER.dotted_string
+_SKI = ExtensionOID.SUBJECT_KEY_IDENTIFIER.dotted_string
+# SHA-1 too: a SHA-1-signed upstream gets a SHA-1-signed mimic, so that a client refuses it (or, with
+# SHA-1 allowed, accepts it) as it would the upstream's certificate. MD5 and SHA-224 are not copied.
+_COPIED_HASHES = (hashes.SHA1, hashes.SHA256, hashes.SHA384, hashes.SHA512)
+Hash = hashes.SHA1 | hashes.SHA256 | hashes.SHA384 | hashes.SHA512
+# AlgorithmIdentifier DER of each signature bumper makes: RSA PKCS#1 v1.5 (NULL parameters), ECDSA
+# and Ed25519 (none), by hash.
+_RSA_OIDS = {"sha1": "1.2.840.113549.1.1.5", "sha256": "1.2.840.113549.1.1.11",
+             "sha384": "1.2.840.113549.1.1.12", "sha512": "1.2.840.113549.1.1.13"}  # fmt: skip
+_ECDSA_OIDS = {"sha1": "1.2.840.10045.4.1", "sha256": "1.2.840.10045.4.3.2",
+               "sha384": "1.2.840.10045.4.3.3", "sha512": "1.2.840.10045.4.3.4"}  # fmt: skip
+_RSA_ALGORITHMS = {h: der.tlv(der.SEQUENCE, der.encode_oid(oid), b"\x05\x00") for h, oid in _RSA_OIDS.items()}
+_ECDSA_ALGORITHMS = {h: der.tlv(der.SEQUENCE, der.encode_oid(oid)) for h, oid in _ECDSA_OIDS.items()}
+_ED25519_ALGORITHM = der.tlv(der.SEQUENCE, der.encode_oid("1.3.101.112"))
 PLACEHOLDER_SKEW = datetime.timedelta(hours=1)
 PLACEHOLDER_LIFETIME = datetime.timedelta(days=1)
 
@@ -51,11 +65,16 @@ class UnmimicableCertificate(ValueError):
 class KeyChoice:
     spec: keys.KeySpec
     fell_back: bool  # True when the upstream's key type cannot be mirrored
+    # A weak key (RSA below 2048 bits) mirrored with a key made for this mimic alone: never pooled,
+    # so that a key nobody should trust is never shared with another upstream's mimic.
+    fresh: bool = False
 
 
 def upstream_key_spec(upstream: x509.Certificate) -> keys.KeySpec | None:
+    """The spec of the key a mimic of UPSTREAM gets to mirror its key, weak RSA included; None when
+    it cannot be mirrored."""
     try:
-        return keys.KeySpec.of(upstream.public_key())
+        return keys.mirror_spec(upstream.public_key())
     except (ValueError, UnsupportedAlgorithm):
         return None
 
@@ -63,13 +82,13 @@ def upstream_key_spec(upstream: x509.Certificate) -> keys.KeySpec | None:
 def choose_key_spec(upstream: x509.Certificate, fallback: keys.KeySpec) -> KeyChoice:
     """Same algorithm and strength as the upstream's key, or FALLBACK when it cannot be mirrored."""
     spec = upstream_key_spec(upstream)
-    return KeyChoice(spec, False) if spec is not None else KeyChoice(fallback, True)
+    if spec is None:
+        return KeyChoice(fallback, True)
+    return KeyChoice(spec, False, fresh=spec.weak)
 
 
-def signature_hash(
-    upstream: x509.Certificate, ca: CertificateAuthority
-) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512 | None:
-    """The upstream's hash when it is SHA-256/384/512, else SHA-256; Ed25519 CAs take none."""
+def signature_hash(upstream: x509.Certificate, ca: CertificateAuthority) -> Hash | None:
+    """The upstream's hash when it is SHA-1 or SHA-256/384/512, else SHA-256; Ed25519 CAs take none."""
     if isinstance(ca.key, ed25519.Ed25519PrivateKey):
         return None
     try:
@@ -77,6 +96,16 @@ def signature_hash(
     except (ValueError, UnsupportedAlgorithm):  # unknown or broken signature parameters: ours to choose
         algorithm = None
     return algorithm if isinstance(algorithm, _COPIED_HASHES) else hashes.SHA256()
+
+
+def mirrored_weaknesses(upstream: x509.Certificate, ca: CertificateAuthority) -> frozenset[str]:
+    """The weaknesses of UPSTREAM (trust.MIRRORABLE) that its mimic signed by CA carries: a weak
+    RSA key (mirrored with a weak key of its own) and a SHA-1 signature (unless CA is Ed25519)."""
+    spec = upstream_key_spec(upstream)
+    found = {"weak_key"} if spec is not None and spec.weak else set()
+    if isinstance(signature_hash(upstream, ca), hashes.SHA1):
+        found.add("weak_signature")
+    return frozenset(found)
 
 
 def validity(upstream: x509.Certificate, ca: CertificateAuthority) -> tuple[datetime.datetime, datetime.datetime]:
@@ -87,30 +116,27 @@ def validity(upstream: x509.Certificate, ca: CertificateAuthority) -> tuple[date
     return not_before, not_after
 
 
-def copied_extensions(
-    upstream: x509.Certificate, refit_for: keys.PrivateKey | None = None
-) -> list[tuple[x509.ExtensionType, bool]]:
+def readable(upstream: x509.Certificate) -> der.Tbs:
+    """What a mimic copies from UPSTREAM, or UnmimicableCertificate saying why it cannot be copied."""
+    try:
+        return der.parse_tbs(upstream.tbs_certificate_bytes)
+    except der.MalformedDER as e:
+        raise UnmimicableCertificate(f"malformed certificate: {e}") from None
+
+
+def copied_extensions(parts: der.Tbs, refit_for: keys.PrivateKey | None = None) -> list[der.RawExtension]:
     """Every upstream extension but the dropped ones, byte for byte, each with its criticality.
 
     With REFIT_FOR (a key of another type than the upstream's), keyUsage loses the bits that key
     cannot honour; otherwise nothing is re-encoded.
     """
-    try:
-        raw = der.extensions(upstream.tbs_certificate_bytes)
-    except der.MalformedDER as e:
-        raise UnmimicableCertificate(f"malformed extensions: {e}") from None
-    kept: list[tuple[x509.ExtensionType, bool]] = []
-    seen: set[str] = set()
-    for ext in raw:
-        if ext.oid in seen:
-            raise UnmimicableCertificate(f"extension {ext.oid} appears twice")
-        seen.add(ext.oid)
+    kept = []
+    for ext in parts.extensions:
         if ext.oid in _DROPPED:
             continue
-        value: x509.ExtensionType = x509.UnrecognizedExtension(x509.ObjectIdentifier(ext.oid), ext.value)
         if ext.oid == _KEY_USAGE and refit_for is not None:
-            value = fit_key_usage(key_usage(ext.value), refit_for)
-        kept.append((value, ext.critical))
+            ext = der.RawExtension(ext.oid, ext.critical, fit_key_usage(key_usage(ext.value), refit_for).public_bytes())
+        kept.append(ext)
     return kept
 
 
@@ -153,28 +179,78 @@ def fit_key_usage(usage: x509.KeyUsage, key: keys.PrivateKey) -> x509.KeyUsage:
 
 
 def mint(upstream: x509.Certificate, ca: CertificateAuthority, key: keys.PrivateKey) -> x509.Certificate:
-    """The mimic of UPSTREAM for the private KEY (never the CA's key, never the upstream's)."""
+    """The mimic of UPSTREAM for the private KEY (never the CA's key, never the upstream's).
+
+    The TBSCertificate is written here, not by cryptography's builder: the subject and the
+    extensions go in as the upstream's own DER, which cryptography could not always read (a name
+    attribute of a string type it does not know), and the issuer as the signer's subject DER."""
+    parts = readable(upstream)
     try:
-        subject = upstream.subject
-        subject.rfc4514_string()  # decodes every attribute: fails here, not half way through signing
-    except ValueError as e:
-        raise UnmimicableCertificate(f"unreadable subject: {e}") from None
-    mirrored = keys.KeySpec.of(key.public_key()) == upstream_key_spec(upstream)
-    not_before, not_after = validity(upstream, ca)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        issuer = ca.subject_der
+    except der.MalformedDER as e:  # a self-signed mimic's signer is the upstream itself
+        raise UnmimicableCertificate(f"malformed issuer: {e}") from None
+    public_key = key.public_key()
+    mirrored = keys.mirror_spec(public_key) == upstream_key_spec(upstream)
+    copied = copied_extensions(parts, None if mirrored else key)
+    extensions = [der.extension(e.oid, e.critical, e.value) for e in copied]
+    extensions.append(der.extension(_AKI, False, ca.authority_key_identifier.public_bytes()))
+    extensions.append(der.extension(_SKI, False, x509.SubjectKeyIdentifier.from_public_key(public_key).public_bytes()))
+    algorithm_hash = signature_hash(upstream, ca)
+    algorithm = _algorithm(ca.key, algorithm_hash)
+    tbs = der.tbs_certificate(
+        x509.random_serial_number(),
+        algorithm,
+        issuer,
+        validity(upstream, ca),
+        parts.subject,
+        public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+        extensions,
     )
-    for value, critical in copied_extensions(upstream, None if mirrored else key):
-        builder = builder.add_extension(value, critical=critical)
-    builder = builder.add_extension(ca.authority_key_identifier, critical=False)
-    builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    return builder.sign(ca.key, signature_hash(upstream, ca))
+    return x509.load_der_x509_certificate(der.certificate(tbs, algorithm, _sign(ca.key, tbs, algorithm_hash)))
+
+
+def signed_by(cert: x509.Certificate, signer: x509.Certificate) -> bool:
+    """Whether SIGNER issued CERT (names and signature), as a mimic is signed: with SHA-1 too, which
+    cryptography's own verify_directly_issued_by no longer accepts."""
+    try:
+        cert.verify_directly_issued_by(signer)
+        return True
+    except (TypeError, InvalidSignature):
+        return False
+    except ValueError:  # a SHA-1 signature, or names cryptography cannot read
+        pass
+    try:
+        if readable(cert).issuer != readable(signer).subject:
+            return False
+        key = signer.public_key()
+        algorithm_hash = cert.signature_hash_algorithm
+        if isinstance(key, rsa.RSAPublicKey) and algorithm_hash is not None:
+            key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), algorithm_hash)
+        elif isinstance(key, ec.EllipticCurvePublicKey) and algorithm_hash is not None:
+            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm_hash))
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes)
+        else:
+            return False
+    except (ValueError, UnsupportedAlgorithm, InvalidSignature):
+        return False
+    return True
+
+
+def _algorithm(key: keys.PrivateKey, algorithm_hash: Hash | None) -> bytes:
+    if isinstance(key, ed25519.Ed25519PrivateKey) or algorithm_hash is None:
+        return _ED25519_ALGORITHM
+    table = _RSA_ALGORITHMS if isinstance(key, rsa.RSAPrivateKey) else _ECDSA_ALGORITHMS
+    return table[algorithm_hash.name]
+
+
+def _sign(key: keys.PrivateKey, data: bytes, algorithm_hash: Hash | None) -> bytes:
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(data)
+    assert algorithm_hash is not None
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(data, padding.PKCS1v15(), algorithm_hash)
+    return key.sign(data, ec.ECDSA(algorithm_hash))
 
 
 def mint_placeholder(name: str, ca: CertificateAuthority, key: keys.PrivateKey) -> x509.Certificate:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import crypto
 
@@ -37,12 +37,14 @@ class Mimic:
 
     @classmethod
     def of(cls, cert: x509.Certificate, key: PooledKey) -> Mimic:
+        """Raises mimic.UnmimicableCertificate when OpenSSL cannot load CERT: its bytes are the
+        upstream's, which OpenSSL could not have loaded either (in `bumper mimic`, say)."""
+        try:
+            openssl_cert = crypto.X509.from_cryptography(cert)
+        except crypto.Error as e:
+            raise mimic.UnmimicableCertificate(f"OpenSSL cannot read it: {_openssl_reason(e)}") from None
         return cls(
-            cert=cert,
-            key=key.key,
-            fingerprint=fingerprint(cert),
-            openssl_cert=crypto.X509.from_cryptography(cert),
-            openssl_key=key.openssl,
+            cert=cert, key=key.key, fingerprint=fingerprint(cert), openssl_cert=openssl_cert, openssl_key=key.openssl
         )
 
     def stored(self) -> StoredMimic:
@@ -103,14 +105,15 @@ class MimicStore:
             pending.add_done_callback(lambda _: self._minting.pop(cache_key, None))
         return await asyncio.shield(pending)
 
-    async def placeholder(self, name: str) -> Mimic:
-        """bumper's own certificate for NAME (mimic.mint_placeholder), cached like the mimics."""
-        cache_key = (name.encode(), "placeholder")
+    async def placeholder(self, name: str, mode: trust.Signing = trust.Signing.CA) -> Mimic:
+        """bumper's own certificate for NAME (mimic.mint_placeholder), cached like the mimics. Signed
+        by the untrusted CA (MODE UNTRUSTED) for an upstream whose certificate cannot be copied."""
+        cache_key = (name.encode(), f"placeholder-{mode}")
         hit = self._memory.get(cache_key)
         soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
         if hit is None or hit.cert.not_valid_after_utc < soon:  # they live a day: renew before expiry
             pooled = await self.pool.key_for(self.fallback)
-            hit = Mimic.of(mimic.mint_placeholder(name, self.ca, pooled.key), pooled)
+            hit = Mimic.of(mimic.mint_placeholder(name, self._signer(mode), pooled.key), pooled)
             self._remember(cache_key, hit)
         return hit
 
@@ -145,9 +148,7 @@ class MimicStore:
     def _still_good(self, cert: x509.Certificate, mode: trust.Signing) -> bool:
         """A cached mimic is served only if the current signer made it and it does not outlive it."""
         signer = cert if mode == trust.Signing.SELF else self._signer(mode).cert
-        try:
-            cert.verify_directly_issued_by(signer)
-        except (ValueError, TypeError, InvalidSignature):
+        if not mimic.signed_by(cert, signer):
             return False
         now = datetime.datetime.now(datetime.UTC)
         return cert.not_valid_after_utc <= signer.not_valid_after_utc and now <= signer.not_valid_after_utc
@@ -164,7 +165,8 @@ class MimicStore:
                 fingerprint(upstream),
                 choice.spec,
             )
-        pooled = await self.pool.key_for(choice.spec)
+        # A weak key is made for this mimic alone (KeyChoice.fresh); it lives on only in its caches.
+        pooled = await (self.pool.fresh(choice.spec) if choice.fresh else self.pool.key_for(choice.spec))
         if mode == trust.Signing.SELF:
             # Self-signed like the upstream: the mimic's own key signs, under the upstream's name.
             signer = CertificateAuthority(cert=upstream, key=pooled.key, directory=self.ca.directory)
@@ -173,6 +175,12 @@ class MimicStore:
         async with self._turn:
             await asyncio.sleep(0)  # hold the turn across a loop iteration, so that the others queue
             return Mimic.of(mimic.mint(upstream, signer, pooled.key), pooled)
+
+
+def _openssl_reason(error: crypto.Error) -> str:
+    """The innermost reason of an OpenSSL error: what it met first."""
+    reasons = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    return str(reasons[0][2]) if reasons and len(reasons[0]) > 2 else str(error)
 
 
 def _describe_key(cert: x509.Certificate) -> str:

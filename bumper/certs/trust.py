@@ -9,6 +9,7 @@ policies use. bumper's own CA is never a trust anchor upstream: a chain through 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -20,6 +21,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from OpenSSL import SSL
 
+from bumper.certs import der
+
 REASONS = (
     "expired",
     "not_yet_valid",
@@ -30,6 +33,7 @@ REASONS = (
     "weak_signature",
     "bad_eku",
     "bad_chain",
+    "bad_cert",
     "other",
 )
 
@@ -59,6 +63,7 @@ _REASON_BY_CODE: dict[int, str] = {
     _lib.X509_V_ERR_INVALID_NON_CA: "bad_chain",
     _lib.X509_V_ERR_KEYUSAGE_NO_CERTSIGN: "bad_chain",
 }
+_UNHANDLED_CRITICAL_EXTENSION = _lib.X509_V_ERR_UNHANDLED_CRITICAL_EXTENSION
 
 _MISSING_ISSUER = frozenset(
     {_lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY, _lib.X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE}
@@ -100,6 +105,10 @@ class UpstreamVerdict:
     verdict: Verdict
     signing: Signing | None  # how the mimic is signed; None for the splice probe's verdict (no mimic)
     fingerprint: str | None  # the upstream leaf's SHA-256, upper-case hex; None when there was no leaf
+    # The upstream sent a self-signed root nobody trusts: bumper's untrusted CA follows the mimic, so
+    # that the client meets one too ("self-signed certificate in certificate chain", not "unable to
+    # get local issuer certificate").
+    sends_root: bool = False
 
 
 def reason_for(code: int) -> str:
@@ -111,10 +120,15 @@ def classify(
 ) -> Verdict:
     """The verdict on an upstream chain (leaf first) from OpenSSL's errors, in the order it met
     them (the order a client meets them too), and bumper's own checks."""
-    if _through_own_ca(chain, list(own_cas)):
-        return Verdict("unknown_issuer", "issued by bumper's own CA, which is never trusted upstream")
     if not chain:
         return Verdict("other", "no certificate")
+    for depth, cert in enumerate(chain):
+        try:
+            _tbs(cert)
+        except der.MalformedDER as e:  # nothing to copy, or to compare names in: failed, whatever OpenSSL said
+            return Verdict("bad_cert", f"malformed certificate: {e} (depth {depth})")
+    if _through_own_ca(chain, list(own_cas)):
+        return Verdict("unknown_issuer", "issued by bumper's own CA, which is never trusted upstream")
     if errors:
         first = errors[0]
         return Verdict(reason_for(first.code), f"{first.text} (depth {first.depth})")
@@ -137,7 +151,7 @@ def _through_own_ca(chain: Sequence[x509.Certificate], own_cas: list[x509.Certif
         if cert.fingerprint(hashes.SHA256()) in own:
             return True
         for ca in own_cas:
-            if cert.issuer == ca.subject:
+            if _tbs(cert).issuer == _tbs(ca).subject:  # as bumper writes a mimic's issuer: the CA's subject DER
                 try:
                     cert.verify_directly_issued_by(ca)
                     return True
@@ -158,9 +172,21 @@ def _weakness(chain: Sequence[x509.Certificate]) -> Verdict | None:
             return Verdict("weak_key", f"RSA-{key.key_size} key (depth {depth})")
         if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size < _MIN_EC_BITS:
             return Verdict("weak_key", f"EC {key.curve.name} key (depth {depth})")
-        if cert.issuer != cert.subject and isinstance(_hash_of(cert), _WEAK_HASHES):
+        if not _self_issued(cert) and isinstance(_hash_of(cert), _WEAK_HASHES):
             return Verdict("weak_signature", f"{_hash_of(cert).name} signature (depth {depth})")  # type: ignore[union-attr]
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _tbs(cert: x509.Certificate) -> der.Tbs:
+    """CERT's names and extensions as DER (der.MalformedDER when unsound), worked out once per
+    certificate: the same upstream chain comes back on every connection to it."""
+    return der.parse_tbs(cert.tbs_certificate_bytes)
+
+
+def _self_issued(cert: x509.Certificate) -> bool:
+    parts = _tbs(cert)
+    return parts.issuer == parts.subject
 
 
 def _hash_of(cert: x509.Certificate) -> hashes.HashAlgorithm | None:
@@ -173,6 +199,9 @@ def _hash_of(cert: x509.Certificate) -> hashes.HashAlgorithm | None:
 # Defects the mimic carries by copying the upstream certificate: a client checking the mimic meets
 # them just as it would have met them on the upstream's own certificate.
 CARRIED_BY_THE_MIMIC = frozenset({"expired", "not_yet_valid", "hostname_mismatch", "bad_eku"})
+# Weaknesses the mimic carries only when it mirrors them (mirrored_weaknesses): a weak RSA key, a
+# SHA-1 signature.
+MIRRORABLE = frozenset({"weak_key", "weak_signature"})
 
 
 class Signing(StrEnum):
@@ -183,15 +212,27 @@ class Signing(StrEnum):
     UNTRUSTED = "untrusted"  # bumper's untrusted CA: the client sees an unknown issuer
 
 
-def signing_mode(errors: Sequence[VerifyError], verdict: Verdict) -> Signing:
-    """How the `mimic` action signs, so the client's own check fails as it would have directly."""
+def signing_mode(errors: Sequence[VerifyError], verdict: Verdict, mirrored: Iterable[str] = frozenset()) -> Signing:
+    """How the `mimic` action signs, so the client's own check fails as it would have directly.
+
+    MIRRORED names the weaknesses of the leaf (MIRRORABLE) its mimic carries. An unknown critical
+    extension of the leaf is carried too (the mimic copies it, critical), though its reason is `other`."""
     if verdict.trusted:
         return Signing.CA
-    if any(e.depth > 0 for e in errors):
-        return Signing.UNTRUSTED  # a defect above the leaf: the mimic, a leaf, cannot carry it
-    reasons = {reason_for(e.code) for e in errors} | {verdict.reason}
-    if reasons <= CARRIED_BY_THE_MIMIC:
+    if verdict.reason == "bad_cert" or any(e.depth > 0 for e in errors):
+        return Signing.UNTRUSTED  # nothing to copy, or a defect above the leaf: the mimic, a leaf, cannot carry it
+    defects = {reason_for(e.code) for e in errors if e.code != _UNHANDLED_CRITICAL_EXTENSION}
+    if not errors or errors[0].code != _UNHANDLED_CRITICAL_EXTENSION:
+        defects.add(str(verdict.reason))  # OpenSSL's first error, or bumper's own checks (own CA, weakness)
+    carried = CARRIED_BY_THE_MIMIC | (MIRRORABLE & set(mirrored))
+    if defects <= carried:
         return Signing.CA
-    if reasons <= CARRIED_BY_THE_MIMIC | {"self_signed"}:
+    if defects <= carried | {"self_signed"}:
         return Signing.SELF
     return Signing.UNTRUSTED
+
+
+def sends_root(errors: Sequence[VerifyError], signing: Signing) -> bool:
+    """Whether the client is sent bumper's untrusted root with an UNTRUSTED mimic: the upstream sent
+    an untrusted self-signed root too."""
+    return signing is Signing.UNTRUSTED and any(e.code == _lib.X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN for e in errors)

@@ -19,7 +19,7 @@ from mitmproxy.utils import asyncio_utils, human
 from bumper import stopping
 from bumper.addon import Addon
 from bumper.certs import ca as ca_files
-from bumper.certs import keys
+from bumper.certs import keys, mimic
 from bumper.certs.keypool import KeyPool, PoolSettings
 from bumper.certs.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES, SqliteMimicStore
 from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
@@ -123,6 +123,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         config.trust,
         lambda: [*own_cas, mimics.untrusted().cert],
         aia.IssuerFetcher() if config.fetch_issuers else None,
+        lambda leaf: mimic.mirrored_weaknesses(leaf, authority),
     )
     source = PolicySource(config.policy, config.policy_path, config.addons)
     pins = PinLearner(LearnedPins(), states)

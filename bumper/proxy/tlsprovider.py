@@ -82,7 +82,18 @@ class TlsProvider:
         self.mimics = mimics
         self.verifier = verifier  # shared with the splice probe
         self.states = states
+        self._client_tls = client_tls
         self._client_ctx = client_context(mimics.ca.chain, client_tls)
+        self._with_untrusted_root: SSL.Context | None = None  # made on first need, as the untrusted CA is
+
+    def _context_for(self, found: UpstreamVerdict) -> SSL.Context:
+        """The client context: the usual one, or one that sends bumper's untrusted root after the
+        mimic, for an upstream that sent an untrusted root of its own (UpstreamVerdict.sends_root)."""
+        if not found.sends_root:
+            return self._client_ctx
+        if self._with_untrusted_root is None:
+            self._with_untrusted_root = client_context((self.mimics.untrusted().cert,), self._client_tls)
+        return self._with_untrusted_root
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         # Server-first, unless the connection is spliced or refused (client.error set by bumper).
@@ -110,6 +121,10 @@ class TlsProvider:
         verdict = found.verdict
         decision = state.decision
         action = decision.on_upstream_error if decision else OnUpstreamError.MIMIC
+        if verdict.reason == "bad_cert" and action is OnUpstreamError.MIMIC:
+            # Nothing that can be copied: bumper's own certificate for the name, from the untrusted
+            # CA, which the client refuses as an unknown issuer.
+            return await self.mimics.placeholder(str(server.sni), trust.Signing.UNTRUSTED)
         if verdict.trusted or action is OnUpstreamError.MIMIC:
             assert found.signing is not None
             # The verdict fingerprinted this very leaf (the first of the same certificate list).
@@ -183,7 +198,7 @@ class TlsProvider:
             made = await self._certificate_for(state, server, upstream, found)
         except UnmimicableCertificate as e:
             return self._refuse(client, f"cannot mimic the upstream certificate: {e}")
-        conn = SSL.Connection(self._client_ctx)
+        conn = SSL.Connection(self._context_for(found))
         conn.use_certificate(made.openssl_cert)
         conn.use_privatekey(made.openssl_key)
         conn.set_app_data(AppData(client_alpn=None, server_alpn=server.alpn, http2=True))

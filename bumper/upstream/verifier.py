@@ -26,8 +26,11 @@ class UpstreamVerifier:
         roots: UpstreamTrust,
         own_cas: Callable[[], Sequence[x509.Certificate]],
         issuers: aia.IssuerFetcher | None = None,
+        mirrors: Callable[[x509.Certificate], frozenset[str]] | None = None,
     ) -> None:
         self._roots = roots
+        # The weaknesses of a leaf its mimic carries (mimic.mirrored_weaknesses); None: none.
+        self._mirrors = mirrors
         self._own_cas = own_cas  # bumper's CAs, the untrusted one too: never trusted upstream
         self._issuers = issuers  # completes chains that lack an intermediate; None: off
         self._aia_roots = aia.load_roots(roots.all_files()) if issuers else []
@@ -70,4 +73,6 @@ class UpstreamVerifier:
         """The verdict on a chain (leaf first) and the errors OpenSSL recorded while verifying it."""
         verdict = trust.classify(errors, chain, self._own_cas())
         leaf = fingerprint(chain[0]).replace(":", "") if chain else None
-        return UpstreamVerdict(verdict, trust.signing_mode(errors, verdict), leaf)
+        mirrored = self._mirrors(chain[0]) if self._mirrors and chain and verdict.reason in trust.MIRRORABLE else ()
+        signing = trust.signing_mode(errors, verdict, mirrored)
+        return UpstreamVerdict(verdict, signing, leaf, trust.sends_root(errors, signing))
