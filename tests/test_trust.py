@@ -54,8 +54,14 @@ DAY = pki.DAY
         ([_lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY], "unknown_issuer", trust.Signing.UNTRUSTED),
         ([_lib.X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN], "unknown_issuer", trust.Signing.UNTRUSTED),
         ([_lib.X509_V_ERR_CERT_HAS_EXPIRED, _lib.X509_V_ERR_INVALID_CA], "expired", trust.Signing.UNTRUSTED),
-        ([66], "weak_key", trust.Signing.UNTRUSTED),
+        ([66], "weak_key", trust.Signing.UNTRUSTED),  # unless the mimic mirrors it: test_mirrored_weakness_is_carried
         ([68], "weak_signature", trust.Signing.UNTRUSTED),
+        ([_lib.X509_V_ERR_UNHANDLED_CRITICAL_EXTENSION], "other", trust.Signing.CA),  # the mimic copies it
+        (
+            [_lib.X509_V_ERR_UNHANDLED_CRITICAL_EXTENSION, _lib.X509_V_ERR_CERT_REVOKED],
+            "other",
+            trust.Signing.UNTRUSTED,
+        ),
         ([_lib.X509_V_ERR_PERMITTED_VIOLATION], "bad_chain", trust.Signing.UNTRUSTED),
         ([_lib.X509_V_ERR_CERT_REVOKED], "other", trust.Signing.UNTRUSTED),
     ],
@@ -68,6 +74,28 @@ def test_classify_takes_openssls_first_error_and_signs_so_the_client_fails_alike
     verdict = trust.classify(errors, [leaf])
     assert verdict.reason == reason
     assert trust.signing_mode(errors, verdict) == signing
+
+
+@pytest.mark.parametrize(("code", "reason"), [(66, "weak_key"), (68, "weak_signature")])
+def test_mirrored_weakness_is_carried(code: int, reason: str) -> None:
+    """A weakness of the leaf the mimic mirrors (its key, its hash) is carried, as an expiry is; the
+    same weakness above the leaf is not."""
+    leaf = pki.Authority.root().leaf("a.test").cert
+    errors = [VerifyError(code, 0)]
+    verdict = trust.classify(errors, [leaf])
+    assert trust.signing_mode(errors, verdict, {reason}) == trust.Signing.CA
+    assert trust.signing_mode(errors, verdict, set()) == trust.Signing.UNTRUSTED
+    above = [VerifyError(code, 1)]
+    assert trust.signing_mode(above, trust.classify(above, [leaf]), {reason}) == trust.Signing.UNTRUSTED
+
+
+def test_a_proxy_loop_is_never_carried(tmp_path: Path) -> None:
+    """A chain through bumper's own CA is unknown_issuer even beside a defect the mimic would carry."""
+    own = ca_files.create(tmp_path / "ca")
+    leaf = pki.Authority(own.key, own.cert).leaf("loop.test").cert
+    errors = [VerifyError(_lib.X509_V_ERR_UNHANDLED_CRITICAL_EXTENSION, 0)]
+    verdict = trust.classify(errors, [leaf], [own.cert])
+    assert (verdict.reason, trust.signing_mode(errors, verdict)) == ("unknown_issuer", trust.Signing.UNTRUSTED)
 
 
 def test_what_seclevel_2_lets_through_is_still_weak() -> None:
@@ -187,7 +215,12 @@ def stricter(start_upstream, test_pki: Pki) -> dict[str, Upstream]:
     return {case: start_upstream(make(test_pki.root), host=host) for case, (host, make, _) in STRICTER.items()}
 
 
-@pytest.mark.parametrize("case", list(STRICTER))
+# Defects of the chain above the leaf: the mimic, a leaf, cannot carry them (the weak key and the SHA-1
+# signature it mirrors: test_mirroring.py).
+ABOVE_THE_LEAF = ["intermediate-not-a-ca", "name-constraint-violation"]
+
+
+@pytest.mark.parametrize("case", ABOVE_THE_LEAF)
 def test_defects_only_an_untrusted_ca_can_carry(case: str, stricter: dict[str, Upstream], bumper: Bumper) -> None:
     reason = STRICTER[case][2]
     args = ["--cacert", str(bumper.ca_pem), "-x", bumper.proxy]

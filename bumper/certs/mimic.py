@@ -108,6 +108,16 @@ def mirrored_weaknesses(upstream: x509.Certificate, ca: CertificateAuthority) ->
     return frozenset(found)
 
 
+def mirrors_a_weakness(made: x509.Certificate) -> bool:
+    """Whether MADE, a mimic, carries a weak RSA key or a SHA-1 signature (mirrored_weaknesses)."""
+    spec = upstream_key_spec(made)
+    try:
+        sha1 = isinstance(made.signature_hash_algorithm, hashes.SHA1)
+    except (ValueError, UnsupportedAlgorithm):
+        sha1 = False
+    return sha1 or (spec is not None and spec.weak)
+
+
 def validity(upstream: x509.Certificate, ca: CertificateAuthority) -> tuple[datetime.datetime, datetime.datetime]:
     """The upstream's validity, clamped into the CA's own: a mimic never outlives its issuer."""
     ca_from, ca_until = ca.cert.not_valid_before_utc, ca.cert.not_valid_after_utc

@@ -34,6 +34,9 @@ class Mimic:
     # pyOpenSSL forms, converted once because every handshake that serves this mimic needs them.
     openssl_cert: crypto.X509
     openssl_key: crypto.PKey
+    # It mirrors a weakness (a weak RSA key, a SHA-1 signature) that OpenSSL's default security
+    # level refuses to serve: the client's TLS context for it allows them (tlsprovider).
+    weak: bool = False
 
     @classmethod
     def of(cls, cert: x509.Certificate, key: PooledKey) -> Mimic:
@@ -43,9 +46,7 @@ class Mimic:
             openssl_cert = crypto.X509.from_cryptography(cert)
         except crypto.Error as e:
             raise mimic.UnmimicableCertificate(f"OpenSSL cannot read it: {_openssl_reason(e)}") from None
-        return cls(
-            cert=cert, key=key.key, fingerprint=fingerprint(cert), openssl_cert=openssl_cert, openssl_key=key.openssl
-        )
+        return cls(cert, key.key, fingerprint(cert), openssl_cert, key.openssl, mimic.mirrors_a_weakness(cert))
 
     def stored(self) -> StoredMimic:
         key_der = self.key.private_bytes(

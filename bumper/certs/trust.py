@@ -222,7 +222,7 @@ def signing_mode(errors: Sequence[VerifyError], verdict: Verdict, mirrored: Iter
     if verdict.reason == "bad_cert" or any(e.depth > 0 for e in errors):
         return Signing.UNTRUSTED  # nothing to copy, or a defect above the leaf: the mimic, a leaf, cannot carry it
     defects = {reason_for(e.code) for e in errors if e.code != _UNHANDLED_CRITICAL_EXTENSION}
-    if not errors or errors[0].code != _UNHANDLED_CRITICAL_EXTENSION:
+    if not (errors and errors[0].code == _UNHANDLED_CRITICAL_EXTENSION and verdict.reason == "other"):
         defects.add(str(verdict.reason))  # OpenSSL's first error, or bumper's own checks (own CA, weakness)
     carried = CARRIED_BY_THE_MIMIC | (MIRRORABLE & set(mirrored))
     if defects <= carried:

@@ -8,6 +8,7 @@ upstream certificate does not carry. SSL contexts are built once, not per connec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -82,18 +83,25 @@ class TlsProvider:
         self.mimics = mimics
         self.verifier = verifier  # shared with the splice probe
         self.states = states
-        self._client_tls = client_tls
-        self._client_ctx = client_context(mimics.ca.chain, client_tls)
-        self._with_untrusted_root: SSL.Context | None = None  # made on first need, as the untrusted CA is
+        self._client_tls = client_tls or ClientTls()
+        # By (sends the untrusted root, serves a weak mimic); the usual one now, the others on first need.
+        self._client_contexts = {(False, False): client_context(mimics.ca.chain, client_tls)}
 
-    def _context_for(self, found: UpstreamVerdict) -> SSL.Context:
-        """The client context: the usual one, or one that sends bumper's untrusted root after the
-        mimic, for an upstream that sent an untrusted root of its own (UpstreamVerdict.sends_root)."""
-        if not found.sends_root:
-            return self._client_ctx
-        if self._with_untrusted_root is None:
-            self._with_untrusted_root = client_context((self.mimics.untrusted().cert,), self._client_tls)
-        return self._with_untrusted_root
+    def _context_for(self, found: UpstreamVerdict, made: Mimic) -> SSL.Context:
+        """The client context for a mimic: the usual one, or one that sends bumper's untrusted root
+        after it, for an upstream that sent an untrusted root of its own (UpstreamVerdict.sends_root),
+        or one that lets OpenSSL serve a mimic as weak as the upstream's certificate (Mimic.weak):
+        security level 0, the same cipher suites. The client's own security level decides, as
+        it would have directly."""
+        which = (found.sends_root, made.weak)
+        context = self._client_contexts.get(which)
+        if context is None:
+            chain = (self.mimics.untrusted().cert,) if found.sends_root else self.mimics.ca.chain
+            settings = self._client_tls
+            if made.weak:
+                settings = dataclasses.replace(settings, ciphers=f"{settings.ciphers}:@SECLEVEL=0")
+            context = self._client_contexts[which] = client_context(chain, settings)
+        return context
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         # Server-first, unless the connection is spliced or refused (client.error set by bumper).
@@ -198,7 +206,7 @@ class TlsProvider:
             made = await self._certificate_for(state, server, upstream, found)
         except UnmimicableCertificate as e:
             return self._refuse(client, f"cannot mimic the upstream certificate: {e}")
-        conn = SSL.Connection(self._context_for(found))
+        conn = SSL.Connection(self._context_for(found, made))
         conn.use_certificate(made.openssl_cert)
         conn.use_privatekey(made.openssl_key)
         conn.set_app_data(AppData(client_alpn=None, server_alpn=server.alpn, http2=True))
