@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import crypto
 
@@ -170,3 +172,107 @@ class Leaf:
             )
         )
         return cert_path, key_path
+
+
+# --- certificates cryptography's builder will not write: the TBSCertificate edited as DER, then signed ---
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    length = (
+        bytes([n]) if n < 0x80 else bytes([0x80 | (n.bit_length() + 7) // 8]) + n.to_bytes((n.bit_length() + 7) // 8)
+    )
+    return bytes([tag]) + length + body
+
+
+def _elements(data: bytes) -> list[bytes]:
+    """The TLVs of DATA (the contents of a SEQUENCE), each whole: the tests' own walk, low tags only."""
+    found, i = [], 0
+    while i < len(data):
+        start, length = i, data[i + 1]
+        i += 2
+        if length & 0x80:
+            count = length & 0x7F
+            length = int.from_bytes(data[i : i + count])
+            i += count
+        i += length
+        found.append(data[start:i])
+    return found
+
+
+def _contents(tlv: bytes) -> bytes:
+    length = tlv[1]
+    return tlv[2 + (length & 0x7F if length & 0x80 else 0) :]
+
+
+def raw_name(*attributes: tuple[str, int | bytes, bytes]) -> bytes:
+    """A Name DER of one RDN per (dotted OID, tag (an int, or the tag octets), value contents)."""
+    rdns = b""
+    for oid, tag, value in attributes:
+        tag_octets = bytes([tag]) if isinstance(tag, int) else tag
+        body = _der(0x06, _oid_body(oid)) + tag_octets + _der(0, value)[1:]
+        rdns += _der(0x31, _der(0x30, body))
+    return _der(0x30, rdns)
+
+
+def _oid_body(dotted: str) -> bytes:
+    arcs = [int(a) for a in dotted.split(".")]
+    out = bytearray()
+    for arc in [40 * arcs[0] + arcs[1], *arcs[2:]]:
+        chunk = [arc & 0x7F]
+        while arc := arc >> 7:
+            chunk.append(0x80 | arc & 0x7F)
+        out += bytes(reversed(chunk))
+    return bytes(out)
+
+
+def reissued(cert: x509.Certificate, issuer: Authority, **changes: Any) -> x509.Certificate:
+    """reissued_der, as cryptography loads it."""
+    return x509.load_der_x509_certificate(reissued_der(cert, issuer, **changes))
+
+
+def reissued_der(
+    cert: x509.Certificate,
+    issuer: Authority,
+    *,
+    subject: bytes | None = None,
+    issuer_name: bytes | None = None,
+    serial: int | None = None,
+    v1: bool = False,
+    sha1: bool = False,
+) -> bytes:
+    """CERT with its subject, issuer name, serial (any sign) or version replaced by hand, signed
+    again by ISSUER (RSA, SHA-256 or SHA-1): a valid signature, so a client that trusts ISSUER's root
+    trusts it. v1 drops the version field and the extensions. Returns DER, which cryptography may
+    refuse to load (a BER length, say) where OpenSSL does not."""
+    fields = _elements(_contents(cert.tbs_certificate_bytes))
+    if fields[0][0] == 0xA0:
+        fields = fields[1:]
+    if serial is not None:
+        fields[0] = _der(0x02, serial.to_bytes(serial.bit_length() // 8 + 1, "big", signed=True))
+    if issuer_name is not None:
+        fields[2] = issuer_name
+    if subject is not None:
+        fields[4] = subject
+    oid = "1.2.840.113549.1.1.5" if sha1 else "1.2.840.113549.1.1.11"
+    fields[1] = algorithm_der = _der(0x30, _der(0x06, _oid_body(oid)) + b"\x05\x00")
+    if v1:
+        fields = fields[:6]
+    else:
+        fields = [b"\xa0\x03\x02\x01\x02", *fields]
+    tbs = _der(0x30, b"".join(fields))
+    algorithm = hashes.SHA1() if sha1 else hashes.SHA256()
+    signature = issuer.key.sign(tbs, padding.PKCS1v15(), algorithm)  # type: ignore[attr-defined]
+    return _der(0x30, tbs + algorithm_der + _der(0x03, b"\x00" + signature))
+
+
+@dataclass(frozen=True)
+class RawCertificate:
+    """A certificate as bytes, for a server to send, that cryptography cannot load (Leaf.write takes it)."""
+
+    der: bytes
+
+    def public_bytes(self, encoding: serialization.Encoding) -> bytes:
+        if encoding is serialization.Encoding.DER:
+            return self.der
+        return b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(self.der) + b"-----END CERTIFICATE-----\n"

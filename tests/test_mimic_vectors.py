@@ -162,13 +162,13 @@ class RawTbs:
 
 
 def sound_name(name: bytes) -> None:
-    """Raises UnsoundDER unless NAME is SEQUENCE OF SET (not empty) OF SEQUENCE { OID, one element }."""
+    """Raises UnsoundDER unless NAME is SEQUENCE OF SET OF SEQUENCE { OID, one element }."""
     tag, start, end = _tlv(name, 0)
     if tag != 0x30 or end != len(name):
         raise UnsoundDER("a Name is not one SEQUENCE")
     for rdn_tag, _, rdn_start, rdn_end in _children(name, start, end):
-        if rdn_tag != 0x31 or rdn_start == rdn_end:
-            raise UnsoundDER("an RDN is not a SET with something in it")
+        if rdn_tag != 0x31:
+            raise UnsoundDER("an RDN is not a SET")
         for attribute_tag, _, attribute_start, attribute_end in _children(name, rdn_start, rdn_end):
             parts = _children(name, attribute_start, attribute_end) if attribute_tag == 0x30 else []
             if len(parts) != 2 or parts[0][0] != 0x06:

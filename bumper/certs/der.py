@@ -139,8 +139,8 @@ def _name(data: bytes, offset: int, tag: int, start: int, end: int) -> bytes:
     """The whole Name at OFFSET after checking its structure; the attribute values are any TLV (a
     mimic copies them, it never reads them)."""
     for rdn_tag, rdn_start, rdn_end in children(data, start, end):
-        if rdn_tag != SET or rdn_start == rdn_end:
-            raise MalformedDER("a name's RDN is not a non-empty SET")
+        if rdn_tag != SET:  # an empty one is sound DER, if not X.501: OpenSSL takes it, so it is copied
+            raise MalformedDER("a name's RDN is not a SET")
         for attr_tag, attr_start, attr_end in children(data, rdn_start, rdn_end):
             parts = children(data, attr_start, attr_end) if attr_tag == SEQUENCE else []
             if len(parts) != 2 or parts[0][0] != OBJECT_IDENTIFIER:

@@ -28,7 +28,7 @@ from bumper.proxy import replies
 from bumper.proxy.state import ConnectionState, ConnectionStates
 from bumper.proxy.upstreamerror import BY_UPSTREAM_ERROR
 from bumper.upstream.tls import TLS_VERSIONS
-from bumper.upstream.verifier import UpstreamVerifier
+from bumper.upstream.verifier import PeerChain, UpstreamVerifier
 
 log = logging.getLogger("bumper.tls")
 
@@ -123,7 +123,11 @@ class TlsProvider:
         tls_start.ssl_conn = self.verifier.connection(server.sni, min_version, server.alpn_offers)
 
     async def _certificate_for(
-        self, state: ConnectionState, server: connection.Server, upstream: x509.Certificate, found: UpstreamVerdict
+        self,
+        state: ConnectionState,
+        server: connection.Server,
+        upstream: x509.Certificate | None,
+        found: UpstreamVerdict,
     ) -> Mimic:
         """What the client is shown, by the verdict and the rule's on_upstream_error."""
         verdict = found.verdict
@@ -134,7 +138,7 @@ class TlsProvider:
             # CA, which the client refuses as an unknown issuer.
             return await self.mimics.placeholder(str(server.sni), trust.Signing.UNTRUSTED)
         if verdict.trusted or action is OnUpstreamError.MIMIC:
-            assert found.signing is not None
+            assert found.signing is not None and upstream is not None
             # The verdict fingerprinted this very leaf (the first of the same certificate list).
             sha256 = bytes.fromhex(found.fingerprint) if found.fingerprint else None
             return await self.mimics.get(upstream, found.signing, sha256)
@@ -166,17 +170,15 @@ class TlsProvider:
     def tls_established_server(self, data: tls.TlsData) -> Awaitable[None] | None:
         assert data.ssl_conn is not None
         errors: list[trust.VerifyError] = data.ssl_conn.get_app_data()
-        chain = [c.to_cryptography() for c in data.conn.certificate_list]
-        if self.verifier.fetches_issuer(errors, chain):
-            return self._fetch_issuer_first(data, errors, chain)  # only this verdict has to wait
-        self._keep(data, self.verifier.judge(errors, chain))
+        peer = PeerChain.of(data.ssl_conn)  # not certificate_list, which leaves out what it cannot parse
+        if self.verifier.fetches_issuer(errors, peer):
+            return self._fetch_issuer_first(data, errors, peer)  # only this verdict has to wait
+        self._keep(data, self.verifier.judge(errors, peer))
         return None
 
-    async def _fetch_issuer_first(
-        self, data: tls.TlsData, errors: list[trust.VerifyError], chain: list[x509.Certificate]
-    ) -> None:
+    async def _fetch_issuer_first(self, data: tls.TlsData, errors: list[trust.VerifyError], peer: PeerChain) -> None:
         """An upstream that sent an incomplete chain: its missing issuer, fetched by AIA, may complete it."""
-        self._keep(data, await self.verifier.judge_completed(errors, chain, str(data.conn.sni)))
+        self._keep(data, await self.verifier.judge_completed(errors, peer, str(data.conn.sni)))
 
     def _keep(self, data: tls.TlsData, found: UpstreamVerdict) -> None:
         if state := self.states.of(data.context.client.id):
@@ -194,14 +196,17 @@ class TlsProvider:
         server = tls_start.context.server
         if client.error:
             return  # refused (by policy): no handshake, the connection is closed
-        if not server.tls_established or not server.certificate_list:
-            # Nothing verified to mimic: refusing the client is the only honest answer.
+        if not server.tls_established:
             return self._refuse(client, f"upstream TLS failed: {server.error or 'no certificate'}")
         state = self.states.of(client.id)
         found = state.upstream if state else None
         if state is None or found is None or found.signing is None:
             return self._refuse(client, "upstream TLS failed: no verification verdict")  # fail closed
-        upstream = server.certificate_list[0].to_cryptography()
+        bad_cert = found.verdict.reason == "bad_cert"  # nothing to copy: answered without the upstream's leaf
+        if not server.certificate_list and not bad_cert:
+            # Nothing verified to mimic: refusing the client is the only honest answer.
+            return self._refuse(client, "upstream TLS failed: no certificate")
+        upstream = None if bad_cert else server.certificate_list[0].to_cryptography()
         try:
             made = await self._certificate_for(state, server, upstream, found)
         except UnmimicableCertificate as e:

@@ -13,11 +13,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from cryptography import x509
 from OpenSSL import SSL
 
 from bumper.certs import trust
-from bumper.upstream.verifier import UpstreamVerifier
+from bumper.upstream.verifier import PeerChain, UpstreamVerifier
 
 PROBE_TIMEOUT = 10.0  # seconds for the whole probe: connect and handshake
 # What the probe reads before its handshake completes. OpenSSL itself refuses a certificate list over
@@ -63,18 +62,6 @@ async def handshake(conn: SSL.Connection, reader: asyncio.StreamReader, writer: 
         conn.bio_write(data)
 
 
-def peer_chain(conn: SSL.Connection) -> list[x509.Certificate]:
-    """The upstream's chain, leaf first, as mitmproxy's TLS layer hands it to the bumped leg
-    (`Server.certificate_list`): a certificate cryptography cannot parse is left out there too."""
-    chain: list[x509.Certificate] = []
-    for cert in conn.get_peer_cert_chain() or []:
-        try:
-            chain.append(cert.to_cryptography())
-        except ValueError:
-            pass
-    return chain
-
-
 class UpstreamProbe:
     def __init__(self, verifier: UpstreamVerifier) -> None:
         self.verifier = verifier  # the bumped leg's own
@@ -97,5 +84,5 @@ class UpstreamProbe:
                     writer.close()
         except (OSError, TimeoutError, SSL.Error, HandshakeIncomplete):
             return None
-        found = await self.verifier.judge_completed(conn.get_app_data(), peer_chain(conn), name)
+        found = await self.verifier.judge_completed(conn.get_app_data(), PeerChain.of(conn), name)
         return found.verdict

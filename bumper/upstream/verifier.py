@@ -3,16 +3,44 @@ splice probe, so that the two can never reach different verdicts on the same ups
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from cryptography import x509
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from bumper.certs import trust
 from bumper.certs.ca import fingerprint
 from bumper.certs.trust import UpstreamVerdict
 from bumper.upstream import aia
 from bumper.upstream.tls import UpstreamTrust, expect_hostname, upstream_context
+
+
+@dataclass(frozen=True)
+class PeerChain:
+    """The chain an upstream sent, leaf first, as cryptography reads it. mitmproxy's TLS layer
+    leaves out of `Server.certificate_list` any certificate cryptography cannot parse (an indefinite
+    length that OpenSSL takes, say), which would make an intermediate pass for the leaf: the
+    verifier reads the chain from OpenSSL itself, and such a chain is `bad_cert`."""
+
+    certificates: list[x509.Certificate]
+    unreadable: int | None = None  # the depth of the first certificate cryptography cannot read
+    leaf_sha256: str | None = None  # the leaf's SHA-256 (upper-case hex), read or not
+
+    @classmethod
+    def of(cls, conn: SSL.Connection) -> PeerChain:
+        certificates: list[x509.Certificate] = []
+        unreadable, leaf_sha256 = None, None
+        for depth, cert in enumerate(conn.get_peer_cert_chain() or []):
+            der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+            if depth == 0:
+                leaf_sha256 = hashlib.sha256(der).hexdigest().upper()
+            try:
+                certificates.append(x509.load_der_x509_certificate(der))
+            except ValueError:
+                unreadable = depth if unreadable is None else unreadable
+        return cls(certificates, unreadable, leaf_sha256)
 
 
 class UpstreamVerifier:
@@ -49,28 +77,33 @@ class UpstreamVerifier:
         conn.set_connect_state()
         return conn
 
-    def fetches_issuer(self, errors: Sequence[trust.VerifyError], chain: Sequence[x509.Certificate]) -> bool:
+    def fetches_issuer(self, errors: Sequence[trust.VerifyError], peer: PeerChain) -> bool:
         """Whether the verdict waits for an AIA fetch: a missing issuer, and fetching is on."""
-        return self._missing(errors, chain) is not None
+        return peer.unreadable is None and self._missing(errors, peer.certificates) is not None
 
     def _missing(self, errors: Sequence[trust.VerifyError], chain: Sequence[x509.Certificate]) -> int | None:
         missing = trust.missing_issuer(errors)
         return missing if missing is not None and self._issuers is not None and missing < len(chain) else None
 
-    async def judge_completed(
-        self, errors: list[trust.VerifyError], chain: list[x509.Certificate], name: str
-    ) -> UpstreamVerdict:
+    async def judge_completed(self, errors: list[trust.VerifyError], peer: PeerChain, name: str) -> UpstreamVerdict:
         """The verdict, after fetching the missing issuer of an incomplete chain (if fetches_issuer)."""
+        if peer.unreadable is not None:
+            return self.judge(errors, peer)
+        chain = peer.certificates
         missing = self._missing(errors, chain)
         if missing is not None:
             assert self._issuers is not None
             fetched = await self._issuers.issuers(chain[missing])
             if fetched and aia.verifies_with(chain[0], [*chain[1:], *fetched], self._aia_roots, name):
                 errors, chain = [], [*chain, *fetched]  # own CA and weakness checks still apply, in judge
-        return self.judge(errors, chain)
+        return self.judge(errors, PeerChain(chain))
 
-    def judge(self, errors: list[trust.VerifyError], chain: list[x509.Certificate]) -> UpstreamVerdict:
+    def judge(self, errors: list[trust.VerifyError], peer: PeerChain) -> UpstreamVerdict:
         """The verdict on a chain (leaf first) and the errors OpenSSL recorded while verifying it."""
+        if peer.unreadable is not None:
+            detail = f"a certificate cryptography cannot read (depth {peer.unreadable})"
+            return UpstreamVerdict(trust.Verdict("bad_cert", detail), trust.Signing.UNTRUSTED, peer.leaf_sha256)
+        chain = peer.certificates
         verdict = trust.classify(errors, chain, self._own_cas())
         leaf = fingerprint(chain[0]).replace(":", "") if chain else None
         mirrored = self._mirrors(chain[0]) if self._mirrors and chain and verdict.reason in trust.MIRRORABLE else ()
