@@ -10,9 +10,11 @@ import asyncio
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.utils import CryptographyDeprecationWarning
 
 from bumper import __version__, stopping
 from bumper.certs import ca as ca_files
@@ -364,6 +366,10 @@ def _setup_logging(verbose: bool) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # cryptography warns about what an upstream's certificate breaks (a negative serial, say), from
+    # wherever it happens to be loaded: a hostile upstream could fill the log with them. The
+    # connection's log line says what matters (verify=).
+    warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning)
     # hpack logs every header value at DEBUG, Authorization and cookies included: never wanted.
     logging.getLogger("hpack").setLevel(logging.INFO)
     if not verbose:

@@ -212,6 +212,7 @@ def test_hostile_upstream_is_never_more_trusted_than_directly(
     direct = curl_outcome(["--cacert", str(test_pki.root_pem), "--resolve", resolve], upstream.url("/"), spec.max_time)
     proxied = curl_outcome(["--cacert", str(bumper.ca_pem), "-x", bumper.proxy], upstream.url("/"), spec.max_time)
     line = bumper.connection_line(int(proxied[2]))
+    assert not [x for x in bumper.process.lines[bumper.process.test_start :] if "Warning" in x]  # one line, no noise
     table[case] = (
         shown(direct[0], direct[1], direct[3]),
         shown(proxied[0], proxied[1], proxied[3]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import subprocess
 from pathlib import Path
 
@@ -259,3 +260,46 @@ def test_text_shows_extensions_cryptography_cannot_read(ca_dir: Path, tmp_path: 
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines()}
     assert " DER 30" in rows["subjectAltName"] and rows["subjectAltName"].endswith("(same)")
+
+
+@pytest.mark.parametrize("tag", [7, 13, 29], ids=["ObjectDescriptor", "RELATIVE-OID", "CHARACTER-STRING"])
+def test_a_subject_cryptography_cannot_read_is_copied_byte_for_byte(ca_dir: Path, tmp_path: Path, tag: int) -> None:
+    """Found as an attacker would: these ended in a traceback. Now the mimic carries the very bytes."""
+    root = pki.Authority.root()
+    subject = pki.raw_name(("2.5.4.10", tag, b"hostile strings"), ("2.5.4.3", 0x0C, b"odd.test"))
+    upstream = pki.reissued(root.leaf("odd.test").cert, root, subject=subject)
+    path = tmp_path / "odd.der"
+    path.write_bytes(upstream.public_bytes(serialization.Encoding.DER))
+
+    result = bumper_cli("mimic", "--ca", ca_dir, path)
+    text = bumper_cli("mimic", "--ca", ca_dir, path, "--text")
+
+    assert result.returncode == 0, result.stderr
+    (made,) = x509.load_pem_x509_certificates(result.stdout.encode())
+    assert subject in made.tbs_certificate_bytes
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith("subject "))
+    block = [lines[start], *itertools.takewhile(lambda line: line.startswith(" "), lines[start + 1 :])]
+    words = " ".join(block).split()
+    assert words[:2] == ["subject", "DER"] and "(same)" in words  # shown as its DER, and the mimic's alike
+    assert "".join(w for w in words[2:] if w != "(same)") == subject.hex()
+
+
+@pytest.mark.parametrize(
+    ("tag", "reason"),
+    [(b"\x69", "mstring not universal"), (b"\x1f\x69", "mstring wrong tag"), (3, "invalid bit string bits left")],
+    ids=["application-9-constructed", "universal-105-high-tag", "BIT-STRING"],
+)
+def test_a_subject_openssl_cannot_read_is_one_line_and_exit_2(
+    ca_dir: Path, tmp_path: Path, tag: int | bytes, reason: str
+) -> None:
+    root = pki.Authority.root()
+    subject = pki.raw_name(("2.5.4.10", tag, b"hostile strings"), ("2.5.4.3", 0x0C, b"odd.test"))
+    path = tmp_path / "odd.der"
+    path.write_bytes(pki.reissued_der(root.leaf("odd.test").cert, root, subject=subject))
+
+    result = bumper_cli("mimic", "--ca", ca_dir, path)
+
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"bumper: {path}: cannot mimic this certificate: OpenSSL cannot read it: {reason}\n"
