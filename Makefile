@@ -5,12 +5,16 @@
 # BASELINE=/path/to/other/venv compares two bumper builds side by side in one run (say before and after
 # a dependency upgrade): that venv's bumper runs as one more contender, bumper-before, started as bumper
 # is, and the table gets a bumper/bumper-before column (bench/run.py --baseline).
+# make fuzz: the DER copier and mimic minting under atheris (tests/fuzz_certs.py) for FUZZ_SECONDS
+# (default 300), seeded with the cryptography-vectors certificates; a crash leaves its input in
+# fuzz-artifacts/. ./test runs the same harness for a few thousand runs with a fixed seed.
 VENV ?= .venv
+FUZZ_SECONDS ?= 300
 BENCH_ARGS ?=
 BASELINE ?=
 RUN_ARGS = $(if $(BASELINE),--baseline $(BASELINE)) $(BENCH_ARGS)
 
-.PHONY: bench bench-quick bench-setup bench-clean
+.PHONY: bench bench-quick bench-setup bench-clean fuzz
 
 bench: bench-setup
 	$(VENV)/bin/python bench/run.py $(RUN_ARGS)
@@ -23,3 +27,7 @@ bench-setup:
 
 bench-clean:
 	rm -rf bench/.cache
+
+fuzz:
+	mkdir -p fuzz-artifacts
+	$(VENV)/bin/python tests/fuzz_certs.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz-artifacts/

@@ -63,7 +63,7 @@ def name_text(cert: x509.Certificate, part: str) -> str:
     cannot read it (an attribute of a string type it does not know): shown, never a traceback."""
     try:
         return (cert.subject if part == "subject" else cert.issuer).rfc4514_string() or "(empty)"
-    except ValueError:
+    except (ValueError, TypeError):  # TypeError: a BIT STRING attribute other than x500UniqueIdentifier
         pass
     try:
         tbs = der.parse_tbs(cert.tbs_certificate_bytes)
@@ -107,7 +107,8 @@ def _extensions(cert: x509.Certificate) -> dict[str, str]:
     certificate's extensions, else as the raw DER that bumper copies (der.py)."""
     try:
         return {e.oid.dotted_string: _extension(e) for e in cert.extensions}
-    except (ValueError, x509.UnsupportedGeneralNameType):  # contents cryptography does not read
+    # contents cryptography does not read; TypeError: a BIT STRING attribute in a directoryName
+    except (ValueError, TypeError, x509.UnsupportedGeneralNameType):
         return {
             e.oid: f"{'critical ' if e.critical else ''}DER {e.value.hex()}"
             for e in der.extensions(cert.tbs_certificate_bytes)

@@ -43,7 +43,7 @@ def ca_issuers_urls(cert: x509.Certificate) -> list[str]:
     """The http:// caIssuers URLs of CERT's AIA extension (https would need a chain of its own)."""
     try:
         aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
-    except (x509.ExtensionNotFound, ValueError):
+    except (x509.ExtensionNotFound, ValueError, TypeError):  # TypeError: cryptography on some odd names
         return []
     return [
         d.access_location.value
@@ -78,7 +78,7 @@ def verifies_with(
     verifier = verification.PolicyBuilder().store(verification.Store(list(roots))).build_server_verifier(subject)
     try:
         verifier.verify(leaf, list(intermediates))
-    except verification.VerificationError:
+    except (verification.VerificationError, ValueError, TypeError):  # a name or extension it cannot read
         return False
     return True
 

@@ -38,7 +38,7 @@ class PeerChain:
                 leaf_sha256 = hashlib.sha256(der).hexdigest().upper()
             try:
                 certificates.append(x509.load_der_x509_certificate(der))
-            except ValueError:
+            except (ValueError, x509.InvalidVersion):
                 unreadable = depth if unreadable is None else unreadable
         return cls(certificates, unreadable, leaf_sha256)
 
