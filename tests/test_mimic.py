@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from bumper.certs import ca as ca_files
-from bumper.certs import keys, mimic
+from bumper.certs import keys, mimic, trust
 from bumper.certs.ca import CertificateAuthority
 from bumper.certs.mimicstore import Mimic, MimicStore
 from tests import pki
@@ -133,8 +133,8 @@ class SyncStore:
     def ca(self) -> CertificateAuthority:
         return self.store.ca
 
-    def get(self, upstream: x509.Certificate) -> Mimic:
-        return self.runner.run(self.store.get(upstream))
+    def get(self, upstream: x509.Certificate, mode: trust.Signing = trust.Signing.CA) -> Mimic:
+        return self.runner.run(self.store.get(upstream, mode))
 
 
 @pytest.fixture
@@ -389,6 +389,18 @@ def test_a_weak_rsa_key_is_mirrored_with_a_key_of_its_own(store: SyncStore) -> N
     assert spki(strong_mimics[0].public_key()) == spki(strong_mimics[1].public_key())  # pooled, as before
     assert mimic.choose_key_spec(weak[0], keys.P256) == mimic.KeyChoice(keys.KeySpec("rsa", size=1024), False, True)
     assert store.get(weak[0]).cert is weak_mimics[0]  # cached with its key, like any mimic
+
+
+@pytest.mark.parametrize("mode", [trust.Signing.UNTRUSTED, trust.Signing.SELF])
+def test_a_weak_key_is_not_mirrored_where_the_issuer_fails_the_client_anyway(store: SyncStore, mode: str) -> None:
+    """An upstream that fails for its issuer gets a pooled fallback key: a key made per certificate
+    would let anyone make bumper generate RSA keys at will, for a client that refuses the mimic anyway."""
+    weak = [make_upstream(key=pki.rsa_key(1024)) for _ in range(2)]
+
+    made = [store.get(upstream, trust.Signing(mode)).cert for upstream in weak]
+
+    assert [keys.describe(m.public_key()) for m in made] == ["EC P-256", "EC P-256"]
+    assert spki(made[0].public_key()) == spki(made[1].public_key())
 
 
 @pytest.mark.parametrize(

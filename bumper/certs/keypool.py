@@ -25,6 +25,8 @@ from bumper.certs import keys
 
 log = logging.getLogger("bumper.keys")
 
+WORKERS = 2  # processes making RSA keys
+
 
 @dataclass(frozen=True)
 class PoolSettings:
@@ -150,7 +152,9 @@ class KeyPool:
     def _worker(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._workers is None:
             # forkserver: a clean worker, not a fork of a process holding sockets and the CA key.
+            # Two, started as needed: a key one mimic waits for (a weak key made for it alone, a
+            # first RSA-2048) is not queued behind a spare RSA-8192 that takes seconds to make.
             self._workers = concurrent.futures.ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("forkserver")
+                WORKERS, mp_context=multiprocessing.get_context("forkserver")
             )
         return self._workers

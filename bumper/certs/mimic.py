@@ -79,10 +79,14 @@ def upstream_key_spec(upstream: x509.Certificate) -> keys.KeySpec | None:
         return None
 
 
-def choose_key_spec(upstream: x509.Certificate, fallback: keys.KeySpec) -> KeyChoice:
-    """Same algorithm and strength as the upstream's key, or FALLBACK when it cannot be mirrored."""
+def choose_key_spec(upstream: x509.Certificate, fallback: keys.KeySpec, mirror_weak: bool = True) -> KeyChoice:
+    """Same algorithm and strength as the upstream's key, or FALLBACK when it cannot be mirrored.
+
+    Without MIRROR_WEAK a weak key falls back too: a mimic the client refuses for its issuer anyway
+    (untrusted, self-signed) gains nothing from a key made for it alone, and an upstream must not
+    make bumper generate a key per certificate it makes up."""
     spec = upstream_key_spec(upstream)
-    if spec is None:
+    if spec is None or (spec.weak and not mirror_weak):
         return KeyChoice(fallback, True)
     return KeyChoice(spec, False, fresh=spec.weak)
 

@@ -158,8 +158,9 @@ class MimicStore:
         return self.untrusted() if mode == trust.Signing.UNTRUSTED else self.ca
 
     async def _mint(self, upstream: x509.Certificate, mode: trust.Signing) -> Mimic:
-        choice = mimic.choose_key_spec(upstream, self.fallback)
-        if choice.fell_back:
+        # A weak key is mirrored only where it is the defect the client must meet (a mimic of bumper's CA).
+        choice = mimic.choose_key_spec(upstream, self.fallback, mirror_weak=mode == trust.Signing.CA)
+        if choice.fell_back and mimic.upstream_key_spec(upstream) is None:
             log.info(
                 "upstream key %s of the certificate %s cannot be mirrored; the mimic uses %s",
                 _describe_key(upstream),

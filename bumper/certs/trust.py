@@ -122,17 +122,18 @@ def classify(
     them (the order a client meets them too), and bumper's own checks."""
     if not chain:
         return Verdict("other", "no certificate")
+    parsed = []
     for depth, cert in enumerate(chain):
         try:
-            _tbs(cert)
+            parsed.append(der.parse_tbs(cert.tbs_certificate_bytes))
         except der.MalformedDER as e:  # nothing to copy, or to compare names in: failed, whatever OpenSSL said
             return Verdict("bad_cert", f"malformed certificate: {e} (depth {depth})")
-    if _through_own_ca(chain, list(own_cas)):
+    if _through_own_ca(chain, parsed, list(own_cas)):
         return Verdict("unknown_issuer", "issued by bumper's own CA, which is never trusted upstream")
     if errors:
         first = errors[0]
         return Verdict(reason_for(first.code), f"{first.text} (depth {first.depth})")
-    return _weakness(chain) or TRUSTED
+    return _weakness(chain, parsed) or TRUSTED
 
 
 def missing_issuer(errors: Sequence[VerifyError]) -> int | None:
@@ -143,15 +144,17 @@ def missing_issuer(errors: Sequence[VerifyError]) -> int | None:
     return None
 
 
-def _through_own_ca(chain: Sequence[x509.Certificate], own_cas: list[x509.Certificate]) -> bool:
+def _through_own_ca(
+    chain: Sequence[x509.Certificate], parsed: Sequence[der.Tbs], own_cas: list[x509.Certificate]
+) -> bool:
     """True when the chain holds or was signed by one of bumper's CAs, even if the machine's store
     trusts them (a lab that installed ca.pem system-wide must not trust its own mimics upstream)."""
     own = {ca.fingerprint(hashes.SHA256()) for ca in own_cas}
-    for cert in chain:
+    for cert, parts in zip(chain, parsed, strict=True):
         if cert.fingerprint(hashes.SHA256()) in own:
             return True
         for ca in own_cas:
-            if _tbs(cert).issuer == _tbs(ca).subject:  # as bumper writes a mimic's issuer: the CA's subject DER
+            if parts.issuer == _subject_of(ca):  # as bumper writes a mimic's issuer: the CA's subject DER
                 try:
                     cert.verify_directly_issued_by(ca)
                     return True
@@ -160,7 +163,7 @@ def _through_own_ca(chain: Sequence[x509.Certificate], own_cas: list[x509.Certif
     return False
 
 
-def _weakness(chain: Sequence[x509.Certificate]) -> Verdict | None:
+def _weakness(chain: Sequence[x509.Certificate], parsed: Sequence[der.Tbs]) -> Verdict | None:
     """What SECLEVEL 2 lets through but the trust policy does not: EC below P-256, and MD5 or SHA-1
     signatures on any certificate but a self-signed root (whose signature nobody relies on)."""
     for depth, cert in enumerate(chain):
@@ -172,21 +175,17 @@ def _weakness(chain: Sequence[x509.Certificate]) -> Verdict | None:
             return Verdict("weak_key", f"RSA-{key.key_size} key (depth {depth})")
         if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size < _MIN_EC_BITS:
             return Verdict("weak_key", f"EC {key.curve.name} key (depth {depth})")
-        if not _self_issued(cert) and isinstance(_hash_of(cert), _WEAK_HASHES):
+        if parsed[depth].issuer != parsed[depth].subject and isinstance(_hash_of(cert), _WEAK_HASHES):
             return Verdict("weak_signature", f"{_hash_of(cert).name} signature (depth {depth})")  # type: ignore[union-attr]
     return None
 
 
-@functools.lru_cache(maxsize=1024)
-def _tbs(cert: x509.Certificate) -> der.Tbs:
-    """CERT's names and extensions as DER (der.MalformedDER when unsound), worked out once per
-    certificate: the same upstream chain comes back on every connection to it."""
-    return der.parse_tbs(cert.tbs_certificate_bytes)
-
-
-def _self_issued(cert: x509.Certificate) -> bool:
-    parts = _tbs(cert)
-    return parts.issuer == parts.subject
+@functools.lru_cache(maxsize=16)  # bumper's own CAs: the same few on every connection
+def _subject_of(ca: x509.Certificate) -> bytes | None:
+    try:
+        return der.parse_tbs(ca.tbs_certificate_bytes).subject
+    except der.MalformedDER:
+        return None
 
 
 def _hash_of(cert: x509.Certificate) -> hashes.HashAlgorithm | None:
