@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from tests import pki
-from tests.conftest import Bumper, Pki, Upstream
+from tests.conftest import Bumper, Pki, Upstream, start_with_policy
 from tests.test_mirroring import MIRRORED
 from tests.test_trust import log_field
 
@@ -226,3 +226,19 @@ def test_hostile_upstream_is_never_more_trusted_than_directly(
         assert direct[0] != 0 and proxied[0] != 0
     else:
         assert (proxied[:2], log_field(line, "verify")) == ((60, "20"), "bad_cert")
+
+
+def test_a_certificate_nothing_can_copy_is_spliced_under_splice_on_error(
+    start_upstream, start_bumper, test_pki: Pki, tmp_path: Path
+) -> None:
+    """The splice probe reads the chain as the bumped leg does (PeerChain): `bad_cert` too, so the
+    client gets the upstream's own certificate and decides as it would directly (it is served)."""
+    spec = CASES["subject of indefinite length (BER)"]
+    upstream = start_upstream(spec.make(test_pki.root, "ber-splice.hostile.test"), host="ber-splice.hostile.test")
+    proxy = start_with_policy(start_bumper, tmp_path, "on_upstream_error: splice\n")
+    resolve = f"{upstream.host}:{upstream.port}:127.0.0.1"
+    direct = curl_outcome(["--cacert", str(test_pki.root_pem), "--resolve", resolve], upstream.url("/"), 20)
+    spliced = curl_outcome(["--cacert", str(test_pki.root_pem), "-x", proxy.proxy], upstream.url("/"), 20)
+    assert direct[:2] == spliced[:2] == (0, "0")
+    line = proxy.connection_line(int(spliced[2]))
+    assert (log_field(line, "action"), log_field(line, "verify")) == ("splice", "bad_cert")
