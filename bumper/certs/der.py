@@ -114,6 +114,24 @@ def decode_oid(body: bytes) -> str:
 def parse_tbs(tbs_certificate: bytes) -> Tbs:
     """The issuer, subject and extensions of a DER TBSCertificate, exactly as encoded; MalformedDER
     when its structure, its names or its extension list are not sound, or an extension appears twice."""
+    fields = _fields(tbs_certificate)
+    issuer, subject = (_name(tbs_certificate, *fields[i]) for i in (2, 4))
+    extensions: tuple[RawExtension, ...] = ()
+    for _, t, s, e in fields[6:]:
+        if t == EXTENSIONS_TAG:
+            extensions = _extension_list(tbs_certificate, s, e)
+    return Tbs(issuer, subject, extensions)
+
+
+def names(tbs_certificate: bytes) -> tuple[bytes, bytes]:
+    """The issuer and subject of a DER TBSCertificate as their own DER, read from its outer fields
+    alone (a tenth of parse_tbs's time: trust.py compares names on every connection)."""
+    fields = _fields(tbs_certificate)
+    return tuple(tbs_certificate[fields[i][0] : fields[i][3]] for i in (2, 4))  # type: ignore[return-value]
+
+
+def _fields(tbs_certificate: bytes) -> list[tuple[int, int, int, int]]:
+    """The TBSCertificate's fields after the version (elements), checked for their types up to the key."""
     tag, start, end = read(tbs_certificate, 0)
     if tag != SEQUENCE or end != len(tbs_certificate):
         raise MalformedDER("TBSCertificate is not one SEQUENCE")
@@ -122,12 +140,7 @@ def parse_tbs(tbs_certificate: bytes) -> Tbs:
         fields = fields[1:]
     if [f[1] for f in fields[:6]] != [INTEGER, SEQUENCE, SEQUENCE, SEQUENCE, SEQUENCE, SEQUENCE]:
         raise MalformedDER("TBSCertificate lacks fields or has them of the wrong types")
-    issuer, subject = (_name(tbs_certificate, *fields[i]) for i in (2, 4))
-    extensions: tuple[RawExtension, ...] = ()
-    for _, t, s, e in fields[6:]:
-        if t == EXTENSIONS_TAG:
-            extensions = _extension_list(tbs_certificate, s, e)
-    return Tbs(issuer, subject, extensions)
+    return fields
 
 
 def extensions(tbs_certificate: bytes) -> list[RawExtension]:

@@ -9,7 +9,6 @@ policies use. bumper's own CA is never a trust anchor upstream: a chain through 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -125,8 +124,8 @@ def classify(
     parsed = []
     for depth, cert in enumerate(chain):
         try:
-            parsed.append(der.parse_tbs(cert.tbs_certificate_bytes))
-        except der.MalformedDER as e:  # nothing to copy, or to compare names in: failed, whatever OpenSSL said
+            parsed.append(_names(cert))
+        except der.MalformedDER as e:  # no names to compare, nothing to copy: failed, whatever OpenSSL said
             return Verdict("bad_cert", f"malformed certificate: {e} (depth {depth})")
     if _through_own_ca(chain, parsed, list(own_cas)):
         return Verdict("unknown_issuer", "issued by bumper's own CA, which is never trusted upstream")
@@ -145,16 +144,16 @@ def missing_issuer(errors: Sequence[VerifyError]) -> int | None:
 
 
 def _through_own_ca(
-    chain: Sequence[x509.Certificate], parsed: Sequence[der.Tbs], own_cas: list[x509.Certificate]
+    chain: Sequence[x509.Certificate], parsed: Sequence[_Names], own_cas: list[x509.Certificate]
 ) -> bool:
     """True when the chain holds or was signed by one of bumper's CAs, even if the machine's store
     trusts them (a lab that installed ca.pem system-wide must not trust its own mimics upstream)."""
     own = {ca.fingerprint(hashes.SHA256()) for ca in own_cas}
-    for cert, parts in zip(chain, parsed, strict=True):
+    for cert, (issuer, _) in zip(chain, parsed, strict=True):
         if cert.fingerprint(hashes.SHA256()) in own:
             return True
         for ca in own_cas:
-            if parts.issuer == _subject_of(ca):  # as bumper writes a mimic's issuer: the CA's subject DER
+            if issuer == ca.subject:  # bumper's CAs' names cryptography reads; an unreadable issuer is none of them
                 try:
                     cert.verify_directly_issued_by(ca)
                     return True
@@ -163,7 +162,7 @@ def _through_own_ca(
     return False
 
 
-def _weakness(chain: Sequence[x509.Certificate], parsed: Sequence[der.Tbs]) -> Verdict | None:
+def _weakness(chain: Sequence[x509.Certificate], parsed: Sequence[_Names]) -> Verdict | None:
     """What SECLEVEL 2 lets through but the trust policy does not: EC below P-256, and MD5 or SHA-1
     signatures on any certificate but a self-signed root (whose signature nobody relies on)."""
     for depth, cert in enumerate(chain):
@@ -175,17 +174,22 @@ def _weakness(chain: Sequence[x509.Certificate], parsed: Sequence[der.Tbs]) -> V
             return Verdict("weak_key", f"RSA-{key.key_size} key (depth {depth})")
         if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size < _MIN_EC_BITS:
             return Verdict("weak_key", f"EC {key.curve.name} key (depth {depth})")
-        if parsed[depth].issuer != parsed[depth].subject and isinstance(_hash_of(cert), _WEAK_HASHES):
+        if parsed[depth][0] != parsed[depth][1] and isinstance(_hash_of(cert), _WEAK_HASHES):
             return Verdict("weak_signature", f"{_hash_of(cert).name} signature (depth {depth})")  # type: ignore[union-attr]
     return None
 
 
-@functools.lru_cache(maxsize=16)  # bumper's own CAs: the same few on every connection
-def _subject_of(ca: x509.Certificate) -> bytes | None:
+# A certificate's issuer and subject: as cryptography reads them (fast, and the same names however
+# encoded), or as their DER where it cannot read them (a string type it does not know).
+_Names = tuple[x509.Name, x509.Name] | tuple[bytes, bytes]
+
+
+def _names(cert: x509.Certificate) -> _Names:
+    """CERT's issuer and subject; der.MalformedDER when neither cryptography nor bumper's walker can read them."""
     try:
-        return der.parse_tbs(ca.tbs_certificate_bytes).subject
-    except der.MalformedDER:
-        return None
+        return cert.issuer, cert.subject
+    except (ValueError, TypeError):  # TypeError: a BIT STRING attribute other than x500UniqueIdentifier
+        return der.names(cert.tbs_certificate_bytes)
 
 
 def _hash_of(cert: x509.Certificate) -> hashes.HashAlgorithm | None:

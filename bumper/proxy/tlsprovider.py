@@ -210,7 +210,13 @@ class TlsProvider:
         try:
             made = await self._certificate_for(state, server, upstream, found)
         except UnmimicableCertificate as e:
-            return self._refuse(client, f"cannot mimic the upstream certificate: {e}")
+            # Nothing bumper can copy (its walker, stricter than the verdict's, refused it): the
+            # upstream fails verification as bad_cert, and is answered like any other failure.
+            found = dataclasses.replace(
+                found, verdict=trust.Verdict("bad_cert", f"cannot copy the certificate: {e}"), sends_root=False
+            )
+            state.verified(found)
+            made = await self._certificate_for(state, server, None, found)
         conn = SSL.Connection(self._context_for(found, made))
         conn.use_certificate(made.openssl_cert)
         conn.use_privatekey(made.openssl_key)
