@@ -266,10 +266,22 @@ def recorder(test_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield upstream
 
 
+LAB_DESTINATIONS = "destinations: {allow: [127.0.0.0/8, '::1']}\n"  # the tests' upstreams are on loopback
+
+
+def lab_policy(text: str) -> str:
+    """TEXT with what the tests' upstreams need unless TEXT says otherwise: any port, loopback reachable."""
+    return (
+        ("" if "ports:" in text else "ports: ['1-65535']\n")
+        + ("" if "destinations:" in text else LAB_DESTINATIONS)
+        + text
+    )
+
+
 def start_with_policy(start_bumper: Callable[..., Bumper], directory: Path, text: str) -> Bumper:
-    """bumper with --policy: TEXT written to a file in DIRECTORY (any port, unless TEXT says)."""
+    """bumper with --policy: TEXT written to a file in DIRECTORY (any port and loopback, unless TEXT says)."""
     path = directory / "policy.yaml"
-    path.write_text(text if "ports:" in text else f"ports: ['1-65535']\n{text}")
+    path.write_text(lab_policy(text))
     return start_bumper("--policy", str(path))
 
 

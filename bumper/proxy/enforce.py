@@ -14,13 +14,10 @@ from bumper.policy.rules import Action, Address, Decision, Mismatch, OnUpstreamE
 from bumper.policy.source import PolicySource
 from bumper.proxy import replies
 from bumper.proxy.authority import parse_authority
-from bumper.proxy.state import ConnectionStates, is_plain_proxy_request, probed
+from bumper.proxy.state import BY_POLICY, ConnectionStates, is_plain_proxy_request, probed
 from bumper.upstream.probe import UpstreamProbe
 
 log = logging.getLogger("bumper.policy")
-
-# ConnectionState.refused_by for what the policy refused.
-BY_POLICY = "policy"
 
 
 def client_address(client: connection.Client) -> Address | None:
@@ -59,7 +56,7 @@ class PolicyEnforcer:
             return
         policy = self.source.policy
         client = client_address(flow.client_conn)
-        if why := policy.refusal(client, None):
+        if why := policy.refusal(client, flow.request.port, connect=False):
             return self._refuse(flow, Decision(Action.BLOCK, "clients/ports"), "request to", why)
         decision = policy.decide(flow.request.host, None, client, flow.request.port)
         if decision.action is Action.BLOCK:

@@ -11,9 +11,15 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.utils import human
 
 from bumper.certs.trust import UpstreamVerdict, Verdict
+from bumper.policy import destinations
 from bumper.policy.rules import Action, Decision
 from bumper.proxy.httpstream import aborted, body_bytes
 from bumper.proxy.replies import Reply
+
+# ConnectionState.refused_by for what the policy refused.
+BY_POLICY = "policy"
+# ConnectionState.decision for a connection refused by the policy's `destinations:`.
+DESTINATIONS = Decision(Action.BLOCK, "destinations")
 
 
 class Kind(StrEnum):
@@ -139,8 +145,14 @@ class ConnectionStates:
             state.kind, state.target = Kind.HTTP, f"{flow.request.host}:{flow.request.port}"
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        if state := self._states.get(data.client.id):
-            state.fail(f"upstream connect failed: {data.server.error}")
+        if not (state := self._states.get(data.client.id)):
+            return
+        error = data.server.error or "unknown"
+        if destinations.is_refusal(error):  # the loop's destination check (resolve.ResolvingEventLoop)
+            state.decided(DESTINATIONS)
+            state.refuse(error, BY_POLICY)
+        else:
+            state.fail(f"upstream connect failed: {error}")
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         if state := self._states.get(data.context.client.id):
