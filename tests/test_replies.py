@@ -235,6 +235,16 @@ CASES = {
         403, BLOCKED,
         f"CONNECT to upstream.test:{REFUSED_PORT} refused: port {REFUSED_PORT} is not in the policy's ports",
     ),
+    "connect-to-a-refused-destination": Case(
+        "CONNECT 0.0.0.0:{closed} HTTP/1.1", 403, BLOCKED,
+        "destination 0.0.0.0:{closed} refused by policy (unspecified; internal ranges need the policy's "
+        "destinations: allow)",
+    ),
+    "http-to-a-refused-destination": Case(
+        "http://0.0.0.0:{closed}/", 403, BLOCKED,
+        "destination 0.0.0.0:{closed} refused by policy (unspecified; internal ranges need the policy's "
+        "destinations: allow)",
+    ),
     "connect-to-nobody": Case("CONNECT nobody.test:{closed} HTTP/1.1", 502, UNREACHABLE, CONNECT_FAILED),
     "http-blocked-by-a-rule": Case(
         "http://evil.test:{origin}/", 403, BLOCKED, "request to evil.test:{origin} blocked by policy rule 'no-evil'"

@@ -16,6 +16,7 @@ back to bumper's own listening sockets (proxy loops) are refused whatever `allow
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,7 +44,8 @@ INTERNAL: tuple[tuple[Network, str], ...] = tuple(
         ("203.0.113.0/24", "documentation"),
         ("198.18.0.0/15", "benchmarking"),
         ("224.0.0.0/4", "multicast"),
-        ("240.0.0.0/4", "reserved"),  # 255.255.255.255, the broadcast address, included
+        ("255.255.255.255/32", "broadcast"),
+        ("240.0.0.0/4", "reserved"),
         ("::/128", "unspecified"),
         ("::1/128", "loopback"),
         ("::/96", "IPv4-compatible (deprecated)"),
@@ -127,10 +129,19 @@ def proxy_loop(
             continue
         for candidate in judged:
             if candidate == own or (own.is_unspecified and local(candidate)):
-                return f"{PREFIX}{describe(address, port)} {REFUSED} (bumper's own listening address: a proxy loop)"
+                return loop_refusal(describe(address, port))
     return None
 
 
+def loop_refusal(where: str) -> str:
+    """The refusal of a connection to WHERE (host:port), one of bumper's own listening addresses."""
+    return f"{PREFIX}{where} {REFUSED} (bumper's own listening address, a proxy loop: no destinations: allow lifts it)"
+
+
+_REFUSAL = re.compile(f"(?:^|: ){PREFIX}\\S+ {REFUSED} ")
+
+
 def is_refusal(error: str) -> bool:
-    """Whether ERROR (a connection's error text) is a refusal of this module's."""
-    return error.startswith(PREFIX) and REFUSED in error
+    """Whether ERROR (a connection's error text, maybe after a prefix such as "Connection killed: ") is
+    a refusal of this module's."""
+    return _REFUSAL.search(error) is not None

@@ -79,9 +79,9 @@ def refused(what: str, request: http.Request, reason: str) -> Reply:
     return Reply(403, BLOCKED, f"{what} {_target(request)} {reason}")
 
 
-def destination_refused(request: http.Request, reason: str) -> Reply:
-    """The policy's `destinations:` refused every address REQUEST's host resolved to (REASON says why)."""
-    return Reply(403, BLOCKED, f"{_target(request)}: {reason}")
+def destination_refused(reason: str) -> Reply:
+    """The policy's `destinations:` refused every address the host resolved to: REASON names one, and why."""
+    return Reply(403, BLOCKED, reason)
 
 
 def names_disagree(names_seen: str) -> Reply:
@@ -125,7 +125,7 @@ def protocol_error(code: ErrorCode, message: str, request: http.Request) -> Repl
     message = message.removesuffix(_OPTION_ADVICE)
     if code is ErrorCode.CONNECT_FAILED:
         if destinations.is_refusal(message):
-            return destination_refused(request, message)
+            return destination_refused(message)
         return cannot_connect(request, message)
     if status < 500:
         return bad_request(message, status)
@@ -140,5 +140,5 @@ class ConnectReplies:
         if flow.response is not None and flow.response.status_code == 502:
             reason = flow.server_conn.error or "cannot connect"
             refused = destinations.is_refusal(reason)
-            reply = destination_refused(flow.request, reason) if refused else cannot_connect(flow.request, reason)
+            reply = destination_refused(reason) if refused else cannot_connect(flow.request, reason)
             flow.response = reply.response(flow.request)

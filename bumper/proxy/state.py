@@ -18,6 +18,8 @@ from bumper.proxy.replies import Reply
 
 # ConnectionState.refused_by for what the policy refused.
 BY_POLICY = "policy"
+# What mitmproxy's Proxyserver.server_connect sets for a connection to one of its listening addresses.
+SELF_CONNECT = "Request destination unknown. Unable to figure out where this request should be forwarded to."
 # ConnectionState.decision for a connection refused by the policy's `destinations:`.
 DESTINATIONS = Decision(Action.BLOCK, "destinations")
 
@@ -134,6 +136,11 @@ class ConnectionStates:
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         if state := self._states.get(data.client.id):
             state.server = data.server
+        if data.server.error == SELF_CONNECT and data.server.address:
+            # mitmproxy's own proxy-loop check (Proxyserver.server_connect, which runs first) caught a
+            # connection to the listening address by name: bumper's refusal says so, as for the loops
+            # its own check catches after DNS (resolve.ResolvingEventLoop).
+            data.server.error = destinations.loop_refusal(human.format_address(data.server.address))
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if state := self._states.get(flow.client_conn.id):
