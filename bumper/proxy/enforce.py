@@ -9,6 +9,7 @@ from collections.abc import Awaitable
 
 from mitmproxy import connection, http, tls
 
+from bumper.policy import names
 from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import Action, Address, Decision, Mismatch, OnUpstreamError, name_mismatch
 from bumper.policy.source import PolicySource
@@ -18,6 +19,8 @@ from bumper.proxy.state import BY_POLICY, ConnectionStates, is_plain_proxy_reque
 from bumper.upstream.probe import UpstreamProbe
 
 log = logging.getLogger("bumper.policy")
+# The decision for a name that is no valid internationalised name (names.idna_problem).
+BAD_NAME = Decision(Action.BLOCK, "names")
 
 
 def client_address(client: connection.Client) -> Address | None:
@@ -41,6 +44,8 @@ class PolicyEnforcer:
         client, port = client_address(flow.client_conn), flow.request.port
         if why := policy.refusal(client, port):
             return self._refuse(flow, Decision(Action.BLOCK, "clients/ports"), "CONNECT to", why)
+        if why := names.idna_problem(flow.request.host):
+            return self._refuse(flow, BAD_NAME, "CONNECT to", why)
         # Refuse before any upstream connection when the CONNECT host alone decides `block`.
         decision = policy.decide_at_connect(flow.request.host, client, port)
         if decision is not None and decision.action is Action.BLOCK:
@@ -58,6 +63,8 @@ class PolicyEnforcer:
         client = client_address(flow.client_conn)
         if why := policy.refusal(client, flow.request.port, connect=False):
             return self._refuse(flow, Decision(Action.BLOCK, "clients/ports"), "request to", why)
+        if why := names.idna_problem(flow.request.host):
+            return self._refuse(flow, BAD_NAME, "request to", why)
         decision = policy.decide(flow.request.host, None, client, flow.request.port)
         if decision.action is Action.BLOCK:
             self._refuse(flow, decision, "request to")
@@ -95,7 +102,11 @@ class PolicyEnforcer:
         context = data.context
         assert context.server.address is not None
         host, port = context.server.address[:2]
-        decision = self.source.policy.decide(host, data.client_hello.sni, client_address(context.client), port)
+        sni = data.client_hello.sni
+        if sni and (why := names.idna_problem(sni)):
+            self._block(data, BAD_NAME, f"SNI {why}")
+            return None
+        decision = self.source.policy.decide(host, sni, client_address(context.client), port)
         if (
             decision.action is Action.BUMP
             and decision.on_upstream_error is OnUpstreamError.SPLICE
@@ -130,11 +141,16 @@ class PolicyEnforcer:
             and self.pins.pinned(address, sni)
         ):
             decision = dataclasses.replace(decision, action=Action.SPLICE, rule=f"{decision.rule} (learned pinning)")
+        if decision.action is Action.BLOCK:
+            return self._block(data, decision, f"blocked by policy rule {decision.rule!r}")
         if state:
             state.decided(decision)
         if decision.action is Action.SPLICE:
             data.ignore_connection = True
-        elif decision.action is Action.BLOCK:
-            context.client.error = f"blocked by policy rule {decision.rule!r}"
-            if state:
-                state.refuse(context.client.error, BY_POLICY)
+
+    def _block(self, data: tls.ClientHelloData, decision: Decision, reason: str) -> None:
+        """No handshake for this client: mitmproxy closes it, and the log says REASON."""
+        data.context.client.error = reason
+        if state := self.states.of(data.context.client.id):
+            state.decided(decision)
+            state.refuse(reason, BY_POLICY)

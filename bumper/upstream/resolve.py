@@ -33,13 +33,15 @@ class Override:
     @classmethod
     def parse(cls, spec: str) -> Override:
         name, sep, target = spec.partition("=")
-        if not sep or not names.valid_pattern(names.normalize(name)):
+        if not sep or not names.valid_pattern(names.normalize_pattern(name)):
             raise ConfigError(f"--resolve {spec!r}: expected NAME=ADDRESS[:PORT], e.g. *.example.test=127.0.0.1")
         address, port = _split_port(target)
         if not names.is_ip_address(address):
             raise ConfigError(f"--resolve {spec!r}: {address!r} is not an IP address")
         try:
-            return cls(names.normalize(name), address, None if port is None else names.parse_port(port, lowest=1))
+            return cls(
+                names.normalize_pattern(name), address, None if port is None else names.parse_port(port, lowest=1)
+            )
         except ValueError as e:
             raise ConfigError(f"--resolve {spec!r}: {e}") from None
 
@@ -160,6 +162,8 @@ class ResolvingEventLoop(asyncio.SelectorEventLoop):
         override = lookup(self.overrides, host) if host else None
         if override is not None:
             host, port = override.address, override.port or port
+        elif host and not host.isascii():
+            host = names.normalize(host)  # as compared: UTS #46, not the IDNA 2003 of Python's socket module
         answers = await super().getaddrinfo(host, port, family=family, type=type, proto=proto, flags=flags)
         return self._allowed(answers, override is not None) if connecting else answers
 
