@@ -255,8 +255,9 @@ CASES = {
         "no valid response from plain.test:{origin}: server closed connection",
     ),
     "http-to-the-proxy-itself": Case(
-        "http://127.0.0.1:{proxy}/", 502, UNREACHABLE,
-        "cannot connect to 127.0.0.1:{proxy}: Connection killed: Request destination unknown. …",
+        "http://127.0.0.1:{proxy}/", 403, BLOCKED,
+        "destination 127.0.0.1:{proxy} refused by policy (bumper's own listening address, a proxy loop: "
+        "no destinations: allow lifts it)",
         through_proxy=False,
     ),
     "a-body-that-cannot-be-framed": Case(

@@ -138,10 +138,11 @@ def loop_refusal(where: str) -> str:
     return f"{PREFIX}{where} {REFUSED} (bumper's own listening address, a proxy loop: no destinations: allow lifts it)"
 
 
-_REFUSAL = re.compile(f"(?:^|: ){PREFIX}\\S+ {REFUSED} ")
+_REFUSAL = re.compile(f"(?:^|: )({PREFIX}\\S+ {REFUSED} .*)", re.DOTALL)
 
 
-def is_refusal(error: str) -> bool:
-    """Whether ERROR (a connection's error text, maybe after a prefix such as "Connection killed: ") is
-    a refusal of this module's."""
-    return _REFUSAL.search(error) is not None
+def refusal_in(error: str) -> str | None:
+    """The refusal of this module's that ERROR (a connection's error text, maybe after a prefix such as
+    mitmproxy's "Connection killed: ") carries, or None."""
+    found = _REFUSAL.search(error)
+    return found.group(1) if found else None

@@ -124,8 +124,8 @@ def protocol_error(code: ErrorCode, message: str, request: http.Request) -> Repl
         return None
     message = message.removesuffix(_OPTION_ADVICE)
     if code is ErrorCode.CONNECT_FAILED:
-        if destinations.is_refusal(message):
-            return destination_refused(message)
+        if refusal := destinations.refusal_in(message):
+            return destination_refused(refusal)
         return cannot_connect(request, message)
     if status < 500:
         return bad_request(message, status)
@@ -139,6 +139,6 @@ class ConnectReplies:
         # mitmproxy's own 502 text gives advice about its options; say plainly what failed instead.
         if flow.response is not None and flow.response.status_code == 502:
             reason = flow.server_conn.error or "cannot connect"
-            refused = destinations.is_refusal(reason)
-            reply = destination_refused(reason) if refused else cannot_connect(flow.request, reason)
+            refusal = destinations.refusal_in(reason)
+            reply = destination_refused(refusal) if refusal else cannot_connect(flow.request, reason)
             flow.response = reply.response(flow.request)

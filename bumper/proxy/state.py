@@ -155,9 +155,9 @@ class ConnectionStates:
         if not (state := self._states.get(data.client.id)):
             return
         error = data.server.error or "unknown"
-        if destinations.is_refusal(error):  # the loop's destination check (resolve.ResolvingEventLoop)
+        if refusal := destinations.refusal_in(error):  # the loop's destination check (resolve.ResolvingEventLoop)
             state.decided(DESTINATIONS)
-            state.refuse(error, BY_POLICY)
+            state.refuse(refusal, BY_POLICY)
         else:
             state.fail(f"upstream connect failed: {error}")
 

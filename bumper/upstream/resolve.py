@@ -68,7 +68,7 @@ def lookup(overrides: tuple[Override, ...], host: str) -> Override | None:
 
 
 class DestinationRefused(OSError):
-    """A connection the destination check refused; its text is the refusal (destinations.is_refusal)."""
+    """A connection the destination check refused; its text is the refusal (destinations.refusal_in)."""
 
 
 def is_local(address: Address) -> bool:
