@@ -137,7 +137,7 @@ class ResolvingEventLoop(asyncio.SelectorEventLoop):
         port = port or 0  # as asyncio reads a missing port
         address = _ip_address(host)
         if address is not None:  # asyncio connects to an IP address without asking getaddrinfo
-            if why := self.egress.refusal(address, int(port), operators=False):
+            if why := self.egress.refusal(address, port, operators=False):
                 raise DestinationRefused(why)
             return await super().create_connection(protocol_factory, host, port, **kwargs)
         token = _CONNECTING.set((host, port))
