@@ -129,3 +129,15 @@ def read_all(sock: socket.socket | ssl.SSLSocket) -> bytes:
     except (TimeoutError, ssl.SSLError, ConnectionError):
         pass
     return data
+
+
+def test_an_sni_that_is_no_valid_internationalised_name_is_closed(bumper: Bumper, upstream: Upstream) -> None:
+    sock, reply = open_tunnel(bumper, upstream.host, upstream.port)
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    client_port = sock.getsockname()[1]
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        client_tls_context(bumper.ca_pem).wrap_socket(sock, server_hostname="xn--g6h.test")
+    sock.close()
+    line = bumper.connection_line(client_port)
+    assert " sni=xn--g6h.test action=block rule=names " in line, line
+    assert "outcome=SNI 'xn--g6h.test' is not a valid internationalised name (" in line, line

@@ -120,8 +120,9 @@ class PolicyEnforcer:
         """on_upstream_error: splice: the upstream's verdict, before the client's handshake, decides."""
         assert self.probe is not None
         hello = data.client_hello
-        # As the bumped leg will ask: the client's SNI (or the CONNECT host) and ALPN offers, the rule's TLS floor.
-        name, floor = hello.sni or host, decision.upstream_tls_min
+        # As the bumped leg will ask (TlsProvider.tls_start_server): the client's SNI (or the CONNECT host) in
+        # A-labels, its ALPN offers, the rule's TLS floor.
+        name, floor = names.normalize(hello.sni or host), decision.upstream_tls_min
         verdict = await self.probe.verdict(host, port, name, floor, hello.alpn_protocols)
         if verdict is not None and not verdict.trusted:
             decision = Decision(Action.SPLICE, decision.rule, decision.on_upstream_error)
