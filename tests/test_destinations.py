@@ -9,6 +9,7 @@ import ipaddress
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -284,6 +285,20 @@ def test_without_ports_plain_http_may_reach_port_80_only(start_bumper, tmp_path:
         r = curl(default_ports, f"http://127.0.0.1:{service.port}/", "-w", "\n%{http_code}")
         assert r.stdout.endswith("\n403") and f"port {service.port} is not in the policy's ports" in r.stdout
         assert service.accepted == []
+
+
+def test_a_reloaded_policy_changes_where_bumper_may_connect(start_bumper, tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(DEFAULT)
+    reloading = start_bumper("--policy", str(path))
+    with listening("127.0.0.1") as service:
+        url = f"http://127.0.0.1:{service.port}/"
+        refused_http(reloading, url)
+        path.write_text(lab_policy(""))  # loopback allowed
+        reloading.process.proc.send_signal(signal.SIGHUP)
+        reloading.process.wait_for_line("policy reloaded from", 10)
+        assert curl(reloading, url).stdout == "reached\n"
+        assert len(service.accepted) == 1
 
 
 @pytest.mark.parametrize("kind", ["CONNECT", "HTTP"])
