@@ -2,13 +2,15 @@
 its mimics', appears in anything bumper wrote outside the files that hold it on purpose.
 
 Needles are what a leak would show: the base64 lines of the key's PEM (PKCS#8 and the traditional
-form), the hex of its private numbers and the start of their decimal form (a repr of the numbers).
+form) that carry its private numbers, the hex of those numbers and the start of their decimal form
+(a repr of the numbers).
 Haystacks are bumper's outputs (stderr, stdout) and every other file in the run's temporary tree:
 access logs, exports, policy files, pages the tests saved.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -42,11 +44,11 @@ class Needles:
         if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
             return  # Ed25519 CAs: the PEM lines below still cover them
         self.keys += 1
+        numbers = list(_private_numbers(key))
         for fmt in (serialization.PrivateFormat.PKCS8, serialization.PrivateFormat.TraditionalOpenSSL):
-            pem = key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
-            # The first line starts alike in every key of a type; the last is short.
-            self.pem_lines.update(line for line in pem.splitlines()[2:-1] if len(line) == _PEM_LINE)
-        for number in _private_numbers(key):
+            der = key.private_bytes(serialization.Encoding.DER, fmt, serialization.NoEncryption())
+            self.pem_lines.update(_secret_lines(der, numbers))
+        for number in numbers:
             self.hex_prefixes.add(f"{number:x}"[:_HEX_PREFIX].encode())
             self.decimal_prefixes.add(str(number)[:_DECIMAL_PREFIX].encode())
 
@@ -68,12 +70,29 @@ class Needles:
         return None
 
 
+def _secret_lines(der: bytes, numbers: list[int]) -> Iterator[bytes]:
+    """The full lines of the PEM of DER that carry a byte of a private number. The others hold
+    only ASN.1 framing and the public key, which the key's certificate shows too (a netlog that
+    lists the certificates seen would match them one time in three)."""
+    spans = []
+    for number in numbers:
+        raw = number.to_bytes((number.bit_length() + 7) // 8)
+        if (start := der.find(raw)) >= 0:
+            spans.append((start, start + len(raw)))
+    body = base64.b64encode(der)
+    line_bytes = _PEM_LINE * 3 // 4  # DER bytes per line
+    for i in range(0, len(body) // _PEM_LINE):
+        first, last = i * line_bytes, (i + 1) * line_bytes
+        if any(start < last and first < end for start, end in spans):
+            yield body[i * _PEM_LINE : (i + 1) * _PEM_LINE]
+
+
 def _private_numbers(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> Iterator[int]:
     if isinstance(key, ec.EllipticCurvePrivateKey):
         yield key.private_numbers().private_value
     else:
         numbers = key.private_numbers()
-        yield from (numbers.d, numbers.p, numbers.q)
+        yield from (numbers.d, numbers.p, numbers.q, numbers.dmp1, numbers.dmq1, numbers.iqmp)
 
 
 def is_key_holder(path: Path) -> bool:

@@ -33,6 +33,16 @@ def test_the_ca_key_file_itself_is_no_leak_and_the_certificate_is_none(
     assert _leaks(tree, (tree / "ca" / "ca.pem").read_bytes() + (tree / "ca" / "ca.der").read_bytes()) == []
 
 
+def test_the_public_key_at_any_alignment_is_none(made: tuple[Path, ca_files.CertificateAuthority]) -> None:
+    """A certificate's PEM (as in a browser's netlog) carries the public key, which the key's own PEM
+    holds too: a line of it may match one of the key's lines, and is no leak."""
+    tree, authority = made
+    spki = authority.cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert _leaks(tree, b"\n".join(base64.b64encode(b"\0" * shift + spki) for shift in range(3))) == []
+
+
 def _forms(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> dict[str, bytes]:
     pkcs8 = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
