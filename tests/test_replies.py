@@ -184,11 +184,16 @@ def through_socket(bumper: Bumper, request: str, accept: str | None) -> Answer:
     return parse(data)
 
 
+FILE_PATH = re.compile(r"(?:^|[\s'\"(=])/(?:[\w.-]+/)+[\w.-]*")
+
+
 def check(answer: Answer, expected: Expected, fmt: str) -> None:
     assert answer.status == expected.status, answer.raw
     assert answer.headers["content-type"] == CONTENT_TYPES[fmt], answer.raw
     assert answer.headers["cache-control"] == "no-store", answer.raw
     assert "mitmproxy" not in answer.raw.lower()
+    # Nothing of bumper's insides: no traceback, no file of the machine (a URL's path is no file).
+    assert "Traceback" not in answer.raw and not FILE_PATH.search(answer.body), answer.body
     if fmt == "json":
         said = json.loads(answer.body)
     elif fmt == "html":
