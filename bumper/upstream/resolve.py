@@ -104,10 +104,7 @@ _CONNECTING: contextvars.ContextVar[tuple[str, int] | None] = contextvars.Contex
 
 
 def _ip_address(host: str) -> Address | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
+    return ipaddress.ip_address(host) if names.is_ip_address(host) else None  # a name: no exception per connection
 
 
 class ResolvingEventLoop(asyncio.SelectorEventLoop):
