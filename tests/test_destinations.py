@@ -5,6 +5,7 @@ check failed."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -371,6 +372,8 @@ def netns() -> Iterator[Netns]:
         yield Netns(name, Path("/run/netns") / name, hosts)
     finally:
         shutil.rmtree(hosts.parent, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            hosts.parent.parent.rmdir()  # /etc/netns, if this made it and nothing else is there
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
