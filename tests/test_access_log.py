@@ -535,3 +535,16 @@ def test_times_are_written_as_datetime_writes_them() -> None:
     for stamp in stamps:
         expected = datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         assert iso_utc(stamp) == expected, stamp
+
+
+def test_an_issuer_cryptography_cannot_read_is_logged_as_its_der(
+    logged: tuple[Bumper, AccessLog], start_upstream, test_pki: Pki
+) -> None:
+    """An intermediate whose subject holds an ObjectDescriptor: the leaf's issuer, which the access
+    log names, is written as DER instead of failing the addon."""
+    from tests.test_hostile import behind_an_odd_intermediate, odd_subject
+
+    bumper, log = logged
+    upstream = start_upstream(behind_an_odd_intermediate(test_pki.root, "odd.upstream.test"), host="odd.upstream.test")
+    _, client_port = curl_port(bumper, upstream.url("/"))
+    assert log.http(client_port)["upstream_issuer"] == "DER " + odd_subject("odd intermediate", 7).hex()
