@@ -18,8 +18,13 @@ from __future__ import annotations
 
 import copy
 import html
+import re
 import time
 
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
 from mitmproxy import flow, http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
@@ -44,6 +49,7 @@ from mitmproxy.proxy.layers.http import (
 )
 
 from bumper.proxy import replies
+from bumper.proxy.limits import Limits, too_many
 
 # flow.metadata keys
 EARLY = "bumper.early_response"  # the flow was answered by bumper, not (or no longer) by the upstream
@@ -215,10 +221,28 @@ def _instead_of_mitmproxys(reply: replies.Reply, request: http.Request | None) -
     return response
 
 
+# The end of a request head, as h11's buffer finds it.
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+
+
 class Http1Server(http_layers.Http1Server):
-    """mitmproxy's HTTP/1 server side, answering a request head it cannot parse with bumper's 400."""
+    """mitmproxy's HTTP/1 server side, answering a request head it cannot parse with bumper's 400,
+    and one over the size limit with a 431 (mitmproxy buffers a head of any size)."""
+
+    def __init__(self, context: Context, limits: Limits) -> None:
+        super().__init__(context)
+        self.max_head = limits.max_header_bytes
 
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        # The buffer may hold a body after a head within the limit: only then is it searched.
+        if len(self.buf) > self.max_head and not _BLANK_LINE.search(bytes(self.buf), 0, self.max_head + 2):
+            reason = too_many(f"request head over {self.max_head} bytes", "--max-header-bytes")
+            self.context.client.error = self.context.client.error or reason
+            response = _instead_of_mitmproxys(replies.bad_request(reason, 431), None)
+            yield commands.SendData(self.conn, http1.assemble_response(response))
+            yield commands.CloseConnection(self.conn)
+            self.state = self.done
+            return
         for command in super().read_headers(event):
             if isinstance(command, commands.SendData):  # the only data it sends itself: its 400 page
                 # The parser's reason is in the page only, as the paragraph of mitmproxy's format_error.
@@ -229,12 +253,71 @@ class Http1Server(http_layers.Http1Server):
             yield command
 
 
+class Http2Server(http_layers.Http2Server):
+    """mitmproxy's HTTP/2 server side with bumper's limits: the settings it announces (concurrent
+    streams, header list size, HPACK table), a cap on a header block's bytes while its CONTINUATION
+    frames arrive (h2 caps only their number), and rapid reset (CVE-2023-44487) ended with a GOAWAY."""
+
+    def __init__(self, context: Context, limits: Limits) -> None:
+        super().__init__(context)
+        self.limits = limits
+        conn = self.h2_conn
+        conn.local_settings.max_concurrent_streams = limits.h2_max_streams
+        conn.local_settings.max_header_list_size = limits.max_header_bytes
+        conn.local_settings.header_table_size = limits.h2_hpack_table_bytes
+        # Acknowledged at once, as mitmproxy does its own: the limits hold from the first frame.
+        conn.local_settings.acknowledge()
+        conn.decoder.max_header_list_size = limits.max_header_bytes
+        conn.decoder.max_allowed_table_size = limits.h2_hpack_table_bytes
+        self.opened = 0  # streams the client opened
+        self.early_resets = 0  # and reset before their response ended
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from super()._handle_event(event)
+        if isinstance(event, events.DataReceived) and (pending := self.h2_conn.incoming_buffer._headers_buffer):
+            if sum(len(frame.data) for frame in pending) > self.limits.max_header_bytes:
+                limit = self.limits.max_header_bytes
+                yield from self._limit(too_many(f"HTTP/2 header block over {limit} bytes", "--max-header-bytes"))
+
+    def handle_h2_event(self, event: h2.events.Event) -> layer.CommandGenerator[bool]:
+        if isinstance(event, h2.events.RequestReceived):
+            self.opened += 1
+        elif isinstance(event, h2.events.StreamReset) and event.stream_id in self.streams:
+            self.early_resets += 1
+            if self.early_resets >= self.limits.h2_max_resets and 2 * self.early_resets > self.opened:
+                yield from self._limit(too_many(
+                    f"the client reset {self.early_resets} of its {self.opened} HTTP/2 streams (rapid reset)",
+                    "--h2-max-resets",
+                ))  # fmt: skip
+                return True
+        elif isinstance(event, h2.exceptions.TooManyStreamsError):
+            limit = self.limits.h2_max_streams
+            yield from self._limit(too_many(f"more than {limit} concurrent HTTP/2 streams", "--h2-max-streams"))
+            return True
+        elif isinstance(event, h2.exceptions.DenialOfServiceError):  # hpack: the header list is too large
+            limit = self.limits.max_header_bytes
+            yield from self._limit(too_many(f"HTTP/2 header list over {limit} bytes", "--max-header-bytes"))
+            return True
+        elif isinstance(event, h2.exceptions.ProtocolError):
+            self.context.client.error = self.context.client.error or f"HTTP/2 protocol error: {event}"
+        return (yield from super().handle_h2_event(event))
+
+    def _limit(self, reason: str) -> layer.CommandGenerator[None]:
+        if self.h2_conn.state_machine.state is h2.connection.ConnectionState.CLOSED:
+            return
+        self.context.client.error = self.context.client.error or reason
+        yield from self.protocol_error(reason, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+
 class HttpLayer(layers.HttpLayer):
-    def __init__(self, context: Context, mode: http_layers.HTTPMode) -> None:
+    def __init__(self, context: Context, mode: http_layers.HTTPMode, limits: Limits) -> None:
         super().__init__(context, mode)
-        if context.client.alpn != b"h2":  # HTTP/1, as mitmproxy decides at Start (bumper speaks no HTTP/3)
-            # mitmproxy's Start keeps a client connection layer that is already there.
-            self.connections[context.client] = Http1Server(context.fork())
+        # mitmproxy's Start keeps a client connection layer that is already there; it would pick the
+        # same by ALPN: h2, else HTTP/1 (bumper speaks no HTTP/3).
+        if context.client.alpn == b"h2":
+            self.connections[context.client] = Http2Server(context.fork(), limits)
+        else:
+            self.connections[context.client] = Http1Server(context.fork(), limits)
 
     def event_to_child(
         self, child: layer.Layer | http_layers.HttpStream, event: events.Event
