@@ -181,6 +181,8 @@ def short_reason(error: str) -> str:
     guess about trust where the handshake failed on what the two sides offered."""
     if error.startswith("Cannot parse ClientHello"):
         return "Cannot parse ClientHello"
+    if (limit := error.find("(limit: ")) >= 0:  # bumper's own, inside mitmproxy's guess about trust
+        return error[limit + 1 : -1]
     if "no shared cipher" in error:
         return "no cipher suite in common (bumper accepts only forward-secret AEAD suites)"
     if "unsupported protocol" in error or "tls_version_client_min" in error:
