@@ -8,21 +8,18 @@ from __future__ import annotations
 import concurrent.futures
 import socket
 import ssl
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 
-import h2.config
-import h2.connection
 import hpack
 import pytest
-from hyperframe.frame import ContinuationFrame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 
 from tests.conftest import Bumper, Upstream, client_tls_context, curl, open_tunnel, tcp_server
 from tests.test_bad_input import read_http_response, read_until_closed, run_next_to_good_requests
 
 ENHANCE_YOUR_CALM = 0xB
+PROTOCOL_ERROR = 0x1
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +230,7 @@ def test_too_many_header_fields(quick: Bumper, upstream: Upstream, where: str) -
             sock.sendall(f"GET / HTTP/1.1\r\nHost: {upstream.host}\r\n{fields}\r\n".encode())
         else:
             sock = socket.create_connection(("127.0.0.1", quick.port))
-            target = f"{upstream.host}:{upstream.port}" if where == "CONNECT" else f"http://plain.test:1/"
+            target = f"{upstream.host}:{upstream.port}" if where == "CONNECT" else "http://plain.test:1/"
             method = "CONNECT" if where == "CONNECT" else "GET"
             sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: {upstream.host}\r\n{fields}\r\n".encode())
         reply = read_http_response(sock)
@@ -325,5 +322,121 @@ def pump_handshake(sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.Memory
                 sock.sendall(pending)
             data = sock.recv(65536)
             if not data:
-                raise ConnectionError("closed during the handshake")
+                raise ConnectionError("closed during the handshake") from None
             incoming.write(data)
+
+
+# HTTP/2: real frames from a client written with h2's own frame and HPACK libraries
+
+
+def h2_through(bumper: Bumper, upstream: Upstream) -> tuple[ssl.SSLSocket, int]:
+    """A TLS connection through BUMPER to UPSTREAM that has spoken the HTTP/2 preface; its client port."""
+    raw, reply = open_tunnel(bumper, upstream.host, upstream.port)
+    assert reply.startswith(b"HTTP/1.1 200")
+    port = raw.getsockname()[1]
+    sock = client_tls_context(bumper.ca_pem, alpn=["h2"]).wrap_socket(raw, server_hostname=upstream.host)
+    assert sock.selected_alpn_protocol() == "h2"
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SettingsFrame(0).serialize())
+    return sock, port
+
+
+def get(encoder: hpack.Encoder, stream_id: int, end_stream: bool = True, **extra: str) -> HeadersFrame:
+    frame = HeadersFrame(stream_id)
+    headers = [(":method", "GET"), (":scheme", "https"), (":authority", "upstream.test"), (":path", "/")]
+    frame.data = encoder.encode([*headers, *extra.items()])
+    frame.flags.add("END_HEADERS")
+    if end_stream:
+        frame.flags.add("END_STREAM")
+    return frame
+
+
+def goaway(sock: ssl.SSLSocket, timeout: float = 5) -> int | None:
+    """The error code of the GOAWAY bumper sends before it closes SOCK; None if it sends none."""
+    sock.settimeout(timeout)
+    buf = b""
+    try:
+        while chunk := sock.recv(65536):
+            buf += chunk
+            while len(buf) >= 9 and len(buf) >= 9 + (length := int.from_bytes(buf[:3])):
+                kind, payload, buf = buf[3], buf[9 : 9 + length], buf[9 + length :]
+                if kind == GoAwayFrame.type:
+                    return int.from_bytes(payload[4:8])
+    except (ConnectionResetError, ssl.SSLError):
+        pass
+    return None
+
+
+def h2_flood(
+    bumper: Bumper, upstream: Upstream, frames: Callable[[hpack.Encoder], list[Frame]], code: int = ENHANCE_YOUR_CALM
+) -> Callable[[], int]:
+    def bad() -> int:
+        sock, port = h2_through(bumper, upstream)
+        try:
+            sock.sendall(b"".join(frame.serialize() for frame in frames(hpack.Encoder())))
+        except OSError:
+            pass  # closed while the flood was still going out
+        assert goaway(sock) == code
+        return port
+
+    return bad
+
+
+def test_h2_too_many_concurrent_streams(quick: Bumper, upstream: Upstream) -> None:
+    opened = lambda enc: [get(enc, 2 * i + 1, end_stream=False) for i in range(6)]  # noqa: E731
+    bad = h2_flood(quick, upstream, opened, code=PROTOCOL_ERROR)
+    line = run_next_to_good_requests(quick, upstream, bad)
+    assert line.endswith("outcome=limit: more than 5 concurrent HTTP/2 streams (--h2-max-streams)")
+
+
+def test_h2_rapid_reset(quick: Bumper, upstream: Upstream) -> None:
+    """CVE-2023-44487: streams opened and reset at once, the upstream left to do the work."""
+
+    def frames(enc: hpack.Encoder) -> list[Frame]:
+        out: list[Frame] = []
+        for i in range(30):
+            reset = RstStreamFrame(2 * i + 1)
+            reset.error_code = 0x8  # CANCEL
+            out += [get(enc, 2 * i + 1), reset]
+        return out
+
+    line = run_next_to_good_requests(quick, upstream, h2_flood(quick, upstream, frames))
+    assert "outcome=limit: the client reset 10 of its " in line
+    assert line.endswith("HTTP/2 streams (rapid reset) (--h2-max-resets)")
+
+
+def test_h2_continuation_flood(quick: Bumper, upstream: Upstream) -> None:
+    """A header block that never ends, in CONTINUATION frames: cut off at the header size limit."""
+
+    def frames(enc: hpack.Encoder) -> list[Frame]:
+        first = get(enc, 1)
+        first.flags.discard("END_HEADERS")
+        more = []
+        for _ in range(10):
+            frame = ContinuationFrame(1)
+            frame.data = b"\x00" * 4000
+            more.append(frame)
+        return [first, *more]
+
+    line = run_next_to_good_requests(quick, upstream, h2_flood(quick, upstream, frames))
+    assert line.endswith("outcome=limit: HTTP/2 header block over 8192 bytes (--max-header-bytes)")
+
+
+def test_h2_header_list_over_the_size_limit(quick: Bumper, upstream: Upstream) -> None:
+    bad = h2_flood(quick, upstream, lambda enc: [get(enc, 1, x_big="a" * 10000)])
+    line = run_next_to_good_requests(quick, upstream, bad)
+    assert line.endswith("outcome=limit: HTTP/2 header list over 8192 bytes (--max-header-bytes)")
+
+
+def test_h2_hpack_table_over_the_size_limit(quick: Bumper, upstream: Upstream) -> None:
+    def frames(enc: hpack.Encoder) -> list[Frame]:
+        enc.header_table_size = 1 << 20  # announced in the block: more than bumper's 4096
+        return [get(enc, 1)]
+
+    def bad() -> int:
+        sock, port = h2_through(quick, upstream)
+        sock.sendall(b"".join(frame.serialize() for frame in frames(hpack.Encoder())))
+        assert goaway(sock) == PROTOCOL_ERROR  # h2's own GOAWAY for a header block it cannot decode
+        return port
+
+    line = run_next_to_good_requests(quick, upstream, bad)
+    assert line.endswith("outcome=limit: HPACK table over 4096 bytes (--h2-hpack-table-bytes)")

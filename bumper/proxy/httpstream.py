@@ -21,10 +21,10 @@ import html
 import re
 import time
 
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+from hpack.exceptions import InvalidTableSizeError
 from mitmproxy import flow, http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
@@ -270,9 +270,12 @@ class Http2Server(http_layers.Http2Server):
         conn.decoder.max_header_list_size = limits.max_header_bytes
         conn.decoder.max_allowed_table_size = limits.h2_hpack_table_bytes
         self.opened = 0  # streams the client opened
-        self.early_resets = 0  # and reset before their response ended
+        self.unanswered: set[int] = set()  # of those, the ones whose response has not ended
+        self.early_resets = 0  # streams the client reset before their response ended
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, ResponseEndOfMessage | ResponseProtocolError):
+            self.unanswered.discard(event.stream_id)
         yield from super()._handle_event(event)
         if isinstance(event, events.DataReceived) and (pending := self.h2_conn.incoming_buffer._headers_buffer):
             if sum(len(frame.data) for frame in pending) > self.limits.max_header_bytes:
@@ -280,9 +283,13 @@ class Http2Server(http_layers.Http2Server):
                 yield from self._limit(too_many(f"HTTP/2 header block over {limit} bytes", "--max-header-bytes"))
 
     def handle_h2_event(self, event: h2.events.Event) -> layer.CommandGenerator[bool]:
+        # h2 has read every frame of the data before these events: a stream the client reset is
+        # closed already, so mitmproxy's own bookkeeping cannot tell whether it was answered.
         if isinstance(event, h2.events.RequestReceived):
             self.opened += 1
-        elif isinstance(event, h2.events.StreamReset) and event.stream_id in self.streams:
+            self.unanswered.add(event.stream_id)
+        elif isinstance(event, h2.events.StreamReset) and event.stream_id in self.unanswered:
+            self.unanswered.discard(event.stream_id)
             self.early_resets += 1
             if self.early_resets >= self.limits.h2_max_resets and 2 * self.early_resets > self.opened:
                 yield from self._limit(too_many(
@@ -292,18 +299,26 @@ class Http2Server(http_layers.Http2Server):
                 return True
         elif isinstance(event, h2.exceptions.TooManyStreamsError):
             limit = self.limits.h2_max_streams
-            yield from self._limit(too_many(f"more than {limit} concurrent HTTP/2 streams", "--h2-max-streams"))
+            reason = too_many(f"more than {limit} concurrent HTTP/2 streams", "--h2-max-streams")
+            yield from self._limit(reason)
             return True
         elif isinstance(event, h2.exceptions.DenialOfServiceError):  # hpack: the header list is too large
             limit = self.limits.max_header_bytes
             yield from self._limit(too_many(f"HTTP/2 header list over {limit} bytes", "--max-header-bytes"))
+            return True
+        elif isinstance(event, h2.exceptions.ProtocolError) and isinstance(event.__cause__, InvalidTableSizeError):
+            limit = self.limits.h2_hpack_table_bytes
+            reason = too_many(f"HPACK table over {limit} bytes", "--h2-hpack-table-bytes")
+            yield from self._limit(reason)
             return True
         elif isinstance(event, h2.exceptions.ProtocolError):
             self.context.client.error = self.context.client.error or f"HTTP/2 protocol error: {event}"
         return (yield from super().handle_h2_event(event))
 
     def _limit(self, reason: str) -> layer.CommandGenerator[None]:
-        if self.h2_conn.state_machine.state is h2.connection.ConnectionState.CLOSED:
+        """Record REASON and end the connection with a GOAWAY: ENHANCE_YOUR_CALM where bumper found
+        the abuse, the code h2 already sent where h2 found it (its errors close the connection)."""
+        if self._handle_event == self.done:  # mitmproxy's protocol_error has closed it already
             return
         self.context.client.error = self.context.client.error or reason
         yield from self.protocol_error(reason, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
