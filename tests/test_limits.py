@@ -6,16 +6,31 @@ Timeouts are configured small (a second or two), so no test sleeps long."""
 from __future__ import annotations
 
 import concurrent.futures
+import resource
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import hpack
 import pytest
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 
-from tests.conftest import Bumper, Upstream, client_tls_context, curl, open_tunnel, tcp_server
+from tests.conftest import (
+    ANY_PORT_POLICY,
+    BUMPER,
+    STARTED_BUMPERS,
+    Bumper,
+    Pki,
+    Process,
+    Upstream,
+    client_tls_context,
+    curl,
+    open_tunnel,
+    tcp_server,
+)
 from tests.test_bad_input import read_http_response, read_until_closed, run_next_to_good_requests
 
 ENHANCE_YOUR_CALM = 0xB
@@ -440,3 +455,133 @@ def test_h2_hpack_table_over_the_size_limit(quick: Bumper, upstream: Upstream) -
 
     line = run_next_to_good_requests(quick, upstream, bad)
     assert line.endswith("outcome=limit: HPACK table over 4096 bytes (--h2-hpack-table-bytes)")
+
+
+# Connections: per client address, in total, and file descriptors
+
+
+def idle_connections(bumper: Bumper, count: int, source: str = "127.0.0.1") -> list[socket.socket]:
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", bumper.port), source_address=(source, 0))
+        socks.append(sock)
+    return socks
+
+
+def curl_from(bumper: Bumper, upstream: Upstream, source: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["curl", "-sS", "--max-time", "30", "--interface", source, "-x", bumper.proxy, "--cacert",
+         str(bumper.ca_pem), upstream.url("/")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_connections_per_client_address(start_bumper: Callable[..., Bumper], upstream: Upstream) -> None:
+    bumper = start_bumper("--max-client-connections", "3")
+    held = idle_connections(bumper, 3)
+    try:
+        refused = socket.create_connection(("127.0.0.1", bumper.port))
+        port = refused.getsockname()[1]
+        assert closed_within(refused, 5) == b""
+        # Another client address is served meanwhile.
+        good = curl_from(bumper, upstream, "127.0.0.2")
+        assert good.communicate(timeout=60) == ("hello from upstream", "")
+    finally:
+        for sock in held:
+            sock.close()
+    line = bumper.connection_line(port)
+    assert line.endswith("outcome=limit: 3 connections already open from 127.0.0.1 (--max-client-connections)")
+    assert curl(bumper, upstream.url("/")).returncode == 0  # and 127.0.0.1 again, once they closed
+
+
+def test_connections_in_total_pause_accepting(start_bumper: Callable[..., Bumper], upstream: Upstream) -> None:
+    """At --max-connections bumper stops accepting: a new client waits in the listen backlog, and is
+    served as soon as a connection closes, as HAProxy does at maxconn."""
+    bumper = start_bumper("--max-connections", "3", "--request-timeout", "60")
+    held = idle_connections(bumper, 3)
+    try:
+        bumper.process.wait_for_line(r"limit: 3 connections open \(--max-connections\): new connections wait")
+        waiting = curl_from(bumper, upstream, "127.0.0.2")
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=1.5)  # accepted by the kernel, not yet by bumper
+        held.pop().close()
+        assert waiting.communicate(timeout=60) == ("hello from upstream", "")
+        bumper.process.wait_for_line(r"bumper: accepting connections again")
+    finally:
+        for sock in held:
+            sock.close()
+
+
+@pytest.fixture
+def start_with_fd_limit(test_pki: Pki, tmp_path: Path) -> Iterator[Callable[..., Bumper]]:
+    """bumper under a hard RLIMIT_NOFILE, as `ulimit -Hn` or systemd's LimitNOFILE= would set it."""
+    started: list[Process] = []
+
+    def start(nofile: int, *extra: str) -> Bumper:
+        def limited() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        ca_dir = tmp_path / f"ca{len(started)}"
+        ca_dir.mkdir()
+        args = [
+            BUMPER,
+            "--ca",
+            str(ca_dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--resolve",
+            "*.test=127.0.0.1",
+            "--upstream-ca",
+            str(test_pki.root_pem),
+            "--policy",
+            str(ANY_PORT_POLICY),
+            "--request-timeout",
+            "60",
+        ]
+        proc = subprocess.Popen([*args, *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, preexec_fn=limited)  # fmt: skip
+        process = Process(proc)
+        started.append(process)
+        STARTED_BUMPERS.append(process)  # its tracebacks fail the test, as for every bumper
+        port = int(process.wait_for_line(r"proxy listening on 127\.0\.0\.1:(\d+)").group(1))
+        return Bumper(process, port, ca_dir)
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def test_the_connection_limit_follows_the_file_descriptor_limit(
+    start_with_fd_limit: Callable[..., Bumper], upstream: Upstream
+) -> None:
+    """With 100 descriptors and no --max-connections, bumper takes (100 - 64) / 2 = 18 connections
+    and then pauses accepting, rather than running out of descriptors."""
+    bumper = start_with_fd_limit(100)
+    held = idle_connections(bumper, 25)
+    try:
+        bumper.process.wait_for_line(r"limit: 18 connections open \(--max-connections\)")
+        for sock in held[:10]:
+            sock.close()
+        r = curl(bumper, upstream.url("/"))
+        assert (r.returncode, r.stdout) == (0, "hello from upstream"), r.stderr
+    finally:
+        for sock in held:
+            sock.close()
+    assert "Traceback" not in bumper.process.log
+
+
+def test_running_out_of_file_descriptors_pauses_accepting(
+    start_with_fd_limit: Callable[..., Bumper], upstream: Upstream
+) -> None:
+    """A --max-connections above what the descriptors allow: accept() fails with EMFILE, bumper says
+    so in one line (asyncio pauses accepting for a second), and serves again once clients leave."""
+    bumper = start_with_fd_limit(100, "--max-connections", "1000")
+    held = idle_connections(bumper, 120)
+    try:
+        bumper.process.wait_for_line(r"limit: cannot accept a connection: \[Errno 24\] Too many open files")
+    finally:
+        for sock in held:
+            sock.close()
+    r = curl(bumper, upstream.url("/"))
+    assert (r.returncode, r.stdout) == (0, "hello from upstream"), r.stderr
+    assert "Traceback" not in bumper.process.log
