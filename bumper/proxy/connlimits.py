@@ -1,5 +1,6 @@
 """The limits mitmproxy's layers have no place for: deadlines, the idle timeout's log line, the
-header count, and connection counts with the accept loop paused at the maximum."""
+header count, and connection counts with the accept loop
+paused at the maximum."""
 
 from __future__ import annotations
 
@@ -109,16 +110,18 @@ class ConnectionLimits:
 
     def _count_headers(self, flow: http.HTTPFlow) -> None:
         if len(flow.request.headers.fields) > self.limits.max_headers:
-            reason = too_many(f"more than {self.limits.max_headers} header fields", "--max-headers")
-            if state := self.states.of(flow.client_conn.id):
-                state.fail(reason)
-            response = replies.bad_request(reason, 431).response(flow.request)
-            if flow.request.method == "CONNECT":
-                flow.response = response
-                return
-            if not flow.request.is_http2:
-                response.headers["connection"] = "close"
-            respond_early(flow, response)
+            self._refuse(flow, too_many(f"more than {self.limits.max_headers} header fields", "--max-headers"), 431)
+
+    def _refuse(self, flow: http.HTTPFlow, reason: str, status: int) -> None:
+        if state := self.states.of(flow.client_conn.id):
+            state.fail(reason)
+        response = replies.bad_request(reason, status).response(flow.request)
+        if flow.request.method == "CONNECT":
+            flow.response = response
+            return
+        if not flow.request.is_http2:
+            response.headers["connection"] = "close"
+        respond_early(flow, response)
 
     # The upstream: its TCP connect, then its TLS handshake, each within upstream_timeout.
 

@@ -37,8 +37,10 @@ from mitmproxy.proxy.layers.http import (
     HttpErrorHook,
     HttpRequestHook,
     HttpResponseHeadersHook,
+    ReceiveHttp,
     RequestData,
     RequestEndOfMessage,
+    RequestHeaders,
     RequestProtocolError,
     RequestTrailers,
     ResponseData,
@@ -223,34 +225,80 @@ def _instead_of_mitmproxys(reply: replies.Reply, request: http.Request | None) -
 
 # The end of a request head, as h11's buffer finds it.
 _BLANK_LINE = re.compile(rb"\n\r?\n")
+# What a header value must not hold (RFC 9110, 5.5), and mitmproxy's HTTP/1 parser passes on: an
+# obs-fold (a line break and a space), a bare CR, a NUL. An upstream could read each as a new line.
+_UNSAFE_IN_VALUE = re.compile(rb"[\r\n\x00]")
+
+
+def ambiguous(request: http.Request) -> str | None:
+    """Why an upstream could read REQUEST's head differently than bumper did, or None. mitmproxy
+    already refuses conflicting Content-Length and Transfer-Encoding, a duplicate Content-Length and
+    an unknown Transfer-Encoding; these are what it lets through."""
+    hosts = 0
+    for name, value in request.headers.fields:
+        if _UNSAFE_IN_VALUE.search(value):
+            return f"a line break or NUL inside the value of {name.decode(errors='replace')!r} (obs-fold?)"
+        hosts += name.lower() == b"host"
+    if hosts > 1:
+        return "more than one Host header"
+    return None
 
 
 class Http1Server(http_layers.Http1Server):
-    """mitmproxy's HTTP/1 server side, answering a request head it cannot parse with bumper's 400,
-    and one over the size limit with a 431 (mitmproxy buffers a head of any size)."""
+    """mitmproxy's HTTP/1 server side, answering a request head it cannot parse, and a request body
+    whose framing is broken (a bad chunk size), with bumper's 400 where mitmproxy sends its page or
+    closes without a word; and a head over the size limit with a 431 (mitmproxy buffers any size)."""
 
     def __init__(self, context: Context, limits: Limits) -> None:
         super().__init__(context)
         self.max_head = limits.max_header_bytes
+        self.body_error: commands.SendData | None = None
 
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
         # The buffer may hold a body after a head within the limit: only then is it searched.
         if len(self.buf) > self.max_head and not _BLANK_LINE.search(bytes(self.buf), 0, self.max_head + 2):
             reason = too_many(f"request head over {self.max_head} bytes", "--max-header-bytes")
-            self.context.client.error = self.context.client.error or reason
-            response = _instead_of_mitmproxys(replies.bad_request(reason, 431), None)
-            yield commands.SendData(self.conn, http1.assemble_response(response))
-            yield commands.CloseConnection(self.conn)
-            self.state = self.done
-            return
+            return (yield from self._refuse(reason, 431, None))
         for command in super().read_headers(event):
-            if isinstance(command, commands.SendData):  # the only data it sends itself: its 400 page
+            # The only data it sends itself is its 400 page; a broken body's 400 is bumper's (read_body).
+            if isinstance(command, commands.SendData) and command is not self.body_error:
                 # The parser's reason is in the page only, as the paragraph of mitmproxy's format_error.
                 reason = html.unescape(command.data.partition(b"<p>")[2].partition(b"</p>")[0].decode())
                 # self.request: the head, if it parsed and only its body's framing is wrong.
                 response = _instead_of_mitmproxys(replies.bad_request(reason), self.request)
                 command = commands.SendData(self.conn, http1.assemble_response(response))
+            elif isinstance(command, ReceiveHttp) and isinstance(command.event, RequestHeaders):
+                if why := ambiguous(command.event.request):  # smuggling: refused before any hook or upstream
+                    yield from self._refuse(f"ambiguous request: {why}", 400, command.event.request)
+                    return
             yield command
+
+    def _refuse(self, reason: str, status: int, request: http.Request | None) -> layer.CommandGenerator[None]:
+        """Answer and close, as mitmproxy does a head it cannot parse: the rest is not read."""
+        self.context.client.error = self.context.client.error or reason
+        response = _instead_of_mitmproxys(replies.bad_request(reason, status), request)
+        yield commands.SendData(self.conn, http1.assemble_response(response))
+        yield commands.CloseConnection(self.conn)
+        self.state = self.done
+
+    def read_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        close = None
+        for command in super().read_body(event):
+            if isinstance(command, commands.CloseConnection) and command.connection is self.conn:
+                close = command  # held until the reason, which follows it
+                continue
+            if (
+                close is not None
+                and isinstance(command, ReceiveHttp)
+                and isinstance(command.event, RequestProtocolError)
+            ):
+                reply = replies.bad_request(command.event.message)
+                yield commands.SendData(self.conn, http1.assemble_response(_instead_of_mitmproxys(reply, self.request)))
+                yield close
+                close = None
+            yield command
+        if close is not None:
+            yield close
 
 
 class Http2Server(http_layers.Http2Server):

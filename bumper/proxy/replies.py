@@ -115,12 +115,17 @@ def protocol_error(code: ErrorCode, message: str, request: http.Request) -> Repl
     status = code.http_status_code()
     if status is None:
         return None
-    message = message.removesuffix(_OPTION_ADVICE)
+    message = without_option_advice(message)
     if code is ErrorCode.CONNECT_FAILED:
         return cannot_connect(request, message)
     if status < 500:
         return bad_request(message, status)
     return Reply(status, "No valid response", f"no valid response from {_target(request)}: {message}")
+
+
+def without_option_advice(message: str) -> str:
+    """mitmproxy's validation error, without its advice about an option bumper does not have."""
+    return message.removesuffix(_OPTION_ADVICE)
 
 
 class ConnectReplies:

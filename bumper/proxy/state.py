@@ -13,7 +13,7 @@ from mitmproxy.utils import human
 from bumper.certs.trust import UpstreamVerdict, Verdict
 from bumper.policy.rules import Action, Decision
 from bumper.proxy.httpstream import aborted, body_bytes
-from bumper.proxy.replies import Reply
+from bumper.proxy.replies import Reply, without_option_advice
 
 
 class Kind(StrEnum):
@@ -161,7 +161,7 @@ class ConnectionStates:
 
     def error(self, flow: http.HTTPFlow) -> None:
         if state := self._states.get(flow.client_conn.id):
-            state.fail(f"HTTP error: {flow.error.msg if flow.error else 'unknown'}")
+            state.fail(f"HTTP error: {without_option_advice(flow.error.msg) if flow.error else 'unknown'}")
             if flow.response is None or aborted(flow):  # else its response hook counted it
                 self._count(state, flow)
 
