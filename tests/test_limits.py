@@ -31,7 +31,7 @@ from tests.conftest import (
     open_tunnel,
     tcp_server,
 )
-from tests.test_bad_input import read_http_response, read_until_closed, run_next_to_good_requests
+from tests.test_bad_input import read_http_response, run_next_to_good_requests
 
 ENHANCE_YOUR_CALM = 0xB
 PROTOCOL_ERROR = 0x1
@@ -594,21 +594,24 @@ def test_running_out_of_file_descriptors_pauses_accepting(
 
 # Request smuggling: what an upstream could read differently is refused with a 400, never forwarded
 
+_POST = b"POST / HTTP/1.1\r\nHost: H\r\n"
+_GET = b"GET / HTTP/1.1\r\nHost: H\r\n"
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
 SMUGGLING = {
-    "Content-Length and Transfer-Encoding": b"POST / HTTP/1.1\r\nHost: H\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    "two Content-Lengths": b"POST / HTTP/1.1\r\nHost: H\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
-    "a Content-Length list": b"POST / HTTP/1.1\r\nHost: H\r\nContent-Length: 4, 4\r\n\r\nabcd",
-    "a signed Content-Length": b"POST / HTTP/1.1\r\nHost: H\r\nContent-Length: +3\r\n\r\nabc",
-    "obs-fold": b"GET / HTTP/1.1\r\nHost: H\r\nX-A: a\r\n b\r\n\r\n",
-    "a bare CR in a value": b"GET / HTTP/1.1\r\nHost: H\r\nX-A: a\rTransfer-Encoding: chunked\r\n\r\n",
-    "a NUL in a value": b"GET / HTTP/1.1\r\nHost: H\r\nX-A: a\x00b\r\n\r\n",
-    "Transfer-Encoding: chunked, identity": b"POST / HTTP/1.1\r\nHost: H\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
-    "Transfer-Encoding: xchunked": b"POST / HTTP/1.1\r\nHost: H\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
-    "two Transfer-Encodings": b"POST / HTTP/1.1\r\nHost: H\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    "Transfer-Encoding in HTTP/1.0": b"POST / HTTP/1.0\r\nHost: H\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    "whitespace before the colon": b"POST / HTTP/1.1\r\nHost: H\r\nContent-Length : 3\r\n\r\nabc",
-    "two Host headers": b"GET / HTTP/1.1\r\nHost: H\r\nHost: other.test\r\n\r\n",
-    "an invalid chunk size": b"POST / HTTP/1.1\r\nHost: H\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    "Content-Length and Transfer-Encoding": _POST + b"Content-Length: 4\r\n" + _CHUNKED + b"\r\n0\r\n\r\n",
+    "two Content-Lengths": _POST + b"Content-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+    "a Content-Length list": _POST + b"Content-Length: 4, 4\r\n\r\nabcd",
+    "a signed Content-Length": _POST + b"Content-Length: +3\r\n\r\nabc",
+    "obs-fold": _GET + b"X-A: a\r\n b\r\n\r\n",
+    "a bare CR in a value": _GET + b"X-A: a\r" + _CHUNKED + b"\r\n",
+    "a NUL in a value": _GET + b"X-A: a\x00b\r\n\r\n",
+    "Transfer-Encoding: chunked, identity": _POST + b"Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+    "Transfer-Encoding: xchunked": _POST + b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    "two Transfer-Encodings": _POST + _CHUNKED + _CHUNKED + b"\r\n0\r\n\r\n",
+    "Transfer-Encoding in HTTP/1.0": b"POST / HTTP/1.0\r\nHost: H\r\n" + _CHUNKED + b"\r\n0\r\n\r\n",
+    "whitespace before the colon": _POST + b"Content-Length : 3\r\n\r\nabc",
+    "two Host headers": _GET + b"Host: other.test\r\n\r\n",
+    "an invalid chunk size": _POST + _CHUNKED + b"\r\nzz\r\nabc\r\n0\r\n\r\n",
 }
 
 
