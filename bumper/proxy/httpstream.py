@@ -287,18 +287,25 @@ class Http1Server(http_layers.Http1Server):
             if isinstance(command, commands.CloseConnection) and command.connection is self.conn:
                 close = command  # held until the reason, which follows it
                 continue
-            if (
-                close is not None
-                and isinstance(command, ReceiveHttp)
-                and isinstance(command.event, RequestProtocolError)
-            ):
-                reply = replies.bad_request(command.event.message)
-                yield commands.SendData(self.conn, http1.assemble_response(_instead_of_mitmproxys(reply, self.request)))
+            if close is not None and isinstance(command, ReceiveHttp) and self._unanswered(command):
+                assert isinstance(command.event, RequestProtocolError)
+                reply = _instead_of_mitmproxys(replies.bad_request(command.event.message), self.request)
+                self.body_error = commands.SendData(self.conn, http1.assemble_response(reply))
+                yield self.body_error
                 yield close
                 close = None
             yield command
         if close is not None:
             yield close
+
+    def _unanswered(self, command: ReceiveHttp) -> bool:
+        """A request protocol error that nobody answered: no response yet (a refusal of the head may
+        have been sent and the connection closed), and the client still there to read one."""
+        return (
+            isinstance(command.event, RequestProtocolError)
+            and self.response is None
+            and bool(self.conn.state & ConnectionState.CAN_WRITE)
+        )
 
 
 class Http2Server(http_layers.Http2Server):
