@@ -64,6 +64,25 @@ def closed_within(sock: socket.socket, seconds: float) -> bytes:
         data += chunk
 
 
+def bumped(bumper: Bumper, upstream: Upstream) -> ssl.SSLSocket:
+    """A TLS connection through BUMPER's tunnel to UPSTREAM, the handshake done."""
+    raw, reply = open_tunnel(bumper, upstream.host, upstream.port)
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    return client_tls_context(bumper.ca_pem).wrap_socket(raw, server_hostname=upstream.host)
+
+
+def run_and_serve(bumper: Bumper, upstream: Upstream, bad: Callable[[], int]) -> int:
+    """Run BAD (it returns its client port) while a good client is served, and once more after."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        bad_port = pool.submit(bad)
+        r = curl(bumper, upstream.url("/"))
+        assert (r.returncode, r.stdout) == (0, "hello from upstream"), r.stderr
+        port = bad_port.result(timeout=30)
+    r = curl(bumper, upstream.url("/"))
+    assert r.returncode == 0, r.stderr
+    return port
+
+
 # Deadlines
 
 
@@ -162,48 +181,25 @@ def test_upstream_tcp_connect_that_hangs(quick: Bumper, upstream: Upstream, unan
 
 
 @pytest.mark.parametrize("kind", ["bumped tunnel", "keep-alive plain http"])
-def test_idle_connection(start_bumper: Callable[..., Bumper], upstream: Upstream, kind: str) -> None:
+def test_idle_connection(
+    start_bumper: Callable[..., Bumper], upstream: Upstream, recording_tcp: tuple[int, list[bytes]], kind: str
+) -> None:
     idle = start_bumper("--idle-timeout", "1")
-    plain_port = None
 
     def bad() -> int:
-        nonlocal plain_port
         if kind == "bumped tunnel":
-            raw, reply = open_tunnel(idle, upstream.host, upstream.port)
-            sock = client_tls_context(idle.ca_pem).wrap_socket(raw, server_hostname=upstream.host)
+            sock = bumped(idle, upstream)
             sock.sendall(f"GET / HTTP/1.1\r\nHost: {upstream.host}\r\n\r\n".encode())
-        else:
+        else:  # the upstream keeps its side open for two seconds
             sock = socket.create_connection(("127.0.0.1", idle.port))
-            sock.sendall(f"GET http://plain.test:{plain_port}/ HTTP/1.1\r\nHost: plain.test\r\n\r\n".encode())
+            sock.sendall(f"GET http://plain.test:{recording_tcp[0]}/ HTTP/1.1\r\nHost: plain.test\r\n\r\n".encode())
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         closed_within(sock, 4)  # nothing more either way: closed after a second
         return sock.getsockname()[1]
 
-    def answer(conn: socket.socket) -> None:
-        conn.recv(4096)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        conn.settimeout(5)
-        try:
-            conn.recv(4096)  # held open until bumper closes it
-        except OSError:
-            pass
-
-    servers = tcp_server(answer)
-    plain_port = next(servers)
-    try:
-        line = run_next_to_good_requests_on(idle, upstream, bad, "HTTP" if kind != "bumped tunnel" else "CONNECT")
-    finally:
-        next(servers, None)
+    port = run_and_serve(idle, upstream, bad)
+    line = idle.connection_line(port, kind="CONNECT" if kind == "bumped tunnel" else "HTTP")
     assert line.endswith("requests=1 outcome=limit: no data either way for 1s (--idle-timeout)")
-
-
-def run_next_to_good_requests_on(bumper: Bumper, upstream: Upstream, bad: Callable[[], int], kind: str) -> str:
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        bad_port = pool.submit(bad)
-        r = curl(bumper, upstream.url("/"))
-        assert (r.returncode, r.stdout) == (0, "hello from upstream"), r.stderr
-        port = bad_port.result(timeout=30)
-    return bumper.connection_line(port, kind=kind)
 
 
 # Sizes and counts
@@ -219,8 +215,7 @@ def test_request_head_over_the_size_limit(quick: Bumper, upstream: Upstream, whe
 
     def bad() -> int:
         if where == "head in a bumped tunnel":
-            raw, _ = open_tunnel(quick, upstream.host, upstream.port)
-            sock = client_tls_context(quick.ca_pem).wrap_socket(raw, server_hostname=upstream.host)
+            sock = bumped(quick, upstream)
             sock.sendall(huge_head("/"))
         else:
             sock = socket.create_connection(("127.0.0.1", quick.port))
@@ -245,8 +240,7 @@ def test_too_many_header_fields(quick: Bumper, upstream: Upstream, where: str) -
 
     def bad() -> int:
         if where == "bumped tunnel":
-            raw, _ = open_tunnel(quick, upstream.host, upstream.port)
-            sock = client_tls_context(quick.ca_pem).wrap_socket(raw, server_hostname=upstream.host)
+            sock = bumped(quick, upstream)
             sock.sendall(f"GET / HTTP/1.1\r\nHost: {upstream.host}\r\n{fields}\r\n".encode())
         else:
             sock = socket.create_connection(("127.0.0.1", quick.port))
@@ -260,24 +254,10 @@ def test_too_many_header_fields(quick: Bumper, upstream: Upstream, where: str) -
         sock.close()
         return port
 
-    line = run_next_to_good_requests(quick, upstream, bad) if where != "plain http" else None
-    if line is not None:
-        assert "outcome=limit: more than 20 header fields (--max-headers)" in line
-    else:
-        port = run_and_serve(quick, upstream, bad)
-        assert "outcome=limit: more than 20 header fields (--max-headers)" in quick.connection_line(port, kind="HTTP")
+    port = run_and_serve(quick, upstream, bad)
+    line = quick.connection_line(port, kind="HTTP" if where == "plain http" else "CONNECT")
+    assert "outcome=limit: more than 20 header fields (--max-headers)" in line
     assert upstream.requests == before + 2
-
-
-def run_and_serve(bumper: Bumper, upstream: Upstream, bad: Callable[[], int]) -> int:
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        bad_port = pool.submit(bad)
-        r = curl(bumper, upstream.url("/"))
-        assert (r.returncode, r.stdout) == (0, "hello from upstream"), r.stderr
-        port = bad_port.result(timeout=30)
-    r = curl(bumper, upstream.url("/"))
-    assert r.returncode == 0, r.stderr
-    return port
 
 
 def test_client_hello_over_the_size_limit(quick: Bumper, upstream: Upstream) -> None:
@@ -650,8 +630,7 @@ def test_request_smuggling_is_refused(
             sock = socket.create_connection(("127.0.0.1", quick.port))
             request = raw.replace(b" / ", f" http://plain.test:{plain_port}/ ".encode(), 1)
         else:
-            tunnel, _ = open_tunnel(quick, upstream.host, upstream.port)
-            sock = client_tls_context(quick.ca_pem).wrap_socket(tunnel, server_hostname=upstream.host)
+            sock = bumped(quick, upstream)
             request = raw
         port = sock.getsockname()[1]
         sock.sendall(request.replace(b"Host: H", f"Host: {upstream.host}".encode()))
