@@ -35,6 +35,7 @@ class ConnectionState:
     decision: Decision | None = None
     upstream: UpstreamVerdict | None = None  # the verdict on the upstream's certificate
     blocked: Reply | None = None  # on_upstream_error: block: every request gets this 502
+    hello: bool = False  # the client's whole ClientHello arrived
     spoke: bool = False  # the client sent a request after its handshake (learned pinning asks)
     requests: int = 0  # HTTP responses sent to the client
     bytes_up: int = 0  # HTTP body bytes from the client to the upstream
@@ -145,6 +146,7 @@ class ConnectionStates:
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         if state := self._states.get(data.context.client.id):
             state.sni = data.client_hello.sni
+            state.hello = True
 
     def tls_failed_server(self, data: tls.TlsData) -> None:
         if state := self._states.get(data.context.client.id):
@@ -152,7 +154,11 @@ class ConnectionStates:
 
     def tls_failed_client(self, data: tls.TlsData) -> None:
         if state := self._states.get(data.context.client.id):
-            state.fail(f"client TLS failed: {short_reason(data.conn.error or 'unknown')}")
+            if not state.hello and "disconnected during the handshake" in (data.conn.error or ""):
+                # mitmproxy's guess about trust cannot apply: nothing was shown to the client yet.
+                state.fail("client TLS failed: the client closed before its ClientHello was complete")
+            else:
+                state.fail(f"client TLS failed: {short_reason(data.conn.error or 'unknown')}")
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.request.method != "CONNECT" and (state := self._states.get(flow.client_conn.id)):
