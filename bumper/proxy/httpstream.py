@@ -223,6 +223,8 @@ def _instead_of_mitmproxys(reply: replies.Reply, request: http.Request | None) -
     return response
 
 
+# How much of a parser's reason, which quotes the client's bytes, goes into the log line.
+_LOGGED_REASON = 200
 # The end of a request head, as h11's buffer finds it.
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 # What a header value must not hold (RFC 9110, 5.5), and mitmproxy's HTTP/1 parser passes on: an
@@ -264,7 +266,9 @@ class Http1Server(http_layers.Http1Server):
             if isinstance(command, commands.SendData) and command is not self.body_error:
                 # The parser's reason is in the page only, as the paragraph of mitmproxy's format_error.
                 reason = html.unescape(command.data.partition(b"<p>")[2].partition(b"</p>")[0].decode())
-                self.context.client.error = self.context.client.error or f"bad request: {reason}"
+                # mitmproxy quotes the client's bytes (escaped): the log line keeps the start of them.
+                said = reason if len(reason) <= _LOGGED_REASON else reason[:_LOGGED_REASON] + "…"
+                self.context.client.error = self.context.client.error or f"bad request: {said}"
                 # self.request: the head, if it parsed and only its body's framing is wrong.
                 response = _instead_of_mitmproxys(replies.bad_request(reason), self.request)
                 command = commands.SendData(self.conn, http1.assemble_response(response))
