@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import hpack
+import httpx
 import pytest
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 
@@ -645,3 +646,14 @@ def test_request_smuggling_is_refused(
     log_line = quick.connection_line(port, kind=kind)
     assert "outcome=" in log_line and "outcome=ok" not in log_line and "validate_inbound_headers" not in log_line
     assert (upstream.requests, len(plain_received)) == (before[0] + 2, before[1])  # only the good requests
+
+
+def test_h2_too_many_header_fields_is_a_431_on_its_stream(quick: Bumper, upstream: Upstream) -> None:
+    """The stream is answered, the connection goes on: the next request on it is served."""
+    context = client_tls_context(quick.ca_pem)
+    with httpx.Client(proxy=quick.proxy, verify=context, http2=True, timeout=30) as client:
+        refused = client.get(upstream.url("/"), headers={f"x-{i}": str(i) for i in range(30)})
+        served = client.get(upstream.url("/"))
+    assert (refused.http_version, refused.status_code) == ("HTTP/2", 431)
+    assert refused.text == "bumper: bad request: limit: more than 20 header fields (--max-headers)\n"
+    assert (served.status_code, served.text) == (200, "hello from upstream")
