@@ -657,3 +657,36 @@ def test_h2_too_many_header_fields_is_a_431_on_its_stream(quick: Bumper, upstrea
     assert (refused.http_version, refused.status_code) == ("HTTP/2", 431)
     assert refused.text == "bumper: bad request: limit: more than 20 header fields (--max-headers)\n"
     assert (served.status_code, served.text) == (200, "hello from upstream")
+
+
+def test_idle_spliced_tunnel(
+    start_bumper: Callable[..., Bumper], upstream: Upstream, test_pki: Pki, tmp_path: Path
+) -> None:
+    """A spliced tunnel is relayed byte for byte, and the idle timeout still ends it."""
+    policy = tmp_path / "splice.yaml"
+    policy.write_text("ports: ['1-65535']\ndefault: splice\n")
+    splicing = start_bumper("--policy", str(policy), "--idle-timeout", "1")
+    direct_trust = ssl.create_default_context(cafile=str(test_pki.root_pem))
+
+    def bad() -> int:
+        raw, reply = open_tunnel(splicing, upstream.host, upstream.port)
+        assert reply.startswith(b"HTTP/1.1 200")
+        port = raw.getsockname()[1]
+        sock = direct_trust.wrap_socket(raw, server_hostname=upstream.host)  # the upstream's own certificate
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {upstream.host}\r\n\r\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        closed_within(sock, 4)
+        return port
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        bad_port = pool.submit(bad)
+        r = subprocess.run(
+            ["curl", "-sS", "--max-time", "30", "-x", splicing.proxy, "--cacert", str(test_pki.root_pem),
+             upstream.url("/")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert (r.returncode, r.stdout) == (0, "hello from upstream"), r.stderr
+        port = bad_port.result(timeout=30)
+    line = splicing.connection_line(port)
+    assert " action=splice " in line
+    assert line.endswith("outcome=limit: no data either way for 1s (--idle-timeout)")
