@@ -1,12 +1,12 @@
 """The limits mitmproxy's layers have no place for: deadlines, the idle timeout's log line, the
-header count, and connection counts with the accept loop
-paused at the maximum."""
+header count, and connection counts with the accept loop paused at the maximum."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import resource
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -20,6 +20,9 @@ from bumper.proxy.state import ConnectionStates
 
 log = logging.getLogger("bumper")
 
+# Seconds between two "new connections wait" lines.
+PAUSE_LOG_INTERVAL = 60.0
+
 
 class ConnectionLimits:
     """The deadlines, the idle timeout's log line, the header count, and the connection counts.
@@ -28,8 +31,13 @@ class ConnectionLimits:
     It reaches into mitmproxy's connection handler to close a connection from a timer, as mitmproxy's
     own idle watchdog does (docs/architecture.md, "What bumper takes from mitmproxy's insides")."""
 
-    def __init__(self, limits: Limits, states: ConnectionStates, proxyserver: Any) -> None:
+    def __init__(
+        self, limits: Limits, states: ConnectionStates, proxyserver: Any, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.limits = limits.with_fd_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.clock = clock
+        self._last_told = -PAUSE_LOG_INTERVAL
+        self._told = False
         self.states = states
         self.proxyserver = proxyserver
         self._deadlines: dict[str, asyncio.TimerHandle] = {}  # by client or server connection id
@@ -181,22 +189,31 @@ class ConnectionLimits:
             yield from (s for s in instance._servers if isinstance(s, asyncio.Server))
 
     def _pause(self) -> None:
+        if self._paused:
+            return
         loop = asyncio.get_running_loop()
         for server in self._listeners():
             for sock in server.sockets:
                 loop.remove_reader(sock.fileno())
             server._serving = False  # type: ignore[attr-defined] # so that _start_serving adds the readers back
         self._paused = True
-        log.warning(
-            f"bumper: {too_many(f'{self.limits.max_connections} connections open', '--max-connections')}: "
-            "new connections wait until one closes"
-        )
+        # At the limit under load, every close resumes and the next accept pauses: one pair of lines
+        # a minute says so, not one per connection.
+        now = self.clock()
+        self._told = now - self._last_told >= PAUSE_LOG_INTERVAL
+        if self._told:
+            self._last_told = now
+            log.warning(
+                f"bumper: {too_many(f'{self.limits.max_connections} connections open', '--max-connections')}: "
+                "new connections wait until one closes"
+            )
 
     def _resume(self) -> None:
         for server in self._listeners():
             server._start_serving()  # type: ignore[attr-defined]
         self._paused = False
-        log.warning("bumper: accepting connections again")
+        if self._told:
+            log.warning("bumper: accepting connections again")
 
 
 def out_of_descriptors(handler: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]) -> Callable[..., None]:
