@@ -6,6 +6,7 @@ Timeouts are configured small (a second or two), so no test sleeps long."""
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import resource
 import socket
 import ssl
@@ -503,9 +504,9 @@ def start_with_fd_limit(test_pki: Pki, tmp_path: Path) -> Iterator[Callable[...,
     """bumper under a hard RLIMIT_NOFILE, as `ulimit -Hn` or systemd's LimitNOFILE= would set it."""
     started: list[Process] = []
 
-    def start(nofile: int, *extra: str) -> Bumper:
+    def start(nofile: int, *extra: str, soft: int | None = None) -> Bumper:
         def limited() -> None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft or nofile, nofile))
 
         ca_dir = tmp_path / f"ca{len(started)}"
         ca_dir.mkdir()
@@ -535,6 +536,14 @@ def start_with_fd_limit(test_pki: Pki, tmp_path: Path) -> Iterator[Callable[...,
     yield start
     for process in started:
         process.stop()
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_limit_at_start(
+    start_with_fd_limit: Callable[..., Bumper],
+) -> None:
+    bumper = start_with_fd_limit(4096, soft=100)
+    limits = Path(f"/proc/{bumper.process.proc.pid}/limits").read_text()
+    assert re.search(r"Max open files +4096 +4096 ", limits), limits
 
 
 def test_the_connection_limit_follows_the_file_descriptor_limit(
