@@ -14,9 +14,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests import key_audit as key_audit_module
 from tests import pki
 
 UPSTREAM_SCRIPT = Path(__file__).with_name("upstream.py")
@@ -63,6 +65,41 @@ def tcp_server(handle: Callable[[socket.socket], None], max_connections: int = 1
     server.close()
 
 
+# Every child whose stderr the tests collected, and the output of every `bumper` the tests ran to
+# completion: what the key audit below reads.
+ALL_PROCESSES: list[Process] = []
+BUMPER_OUTPUTS: list[tuple[str, bytes]] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def key_audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole run, no private key of a bumper CA or mimic may appear in any output: bumper's
+    stderr and stdout, and every file in the run's temporary tree but those that hold keys on purpose
+    (tests/key_audit.py). A session fixture, so its check runs after every bumper has stopped."""
+    real_run = subprocess.run
+
+    def recording_run(args: Any, *rest: Any, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        result = real_run(args, *rest, **kwargs)
+        if isinstance(args, list | tuple) and args and str(args[0]) == BUMPER:
+            for output in (result.stdout, result.stderr):
+                if output:
+                    BUMPER_OUTPUTS.append((_command(args), output.encode() if isinstance(output, str) else output))
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess, "run", recording_run)
+        yield
+    tree = tmp_path_factory.getbasetemp()
+    needles = key_audit_module.collect(tree)
+    outputs = [*BUMPER_OUTPUTS, *((_command(p.proc.args), p.log.encode()) for p in ALL_PROCESSES)]
+    if found := key_audit_module.leaks(needles, outputs, tree):
+        pytest.fail("private key material in bumper's output:\n" + "\n".join(found[:20]), pytrace=False)
+
+
+def _command(args: Any) -> str:
+    return args if isinstance(args, str) else " ".join(map(str, args))
+
+
 @dataclass
 class Process:
     """A child process whose stderr is collected line by line, in the background."""
@@ -72,6 +109,7 @@ class Process:
     test_start: int = 0  # the first line written during the current test
 
     def __post_init__(self) -> None:
+        ALL_PROCESSES.append(self)
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _drain(self) -> None:
@@ -266,10 +304,22 @@ def recorder(test_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield upstream
 
 
+LAB_DESTINATIONS = "destinations: {allow: [127.0.0.0/8, '::1']}\n"  # the tests' upstreams are on loopback
+
+
+def lab_policy(text: str) -> str:
+    """TEXT with what the tests' upstreams need unless TEXT says otherwise: any port, loopback reachable."""
+    return (
+        ("" if "ports:" in text else "ports: ['1-65535']\n")
+        + ("" if "destinations:" in text else LAB_DESTINATIONS)
+        + text
+    )
+
+
 def start_with_policy(start_bumper: Callable[..., Bumper], directory: Path, text: str) -> Bumper:
-    """bumper with --policy: TEXT written to a file in DIRECTORY (any port, unless TEXT says)."""
+    """bumper with --policy: TEXT written to a file in DIRECTORY (any port and loopback, unless TEXT says)."""
     path = directory / "policy.yaml"
-    path.write_text(text if "ports:" in text else f"ports: ['1-65535']\n{text}")
+    path.write_text(lab_policy(text))
     return start_bumper("--policy", str(path))
 
 

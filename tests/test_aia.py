@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from bumper.upstream import aia
 from tests import pki
-from tests.conftest import Bumper, Pki, Upstream, curl, start_with_policy, tcp_server
+from tests.conftest import Bumper, Pki, Upstream, curl, lab_policy, tcp_server
 
 
 @pytest.fixture(scope="module")
@@ -35,24 +35,40 @@ def issuer_server(intermediate: pki.Authority) -> Iterator[tuple[int, list[bytes
         yield port, requests
 
 
+# The issuer's name in the leaves' AIA URLs: port 80, as every caIssuers URL bumper fetches must be,
+# and mapped with --resolve to the issuer server's port.
+ISSUER_HOST = "aia.issuer.example"
+
+
+def issuer_url(path: str) -> str:
+    return f"http://{ISSUER_HOST}{path}"
+
+
+@pytest.fixture
+def fetching(start_bumper, issuer_server) -> Callable[..., Bumper]:
+    """Start a bumper (EXTRA: more arguments) whose AIA fetches reach the issuer server."""
+    port, _ = issuer_server
+    return lambda *extra: start_bumper("--resolve", f"{ISSUER_HOST}=127.0.0.1:{port}", *extra)
+
+
 def leaf_with_aia(issuer: pki.Authority, host: str, url: str) -> pki.Leaf:
     access = x509.AccessDescription(AuthorityInformationAccessOID.CA_ISSUERS, x509.UniformResourceIdentifier(url))
     return issuer.leaf(host, extra=((x509.AuthorityInformationAccess([access]), False),))
 
 
 @pytest.fixture
-def incomplete_upstream(start_upstream, intermediate: pki.Authority, issuer_server) -> Upstream:
+def incomplete_upstream(start_upstream, intermediate: pki.Authority) -> Upstream:
     """Serves only its leaf, not the intermediate that links it to the trusted test root."""
-    port, _ = issuer_server
     return start_upstream(
-        leaf_with_aia(intermediate, "incomplete.test", f"http://aia.test:{port}/int.der"), host="incomplete.test"
+        leaf_with_aia(intermediate, "incomplete.test", issuer_url("/int.der")), host="incomplete.test"
     )
 
 
 def test_the_missing_intermediate_is_fetched_once_and_the_chain_trusted(
-    bumper: Bumper, incomplete_upstream: Upstream, issuer_server
+    fetching, incomplete_upstream: Upstream, issuer_server
 ) -> None:
     _, requests = issuer_server
+    bumper = fetching()
     for _ in range(2):
         r = curl(bumper, incomplete_upstream.url("/"), "-w", "%{local_port}")
         assert r.stdout.startswith("hello from upstream"), r.stderr
@@ -62,13 +78,15 @@ def test_the_missing_intermediate_is_fetched_once_and_the_chain_trusted(
 
 
 def test_the_splice_probe_completes_the_chain_with_the_bumped_legs_fetch(
-    start_bumper, incomplete_upstream: Upstream, issuer_server, tmp_path: Path
+    fetching, incomplete_upstream: Upstream, issuer_server, tmp_path: Path
 ) -> None:
     """Under on_upstream_error: splice, the probe fetches the missing intermediate as the bumped leg
     would: the chain is trusted, so the connection is bumped, not spliced. Probe and bumped leg share
     one fetcher, so one fetch serves both."""
     _, requests = issuer_server
-    splicing = start_with_policy(start_bumper, tmp_path, "on_upstream_error: splice\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(lab_policy("on_upstream_error: splice\n"))
+    splicing = fetching("--policy", str(policy))
     r = curl(splicing, incomplete_upstream.url("/"), "-w", "%{local_port}")
     assert r.stdout.startswith("hello from upstream"), r.stderr  # curl trusts bumper's CA only: bumped
     line = splicing.connection_line(int(r.stdout.removeprefix("hello from upstream")))
@@ -87,14 +105,13 @@ def test_without_fetching_the_chain_stays_incomplete(
     assert issuer_server[1] == []
 
 
-def test_a_fetched_certificate_is_never_trusted_by_itself(start_upstream, bumper: Bumper, issuer_server) -> None:
+def test_a_fetched_certificate_is_never_trusted_by_itself(start_upstream, fetching, issuer_server) -> None:
     """The server hands out an intermediate of the trusted root, but this leaf comes from another
     CA: the fetch cannot make it chain to a trusted root."""
-    port, requests = issuer_server
+    _, requests = issuer_server
+    bumper = fetching()
     stranger = pki.Authority.root("not trusted").intermediate("stranger intermediate")
-    upstream = start_upstream(
-        leaf_with_aia(stranger, "stranger-aia.test", f"http://aia.test:{port}/x"), host="stranger-aia.test"
-    )
+    upstream = start_upstream(leaf_with_aia(stranger, "stranger-aia.test", issuer_url("/x")), host="stranger-aia.test")
     r = curl(bumper, upstream.url("/"), "-w", "%{ssl_verify_result} %{local_port}")
     verify_result, client_port = r.stdout.split()
     assert (r.returncode, verify_result) == (60, "20")

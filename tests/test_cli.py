@@ -15,7 +15,7 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,6 +51,11 @@ def snapshot(directory: Path) -> dict[str, tuple[str, int]]:
 
 CA_FILES = ("ca.der", "ca.key", "ca.pem")
 MIMIC_DB = "mimics.sqlite"  # with its -wal and -shm companions while a proxy runs
+
+
+def modes(directory: Path, names: Iterable[str]) -> dict[str, int]:
+    """The permission bits of DIRECTORY (as ".") and of its files NAMES."""
+    return {name: stat.S_IMODE((directory / name).stat().st_mode) for name in (".", *names)}
 
 
 def ca_snapshot(directory: Path) -> dict[str, tuple[str, int]]:
@@ -150,8 +155,7 @@ def test_ca_init_creates_the_files(tmp_path: Path, exists: bool) -> None:
 
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in directory.iterdir()) == list(CA_FILES)
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
-    assert stat.S_IMODE((directory / "ca.key").stat().st_mode) == 0o600
+    assert modes(directory, CA_FILES) == {".": 0o700, **dict.fromkeys(CA_FILES, 0o600)}
     cert = load_pem(directory / "ca.pem")
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
     assert cert.issuer == cert.subject
@@ -483,6 +487,20 @@ def test_existing_ca_is_loaded_not_overwritten(ca_dir: Path, launch: Callable[..
     assert "Traceback" not in log
 
 
+def test_every_file_a_running_proxy_keeps_in_the_ca_directory_is_its_own(
+    start_bumper: Callable[..., Bumper], upstream: Upstream
+) -> None:
+    """Mid-run, with a mimic minted and cached (the SQLite file and its -wal and -shm companions) and
+    the untrusted CA made: nothing in DIR is readable by another user."""
+    proxy = start_bumper()
+    assert curl(proxy, upstream.url()).returncode == 0  # a mimic, into the cache
+    assert curl(proxy, upstream.url().replace(UPSTREAM_HOST, "other.test")).returncode != 0  # the untrusted CA
+
+    files = sorted(p.name for p in proxy.ca_dir.iterdir())
+    assert {MIMIC_DB, f"{MIMIC_DB}-wal", f"{MIMIC_DB}-shm", "untrusted.key", "untrusted.pem"} <= set(files)
+    assert modes(proxy.ca_dir, files) == {".": 0o700, **dict.fromkeys(files, 0o600)}
+
+
 def test_first_run_creates_and_announces_the_ca(tmp_path: Path, launch: Callable[..., Process]) -> None:
     """In a directory without CA files, as ca/ is in a fresh clone (`./run` is `bumper --ca ca/`)."""
     directory = tmp_path / "ca"
@@ -497,8 +515,8 @@ def test_first_run_creates_and_announces_the_ca(tmp_path: Path, launch: Callable
 
     assert str(directory / "ca.pem") in announcement
     assert sorted(p.name for p in directory.iterdir()) == [".gitignore", "README.md", *CA_FILES, MIMIC_DB]
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
-    assert stat.S_IMODE((directory / MIMIC_DB).stat().st_mode) == 0o600  # it holds mimic private keys
+    # The mimic cache holds mimic private keys; the certificates are bumper's alone too (docs/ca.md).
+    assert modes(directory, (*CA_FILES, MIMIC_DB)) == {".": 0o700, **dict.fromkeys((*CA_FILES, MIMIC_DB), 0o600)}
     cert = load_pem(directory / "ca.pem")
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
 

@@ -364,8 +364,16 @@ def assert_nothing_arrived(bumper: Bumper, recorder: Recorder, prefix: str) -> N
     assert recorder.got(prefix, timeout=0) == []
 
 
-def dlp_lines(bumper: Bumper, host: str) -> list[str]:
-    return [line for line in bumper.process.lines if "dlp: flow " in line and f" to {host}: " in line]
+def dlp_lines(bumper: Bumper, host: str, count: int = 1, timeout: float = 10) -> list[str]:
+    """The addon's lines about HOST written during this test, once there are COUNT: bumper may write
+    them a moment after the client has its answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        new = bumper.process.lines[bumper.process.test_start :]
+        lines = [line for line in new if "dlp: flow " in line and f" to {host}: " in line]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("http", ["--http1.1", "--http2"])
@@ -447,7 +455,7 @@ def test_alert_passes_and_logs_masked(inspecting: Bumper, upstream: Upstream) ->
     url = f"https://alert.upstream.test:{upstream.port}/echo?card={CARD}"
     status, body = fetch(inspecting, url, "-H", f"X-Key: {AWS_KEY}")
     assert (status, body) == (200, f"card={CARD}")  # responses are not scanned: the echo comes back whole
-    lines = dlp_lines(inspecting, "alert.upstream.test")[-2:]
+    lines = dlp_lines(inspecting, "alert.upstream.test", 2)[-2:]
     flow_id = r"[0-9a-f-]{36}"
     assert re.search(
         rf"dlp: flow {flow_id} to alert\.upstream\.test: card \*{{12}}1111 in the request {URL_PLACE} \(alert\)$",
@@ -465,7 +473,7 @@ def test_alert_passes_a_body_whole(inspecting: Bumper, upstream: Upstream) -> No
     status, body = fetch(inspecting, f"https://alert.upstream.test:{upstream.port}/echo", "--data-binary", data)
     assert (status, body) == (200, data)
     # The JWT is reported as soon as it is seen whole; the card, at the very end, once the body ends.
-    lines = "\n".join(dlp_lines(inspecting, "alert.upstream.test")[-2:])
+    lines = "\n".join(dlp_lines(inspecting, "alert.upstream.test", 2)[-2:])
     assert f"jwt {masked('jwt', JWT.encode())} in the request body (alert)" in lines
     assert "card ************1111 in the request body (alert)" in lines
 

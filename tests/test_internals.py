@@ -79,7 +79,6 @@ PINNED: dict[str, tuple[str, str]] = {
     # Deadlines, idle log line, connection counts (bumper/proxy/connlimits.py)
     "mitmproxy.proxy.server.TimeoutWatchdog.watch": ("eee8e7085dba9250", "its callback replaced"),
     "mitmproxy.proxy.server.ConnectionHandler.on_timeout": ("0d1e6b0aa6e41173", "replicated by _close"),
-    "mitmproxy.proxy.server.ConnectionHandler.open_connection": ("5e0b3cbaf7a4030a", "cancelled: its error text"),
     "mitmproxy.proxy.server.ConnectionHandler.__init__": ("ffb8e6c9e6c6d020", "tcp_timeout, transports"),
     "mitmproxy.proxy.mode_servers.ServerInstance.handle_stream": ("21eea06f208c752e", "registered by client.id"),
     "mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen": ("7670a9038b44170d", "_servers: asyncio servers"),
@@ -105,6 +104,11 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.addons.tlsconfig.TlsConfig.tls_start_server": ("2e2dc9c25670cf64", "replaced by TlsProvider"),
     "mitmproxy.addons.next_layer.NextLayer.next_layer": ("d277fef31bbe9519", "replaced by layers.NextLayer"),
     "mitmproxy.http.Request.pretty_url": ("22587ae7fe2a8eab", "replicated by addon.pretty_url"),
+    # Where upstream connections are made and refused (upstream/resolve.py, proxy/state.py)
+    # Also cancelled by connlimits (--upstream-timeout): the reason becomes its error text.
+    "mitmproxy.proxy.server.ConnectionHandler.open_connection": ("5e0b3cbaf7a4030a", "its connect checked, error read"),
+    "mitmproxy.addons.proxyserver.Proxyserver.server_connect": ("1fc787ebda12ea02", "its loop check reworded"),
+    "mitmproxy.net.http.url.parse_authority": ("d8338265c05d8491", "decodes a CONNECT host to Unicode"),
 }
 
 # pyOpenSSL has no public call for these: host name checks and OpenSSL's verify error codes.
@@ -197,6 +201,18 @@ def test_mitmproxy_still_words_a_client_rejecting_the_certificate_as_bumper_read
         assert phrase in client_tls, phrase
     for phrase in ("unknown ca", "bad certificate"):
         assert re.search(rf"alert {phrase}", any_tls), phrase
+
+
+def test_mitmproxy_still_connects_and_words_a_proxy_loop_as_bumper_reads_it() -> None:
+    """The destination check sits in the event loop's create_connection, which mitmproxy's
+    open_connection reaches through asyncio.open_connection, and its refusal reaches the hooks as the
+    error's text; a loop mitmproxy's own check catches first is reworded by its wording."""
+    from bumper.proxy.state import SELF_CONNECT
+
+    opening = inspect.getsource(resolve("mitmproxy.proxy.server.ConnectionHandler.open_connection"))
+    assert "await asyncio.open_connection(" in opening and "err = str(e)" in opening
+    looping = inspect.getsource(resolve("mitmproxy.addons.proxyserver.Proxyserver.server_connect"))
+    assert all(part.strip() in looping for part in re.findall(r"[^.]+\.", SELF_CONNECT)), SELF_CONNECT
 
 
 @pytest.mark.parametrize("checks", ["", "1"])

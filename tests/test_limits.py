@@ -30,6 +30,7 @@ from tests.conftest import (
     Upstream,
     client_tls_context,
     curl,
+    lab_policy,
     open_tunnel,
     tcp_server,
 )
@@ -673,7 +674,7 @@ def test_idle_spliced_tunnel(
 ) -> None:
     """A spliced tunnel is relayed byte for byte, and the idle timeout still ends it."""
     policy = tmp_path / "splice.yaml"
-    policy.write_text("ports: ['1-65535']\ndefault: splice\n")
+    policy.write_text(lab_policy("default: splice\n"))
     splicing = start_bumper("--policy", str(policy), "--idle-timeout", "1")
     direct_trust = ssl.create_default_context(cafile=str(test_pki.root_pem))
 

@@ -184,11 +184,16 @@ def through_socket(bumper: Bumper, request: str, accept: str | None) -> Answer:
     return parse(data)
 
 
+FILE_PATH = re.compile(r"(?:^|[\s'\"(=])/(?:[\w.-]+/)+[\w.-]*")
+
+
 def check(answer: Answer, expected: Expected, fmt: str) -> None:
     assert answer.status == expected.status, answer.raw
     assert answer.headers["content-type"] == CONTENT_TYPES[fmt], answer.raw
     assert answer.headers["cache-control"] == "no-store", answer.raw
     assert "mitmproxy" not in answer.raw.lower()
+    # Nothing of bumper's insides: no traceback, no file of the machine (a URL's path is no file).
+    assert "Traceback" not in answer.raw and not FILE_PATH.search(answer.body), answer.body
     if fmt == "json":
         said = json.loads(answer.body)
     elif fmt == "html":
@@ -235,6 +240,16 @@ CASES = {
         403, BLOCKED,
         f"CONNECT to upstream.test:{REFUSED_PORT} refused: port {REFUSED_PORT} is not in the policy's ports",
     ),
+    "connect-to-a-refused-destination": Case(
+        "CONNECT 0.0.0.0:{closed} HTTP/1.1", 403, BLOCKED,
+        "destination 0.0.0.0:{closed} refused by policy (unspecified; internal ranges need the policy's "
+        "destinations: allow)",
+    ),
+    "http-to-a-refused-destination": Case(
+        "http://0.0.0.0:{closed}/", 403, BLOCKED,
+        "destination 0.0.0.0:{closed} refused by policy (unspecified; internal ranges need the policy's "
+        "destinations: allow)",
+    ),
     "connect-to-nobody": Case("CONNECT nobody.test:{closed} HTTP/1.1", 502, UNREACHABLE, CONNECT_FAILED),
     "http-blocked-by-a-rule": Case(
         "http://evil.test:{origin}/", 403, BLOCKED, "request to evil.test:{origin} blocked by policy rule 'no-evil'"
@@ -245,8 +260,9 @@ CASES = {
         "no valid response from plain.test:{origin}: server closed connection",
     ),
     "http-to-the-proxy-itself": Case(
-        "http://127.0.0.1:{proxy}/", 502, UNREACHABLE,
-        "cannot connect to 127.0.0.1:{proxy}: Connection killed: Request destination unknown. …",
+        "http://127.0.0.1:{proxy}/", 403, BLOCKED,
+        "destination 127.0.0.1:{proxy} refused by policy (bumper's own listening address, a proxy loop: "
+        "no destinations: allow lifts it)",
         through_proxy=False,
     ),
     "a-body-that-cannot-be-framed": Case(

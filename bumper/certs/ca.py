@@ -1,13 +1,14 @@
 """The local certificate authority: its files in DIR, creating them once, loading and checking them.
 
-Layout of DIR (0700):
-  ca.pem       the CA certificate clients must trust (0644)
-  ca.der       the same certificate in DER, for clients that want it (0644)
-  ca.key       its private key, PKCS#8 PEM, unencrypted (0600)
+Layout of DIR (0700; every file bumper writes there is 0600, certificates too: whoever hands the CA
+to clients copies it out with `bumper ca export`, and nothing in DIR is for other users):
+  ca.pem       the CA certificate clients must trust
+  ca.der       the same certificate in DER, for clients that want it
+  ca.key       its private key, PKCS#8 PEM, unencrypted
 With an issuing intermediate (`bumper ca init --intermediate`), the intermediate signs the mimics
 and ca.key is only needed to make it, so it can be kept offline:
-  issuing.pem  the intermediate, signed by ca.pem, sent to clients after every mimic (0644)
-  issuing.key  its private key (0600)
+  issuing.pem  the intermediate, signed by ca.pem, sent to clients after every mimic
+  issuing.key  its private key
 And always, made on first need and never exported:
   untrusted.pem, untrusted.key  a CA no client trusts, which signs the mimics of upstreams that
                                 failed verification, so that clients reject them as they would
@@ -41,6 +42,7 @@ ISSUING_CERT_FILE = "issuing.pem"
 ISSUING_KEY_FILE = "issuing.key"
 UNTRUSTED_CERT_FILE = "untrusted.pem"
 UNTRUSTED_KEY_FILE = "untrusted.key"
+FILE_MODE = 0o600  # of every file bumper writes in DIR
 
 PEM_MARKER = b"-----BEGIN "  # anywhere: PEM files may start with text, as openssl x509 -text writes them
 
@@ -171,8 +173,8 @@ def untrusted(directory: Path, now: datetime.datetime | None = None) -> Certific
         name = _ca_name("bumper UNTRUSTED CA, never trust it")
         cert = _ca_cert(key, name, key, None, now, CA_LIFETIME)
         try:
-            _write_new(key_path, _pem_key(key), 0o600)
-            _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            _write_new(key_path, _pem_key(key))
+            _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         except OSError as e:
             raise ConfigError(f"{directory}: cannot write the untrusted CA: {e.strerror}") from None
         return CertificateAuthority(cert=cert, key=key, directory=directory)
@@ -214,22 +216,22 @@ def create(
     key = key_spec.generate()
     cert = _ca_cert(key, _ca_name("bumper CA"), key, None, now, CA_LIFETIME)
     files = [
-        (KEY_FILE, _pem_key(key), 0o600),
-        (CERT_FILE, cert.public_bytes(serialization.Encoding.PEM), 0o644),
-        (DER_FILE, cert.public_bytes(serialization.Encoding.DER), 0o644),
+        (KEY_FILE, _pem_key(key)),
+        (CERT_FILE, cert.public_bytes(serialization.Encoding.PEM)),
+        (DER_FILE, cert.public_bytes(serialization.Encoding.DER)),
     ]
     authority = CertificateAuthority(cert=cert, key=key, directory=directory)
     if intermediate:
         issuing_key = key_spec.generate()
         issuing = _ca_cert(issuing_key, _ca_name("bumper issuing CA"), key, cert, now, ISSUING_LIFETIME)
         files += [
-            (ISSUING_KEY_FILE, _pem_key(issuing_key), 0o600),
-            (ISSUING_CERT_FILE, issuing.public_bytes(serialization.Encoding.PEM), 0o644),
+            (ISSUING_KEY_FILE, _pem_key(issuing_key)),
+            (ISSUING_CERT_FILE, issuing.public_bytes(serialization.Encoding.PEM)),
         ]
         authority = CertificateAuthority(issuing, issuing_key, directory, root=cert, chain=(issuing,))
     try:
-        for name, data, mode in files:
-            _write_new(directory / name, data, mode)
+        for name, data in files:
+            _write_new(directory / name, data)
     except OSError as e:
         raise ConfigError(f"{directory}: cannot write the CA files: {e.strerror}") from None
     return authority
@@ -381,11 +383,11 @@ def _warn_if_key_readable_by_others(path: Path) -> None:
         log.warning("%s: mode %04o lets other users read the CA key; run: chmod 600 %s", path, mode, path)
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+def _write_new(path: Path, data: bytes) -> None:
+    """Create PATH 0600 (whatever the umask) and write DATA; never replaces a file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(path, mode)  # the umask may have narrowed it
 
 
 def _spki(public_key: CertificatePublicKeyTypes) -> bytes:

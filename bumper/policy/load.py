@@ -15,6 +15,9 @@ FILE:LINE:COLUMN: key: what is wrong.
         action: bump
         on_upstream_error: allow   # only where a rule names its hosts exactly
 
+    destinations:            # the upstream addresses bumper may connect to (see policy.destinations)
+      allow: [10.20.0.0/16]
+
 `match` keys: `sni` (the name in the ClientHello; the CONNECT host when there is none), `host` (the
 CONNECT host), `client`, `port` and `listener`. Every key given must match, any entry of a key may.
 """
@@ -33,10 +36,10 @@ import yaml
 from bumper.errors import ConfigError
 from bumper.policy import binder, names
 from bumper.policy.binder import Check, HostPattern, Network, Noun, OneOrMore, PortRange
+from bumper.policy.destinations import Destinations
 from bumper.policy.rules import (
     DEFAULT_ADDON_TIMEOUT,
     LOCALNET,
-    SSL_PORTS,
     Action,
     AddonSpec,
     Mismatch,
@@ -96,6 +99,14 @@ class RuleEntry:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class DestinationsKey:
+    """`destinations:`: the upstream addresses bumper may connect to (bumper.policy.destinations)."""
+
+    allow: OneOrMore[Network] = ()  # internal ranges reachable after all
+    deny: OneOrMore[Network] = ()  # ranges never reached; deny wins
+
+
 def _not_allow(action: OnUpstreamError) -> None:
     if action is OnUpstreamError.ALLOW:
         raise ValueError("allow is only for rules that name their hosts exactly")
@@ -108,15 +119,16 @@ class PolicyFile:
     default: Annotated[Action, _ACTION] = Action.BUMP
     on_upstream_error: Annotated[OnUpstreamError, _ACTION, Check(_not_allow)] = OnUpstreamError.MIMIC
     clients: OneOrMore[Network] = LOCALNET
-    ports: OneOrMore[PortRange] = SSL_PORTS
+    ports: OneOrMore[PortRange] | None = None  # None: 443 and 8443 for CONNECT, 80 for plain http://
     mismatch: Annotated[Mismatch, _ACTION] = Mismatch.BLOCK
+    destinations: DestinationsKey = DestinationsKey()
     rules: tuple[RuleEntry, ...] = ()
 
     def policy(self) -> Policy:
         rules = tuple(entry.rule(i) for i, entry in enumerate(self.rules))
         return Policy(
             self.default, rules, on_upstream_error=self.on_upstream_error, clients=self.clients, ports=self.ports,
-            mismatch=self.mismatch,
+            mismatch=self.mismatch, destinations=Destinations(self.destinations.allow, self.destinations.deny),
         )  # fmt: skip
 
 

@@ -6,19 +6,49 @@ import functools
 import ipaddress
 import re
 
+import idna
+
 REGEX_PREFIX = "regex:"
 MAX_PORT = 65535
-
-
-def normalize(host: str) -> str:
-    """Lower case, no trailing dot: the form every comparison uses."""
-    return host.strip().rstrip(".").lower()
-
-
 # Every request of a connection asks again about the same names, so the answers are cached; but only
 # for values as short as a DNS name with its port: longer ones (from a broken or hostile peer) would
 # make 4096 cache entries cost megabytes.
 CACHED_LENGTH = 260
+
+
+def normalize(host: str) -> str:
+    """The form every comparison uses: lower case, no trailing dot, and an internationalised name as the
+    DNS sees it, after UTS #46 (IDNA 2008 with the mapping browsers apply): bücher.example is
+    xn--bcher-kva.example, whether a client, a certificate or a policy wrote it. A name IDNA refuses
+    is only lower-cased: it equals nothing but itself, and idna_problem says why it is refused."""
+    host = host.strip().rstrip(".")
+    if host.isascii():
+        return host.lower()
+    return (_to_ascii if len(host) <= CACHED_LENGTH else _to_ascii.__wrapped__)(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _to_ascii(host: str) -> str:
+    try:
+        return idna.encode(host, uts46=True).decode("ascii").rstrip(".")
+    except idna.IDNAError:
+        return host.lower()
+
+
+def idna_problem(host: str) -> str | None:
+    """Why HOST is no valid internationalised name, or None: a name with non-ASCII characters must pass
+    UTS #46, and an ASCII label that claims to be an A-label (xn--) must be one."""
+    host = host.strip().rstrip(".")
+    try:
+        if not host.isascii():
+            idna.encode(host, uts46=True)
+        else:
+            for label in host.split("."):
+                if label[:4].lower() == "xn--":
+                    idna.ulabel(label)
+    except idna.IDNAError as e:
+        return f"{host!r} is not a valid internationalised name ({e})"
+    return None
 
 
 def is_ip_address(host: str) -> bool:
@@ -43,6 +73,12 @@ def parse_port(text: str, lowest: int) -> int:
     return int(text)
 
 
+def normalize_pattern(pattern: str) -> str:
+    """An exact name or a `*.` glob, normalized as names are (the glob's suffix in its A-labels)."""
+    pattern = pattern.strip()
+    return "*." + normalize(pattern[2:]) if pattern.startswith("*.") else normalize(pattern)
+
+
 def valid_pattern(pattern: str) -> bool:
     """An exact name, `*.` followed by a name (the wildcard only as the whole first label), or
     `regex:` followed by a regular expression that must match the whole name."""
@@ -61,7 +97,7 @@ def host_matches(pattern: str, host: str) -> bool:
     """`*.example.com` matches any name below example.com at any depth; `example.com` only itself."""
     if pattern.startswith(REGEX_PREFIX):
         return _regex(pattern[len(REGEX_PREFIX) :]).fullmatch(normalize(host)) is not None
-    pattern, host = normalize(pattern), normalize(host)
+    pattern, host = normalize_pattern(pattern), normalize(host)
     if pattern.startswith("*."):
         return host.endswith(pattern[1:])
     return host == pattern
@@ -74,9 +110,11 @@ def _regex(expression: str) -> re.Pattern[str]:
 
 def checked_pattern(pattern: str) -> str:
     """PATTERN normalized (a regex as it is), or ValueError saying what is wrong with it."""
-    normalized = pattern if pattern.startswith(REGEX_PREFIX) else normalize(pattern)
+    normalized = pattern if pattern.startswith(REGEX_PREFIX) else normalize_pattern(pattern)
     if not valid_pattern(normalized):
         raise ValueError(f"bad name, glob or regex {pattern!r} (use example.com, *.example.com or regex:...)")
+    if not pattern.startswith(REGEX_PREFIX) and (problem := idna_problem(pattern.strip().removeprefix("*."))):
+        raise ValueError(f"bad name {pattern!r}: {problem.partition(' is ')[2]}")
     return normalized
 
 

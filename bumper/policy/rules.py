@@ -11,6 +11,8 @@ from enum import StrEnum
 from typing import Any
 
 from bumper.policy import names
+from bumper.policy.destinations import DEFAULT as DEFAULT_DESTINATIONS
+from bumper.policy.destinations import Destinations
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -57,8 +59,9 @@ LOCALNET: tuple[Network, ...] = tuple(
         "::1/128", "fc00::/7", "fe80::/10",
     )
 )  # fmt: skip
-# Where CONNECT may go, like Squid's `SSL_ports`.
+# Where CONNECT may go without a `ports:` key, like Squid's `SSL_ports`; and a plain http:// request.
 SSL_PORTS: tuple[PortRange, ...] = ((443, 443), (8443, 8443))
+HTTP_PORTS: tuple[PortRange, ...] = ((80, 80),)
 
 
 @dataclass(frozen=True)
@@ -135,15 +138,18 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     on_upstream_error: OnUpstreamError = OnUpstreamError.MIMIC
     clients: tuple[Network, ...] = LOCALNET
-    ports: tuple[PortRange, ...] = SSL_PORTS
+    ports: tuple[PortRange, ...] | None = None  # None: SSL_PORTS for CONNECT, HTTP_PORTS for plain http://
     mismatch: Mismatch = Mismatch.BLOCK  # when CONNECT host, SNI and Host disagree in a bumped connection
+    destinations: Destinations = DEFAULT_DESTINATIONS  # the addresses bumper may connect to
 
-    def refusal(self, client: Address | None, port: int | None) -> str | None:
-        """Why a request from CLIENT is refused before any rule is read, or None: every client must be
-        in `clients`, and a CONNECT's PORT (None for plain HTTP) in `ports`."""
+    def refusal(self, client: Address | None, port: int, connect: bool = True) -> str | None:
+        """Why a request from CLIENT to PORT is refused before any rule is read, or None: every client
+        must be in `clients`, and every port, of a CONNECT (CONNECT) or a plain http:// request, in
+        `ports`."""
         if client is None or not any(client in net for net in self.clients):
             return f"client {client} is not in the policy's clients"
-        if port is not None and not in_ranges(port, self.ports):
+        allowed = self.ports if self.ports is not None else SSL_PORTS if connect else HTTP_PORTS
+        if not in_ranges(port, allowed):
             return f"port {port} is not in the policy's ports"
         return None
 

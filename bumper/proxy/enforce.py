@@ -9,18 +9,18 @@ from collections.abc import Awaitable
 
 from mitmproxy import connection, http, tls
 
+from bumper.policy import names
 from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import Action, Address, Decision, Mismatch, OnUpstreamError, name_mismatch
 from bumper.policy.source import PolicySource
 from bumper.proxy import replies
 from bumper.proxy.authority import parse_authority
-from bumper.proxy.state import ConnectionStates, is_plain_proxy_request, probed
+from bumper.proxy.state import BY_POLICY, ConnectionStates, is_plain_proxy_request, probed
 from bumper.upstream.probe import UpstreamProbe
 
 log = logging.getLogger("bumper.policy")
-
-# ConnectionState.refused_by for what the policy refused.
-BY_POLICY = "policy"
+# The decision for a name that is no valid internationalised name (names.idna_problem).
+BAD_NAME = Decision(Action.BLOCK, "names")
 
 
 def client_address(client: connection.Client) -> Address | None:
@@ -44,6 +44,8 @@ class PolicyEnforcer:
         client, port = client_address(flow.client_conn), flow.request.port
         if why := policy.refusal(client, port):
             return self._refuse(flow, Decision(Action.BLOCK, "clients/ports"), "CONNECT to", why)
+        if why := names.idna_problem(flow.request.host):
+            return self._refuse(flow, BAD_NAME, "CONNECT to", why)
         # Refuse before any upstream connection when the CONNECT host alone decides `block`.
         decision = policy.decide_at_connect(flow.request.host, client, port)
         if decision is not None and decision.action is Action.BLOCK:
@@ -59,8 +61,10 @@ class PolicyEnforcer:
             return
         policy = self.source.policy
         client = client_address(flow.client_conn)
-        if why := policy.refusal(client, None):
+        if why := policy.refusal(client, flow.request.port, connect=False):
             return self._refuse(flow, Decision(Action.BLOCK, "clients/ports"), "request to", why)
+        if why := names.idna_problem(flow.request.host):
+            return self._refuse(flow, BAD_NAME, "request to", why)
         decision = policy.decide(flow.request.host, None, client, flow.request.port)
         if decision.action is Action.BLOCK:
             self._refuse(flow, decision, "request to")
@@ -98,7 +102,11 @@ class PolicyEnforcer:
         context = data.context
         assert context.server.address is not None
         host, port = context.server.address[:2]
-        decision = self.source.policy.decide(host, data.client_hello.sni, client_address(context.client), port)
+        sni = data.client_hello.sni
+        if sni and (why := names.idna_problem(sni)):
+            self._block(data, BAD_NAME, f"SNI {why}")
+            return None
+        decision = self.source.policy.decide(host, sni, client_address(context.client), port)
         if (
             decision.action is Action.BUMP
             and decision.on_upstream_error is OnUpstreamError.SPLICE
@@ -112,8 +120,9 @@ class PolicyEnforcer:
         """on_upstream_error: splice: the upstream's verdict, before the client's handshake, decides."""
         assert self.probe is not None
         hello = data.client_hello
-        # As the bumped leg will ask: the client's SNI (or the CONNECT host) and ALPN offers, the rule's TLS floor.
-        name, floor = hello.sni or host, decision.upstream_tls_min
+        # As the bumped leg will ask (TlsProvider.tls_start_server): the client's SNI (or the CONNECT host) in
+        # A-labels, its ALPN offers, the rule's TLS floor.
+        name, floor = names.normalize(hello.sni or host), decision.upstream_tls_min
         verdict = await self.probe.verdict(host, port, name, floor, hello.alpn_protocols)
         if verdict is not None and not verdict.trusted:
             decision = Decision(Action.SPLICE, decision.rule, decision.on_upstream_error)
@@ -133,11 +142,16 @@ class PolicyEnforcer:
             and self.pins.pinned(address, sni)
         ):
             decision = dataclasses.replace(decision, action=Action.SPLICE, rule=f"{decision.rule} (learned pinning)")
+        if decision.action is Action.BLOCK:
+            return self._block(data, decision, f"blocked by policy rule {decision.rule!r}")
         if state:
             state.decided(decision)
         if decision.action is Action.SPLICE:
             data.ignore_connection = True
-        elif decision.action is Action.BLOCK:
-            context.client.error = f"blocked by policy rule {decision.rule!r}"
-            if state:
-                state.refuse(context.client.error, BY_POLICY)
+
+    def _block(self, data: tls.ClientHelloData, decision: Decision, reason: str) -> None:
+        """No handshake for this client: mitmproxy closes it, and the log says REASON."""
+        data.context.client.error = reason
+        if state := self.states.of(data.context.client.id):
+            state.decided(decision)
+            state.refuse(reason, BY_POLICY)

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from ipaddress import ip_address
 from pathlib import Path
 
 from mitmproxy import master, options
@@ -42,7 +43,7 @@ from bumper.proxy.tlsprovider import ClientTls, TlsProvider
 from bumper.proxy.upstreamerror import UpstreamErrorPages
 from bumper.upstream import aia
 from bumper.upstream.probe import UpstreamProbe
-from bumper.upstream.resolve import Override
+from bumper.upstream.resolve import Egress, Override, ResolvingEventLoop
 from bumper.upstream.tls import UpstreamTrust
 from bumper.upstream.verifier import UpstreamVerifier
 
@@ -177,6 +178,7 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
             ok = await server.setup_servers()
         if not ok:
             raise ConfigError(f"--listen {config.listen}: {_listen_failure(errors)}")
+        _check_destinations(loop, m, server.listen_addrs())
         try:
             await m.running()  # before the listening line: who reads it may rely on a started proxy
             if not m.should_exit.is_set():  # a proxy stopped during start-up has nothing to announce
@@ -186,6 +188,15 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
             await m.should_exit.wait()
         finally:
             await m.done()
+
+
+def _check_destinations(loop: asyncio.AbstractEventLoop, m: master.Master, listening: list[Address]) -> None:
+    """Every upstream connection from here on obeys the policy's `destinations:` (the one in force,
+    reloads included) and never comes back to these LISTENING sockets (ResolvingEventLoop)."""
+    if not isinstance(loop, ResolvingEventLoop):
+        raise RuntimeError("bumper's proxy runs on its ResolvingEventLoop: the destination check lives there")
+    source: PolicySource = m.addons.get("policysource")
+    loop.egress = Egress(lambda: source.policy.destinations, tuple((ip_address(a[0]), a[1]) for a in listening))
 
 
 def _announce(addresses: list[Address], new_ca: ca_files.CertificateAuthority | None) -> None:

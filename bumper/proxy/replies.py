@@ -19,6 +19,8 @@ from mitmproxy import http
 from mitmproxy.proxy.layers.http import ErrorCode
 from mitmproxy.utils import human
 
+from bumper.policy import destinations
+
 BLOCKED = "Blocked by bumper"
 
 # mitmproxy's advice about options bumper has no way to set, at the end of its validation errors.
@@ -77,6 +79,11 @@ def refused(what: str, request: http.Request, reason: str) -> Reply:
     return Reply(403, BLOCKED, f"{what} {_target(request)} {reason}")
 
 
+def destination_refused(reason: str) -> Reply:
+    """The policy's `destinations:` refused every address the host resolved to: REASON names one, and why."""
+    return Reply(403, BLOCKED, reason)
+
+
 def names_disagree(names_seen: str) -> Reply:
     return Reply(403, BLOCKED, f"request refused: names disagree ({names_seen})")
 
@@ -117,6 +124,8 @@ def protocol_error(code: ErrorCode, message: str, request: http.Request) -> Repl
         return None
     message = without_option_advice(message)
     if code is ErrorCode.CONNECT_FAILED:
+        if refusal := destinations.refusal_in(message):
+            return destination_refused(refusal)
         return cannot_connect(request, message)
     if status < 500:
         return bad_request(message, status)
@@ -135,4 +144,6 @@ class ConnectReplies:
         # mitmproxy's own 502 text gives advice about its options; say plainly what failed instead.
         if flow.response is not None and flow.response.status_code == 502:
             reason = flow.server_conn.error or "cannot connect"
-            flow.response = cannot_connect(flow.request, reason).response(flow.request)
+            refusal = destinations.refusal_in(reason)
+            reply = destination_refused(refusal) if refusal else cannot_connect(flow.request, reason)
+            flow.response = reply.response(flow.request)

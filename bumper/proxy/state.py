@@ -11,9 +11,17 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.utils import human
 
 from bumper.certs.trust import UpstreamVerdict, Verdict
+from bumper.policy import destinations
 from bumper.policy.rules import Action, Decision
 from bumper.proxy.httpstream import aborted, body_bytes
 from bumper.proxy.replies import Reply, without_option_advice
+
+# ConnectionState.refused_by for what the policy refused.
+BY_POLICY = "policy"
+# What mitmproxy's Proxyserver.server_connect sets for a connection to one of its listening addresses.
+SELF_CONNECT = "Request destination unknown. Unable to figure out where this request should be forwarded to."
+# ConnectionState.decision for a connection refused by the policy's `destinations:`.
+DESTINATIONS = Decision(Action.BLOCK, "destinations")
 
 
 class Kind(StrEnum):
@@ -129,6 +137,11 @@ class ConnectionStates:
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         if state := self._states.get(data.client.id):
             state.server = data.server
+        if data.server.error == SELF_CONNECT and data.server.address:
+            # mitmproxy's own proxy-loop check (Proxyserver.server_connect, which runs first) caught a
+            # connection to the listening address by name: bumper's refusal says so, as for the loops
+            # its own check catches after DNS (resolve.ResolvingEventLoop).
+            data.server.error = destinations.loop_refusal(human.format_address(data.server.address))
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if state := self._states.get(flow.client_conn.id):
@@ -140,8 +153,14 @@ class ConnectionStates:
             state.kind, state.target = Kind.HTTP, f"{flow.request.host}:{flow.request.port}"
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        if state := self._states.get(data.client.id):
-            state.fail(f"upstream connect failed: {data.server.error}")
+        if not (state := self._states.get(data.client.id)):
+            return
+        error = data.server.error or "unknown"
+        if refusal := destinations.refusal_in(error):  # the loop's destination check (resolve.ResolvingEventLoop)
+            state.decided(DESTINATIONS)
+            state.refuse(refusal, BY_POLICY)
+        else:
+            state.fail(f"upstream connect failed: {error}")
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         if state := self._states.get(data.context.client.id):

@@ -22,6 +22,7 @@ from bumper.certs.mimic import UnmimicableCertificate
 from bumper.certs.mimicstore import Mimic, MimicStore
 from bumper.certs.trust import UpstreamVerdict
 from bumper.errors import ConfigError
+from bumper.policy import names
 from bumper.policy.rules import OnUpstreamError
 from bumper.proxy import replies
 from bumper.proxy.state import ConnectionState, ConnectionStates
@@ -92,8 +93,9 @@ class TlsProvider:
         server = tls_start.conn
         assert isinstance(server, connection.Server) and server.address
         client = tls_start.context.client
-        # The name the client asked for; the CONNECT host when the client sent no SNI.
-        server.sni = server.sni or client.sni or server.address[0]
+        # The name the client asked for; the CONNECT host when the client sent no SNI. In A-labels
+        # (UTS #46): mitmproxy decodes a CONNECT host to Unicode, and certificates name A-labels.
+        server.sni = names.normalize(server.sni or client.sni or server.address[0])
         if not server.alpn_offers:
             server.alpn_offers = tuple(client.alpn_offers)
         state = self.states.of(client.id)

@@ -3,7 +3,8 @@ by the leaf's AIA caIssuers URL, then verify the completed chain again.
 
 A fetched certificate only helps build a path to a root bumper already trusts; it is never trusted
 by itself. Fetches are plain HTTP GETs, bounded in time and size, and cached (failures too, so a
-dead URL is not hammered).
+dead URL is not hammered). Any upstream's certificate names the URL, so a fetch goes only to ports 80
+and 443, and only to addresses the policy's `destinations:` allows, as every upstream connection.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from bumper.policy import names
 log = logging.getLogger("bumper.aia")
 
 _HEAD_ALLOWANCE = 4096  # room for the status line and headers on top of the body limit
+# Where an upstream's certificate may send bumper: the web's ports, not an internal service's.
+# The addresses are the policy's `destinations:` to allow (resolve.ResolvingEventLoop checks them).
+FETCH_PORTS = (80, 443)
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,10 @@ class IssuerFetcher:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError("not an http:// URL")
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+        port = parts.port or 80
+        if port not in FETCH_PORTS:
+            raise ValueError(f"port {port} refused: caIssuers fetches go to ports 80 and 443 only")
+        reader, writer = await asyncio.open_connection(parts.hostname, port)
         try:
             path = parts.path or "/"
             if parts.query:

@@ -1,15 +1,20 @@
-"""--resolve NAME=ADDRESS[:PORT]: upstream host names mapped to addresses without DNS, as curl's
---resolve does, and with a port also to another port, as curl's --connect-to does."""
+"""Where upstream connections go: --resolve NAME=ADDRESS[:PORT], upstream host names mapped to addresses
+without DNS, as curl's --resolve does, and with a port also to another port, as curl's --connect-to
+does; and the policy's `destinations:`, checked on every address a connection is made to."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import ipaddress
 import socket
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from bumper.errors import ConfigError
-from bumper.policy import names
+from bumper.policy import destinations, names
+from bumper.policy.destinations import Address, Destinations
 
 # One answer of getaddrinfo, as typeshed spells it (IPv4 and IPv6 apart).
 IPv6Address = tuple[str, int, int, int] | tuple[int, bytes]
@@ -28,13 +33,15 @@ class Override:
     @classmethod
     def parse(cls, spec: str) -> Override:
         name, sep, target = spec.partition("=")
-        if not sep or not names.valid_pattern(names.normalize(name)):
+        if not sep or not names.valid_pattern(names.normalize_pattern(name)):
             raise ConfigError(f"--resolve {spec!r}: expected NAME=ADDRESS[:PORT], e.g. *.example.test=127.0.0.1")
         address, port = _split_port(target)
         if not names.is_ip_address(address):
             raise ConfigError(f"--resolve {spec!r}: {address!r} is not an IP address")
         try:
-            return cls(names.normalize(name), address, None if port is None else names.parse_port(port, lowest=1))
+            return cls(
+                names.normalize_pattern(name), address, None if port is None else names.parse_port(port, lowest=1)
+            )
         except ValueError as e:
             raise ConfigError(f"--resolve {spec!r}: {e}") from None
 
@@ -60,18 +67,81 @@ def lookup(overrides: tuple[Override, ...], host: str) -> Override | None:
     return None
 
 
+class DestinationRefused(OSError):
+    """A connection the destination check refused; its text is the refusal (destinations.refusal_in)."""
+
+
+def is_local(address: Address) -> bool:
+    """Whether ADDRESS is one of this host's own: the kernel binds a socket only to those."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class Egress:
+    """What every upstream connection is checked against: the policy's `destinations:` (the one in
+    force, reloads included) and bumper's own listening sockets (set once they are bound)."""
+
+    destinations: Callable[[], Destinations] = lambda: destinations.DEFAULT
+    listening: tuple[tuple[Address, int], ...] = ()
+    local: Callable[[Address], bool] = field(default=is_local)
+
+    def refusal(self, address: Address, port: int, operators: bool) -> str | None:
+        """Why bumper may not connect to ADDRESS:PORT, or None. OPERATORS: the address is a --resolve
+        mapping's, the operator's own choice, which only the proxy-loop check still applies to."""
+        loop = destinations.proxy_loop(address, port, self.listening, self.local)
+        return loop or (None if operators else self.destinations().refusal(address, port))
+
+
+# The (host, port) whose connection the running task is making: the lookup create_connection makes for
+# it is the one getaddrinfo checks. A context variable, as it belongs to that one task.
+_CONNECTING: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("connecting", default=None)
+
+
+def _ip_address(host: str) -> Address | None:
+    return ipaddress.ip_address(host) if names.is_ip_address(host) else None  # a name: no exception per connection
+
+
 class ResolvingEventLoop(asyncio.SelectorEventLoop):
-    """An event loop whose name lookups honour the overrides first, as curl's --resolve does.
+    """An event loop whose name lookups honour the overrides first, as curl's --resolve does, and whose
+    every TCP connection (mitmproxy's upstream connections, the splice probe, AIA fetches) goes only
+    to addresses the Egress check allows.
 
     Overriding at the resolver, not in the proxy's connection objects, keeps the host name and the
     port the client asked for everywhere else (SNI, certificate verification, policy, flows, logs);
     only the socket sees the address, and the override's port: every connection is made to the
-    address a lookup returns, port included.
+    address a lookup returns, port included. The check sits there for the same reason: it sees the
+    very answers the socket connects to, after DNS (no second lookup a rebinding name could answer
+    differently), and an IP address the client named, which asyncio connects to without a lookup.
     """
 
-    def __init__(self, overrides: tuple[Override, ...]) -> None:
+    def __init__(self, overrides: tuple[Override, ...], egress: Egress | None = None) -> None:
         super().__init__()
         self.overrides = overrides
+        self.egress = egress or Egress()
+
+    async def create_connection(  # type: ignore[override]  # typeshed spells out every keyword
+        self, protocol_factory: Callable[[], asyncio.BaseProtocol], host: str | None = None, port: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:  # fmt: skip
+        if host is None:  # a socket the caller connected itself (sock=)
+            return await super().create_connection(protocol_factory, port=port, **kwargs)
+        port = port or 0  # as asyncio reads a missing port
+        address = _ip_address(host)
+        if address is not None:  # asyncio connects to an IP address without asking getaddrinfo
+            if why := self.egress.refusal(address, port, operators=False):
+                raise DestinationRefused(why)
+            return await super().create_connection(protocol_factory, host, port, **kwargs)
+        token = _CONNECTING.set((host, port))
+        try:
+            return await super().create_connection(protocol_factory, host, port, **kwargs)
+        finally:
+            _CONNECTING.reset(token)
 
     async def getaddrinfo(
         self,
@@ -85,7 +155,25 @@ class ResolvingEventLoop(asyncio.SelectorEventLoop):
     ) -> list[AddressInfo]:
         if isinstance(host, bytes):
             host = host.decode("idna")
+        connecting = host is not None and _CONNECTING.get() == (host, port)
         override = lookup(self.overrides, host) if host else None
         if override is not None:
             host, port = override.address, override.port or port
-        return await super().getaddrinfo(host, port, family=family, type=type, proto=proto, flags=flags)
+        elif host and not host.isascii():
+            host = names.normalize(host)  # as compared: UTS #46, not the IDNA 2003 of Python's socket module
+        answers = await super().getaddrinfo(host, port, family=family, type=type, proto=proto, flags=flags)
+        return self._allowed(answers, override is not None) if connecting else answers
+
+    def _allowed(self, answers: list[AddressInfo], operators: bool) -> list[AddressInfo]:
+        """The ANSWERS a connection may go to, or DestinationRefused saying why none may."""
+        allowed, refusals = [], []
+        for answer in answers:
+            sockaddr = answer[4]
+            why = self.egress.refusal(ipaddress.ip_address(sockaddr[0]), int(sockaddr[1]), operators)
+            if why is None:
+                allowed.append(answer)
+            else:
+                refusals.append(why)
+        if refusals and not allowed:
+            raise DestinationRefused(refusals[0])
+        return allowed

@@ -14,6 +14,7 @@ from OpenSSL import SSL, crypto
 
 from bumper.certs import trust
 from bumper.certs.ca import load_pem_certificates
+from bumper.policy import names
 
 # Towards upstreams: forward-secret AEAD first, CBC only with ECDHE; never anything that
 # would lower a client's security (no RC4, 3DES, DES, NULL, anonymous, export, PSK, SRP...).
@@ -87,7 +88,7 @@ def expect_hostname(conn: SSL.Connection, name: str) -> None:
     try:
         ip = ipaddress.ip_address(name).packed
     except ValueError:
-        host = name.encode("idna")
+        host = names.normalize(name).encode()  # A-labels (UTS #46), as the certificate names it
         conn.set_tlsext_host_name(host)
         ok = _lib.X509_VERIFY_PARAM_set1_host(param, host, len(host))
     else:
