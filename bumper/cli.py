@@ -27,8 +27,10 @@ from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.clock import iso_utc
 from bumper.errors import ConfigError
 from bumper.inspect.loading import load_registry
+from bumper.policy.binder import parse_size
 from bumper.policy.load import load as load_policy
 from bumper.policy.rules import LAB
+from bumper.proxy import limits
 from bumper.proxy.master import ListenAddress, MimicSettings, ProxyConfig, access_log, serve
 from bumper.proxy.tlsprovider import CLIENT_CIPHERS, ClientTls
 from bumper.upstream.resolve import Override, ResolvingEventLoop
@@ -168,8 +170,33 @@ def _run_parser() -> argparse.ArgumentParser:
         help="key type when the upstream's cannot be mirrored (DSA, Ed448...): rsa2048..rsa8192, "
         "p256, p384, p521, ed25519 (default: p256)",
     )
+    _limit_options(p.add_argument_group("limits (docs/limits.md)"))
     p.add_argument("-v", "--verbose", action="store_true", help="also show mitmproxy's own proxy-core log")
     return p
+
+
+def _limit_options(group: argparse._ActionsContainer) -> None:
+    for f in limits.flags():
+        meta = f.metadata
+        parse = {"SECONDS": _seconds if f.type == "float" else _positive, "BYTES": _size, "N": _positive}[
+            meta["metavar"]
+        ]
+        if f.name == "max_connections":
+            parse = _count  # 0: from the file-descriptor limit
+        group.add_argument(
+            meta["flag"], metavar=meta["metavar"], type=parse, default=f.default, dest=f"limit_{f.name}",
+            help=f"{meta['help']} (default: {_shown(f.default, meta['metavar'])})",
+        )  # fmt: skip
+
+
+def _shown(value: object, unit: str) -> str:
+    if unit == "BYTES" and isinstance(value, int) and value % 1024 == 0:
+        return f"{value // 1024}k"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _limits(opts: argparse.Namespace) -> limits.Limits:
+    return limits.Limits(**{f.name: getattr(opts, f"limit_{f.name}") for f in limits.flags()})
 
 
 def _without_debug_checks(args: list[str]) -> None:
@@ -215,6 +242,7 @@ def _run_command(args: list[str]) -> int:
         always=access_log(addons, opts.access_log) if opts.access_log else (),
         fetch_issuers=not opts.no_fetch_issuers,
         client_tls=ClientTls(opts.client_tls_min, opts.client_ciphers),
+        limits=_limits(opts),
         mimics=MimicSettings(
             memory_entries=opts.mimic_cache,
             db_entries=opts.mimic_db,
@@ -230,6 +258,7 @@ def _run_command(args: list[str]) -> int:
         config.ca_dir / ca_files.UNTRUSTED_KEY_FILE
     ).exists():
         ca_files.untrusted(config.ca_dir)  # a broken pair is a configuration error now, not at the first failure
+    limits.raise_fd_limit()  # before any connection: max_connections may be derived from it
     with asyncio.Runner(loop_factory=lambda: ResolvingEventLoop(config.resolve)) as runner:
         runner.run(serve(config, authority, announce_new_ca=created))
     return stopping.stopped()
@@ -343,6 +372,23 @@ def _seconds(text: str) -> float:
         value = -1.0
     if not value > 0:  # also rejects nan
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a whole number above 0, got '0'")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        value = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a size above 0")
     return value
 
 

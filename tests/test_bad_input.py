@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -12,6 +13,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from cryptography.hazmat.primitives import hashes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import Bumper, Upstream, client_tls_context, curl, listening_socket, open_tunnel, tcp_server
 
@@ -203,3 +206,159 @@ def test_untrusted_upstream_is_never_laundered(start_bumper, upstream: Upstream,
     line = strict.connection_line(int(port))
     fingerprint = upstream.leaf.cert.fingerprint(hashes.SHA256()).hex().upper()
     assert f"verify=unknown_issuer upstream_sha256={fingerprint} requests=0" in line
+
+
+# Malformed, truncated, fragmented and SSLv2-compatible ClientHellos, and malformed CONNECT requests:
+# each ends in a clean close (or a 400 for a CONNECT), with one log line, while good clients are served.
+
+
+def real_client_hello(bumper: Bumper, host: str) -> bytes:
+    """The ClientHello Python's ssl sends to HOST: one TLS record."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_tls_context(bumper.ca_pem).wrap_bio(incoming, outgoing, server_hostname=host)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def send_in_tunnel(bumper: Bumper, upstream: Upstream, data: bytes) -> tuple[int, bytes]:
+    """DATA inside a CONNECT tunnel, then the client's half-close; what came back before the close."""
+    sock, reply = open_tunnel(bumper, upstream.host, upstream.port)
+    assert reply.startswith(b"HTTP/1.1 200")
+    port = sock.getsockname()[1]
+    try:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # bumper closed first
+    back = read_until_closed(sock)
+    sock.close()
+    return port, back
+
+
+def _truncated(hello: bytes) -> bytes:
+    return hello[: len(hello) // 2]
+
+
+def _sslv2_compatible(hello: bytes) -> bytes:
+    # An SSLv2-format CLIENT-HELLO offering TLS 1.0: what old clients sent for compatibility.
+    body = b"\x01\x03\x01" + b"\x00\x03" + b"\x00\x00" + b"\x00\x10" + b"\x00\x00\x2f" + bytes(16)
+    return bytes([0x80 | (len(body) >> 8), len(body) & 0xFF]) + body
+
+
+def _not_a_client_hello(hello: bytes) -> bytes:
+    return hello[:5] + b"\x02" + hello[6:]  # a ServerHello's message type
+
+
+def _record_length_lies(hello: bytes) -> bytes:
+    return hello[:3] + b"\x00\x05" + hello[5:]  # the record says 5 bytes; the message says more
+
+
+def _alert_record(hello: bytes) -> bytes:
+    return b"\x15\x03\x03\x00\x02\x02\x28"  # a fatal alert where the ClientHello should be
+
+
+def _one_byte_records_then_garbage(hello: bytes) -> bytes:
+    content = hello[5:40]
+    return b"".join(hello[:3] + b"\x00\x01" + bytes([b]) for b in content) + b"\x17\x03\x03\x00\x01\x00"
+
+
+BAD_HELLOS = {
+    "truncated": (_truncated, "client TLS failed"),
+    "SSLv2-compatible": (_sslv2_compatible, "not TLS"),
+    "not a ClientHello": (_not_a_client_hello, "client TLS failed"),  # OpenSSL refuses it
+    "a record length that lies": (_record_length_lies, "client TLS failed: Cannot parse ClientHello"),
+    "an alert first": (_alert_record, "not TLS"),
+    "one-byte records, then application data": (_one_byte_records_then_garbage, "client TLS failed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HELLOS))
+def test_bad_client_hello(bumper: Bumper, upstream: Upstream, case: str) -> None:
+    mutate, outcome = BAD_HELLOS[case]
+
+    def bad() -> int:
+        port, back = send_in_tunnel(bumper, upstream, mutate(real_client_hello(bumper, upstream.host)))
+        assert not back.startswith(b"\x16"), back  # no ServerHello: at most an alert
+        return port
+
+    line = run_next_to_good_requests(bumper, upstream, bad)
+    assert f" outcome={outcome}" in line, line
+
+
+BAD_CONNECTS = {
+    "binary": b"\x00\xff\xfe CONNECT \x01\x02\r\n\r\n",
+    "no port": b"CONNECT upstream.test HTTP/1.1\r\n\r\n",
+    "port 0": b"CONNECT upstream.test:0 HTTP/1.1\r\n\r\n",
+    "port 99999": b"CONNECT upstream.test:99999 HTTP/1.1\r\n\r\n",
+    "a negative port": b"CONNECT upstream.test:-1 HTTP/1.1\r\n\r\n",
+    "a port that is no number": b"CONNECT upstream.test:https HTTP/1.1\r\n\r\n",
+    "no host": b"CONNECT :443 HTTP/1.1\r\n\r\n",
+    "no version": b"CONNECT upstream.test:443\r\n\r\n",
+    "a path as target": b"CONNECT /index.html HTTP/1.1\r\n\r\n",
+    "a NUL in the host": b"CONNECT upstr\x00eam.test:443 HTTP/1.1\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONNECTS))
+def test_malformed_connect(bumper: Bumper, upstream: Upstream, case: str) -> None:
+    def bad() -> int:
+        sock = socket.create_connection(("127.0.0.1", bumper.port), timeout=15)
+        sock.sendall(BAD_CONNECTS[case])
+        reply = read_until_closed(sock)
+        assert reply.startswith((b"HTTP/1.1 400", b"HTTP/1.1 403")) or reply == b"", reply  # 403: by policy
+        return sock.getsockname()[1]
+
+    line = run_next_to_good_requests(bumper, upstream, bad)
+    assert "outcome=" in line and "outcome=ok" not in line
+
+
+@pytest.fixture(scope="module")
+def impatient(start_bumper: Callable[..., Bumper]) -> Bumper:
+    """A bumper that gives up on a silent client after two seconds, for the fuzzing below."""
+    return start_bumper("--request-timeout", "2", "--client-hello-timeout", "2")
+
+
+FUZZ = settings(derandomize=True, max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def mutated(data: bytes) -> st.SearchStrategy[bytes]:
+    """DATA cut short, with bytes flipped, or with bytes inserted: deterministic under FUZZ."""
+    flips = st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255)), max_size=6)
+    cut = st.integers(0, len(data))
+    inserted = st.tuples(st.integers(0, len(data)), st.binary(max_size=40))
+
+    @st.composite
+    def build(draw: st.DrawFn) -> bytes:
+        out = bytearray(data)
+        for i, value in draw(flips):
+            out[i] = value
+        at, extra = draw(inserted)
+        out[at:at] = extra
+        return bytes(out[: draw(cut) + len(extra)])
+
+    return build()
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_client_hellos(impatient: Bumper, upstream: Upstream, data: st.DataObject) -> None:
+    hello = data.draw(mutated(real_client_hello(impatient, upstream.host)))
+    port, _ = send_in_tunnel(impatient, upstream, hello)
+    impatient.connection_line(port)  # exactly one line
+    good_request_succeeds(impatient, upstream)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_connect_requests(impatient: Bumper, upstream: Upstream, data: st.DataObject) -> None:
+    request = data.draw(mutated(f"CONNECT {upstream.host}:{upstream.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()))
+    sock = socket.create_connection(("127.0.0.1", impatient.port), timeout=15)
+    port = sock.getsockname()[1]
+    sock.sendall(request)
+    sock.shutdown(socket.SHUT_WR)
+    reply = read_until_closed(sock)
+    sock.close()
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 "), reply
+    impatient.connection_line(port)
+    good_request_succeeds(impatient, upstream)

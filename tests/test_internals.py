@@ -46,7 +46,7 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.context.Context.fork": ("cad9374a0689f10a", "replicated by make_stream"),
     # bumper's answers instead of mitmproxy's error pages (bumper/proxy/httpstream.py, bumper/proxy/replies.py)
     "mitmproxy.proxy.layers.http.HttpLayer.event_to_child": ("1095f6e1581d1780", "overridden"),
-    "mitmproxy.proxy.layers.http.HttpLayer._handle_event": ("6ba31883cc7a06b3", "keeps a preset Http1Server"),
+    "mitmproxy.proxy.layers.http.HttpLayer._handle_event": ("6ba31883cc7a06b3", "keeps a preset Http1/2Server"),
     "mitmproxy.proxy.layers.http._http1.Http1Server.read_headers": ("3fe0945216bcf7bc", "overridden, page read"),
     "mitmproxy.proxy.layers.http._http1.Http1Server.send": ("cc218a1337c0f5cf", "its error page and close replicated"),
     "mitmproxy.proxy.layers.http._http2.Http2Connection._handle_event": ("7fc814a8a507f234", "its error page replaced"),
@@ -61,6 +61,28 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layers.tls.ClientTLSLayer.on_handshake_error": ("04a3a2530293d19b", "overridden; wording read"),
     "mitmproxy.proxy.layers.tls.TLSLayer.receive_handshake_data": ("721fe6313c0979fe", "error wording read"),
     "mitmproxy.proxy.layers.tls.ClientTLSLayer.receive_handshake_data": ("a0ee021f92f6d0ff", "error wording read"),
+    # Limits in the protocol layers (bumper/proxy/httpstream.py, layers.py; docs/limits.md)
+    "mitmproxy.proxy.layers.http._http1.Http1Connection.read_body": (
+        "aece271029af36e4",
+        "overridden: 400 before close",
+    ),
+    "mitmproxy.proxy.layers.http._http1.Http1Connection.done": ("7c8d996749eb1500", "the state after a refusal"),
+    "mitmproxy.proxy.layers.http._http2.Http2Server._handle_event": ("7282fa18e70a3eaa", "overridden"),
+    "mitmproxy.proxy.layers.http._http2.Http2Server.handle_h2_event": ("d24a023c678de6ce", "overridden"),
+    "mitmproxy.proxy.layers.http._http2.Http2Connection.handle_h2_event": (
+        "f6b6a52b12548102",
+        "its stream bookkeeping",
+    ),
+    "mitmproxy.proxy.layers.http._http2.Http2Connection.protocol_error": ("461f5e7de9c9b687", "called"),
+    "mitmproxy.proxy.layers.http._http2.Http2Connection.close_connection": ("44b76ed198e7916a", "sets done, compared"),
+    "mitmproxy.proxy.layers.http._http_h2.BufferedH2Connection.__init__": ("73fce8e17f54112a", "its settings pattern"),
+    # Deadlines, idle log line, connection counts (bumper/proxy/connlimits.py)
+    "mitmproxy.proxy.server.TimeoutWatchdog.watch": ("eee8e7085dba9250", "its callback replaced"),
+    "mitmproxy.proxy.server.ConnectionHandler.on_timeout": ("0d1e6b0aa6e41173", "replicated by _close"),
+    "mitmproxy.proxy.server.ConnectionHandler.__init__": ("ffb8e6c9e6c6d020", "tcp_timeout, transports"),
+    "mitmproxy.proxy.mode_servers.ServerInstance.handle_stream": ("21eea06f208c752e", "registered by client.id"),
+    "mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen": ("7670a9038b44170d", "_servers: asyncio servers"),
+    "mitmproxy.addons.proxyserver.Proxyserver.register_connection": ("d79bb91554a8bda2", "connections read"),
     # The hook dispatcher (bumper/proxy/dispatch.py)
     "mitmproxy.addonmanager.AddonManager.register": ("01ddcca314eebbd3", "overridden"),
     "mitmproxy.addonmanager.AddonManager.remove": ("2e93aab2204a39f6", "overridden"),
@@ -70,7 +92,7 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.addonmanager.safecall": ("f2052c18340e99b0", "replicated by dispatch._halts"),
     "mitmproxy.addonmanager.traverse": ("bad3d9f88bdf9269", "called"),
     "mitmproxy.master.Master.__init__": ("8e2a46cc1aca56ca", "addons replaced after it"),
-    "mitmproxy.master.Master._asyncio_exception_handler": ("822415006521e79e", "private, installed by proxy.serve"),
+    "mitmproxy.master.Master._asyncio_exception_handler": ("822415006521e79e", "private, wrapped, installed by serve"),
     "mitmproxy.proxy.server.ConnectionHandler.hook_task": ("9ac7970160526268", "what SyncHooks does in place"),
     "mitmproxy.proxy.layer.Layer._handle_event": ("1a704a031407036d", "implemented by SyncHooks and Refuse"),
     "mitmproxy.hooks.Hook.__init_subclass__": ("09b689277643e8f3", "registers dispatch._Rest by its name"),
@@ -83,6 +105,7 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.addons.next_layer.NextLayer.next_layer": ("d277fef31bbe9519", "replaced by layers.NextLayer"),
     "mitmproxy.http.Request.pretty_url": ("22587ae7fe2a8eab", "replicated by addon.pretty_url"),
     # Where upstream connections are made and refused (upstream/resolve.py, proxy/state.py)
+    # Also cancelled by connlimits (--upstream-timeout): the reason becomes its error text.
     "mitmproxy.proxy.server.ConnectionHandler.open_connection": ("5e0b3cbaf7a4030a", "its connect checked, error read"),
     "mitmproxy.addons.proxyserver.Proxyserver.server_connect": ("1fc787ebda12ea02", "its loop check reworded"),
     "mitmproxy.net.http.url.parse_authority": ("d8338265c05d8491", "decodes a CONNECT host to Unicode"),
@@ -218,3 +241,19 @@ def test_the_re_executed_proxy_never_imports_from_the_working_directory(tmp_path
     # The installed bumper ran, after its re-exec: it read the options and refused the missing policy.
     assert (r.returncode, "impostor ran" in r.stderr) == (2, False), r.stderr
     assert "missing.yaml" in r.stderr
+
+
+def test_the_asyncio_and_h2_insides_the_limits_use_are_there() -> None:
+    """Not pinned by hash (they vary with the Python and h2 releases), but by what bumper relies on:
+    pausing a listening asyncio.Server and starting it again (connlimits), asyncio's message when
+    accept() runs out of descriptors, and where h2 keeps a header block still in CONTINUATION frames."""
+    import asyncio.base_events
+    import asyncio.selector_events
+
+    from h2.frame_buffer import FrameBuffer
+
+    start = inspect.getsource(asyncio.base_events.Server._start_serving)
+    assert "if self._serving:" in start and "_start_serving(" in start
+    accept = inspect.getsource(asyncio.selector_events.BaseSelectorEventLoop._accept_connection)
+    assert "'socket.accept() out of system resource'" in accept
+    assert FrameBuffer()._headers_buffer == []

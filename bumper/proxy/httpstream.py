@@ -18,8 +18,13 @@ from __future__ import annotations
 
 import copy
 import html
+import re
 import time
 
+import h2.errors
+import h2.events
+import h2.exceptions
+from hpack.exceptions import InvalidTableSizeError
 from mitmproxy import flow, http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
@@ -32,8 +37,10 @@ from mitmproxy.proxy.layers.http import (
     HttpErrorHook,
     HttpRequestHook,
     HttpResponseHeadersHook,
+    ReceiveHttp,
     RequestData,
     RequestEndOfMessage,
+    RequestHeaders,
     RequestProtocolError,
     RequestTrailers,
     ResponseData,
@@ -44,6 +51,7 @@ from mitmproxy.proxy.layers.http import (
 )
 
 from bumper.proxy import replies
+from bumper.proxy.limits import Limits, too_many
 
 # flow.metadata keys
 EARLY = "bumper.early_response"  # the flow was answered by bumper, not (or no longer) by the upstream
@@ -215,26 +223,176 @@ def _instead_of_mitmproxys(reply: replies.Reply, request: http.Request | None) -
     return response
 
 
+# How much of a parser's reason, which quotes the client's bytes, goes into the log line.
+_LOGGED_REASON = 200
+# The end of a request head, as h11's buffer finds it.
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+# What a header value must not hold (RFC 9110, 5.5), and mitmproxy's HTTP/1 parser passes on: an
+# obs-fold (a line break and a space), a bare CR, a NUL. An upstream could read each as a new line.
+_UNSAFE_IN_VALUE = re.compile(rb"[\r\n\x00]")
+
+
+def ambiguous(request: http.Request) -> str | None:
+    """Why an upstream could read REQUEST's head differently than bumper did, or None. mitmproxy
+    already refuses conflicting Content-Length and Transfer-Encoding, a duplicate Content-Length and
+    an unknown Transfer-Encoding; these are what it lets through. One regex over all values: this
+    runs for every HTTP/1 request."""
+    fields = request.headers.fields
+    if _UNSAFE_IN_VALUE.search(b"".join([value for _, value in fields])):
+        name = next(name for name, value in fields if _UNSAFE_IN_VALUE.search(value))
+        return f"a line break or NUL inside the value of {name.decode(errors='replace')!r} (obs-fold?)"
+    if [name.lower() for name, _ in fields].count(b"host") > 1:
+        return "more than one Host header"
+    return None
+
+
 class Http1Server(http_layers.Http1Server):
-    """mitmproxy's HTTP/1 server side, answering a request head it cannot parse with bumper's 400."""
+    """mitmproxy's HTTP/1 server side, answering a request head it cannot parse, and a request body
+    whose framing is broken (a bad chunk size), with bumper's 400 where mitmproxy sends its page or
+    closes without a word; and a head over the size limit with a 431 (mitmproxy buffers any size)."""
+
+    def __init__(self, context: Context, limits: Limits) -> None:
+        super().__init__(context)
+        self.max_head = limits.max_header_bytes
+        self.body_error: commands.SendData | None = None
 
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        # The buffer may hold a body after a head within the limit: only then is it searched.
+        if len(self.buf) > self.max_head and not _BLANK_LINE.search(bytes(self.buf), 0, self.max_head + 2):
+            reason = too_many(f"request head over {self.max_head} bytes", "--max-header-bytes")
+            return (yield from self._refuse(reason, 431, None))
         for command in super().read_headers(event):
-            if isinstance(command, commands.SendData):  # the only data it sends itself: its 400 page
+            # The only data it sends itself is its 400 page; a broken body's 400 is bumper's (read_body).
+            if isinstance(command, commands.SendData) and command is not self.body_error:
                 # The parser's reason is in the page only, as the paragraph of mitmproxy's format_error.
                 reason = html.unescape(command.data.partition(b"<p>")[2].partition(b"</p>")[0].decode())
+                # mitmproxy quotes the client's bytes (escaped): the log line keeps the start of them.
+                said = reason if len(reason) <= _LOGGED_REASON else reason[:_LOGGED_REASON] + "…"
+                self.context.client.error = self.context.client.error or f"bad request: {said}"
                 # self.request: the head, if it parsed and only its body's framing is wrong.
                 response = _instead_of_mitmproxys(replies.bad_request(reason), self.request)
                 command = commands.SendData(self.conn, http1.assemble_response(response))
+            elif isinstance(command, ReceiveHttp) and isinstance(command.event, RequestHeaders):
+                if why := ambiguous(command.event.request):  # smuggling: refused before any hook or upstream
+                    yield from self._refuse(f"ambiguous request: {why}", 400, command.event.request)
+                    return
             yield command
+
+    def _refuse(self, reason: str, status: int, request: http.Request | None) -> layer.CommandGenerator[None]:
+        """Answer and close, as mitmproxy does a head it cannot parse: the rest is not read."""
+        self.context.client.error = self.context.client.error or reason
+        response = _instead_of_mitmproxys(replies.bad_request(reason, status), request)
+        yield commands.SendData(self.conn, http1.assemble_response(response))
+        yield commands.CloseConnection(self.conn)
+        self.state = self.done
+
+    def read_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        close = None
+        for command in super().read_body(event):
+            if isinstance(command, commands.CloseConnection) and command.connection is self.conn:
+                close = command  # held until the reason, which follows it
+                continue
+            if close is not None and isinstance(command, ReceiveHttp) and self._unanswered(command):
+                assert isinstance(command.event, RequestProtocolError)
+                reply = _instead_of_mitmproxys(replies.bad_request(command.event.message), self.request)
+                self.body_error = commands.SendData(self.conn, http1.assemble_response(reply))
+                yield self.body_error
+                yield close
+                close = None
+            yield command
+        if close is not None:
+            yield close
+
+    def _unanswered(self, command: ReceiveHttp) -> bool:
+        """A request protocol error that nobody answered: no response yet (a refusal of the head may
+        have been sent and the connection closed), and the client still there to read one."""
+        return (
+            isinstance(command.event, RequestProtocolError)
+            and self.response is None
+            and bool(self.conn.state & ConnectionState.CAN_WRITE)
+        )
+
+
+class Http2Server(http_layers.Http2Server):
+    """mitmproxy's HTTP/2 server side with bumper's limits: the settings it announces (concurrent
+    streams, header list size, HPACK table), a cap on a header block's bytes while its CONTINUATION
+    frames arrive (h2 caps only their number), and rapid reset (CVE-2023-44487) ended with a GOAWAY."""
+
+    def __init__(self, context: Context, limits: Limits) -> None:
+        super().__init__(context)
+        self.limits = limits
+        conn = self.h2_conn
+        conn.local_settings.max_concurrent_streams = limits.h2_max_streams
+        conn.local_settings.max_header_list_size = limits.max_header_bytes
+        conn.local_settings.header_table_size = limits.h2_hpack_table_bytes
+        # Acknowledged at once, as mitmproxy does its own: the limits hold from the first frame.
+        conn.local_settings.acknowledge()
+        conn.decoder.max_header_list_size = limits.max_header_bytes
+        conn.decoder.max_allowed_table_size = limits.h2_hpack_table_bytes
+        self.opened = 0  # streams the client opened
+        self.unanswered: set[int] = set()  # of those, the ones whose response has not ended
+        self.early_resets = 0  # streams the client reset before their response ended
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, ResponseEndOfMessage | ResponseProtocolError):
+            self.unanswered.discard(event.stream_id)
+        yield from super()._handle_event(event)
+        if isinstance(event, events.DataReceived) and (pending := self.h2_conn.incoming_buffer._headers_buffer):
+            if sum(len(frame.data) for frame in pending) > self.limits.max_header_bytes:
+                limit = self.limits.max_header_bytes
+                yield from self._limit(too_many(f"HTTP/2 header block over {limit} bytes", "--max-header-bytes"))
+
+    def handle_h2_event(self, event: h2.events.Event) -> layer.CommandGenerator[bool]:
+        # h2 has read every frame of the data before these events: a stream the client reset is
+        # closed already, so mitmproxy's own bookkeeping cannot tell whether it was answered.
+        if isinstance(event, h2.events.RequestReceived):
+            self.opened += 1
+            self.unanswered.add(event.stream_id)
+        elif isinstance(event, h2.events.StreamReset) and event.stream_id in self.unanswered:
+            self.unanswered.discard(event.stream_id)
+            self.early_resets += 1
+            if self.early_resets >= self.limits.h2_max_resets and 2 * self.early_resets > self.opened:
+                yield from self._limit(too_many(
+                    f"the client reset {self.early_resets} of its {self.opened} HTTP/2 streams (rapid reset)",
+                    "--h2-max-resets",
+                ))  # fmt: skip
+                return True
+        elif isinstance(event, h2.exceptions.TooManyStreamsError):
+            limit = self.limits.h2_max_streams
+            reason = too_many(f"more than {limit} concurrent HTTP/2 streams", "--h2-max-streams")
+            yield from self._limit(reason)
+            return True
+        elif isinstance(event, h2.exceptions.DenialOfServiceError):  # hpack: the header list is too large
+            limit = self.limits.max_header_bytes
+            yield from self._limit(too_many(f"HTTP/2 header list over {limit} bytes", "--max-header-bytes"))
+            return True
+        elif isinstance(event, h2.exceptions.ProtocolError) and isinstance(event.__cause__, InvalidTableSizeError):
+            limit = self.limits.h2_hpack_table_bytes
+            reason = too_many(f"HPACK table over {limit} bytes", "--h2-hpack-table-bytes")
+            yield from self._limit(reason)
+            return True
+        elif isinstance(event, h2.exceptions.ProtocolError):
+            self.context.client.error = self.context.client.error or f"HTTP/2 protocol error: {event}"
+        return (yield from super().handle_h2_event(event))
+
+    def _limit(self, reason: str) -> layer.CommandGenerator[None]:
+        """Record REASON and end the connection with a GOAWAY: ENHANCE_YOUR_CALM where bumper found
+        the abuse, the code h2 already sent where h2 found it (its errors close the connection)."""
+        if self._handle_event == self.done:  # mitmproxy's protocol_error has closed it already
+            return
+        self.context.client.error = self.context.client.error or reason
+        yield from self.protocol_error(reason, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
 
 class HttpLayer(layers.HttpLayer):
-    def __init__(self, context: Context, mode: http_layers.HTTPMode) -> None:
+    def __init__(self, context: Context, mode: http_layers.HTTPMode, limits: Limits) -> None:
         super().__init__(context, mode)
-        if context.client.alpn != b"h2":  # HTTP/1, as mitmproxy decides at Start (bumper speaks no HTTP/3)
-            # mitmproxy's Start keeps a client connection layer that is already there.
-            self.connections[context.client] = Http1Server(context.fork())
+        # mitmproxy's Start keeps a client connection layer that is already there; it would pick the
+        # same by ALPN: h2, else HTTP/1 (bumper speaks no HTTP/3).
+        if context.client.alpn == b"h2":
+            self.connections[context.client] = Http2Server(context.fork(), limits)
+        else:
+            self.connections[context.client] = Http1Server(context.fork(), limits)
 
     def event_to_child(
         self, child: layer.Layer | http_layers.HttpStream, event: events.Event

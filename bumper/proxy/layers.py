@@ -18,6 +18,7 @@ from OpenSSL import SSL
 
 from bumper.proxy.dispatch import AddonManager, SyncHooks
 from bumper.proxy.httpstream import HttpLayer
+from bumper.proxy.limits import Limits, too_many
 
 # starts_like_tls_record needs this many bytes to decide.
 _TLS_RECORD_PREFIX = 3
@@ -49,7 +50,51 @@ class ServerTLSLayer(_TLSAlerts, layers.ServerTLSLayer):
 
 
 class ClientTLSLayer(_TLSAlerts, layers.ClientTLSLayer):
-    pass
+    """Holds the ClientHello to a size limit, and reads its records once each: mitmproxy parses the
+    whole buffer again on every read, so a ClientHello cut into thousands of one-byte records
+    (which OpenSSL accepts, and so does bumper) would cost time quadratic in its size."""
+
+    def __init__(self, context: Context, limits: Limits) -> None:
+        super().__init__(context)
+        self.max_hello = limits.max_client_hello_bytes
+        self._scan = _HelloScan()
+
+    def receive_handshake_data(self, data: bytes) -> layer.CommandGenerator[tuple[bool, str | None]]:
+        if self.client_hello_parsed:
+            return (yield from super().receive_handshake_data(data))
+        if len(self.recv_buffer) + len(data) > self.max_hello:
+            return False, too_many(f"ClientHello over {self.max_hello} bytes", "--max-client-hello-bytes")
+        self.recv_buffer.extend(data)
+        if not self._scan.complete(self.recv_buffer):
+            return False, None  # as mitmproxy answers an incomplete ClientHello
+        return (yield from super().receive_handshake_data(b""))  # parses all that was received, once
+
+
+class _HelloScan:
+    """Walks the TLS records of a ClientHello as they arrive, each one once."""
+
+    def __init__(self) -> None:
+        self.offset = 0  # where the next record starts
+        self.head = b""  # the handshake message's first four bytes: its type and length
+        self.content = 0  # handshake bytes received
+
+    def complete(self, buf: bytearray) -> bool:
+        """Whether BUF holds the whole ClientHello, or something mitmproxy should judge now (a record
+        that is not a handshake record)."""
+        while self.offset + 5 <= len(buf):
+            if buf[self.offset] != 0x16:
+                return True
+            length = int.from_bytes(buf[self.offset + 3 : self.offset + 5])
+            end = self.offset + 5 + length
+            if end > len(buf):
+                return False
+            if len(self.head) < 4:
+                self.head += bytes(buf[self.offset + 5 : self.offset + 5 + 4 - len(self.head)])
+            self.content += length
+            self.offset = end
+            if len(self.head) == 4 and self.content >= int.from_bytes(self.head[1:4]) + 4:
+                return True
+        return False
 
 
 class Refuse(layer.Layer):
@@ -66,8 +111,9 @@ class Refuse(layer.Layer):
 
 
 class NextLayer:
-    def __init__(self, dispatcher: AddonManager) -> None:
+    def __init__(self, dispatcher: AddonManager, limits: Limits) -> None:
         self.dispatcher = dispatcher
+        self.limits = limits
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if nextlayer.layer is not None:
@@ -79,21 +125,19 @@ class NextLayer:
                 nextlayer.layer = SyncHooks(context, top, self.dispatcher)
         elif context.client.tls:
             # Decrypted: HTTP/1.1 or h2 by ALPN, HTTP/1.1 when the client offered none.
-            nextlayer.layer = HttpLayer(context, HTTPMode.transparent)
+            nextlayer.layer = HttpLayer(context, HTTPMode.transparent, self.limits)
         else:
             nextlayer.layer = self._inside_tunnel(context, nextlayer.data_client())
 
-    @staticmethod
-    def _proxy_request(context: Context, data: bytes) -> layer.Layer | None:
+    def _proxy_request(self, context: Context, data: bytes) -> layer.Layer | None:
         if len(data) < _TLS_RECORD_PREFIX:
             return None  # wait for the first bytes
         if starts_like_tls_record(data):
             # A client configured with https:// for the proxy itself; it would wait forever.
             return Refuse(context, "not HTTP: the client opened TLS to the proxy port (use http:// for the proxy)")
-        return HttpLayer(context, HTTPMode.regular)
+        return HttpLayer(context, HTTPMode.regular, self.limits)
 
-    @staticmethod
-    def _inside_tunnel(context: Context, data: bytes) -> layer.Layer | None:
+    def _inside_tunnel(self, context: Context, data: bytes) -> layer.Layer | None:
         if len(data) < _TLS_RECORD_PREFIX:
             return None  # wait for more bytes
         if not starts_like_tls_record(data):
@@ -102,5 +146,5 @@ class NextLayer:
             # Its close was seen while no layer was listening; TLS towards it would wait forever.
             return Refuse(context, "upstream TLS failed: the upstream closed the connection before the handshake")
         server_tls = ServerTLSLayer(context)
-        server_tls.child_layer = ClientTLSLayer(context)
+        server_tls.child_layer = ClientTLSLayer(context, self.limits)
         return server_tls

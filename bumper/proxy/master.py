@@ -31,9 +31,11 @@ from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import LAB, AddonSpec, OnError, Policy
 from bumper.policy.source import PolicySource
 from bumper.proxy import dispatch
+from bumper.proxy.connlimits import ConnectionLimits, out_of_descriptors
 from bumper.proxy.enforce import PolicyEnforcer
 from bumper.proxy.eventlog import ConnectionLog
 from bumper.proxy.layers import NextLayer
+from bumper.proxy.limits import Limits
 from bumper.proxy.pinlearner import PinLearner
 from bumper.proxy.replies import ConnectReplies
 from bumper.proxy.state import ConnectionStates
@@ -95,6 +97,7 @@ class ProxyConfig:
     client_tls: ClientTls = ClientTls()
     addons: Mapping[str, type[Addon]] = field(default_factory=dict)  # what policy rules may name
     always: tuple[AddonSpec, ...] = ()  # addons on all traffic, whatever the policy says (--access-log)
+    limits: Limits = Limits()
 
 
 def access_log(addons: Mapping[str, type[Addon]], path: str) -> tuple[AddonSpec, ...]:
@@ -131,10 +134,12 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     connection_log.on_end.append(pins.connection_ended)
     runner = AddonRunner(config.addons, connection_log, config.always)
     source.on_reload.append(runner.policy_reloaded)
+    server = proxyserver.Proxyserver()
     m.addons.add(
-        proxyserver.Proxyserver(),
-        NextLayer(m.addons),
+        server,
+        NextLayer(m.addons, config.limits),
         states,  # first: every other addon finds the connection's state
+        ConnectionLimits(config.limits, states, server),  # before the policy: a refused client costs nothing more
         source,
         PolicyEnforcer(source, states, pins.pins, UpstreamProbe(verifier)),  # before TlsProvider: it sees the decision
         pins,
@@ -151,6 +156,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         connection_strategy="eager",  # server-first: the upstream is reached before the client handshake
         stream_large_bodies=STREAM_BODIES_OVER,
         ssl_insecure=False,
+        tcp_timeout=config.limits.idle_timeout,  # mitmproxy's idle watchdog; ConnectionLimits logs it
     )
     return m
 
@@ -165,7 +171,7 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
     if stopping.signalled():  # a stop whose KeyboardInterrupt Python swallowed (stopping.install)
         m.shutdown()
     with (
-        asyncio_utils.install_exception_handler(m._asyncio_exception_handler),
+        asyncio_utils.install_exception_handler(out_of_descriptors(m._asyncio_exception_handler)),
         asyncio_utils.set_eager_task_factory(),
     ):
         server = m.addons.get("proxyserver")

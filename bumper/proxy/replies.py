@@ -122,7 +122,7 @@ def protocol_error(code: ErrorCode, message: str, request: http.Request) -> Repl
     status = code.http_status_code()
     if status is None:
         return None
-    message = message.removesuffix(_OPTION_ADVICE)
+    message = without_option_advice(message)
     if code is ErrorCode.CONNECT_FAILED:
         if refusal := destinations.refusal_in(message):
             return destination_refused(refusal)
@@ -130,6 +130,11 @@ def protocol_error(code: ErrorCode, message: str, request: http.Request) -> Repl
     if status < 500:
         return bad_request(message, status)
     return Reply(status, "No valid response", f"no valid response from {_target(request)}: {message}")
+
+
+def without_option_advice(message: str) -> str:
+    """mitmproxy's validation error, without its advice about an option bumper does not have."""
+    return message.removesuffix(_OPTION_ADVICE)
 
 
 class ConnectReplies:

@@ -14,7 +14,7 @@ from bumper.certs.trust import UpstreamVerdict, Verdict
 from bumper.policy import destinations
 from bumper.policy.rules import Action, Decision
 from bumper.proxy.httpstream import aborted, body_bytes
-from bumper.proxy.replies import Reply
+from bumper.proxy.replies import Reply, without_option_advice
 
 # ConnectionState.refused_by for what the policy refused.
 BY_POLICY = "policy"
@@ -43,6 +43,7 @@ class ConnectionState:
     decision: Decision | None = None
     upstream: UpstreamVerdict | None = None  # the verdict on the upstream's certificate
     blocked: Reply | None = None  # on_upstream_error: block: every request gets this 502
+    hello: bool = False  # the client's whole ClientHello arrived
     spoke: bool = False  # the client sent a request after its handshake (learned pinning asks)
     requests: int = 0  # HTTP responses sent to the client
     bytes_up: int = 0  # HTTP body bytes from the client to the upstream
@@ -164,6 +165,7 @@ class ConnectionStates:
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         if state := self._states.get(data.context.client.id):
             state.sni = data.client_hello.sni
+            state.hello = True
 
     def tls_failed_server(self, data: tls.TlsData) -> None:
         if state := self._states.get(data.context.client.id):
@@ -171,7 +173,11 @@ class ConnectionStates:
 
     def tls_failed_client(self, data: tls.TlsData) -> None:
         if state := self._states.get(data.context.client.id):
-            state.fail(f"client TLS failed: {short_reason(data.conn.error or 'unknown')}")
+            if not state.hello and "disconnected during the handshake" in (data.conn.error or ""):
+                # mitmproxy's guess about trust cannot apply: nothing was shown to the client yet.
+                state.fail("client TLS failed: the client closed before its ClientHello was complete")
+            else:
+                state.fail(f"client TLS failed: {short_reason(data.conn.error or 'unknown')}")
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.request.method != "CONNECT" and (state := self._states.get(flow.client_conn.id)):
@@ -180,7 +186,7 @@ class ConnectionStates:
 
     def error(self, flow: http.HTTPFlow) -> None:
         if state := self._states.get(flow.client_conn.id):
-            state.fail(f"HTTP error: {flow.error.msg if flow.error else 'unknown'}")
+            state.fail(f"HTTP error: {without_option_advice(flow.error.msg) if flow.error else 'unknown'}")
             if flow.response is None or aborted(flow):  # else its response hook counted it
                 self._count(state, flow)
 
@@ -200,6 +206,8 @@ def short_reason(error: str) -> str:
     guess about trust where the handshake failed on what the two sides offered."""
     if error.startswith("Cannot parse ClientHello"):
         return "Cannot parse ClientHello"
+    if (limit := error.find("(limit: ")) >= 0:  # bumper's own, inside mitmproxy's guess about trust
+        return error[limit + 1 : -1]
     if "no shared cipher" in error:
         return "no cipher suite in common (bumper accepts only forward-secret AEAD suites)"
     if "unsupported protocol" in error or "tls_version_client_min" in error:
