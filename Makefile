@@ -30,4 +30,4 @@ bench-clean:
 
 fuzz:
 	mkdir -p fuzz-artifacts
-	$(VENV)/bin/python tests/fuzz_certs.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz-artifacts/
+	$(VENV)/bin/python -m tests.fuzz_certs -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz-artifacts/

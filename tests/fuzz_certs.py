@@ -11,9 +11,10 @@ and every kept extension's DER, in order, with its criticality.
 Two engines drive it:
 - hypothesis, in tests/test_fuzz.py (a bounded, derandomized run inside ./test), mutating the
   vectors field by field;
-- atheris (coverage-guided, libFuzzer), by running this file: `make fuzz` runs it for FUZZ_SECONDS,
+- atheris (coverage-guided, libFuzzer), by running this module: `make fuzz` runs it for FUZZ_SECONDS,
   ./test for a fixed number of runs with a fixed seed. libFuzzer's flags pass through, e.g.
-  `python tests/fuzz_certs.py -runs=2000 -seed=1`; a crash leaves its input in -artifact_prefix.
+  `python -m tests.fuzz_certs -runs=2000 -seed=1` from the top of the repository; a crash leaves its
+  input in -artifact_prefix.
 
 Whatever either finds becomes a regression case in tests/test_fuzz.py.
 """
@@ -30,6 +31,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtensionOID
+
+from tests import pki
 
 # bumper itself is imported inside the functions: run as a script, atheris must instrument it first.
 
@@ -61,42 +64,15 @@ def seeds() -> tuple[bytes, ...]:
     return tuple(found)
 
 
-def _der_header(tag: int, length: int) -> bytes:
-    if length < 0x80:
-        return bytes([tag, length])
-    octets = length.to_bytes((length.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(octets)]) + octets
-
-
-def _elements(data: bytes) -> list[bytes]:
-    """The TLVs in DATA, each whole (low tags, definite lengths: the seeds are DER)."""
-    found, i = [], 0
-    while i < len(data):
-        start, length = i, data[i + 1]
-        i += 2
-        if length & 0x80:
-            count = length & 0x7F
-            length, i = int.from_bytes(data[i : i + count], "big"), i + count
-        i += length
-        found.append(data[start:i])
-    return found
-
-
-def _contents(tlv: bytes) -> bytes:
-    return tlv[2 + (tlv[1] & 0x7F if tlv[1] & 0x80 else 0) :]
-
-
 def spliced(seed: bytes, field: int, contents: bytes) -> bytes:
     """SEED's certificate with the contents of one TBSCertificate field (FIELD, modulo their number)
     replaced by CONTENTS, every length around it fixed up, the field's tag kept: a mutation that
     cryptography still loads far more often than a byte flipped at random."""
-    certificate = _elements(_contents(seed))
-    fields = _elements(_contents(certificate[0]))
+    certificate = pki.elements(pki.contents(seed))
+    fields = pki.elements(pki.contents(certificate[0]))
     n = field % len(fields)
-    fields[n] = _der_header(fields[n][0], len(contents)) + contents
-    tbs = b"".join(fields)
-    body = _der_header(0x30, len(tbs)) + tbs + b"".join(certificate[1:])
-    return _der_header(0x30, len(body)) + body
+    fields[n] = pki.tlv(fields[n][0], contents)
+    return pki.tlv(0x30, pki.tlv(0x30, b"".join(fields)) + b"".join(certificate[1:]))
 
 
 class Harness:

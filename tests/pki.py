@@ -177,7 +177,7 @@ class Leaf:
 # --- certificates cryptography's builder will not write: the TBSCertificate edited as DER, then signed ---
 
 
-def _der(tag: int, body: bytes) -> bytes:
+def tlv(tag: int, body: bytes) -> bytes:
     n = len(body)
     length = (
         bytes([n]) if n < 0x80 else bytes([0x80 | (n.bit_length() + 7) // 8]) + n.to_bytes((n.bit_length() + 7) // 8)
@@ -185,7 +185,7 @@ def _der(tag: int, body: bytes) -> bytes:
     return bytes([tag]) + length + body
 
 
-def _elements(data: bytes) -> list[bytes]:
+def elements(data: bytes) -> list[bytes]:
     """The TLVs of DATA (the contents of a SEQUENCE), each whole: the tests' own walk, low tags only."""
     found, i = [], 0
     while i < len(data):
@@ -200,9 +200,9 @@ def _elements(data: bytes) -> list[bytes]:
     return found
 
 
-def _contents(tlv: bytes) -> bytes:
-    length = tlv[1]
-    return tlv[2 + (length & 0x7F if length & 0x80 else 0) :]
+def contents(element: bytes) -> bytes:
+    length = element[1]
+    return element[2 + (length & 0x7F if length & 0x80 else 0) :]
 
 
 def raw_name(*attributes: tuple[str, int | bytes, bytes]) -> bytes:
@@ -210,9 +210,9 @@ def raw_name(*attributes: tuple[str, int | bytes, bytes]) -> bytes:
     rdns = b""
     for oid, tag, value in attributes:
         tag_octets = bytes([tag]) if isinstance(tag, int) else tag
-        body = _der(0x06, _oid_body(oid)) + tag_octets + _der(0, value)[1:]
-        rdns += _der(0x31, _der(0x30, body))
-    return _der(0x30, rdns)
+        body = tlv(0x06, _oid_body(oid)) + tag_octets + tlv(0, value)[1:]
+        rdns += tlv(0x31, tlv(0x30, body))
+    return tlv(0x30, rdns)
 
 
 def _oid_body(dotted: str) -> bytes:
@@ -245,25 +245,25 @@ def reissued_der(
     again by ISSUER (RSA, SHA-256 or SHA-1): a valid signature, so a client that trusts ISSUER's root
     trusts it. v1 drops the version field and the extensions. Returns DER, which cryptography may
     refuse to load (a BER length, say) where OpenSSL does not."""
-    fields = _elements(_contents(cert.tbs_certificate_bytes))
+    fields = elements(contents(cert.tbs_certificate_bytes))
     if fields[0][0] == 0xA0:
         fields = fields[1:]
     if serial is not None:
-        fields[0] = _der(0x02, serial.to_bytes(serial.bit_length() // 8 + 1, "big", signed=True))
+        fields[0] = tlv(0x02, serial.to_bytes(serial.bit_length() // 8 + 1, "big", signed=True))
     if issuer_name is not None:
         fields[2] = issuer_name
     if subject is not None:
         fields[4] = subject
     oid = "1.2.840.113549.1.1.5" if sha1 else "1.2.840.113549.1.1.11"
-    fields[1] = algorithm_der = _der(0x30, _der(0x06, _oid_body(oid)) + b"\x05\x00")
+    fields[1] = algorithm_der = tlv(0x30, tlv(0x06, _oid_body(oid)) + b"\x05\x00")
     if v1:
         fields = fields[:6]
     else:
         fields = [b"\xa0\x03\x02\x01\x02", *fields]
-    tbs = _der(0x30, b"".join(fields))
+    tbs = tlv(0x30, b"".join(fields))
     algorithm = hashes.SHA1() if sha1 else hashes.SHA256()
     signature = issuer.key.sign(tbs, padding.PKCS1v15(), algorithm)  # type: ignore[attr-defined]
-    return _der(0x30, tbs + algorithm_der + _der(0x03, b"\x00" + signature))
+    return tlv(0x30, tbs + algorithm_der + tlv(0x03, b"\x00" + signature))
 
 
 @dataclass(frozen=True)

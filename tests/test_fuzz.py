@@ -18,7 +18,7 @@ from bumper.certs import compare, mimic
 from tests import pki
 from tests.fuzz_certs import Harness, seeds, spliced
 
-FUZZ_SCRIPT = Path(__file__).with_name("fuzz_certs.py")
+REPOSITORY = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,8 @@ def mutated(draw: st.DrawFn) -> bytes:
     so cryptography mostly still loads it): bytes flipped, cut, inserted, or a whole TLV dropped in."""
     seed = draw(st.sampled_from(seeds()))
     field = draw(st.integers(0, 10))
-    fields = pki._elements(pki._contents(pki._elements(pki._contents(seed))[0]))
-    contents = bytearray(pki._contents(fields[field % len(fields)]))
+    fields = pki.elements(pki.contents(pki.elements(pki.contents(seed))[0]))
+    contents = bytearray(pki.contents(fields[field % len(fields)]))
     for _ in range(draw(st.integers(1, 3))):
         at = draw(st.integers(0, len(contents)))
         match draw(st.sampled_from(["flip", "cut", "insert", "tlv"])):
@@ -49,7 +49,7 @@ def mutated(draw: st.DrawFn) -> bytes:
                 contents[at:at] = draw(st.binary(min_size=1, max_size=8))
             case _:
                 tag = draw(st.integers(0, 255))
-                contents[at:at] = bytes([tag]) + pki._der(0, draw(st.binary(max_size=16)))[1:]
+                contents[at:at] = bytes([tag]) + pki.tlv(0, draw(st.binary(max_size=16)))[1:]
     return spliced(seed, field, bytes(contents))
 
 
@@ -69,11 +69,11 @@ def test_hypothesis_any_bytes_keep_the_property(harness: Harness, data: bytes) -
 def test_atheris_bounded_run_finds_nothing(tmp_path: Path) -> None:
     """libFuzzer, coverage-guided, with a fixed seed and number of runs: the same inputs every time."""
     result = subprocess.run(
-        [sys.executable, str(FUZZ_SCRIPT), "-runs=4000", "-seed=1", f"-artifact_prefix={tmp_path}/"],
+        [sys.executable, "-m", "tests.fuzz_certs", "-runs=4000", "-seed=1", f"-artifact_prefix={tmp_path}/"],
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=tmp_path,
+        cwd=REPOSITORY,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Done 4000 runs" in result.stderr
@@ -103,7 +103,7 @@ def test_found_a_bit_string_name_attribute_is_shown_not_raised(harness: Harness)
 
 def test_found_a_directory_name_with_a_bit_string_attribute_is_shown_not_raised(harness: Harness) -> None:
     inner = pki.raw_name(("2.5.4.11", 0x03, b"\x00odd"))
-    san = x509.UnrecognizedExtension(x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, pki._der(0x30, pki._der(0xA4, inner)))
+    san = x509.UnrecognizedExtension(x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, pki.tlv(0x30, pki.tlv(0xA4, inner)))
     upstream = pki.Authority.root().leaf(extra=((san, False),)).cert
     with pytest.raises(TypeError):
         list(upstream.extensions)

@@ -55,8 +55,8 @@ def behind_an_odd_intermediate(root: pki.Authority, host: str) -> pki.Leaf:
 
 def raw_san(*dns_names: bytes) -> x509.UnrecognizedExtension:
     """A SAN of dNSNames written as bytes: cryptography will not write a NUL into one."""
-    body = b"".join(pki._der(0x82, name) for name in dns_names)
-    return x509.UnrecognizedExtension(SAN_OID, pki._der(0x30, body))
+    body = b"".join(pki.tlv(0x82, name) for name in dns_names)
+    return x509.UnrecognizedExtension(SAN_OID, pki.tlv(0x30, body))
 
 
 def nul_in_names(root: pki.Authority, host: str) -> pki.Leaf:
@@ -78,7 +78,7 @@ def huge(size: int) -> Callable[[pki.Authority, str], pki.Leaf]:
     """A leaf carrying SIZE bytes in a non-critical extension nobody knows."""
 
     def make(root: pki.Authority, host: str) -> pki.Leaf:
-        padding = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.55555.7"), pki._der(0x04, bytes(size)))
+        padding = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.55555.7"), pki.tlv(0x04, bytes(size)))
         return root.leaf(host, extra=((padding, False),))
 
     return make
@@ -124,7 +124,7 @@ def negative_serial(root: pki.Authority, host: str) -> pki.Leaf:
 def empty_rdn(root: pki.Authority, host: str) -> pki.Leaf:
     """A subject with an empty RDN (SET OF nothing): not X.501, but sound DER, which OpenSSL takes."""
     name = pki.raw_name((CN, 0x0C, host.encode()))
-    odd = pki._der(0x30, pki._contents(name) + b"\x31\x00")
+    odd = pki.tlv(0x30, pki.contents(name) + b"\x31\x00")
     leaf = root.leaf(host)
     return pki.Leaf(leaf.key, pki.reissued(leaf.cert, root, subject=odd), root)
 
@@ -133,7 +133,7 @@ def indefinite_length_subject(root: pki.Authority, host: str) -> pki.Leaf:
     """A subject SEQUENCE of indefinite length (BER, not DER): OpenSSL takes it, cryptography cannot
     load the certificate at all, so there is nothing bumper can copy."""
     name = pki.raw_name((CN, 0x0C, host.encode()))
-    ber = b"\x30\x80" + pki._contents(name) + b"\x00\x00"
+    ber = b"\x30\x80" + pki.contents(name) + b"\x00\x00"
     leaf = root.leaf(host)
     raw = pki.RawCertificate(pki.reissued_der(leaf.cert, root, subject=ber))
     return pki.Leaf(leaf.key, raw, root)  # type: ignore[arg-type]
