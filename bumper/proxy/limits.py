@@ -122,9 +122,12 @@ def raise_fd_limit() -> int:
 
 
 # The log wording: `limit: WHAT (--FLAG)`, the setting to change always last, in brackets.
+LIMIT = "limit: "
+
+
 def timed_out(what: str, seconds: float, flag: str) -> str:
-    return f"limit: {what} within {seconds:g}s ({flag})"
+    return f"{LIMIT}{what} within {seconds:g}s ({flag})"
 
 
 def too_many(what: str, flag: str) -> str:
-    return f"limit: {what} ({flag})"
+    return f"{LIMIT}{what} ({flag})"
