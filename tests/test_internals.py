@@ -46,9 +46,15 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.context.Context.fork": ("cad9374a0689f10a", "replicated by make_stream"),
     # bumper's answers instead of mitmproxy's error pages (bumper/proxy/httpstream.py, bumper/proxy/replies.py)
     "mitmproxy.proxy.layers.http.HttpLayer.event_to_child": ("1095f6e1581d1780", "overridden"),
-    "mitmproxy.proxy.layers.http.HttpLayer._handle_event": ("6ba31883cc7a06b3", "keeps a preset Http1/2Server"),
+    "mitmproxy.proxy.layers.http.HttpLayer._handle_event": (
+        "6ba31883cc7a06b3",
+        "keeps Http1/2Server; Http1Client by name",
+    ),
     "mitmproxy.proxy.layers.http._http1.Http1Server.read_headers": ("3fe0945216bcf7bc", "overridden, page read"),
     "mitmproxy.proxy.layers.http._http1.Http1Server.send": ("cc218a1337c0f5cf", "its error page and close replicated"),
+    # The upstream's response head limit: bumper's Http1Client, put where these make it by name
+    "mitmproxy.proxy.layers.http._http1.Http1Client.read_headers": ("415454c5fa8b5981", "overridden: head size"),
+    "mitmproxy.proxy.layers.http.HttpClient._handle_event": ("bc1cae775a49a4fe", "makes Http1Client by name"),
     "mitmproxy.proxy.layers.http._http2.Http2Connection._handle_event": ("7fc814a8a507f234", "its error page replaced"),
     "mitmproxy.proxy.layers.http._base.format_error": ("26271a67770fbaf1", "its paragraph read"),
     "mitmproxy.proxy.layers.http.ErrorCode.http_status_code": ("4c08deb71c963636", "called"),

@@ -236,6 +236,59 @@ def test_request_head_over_the_size_limit(quick: Bumper, upstream: Upstream, whe
     assert upstream.requests == before + 2  # only the good requests
 
 
+@pytest.fixture
+def endless_head_upstream(test_pki: Pki, tmp_path: Path) -> Iterator[tuple[int, list[str]]]:
+    """An HTTPS upstream that answers every request with a response head that never ends (4 MiB of
+    header lines at most); what became of its sending is recorded."""
+    cert, key = test_pki.root.leaf("*.upstream.test").write(tmp_path, "endless")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    outcome: list[str] = []
+
+    def handle(conn: socket.socket) -> None:
+        conn.settimeout(5)
+        try:
+            with context.wrap_socket(conn, server_side=True) as tls:
+                data = b""
+                while b"\r\n\r\n" not in data and (chunk := tls.recv(4096)):
+                    data += chunk
+                tls.sendall(b"HTTP/1.1 200 OK\r\n")
+                line = b"X-Padding: " + b"a" * 1000 + b"\r\n"
+                for _ in range(4 * 1024):
+                    tls.sendall(line)
+            outcome.append("sent all")
+        except OSError as e:
+            outcome.append(f"cut off: {e}")
+
+    for port in tcp_server(handle):
+        yield port, outcome
+
+
+def test_upstream_response_head_over_the_size_limit(
+    quick: Bumper, upstream: Upstream, endless_head_upstream: tuple[int, list[str]]
+) -> None:
+    """mitmproxy would buffer the head without end; bumper closes the upstream at the limit."""
+    port, outcome = endless_head_upstream
+    reason = "limit: upstream response head over 8192 bytes (--max-header-bytes)"
+
+    def bad() -> int:
+        sock, reply = open_tunnel(quick, "endless.upstream.test", port)
+        client_port = sock.getsockname()[1]
+        assert reply.startswith(b"HTTP/1.1 200")
+        tls = client_tls_context(quick.ca_pem).wrap_socket(sock, server_hostname="endless.upstream.test")
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: endless.upstream.test\r\n\r\n")
+        answer = read_http_response(tls)
+        assert answer.startswith(b"HTTP/1.1 502") and reason.encode() in answer, answer
+        return client_port
+
+    line = run_next_to_good_requests(quick, upstream, bad)
+    assert f"outcome={reason}" in line, line
+    deadline = time.monotonic() + 10
+    while not outcome and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert outcome and outcome[0].startswith("cut off"), outcome
+
+
 @pytest.mark.parametrize("where", ["CONNECT", "plain http", "bumped tunnel"])
 def test_too_many_header_fields(quick: Bumper, upstream: Upstream, where: str) -> None:
     before = upstream.requests

@@ -313,6 +313,36 @@ class Http1Server(http_layers.Http1Server):
         )
 
 
+class Http1Client(http_layers.Http1Client):
+    """mitmproxy's HTTP/1 client side, with the upstream's response head held to the limit a client's
+    request head has: mitmproxy buffers a head of any size ("FIXME: protect against header size DoS"),
+    so an upstream that never ends its head would cost bumper memory without end. Over the limit, the
+    upstream connection is closed and the client gets bumper's 502 naming the limit.
+
+    mitmproxy makes this layer by the name `Http1Client` in its HTTP package, in two places; build_master
+    puts this class there (docs/architecture.md, internals)."""
+
+    def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        limit = _limits(self.context).max_header_bytes
+        if (
+            isinstance(event, events.DataReceived)
+            and self.stream_id is not None
+            and len(self.buf) > limit
+            and not _BLANK_LINE.search(bytes(self.buf), 0, limit + 2)
+        ):
+            reason = too_many(f"upstream response head over {limit} bytes", "--max-header-bytes")
+            yield commands.CloseConnection(self.conn)
+            yield ReceiveHttp(ResponseProtocolError(self.stream_id, reason, ErrorCode.GENERIC_SERVER_ERROR))
+            self.state = self.done
+            return
+        yield from super().read_headers(event)
+
+
+def _limits(context: Context) -> Limits:
+    """The limits of the HttpLayer above a connection layer: it is on the context's layer stack."""
+    return next(layer_.limits for layer_ in reversed(context.layers) if isinstance(layer_, HttpLayer))
+
+
 class Http2Server(http_layers.Http2Server):
     """mitmproxy's HTTP/2 server side with bumper's limits: the settings it announces (concurrent
     streams, header list size, HPACK table), a cap on a header block's bytes while its CONTINUATION
@@ -387,6 +417,7 @@ class Http2Server(http_layers.Http2Server):
 class HttpLayer(layers.HttpLayer):
     def __init__(self, context: Context, mode: http_layers.HTTPMode, limits: Limits) -> None:
         super().__init__(context, mode)
+        self.limits = limits
         # mitmproxy's Start keeps a client connection layer that is already there; it would pick the
         # same by ALPN: h2, else HTTP/1 (bumper speaks no HTTP/3).
         if context.client.alpn == b"h2":

@@ -49,7 +49,8 @@ class Limits:
     )  # fmt: skip
     max_header_bytes: int = _limit(
         60 * 1024, "--max-header-bytes", "BYTES",
-        "request line and headers of one request, HTTP/1 and HTTP/2 (the CONNECT line included)",
+        "request line and headers of one request, HTTP/1 and HTTP/2 (the CONNECT line included),"
+        " and an upstream's HTTP/1 response head",
         "Envoy max_request_headers_kb (60 KiB); HAProxy tune.bufsize less tune.maxrewrite (15 KiB)",
     )  # fmt: skip
     max_headers: int = _limit(
@@ -122,9 +123,12 @@ def raise_fd_limit() -> int:
 
 
 # The log wording: `limit: WHAT (--FLAG)`, the setting to change always last, in brackets.
+LIMIT = "limit: "
+
+
 def timed_out(what: str, seconds: float, flag: str) -> str:
-    return f"limit: {what} within {seconds:g}s ({flag})"
+    return f"{LIMIT}{what} within {seconds:g}s ({flag})"
 
 
 def too_many(what: str, flag: str) -> str:
-    return f"limit: {what} ({flag})"
+    return f"{LIMIT}{what} ({flag})"

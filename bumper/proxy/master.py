@@ -15,6 +15,7 @@ from pathlib import Path
 from mitmproxy import master, options
 from mitmproxy.addons import proxyserver
 from mitmproxy.connection import Address
+from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.utils import asyncio_utils, human
 
 from bumper import stopping
@@ -30,7 +31,7 @@ from bumper.policy import names
 from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import LAB, AddonSpec, OnError, Policy
 from bumper.policy.source import PolicySource
-from bumper.proxy import dispatch
+from bumper.proxy import dispatch, httpstream
 from bumper.proxy.connlimits import ConnectionLimits, out_of_descriptors
 from bumper.proxy.enforce import PolicyEnforcer
 from bumper.proxy.eventlog import ConnectionLog
@@ -117,6 +118,9 @@ def mimic_store(config: ProxyConfig, authority: ca_files.CertificateAuthority) -
 
 
 def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> master.Master:
+    # mitmproxy makes its HTTP/1 upstream layer by this name, where bumper cannot reach in otherwise
+    # (httpstream.Http1Client: the response head's size limit).
+    http_layers.Http1Client = httpstream.Http1Client  # type: ignore[misc]
     m = dispatch.Master(options.Options(), with_termlog=False)
     states = ConnectionStates()
     connection_log = ConnectionLog(states)

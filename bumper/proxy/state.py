@@ -14,6 +14,7 @@ from bumper.certs.trust import UpstreamVerdict, Verdict
 from bumper.policy import destinations
 from bumper.policy.rules import Action, Decision
 from bumper.proxy.httpstream import aborted, body_bytes
+from bumper.proxy.limits import LIMIT
 from bumper.proxy.replies import Reply, without_option_advice
 
 # ConnectionState.refused_by for what the policy refused.
@@ -186,7 +187,9 @@ class ConnectionStates:
 
     def error(self, flow: http.HTTPFlow) -> None:
         if state := self._states.get(flow.client_conn.id):
-            state.fail(f"HTTP error: {without_option_advice(flow.error.msg) if flow.error else 'unknown'}")
+            message = without_option_advice(flow.error.msg) if flow.error else "unknown"
+            # A limit of bumper's says itself what fired, as the limits on other paths do.
+            state.fail(message if message.startswith(LIMIT) else f"HTTP error: {message}")
             if flow.response is None or aborted(flow):  # else its response hook counted it
                 self._count(state, flow)
 
