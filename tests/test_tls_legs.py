@@ -146,3 +146,22 @@ def test_tls_below_12_upstream_only_where_a_rule_names_the_host(start_bumper, st
     )
     r = curl(allowing, legacy.url("/"))
     assert (r.returncode, r.stdout) == (0, "hello from upstream"), r.stderr  # the client leg stays TLS 1.2+
+
+
+def test_a_rule_can_hold_upstreams_to_tls13(start_bumper, start_upstream, tmp_path: Path) -> None:
+    """A stricter floor needs no exact names: a glob rule holds its upstreams to TLS 1.3, others keep 1.2."""
+    only12 = start_upstream(tls="1.2", host="tls12.upstream.test")
+    strict = start_with_policy(
+        start_bumper,
+        tmp_path,
+        "rules:\n  - name: modern\n    match: {sni: ['*.upstream.test']}\n    action: bump\n"
+        '    upstream_tls_min: "1.3"\n',
+    )
+    r = curl(strict, only12.url("/"), "-w", "%{local_port}")
+    assert r.returncode != 0 and "hello from upstream" not in r.stdout
+    line = strict.connection_line(int(r.stdout))
+    assert "rule=modern" in line and "outcome=upstream TLS failed" in line, line
+    (tmp_path / "default").mkdir()
+    default = start_with_policy(start_bumper, tmp_path / "default", "default: bump\n")
+    r = curl(default, only12.url("/"))
+    assert (r.returncode, r.stdout) == (0, "hello from upstream"), r.stderr

@@ -50,6 +50,7 @@ from bumper.policy.rules import (
 )
 
 _ACTION = Noun("action")  # "unknown action 'x' (expected one of: ...)"
+LEGACY_TLS = ("1.0", "1.1")  # upstream TLS floors below the default: for hosts a rule names exactly
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class RuleEntry:
     match: Match = Match()
     action: Annotated[Action, _ACTION]
     on_upstream_error: Annotated[OnUpstreamError, _ACTION] | None = None  # None: the policy's own
-    upstream_tls_min: Annotated[Literal["1.0", "1.1", "1.2"], Noun("version")] = "1.2"
+    upstream_tls_min: Annotated[Literal["1.0", "1.1", "1.2", "1.3"], Noun("version")] = "1.2"
     learn_pinning: bool = False
     addons: OneOrMore[AddonSpec] = ()  # `- name` or `- name: {settings..., on_error, timeout}`
 
@@ -83,7 +84,7 @@ class RuleEntry:
         problems: dict[str, str] = {}
         if self.on_upstream_error is OnUpstreamError.ALLOW and not exact:
             problems["on_upstream_error"] = "allow needs a match that names its hosts exactly, no globs"
-        if self.upstream_tls_min != "1.2" and not exact:
+        if self.upstream_tls_min in LEGACY_TLS and not exact:  # a stricter floor (1.3) may cover globs
             problems["upstream_tls_min"] = "below 1.2 needs a match that names its hosts exactly"
         if self.addons and self.action is not Action.BUMP:
             problems["addons"] = f"addons run on decrypted traffic only; this rule's action is {self.action}"

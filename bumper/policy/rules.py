@@ -89,7 +89,7 @@ class Rule:
     port: tuple[PortRange, ...] = ()
     listener: tuple[str, ...] = ()
     on_upstream_error: OnUpstreamError | None = None  # None: the policy's own
-    upstream_tls_min: str = "1.2"  # below 1.2 only for hosts the rule names exactly
+    upstream_tls_min: str = "1.2"  # "1.0" to "1.3"; below 1.2 only for hosts the rule names exactly
     learn_pinning: bool = False  # splice (client, SNI) pairs whose client rejected the mimic
     addons: tuple[AddonSpec, ...] = ()  # the chain run on bumped traffic, in order
 
