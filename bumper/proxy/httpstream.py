@@ -322,8 +322,12 @@ class Http1Client(http_layers.Http1Client):
     mitmproxy makes this layer by the name `Http1Client` in its HTTP package, in two places; build_master
     puts this class there (docs/architecture.md, internals)."""
 
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self.max_head = _limits(context).max_header_bytes
+
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
-        limit = _limits(self.context).max_header_bytes
+        limit = self.max_head
         if (
             isinstance(event, events.DataReceived)
             and self.stream_id is not None

@@ -172,7 +172,8 @@ class TlsProvider:
     def tls_established_server(self, data: tls.TlsData) -> Awaitable[None] | None:
         assert data.ssl_conn is not None
         errors: list[trust.VerifyError] = data.ssl_conn.get_app_data()
-        peer = PeerChain.of(data.ssl_conn)  # not certificate_list, which leaves out what it cannot parse
+        # OpenSSL's chain: certificate_list leaves out what cryptography cannot parse.
+        peer = PeerChain.of(data.ssl_conn, [c.to_cryptography() for c in data.conn.certificate_list])
         if self.verifier.fetches_issuer(errors, peer):
             return self._fetch_issuer_first(data, errors, peer)  # only this verdict has to wait
         self._keep(data, self.verifier.judge(errors, peer))

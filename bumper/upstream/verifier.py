@@ -29,10 +29,15 @@ class PeerChain:
     leaf_sha256: str | None = None  # the leaf's SHA-256 (upper-case hex), read or not
 
     @classmethod
-    def of(cls, conn: SSL.Connection) -> PeerChain:
+    def of(cls, conn: SSL.Connection, parsed: Sequence[x509.Certificate] = ()) -> PeerChain:
+        """The chain CONN received. PARSED: the same chain as already parsed (mitmproxy's
+        `certificate_list`); when it holds every certificate, nothing is read a second time."""
+        sent = conn.get_peer_cert_chain() or []
+        if parsed and len(parsed) == len(sent):
+            return cls(list(parsed))
         certificates: list[x509.Certificate] = []
         unreadable, leaf_sha256 = None, None
-        for depth, cert in enumerate(conn.get_peer_cert_chain() or []):
+        for depth, cert in enumerate(sent):
             der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
             if depth == 0:
                 leaf_sha256 = hashlib.sha256(der).hexdigest().upper()
@@ -105,7 +110,7 @@ class UpstreamVerifier:
             return UpstreamVerdict(trust.Verdict("bad_cert", detail), trust.Signing.UNTRUSTED, peer.leaf_sha256)
         chain = peer.certificates
         verdict = trust.classify(errors, chain, self._own_cas())
-        leaf = fingerprint(chain[0]).replace(":", "") if chain else None
+        leaf = peer.leaf_sha256 or (fingerprint(chain[0]).replace(":", "") if chain else None)
         mirrored = self._mirrors(chain[0]) if self._mirrors and chain and verdict.reason in trust.MIRRORABLE else ()
         signing = trust.signing_mode(errors, verdict, mirrored)
         return UpstreamVerdict(verdict, signing, leaf, trust.sends_root(errors, signing))
