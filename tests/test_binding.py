@@ -133,6 +133,23 @@ def test_strict_refuses_a_name_that_does_not_lead_to_the_address(
     assert bumper.connection_line(client_port).endswith("outcome=ok")
 
 
+def test_a_connect_that_waits_for_the_sni_still_obeys_destinations(
+    start_bumper: Callable[..., Bumper], tmp_path: Path, upstream: Upstream
+) -> None:
+    """bind_names: resolve connects only after the ClientHello, but an address the policy's
+    `destinations:` refuses is refused at the CONNECT, as when bumper connects at once."""
+    path = tmp_path / "policy.yaml"
+    path.write_text("ports: ['1-65535']\n" + POLICY)  # no destinations: loopback is refused
+    bumper = start_bumper("--policy", str(path))
+    seen = upstream.requests
+    reply, client_port = connect_reply(bumper, "127.0.0.1", upstream.port)
+    assert reply.startswith(b"HTTP/1.1 403"), reply
+    assert f"destination 127.0.0.1:{upstream.port} refused by policy (loopback;".encode() in reply
+    line = bumper.connection_line(client_port)
+    assert "action=block rule=destinations" in line and "outcome=destination 127.0.0.1" in line
+    assert upstream.requests == seen
+
+
 def test_client_goes_where_the_client_said_and_policy_check_warns(
     start_bumper: Callable[..., Bumper], tmp_path: Path, allowed: Upstream, secret: Upstream
 ) -> None:
