@@ -91,6 +91,26 @@ def test_resolve_connects_to_the_names_own_address(
     )
 
 
+def test_resolve_binds_a_spliced_tunnel_too(
+    start_bumper: Callable[..., Bumper], tmp_path: Path, allowed: Upstream, secret: Upstream, test_pki: Pki
+) -> None:
+    """Spliced, nothing is decrypted: the client's own TLS reaches the name's server, which it verifies."""
+    bumper = binding_bumper(start_bumper, tmp_path, allowed, None, POLICY.replace("action: bump", "action: splice"))
+    seen_secret = secret.requests
+    sock, reply = open_tunnel(bumper, "127.0.0.1", secret.port)
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    client_port = sock.getsockname()[1]
+    context = ssl.create_default_context(cafile=str(test_pki.root_pem))  # the real site's CA, not bumper's
+    with context.wrap_socket(sock, server_hostname=ALLOWED) as tls:
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {ALLOWED}\r\nConnection: close\r\n\r\n".encode())
+        response = b""
+        while chunk := tls.recv(65536):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 200"), response
+    assert secret.requests == seen_secret
+    assert "action=splice rule=allowed" in bumper.connection_line(client_port)
+
+
 def test_resolve_an_honest_client_is_served_without_a_note(
     start_bumper: Callable[..., Bumper], tmp_path: Path, allowed: Upstream
 ) -> None:
