@@ -32,7 +32,8 @@ from bumper.policy.load import check as check_policy
 from bumper.policy.load import load as load_policy
 from bumper.policy.rules import LAB
 from bumper.proxy import limits
-from bumper.proxy.master import ListenAddress, MimicSettings, ProxyConfig, access_log, serve
+from bumper.proxy.listeners import Listener
+from bumper.proxy.master import MimicSettings, ProxyConfig, access_log, serve
 from bumper.proxy.tlsprovider import CLIENT_CIPHERS, ClientTls
 from bumper.upstream.resolve import Override, ResolvingEventLoop
 from bumper.upstream.tls import UpstreamTrust
@@ -95,7 +96,13 @@ def _run_parser() -> argparse.ArgumentParser:
         required=True,
         help="CA directory; a new CA is made in it if it exists and holds none",
     )
-    p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8080", help="default: %(default)s")
+    p.add_argument(
+        "--listen",
+        metavar="[MODE@]HOST:PORT",
+        action="append",
+        help="a listener (repeatable): HOST:PORT or explicit@HOST:PORT (the proxy), transparent@HOST:PORT, "
+        "sni[:PORT]@HOST:PORT, reverse:URL@HOST:PORT; see docs/modes.md (default: 127.0.0.1:8080)",
+    )
     p.add_argument(
         "--upstream-ca",
         metavar="PEM",
@@ -226,6 +233,19 @@ def _addons_option(group: argparse._ActionsContainer) -> None:
     )
 
 
+DEFAULT_LISTEN = "127.0.0.1:8080"
+
+
+def _listeners(specs: list[str]) -> tuple[Listener, ...]:
+    listeners = tuple(Listener.parse(spec) for spec in specs)
+    seen: set[tuple[str, int]] = set()
+    for listener in listeners:
+        if listener.port and (listener.host, listener.port) in seen:
+            raise ConfigError(f"--listen {listener}: {listener.address} is given twice")
+        seen.add((listener.host, listener.port))
+    return listeners
+
+
 def _run_command(args: list[str]) -> int:
     """Run the proxy until SIGINT or SIGTERM, its normal end."""
     opts = _run_parser().parse_args(args)
@@ -234,7 +254,7 @@ def _run_command(args: list[str]) -> int:
     addons = load_registry(opts.addons)
     config = ProxyConfig(
         ca_dir=opts.ca,
-        listen=ListenAddress.parse(opts.listen),
+        listeners=_listeners(opts.listen or [DEFAULT_LISTEN]),
         trust=UpstreamTrust(tuple(opts.upstream_ca)),
         resolve=tuple(Override.parse(spec) for spec in opts.resolve),
         policy=load_policy(opts.policy, addons) if opts.policy else LAB,

@@ -116,12 +116,14 @@ def _describe_cert(title: str, path: Path, cert: x509.Certificate) -> list[str]:
     ]
 
 
-def trust_instructions(ca: CertificateAuthority, listen: str) -> str:
+def trust_instructions(ca: CertificateAuthority, listen: str | None) -> str:
+    """What to do with a new CA; LISTEN: the explicit proxy's address, if bumper has one."""
     pem = ca.cert_path
+    proxy = f"-x http://{listen} " if listen else ""
     return "\n".join(
         [
             f"bumper: created a new CA in {ca.directory}/. Clients must trust {pem}:",
-            f"  curl     curl -x http://{listen} --cacert {pem} https://example.com/",
+            f"  curl     curl {proxy}--cacert {pem} https://example.com/",
             f"  Debian   cp {pem} /usr/local/share/ca-certificates/bumper.crt && update-ca-certificates",
             f"  browser  import {pem} as a certificate authority "
             f"(Chromium/NSS: certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n bumper -i {pem})",

@@ -35,7 +35,7 @@ import yaml
 
 from bumper.errors import ConfigError
 from bumper.policy import binder, names
-from bumper.policy.binder import Check, HostPattern, Network, Noun, OneOrMore, PortRange
+from bumper.policy.binder import Check, HostPattern, Network, Noun, OneOrMore, Parsed, PortRange
 from bumper.policy.destinations import Destinations
 from bumper.policy.rules import (
     DEFAULT_ADDON_TIMEOUT,
@@ -48,6 +48,7 @@ from bumper.policy.rules import (
     OnUpstreamError,
     Policy,
     Rule,
+    listener_entry,
 )
 
 _ACTION = Noun("action")  # "unknown action 'x' (expected one of: ...)"
@@ -62,8 +63,9 @@ class Match:
     host: OneOrMore[HostPattern] = ()
     client: OneOrMore[Network] = ()
     port: OneOrMore[PortRange] = ()
-    # bumper has one listener today, the explicit proxy; rules can already name it for later modes.
-    listener: OneOrMore[Annotated[Literal["proxy"], Noun("listener")]] = ()
+    # A mode (explicit, transparent, sni, reverse) or a listener's HOST:PORT: the listeners themselves
+    # are known only at run time (--listen), so any address is accepted here.
+    listener: OneOrMore[Annotated[str, Parsed(listener_entry)]] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -35,6 +35,48 @@ class OnUpstreamError(StrEnum):
     SPLICE = "splice"  # probed before the client's handshake, and passed through
 
 
+class ListenerMode(StrEnum):
+    """How a listener's clients reach bumper (bumper.proxy.listeners)."""
+
+    EXPLICIT = "explicit"  # configured with a proxy: CONNECT and plain http://
+    TRANSPARENT = "transparent"  # redirected by the kernel
+    SNI = "sni"  # sent straight to bumper by DNS: the SNI names the destination
+    REVERSE = "reverse"  # a front end for one fixed upstream
+
+
+@dataclass(frozen=True)
+class ListenerRef:
+    """The listener a connection came in on, as rules match it: its mode, its address as --listen
+    gave it, and the address the connection reached (for a wildcard listener, one of this host's)."""
+
+    mode: ListenerMode
+    address: str
+    local: str
+
+    def named_by(self, entry: str) -> bool:
+        return entry in (self.mode, self.address, self.local)
+
+
+def listener_entry(text: str) -> str:
+    """A rule's `listener:` entry: a mode, or HOST:PORT in the form ListenerRef holds addresses."""
+    text = text.strip()
+    if text == "proxy":  # the explicit listener's name before there were other modes
+        return ListenerMode.EXPLICIT
+    if text in ListenerMode.__members__.values():
+        return text
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if sep and names.is_ip_address(host):
+        return listener_address(host, names.parse_port(port, lowest=0))
+    modes = ", ".join(ListenerMode)
+    raise ValueError(f"unknown listener {text!r} (expected one of: {modes}, or HOST:PORT)")
+
+
+def listener_address(host: str, port: int) -> str:
+    host = names.normalize(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class OnError(StrEnum):
     """What an inspection addon's failure does to the flow."""
 
@@ -107,14 +149,21 @@ class Rule:
     def needs_sni(self) -> bool:
         return bool(self.sni)
 
-    def matches(self, connect_host: str, sni: str | None, client: Address | None = None, port: int = 443) -> bool:
+    def matches(
+        self,
+        connect_host: str,
+        sni: str | None,
+        client: Address | None = None,
+        port: int = 443,
+        listener: ListenerRef | None = None,
+    ) -> bool:
         if self.host and not any(names.host_matches(p, connect_host) for p in self.host):
             return False
         if self.client and (client is None or not any(client in net for net in self.client)):
             return False
         if self.port and not in_ranges(port, self.port):
             return False
-        if self.listener and "proxy" not in self.listener:
+        if self.listener and (listener is None or not any(listener.named_by(e) for e in self.listener)):
             return False
         name = sni or connect_host
         return not self.sni or any(names.host_matches(p, name) for p in self.sni)
@@ -191,12 +240,19 @@ class Policy:
             return f"port {port} is not in the policy's ports"
         return None
 
-    def decide(self, connect_host: str, sni: str | None, client: Address | None = None, port: int = 443) -> Decision:
-        decision = self._first_match(connect_host, sni, client, port)
+    def decide(
+        self,
+        connect_host: str,
+        sni: str | None,
+        client: Address | None = None,
+        port: int = 443,
+        listener: ListenerRef | None = None,
+    ) -> Decision:
+        decision = self._first_match(connect_host, sni, client, port, listener)
         if decision.action is Action.SPLICE and sni and not names.is_ip_address(connect_host):
             # A spliced tunnel is never inspected, so both names must earn it: an allow-listed SNI
             # inside a CONNECT to a host that is not (domain fronting) is blocked.
-            as_connect = self._first_match(connect_host, connect_host, client, port)
+            as_connect = self._first_match(connect_host, connect_host, client, port, listener)
             if as_connect.action is not Action.SPLICE:
                 return Decision(Action.BLOCK, f"{decision.rule} (SNI {sni} spliced, CONNECT host {connect_host} not)")
         return decision
@@ -205,20 +261,24 @@ class Policy:
     def _index(self) -> RuleIndex:
         return RuleIndex(self.rules)
 
-    def _first_match(self, connect_host: str, sni: str | None, client: Address | None, port: int) -> Decision:
+    def _first_match(
+        self, connect_host: str, sni: str | None, client: Address | None, port: int, listener: ListenerRef | None
+    ) -> Decision:
         for i in self._index.candidates(connect_host, sni or connect_host):
-            if self.rules[i].matches(connect_host, sni, client, port):
+            if self.rules[i].matches(connect_host, sni, client, port, listener):
                 return self._by(self.rules[i])
         return Decision(self.default, "default", self.on_upstream_error)
 
-    def decide_at_connect(self, connect_host: str, client: Address | None = None, port: int = 443) -> Decision | None:
+    def decide_at_connect(
+        self, connect_host: str, client: Address | None = None, port: int = 443, listener: ListenerRef | None = None
+    ) -> Decision | None:
         """The decision when only the CONNECT host is known, or None when it hangs on the SNI: the
         first rule that matches, unless a rule that needs the SNI comes before it."""
         first_sni_rule = self._index.first_sni_rule
         for i in self._index.candidates(connect_host, connect_host):
             if i > first_sni_rule:
                 break
-            if not self.rules[i].needs_sni() and self.rules[i].matches(connect_host, None, client, port):
+            if not self.rules[i].needs_sni() and self.rules[i].matches(connect_host, None, client, port, listener):
                 return self._by(self.rules[i])
         if first_sni_rule < len(self.rules):
             return None

@@ -20,6 +20,7 @@ from bumper.policy.rules import (
     Address,
     BindNames,
     Decision,
+    ListenerRef,
     Mismatch,
     OnUpstreamError,
     bound_name,
@@ -79,7 +80,7 @@ class PolicyEnforcer:
         if why := names.ipv4_form_problem(host):
             return self._refuse(flow, BAD_NAME, "CONNECT to", why, status=400)
         # Refuse before any upstream connection when the CONNECT host alone decides `block`.
-        decision = policy.decide_at_connect(host, client, port)
+        decision = policy.decide_at_connect(host, client, port, self._listener(flow.client_conn))
         if decision is not None and decision.action is Action.BLOCK:
             self._refuse(flow, decision, "CONNECT to")
         elif decision is None and policy.bind_names is BindNames.RESOLVE and names.is_ip_address(host):
@@ -109,11 +110,15 @@ class PolicyEnforcer:
             return self._refuse(flow, BAD_NAME, "request to", why)
         if why := names.ipv4_form_problem(flow.request.host):
             return self._refuse(flow, BAD_NAME, "request to", why, status=400)
-        decision = policy.decide(flow.request.host, None, client, flow.request.port)
+        decision = policy.decide(flow.request.host, None, client, flow.request.port, self._listener(flow.client_conn))
         if decision.action is Action.BLOCK:
             self._refuse(flow, decision, "request to")
         elif state := self.states.of(flow.client_conn.id):
             state.decided(decision)
+
+    def _listener(self, client: connection.Client) -> ListenerRef | None:
+        state = self.states.of(client.id)
+        return state.listener if state else None
 
     def _check_names(self, flow: http.HTTPFlow) -> None:
         """In a bumped connection, CONNECT host, SNI and the request's names must name one site: its
@@ -158,7 +163,7 @@ class PolicyEnforcer:
             self._block(data, BAD_NAME, f"SNI {why}")
             return None
         policy = self.source.policy
-        decision = policy.decide(host, sni, client_address(context.client), port)
+        decision = policy.decide(host, sni, client_address(context.client), port, self._listener(context.client))
         name = bound_name(decision, host, sni) if decision.action is not Action.BLOCK else None
         if name is None or policy.bind_names is BindNames.CLIENT:
             return self._decided(data, decision, host, port)

@@ -27,7 +27,6 @@ from bumper.certs.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES, SqliteMimicStore
 from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.errors import ConfigError
 from bumper.inspect.chain import AddonRunner
-from bumper.policy import names
 from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import LAB, AddonSpec, OnError, Policy
 from bumper.policy.source import PolicySource
@@ -37,6 +36,7 @@ from bumper.proxy.enforce import PolicyEnforcer
 from bumper.proxy.eventlog import ConnectionLog
 from bumper.proxy.layers import NextLayer
 from bumper.proxy.limits import Limits
+from bumper.proxy.listeners import Listener, Mode
 from bumper.proxy.pinlearner import PinLearner
 from bumper.proxy.replies import ConnectReplies
 from bumper.proxy.state import ConnectionStates
@@ -55,28 +55,6 @@ STREAM_BODIES_OVER = "1m"
 
 
 @dataclass(frozen=True)
-class ListenAddress:
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> ListenAddress:
-        host, sep, port = text.rpartition(":")
-        host = host.removeprefix("[").removesuffix("]")
-        if not sep:
-            raise ConfigError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
-        if not (names.is_ip_address(host) or host == "localhost"):
-            raise ConfigError(f"--listen {text!r}: {host!r} is not an IP address")
-        try:
-            return cls(host, names.parse_port(port, lowest=0))  # 0: any free port
-        except ValueError as e:
-            raise ConfigError(f"--listen {text!r}: {e}") from None
-
-    def __str__(self) -> str:
-        return human.format_address((self.host, self.port))
-
-
-@dataclass(frozen=True)
 class MimicSettings:
     memory_entries: int = DEFAULT_CAPACITY
     db_entries: int = DEFAULT_MAX_ENTRIES  # 0: no disk cache
@@ -88,7 +66,7 @@ class MimicSettings:
 @dataclass(frozen=True)
 class ProxyConfig:
     ca_dir: Path
-    listen: ListenAddress
+    listeners: tuple[Listener, ...]
     trust: UpstreamTrust
     resolve: tuple[Override, ...] = ()
     policy: Policy = LAB
@@ -122,7 +100,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     # (httpstream.Http1Client: the response head's size limit).
     http_layers.Http1Client = httpstream.Http1Client  # type: ignore[misc]
     m = dispatch.Master(options.Options(), with_termlog=False)
-    states = ConnectionStates()
+    states = ConnectionStates({listener.mitmproxy_mode(): listener for listener in config.listeners})
     connection_log = ConnectionLog(states)
     mimics = mimic_store(config, authority)
     own_cas = [authority.trust_anchor, authority.cert]
@@ -156,9 +134,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         connection_log,  # last: the others' client_disconnected still see the state it then forgets
     )
     m.options.update(
-        mode=["regular"],
-        listen_host=config.listen.host,
-        listen_port=config.listen.port,
+        mode=[listener.mitmproxy_mode() for listener in config.listeners],
         connection_strategy="eager",  # server-first: the upstream is reached before the client handshake
         stream_large_bodies=STREAM_BODIES_OVER,
         ssl_insecure=False,
@@ -184,12 +160,12 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
         with _captured_errors("mitmproxy.addons.proxyserver") as errors:
             ok = await server.setup_servers()
         if not ok:
-            raise ConfigError(f"--listen {config.listen}: {_listen_failure(errors)}")
+            raise ConfigError(f"--listen: {_listen_failure(errors)}")
         _check_destinations(loop, m, server.listen_addrs())
         try:
             await m.running()  # before the listening line: who reads it may rely on a started proxy
             if not m.should_exit.is_set():  # a proxy stopped during start-up has nothing to announce
-                _announce(server.listen_addrs(), authority if announce_new_ca else None)
+                _announce(config.listeners, server.servers, authority if announce_new_ca else None)
             loop.add_signal_handler(signal.SIGHUP, m.addons.get("policysource").reload)
             loop.add_signal_handler(signal.SIGUSR1, m.addons.get("addonrunner").reopen)
             await m.should_exit.wait()
@@ -206,12 +182,22 @@ def _check_destinations(loop: asyncio.AbstractEventLoop, m: master.Master, liste
     loop.egress = Egress(lambda: source.policy.destinations, tuple((ip_address(a[0]), a[1]) for a in listening))
 
 
-def _announce(addresses: list[Address], new_ca: ca_files.CertificateAuthority | None) -> None:
-    for host, port, *_ in addresses:
-        listening = human.format_address((host, port))
-        print(f"bumper: proxy listening on {listening}", file=sys.stderr, flush=True)
+def _announce(
+    listeners: tuple[Listener, ...], servers: proxyserver.Servers, new_ca: ca_files.CertificateAuthority | None
+) -> None:
+    """One line per listening address: `bumper: proxy listening on HOST:PORT` for the explicit proxy
+    (what clients are configured with), `bumper: MODE listening on HOST:PORT` for the others."""
+    by_spec = {listener.mitmproxy_mode(): listener for listener in listeners}
+    proxy = None
+    for instance in servers:
+        listener = by_spec[instance.mode.full_spec]
+        what = "proxy" if listener.mode is Mode.EXPLICIT else str(listener.mode)
+        for host, port, *_ in instance.listen_addrs:
+            address = human.format_address((host, port))
+            print(f"bumper: {what} listening on {address}", file=sys.stderr, flush=True)
+            proxy = proxy or (address if listener.mode is Mode.EXPLICIT else None)
     if new_ca is not None:
-        print(ca_files.trust_instructions(new_ca, listening), file=sys.stderr, flush=True)
+        print(ca_files.trust_instructions(new_ca, proxy), file=sys.stderr, flush=True)
 
 
 def _listen_failure(errors: list[str]) -> str:

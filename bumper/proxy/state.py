@@ -3,6 +3,7 @@ does for a bumped one: bumper's addons read and write it instead of keeping dict
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -12,9 +13,10 @@ from mitmproxy.utils import human
 
 from bumper.certs.trust import UpstreamVerdict, Verdict
 from bumper.policy import destinations
-from bumper.policy.rules import Action, Decision
+from bumper.policy.rules import Action, Decision, ListenerRef
 from bumper.proxy.httpstream import aborted, body_bytes
 from bumper.proxy.limits import LIMIT
+from bumper.proxy.listeners import Listener
 from bumper.proxy.replies import Reply, without_option_advice
 
 # ConnectionState.refused_by for what the policy refused.
@@ -38,6 +40,7 @@ class ConnectionState:
 
     conn: connection.Client
     client: str  # the client's address and port, as the log line shows it
+    listener: ListenerRef | None = None  # the listener it came in on
     kind: Kind = Kind.CONNECT
     target: str | None = None  # host:port from the CONNECT request or the plain request's URL
     sni: str | None = None
@@ -103,9 +106,15 @@ class ConnectionState:
             return f"ok, served although the upstream failed verification ({self.verify})"
         return "ok"
 
+    @property
+    def listener_name(self) -> str | None:
+        """MODE@ADDRESS, the address the connection reached: `explicit@127.0.0.1:8080`."""
+        return f"{self.listener.mode}@{self.listener.local}" if self.listener else None
+
     def line(self) -> str:
         return (
-            f"{self.client} {self.kind} {_dash(self.target)} sni={_dash(self.sni)} action={_dash(self.action)} "
+            f"{self.client} {self.kind} {_dash(self.target)} listener={_dash(self.listener_name)} "
+            f"sni={_dash(self.sni)} action={_dash(self.action)} "
             f"rule={_dash(self.rule)} verify={_dash(self.verify)} upstream_sha256={_dash(self.upstream_sha256)} "
             f"requests={self.requests} outcome={self.outcome()}"
         )
@@ -125,8 +134,9 @@ class ConnectionStates:
     Added before bumper's other addons, so theirs can rely on the state; ConnectionLog, added last,
     forgets it once the connection's line is written."""
 
-    def __init__(self) -> None:
+    def __init__(self, listeners: Mapping[str, Listener] | None = None) -> None:
         self._states: dict[str, ConnectionState] = {}
+        self._listeners = listeners or {}  # bumper's listeners, by the mode mitmproxy runs them with
 
     def of(self, client_id: str) -> ConnectionState | None:
         return self._states.get(client_id)
@@ -135,7 +145,10 @@ class ConnectionStates:
         return self._states.pop(client_id, None)
 
     def client_connected(self, client: connection.Client) -> None:
-        self._states[client.id] = ConnectionState(client, human.format_address(client.peername))
+        listener = self._listeners.get(client.proxy_mode.full_spec)
+        self._states[client.id] = ConnectionState(
+            client, human.format_address(client.peername), listener.ref(client) if listener else None
+        )
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         if state := self._states.get(data.client.id):

@@ -1,0 +1,111 @@
+"""bumper's listeners: `--listen [MODE@]HOST:PORT`, repeatable, each one of mitmproxy's proxy modes.
+
+127.0.0.1:8080                          explicit proxy: CONNECT and plain http:// (the default)
+explicit@127.0.0.1:8080                 the same
+transparent@0.0.0.0:8443                connections the kernel redirected (nftables REDIRECT/TPROXY)
+sni@0.0.0.0:443, sni:8443@0.0.0.0:443   TLS sent straight to bumper: the SNI, resolved, on port 443 (8443)
+reverse:https://backend.internal@0.0.0.0:443   one fixed upstream (http:// or https://)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from mitmproxy import connection
+
+from bumper.errors import ConfigError
+from bumper.policy import names
+from bumper.policy.rules import ListenerMode as Mode
+from bumper.policy.rules import ListenerRef, listener_address
+
+DEFAULT_SNI_PORT = 443
+
+
+# Each mode as mitmproxy runs it. An SNI listener is a reverse proxy whose upstream bumper replaces
+# with the ClientHello's name (layers.NextLayer); the placeholder is never connected to.
+_MITMPROXY_MODE = {
+    Mode.EXPLICIT: "regular",
+    Mode.TRANSPARENT: "transparent",
+    Mode.SNI: "reverse:tls://sni.invalid:{port}",
+    Mode.REVERSE: "reverse:{url}",
+}
+
+
+@dataclass(frozen=True)
+class Listener:
+    mode: Mode
+    host: str
+    port: int
+    upstream: str | None = None  # reverse: the URL; sni: None
+    sni_port: int = DEFAULT_SNI_PORT  # sni: the port the SNI's name is connected to
+
+    @classmethod
+    def parse(cls, text: str) -> Listener:
+        """`[MODE@]HOST:PORT`, or ConfigError saying what is wrong with TEXT."""
+        spec, at, address = text.rpartition("@")
+        host, port = _address(text, address)
+        if not at:
+            return cls(Mode.EXPLICIT, host, port)
+        name, _, data = spec.partition(":")
+        try:
+            mode = Mode(name)
+        except ValueError:
+            modes = ", ".join(m.value for m in Mode)
+            raise ConfigError(f"--listen {text!r}: unknown mode {name!r} (expected one of: {modes})") from None
+        if mode is Mode.REVERSE:
+            return cls(mode, host, port, upstream=_reverse_url(text, data))
+        if mode is Mode.SNI:
+            return cls(mode, host, port, sni_port=_sni_port(text, data) if data else DEFAULT_SNI_PORT)
+        if data:
+            raise ConfigError(f"--listen {text!r}: {mode} takes no {data!r}")
+        return cls(mode, host, port)
+
+    @property
+    def address(self) -> str:
+        return listener_address(self.host, self.port)
+
+    def ref(self, client: connection.Client) -> ListenerRef:
+        """This listener as the policy sees it, for CLIENT's connection."""
+        return ListenerRef(self.mode, self.address, listener_address(*client.sockname[:2]))
+
+    def __str__(self) -> str:
+        return f"{self.mode}@{self.address}"
+
+    def mitmproxy_mode(self) -> str:
+        """The listener as one of mitmproxy's `mode` option's entries."""
+        mode = _MITMPROXY_MODE[self.mode].format(port=self.sni_port, url=self.upstream)
+        return f"{mode}@{self.address}"
+
+
+def _address(text: str, address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep:
+        raise ConfigError(f"--listen {text!r}: expected [MODE@]HOST:PORT, e.g. 127.0.0.1:8080")
+    if not (names.is_ip_address(host) or host == "localhost"):
+        raise ConfigError(f"--listen {text!r}: {host!r} is not an IP address")
+    try:
+        return host, names.parse_port(port, lowest=0)  # 0: any free port
+    except ValueError as e:
+        raise ConfigError(f"--listen {text!r}: {e}") from None
+
+
+def _reverse_url(text: str, url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises on a bad port
+    except ValueError as e:
+        raise ConfigError(f"--listen {text!r}: bad upstream URL {url!r}: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"--listen {text!r}: reverse needs an http:// or https:// URL, e.g. reverse:https://backend")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError(f"--listen {text!r}: the upstream URL is a scheme, a host and a port, no path")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _sni_port(text: str, port: str) -> int:
+    try:
+        return names.parse_port(port, lowest=1)
+    except ValueError as e:
+        raise ConfigError(f"--listen {text!r}: sni:PORT: {e}") from None
