@@ -98,7 +98,7 @@ class Url:
 
     @property
     def origin(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = f"[{self.host}]" if ":" in self.host and names.is_ip_address(self.host) else self.host
         return f"{self.scheme}://{host}" + ("" if self.port is None else f":{self.port}")
 
 
@@ -109,7 +109,9 @@ def parse(url: str) -> Url:
     if not sep:
         return Url("", "", None, url)
     end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    authority, target = rest[:end], rest[end:] or "/"
+    authority, target = rest[:end], rest[end:]
+    if not target.startswith("/"):  # an empty path is "/" (RFC 3986 section 6.2.3)
+        target = "/" + target
     scheme = scheme.lower()
     host, port = _split_authority(authority)
     if port is not None and port == DEFAULT_PORTS.get(scheme):
