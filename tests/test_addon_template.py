@@ -76,6 +76,15 @@ def test_a_refused_path_gets_the_page_and_never_reaches_the_upstream(tagging: Bu
     tagging.process.wait_for_line(r"example_tag: 127\.0\.0\.1:\d+ CONNECT upstream\.test:\d+: 1 request refused")
 
 
+@pytest.mark.parametrize("target", ["/%61dmin/users", "/pub/../admin/users", "//admin/users", "/admin;x/users"])
+def test_a_refused_path_is_refused_however_it_is_written(tagging: Bumper, upstream: Upstream, target: str) -> None:
+    before = upstream.requests
+    r = curl(tagging, upstream.url(target), "--path-as-is", "-w", "\n%{http_code}")
+    assert r.stdout.endswith("\n403") and "(/admin)" in r.stdout
+    assert curl(tagging, upstream.url("/"), "-w", "%{http_code}").stdout.endswith("200")
+    assert upstream.requests == before + 1  # the second only
+
+
 def test_the_status_is_a_setting(tagging: Bumper, upstream: Upstream) -> None:
     r = curl(
         tagging, f"https://custom.upstream.test:{upstream.port}/private/x", "-H", "Accept: application/json",
