@@ -44,6 +44,8 @@ def canonical(target: str) -> str:
     escape, a backslash) percent-encoded as UTF-8, and the dot segments of the path removed. The
     query keeps its order and its `+`; `;`, `%2F` and repeated slashes stay as they are."""
     path, mark, query = target.partition("?")
+    if _plain(path, query):
+        return target
     path = _encode(path, _PATH_CHARS)
     if path.startswith("/"):
         path = remove_dot_segments(path)
@@ -57,7 +59,7 @@ def readings(target: str) -> tuple[str, ...]:
     path's segments and merging repeated slashes. A pattern that matches none of them does not match
     what any server reads."""
     path, mark, query = target.partition("?")
-    if _PLAIN_PATH.fullmatch(path) and _PLAIN_QUERY.fullmatch(query):
+    if _plain(path, query):
         return (target,)
     found = dict.fromkeys([target, canonical(target)])
     decoded_query = mark + _decode_all(query)
@@ -65,6 +67,10 @@ def readings(target: str) -> tuple[str, ...]:
         for merge_slashes in (False, True):
             found[_lenient(path, drop_parameters, merge_slashes) + decoded_query] = None
     return tuple(found)
+
+
+def _plain(path: str, query: str) -> bool:
+    return bool(_PLAIN_PATH.fullmatch(path) and _PLAIN_QUERY.fullmatch(query))
 
 
 def remove_dot_segments(path: str) -> str:
