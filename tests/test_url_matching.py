@@ -17,15 +17,8 @@ import pytest
 from tests.conftest import Bumper, curl, start_with_policy, tcp_server
 from tests.recording import Recorder
 
-POLICY = (
-    "default: bump\n"
-    "rules:\n"
-    "  - name: filtered\n"
-    "    action: bump\n"
-    "    addons:\n"
-    "      - block:\n"
-    "          urls: ['upstream.test/admin/*', 'regex:https?://upstream\\.test:[0-9]+/private/.*']\n"
-)
+URLS = "['upstream.test/admin/*', 'regex:https?://upstream\\.test:[0-9]+/private/.*']"
+POLICY = f"default: bump\nrules:\n  - name: filtered\n    action: bump\n    addons: [{{block: {{urls: {URLS}}}}}]\n"
 GLOB_REASON = "blocked by policy (URL upstream.test/admin/*)"
 REGEX_REASON = "blocked by policy (URL regex:https?://upstream\\.test:[0-9]+/private/.*)"
 
