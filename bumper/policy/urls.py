@@ -26,10 +26,10 @@ _PCHAR = UNRESERVED | frozenset("!$&'()*+,;=:@")
 _PATH_CHARS = _PCHAR | frozenset("/")
 _QUERY_CHARS = _PCHAR | frozenset("/?")
 _HEX = frozenset("0123456789abcdefABCDEF")
-# A target whose every reading is itself: no escapes, no dot, empty or parameter segments, no
-# backslash, nothing to encode. Most requests are like this, and skip the work below.
-# A segment that starts with a dot goes the long way (it may be `.` or `..`); each starts at its own
-# slash, so that the expression cannot backtrack.
+# A target whose every reading is itself: no escapes, no empty or parameter segments, no backslash,
+# nothing to encode. Most requests are like this, and skip the work below. A segment that starts
+# with a dot goes the long way (it may be `.` or `..`). Each segment starts at its own slash, so
+# that the expression cannot backtrack.
 _PLAIN_PATH = re.compile(r"(?:/[A-Za-z0-9\-_~!$&'()*+,=:@][A-Za-z0-9\-._~!$&'()*+,=:@]*)*/?")
 _PLAIN_QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*")
 # Percent-escapes decoded at most this often in a lenient reading: a server behind a server may
