@@ -67,6 +67,11 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layers.tls.ClientTLSLayer.on_handshake_error": ("04a3a2530293d19b", "overridden; wording read"),
     "mitmproxy.proxy.layers.tls.TLSLayer.receive_handshake_data": ("721fe6313c0979fe", "error wording read"),
     "mitmproxy.proxy.layers.tls.ClientTLSLayer.receive_handshake_data": ("a0ee021f92f6d0ff", "error wording read"),
+    # A CONNECT connected after its ClientHello (bind_names: resolve; bumper/proxy/httpstream.py, enforce.py)
+    "mitmproxy.proxy.layers.http.HttpStream.handle_connect_regular": ("ae920a52067801dc", "overridden, lazy copied"),
+    "mitmproxy.proxy.layers.http.HttpStream.handle_connect_finish": ("eb3a0054cb5b716e", "called"),
+    "mitmproxy.proxy.layers.tls.ClientTLSLayer.start_server_tls": ("ecb12045d0984a01", "opens it after the hook"),
+    "mitmproxy.proxy.layers.tls.ServerTLSLayer.event_to_child": ("72ccc54bbf633c15", "lets that open through"),
     # Limits in the protocol layers (bumper/proxy/httpstream.py, layers.py; docs/limits.md)
     "mitmproxy.proxy.layers.http._http1.Http1Connection.read_body": (
         "aece271029af36e4",
