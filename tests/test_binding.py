@@ -83,7 +83,9 @@ def test_resolve_connects_to_the_names_own_address(
     assert secret.requests == seen_secret  # the address the client gave got nothing
     assert allowed.wait_for_requests(seen_allowed + 1)
     line = bumper.connection_line(client_port)
-    assert f"CONNECT 127.0.0.1:{secret.port} sni={ALLOWED} action=bump rule=allowed" in line
+    assert (
+        f"CONNECT 127.0.0.1:{secret.port} listener=explicit@127.0.0.1:{bumper.port} sni={ALLOWED} action=bump" in line
+    )
     assert line.endswith("outcome=ok")
     assert (
         f"CONNECT 127.0.0.1:{secret.port} with SNI {ALLOWED} went to 127.0.0.1:{allowed.port}, the name's own"

@@ -131,7 +131,9 @@ def test_client_without_sni_gets_the_connect_host(bumper: Bumper, upstream: Upst
         port = tls.getsockname()[1]
     assert response.endswith(b"hello from upstream")
     line = bumper.connection_line(port)
-    assert f"CONNECT {upstream.host}:{upstream.port} sni=- action=bump rule=default" in line
+    assert (
+        f"CONNECT {upstream.host}:{upstream.port} listener=explicit@127.0.0.1:{bumper.port} sni=- action=bump" in line
+    )
 
 
 def test_one_log_line_per_connection(bumper: Bumper, upstream: Upstream) -> None:
@@ -139,7 +141,10 @@ def test_one_log_line_per_connection(bumper: Bumper, upstream: Upstream) -> None
     port = int(r.stdout.removeprefix("hello from upstream"))
     line = bumper.connection_line(port)
     fingerprint = upstream.leaf.cert.fingerprint(hashes.SHA256()).hex().upper()
-    assert f"CONNECT {upstream.host}:{upstream.port} sni={upstream.host} action=bump rule=default" in line
+    assert (
+        f"CONNECT {upstream.host}:{upstream.port} listener=explicit@127.0.0.1:{bumper.port} "
+        f"sni={upstream.host} action=bump" in line
+    )
     assert line.endswith(f" verify=trusted upstream_sha256={fingerprint} requests=1 outcome=ok")
 
 

@@ -187,7 +187,8 @@ def test_problems_of_every_kind_are_reported_at_once(tmp_path: Path) -> None:
         "keep_authorization_for)",
         f"{path}:24:9: rules[3].addons[1]: unknown addon 'nope' (known: access_log, block, dlp, headers, upload_limit)",
         f"{path}:27:5: rules[4].name: repeated key",
-        f"{path}:25:23: rules[4].match.listener: unknown listener 'socks' (expected one of: proxy)",
+        f"{path}:25:23: rules[4].match.listener: unknown listener 'socks' "
+        "(expected one of: explicit, transparent, sni, reverse, or HOST:PORT)",
         f"{path}:25:5: rules[4].action: missing",
     ]
 
@@ -298,13 +299,13 @@ def test_plain_http_proxy_requests_obey_the_policy(
     assert status == "403" and "blocked by policy rule 'no-evil'" in body
     assert accepted == []  # never reached
     line = policed.connection_line(int(client_port), kind="HTTP")
-    assert f"HTTP evil.test:{port} sni=- action=block rule=no-evil" in line
+    assert f"HTTP evil.test:{port} listener=explicit@127.0.0.1:{policed.port} sni=- action=block" in line
 
     allowed = curl(policed, f"http://plain.test:{plain_http_origin}/", "-w", "\n%{local_port}")
     body, client_port = allowed.stdout.rsplit("\n", 1)
     assert body == "plain hello"
     line = policed.connection_line(int(client_port), kind="HTTP")
-    assert f"HTTP plain.test:{plain_http_origin} sni=- action=bump rule=default verify=- upstream_sha256=-" in line
+    assert f"HTTP plain.test:{plain_http_origin} listener=explicit@127.0.0.1:{policed.port} sni=- action=bump" in line
     assert line.endswith(" requests=1 outcome=ok")
 
 
@@ -502,12 +503,31 @@ def test_learned_pins_expire_and_stay_bounded() -> None:
     assert [pins.pinned("10.0.0.1", n) for n in ("b.test", "c.test", "d.test")] == [False, True, True]
 
 
-def test_rules_can_name_the_listener(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("entry", "matches"),
+    [
+        ("explicit", True),
+        ("proxy", True),  # the explicit listener's name before there were modes
+        ("sni", False),
+        ("0.0.0.0:8080", True),  # the address --listen gave
+        ("10.0.0.1:8080", True),  # the address the connection reached
+        ("'[::1]:8080'", False),
+        ("10.0.0.1:8081", False),
+    ],
+)
+def test_rules_can_name_the_listener(tmp_path: Path, entry: str, matches: bool) -> None:
     path = tmp_path / "p.yaml"
-    path.write_text("rules:\n  - match: {listener: [proxy]}\n    action: block\n")
-    assert load_policy(path).decide("a.test", "a.test").action == "block"
+    path.write_text(f"default: bump\nrules:\n  - match: {{listener: [{entry}]}}\n    action: block\n")
+    explicit = policy.ListenerRef(policy.ListenerMode.EXPLICIT, "0.0.0.0:8080", "10.0.0.1:8080")
+    decide = load_policy(path).decide
+    assert decide("a.test", "a.test", listener=explicit).action == ("block" if matches else "bump")
+    assert decide("a.test", "a.test").action == "bump"  # no listener known: no rule on listeners matches
+
+
+def test_an_unknown_listener_is_a_policy_error(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
     path.write_text("rules:\n  - match: {listener: [socks]}\n    action: block\n")
-    with pytest.raises(ConfigError, match="unknown listener 'socks' \\(expected one of: proxy\\)"):
+    with pytest.raises(ConfigError, match="unknown listener 'socks' \\(expected one of: explicit, transparent, sni"):
         load_policy(path)
 
 

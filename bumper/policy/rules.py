@@ -262,7 +262,12 @@ class Policy:
         return RuleIndex(self.rules)
 
     def _first_match(
-        self, connect_host: str, sni: str | None, client: Address | None, port: int, listener: ListenerRef | None
+        self,
+        connect_host: str,
+        sni: str | None,
+        client: Address | None,
+        port: int,
+        listener: ListenerRef | None = None,
     ) -> Decision:
         for i in self._index.candidates(connect_host, sni or connect_host):
             if self.rules[i].matches(connect_host, sni, client, port, listener):

@@ -11,11 +11,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 from mitmproxy import master, options
 from mitmproxy.addons import proxyserver
 from mitmproxy.connection import Address
 from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.mode_servers import ServerInstance
 from mitmproxy.utils import asyncio_utils, human
 
 from bumper import stopping
@@ -160,12 +162,13 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
         with _captured_errors("mitmproxy.addons.proxyserver") as errors:
             ok = await server.setup_servers()
         if not ok:
-            raise ConfigError(f"--listen: {_listen_failure(errors)}")
+            failed = [listener for listener in config.listeners if _instance(server, listener).last_exception]
+            raise ConfigError(f"--listen {failed[0] if failed else ''}: {_listen_failure(errors)}")
         _check_destinations(loop, m, server.listen_addrs())
         try:
             await m.running()  # before the listening line: who reads it may rely on a started proxy
             if not m.should_exit.is_set():  # a proxy stopped during start-up has nothing to announce
-                _announce(config.listeners, server.servers, authority if announce_new_ca else None)
+                _announce(config.listeners, server, authority if announce_new_ca else None)
             loop.add_signal_handler(signal.SIGHUP, m.addons.get("policysource").reload)
             loop.add_signal_handler(signal.SIGUSR1, m.addons.get("addonrunner").reopen)
             await m.should_exit.wait()
@@ -182,15 +185,19 @@ def _check_destinations(loop: asyncio.AbstractEventLoop, m: master.Master, liste
     loop.egress = Egress(lambda: source.policy.destinations, tuple((ip_address(a[0]), a[1]) for a in listening))
 
 
+def _instance(server: proxyserver.Proxyserver, listener: Listener) -> ServerInstance[Any]:
+    """mitmproxy's server for LISTENER."""
+    return server.servers[listener.mitmproxy_mode()]
+
+
 def _announce(
-    listeners: tuple[Listener, ...], servers: proxyserver.Servers, new_ca: ca_files.CertificateAuthority | None
+    listeners: tuple[Listener, ...], server: proxyserver.Proxyserver, new_ca: ca_files.CertificateAuthority | None
 ) -> None:
     """One line per listening address: `bumper: proxy listening on HOST:PORT` for the explicit proxy
     (what clients are configured with), `bumper: MODE listening on HOST:PORT` for the others."""
-    by_spec = {listener.mitmproxy_mode(): listener for listener in listeners}
     proxy = None
-    for instance in servers:
-        listener = by_spec[instance.mode.full_spec]
+    for listener in listeners:
+        instance = _instance(server, listener)
         what = "proxy" if listener.mode is Mode.EXPLICIT else str(listener.mode)
         for host, port, *_ in instance.listen_addrs:
             address = human.format_address((host, port))
