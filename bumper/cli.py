@@ -238,11 +238,14 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 
 def _listeners(specs: list[str]) -> tuple[Listener, ...]:
     listeners = tuple(Listener.parse(spec) for spec in specs)
-    seen: set[tuple[str, int]] = set()
+    seen: set[str] = set()
     for listener in listeners:
-        if listener.port and (listener.host, listener.port) in seen:
-            raise ConfigError(f"--listen {listener}: {listener.address} is given twice")
-        seen.add((listener.host, listener.port))
+        # Port 0 binds a free port each time; but mitmproxy runs one server per mode and address, so
+        # two port-0 listeners it runs the same way would be one.
+        key = listener.mitmproxy_mode() if listener.port == 0 else listener.address
+        if key in seen:
+            raise ConfigError(f"--listen {listener}: {listener.address} is taken by another --listen")
+        seen.add(key)
     return listeners
 
 

@@ -62,6 +62,7 @@ PINNED: dict[str, tuple[str, str]] = {
     # TLS layers: close_notify and alerts (bumper/proxy/layers.py)
     "mitmproxy.proxy.layers.tls.TLSLayer.send_close": ("d9b1161f42db9992", "overridden"),
     "mitmproxy.proxy.layers.tls.TLSLayer.tls_interact": ("62d6d57d43dd1a2e", "called"),
+    "mitmproxy.proxy.layers.tls.TLSLayer.start_tls": ("3878cd7c942a58ba", "extended: alert before its close"),
     "mitmproxy.proxy.layers.tls.TLSLayer.on_handshake_error": ("affcdcce93e86080", "overridden"),
     "mitmproxy.proxy.layers.tls.ServerTLSLayer.on_handshake_error": ("fd53d44a5dee8d8a", "overridden"),
     "mitmproxy.proxy.layers.tls.ClientTLSLayer.on_handshake_error": ("04a3a2530293d19b", "overridden; wording read"),

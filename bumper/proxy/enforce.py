@@ -20,6 +20,7 @@ from bumper.policy.rules import (
     Address,
     BindNames,
     Decision,
+    ListenerMode,
     ListenerRef,
     Mismatch,
     OnUpstreamError,
@@ -38,6 +39,8 @@ from bumper.upstream.resolve import ResolvingEventLoop
 log = logging.getLogger("bumper.policy")
 # The decision for a name that is no valid internationalised name (names.idna_problem).
 BAD_NAME = Decision(Action.BLOCK, "names")
+# The decision for a ClientHello without SNI on an SNI listener.
+NO_SNI = Decision(Action.BLOCK, "sni")
 
 
 def _destination_refusal(host: str, port: int) -> str | None:
@@ -162,8 +165,17 @@ class PolicyEnforcer:
         if sni and (why := names.idna_problem(sni)):
             self._block(data, BAD_NAME, f"SNI {why}")
             return None
+        listener = self._listener(context.client)
+        if listener is not None and listener.mode is ListenerMode.SNI:
+            if not sni:
+                self._block(
+                    data, NO_SNI, "no SNI: an SNI listener finds the destination by the name in the ClientHello"
+                )
+                return None
+            host = names.normalize(sni)
+            context.server.address = (host, port)
         policy = self.source.policy
-        decision = policy.decide(host, sni, client_address(context.client), port, self._listener(context.client))
+        decision = policy.decide(host, sni, client_address(context.client), port, listener)
         name = bound_name(decision, host, sni) if decision.action is not Action.BLOCK else None
         if name is None or policy.bind_names is BindNames.CLIENT:
             return self._decided(data, decision, host, port)

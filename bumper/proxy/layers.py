@@ -1,12 +1,15 @@
 """Which protocol layer comes next: bumper's replacement for mitmproxy's stock NextLayer addon.
 
-bumper is an explicit HTTP proxy whose CONNECT tunnels must carry TLS. The stack is always
-HTTP proxy -> CONNECT -> server TLS + client TLS (server first) -> HTTP; anything else inside a
-tunnel is refused rather than passed through, since an inspection gateway that tunnels whatever
-it cannot read is no gateway.
+On the explicit proxy, CONNECT tunnels must carry TLS: the stack is HTTP proxy -> CONNECT ->
+server TLS + client TLS (server first) -> HTTP; anything else inside a tunnel is refused rather
+than passed through, since an inspection gateway that tunnels whatever it cannot read is no
+gateway. On an SNI listener the stack starts at the TLS layers, and the ClientHello's name is
+the destination.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer, layers
@@ -19,6 +22,7 @@ from OpenSSL import SSL
 from bumper.proxy.dispatch import AddonManager, SyncHooks
 from bumper.proxy.httpstream import HttpLayer
 from bumper.proxy.limits import Limits, too_many
+from bumper.proxy.listeners import SNI_PENDING, Listener, Mode
 
 # starts_like_tls_record needs this many bytes to decide.
 _TLS_RECORD_PREFIX = 3
@@ -49,6 +53,11 @@ class ServerTLSLayer(_TLSAlerts, layers.ServerTLSLayer):
     pass
 
 
+# A fatal access_denied alert (RFC 8446 6.2), in a TLS 1.2 record as any version's ClientHello accepts:
+# "access control was applied, and the sender decided not to proceed".
+ACCESS_DENIED = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49])
+
+
 class ClientTLSLayer(_TLSAlerts, layers.ClientTLSLayer):
     """Holds the ClientHello to a size limit, and reads its records once each: mitmproxy parses the
     whole buffer again on every read, so a ClientHello cut into thousands of one-byte records
@@ -58,6 +67,14 @@ class ClientTLSLayer(_TLSAlerts, layers.ClientTLSLayer):
         super().__init__(context)
         self.max_hello = limits.max_client_hello_bytes
         self._scan = _HelloScan()
+
+    def start_tls(self) -> layer.CommandGenerator[None]:
+        for command in super().start_tls():
+            if isinstance(command, commands.CloseConnection) and self.tls is None:
+                # bumper refused the handshake (the policy, or an upstream that failed): say so in
+                # TLS, where mitmproxy only closes and the client reads a truncated handshake.
+                yield commands.SendData(self.conn, ACCESS_DENIED)
+            yield command
 
     def receive_handshake_data(self, data: bytes) -> layer.CommandGenerator[tuple[bool, str | None]]:
         if self.client_hello_parsed:
@@ -111,16 +128,23 @@ class Refuse(layer.Layer):
 
 
 class NextLayer:
-    def __init__(self, dispatcher: AddonManager, limits: Limits) -> None:
+    def __init__(
+        self, dispatcher: AddonManager, limits: Limits, listeners: Mapping[str, Listener] | None = None
+    ) -> None:
         self.dispatcher = dispatcher
         self.limits = limits
+        self.listeners = listeners or {}  # by the mode mitmproxy runs each with
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if nextlayer.layer is not None:
             return
         context = nextlayer.context
         if len(context.layers) == 1 and isinstance(context.layers[0], modes.HttpProxy):
-            top = self._proxy_request(context, nextlayer.data_client())
+            listener = self.listeners.get(context.client.proxy_mode.full_spec)
+            if listener is not None and listener.mode is Mode.SNI:
+                top = self._sni_gateway(context, nextlayer.data_client(), listener.sni_port)
+            else:
+                top = self._proxy_request(context, nextlayer.data_client())
             if top is not None:
                 nextlayer.layer = SyncHooks(context, top, self.dispatcher)
         elif context.client.tls:
@@ -137,6 +161,16 @@ class NextLayer:
             return Refuse(context, "not HTTP: the client opened TLS to the proxy port (use http:// for the proxy)")
         return HttpLayer(context, HTTPMode.regular, self.limits)
 
+    def _sni_gateway(self, context: Context, data: bytes, port: int) -> layer.Layer | None:
+        """TLS sent straight to bumper: the ClientHello's SNI is the destination, on PORT, which
+        PolicyEnforcer.tls_clienthello sets once it has read it (nothing is connected before)."""
+        if len(data) < _TLS_RECORD_PREFIX:
+            return None
+        if not starts_like_tls_record(data):
+            return Refuse(context, "not TLS: an SNI listener takes TLS only")
+        context.server.address = (SNI_PENDING, port)
+        return self._tls(context)
+
     def _inside_tunnel(self, context: Context, data: bytes) -> layer.Layer | None:
         if len(data) < _TLS_RECORD_PREFIX:
             return None  # wait for more bytes
@@ -146,6 +180,10 @@ class NextLayer:
             # Its close was seen while no layer was listening; TLS towards it would wait forever.
             # (One never opened is a deferred CONNECT's: the TLS layer opens it after the ClientHello.)
             return Refuse(context, "upstream TLS failed: the upstream closed the connection before the handshake")
+        return self._tls(context)
+
+    def _tls(self, context: Context) -> layer.Layer:
+        """Server TLS, then client TLS: the upstream's handshake first (server-first)."""
         server_tls = ServerTLSLayer(context)
         server_tls.child_layer = ClientTLSLayer(context, self.limits)
         return server_tls

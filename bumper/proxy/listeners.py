@@ -22,14 +22,17 @@ from bumper.policy.rules import ListenerRef, listener_address
 DEFAULT_SNI_PORT = 443
 
 
-# Each mode as mitmproxy runs it. An SNI listener is a reverse proxy whose upstream bumper replaces
-# with the ClientHello's name (layers.NextLayer); the placeholder is never connected to.
+# Each mode as mitmproxy runs it. An SNI listener is one of mitmproxy's regular listeners, whose top
+# layer only hands the connection to the next: bumper's NextLayer then reads the ClientHello for the
+# destination (layers.NextLayer), where mitmproxy's reverse mode would connect somewhere first.
 _MITMPROXY_MODE = {
     Mode.EXPLICIT: "regular",
     Mode.TRANSPARENT: "transparent",
-    Mode.SNI: "reverse:tls://sni.invalid:{port}",
+    Mode.SNI: "regular",
     Mode.REVERSE: "reverse:{url}",
 }
+# Where an SNI listener's connection goes until its ClientHello names the destination: nowhere (RFC 6761).
+SNI_PENDING = "sni.invalid"
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ class Listener:
 
     def mitmproxy_mode(self) -> str:
         """The listener as one of mitmproxy's `mode` option's entries."""
-        mode = _MITMPROXY_MODE[self.mode].format(port=self.sni_port, url=self.upstream)
+        mode = _MITMPROXY_MODE[self.mode].format(url=self.upstream)
         return f"{mode}@{self.address}"
 
 

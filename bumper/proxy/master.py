@@ -102,7 +102,8 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     # (httpstream.Http1Client: the response head's size limit).
     http_layers.Http1Client = httpstream.Http1Client  # type: ignore[misc]
     m = dispatch.Master(options.Options(), with_termlog=False)
-    states = ConnectionStates({listener.mitmproxy_mode(): listener for listener in config.listeners})
+    listeners = {listener.mitmproxy_mode(): listener for listener in config.listeners}
+    states = ConnectionStates(listeners)
     connection_log = ConnectionLog(states)
     mimics = mimic_store(config, authority)
     own_cas = [authority.trust_anchor, authority.cert]
@@ -121,7 +122,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     server = proxyserver.Proxyserver()
     m.addons.add(
         server,
-        NextLayer(m.addons, config.limits),
+        NextLayer(m.addons, config.limits, listeners),
         states,  # first: every other addon finds the connection's state
         ConnectionLimits(config.limits, states, server),  # before the policy: a refused client costs nothing more
         source,

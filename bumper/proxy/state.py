@@ -13,7 +13,7 @@ from mitmproxy.utils import human
 
 from bumper.certs.trust import UpstreamVerdict, Verdict
 from bumper.policy import destinations
-from bumper.policy.rules import Action, Decision, ListenerRef
+from bumper.policy.rules import Action, Decision, ListenerMode, ListenerRef
 from bumper.proxy.httpstream import aborted, body_bytes
 from bumper.proxy.limits import LIMIT
 from bumper.proxy.listeners import Listener
@@ -30,6 +30,7 @@ DESTINATIONS = Decision(Action.BLOCK, "destinations")
 class Kind(StrEnum):
     CONNECT = "CONNECT"  # a CONNECT tunnel
     HTTP = "HTTP"  # a plain http:// request sent to the proxy, no tunnel
+    TLS = "TLS"  # TLS sent to bumper itself (an SNI listener): the SNI names the destination
 
 
 @dataclass
@@ -182,6 +183,9 @@ class ConnectionStates:
         if state := self._states.get(data.context.client.id):
             state.sni = data.client_hello.sni
             state.hello = True
+            if state.listener and state.listener.mode is ListenerMode.SNI:
+                assert data.context.server.address is not None
+                state.kind, state.target = Kind.TLS, f"{state.sni or '-'}:{data.context.server.address[1]}"
 
     def tls_failed_server(self, data: tls.TlsData) -> None:
         if state := self._states.get(data.context.client.id):
