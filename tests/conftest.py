@@ -182,10 +182,12 @@ class Bumper:
     def ca_pem(self) -> Path:
         return self.ca_dir / "ca.pem"
 
-    def connection_line(self, client_port: int, timeout: float = 10.0, kind: str = "CONNECT") -> str:
-        """The one log line bumper writes when the connection from CLIENT_PORT ends."""
+    def connection_line(
+        self, client_port: int, timeout: float = 10.0, kind: str = "CONNECT", client: str = "127.0.0.1"
+    ) -> str:
+        """The one log line bumper writes when the connection from CLIENT:CLIENT_PORT ends."""
         deadline = time.monotonic() + timeout
-        marker = f" 127.0.0.1:{client_port} {kind} "
+        marker = f" {client}:{client_port} {kind} "
         while time.monotonic() < deadline:
             found = [line for line in self.process.lines[self.process.test_start :] if marker in line]
             if found:

@@ -5,16 +5,12 @@ check failed."""
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +22,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from bumper.policy import destinations
 from bumper.policy.destinations import Destinations, embedded, proxy_loop
+from tests import netns as namespaces
 from tests import pki
 from tests.conftest import (
     BUMPER,
@@ -40,6 +37,7 @@ from tests.conftest import (
     open_tunnel,
     start_with_policy,
 )
+from tests.netns import Netns
 
 DEFAULT = "ports: ['1-65535']\ndestinations: {}\n"  # the default destinations, any port
 LOOP = "bumper's own listening address, a proxy loop: no destinations: allow lifts it"
@@ -315,66 +313,23 @@ def test_a_connection_to_bumpers_own_listening_address_is_refused(lab_bumper: Bu
 # Private and link-local ranges, in a network namespace without routes out.
 
 
-@dataclass
-class Netns:
-    name: str
-    path: Path
-    hosts: Path  # /etc/netns/NAME/hosts: what `ip netns exec` shows its processes as /etc/hosts
-
-    @contextmanager
-    def inside(self) -> Iterator[None]:
-        """This thread in the namespace: the sockets it makes and the processes it starts are there."""
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        there = os.open(self.path, os.O_RDONLY)
-        try:
-            os.setns(there, os.CLONE_NEWNET)
-            try:
-                yield
-            finally:
-                os.setns(home, os.CLONE_NEWNET)
-        finally:
-            os.close(there)
-            os.close(home)
-
-
 # The namespace's own addresses, each with a service behind it in the tests.
 PRIVATE, LINK_LOCAL, HOME_ROUTER, ULA = "10.0.0.1", "169.254.169.254", "192.168.1.1", "fd00::1"
 
 
 @pytest.fixture(scope="module")
 def netns() -> Iterator[Netns]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if shutil.which("ip") is None:
-        pytest.skip("needs iproute2's ip")
-    name = f"bumper-dest-{uuid.uuid4().hex[:8]}"
-
-    def ip_(*args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-    try:
-        ip_("netns", "add", name)
-    except subprocess.CalledProcessError as e:
-        pytest.skip(f"cannot make a network namespace: {e.stderr.strip()}")
-    hosts = Path("/etc/netns") / name / "hosts"
-    try:
+    with namespaces.namespace("bumper-dest") as ns:
         # The namespace's only interface is its loopback, and these addresses sit on it: the services
         # behind them are reachable from inside, and no packet has a way out.
-        ip_("-n", name, "link", "set", "lo", "up")
         for address in (f"{PRIVATE}/32", f"{LINK_LOCAL}/32", f"{HOME_ROUTER}/32", f"{ULA}/128"):
-            ip_("-n", name, "addr", "add", address, "dev", "lo")
-        hosts.parent.mkdir(parents=True, exist_ok=True)
-        hosts.write_text(
+            namespaces.ip("-n", ns.name, "addr", "add", address, "dev", "lo")
+        ns.hosts.write_text(
             "127.0.0.1 localhost\n"
             f"{PRIVATE} intranet.example\n"  # a public-looking name that resolves inside: DNS rebinding's effect
             "127.0.0.1 loopback.example\n"
         )
-        yield Netns(name, Path("/run/netns") / name, hosts)
-    finally:
-        shutil.rmtree(hosts.parent, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            hosts.parent.parent.rmdir()  # /etc/netns, if this made it and nothing else is there
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        yield ns
 
 
 def start_inside(netns: Netns, test_pki: Pki, ca_dir: Path, policy: Path, listen: str = "127.0.0.1:0") -> Bumper:

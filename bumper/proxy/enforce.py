@@ -39,6 +39,8 @@ from bumper.upstream.resolve import ResolvingEventLoop
 log = logging.getLogger("bumper.policy")
 # The decision for a name that is no valid internationalised name (names.idna_problem).
 BAD_NAME = Decision(Action.BLOCK, "names")
+# The decision for a client or a port outside the policy's `clients` and `ports`.
+CLIENTS_PORTS = Decision(Action.BLOCK, "clients/ports")
 # The decision for a ClientHello without SNI on an SNI listener.
 NO_SNI = Decision(Action.BLOCK, "sni")
 
@@ -77,7 +79,7 @@ class PolicyEnforcer:
         policy = self.source.policy
         host, client, port = flow.request.host, client_address(flow.client_conn), flow.request.port
         if why := policy.refusal(client, port):
-            return self._refuse(flow, Decision(Action.BLOCK, "clients/ports"), "CONNECT to", why)
+            return self._refuse(flow, CLIENTS_PORTS, "CONNECT to", why)
         if why := names.idna_problem(host):
             return self._refuse(flow, BAD_NAME, "CONNECT to", why)
         if why := names.ipv4_form_problem(host):
@@ -108,7 +110,7 @@ class PolicyEnforcer:
         policy = self.source.policy
         client = client_address(flow.client_conn)
         if why := policy.refusal(client, flow.request.port, connect=False):
-            return self._refuse(flow, Decision(Action.BLOCK, "clients/ports"), "request to", why)
+            return self._refuse(flow, CLIENTS_PORTS, "request to", why)
         if why := names.idna_problem(flow.request.host):
             return self._refuse(flow, BAD_NAME, "request to", why)
         if why := names.ipv4_form_problem(flow.request.host):
@@ -175,7 +177,13 @@ class PolicyEnforcer:
             host = names.normalize(sni)
             context.server.address = (host, port)
         policy = self.source.policy
-        decision = policy.decide(host, sni, client_address(context.client), port, listener)
+        client = client_address(context.client)
+        if listener is not None and listener.mode is not ListenerMode.EXPLICIT:
+            # No CONNECT came before, whose check this is on the explicit listener.
+            if why := policy.refusal(client, port):
+                self._block(data, CLIENTS_PORTS, f"refused: {why}")
+                return None
+        decision = policy.decide(host, sni, client, port, listener)
         name = bound_name(decision, host, sni) if decision.action is not Action.BLOCK else None
         if name is None or policy.bind_names is BindNames.CLIENT:
             return self._decided(data, decision, host, port)

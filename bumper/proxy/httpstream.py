@@ -114,10 +114,15 @@ class HttpStream(http_layers.HttpStream):
     client_has_response = False
 
     def handle_connect_regular(self) -> layer.CommandGenerator[None]:
-        if not self.flow.metadata.get(DEFER_CONNECT):
-            return (yield from super().handle_connect_regular())
-        # mitmproxy's `lazy` connection strategy, for this tunnel only: its TLS layer opens the
-        # connection once the ClientHello is read, to the address the policy set by then.
+        # bumper runs mitmproxy with the `lazy` connection strategy (a transparent or SNI listener's
+        # destination is known only at the ClientHello) and connects a CONNECT's upstream here, before
+        # the 200, as `eager` would: server-first, and a 502 for an upstream it cannot reach. A
+        # deferred CONNECT is connected by its TLS layer once the ClientHello is read, to the address
+        # the policy set by then.
+        if not self.flow.response and not self.flow.metadata.get(DEFER_CONNECT):
+            err = yield commands.OpenConnection(self.context.server)
+            if err:  # replies.ConnectReplies words it
+                self.flow.response = http.Response.make(502, f"cannot connect: {err}")
         self.child_layer = layer.NextLayer(self.context)
         yield from self.handle_connect_finish()
 

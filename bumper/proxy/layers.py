@@ -139,7 +139,11 @@ class NextLayer:
         if nextlayer.layer is not None:
             return
         context = nextlayer.context
-        if len(context.layers) == 1 and isinstance(context.layers[0], modes.HttpProxy):
+        if len(context.layers) == 1 and isinstance(context.layers[0], modes.TransparentProxy):
+            top = self._redirected(context, nextlayer.data_client())
+            if top is not None:
+                nextlayer.layer = SyncHooks(context, top, self.dispatcher)
+        elif len(context.layers) == 1 and isinstance(context.layers[0], modes.HttpProxy):
             listener = self.listeners.get(context.client.proxy_mode.full_spec)
             if listener is not None and listener.mode is Mode.SNI:
                 top = self._sni_gateway(context, nextlayer.data_client(), listener.sni_port)
@@ -160,6 +164,15 @@ class NextLayer:
             # A client configured with https:// for the proxy itself; it would wait forever.
             return Refuse(context, "not HTTP: the client opened TLS to the proxy port (use http:// for the proxy)")
         return HttpLayer(context, HTTPMode.regular, self.limits)
+
+    def _redirected(self, context: Context, data: bytes) -> layer.Layer | None:
+        """A connection the kernel redirected to a transparent listener, to its original destination
+        (mitmproxy's TransparentProxy read it, SO_ORIGINAL_DST): TLS, or plain HTTP."""
+        if len(data) < _TLS_RECORD_PREFIX:
+            return None
+        if starts_like_tls_record(data):
+            return self._tls(context)
+        return HttpLayer(context, HTTPMode.transparent, self.limits)
 
     def _sni_gateway(self, context: Context, data: bytes, port: int) -> layer.Layer | None:
         """TLS sent straight to bumper: the ClientHello's SNI is the destination, on PORT, which

@@ -69,8 +69,10 @@ class Listener:
         return listener_address(self.host, self.port)
 
     def ref(self, client: connection.Client) -> ListenerRef:
-        """This listener as the policy sees it, for CLIENT's connection."""
-        return ListenerRef(self.mode, self.address, listener_address(*client.sockname[:2]))
+        """This listener as the policy sees it, for CLIENT's connection. (A redirected connection's
+        sockname is its original destination, which mitmproxy read: not this listener's.)"""
+        local = self.address if self.mode is Mode.TRANSPARENT else listener_address(*client.sockname[:2])
+        return ListenerRef(self.mode, self.address, local)
 
     def __str__(self) -> str:
         return f"{self.mode}@{self.address}"

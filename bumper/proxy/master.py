@@ -18,7 +18,7 @@ from mitmproxy.addons import proxyserver
 from mitmproxy.connection import Address
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.mode_servers import ServerInstance
-from mitmproxy.utils import asyncio_utils, human
+from mitmproxy.utils import asyncio_utils
 
 from bumper import stopping
 from bumper.addon import Addon
@@ -30,7 +30,7 @@ from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.errors import ConfigError
 from bumper.inspect.chain import AddonRunner
 from bumper.policy.pinning import LearnedPins
-from bumper.policy.rules import LAB, AddonSpec, OnError, Policy
+from bumper.policy.rules import LAB, AddonSpec, OnError, Policy, listener_address
 from bumper.policy.source import PolicySource
 from bumper.proxy import dispatch, httpstream
 from bumper.proxy.connlimits import ConnectionLimits, out_of_descriptors
@@ -138,7 +138,10 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     )
     m.options.update(
         mode=[listener.mitmproxy_mode() for listener in config.listeners],
-        connection_strategy="eager",  # server-first: the upstream is reached before the client handshake
+        # Upstreams are connected when their destination is known: a CONNECT's before its 200
+        # (httpstream.HttpStream.handle_connect_regular), the others' at the ClientHello, before the
+        # client's handshake (server-first, TlsProvider), or at the first plain-HTTP request.
+        connection_strategy="lazy",
         stream_large_bodies=STREAM_BODIES_OVER,
         ssl_insecure=False,
         tcp_timeout=config.limits.idle_timeout,  # mitmproxy's idle watchdog; ConnectionLimits logs it
@@ -200,8 +203,8 @@ def _announce(
     for listener in listeners:
         instance = _instance(server, listener)
         what = "proxy" if listener.mode is Mode.EXPLICIT else str(listener.mode)
-        for host, port, *_ in instance.listen_addrs:
-            address = human.format_address((host, port))
+        for port in sorted({address[1] for address in instance.listen_addrs}):  # one port, maybe IPv4 and IPv6
+            address = listener_address(listener.host, port)
             print(f"bumper: {what} listening on {address}", file=sys.stderr, flush=True)
             proxy = proxy or (address if listener.mode is Mode.EXPLICIT else None)
     if new_ca is not None:

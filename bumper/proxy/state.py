@@ -30,7 +30,7 @@ DESTINATIONS = Decision(Action.BLOCK, "destinations")
 class Kind(StrEnum):
     CONNECT = "CONNECT"  # a CONNECT tunnel
     HTTP = "HTTP"  # a plain http:// request sent to the proxy, no tunnel
-    TLS = "TLS"  # TLS sent to bumper itself (an SNI listener): the SNI names the destination
+    TLS = "TLS"  # TLS to an SNI or transparent listener: no CONNECT, the SNI names the site
 
 
 @dataclass
@@ -147,9 +147,12 @@ class ConnectionStates:
 
     def client_connected(self, client: connection.Client) -> None:
         listener = self._listeners.get(client.proxy_mode.full_spec)
-        self._states[client.id] = ConnectionState(
-            client, human.format_address(client.peername), listener.ref(client) if listener else None
-        )
+        ref = listener.ref(client) if listener else None
+        state = self._states[client.id] = ConnectionState(client, human.format_address(client.peername), ref)
+        if ref is not None and ref.mode is not ListenerMode.EXPLICIT:
+            state.kind = Kind.TLS  # until a plain-HTTP request says otherwise
+        if ref is not None and ref.mode is ListenerMode.TRANSPARENT:
+            state.target = human.format_address(client.sockname)  # the original destination
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         if state := self._states.get(data.client.id):
@@ -166,8 +169,9 @@ class ConnectionStates:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         state = self._states.get(flow.client_conn.id)
-        if state and is_plain_proxy_request(flow) and state.target is None:
-            state.kind, state.target = Kind.HTTP, f"{flow.request.host}:{flow.request.port}"
+        if state and is_plain_proxy_request(flow):
+            state.kind = Kind.HTTP
+            state.target = state.target or f"{flow.request.host}:{flow.request.port}"
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         if not (state := self._states.get(data.client.id)):
