@@ -229,14 +229,14 @@ class Policy:
     destinations: Destinations = DEFAULT_DESTINATIONS  # the addresses bumper may connect to
     bind_names: BindNames = BindNames.RESOLVE  # where a connection a rule matched by its SNI may go
 
-    def refusal(self, client: Address | None, port: int, connect: bool = True) -> str | None:
+    def refusal(self, client: Address | None, port: int | None, connect: bool = True) -> str | None:
         """Why a request from CLIENT to PORT is refused before any rule is read, or None: every client
         must be in `clients`, and every port, of a CONNECT (CONNECT) or a plain http:// request, in
-        `ports`."""
+        `ports`. PORT None: the operator chose it (a reverse listener's upstream)."""
         if client is None or not any(client in net for net in self.clients):
             return f"client {client} is not in the policy's clients"
         allowed = self.ports if self.ports is not None else SSL_PORTS if connect else HTTP_PORTS
-        if not in_ranges(port, allowed):
+        if port is not None and not in_ranges(port, allowed):
             return f"port {port} is not in the policy's ports"
         return None
 

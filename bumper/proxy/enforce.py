@@ -101,21 +101,25 @@ class PolicyEnforcer:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.client_conn.tls:
-            if state := self.states.of(flow.client_conn.id):
+            state = self.states.of(flow.client_conn.id)
+            if state:
                 state.spoke = True
+            if state and state.listener and state.listener.mode is ListenerMode.REVERSE:
+                return None  # the client names the front end; the upstream is the operator's
             return self._check_names(flow)
         # Plain-HTTP proxy requests have no ClientHello: the request's host is all there is to match.
         if not is_plain_proxy_request(flow):
             return
         policy = self.source.policy
-        client = client_address(flow.client_conn)
-        if why := policy.refusal(client, flow.request.port, connect=False):
+        client, listener = client_address(flow.client_conn), self._listener(flow.client_conn)
+        reverse = listener is not None and listener.mode is ListenerMode.REVERSE
+        if why := policy.refusal(client, None if reverse else flow.request.port, connect=False):
             return self._refuse(flow, CLIENTS_PORTS, "request to", why)
         if why := names.idna_problem(flow.request.host):
             return self._refuse(flow, BAD_NAME, "request to", why)
         if why := names.ipv4_form_problem(flow.request.host):
             return self._refuse(flow, BAD_NAME, "request to", why, status=400)
-        decision = policy.decide(flow.request.host, None, client, flow.request.port, self._listener(flow.client_conn))
+        decision = policy.decide(flow.request.host, None, client, flow.request.port, listener)
         if decision.action is Action.BLOCK:
             self._refuse(flow, decision, "request to")
         elif state := self.states.of(flow.client_conn.id):
@@ -179,8 +183,9 @@ class PolicyEnforcer:
         policy = self.source.policy
         client = client_address(context.client)
         if listener is not None and listener.mode is not ListenerMode.EXPLICIT:
-            # No CONNECT came before, whose check this is on the explicit listener.
-            if why := policy.refusal(client, port):
+            # No CONNECT came before, whose check this is on the explicit listener. (A reverse
+            # listener's upstream port is the operator's choice: only its clients are checked.)
+            if why := policy.refusal(client, None if listener.mode is ListenerMode.REVERSE else port):
                 self._block(data, CLIENTS_PORTS, f"refused: {why}")
                 return None
         decision = policy.decide(host, sni, client, port, listener)

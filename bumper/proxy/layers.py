@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from mitmproxy.net.tls import starts_like_tls_record
-from mitmproxy.proxy import commands, events, layer, layers
+from mitmproxy.proxy import commands, events, layer, layers, mode_specs
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.layers.http import HTTPMode
@@ -139,23 +139,47 @@ class NextLayer:
         if nextlayer.layer is not None:
             return
         context = nextlayer.context
-        if len(context.layers) == 1 and isinstance(context.layers[0], modes.TransparentProxy):
-            top = self._redirected(context, nextlayer.data_client())
+        data, first = nextlayer.data_client(), context.layers[0]
+        if len(context.layers) == 1:  # what comes right after the listener's own layer
+            top = self._first(context, data, first)
             if top is not None:
                 nextlayer.layer = SyncHooks(context, top, self.dispatcher)
-        elif len(context.layers) == 1 and isinstance(context.layers[0], modes.HttpProxy):
-            listener = self.listeners.get(context.client.proxy_mode.full_spec)
-            if listener is not None and listener.mode is Mode.SNI:
-                top = self._sni_gateway(context, nextlayer.data_client(), listener.sni_port)
-            else:
-                top = self._proxy_request(context, nextlayer.data_client())
-            if top is not None:
-                nextlayer.layer = SyncHooks(context, top, self.dispatcher)
-        elif context.client.tls:
-            # Decrypted: HTTP/1.1 or h2 by ALPN, HTTP/1.1 when the client offered none.
+        elif context.client.tls or isinstance(first, modes.ReverseProxy):
+            # Decrypted (HTTP/1.1 or h2 by ALPN, HTTP/1.1 when the client offered none), or a reverse
+            # listener's plain HTTP above the upstream's TLS.
             nextlayer.layer = HttpLayer(context, HTTPMode.transparent, self.limits)
         else:
-            nextlayer.layer = self._inside_tunnel(context, nextlayer.data_client())
+            nextlayer.layer = self._inside_tunnel(context, data)
+
+    def _first(self, context: Context, data: bytes, first: layer.Layer) -> layer.Layer | None:
+        if isinstance(first, modes.TransparentProxy):
+            return self._redirected(context, data)
+        if isinstance(first, modes.ReverseProxy):
+            return self._reverse(context, data)
+        listener = self.listeners.get(context.client.proxy_mode.full_spec)
+        if listener is not None and listener.mode is Mode.SNI:
+            return self._sni_gateway(context, data, listener.sni_port)
+        return self._proxy_request(context, data)
+
+    def _reverse(self, context: Context, data: bytes) -> layer.Layer | None:
+        """A reverse listener: the client's TLS, if it speaks TLS, is terminated with bumper's own
+        certificate for its name (TlsProvider); the upstream's, for an https:// upstream, is bumper's
+        to verify. Plain HTTP is accepted too: originate (http -> https) and plain relaying."""
+        if len(data) < _TLS_RECORD_PREFIX:
+            return None
+        spec = context.client.proxy_mode
+        assert isinstance(spec, mode_specs.ReverseMode)
+        # Made top down: each layer finds its parent in context.layers, in the order they were made.
+        server_tls = ServerTLSLayer(context) if spec.scheme == "https" else None
+        below: layer.Layer = (
+            ClientTLSLayer(context, self.limits)
+            if starts_like_tls_record(data)
+            else HttpLayer(context, HTTPMode.transparent, self.limits)
+        )
+        if server_tls is None:
+            return below
+        server_tls.child_layer = below
+        return server_tls
 
     def _proxy_request(self, context: Context, data: bytes) -> layer.Layer | None:
         if len(data) < _TLS_RECORD_PREFIX:

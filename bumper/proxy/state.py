@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from mitmproxy import connection, http, tls
-from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy import mode_specs, server_hooks
 from mitmproxy.utils import human
 
 from bumper.certs.trust import UpstreamVerdict, Verdict
@@ -153,6 +153,8 @@ class ConnectionStates:
             state.kind = Kind.TLS  # until a plain-HTTP request says otherwise
         if ref is not None and ref.mode is ListenerMode.TRANSPARENT:
             state.target = human.format_address(client.sockname)  # the original destination
+        elif isinstance(client.proxy_mode, mode_specs.ReverseMode):
+            state.target = human.format_address(client.proxy_mode.address)  # the fixed upstream
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         if state := self._states.get(data.client.id):

@@ -24,7 +24,7 @@ from bumper.certs.mimicstore import Mimic, MimicStore
 from bumper.certs.trust import UpstreamVerdict
 from bumper.errors import ConfigError
 from bumper.policy import names
-from bumper.policy.rules import OnUpstreamError
+from bumper.policy.rules import ListenerMode, OnUpstreamError
 from bumper.proxy import replies
 from bumper.proxy.state import ConnectionState, ConnectionStates
 from bumper.proxy.upstreamerror import BY_UPSTREAM_ERROR
@@ -88,16 +88,16 @@ class TlsProvider:
         # By (sends the untrusted root, serves a weak mimic); the usual one now, the others on first need.
         self._client_contexts = {(False, False): client_context(mimics.ca.chain, client_tls)}
 
-    def _context_for(self, found: UpstreamVerdict, made: Mimic) -> SSL.Context:
+    def _context_for(self, sends_root: bool, made: Mimic) -> SSL.Context:
         """The client context for a mimic: the usual one, or one that sends bumper's untrusted root
         after it, for an upstream that sent an untrusted root of its own (UpstreamVerdict.sends_root),
         or one that lets OpenSSL serve a mimic as weak as the upstream's certificate (Mimic.weak):
         security level 0, the same cipher suites. The client's own security level decides, as
         it would have directly."""
-        which = (found.sends_root, made.weak)
+        which = (sends_root, made.weak)
         context = self._client_contexts.get(which)
         if context is None:
-            chain = (self.mimics.untrusted().cert,) if found.sends_root else self.mimics.ca.chain
+            chain = (self.mimics.untrusted().cert,) if sends_root else self.mimics.ca.chain
             settings = self._client_tls
             if made.weak:
                 settings = dataclasses.replace(settings, ciphers=f"{settings.ciphers}:@SECLEVEL=0")
@@ -106,7 +106,9 @@ class TlsProvider:
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         # Server-first, unless the connection is spliced or refused (client.error set by bumper).
-        data.establish_server_tls_first = not data.ignore_connection and data.context.client.error is None
+        data.establish_server_tls_first = (
+            not data.ignore_connection and data.context.client.error is None and data.context.server.tls
+        )  # (a reverse listener's http:// upstream has no TLS to establish)
 
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         server = tls_start.conn
@@ -162,6 +164,33 @@ class TlsProvider:
             )
         return await self.mimics.placeholder(name)
 
+    async def _front_end(self, tls_start: tls.TlsData, state: ConnectionState) -> None:
+        """A reverse listener's client: bumper's own certificate for the name it asked for, not a
+        mimic: the upstream is the operator's, not the client's choice. An https:// upstream that
+        failed verification gets the client a 502 for every request; one that cannot be reached, the
+        502 of each request's own connect."""
+        client, server = tls_start.context.client, tls_start.context.server
+        assert server.address is not None
+        name = names.normalize(client.sni or server.address[0])  # the name the client asked for
+        found = state.upstream
+        if found is not None and not found.verdict.trusted:
+            state.blocked = replies.upstream_blocked(
+                str(server.sni), str(found.verdict.reason), found.fingerprint or "-", found.verdict.detail
+            )
+            state.refuse(f"upstream certificate failed verification ({found.verdict.reason})", BY_UPSTREAM_ERROR)
+        self._serve(tls_start, await self.mimics.placeholder(name), sends_root=False)
+
+    def _serve(self, tls_start: tls.TlsData, made: Mimic, sends_root: bool) -> None:
+        """The client's handshake, with MADE."""
+        client, server = tls_start.context.client, tls_start.context.server
+        conn = SSL.Connection(self._context_for(sends_root, made))
+        conn.use_certificate(made.openssl_cert)
+        conn.use_privatekey(made.openssl_key)
+        conn.set_app_data(AppData(client_alpn=None, server_alpn=server.alpn, http2=True))
+        conn.set_accept_state()
+        client.mitmcert = certs.Cert(made.cert)
+        tls_start.ssl_conn = conn
+
     def _refuse(self, client: connection.Client, reason: str) -> None:
         """No TLS context for the client: mitmproxy closes the connection. The reason goes to the
         log now, before mitmproxy's own "connection closed early" can take its place."""
@@ -199,9 +228,11 @@ class TlsProvider:
         server = tls_start.context.server
         if client.error:
             return  # refused (by policy): no handshake, the connection is closed
+        state = self.states.of(client.id)
+        if state is not None and state.listener is not None and state.listener.mode is ListenerMode.REVERSE:
+            return await self._front_end(tls_start, state)
         if not server.tls_established:
             return self._refuse(client, f"upstream TLS failed: {server.error or 'no certificate'}")
-        state = self.states.of(client.id)
         found = state.upstream if state else None
         if state is None or found is None or found.signing is None:
             return self._refuse(client, "upstream TLS failed: no verification verdict")  # fail closed
@@ -220,10 +251,4 @@ class TlsProvider:
             )
             state.verified(found)
             made = await self._certificate_for(state, server, None, found)
-        conn = SSL.Connection(self._context_for(found, made))
-        conn.use_certificate(made.openssl_cert)
-        conn.use_privatekey(made.openssl_key)
-        conn.set_app_data(AppData(client_alpn=None, server_alpn=server.alpn, http2=True))
-        conn.set_accept_state()
-        client.mitmcert = certs.Cert(made.cert)
-        tls_start.ssl_conn = conn
+        self._serve(tls_start, made, found.sends_root)

@@ -1,0 +1,129 @@
+"""Reverse listeners (`--listen reverse:URL@HOST:PORT`) and seed 001's four TLS modes, end to end with
+curl and httpx: terminate (https -> http), re-encrypt (https -> https), originate (http -> https),
+and passthrough by SNI (an SNI listener whose rule splices)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.conftest import Bumper, Pki, Upstream, lab_policy, listening_socket, tcp_server
+
+FRONT = "front.test"  # the name clients use for the front end
+ADDRESSES = {"terminate": "127.0.0.2", "re-encrypt": "127.0.0.3", "passthrough": "127.0.0.4"}
+POLICY = """
+default: bump
+rules:
+  - name: passthrough
+    match: {sni: ["pass.upstream.test"], listener: [sni]}
+    action: splice
+"""
+
+
+@pytest.fixture(scope="module")
+def plain_backend() -> Iterator[int]:
+    """A plain-HTTP backend that answers every request with 200 "plain hello"."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nConnection: close\r\n\r\nplain hello")
+
+    yield from tcp_server(handle)
+
+
+@dataclass
+class Front:
+    bumper: Bumper
+    ports: dict[str, int]  # mode -> the listener's port
+
+    def url(self, mode: str, scheme: str = "https", name: str = FRONT) -> str:
+        return f"{scheme}://{name}:{self.ports[mode]}/"
+
+    def resolve(self, mode: str, name: str = FRONT) -> str:
+        return f"{name}:{self.ports[mode]}:{ADDRESSES[mode]}"
+
+
+@pytest.fixture(scope="module")
+def front(
+    start_bumper: Callable[..., Bumper],
+    upstream: Upstream,
+    plain_backend: int,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Front:
+    path = tmp_path_factory.mktemp("reverse") / "policy.yaml"
+    path.write_text(lab_policy(POLICY))
+    bumper = start_bumper(
+        "--policy", str(path),
+        "--listen", f"reverse:http://127.0.0.1:{plain_backend}@{ADDRESSES['terminate']}:0",
+        "--listen", f"reverse:https://{upstream.host}:{upstream.port}@{ADDRESSES['re-encrypt']}:0",
+        "--listen", f"sni:{upstream.port}@{ADDRESSES['passthrough']}:0",
+    )  # fmt: skip
+    ports = {}
+    for mode, what in (("terminate", "reverse"), ("re-encrypt", "reverse"), ("passthrough", "sni")):
+        address = ADDRESSES[mode].replace(".", r"\.")
+        ports[mode] = int(bumper.process.wait_for_line(rf"bumper: {what} listening on {address}:(\d+)").group(1))
+    ports["originate"] = ports["re-encrypt"]
+    ADDRESSES["originate"] = ADDRESSES["re-encrypt"]
+    return Front(bumper, ports)
+
+
+def curl(front: Front, mode: str, scheme: str = "https", name: str = FRONT, cacert: str | None = None) -> str:
+    result = subprocess.run(
+        [
+            "curl", "-sS", "--max-time", "20", "--resolve", front.resolve(mode, name),
+            "--cacert", cacert or str(front.bumper.ca_pem), front.url(mode, scheme, name),
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + front.bumper.process.log
+    return result.stdout
+
+
+def test_terminate_https_to_a_plain_backend(front: Front) -> None:
+    assert curl(front, "terminate") == "plain hello"
+
+
+def test_re_encrypt_https_to_an_https_backend(front: Front) -> None:
+    assert curl(front, "re-encrypt") == "hello from upstream"
+
+
+def test_originate_plain_http_to_an_https_backend(front: Front) -> None:
+    assert curl(front, "originate", scheme="http") == "hello from upstream"
+
+
+def test_passthrough_by_sni(front: Front, test_pki: Pki) -> None:
+    """Spliced: the client verifies the backend's own certificate, end to end."""
+    assert curl(front, "passthrough", name="pass.upstream.test", cacert=str(test_pki.root_pem)) == "hello from upstream"
+
+
+@pytest.mark.parametrize("mode", ["terminate", "re-encrypt"])
+def test_httpx_gets_a_certificate_from_bumpers_ca_for_the_front_ends_name(front: Front, mode: str) -> None:
+    url = f"https://{ADDRESSES[mode]}:{front.ports[mode]}/"
+    with httpx.Client(verify=str(front.bumper.ca_pem)) as client:
+        response = client.get(url, headers={"host": FRONT}, extensions={"sni_hostname": FRONT})
+    assert response.status_code == 200
+    assert response.text == ("plain hello" if mode == "terminate" else "hello from upstream")
+
+
+def test_a_backend_that_is_down_is_a_502_with_the_reason(
+    start_bumper: Callable[..., Bumper], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    with listening_socket() as sock:  # a port nothing listens on, once this closes
+        dead = sock.getsockname()[1]
+    path = tmp_path_factory.mktemp("reverse-down") / "policy.yaml"
+    path.write_text(lab_policy(POLICY))
+    bumper = start_bumper("--policy", str(path), "--listen", f"reverse:https://down.test:{dead}@127.0.0.5:0")
+    port = int(bumper.process.wait_for_line(r"bumper: reverse listening on 127\.0\.0\.5:(\d+)").group(1))
+    result = subprocess.run(
+        ["curl", "-sS", "--max-time", "20", "--resolve", f"{FRONT}:{port}:127.0.0.5", "--cacert", str(bumper.ca_pem),
+         "-w", "\n%{http_code}", f"https://{FRONT}:{port}/"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    body, status = result.stdout.rsplit("\n", 1)
+    assert status == "502", result.stderr
+    assert f"bumper: cannot connect to down.test:{dead}: [Errno 111] Connect call failed" in body
