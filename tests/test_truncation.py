@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests import cutoff
-from tests.conftest import Bumper, Pki, client_tls_context, open_tunnel
+from tests.conftest import Bumper, Pki, Upstream, client_tls_context, open_tunnel, start_with_policy
 from tests.test_access_log import AccessLog
+from tests.test_dlp import CARD
 
 HOST = "cut.upstream.test"
 BUFFERED = 400_000  # cut off while bumper still buffers the body (below 1 MiB)
@@ -208,3 +209,22 @@ def test_plain_http_passes_the_close_on(bumper: Bumper, plain_upstream: int) -> 
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and len(body) == BUFFERED
     assert bumper.connection_line(client_port, kind="HTTP").endswith(" requests=1 outcome=ok")
+
+
+def test_a_response_bumper_cuts_off_ends_without_close_notify(
+    start_bumper: Callable[..., Bumper], upstream: Upstream, tmp_path: Path
+) -> None:
+    """bumper's own cut-offs go the same way: dlp stops a response whose head the client already has."""
+    host = "responses.upstream.test"
+    dlp = f"  - match: {{sni: [{host}]}}\n    action: bump\n    addons:\n      - dlp: {{action: block, scan: [body], responses: true}}\n"
+    bumper = start_with_policy(start_bumper, tmp_path, "default: bump\nrules:\n" + dlp)
+    sock, reply = open_tunnel(bumper, host, upstream.port)
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    context = client_tls_context(bumper.ca_pem, alpn=["http/1.1"])
+    with context.wrap_socket(sock, server_hostname=host, suppress_ragged_eofs=False) as tls:
+        tls.sendall(f"GET /echo?{CARD} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        with pytest.raises(ssl.SSLEOFError):
+            while chunk := tls.recv(65536):
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and CARD.encode() not in data
