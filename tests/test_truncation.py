@@ -131,7 +131,6 @@ def test_a_reset_upstream_is_not_a_complete_body(logged: tuple[Bumper, AccessLog
     bumper, _ = logged
     seen = fetch_through(bumper, cut_upstream, f"/rst/{STREAMED}")
     assert (seen.status, seen.ending) in ((502, "close_notify"), (200, "no close_notify")), seen.status
-    assert len(seen.body) < STREAMED or seen.status == 200
     assert bumper.connection_line(seen.client_port).endswith(TRUNCATED)
 
 
@@ -216,8 +215,15 @@ def test_a_response_bumper_cuts_off_ends_without_close_notify(
 ) -> None:
     """bumper's own cut-offs go the same way: dlp stops a response whose head the client already has."""
     host = "responses.upstream.test"
-    dlp = f"  - match: {{sni: [{host}]}}\n    action: bump\n    addons:\n      - dlp: {{action: block, scan: [body], responses: true}}\n"
-    bumper = start_with_policy(start_bumper, tmp_path, "default: bump\nrules:\n" + dlp)
+    policy = (
+        "default: bump\n"
+        "rules:\n"
+        f"  - match: {{sni: [{host}]}}\n"
+        "    action: bump\n"
+        "    addons:\n"
+        "      - dlp: {action: block, scan: [body], responses: true}\n"
+    )
+    bumper = start_with_policy(start_bumper, tmp_path, policy)
     sock, reply = open_tunnel(bumper, host, upstream.port)
     assert reply.startswith(b"HTTP/1.1 200"), reply
     context = client_tls_context(bumper.ca_pem, alpn=["http/1.1"])

@@ -191,7 +191,8 @@ class ConnectionStates:
             message = without_option_advice(flow.error.msg) if flow.error else "unknown"
             # A limit of bumper's, or a truncation, says itself what happened, as outcomes on other paths do.
             state.fail(message if message.startswith((LIMIT, TRUNCATED)) else f"HTTP error: {message}")
-            state.truncated += message.startswith(TRUNCATED)
+            if message.startswith(TRUNCATED):
+                state.truncated += 1
             if flow.response is None or aborted(flow):  # else its response hook counted it
                 self._count(state, flow)
 
