@@ -331,11 +331,12 @@ class Http1Server(http_layers.Http1Server):
             yield close
 
     def send(self, event: http_layers.HttpEvent) -> layer.CommandGenerator[None]:
-        cut_off = isinstance(event, ResponseProtocolError) and self.response is not None
+        if not (isinstance(event, ResponseProtocolError) and self.response is not None):
+            return (yield from super().send(event))
         for command in super().send(event):
             # The client has the head and part of the body: a close with close_notify would make a
             # body that only the connection's end delimits look complete.
-            yield CutOff(self.conn) if cut_off and isinstance(command, commands.CloseConnection) else command
+            yield CutOff(self.conn) if isinstance(command, commands.CloseConnection) else command
 
     def _unanswered(self, command: ReceiveHttp) -> bool:
         """A request protocol error that nobody answered: no response yet (a refusal of the head may
