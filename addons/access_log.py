@@ -21,6 +21,7 @@ from bumper.addon import Addon, ConnectionInfo, aborted, body_bytes, connection_
 from bumper.certs.ca import fingerprint
 from bumper.certs.compare import name_text
 from bumper.clock import iso_utc
+from bumper.policy import urls
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,13 @@ def exchange(flow: http.HTTPFlow, connection_fields: str) -> str:
     refusal = refusal_of(flow)
     ended = (response.timestamp_end if response and response.timestamp_end else None) or time.time()
     head = {"type": "http", "time": _iso(request.timestamp_start), "id": flow.id, "connection": flow.client_conn.id}
+    logged = logged_url(flow)
     tail = {
         "method": request.method,
-        "url": logged_url(flow),
+        "url": logged,
+        # What URL rules matched on (as the upstream reads it), next to what was sent: from the logged
+        # URL, so that what an addon masked in one stays masked in the other.
+        "url_normalized": urls.normalize(logged),
         "status": response.status_code if response and not aborted(flow) else None,
         "bytes_up": body_bytes(flow, "request"),
         "bytes_down": body_bytes(flow, "response"),

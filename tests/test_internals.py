@@ -73,6 +73,11 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layers.tls.TLSLayer.receive_data": ("85c0e6b656c324e5", "close_notify: RECEIVED_SHUTDOWN"),
     "mitmproxy.proxy.tunnel.TunnelLayer._handle_command": ("11ede598b3b37965", "passes CutOff to send_close"),
     "mitmproxy.proxy.layers.http.HttpStream.state_consume_response_body": ("5323db61dfc7e2e1", "compared"),
+    # A CONNECT connected after its ClientHello (bind_names: resolve; bumper/proxy/httpstream.py, enforce.py)
+    "mitmproxy.proxy.layers.http.HttpStream.handle_connect_regular": ("ae920a52067801dc", "overridden, lazy copied"),
+    "mitmproxy.proxy.layers.http.HttpStream.handle_connect_finish": ("eb3a0054cb5b716e", "called"),
+    "mitmproxy.proxy.layers.tls.ClientTLSLayer.start_server_tls": ("ecb12045d0984a01", "opens it after the hook"),
+    "mitmproxy.proxy.layers.tls.ServerTLSLayer.event_to_child": ("72ccc54bbf633c15", "lets that open through"),
     # Limits in the protocol layers (bumper/proxy/httpstream.py, layers.py; docs/limits.md)
     "mitmproxy.proxy.layers.http._http1.Http1Connection.read_body": (
         "aece271029af36e4",

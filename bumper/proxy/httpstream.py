@@ -63,6 +63,8 @@ RESPONSE_SENT = "bumper.response_sent"  # the upstream's response headers went t
 RESPONSE_DELIVERED = "bumper.response_delivered"  # and its whole streamed body: too late to stop it
 ABORTED = "bumper.aborted"  # why a streamed response body was cut off
 STREAMED = "bumper.streamed"  # {"request": bytes, "response": bytes} of bodies that were streamed
+# on a CONNECT: the upstream is reached after the ClientHello, whose SNI may decide where it is (bind_names)
+DEFER_CONNECT = "bumper.defer_connect"
 
 # How a response the upstream cut off is named: the error, and the log line's outcome.
 TRUNCATED = "upstream truncated"
@@ -132,6 +134,14 @@ def _chunks(produced: bytes | list[bytes] | object) -> list[bytes]:
 class HttpStream(http_layers.HttpStream):
     # The client has this stream's response headers: from then on an error can only cut it off.
     client_has_response = False
+
+    def handle_connect_regular(self) -> layer.CommandGenerator[None]:
+        if not self.flow.metadata.get(DEFER_CONNECT):
+            return (yield from super().handle_connect_regular())
+        # mitmproxy's `lazy` connection strategy, for this tunnel only: its TLS layer opens the
+        # connection once the ClientHello is read, to the address the policy set by then.
+        self.child_layer = layer.NextLayer(self.context)
+        yield from self.handle_connect_finish()
 
     def start_request_stream(self) -> layer.CommandGenerator[None]:
         if self.flow.response is not None:

@@ -150,8 +150,9 @@ class NextLayer:
             return None  # wait for more bytes
         if not starts_like_tls_record(data):
             return Refuse(context, "not TLS: the client sent non-TLS data inside the CONNECT tunnel")
-        if not context.server.connected:
+        if not context.server.connected and context.server.timestamp_start is not None:
             # Its close was seen while no layer was listening; TLS towards it would wait forever.
+            # (One never opened is a deferred CONNECT's: the TLS layer opens it after the ClientHello.)
             return Refuse(context, "upstream TLS failed: the upstream closed the connection before the handshake")
         server_tls = ServerTLSLayer(context)
         server_tls.child_layer = ClientTLSLayer(context, self.limits)
