@@ -11,7 +11,8 @@ a cut-off body from a complete one (docs/security.md, "Truncation is never hidde
       chunked       chunked, one chunk announced at 2 * SIZE, SIZE bytes of it sent, then close_notify
 
 HTTP/2 (ALPN h2) answers any request with its headers and SIZE bytes of DATA (SIZE from the path's
-last segment), then resets the stream (RST_STREAM INTERNAL_ERROR).
+last segment; at most what bumper's flow-control window allows), then resets the stream
+(RST_STREAM INTERNAL_ERROR).
 
 serve_plain: the same HTTP/1.1 answers in clear text (plain http, where a FIN is all there is).
 """
@@ -32,7 +33,6 @@ import h2.events
 from tests.conftest import tcp_server
 from tests.upstream import pattern_bytes
 
-ENDINGS = ("fin", "rst", "notify", "short", "chunked")
 _TIMEOUT = 10.0
 
 

@@ -169,6 +169,7 @@ def test_openssl_s_client_tells_a_truncated_body(bumper: Bumper, cut_upstream: i
         ("short", "peer closed connection without sending complete message body (received"),
         ("chunked", "peer closed connection without sending complete message body (incomplete chunked read)"),
     ],
+    ids=["content-length", "chunked"],
 )
 def test_a_body_shorter_than_its_framing_says(
     logged: tuple[Bumper, AccessLog], cut_upstream: int, ending: str, reason: str
