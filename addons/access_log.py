@@ -141,6 +141,7 @@ def connection_line(conn: ConnectionInfo) -> str:
     head = {"type": "connection", "time": _iso(client.timestamp_start), "id": client.id}
     tail = {
         "requests": conn.requests,
+        "truncated": conn.truncated,
         "duration_ms": _ms(client.timestamp_start, client.timestamp_end or time.time()),
         "outcome": conn.outcome(),
     }

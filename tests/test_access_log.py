@@ -49,7 +49,7 @@ HTTP_KEYS = {
     "type", "time", "id", *CONNECTION_FIELDS, "method", "url", "url_normalized", "status", "bytes_up", "bytes_down",
     "request_ms", "blocked_by", "reason", "ref", "error",
 }  # fmt: skip
-CONNECTION_KEYS = {"type", "time", "id", *CONNECTION_FIELDS, "requests", "duration_ms", "outcome"}
+CONNECTION_KEYS = {"type", "time", "id", *CONNECTION_FIELDS, "requests", "truncated", "duration_ms", "outcome"}
 HIGH_PORT = 65000  # outside this module's policy ports, and above Linux's ephemeral ports (tests' upstreams)
 POLICY = (
     "ports: ['1-61000']\n"

@@ -20,7 +20,7 @@ from mitmproxy.proxy.tunnel import TunnelState
 from OpenSSL import SSL
 
 from bumper.proxy.dispatch import AddonManager, SyncHooks
-from bumper.proxy.httpstream import HttpLayer
+from bumper.proxy.httpstream import CutOff, HttpLayer, UncleanClose
 from bumper.proxy.limits import Limits, too_many
 from bumper.proxy.listeners import SNI_PENDING, Listener, Mode
 
@@ -32,10 +32,12 @@ class _TLSAlerts:
     """Ends TLS as RFC 8446 (6) asks, where stock mitmproxy 11 just drops the TCP connection:
     a close_notify before closing an open session, and OpenSSL's fatal alert (handshake_failure,
     protocol_version, ...) when a handshake fails. Strict clients read a bare close as truncation,
-    and scanners mistake a silent close for acceptance."""
+    and scanners mistake a silent close for acceptance. Except after a cut-off response (CutOff): then
+    the missing close_notify is what tells the client."""
 
     def send_close(self, command: commands.CloseConnection) -> layer.CommandGenerator[None]:
-        if self.tls is not None and self.tunnel_state is TunnelState.OPEN:  # type: ignore[attr-defined]
+        session_open = self.tls is not None and self.tunnel_state is TunnelState.OPEN  # type: ignore[attr-defined]
+        if session_open and not isinstance(command, CutOff):
             try:
                 self.tls.shutdown()  # type: ignore[attr-defined]
             except SSL.Error:
@@ -50,7 +52,13 @@ class _TLSAlerts:
 
 
 class ServerTLSLayer(_TLSAlerts, layers.ServerTLSLayer):
-    pass
+    """Tells its child whether the upstream's TCP close came after its close_notify: mitmproxy's
+    ConnectionClosed is the same for both, and only the HTTP layer knows whether a body was cut."""
+
+    def receive_close(self) -> layer.CommandGenerator[None]:
+        if self.tls.get_shutdown() & SSL.RECEIVED_SHUTDOWN:
+            return  # receive_data passed the close_notify on as a ConnectionClosed already
+        yield from self.event_to_child(UncleanClose(self.conn))
 
 
 # A fatal access_denied alert (RFC 8446 6.2), in a TLS 1.2 record as any version's ClientHello accepts:
