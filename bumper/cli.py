@@ -32,7 +32,7 @@ from bumper.policy.load import check as check_policy
 from bumper.policy.load import load as load_policy
 from bumper.policy.rules import LAB
 from bumper.proxy import limits
-from bumper.proxy.listeners import Listener
+from bumper.proxy.listeners import Listener, with_certificates
 from bumper.proxy.master import MimicSettings, ProxyConfig, access_log, serve
 from bumper.proxy.tlsprovider import CLIENT_CIPHERS, ClientTls
 from bumper.upstream.resolve import Override, ResolvingEventLoop
@@ -102,6 +102,13 @@ def _run_parser() -> argparse.ArgumentParser:
         action="append",
         help="a listener (repeatable): HOST:PORT or explicit@HOST:PORT (the proxy), transparent@HOST:PORT, "
         "sni[:PORT]@HOST:PORT, reverse:URL@HOST:PORT; see docs/modes.md (default: 127.0.0.1:8080)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        metavar="HOST:PORT=FILE.pem",
+        action="append",
+        default=[],
+        help="a reverse listener's own certificate (chain and key in one PEM file) instead of one from bumper's CA",
     )
     p.add_argument(
         "--upstream-ca",
@@ -257,7 +264,7 @@ def _run_command(args: list[str]) -> int:
     addons = load_registry(opts.addons)
     config = ProxyConfig(
         ca_dir=opts.ca,
-        listeners=_listeners(opts.listen or [DEFAULT_LISTEN]),
+        listeners=with_certificates(_listeners(opts.listen or [DEFAULT_LISTEN]), opts.tls_cert),
         trust=UpstreamTrust(tuple(opts.upstream_ca)),
         resolve=tuple(Override.parse(spec) for spec in opts.resolve),
         policy=load_policy(opts.policy, addons) if opts.policy else LAB,

@@ -8,11 +8,12 @@ import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import Bumper, Pki, Upstream, lab_policy, listening_socket, tcp_server
+from tests.conftest import BUMPER, Bumper, Pki, Upstream, lab_policy, listening_socket, tcp_server
 
 FRONT = "front.test"  # the name clients use for the front end
 ADDRESSES = {"terminate": "127.0.0.2", "re-encrypt": "127.0.0.3", "passthrough": "127.0.0.4"}
@@ -127,3 +128,55 @@ def test_a_backend_that_is_down_is_a_502_with_the_reason(
     body, status = result.stdout.rsplit("\n", 1)
     assert status == "502", result.stderr
     assert f"bumper: cannot connect to down.test:{dead}: [Errno 111] Connect call failed" in body
+
+
+def test_a_front_end_serves_its_own_certificate(
+    start_bumper: Callable[..., Bumper], upstream: Upstream, test_pki: Pki, tmp_path: Path
+) -> None:
+    """--tls-cert: the front end's own chain and key, as a real site's front end has them."""
+    cert, key = test_pki.root.leaf(FRONT).write(tmp_path, "front")
+    combined = tmp_path / "front-combined.pem"
+    combined.write_bytes(key.read_bytes() + cert.read_bytes())  # the key first: any order is read
+    listen = "127.0.0.6:0"
+    bumper = start_bumper(
+        "--listen", f"reverse:https://{upstream.host}:{upstream.port}@{listen}", "--tls-cert", f"{listen}={combined}"
+    )
+    port = int(bumper.process.wait_for_line(r"bumper: reverse listening on 127\.0\.0\.6:(\d+)").group(1))
+    result = subprocess.run(
+        ["curl", "-sS", "--max-time", "20", "--resolve", f"{FRONT}:{port}:127.0.0.6",
+         "--cacert", str(test_pki.root_pem), f"https://{FRONT}:{port}/"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.stdout == "hello from upstream", result.stderr
+
+
+@pytest.mark.parametrize(
+    ("listen", "tls_cert", "message"),
+    [
+        ("reverse:https://a.test@127.0.0.1:0", "127.0.0.1:9=CERT", "no --listen at 127.0.0.1:9"),
+        ("sni@127.0.0.1:0", "127.0.0.1:0=CERT", "sni@127.0.0.1:0 serves mimics of the upstreams it bumps"),
+        ("reverse:https://a.test@127.0.0.1:0", "127.0.0.1:0", "expected HOST:PORT=FILE.pem"),
+        ("reverse:https://a.test@127.0.0.1:0", "127.0.0.1:0=CERT-ONLY", "expected one PEM private key beside"),
+        ("reverse:https://a.test@127.0.0.1:0", "127.0.0.1:0=OTHER-KEY", "does not belong to the first certificate"),
+    ],
+)
+def test_a_bad_tls_cert_is_a_configuration_error(
+    test_pki: Pki, tmp_path: Path, listen: str, tls_cert: str, message: str
+) -> None:
+    cert, key = test_pki.root.leaf(FRONT).write(tmp_path, "front")
+    _, other_key = test_pki.root.leaf(FRONT).write(tmp_path, "other")
+    files = {
+        "CERT-ONLY": cert.read_bytes(),
+        "OTHER-KEY": cert.read_bytes() + other_key.read_bytes(),
+        "CERT": cert.read_bytes() + key.read_bytes(),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    spec = tls_cert.replace("=", f"={tmp_path}/", 1) if "=" in tls_cert else tls_cert
+    result = subprocess.run(
+        [BUMPER, "--ca", str(tmp_path), "--listen", listen, "--tls-cert", spec],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("bumper: --tls-cert ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr

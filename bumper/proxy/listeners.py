@@ -9,11 +9,15 @@ reverse:https://backend.internal@0.0.0.0:443   one fixed upstream (http:// or ht
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from mitmproxy import connection
 
+from bumper.certs import owncert
+from bumper.certs.owncert import OwnCertificate
 from bumper.errors import ConfigError
 from bumper.policy import names
 from bumper.policy.rules import ListenerMode as Mode
@@ -42,6 +46,7 @@ class Listener:
     port: int
     upstream: str | None = None  # reverse: the URL; sni: None
     sni_port: int = DEFAULT_SNI_PORT  # sni: the port the SNI's name is connected to
+    certificate: OwnCertificate | None = None  # reverse: its own (--tls-cert), not one from bumper's CA
 
     @classmethod
     def parse(cls, text: str) -> Listener:
@@ -114,3 +119,35 @@ def _sni_port(text: str, port: str) -> int:
         return names.parse_port(port, lowest=1)
     except ValueError as e:
         raise ConfigError(f"--listen {text!r}: sni:PORT: {e}") from None
+
+
+# Listeners that serve a certificate of their own choosing; the others serve mimics of upstreams.
+TAKES_OWN_CERTIFICATE = (Mode.REVERSE,)
+
+
+def with_certificates(listeners: tuple[Listener, ...], specs: list[str]) -> tuple[Listener, ...]:
+    """LISTENERS, each given its `--tls-cert HOST:PORT=FILE.pem` from SPECS; ConfigError for a spec
+    that is malformed, names no listener or one that mimics, or whose file is not a usable certificate."""
+    by_address = {listener.address: listener for listener in listeners}
+    given: dict[str, OwnCertificate] = {}
+    for spec in specs:
+        where, sep, file = spec.partition("=")
+        try:
+            address = _address(spec, where) if sep and file else None
+        except ConfigError:
+            address = None
+        if address is None:
+            raise ConfigError(f"--tls-cert {spec!r}: expected HOST:PORT=FILE.pem, the HOST:PORT of a --listen")
+        listener = by_address.get(listener_address(*address))
+        if listener is None:
+            raise ConfigError(f"--tls-cert {spec!r}: no --listen at {listener_address(*address)}")
+        if listener.mode not in TAKES_OWN_CERTIFICATE:
+            raise ConfigError(
+                f"--tls-cert {spec!r}: {listener} serves mimics of the upstreams it bumps; only reverse listeners"
+                " take a certificate of their own"
+            )
+        try:
+            given[listener.address] = owncert.load(Path(file))
+        except ConfigError as e:
+            raise ConfigError(f"--tls-cert {spec!r}: {e}") from None
+    return tuple(dataclasses.replace(listener, certificate=given.get(listener.address)) for listener in listeners)

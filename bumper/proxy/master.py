@@ -133,7 +133,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         ConnectReplies(),
         UpstreamErrorPages(states),
         runner,  # after the enforcer and the error pages: it skips what they refused
-        TlsProvider(mimics, verifier, states, config.client_tls),
+        TlsProvider(mimics, verifier, states, config.client_tls, config.listeners),
         connection_log,  # last: the others' client_disconnected still see the state it then forgets
     )
     m.options.update(

@@ -21,11 +21,13 @@ from OpenSSL import SSL, crypto
 from bumper.certs import trust
 from bumper.certs.mimic import UnmimicableCertificate
 from bumper.certs.mimicstore import Mimic, MimicStore
+from bumper.certs.owncert import OwnCertificate
 from bumper.certs.trust import UpstreamVerdict
 from bumper.errors import ConfigError
 from bumper.policy import names
 from bumper.policy.rules import ListenerMode, OnUpstreamError
 from bumper.proxy import replies
+from bumper.proxy.listeners import Listener
 from bumper.proxy.state import ConnectionState, ConnectionStates
 from bumper.proxy.upstreamerror import BY_UPSTREAM_ERROR
 from bumper.upstream.tls import TLS_VERSIONS
@@ -73,6 +75,15 @@ def client_context(chain: tuple[x509.Certificate, ...] = (), settings: ClientTls
     return context
 
 
+def own_context(certificate: OwnCertificate, settings: ClientTls | None) -> SSL.Context:
+    """Towards a reverse listener's clients: its own certificate, chain and key (--tls-cert)."""
+    context = client_context(certificate.chain[1:], settings)
+    context.use_certificate(crypto.X509.from_cryptography(certificate.chain[0]))
+    context.use_privatekey(crypto.PKey.from_cryptography_key(certificate.key))
+    context.check_privatekey()
+    return context
+
+
 class TlsProvider:
     def __init__(
         self,
@@ -80,11 +91,18 @@ class TlsProvider:
         verifier: UpstreamVerifier,
         states: ConnectionStates,
         client_tls: ClientTls | None = None,
+        listeners: tuple[Listener, ...] = (),
     ) -> None:
         self.mimics = mimics
         self.verifier = verifier  # shared with the splice probe
         self.states = states
         self._client_tls = client_tls or ClientTls()
+        # Listeners with a certificate of their own (--tls-cert): its context, by listener address.
+        self._own_contexts = {
+            listener.address: own_context(listener.certificate, client_tls)
+            for listener in listeners
+            if listener.certificate is not None
+        }
         # By (sends the untrusted root, serves a weak mimic); the usual one now, the others on first need.
         self._client_contexts = {(False, False): client_context(mimics.ca.chain, client_tls)}
 
@@ -178,17 +196,22 @@ class TlsProvider:
                 str(server.sni), str(found.verdict.reason), found.fingerprint or "-", found.verdict.detail
             )
             state.refuse(f"upstream certificate failed verification ({found.verdict.reason})", BY_UPSTREAM_ERROR)
-        self._serve(tls_start, await self.mimics.placeholder(name), sends_root=False)
+        own = self._own_contexts.get(state.listener.address) if state.listener else None
+        if own is not None:
+            return self._serve(tls_start, own)
+        made = await self.mimics.placeholder(name)
+        self._serve(tls_start, self._context_for(False, made), made)
 
-    def _serve(self, tls_start: tls.TlsData, made: Mimic, sends_root: bool) -> None:
-        """The client's handshake, with MADE."""
+    def _serve(self, tls_start: tls.TlsData, context: SSL.Context, made: Mimic | None = None) -> None:
+        """The client's handshake, in CONTEXT, with MADE (None: the context's own certificate)."""
         client, server = tls_start.context.client, tls_start.context.server
-        conn = SSL.Connection(self._context_for(sends_root, made))
-        conn.use_certificate(made.openssl_cert)
-        conn.use_privatekey(made.openssl_key)
+        conn = SSL.Connection(context)
+        if made is not None:
+            conn.use_certificate(made.openssl_cert)
+            conn.use_privatekey(made.openssl_key)
+            client.mitmcert = certs.Cert(made.cert)
         conn.set_app_data(AppData(client_alpn=None, server_alpn=server.alpn, http2=True))
         conn.set_accept_state()
-        client.mitmcert = certs.Cert(made.cert)
         tls_start.ssl_conn = conn
 
     def _refuse(self, client: connection.Client, reason: str) -> None:
@@ -251,4 +274,4 @@ class TlsProvider:
             )
             state.verified(found)
             made = await self._certificate_for(state, server, None, found)
-        self._serve(tls_start, made, found.sends_root)
+        self._serve(tls_start, self._context_for(found.sends_root, made), made)
