@@ -75,7 +75,13 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.tunnel.TunnelLayer._handle_command": ("11ede598b3b37965", "passes CutOff to send_close"),
     "mitmproxy.proxy.layers.http.HttpStream.state_consume_response_body": ("5323db61dfc7e2e1", "compared"),
     # A CONNECT connected after its ClientHello (bind_names: resolve; bumper/proxy/httpstream.py, enforce.py)
-    "mitmproxy.proxy.layers.http.HttpStream.handle_connect_regular": ("ae920a52067801dc", "overridden, lazy copied"),
+    "mitmproxy.proxy.layers.http.HttpStream.handle_connect_regular": ("ae920a52067801dc", "overridden: eager copied"),
+    # Listener modes (bumper/proxy/layers.py NextLayer, listeners.py, state.py; docs/modes.md)
+    "mitmproxy.proxy.layers.modes.HttpProxy._handle_event": ("8147a0c98455987c", "an SNI listener's pass-through"),
+    "mitmproxy.proxy.layers.modes.DestinationKnown.finish_start": ("91f47432073a2bf6", "lazy: no connect at start"),
+    "mitmproxy.proxy.layers.modes.TransparentProxy._handle_event": ("613cabc6639df9e8", "the layer bumper follows"),
+    "mitmproxy.proxy.layers.modes.ReverseProxy._handle_event": ("c24268c5e5cd49db", "sets the upstream and its SNI"),
+    "mitmproxy.proxy.layers.http.HttpStream.state_wait_for_request_headers": ("3706d5d5ce01dcd4", "reverse Host"),
     "mitmproxy.proxy.layers.http.HttpStream.handle_connect_finish": ("eb3a0054cb5b716e", "called"),
     "mitmproxy.proxy.layers.tls.ClientTLSLayer.start_server_tls": ("ecb12045d0984a01", "opens it after the hook"),
     "mitmproxy.proxy.layers.tls.ServerTLSLayer.event_to_child": ("72ccc54bbf633c15", "lets that open through"),
@@ -98,7 +104,10 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.server.TimeoutWatchdog.watch": ("eee8e7085dba9250", "its callback replaced"),
     "mitmproxy.proxy.server.ConnectionHandler.on_timeout": ("0d1e6b0aa6e41173", "replicated by _close"),
     "mitmproxy.proxy.server.ConnectionHandler.__init__": ("ffb8e6c9e6c6d020", "tcp_timeout, transports"),
-    "mitmproxy.proxy.mode_servers.ServerInstance.handle_stream": ("21eea06f208c752e", "registered by client.id"),
+    "mitmproxy.proxy.mode_servers.ServerInstance.handle_stream": (
+        "21eea06f208c752e",
+        "registered by client.id; original destination as sockname",
+    ),
     "mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen": ("7670a9038b44170d", "_servers: asyncio servers"),
     "mitmproxy.addons.proxyserver.Proxyserver.register_connection": ("d79bb91554a8bda2", "connections read"),
     # The hook dispatcher (bumper/proxy/dispatch.py)
