@@ -3,6 +3,7 @@ ClientHello's name is the destination, as Envoy's sni_dynamic_forward_proxy does
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Bumper, Pki, Upstream, lab_policy
+from tests.conftest import Bumper, Pki, Upstream, curl, lab_policy
 
 GATEWAY_HOST = "127.0.0.2"  # beside the explicit listener on 127.0.0.1: both take a free port
 POLICY = """
@@ -109,3 +110,45 @@ def test_a_name_that_does_not_resolve_is_closed(gateway: Gateway) -> None:
     lines = [line for line in gateway.bumper.process.lines if " TLS gone.invalid:" in line]
     assert lines and "action=bump rule=wildcard egress" in lines[-1], gateway.bumper.process.log
     assert "outcome=upstream connect failed: [Errno -2] Name or service not known" in lines[-1]
+
+
+def test_listeners_have_their_own_rules_and_one_reload_reaches_all(
+    start_bumper: Callable[..., Bumper], upstream: Upstream, tmp_path: Path
+) -> None:
+    """Two listeners in one process, a rule for each; SIGHUP reloads the one policy both apply."""
+    path = tmp_path / "policy.yaml"
+    rules = """
+default: block
+rules:
+  - name: proxy users
+    match: {sni: ["a.upstream.test"], listener: [explicit]}
+    action: bump
+  - name: gateway users
+    match: {sni: ["b.upstream.test"], listener: [sni]}
+    action: bump
+"""
+    path.write_text(lab_policy(rules))
+    bumper = start_bumper("--policy", str(path), "--listen", f"sni:{upstream.port}@127.0.0.7:0")
+    gateway = Gateway(
+        bumper, int(bumper.process.wait_for_line(r"bumper: sni listening on 127\.0\.0\.7:(\d+)").group(1))
+    )
+
+    def through_proxy(name: str) -> int:
+        return curl(bumper, f"https://{name}:{upstream.port}/").returncode
+
+    def through_gateway(name: str) -> int:
+        result = subprocess.run(
+            ["curl", "-sS", "--max-time", "20", "--resolve", f"{name}:{gateway.port}:127.0.0.7",
+             "--cacert", str(bumper.ca_pem), f"https://{name}:{gateway.port}/"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        return result.returncode
+
+    assert (through_proxy("a.upstream.test"), through_proxy("b.upstream.test")) == (0, 35)
+    assert (through_gateway("a.upstream.test"), through_gateway("b.upstream.test")) == (35, 0)
+    swapped = rules.replace("[explicit]", "[LISTENER]").replace("[sni]", "[explicit]").replace("[LISTENER]", "[sni]")
+    path.write_text(lab_policy(swapped))
+    bumper.process.proc.send_signal(signal.SIGHUP)
+    bumper.process.wait_for_line(r"policy reloaded from")
+    assert (through_proxy("a.upstream.test"), through_proxy("b.upstream.test")) == (35, 0)
+    assert (through_gateway("a.upstream.test"), through_gateway("b.upstream.test")) == (0, 35)
