@@ -348,7 +348,11 @@ def _load_cert(path: Path) -> x509.Certificate:
 
 
 def _load_key(path: Path) -> keys.PrivateKey:
-    data = _read(path)
+    return pem_private_key(_read(path), path)
+
+
+def pem_private_key(data: bytes, path: Path) -> keys.PrivateKey:
+    """The unencrypted PEM private key in DATA (read from PATH), of a type bumper signs with."""
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -356,7 +360,7 @@ def _load_key(path: Path) -> keys.PrivateKey:
     except (ValueError, UnsupportedAlgorithm):
         raise ConfigError(f"{path}: not a PEM private key (corrupt or wrong file)") from None
     if keys.KeySpec.of(key.public_key()) is None:
-        raise ConfigError(f"{path}: unsupported CA key type {keys.describe(key.public_key())}")
+        raise ConfigError(f"{path}: unsupported key type {keys.describe(key.public_key())}")
     return key  # type: ignore[return-value]
 
 

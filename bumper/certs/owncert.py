@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PublicKeyTypes
 
-from bumper.certs import keys
+from bumper.certs import ca, keys
 from bumper.errors import ConfigError
 
 _KEY_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.+?-----END \1PRIVATE KEY-----", re.DOTALL)
@@ -42,14 +41,7 @@ def load(path: Path, now: datetime.datetime | None = None) -> OwnCertificate:
     blocks = [m.group(0) for m in _KEY_BLOCK.finditer(data)]
     if len(blocks) != 1:
         raise ConfigError(f"{path}: expected one PEM private key beside the certificates, found {len(blocks)}")
-    try:
-        key = serialization.load_pem_private_key(blocks[0], password=None)
-    except TypeError:
-        raise ConfigError(f"{path}: the key is encrypted; bumper needs it unencrypted (mode 0600)") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise ConfigError(f"{path}: the private key is corrupt or of an unsupported kind") from None
-    if keys.KeySpec.of(key.public_key()) is None:
-        raise ConfigError(f"{path}: unsupported key type {keys.describe(key.public_key())}")
+    key = ca.pem_private_key(blocks[0], path)
     if _public(key.public_key()) != _public(chain[0].public_key()):
         raise ConfigError(f"{path}: the private key does not belong to the first certificate")
     now = now or datetime.datetime.now(datetime.UTC)
@@ -58,7 +50,7 @@ def load(path: Path, now: datetime.datetime | None = None) -> OwnCertificate:
             f"{path}: the certificate is not valid now (valid {chain[0].not_valid_before_utc:%Y-%m-%d}"
             f" to {chain[0].not_valid_after_utc:%Y-%m-%d})"
         )
-    return OwnCertificate(chain, key)  # type: ignore[arg-type]  # KeySpec.of checked the type
+    return OwnCertificate(chain, key)
 
 
 def _public(key: CertificatePublicKeyTypes | PublicKeyTypes) -> bytes:
