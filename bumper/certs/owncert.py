@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -22,7 +22,11 @@ _KEY_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.+?-----END \1PRI
 @dataclass(frozen=True)
 class OwnCertificate:
     chain: tuple[x509.Certificate, ...]  # the certificate first, then its intermediates
-    key: keys.PrivateKey
+    key: keys.PrivateKey = field(repr=False, compare=False)  # the certificate's: compared through it
+
+    @property
+    def fingerprint(self) -> str:
+        return ca.fingerprint(self.chain[0])
 
 
 def load(path: Path, now: datetime.datetime | None = None) -> OwnCertificate:

@@ -33,6 +33,8 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from bumper.certs import owncert
+from bumper.certs.owncert import OwnCertificate
 from bumper.errors import ConfigError
 from bumper.policy import binder, names
 from bumper.policy.binder import Check, HostPattern, Network, Noun, OneOrMore, Parsed, PortRange
@@ -68,6 +70,14 @@ class Match:
     listener: OneOrMore[Annotated[str, Parsed(listener_entry)]] = ()
 
 
+def _client_cert(text: str) -> OwnCertificate:
+    """A rule's client_cert: the certificate, its chain and its key, in one PEM file."""
+    try:
+        return owncert.load(Path(text))
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class RuleEntry:
     """One of `rules:`."""
@@ -79,6 +89,7 @@ class RuleEntry:
     upstream_tls_min: Annotated[Literal["1.0", "1.1", "1.2", "1.3"], Noun("version")] = "1.2"
     learn_pinning: bool = False
     addons: OneOrMore[AddonSpec] = ()  # `- name` or `- name: {settings..., on_error, timeout}`
+    client_cert: Annotated[OwnCertificate, Parsed(_client_cert)] | None = None  # for upstreams that ask
 
     def __post_init__(self) -> None:
         # Checks across keys: they run once every key of the rule is valid, and each problem is
@@ -89,6 +100,10 @@ class RuleEntry:
             problems["on_upstream_error"] = "allow needs a match that names its hosts exactly, no globs"
         if self.upstream_tls_min in LEGACY_TLS and not exact:  # a stricter floor (1.3) may cover globs
             problems["upstream_tls_min"] = "below 1.2 needs a match that names its hosts exactly"
+        if self.client_cert is not None and self.action is not Action.BUMP:
+            problems["client_cert"] = (
+                f"only a bumped connection has bumper's own upstream handshake; this rule's action is {self.action}"
+            )
         if self.addons and self.action is not Action.BUMP:
             problems["addons"] = f"addons run on decrypted traffic only; this rule's action is {self.action}"
         if problems:
@@ -99,7 +114,7 @@ class RuleEntry:
         return Rule(
             self.name or f"rules[{index}]", self.action, sni=m.sni, host=m.host, client=m.client, port=m.port,
             listener=m.listener, on_upstream_error=self.on_upstream_error, upstream_tls_min=self.upstream_tls_min,
-            learn_pinning=self.learn_pinning, addons=self.addons,
+            learn_pinning=self.learn_pinning, addons=self.addons, client_cert=self.client_cert,
         )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from bumper.certs.owncert import OwnCertificate
 from bumper.policy import names
 from bumper.policy.destinations import DEFAULT as DEFAULT_DESTINATIONS
 from bumper.policy.destinations import Destinations
@@ -145,6 +146,7 @@ class Rule:
     upstream_tls_min: str = "1.2"  # "1.0" to "1.3"; below 1.2 only for hosts the rule names exactly
     learn_pinning: bool = False  # splice (client, SNI) pairs whose client rejected the mimic
     addons: tuple[AddonSpec, ...] = ()  # the chain run on bumped traffic, in order
+    client_cert: OwnCertificate | None = None  # presented to upstreams that ask for a client certificate
 
     def needs_sni(self) -> bool:
         return bool(self.sni)
@@ -178,6 +180,7 @@ class Decision:
     learn_pinning: bool = False
     addons: tuple[AddonSpec, ...] = ()
     by_sni: bool = False  # the rule matched on the client's SNI: bind_names applies
+    client_cert: OwnCertificate | None = None
 
 
 def bound_name(decision: Decision, connect_host: str, sni: str | None) -> str | None:
@@ -292,7 +295,7 @@ class Policy:
     def _by(self, rule: Rule) -> Decision:
         return Decision(
             rule.action, rule.name, rule.on_upstream_error or self.on_upstream_error, rule.upstream_tls_min,
-            rule.learn_pinning, rule.addons, by_sni=rule.needs_sni(),
+            rule.learn_pinning, rule.addons, by_sni=rule.needs_sni(), client_cert=rule.client_cert,
         )  # fmt: skip
 
 

@@ -247,7 +247,7 @@ class PolicyEnforcer:
         # As the bumped leg will ask (TlsProvider.tls_start_server): the client's SNI (or the CONNECT host) in
         # A-labels, its ALPN offers, the rule's TLS floor.
         name, floor = names.normalize(hello.sni or host), decision.upstream_tls_min
-        verdict = await self.probe.verdict(host, port, name, floor, hello.alpn_protocols)
+        verdict = await self.probe.verdict(host, port, name, floor, hello.alpn_protocols, decision.client_cert)
         if verdict is not None and not verdict.trusted:
             decision = Decision(Action.SPLICE, decision.rule, decision.on_upstream_error)
             if state := self.states.of(data.context.client.id):

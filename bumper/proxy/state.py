@@ -196,7 +196,10 @@ class ConnectionStates:
 
     def tls_failed_server(self, data: tls.TlsData) -> None:
         if state := self._states.get(data.context.client.id):
-            state.fail(f"upstream TLS failed: {short_reason(data.conn.error or 'unknown')}")
+            error = data.conn.error or "unknown"
+            # OpenSSL keeps the CAs an upstream's CertificateRequest named: it asked for a client certificate.
+            asked = bool(data.ssl_conn and data.ssl_conn.get_client_ca_list()) or CERTIFICATE_REQUIRED in error
+            state.fail(f"upstream TLS failed: {short_reason(error)}{_without_client_cert(state, asked)}")
 
     def tls_failed_client(self, data: tls.TlsData) -> None:
         if state := self._states.get(data.context.client.id):
@@ -215,7 +218,10 @@ class ConnectionStates:
         if state := self._states.get(flow.client_conn.id):
             message = without_option_advice(flow.error.msg) if flow.error else "unknown"
             # A limit of bumper's, or a truncation, says itself what happened, as outcomes on other paths do.
-            state.fail(message if message.startswith((LIMIT, TRUNCATED)) else f"HTTP error: {message}")
+            if message.startswith((LIMIT, TRUNCATED)):
+                state.fail(message)
+            else:  # a TLS 1.3 upstream refuses a missing client certificate only after its handshake
+                state.fail(f"HTTP error: {message}{_without_client_cert(state, CERTIFICATE_REQUIRED in message)}")
             if message.startswith(TRUNCATED):
                 state.truncated += 1
             if flow.response is None or aborted(flow):  # else its response hook counted it
@@ -225,6 +231,17 @@ class ConnectionStates:
     def _count(state: ConnectionState, flow: http.HTTPFlow) -> None:
         state.bytes_up += body_bytes(flow, "request")
         state.bytes_down += body_bytes(flow, "response")
+
+
+# OpenSSL's text for TLS 1.3's certificate_required alert (RFC 8446 4.4.2.4).
+CERTIFICATE_REQUIRED = "alert certificate required"
+
+
+def _without_client_cert(state: ConnectionState, asked: bool) -> str:
+    """What the outcome adds when an upstream that ASKED for a client certificate got none."""
+    if not asked or (state.decision is not None and state.decision.client_cert is not None):
+        return ""
+    return " (the upstream asked for a client certificate: give the rule one with client_cert:)"
 
 
 def is_plain_proxy_request(flow: http.HTTPFlow) -> bool:

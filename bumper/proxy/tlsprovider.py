@@ -142,7 +142,8 @@ class TlsProvider:
         if state:
             state.upstream = None  # only this handshake's verdict may decide the client's certificate
         min_version = decision.upstream_tls_min if decision else "1.2"
-        tls_start.ssl_conn = self.verifier.connection(server.sni, min_version, server.alpn_offers)
+        client_cert = decision.client_cert if decision else None
+        tls_start.ssl_conn = self.verifier.connection(server.sni, min_version, server.alpn_offers, client_cert)
 
     async def _certificate_for(
         self,

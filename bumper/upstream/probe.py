@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from OpenSSL import SSL
 
 from bumper.certs import trust
+from bumper.certs.owncert import OwnCertificate
 from bumper.upstream.verifier import PeerChain, UpstreamVerifier
 
 PROBE_TIMEOUT = 10.0  # seconds for the whole probe: connect and handshake
@@ -67,12 +68,18 @@ class UpstreamProbe:
         self.verifier = verifier  # the bumped leg's own
 
     async def verdict(
-        self, host: str, port: int, name: str, min_version: str, alpn_offers: Sequence[bytes]
+        self,
+        host: str,
+        port: int,
+        name: str,
+        min_version: str,
+        alpn_offers: Sequence[bytes],
+        client_cert: OwnCertificate | None = None,
     ) -> trust.Verdict | None:
         """The verdict on HOST:PORT's certificate for NAME, or None when the probe cannot tell: the
         upstream is unreachable, not TLS, or fails the handshake (a TLS version below MIN_VERSION,
         no common cipher). The bumped connection then meets and reports that failure itself."""
-        conn = self.verifier.connection(name, min_version, alpn_offers)
+        conn = self.verifier.connection(name, min_version, alpn_offers, client_cert)
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 reader, writer = await asyncio.open_connection(host, port, limit=_CHUNK)

@@ -14,6 +14,7 @@ from OpenSSL import SSL, crypto
 
 from bumper.certs import trust
 from bumper.certs.ca import load_pem_certificates
+from bumper.certs.owncert import OwnCertificate
 from bumper.policy import names
 
 # Towards upstreams: forward-secret AEAD first, CBC only with ECDHE; never anything that
@@ -56,8 +57,16 @@ class UpstreamTrust:
             load_pem_certificates(path, f"--upstream-ca {path}")
 
 
-def upstream_context(trust: UpstreamTrust, min_version: str = "1.2") -> SSL.Context:
+def upstream_context(
+    trust: UpstreamTrust, min_version: str = "1.2", client_cert: OwnCertificate | None = None
+) -> SSL.Context:
+    """Towards upstreams; CLIENT_CERT (chain and key) for upstreams that ask for one (a rule's client_cert)."""
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    if client_cert is not None:
+        context.use_certificate(crypto.X509.from_cryptography(client_cert.chain[0]))
+        for cert in client_cert.chain[1:]:
+            context.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
+        context.use_privatekey(crypto.PKey.from_cryptography_key(client_cert.key))
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)  # idle connections keep no record buffers: see client_context
     context.set_min_proto_version(TLS_VERSIONS[min_version])
     context.set_max_proto_version(SSL.TLS1_3_VERSION)

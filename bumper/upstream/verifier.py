@@ -12,6 +12,7 @@ from OpenSSL import SSL, crypto
 
 from bumper.certs import trust
 from bumper.certs.ca import fingerprint
+from bumper.certs.owncert import OwnCertificate
 from bumper.certs.trust import UpstreamVerdict
 from bumper.upstream import aia
 from bumper.upstream.tls import UpstreamTrust, expect_hostname, upstream_context
@@ -67,13 +68,18 @@ class UpstreamVerifier:
         self._own_cas = own_cas  # bumper's CAs, the untrusted one too: never trusted upstream
         self._issuers = issuers  # completes chains that lack an intermediate; None: off
         self._aia_roots = aia.load_roots(roots.all_files()) if issuers else []
-        self._contexts = {"1.2": upstream_context(roots)}  # by the lowest TLS version a rule allows
+        # By the lowest TLS version a rule allows, and the client certificate it presents.
+        self._contexts: dict[tuple[str, str | None], SSL.Context] = {("1.2", None): upstream_context(roots)}
 
-    def connection(self, name: str, min_version: str, alpn_offers: Sequence[bytes]) -> SSL.Connection:
-        """A client connection to an upstream that should be NAME, its errors recorded in its app data."""
-        context = self._contexts.get(min_version)
+    def connection(
+        self, name: str, min_version: str, alpn_offers: Sequence[bytes], client_cert: OwnCertificate | None = None
+    ) -> SSL.Connection:
+        """A client connection to an upstream that should be NAME, its errors recorded in its app data;
+        with CLIENT_CERT for an upstream that asks for a client certificate."""
+        which = (min_version, client_cert.fingerprint if client_cert else None)
+        context = self._contexts.get(which)
         if context is None:
-            context = self._contexts[min_version] = upstream_context(self._roots, min_version)
+            context = self._contexts[which] = upstream_context(self._roots, min_version, client_cert)
         conn = SSL.Connection(context)
         conn.set_app_data([])  # the verification errors, filled by _record_verify_error
         expect_hostname(conn, name)
