@@ -189,6 +189,23 @@ def untrusted(directory: Path, now: datetime.datetime | None = None) -> Certific
     return CertificateAuthority(cert=cert, key=key, directory=directory)
 
 
+def on_disk_problem(ca: CertificateAuthority) -> str | None:
+    """How CA's files now differ from CA as it was loaded (changed, gone, unreadable), or None when
+    they still hold it. bumper keeps signing with the loaded CA either way: a CA swapped or broken
+    under a running proxy must not take effect half-way, nor stop it."""
+    signing_cert, signing_key = (ISSUING_CERT_FILE, ISSUING_KEY_FILE) if ca.root else (CERT_FILE, KEY_FILE)
+    try:
+        for path, loaded in {ca.cert_path: ca.trust_anchor, ca.directory / signing_cert: ca.cert}.items():
+            if _load_cert(path) != loaded:
+                return f"{path}: no longer the CA certificate bumper loaded"
+        key_path = ca.directory / signing_key
+        if _spki(_load_key(key_path).public_key()) != _spki(ca.key.public_key()):
+            return f"{key_path}: no longer the key of the CA bumper loaded"
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def _load_pair(cert_path: Path, key_path: Path, now: datetime.datetime) -> tuple[x509.Certificate, keys.PrivateKey]:
     if not key_path.exists():
         raise ConfigError(f"{key_path}: missing; {cert_path} is there without its private key")
