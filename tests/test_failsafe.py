@@ -93,6 +93,13 @@ def rows(ca_dir: Path) -> int:
         db.close()
 
 
+def with_own_ca(start_bumper: Callable[..., Bumper], tmp_path: Path) -> Bumper:
+    """bumper with a CA directory of this test's own, tmp_path/ca, which the test may break."""
+    ca_dir = tmp_path / "ca"
+    ca_dir.mkdir(mode=0o700)
+    return start_bumper(ca_dir=ca_dir)
+
+
 def wait_for(bumper: Bumper, text: str, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while text not in bumper.process.log:
@@ -142,17 +149,19 @@ def test_a_full_disk_keeps_new_names_served_and_the_cache_recovers(
 ) -> None:
     bumper = start_bumper(ca_dir=tmpfs)
     try:
-        assert served(bumper, many_names, range(1)) == 1
+        # Full before the first name: the untrusted CA, made on first need, cannot be written either.
         filler = fill(tmpfs)
-        got = served(bumper, many_names, range(1, 1 + NAMES))
+        got = served(bumper, many_names, range(NAMES))
         assert got == NAMES, f"{got} of {NAMES} served on a full disk"
         assert count(bumper, UNUSABLE.format(path=tmpfs / DB_FILE)) == 1, bumper.process.log  # not one per name
+        assert count(bumper, "cannot write the untrusted CA (No space left on device)") == 1, bumper.process.log
+        assert not list(tmpfs.glob("untrusted.*"))  # no key left without its certificate
         filler.unlink()
         time.sleep(RETRY_AFTER)
-        assert served(bumper, many_names, range(1 + NAMES, 2 + NAMES)) == 1
+        assert served(bumper, many_names, range(NAMES, NAMES + 1)) == 1
         wait_for(bumper, RECOVERED.format(path=tmpfs / DB_FILE))
         assert count(bumper, RECOVERED.format(path=tmpfs / DB_FILE)) == 1
-        assert rows(tmpfs) == NAMES + 2  # those minted while the disk was full were written too
+        assert rows(tmpfs) == NAMES + 1  # those minted while the disk was full were written too
     finally:
         bumper.process.stop()
 
@@ -193,9 +202,8 @@ def corrupt(path: Path, how: str) -> None:
 def test_a_corrupt_cache_at_start_is_moved_aside_and_a_fresh_one_started(
     start_bumper, tmp_path: Path, many_names: Callable[[int], str], how: str
 ) -> None:
-    ca_dir = tmp_path / "ca"
-    ca_dir.mkdir(mode=0o700)
-    first = start_bumper(ca_dir=ca_dir)
+    first = with_own_ca(start_bumper, tmp_path)
+    ca_dir = first.ca_dir
     assert served(first, many_names, range(30, 60)) == 30
     first.process.stop()  # a clean stop folds the write-ahead log into the file
     ca_files = {name: (ca_dir / name).read_bytes() for name in ("ca.pem", "ca.key")}
@@ -214,19 +222,23 @@ def test_a_corrupt_cache_at_start_is_moved_aside_and_a_fresh_one_started(
     bumper.process.stop()
 
 
-def test_a_cache_corrupted_while_running_does_not_stop_new_names(
+def test_a_cache_corrupted_while_running_is_moved_aside_and_new_names_served(
     start_bumper, tmp_path: Path, many_names: Callable[[int], str]
 ) -> None:
-    ca_dir = tmp_path / "ca"
-    ca_dir.mkdir(mode=0o700)
-    bumper = start_bumper(ca_dir=ca_dir)
+    bumper = with_own_ca(start_bumper, tmp_path)
+    ca_dir = bumper.ca_dir
     assert served(bumper, many_names, range(60, 90)) == 30
-    db = ca_dir / DB_FILE
-    with db.open("r+b") as f:  # in place: the file bumper has open
-        f.write(os.urandom(db.stat().st_size))
+    # Garbage over the file bumper has open, in place, and over SQLite's side files: the main file
+    # alone would not do, as SQLite reads the rows back from its write-ahead log.
+    for suffix in ("", "-wal", "-shm"):
+        path = ca_dir / f"{DB_FILE}{suffix}"
+        with path.open("r+b") as f:
+            f.write(os.urandom(path.stat().st_size))
     got = served(bumper, many_names, range(NAMES))
     assert got == NAMES, f"{got} of {NAMES} served after {DB_FILE} was overwritten"
-    assert count(bumper, "is corrupt") <= 1 and count(bumper, "unusable") <= 1, bumper.process.log
+    assert count(bumper, "is corrupt") == 1 and count(bumper, "unusable") == 0, bumper.process.log
+    assert len(list(ca_dir.glob(f"{DB_FILE}.corrupt-*"))) == 1
+    assert rows(ca_dir) == NAMES  # the fresh file
     bumper.process.stop()
 
 
@@ -274,13 +286,15 @@ def test_an_emptied_policy_is_refused_on_reload_and_the_one_in_force_stays(
 ) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(lab_policy("default: block\n"))
-    bumper = start_bumper("--policy", str(path))
-    assert connect_status(bumper, upstream.url("/")) == "403"
+    # Port 443, which even the emptied file's default ports allow: only default: block refuses it.
+    bumper = start_bumper("--policy", str(path), "--resolve", f"site.example=127.0.0.1:{upstream.port}")
+    url = "https://site.example/"
+    assert connect_status(bumper, url) == "403"
     path.write_text(text)
     bumper.process.proc.send_signal(signal.SIGHUP)
     wait_for(bumper, f"policy not reloaded, the one in force stays: {path}:{why}")
     assert "policy reloaded" not in bumper.process.log
-    assert connect_status(bumper, upstream.url("/")) == "403"  # still blocked, not "0 rules, default bump"
+    assert connect_status(bumper, url) == "403"  # still blocked, not "0 rules, default bump"
     bumper.process.stop()
 
 
@@ -306,9 +320,8 @@ def test_bumper_will_not_start_on_an_empty_policy_and_policy_check_says_why(tmp_
 def test_a_changed_or_broken_ca_file_leaves_the_loaded_ca_in_use(
     start_bumper, tmp_path: Path, many_names: Callable[[int], str]
 ) -> None:
-    ca_dir = tmp_path / "ca"
-    ca_dir.mkdir(mode=0o700)
-    bumper = start_bumper(ca_dir=ca_dir)
+    bumper = with_own_ca(start_bumper, tmp_path)
+    ca_dir = bumper.ca_dir
     trusted = tmp_path / "trusted.pem"  # what clients were given
     shutil.copy(bumper.ca_pem, trusted)
     original = {name: (ca_dir / name).read_bytes() for name in ("ca.pem", "ca.key")}
