@@ -414,3 +414,20 @@ def test_log_secrets_keeps_them_for_labs(start_bumper, upstream: Upstream, test_
 )
 def test_what_is_masked(logged: str, shown: str) -> None:
     assert redact.text(logged) == shown
+
+
+def test_an_issuing_intermediate_is_watched_and_an_offline_root_key_is_no_problem(tmp_path: Path) -> None:
+    from bumper.certs import ca as ca_files
+
+    directory = tmp_path / "ca"
+    authority = ca_files.create(directory, intermediate=True)
+    assert ca_files.on_disk_problem(authority) is None
+    (directory / "ca.key").unlink()  # the root key kept offline, as docs/ca.md advises
+    assert ca_files.on_disk_problem(authority) is None
+    (directory / "issuing.key").write_text("not a key\n")
+    assert (
+        ca_files.on_disk_problem(authority)
+        == f"{directory / 'issuing.key'}: not a PEM private key (corrupt or wrong file)"
+    )
+    (directory / "issuing.pem").unlink()
+    assert ca_files.on_disk_problem(authority) == f"{directory / 'issuing.pem'}: cannot read: No such file or directory"
