@@ -22,7 +22,7 @@ from bumper.addon import Addon, ConnectionInfo, aborted, body_bytes, connection_
 from bumper.certs.ca import fingerprint
 from bumper.certs.compare import name_text
 from bumper.clock import iso_utc
-from bumper.policy import redact
+from bumper.policy import redact, urls
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,14 @@ def exchange(flow: http.HTTPFlow, connection_fields: str, log_secrets: bool = Fa
     refusal = refusal_of(flow)
     ended = (response.timestamp_end if response and response.timestamp_end else None) or time.time()
     head = {"type": "http", "time": _iso(request.timestamp_start), "id": flow.id, "connection": flow.client_conn.id}
+    shown_url = str if log_secrets else redact.url
+    logged = shown_url(logged_url(flow))
     tail = {
         "method": request.method,
-        "url": logged_url(flow) if log_secrets else redact.url(logged_url(flow)),
+        "url": logged,
+        # What URL rules matched on (as the upstream reads it), next to what was sent: from the logged
+        # URL, so that what an addon masked in one stays masked in the other.
+        "url_normalized": shown_url(urls.normalize(logged)),
         "status": response.status_code if response and not aborted(flow) else None,
         "bytes_up": body_bytes(flow, "request"),
         "bytes_down": body_bytes(flow, "response"),
@@ -141,6 +146,7 @@ def connection_line(conn: ConnectionInfo, log_secrets: bool = False) -> str:
     head = {"type": "connection", "time": _iso(client.timestamp_start), "id": client.id}
     tail = {
         "requests": conn.requests,
+        "truncated": conn.truncated,
         "duration_ms": _ms(client.timestamp_start, client.timestamp_end or time.time()),
         "outcome": _shown(log_secrets)(conn.outcome()),  # an error may quote the request
     }

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from mitmproxy import http
 
-from bumper.addon import Addon, Refuse
-from bumper.policy import names
+from bumper.addon import Addon, Refuse, pretty_url
+from bumper.policy import names, urls
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,11 @@ class Block(Addon):
 
     def __init__(self, settings: BlockSettings) -> None:
         super().__init__(settings)
-        self.domains, urls = settings.listed
-        self.url_globs = tuple(u.lower() for u in urls if not u.startswith(names.REGEX_PREFIX))
-        self.url_regexes = tuple(re.compile(u[len(names.REGEX_PREFIX) :]) for u in urls if u not in self.url_globs)
+        self.domains, listed_urls = settings.listed
+        globs = [u for u in listed_urls if not u.startswith(names.REGEX_PREFIX)]
+        # Each glob in the form targets are matched in, and as the policy wrote it (for the reason).
+        self.url_globs = tuple((glob_form(u), u.lower()) for u in globs)
+        self.url_regexes = tuple(re.compile(u[len(names.REGEX_PREFIX) :]) for u in listed_urls if u not in globs)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if why := self.listed(flow.request):
@@ -70,12 +72,29 @@ class Block(Addon):
         for pattern in self.domains:
             if names.host_matches(pattern, host):
                 return f"domain {pattern}"
-        # Globs see host/path?query without the scheme; `*` spans any characters, "/" included.
-        bare = f"{names.normalize(host)}{request.path}".lower()
-        for glob in self.url_globs:
-            if fnmatch.fnmatchcase(bare, glob):
-                return f"URL {glob}"
+        if not (self.url_globs or self.url_regexes):
+            return None
+        # Matched on every reading of the target an upstream may take (urls.readings), with the host
+        # folded; the request goes on as sent. Globs see host/path?query without the scheme and any
+        # case; `*` spans any characters, "/" included.
+        raw = pretty_url(request)
+        url = urls.parse(raw)
+        targets = urls.readings(url.target)
+        bare = [f"{url.host}{target}".lower() for target in targets]
+        for glob, shown in self.url_globs:
+            if any(fnmatch.fnmatchcase(b, glob) for b in bare):
+                return f"URL {shown}"
+        whole = dict.fromkeys([raw, *(url.origin + target for target in targets)])
         for regex in self.url_regexes:
-            if regex.fullmatch(request.pretty_url):
+            if any(regex.fullmatch(w) for w in whole):
                 return f"URL regex:{regex.pattern}"
         return None
+
+
+def glob_form(glob: str) -> str:
+    """A URL glob as targets are matched: lower case, escapes of unreserved characters decoded (the
+    client's `%7E` and `~` are one character), the host part folded as host names are."""
+    host, slash, path = glob.partition("/")
+    if not any(c in host for c in "*?["):
+        host = names.normalize(host)
+    return f"{host}{slash}{urls.decode_unreserved(path)}".lower()

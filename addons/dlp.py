@@ -23,11 +23,14 @@ from typing import Literal
 from mitmproxy import http
 
 from bumper.addon import LOGGED_URL, Addon, Bytes, Refuse
+from bumper.policy import urls
 
 log = logging.getLogger("bumper.addons.dlp")
 
 Detector = Literal["card", "aws_key", "private_key", "jwt"]
 Place = Literal["url", "headers", "body"]
+# Masking passes over a request target: one per reading that shows a secret the ones before did not.
+URL_PASSES = 4
 OVERLAP = 8192  # bytes held back between chunks: the longest match (a PEM key block) found across a boundary
 
 PATTERNS: dict[str, re.Pattern[bytes]] = {
@@ -160,16 +163,41 @@ class Dlp(Addon):
             raise Refuse(f"request body over the DLP scan limit of {self.settings.max_body} bytes")
 
     def _check_url(self, flow: http.HTTPFlow) -> None:
-        """The path and query string. Whatever the action, logs (the access log too) get the URL masked."""
-        raw = flow.request.path.encode("utf-8", "surrogateescape")
-        findings = list(find(self.patterns, raw))
+        """The path and query string, as sent and as the upstream reads them (urls.readings): a
+        secret written with escapes (`%41KIA...`) is the same secret to the upstream. Whatever the
+        action, logs (the access log too) get the URL masked."""
+        path = flow.request.path
+        target, findings, rewritten = path, [], False
+        # Each pass masks what one reading shows, until none shows more (a target may hold one
+        # secret as sent and another escaped); a bounded number of times.
+        for _ in range(URL_PASSES):
+            hit = self._url_hit(target)
+            if hit is None:
+                break
+            reading, found = hit
+            rewritten = rewritten or reading not in (target, urls.canonical(target))
+            target = redact(reading.encode("utf-8", "surrogateescape"), found).decode("utf-8", "surrogateescape")
+            findings += found
+        else:
+            rewritten = rewritten or self._url_hit(target) is not None
         if not findings:
             return
-        masked_path = redact(raw, findings).decode("utf-8", "surrogateescape")
-        flow.metadata[LOGGED_URL] = flow.request.pretty_url.replace(flow.request.path, masked_path, 1)
-        if self.settings.action == "redact":
-            flow.request.path = masked_path
+        flow.metadata[LOGGED_URL] = flow.request.pretty_url.replace(path, target, 1)
         self._act(flow, "request URL", findings)
+        if self.settings.action == "redact":
+            if rewritten:
+                # Only a lenient reading (every escape decoded) shows the secret: sent in that
+                # form, the target would mean something else to the upstream.
+                raise Refuse("the request URL holds what looks like a secret, in a form that cannot be masked")
+            flow.request.path = target
+
+    def _url_hit(self, target: str) -> tuple[str, list[Finding]] | None:
+        """The first reading of TARGET that shows a secret, and what it shows."""
+        for reading in urls.readings(target):
+            found = list(find(self.patterns, reading.encode("utf-8", "surrogateescape")))
+            if found:
+                return reading, found
+        return None
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if self.settings.responses and "headers" in self.settings.scan and flow.response is not None:

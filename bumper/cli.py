@@ -29,6 +29,7 @@ from bumper.errors import ConfigError
 from bumper.inspect.loading import load_registry
 from bumper.policy import redact
 from bumper.policy.binder import parse_size
+from bumper.policy.load import check as check_policy
 from bumper.policy.load import load as load_policy
 from bumper.policy.rules import LAB
 from bumper.proxy import limits
@@ -320,10 +321,12 @@ def _policy_command(args: list[str]) -> int:
     opts = p.parse_args(args)
     addons = load_registry(opts.addons)  # an addon that cannot load is a configuration error (exit 2)
     try:
-        load_policy(opts.file, addons)
+        warnings = check_policy(opts.file, addons)
     except ConfigError as e:
         print(e)  # every problem, one per line
         return EXIT_CONFIG
+    for warning in warnings:
+        print(warning)
     print("OK")
     return 0
 

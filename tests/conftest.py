@@ -160,6 +160,13 @@ class Upstream:
         """How many HTTP requests have reached this upstream so far."""
         return sum(line.startswith("request ") for line in self.process.lines)
 
+    def wait_for_requests(self, count: int, timeout: float = 10.0) -> bool:
+        """Whether COUNT requests have reached this upstream within TIMEOUT seconds (its log lags)."""
+        deadline = time.monotonic() + timeout
+        while self.requests < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.requests >= count
+
 
 @dataclass
 class Bumper:

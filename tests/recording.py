@@ -24,9 +24,10 @@ from tests.conftest import listening_socket
 class Received:
     """One request as the recording upstream got it."""
 
-    target: str  # path and query
+    target: str  # path and query, with the path percent-decoded (as the server's app reads it)
     http_version: str
     headers: list[tuple[str, str]]
+    raw_target: str = ""  # path and query as they arrived, escapes and all
     body: bytearray = field(default_factory=bytearray)
     complete: bool = False  # the whole body arrived
     ended: bool = False  # the upstream is done with it: complete, or the client (bumper) went away
@@ -81,7 +82,8 @@ def recording_upstream(cert: Path, key: Path) -> Iterator[Recorder]:
                     return
         query = scope["query_string"].decode()
         headers = [(k.decode(), v.decode()) for k, v in scope["headers"]]
-        record = Received(scope["path"] + (f"?{query}" if query else ""), scope["http_version"], headers)
+        raw_target = scope["raw_path"].decode("latin-1") + (f"?{query}" if query else "")
+        record = Received(scope["path"] + (f"?{query}" if query else ""), scope["http_version"], headers, raw_target)
         received.append(record)
         while True:
             message = await receive()

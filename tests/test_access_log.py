@@ -46,10 +46,10 @@ CONNECTION_FIELDS = [
     "upstream_connect_ms", "upstream_tls_ms", "client_tls_ms",
 ]  # fmt: skip
 HTTP_KEYS = {
-    "type", "time", "id", *CONNECTION_FIELDS, "method", "url", "status", "bytes_up", "bytes_down", "request_ms",
-    "blocked_by", "reason", "ref", "error",
+    "type", "time", "id", *CONNECTION_FIELDS, "method", "url", "url_normalized", "status", "bytes_up", "bytes_down",
+    "request_ms", "blocked_by", "reason", "ref", "error",
 }  # fmt: skip
-CONNECTION_KEYS = {"type", "time", "id", *CONNECTION_FIELDS, "requests", "duration_ms", "outcome"}
+CONNECTION_KEYS = {"type", "time", "id", *CONNECTION_FIELDS, "requests", "truncated", "duration_ms", "outcome"}
 HIGH_PORT = 65000  # outside this module's policy ports, and above Linux's ephemeral ports (tests' upstreams)
 POLICY = (
     "ports: ['1-61000']\n"
@@ -215,6 +215,7 @@ def test_a_bumped_request_has_every_field_right(
         f"https://upstream.test:{upstream.port}/echo?fields",
         200,
     )
+    assert entry["url_normalized"] == entry["url"]  # nothing to normalize in it
     assert (entry["bytes_up"], entry["bytes_down"]) == (0, len("fields"))
     assert [entry[k] for k in ("blocked_by", "reason", "ref", "error")] == [None] * 4
 

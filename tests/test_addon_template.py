@@ -8,6 +8,7 @@ import functools
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,19 @@ def test_a_refused_path_gets_the_page_and_never_reaches_the_upstream(tagging: Bu
     assert curl(tagging, upstream.url("/administrator"), "-w", "%{http_code}").stdout.endswith("200")
     assert upstream.requests == before + 1  # /administrator only
     tagging.process.wait_for_line(r"example_tag: 127\.0\.0\.1:\d+ CONNECT upstream\.test:\d+: 1 request refused")
+
+
+@pytest.mark.parametrize("target", ["/%61dmin/users", "/pub/../admin/users", "//admin/users", "/admin;x/users"])
+def test_a_refused_path_is_refused_however_it_is_written(tagging: Bumper, upstream: Upstream, target: str) -> None:
+    start = len(upstream.process.lines)
+    r = curl(tagging, upstream.url(target), "--path-as-is", "-w", "\n%{http_code}")
+    assert r.stdout.endswith("\n403") and "(/admin)" in r.stdout, r.stdout
+    assert curl(tagging, upstream.url("/"), "-w", "%{http_code}").stdout.endswith("200")
+    # Once the upstream has logged the second request, the first would be in its log too.
+    deadline = time.monotonic() + 10
+    while "request GET /" not in (seen := upstream.process.lines[start:]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "request GET /" in seen and not [line for line in seen if "admin" in line], seen
 
 
 def test_the_status_is_a_setting(tagging: Bumper, upstream: Upstream) -> None:

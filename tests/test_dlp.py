@@ -19,7 +19,7 @@ import pytest
 from bumper_addons.dlp import OVERLAP, Dlp, DlpSettings, find, luhn_ok, masked, redact
 from mitmproxy.test import tflow
 
-from bumper.addon import Refuse
+from bumper.addon import Refuse, logged_url
 from tests.conftest import Bumper, Upstream, client_tls_context, curl
 from tests.recording import Recorder
 
@@ -303,6 +303,53 @@ def test_scan_url_covers_the_path_with_or_without_a_query_string(target: str) ->
         dlp_addon("block").requestheaders(flow)
 
 
+ESCAPED_CARD = "%34%31" + CARD[2:]  # the card to any server, the first two digits escaped
+ESCAPED_KEY = "%41" + AWS_KEY[1:]
+
+
+@pytest.mark.parametrize(
+    ("target", "kind"),
+    [
+        (f"/pay?card={ESCAPED_CARD}", "card"),
+        (f"/k/{ESCAPED_KEY}", "aws_key"),
+        ("/pay?c=5555%205555%205555%204444", "card"),
+    ],
+    ids=["escaped-digits", "escaped-key", "escaped-spaces"],
+)
+def test_scan_url_reads_a_secret_however_it_is_escaped(target: str, kind: str) -> None:
+    flow = tflow.tflow()
+    flow.request.path = target
+    with pytest.raises(Refuse, match=rf"\({kind}\)"):
+        dlp_addon("block").requestheaders(flow)
+
+
+def test_redact_masks_an_escaped_secret_in_the_urls_normal_form() -> None:
+    """Unreserved escapes decoded is the same URL to every server (RFC 3986): masked in that form."""
+    flow = tflow.tflow()
+    flow.request.path = f"/pay/%7Eme?card={ESCAPED_CARD}&n=%2F"
+    dlp_addon("redact").requestheaders(flow)
+    assert flow.request.path == f"/pay/~me?card={'*' * len(CARD)}&n=%2F"
+    assert CARD not in logged_url(flow) and "%34%31" not in logged_url(flow)
+
+
+def test_redact_refuses_a_secret_only_a_lenient_reading_shows() -> None:
+    """`%20` decoded is a different URL: the secret cannot be masked where the client put it."""
+    flow = tflow.tflow()
+    flow.request.path = "/pay?c=5555%205555%205555%204444"
+    with pytest.raises(Refuse, match="in a form that cannot be masked"):
+        dlp_addon("redact").requestheaders(flow)
+    assert "5555" not in logged_url(flow).partition("?")[2]
+
+
+def test_a_secret_as_sent_and_another_escaped_are_both_masked_in_the_log() -> None:
+    flow = tflow.tflow()
+    flow.request.path = f"/pay?a={CARD}&b={ESCAPED_KEY}"
+    dlp_addon("alert").requestheaders(flow)
+    assert flow.request.path == f"/pay?a={CARD}&b={ESCAPED_KEY}"  # alert changes nothing
+    logged = logged_url(flow)
+    assert CARD not in logged and AWS_KEY[1:] not in logged, logged
+
+
 # Live: real traffic through bumper
 
 POLICY = "default: bump\nrules:\n" + "".join(
@@ -482,6 +529,14 @@ def test_alert_passes_a_body_whole(inspecting: Bumper, upstream: Upstream) -> No
 def test_redact_the_query_string(inspecting: Bumper, upstream: Upstream, http: str) -> None:
     status, body = fetch(inspecting, f"https://redact.upstream.test:{upstream.port}/echo?card={CARD}&n=1", http)
     assert (status, body) == (200, f"card={'*' * len(CARD)}&n=1")
+
+
+def test_an_escaped_secret_in_the_url_is_caught(inspecting: Bumper, recorder: Recorder, upstream: Upstream) -> None:
+    status, _ = fetch(inspecting, recorder.url(host="block.upstream.test", target=f"/escaped-card?c={ESCAPED_CARD}"))
+    assert status == 403
+    assert_nothing_arrived(inspecting, recorder, "/escaped-card")
+    redacted = fetch(inspecting, f"https://redact.upstream.test:{upstream.port}/echo?card={ESCAPED_CARD}&n=1")
+    assert redacted == (200, f"card={'*' * len(CARD)}&n=1")
 
 
 def test_redact_a_header(inspecting: Bumper, upstream: Upstream) -> None:

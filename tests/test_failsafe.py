@@ -408,6 +408,7 @@ def test_log_secrets_keeps_them_for_labs(start_bumper, upstream: Upstream, test_
         ("https://a.test/?X-Amz-Signature=ab&X-Amz-Date=1", "https://a.test/?X-Amz-Signature=REDACTED&X-Amz-Date=1"),
         ("https://u:pw@a.test/p;JSESSIONID=1/q?ok=1", "https://u:REDACTED@a.test/p;JSESSIONID=REDACTED/q?ok=1"),
         ("https://a.test/?next=/a/b&sig=", "https://a.test/?next=/a/b&sig="),
+        ("https://a.test/?tok%65n=t1&q=x", "https://a.test/?tok%65n=REDACTED&q=x"),  # the upstream reads token
         ("Proxy-Authorization: Basic dXNlcjpwYXNz\r\nHost: a", "Proxy-Authorization: REDACTED\r\nHost: a"),
         ("[('authorization', 'Bearer x'), ('host', 'a')]", "[('authorization', 'REDACTED'), ('host', 'a')]"),
     ],

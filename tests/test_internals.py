@@ -51,7 +51,7 @@ PINNED: dict[str, tuple[str, str]] = {
         "keeps Http1/2Server; Http1Client by name",
     ),
     "mitmproxy.proxy.layers.http._http1.Http1Server.read_headers": ("3fe0945216bcf7bc", "overridden, page read"),
-    "mitmproxy.proxy.layers.http._http1.Http1Server.send": ("cc218a1337c0f5cf", "its error page and close replicated"),
+    "mitmproxy.proxy.layers.http._http1.Http1Server.send": ("cc218a1337c0f5cf", "overridden: CutOff; page replicated"),
     # The upstream's response head limit: bumper's Http1Client, put where these make it by name
     "mitmproxy.proxy.layers.http._http1.Http1Client.read_headers": ("415454c5fa8b5981", "overridden: head size"),
     "mitmproxy.proxy.layers.http.HttpClient._handle_event": ("bc1cae775a49a4fe", "makes Http1Client by name"),
@@ -67,10 +67,21 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layers.tls.ClientTLSLayer.on_handshake_error": ("04a3a2530293d19b", "overridden; wording read"),
     "mitmproxy.proxy.layers.tls.TLSLayer.receive_handshake_data": ("721fe6313c0979fe", "error wording read"),
     "mitmproxy.proxy.layers.tls.ClientTLSLayer.receive_handshake_data": ("a0ee021f92f6d0ff", "error wording read"),
+    # Truncation passed on (bumper/proxy/layers.py ServerTLSLayer, bumper/proxy/httpstream.py)
+    "mitmproxy.proxy.layers.tls.TLSLayer.receive_close": ("244aa237c481fc55", "overridden, copied"),
+    "mitmproxy.proxy.tunnel.TunnelLayer.receive_close": ("3685ccbd51e03918", "replicated with UncleanClose"),
+    "mitmproxy.proxy.layers.tls.TLSLayer.receive_data": ("85c0e6b656c324e5", "close_notify: RECEIVED_SHUTDOWN"),
+    "mitmproxy.proxy.tunnel.TunnelLayer._handle_command": ("11ede598b3b37965", "passes CutOff to send_close"),
+    "mitmproxy.proxy.layers.http.HttpStream.state_consume_response_body": ("5323db61dfc7e2e1", "compared"),
+    # A CONNECT connected after its ClientHello (bind_names: resolve; bumper/proxy/httpstream.py, enforce.py)
+    "mitmproxy.proxy.layers.http.HttpStream.handle_connect_regular": ("ae920a52067801dc", "overridden, lazy copied"),
+    "mitmproxy.proxy.layers.http.HttpStream.handle_connect_finish": ("eb3a0054cb5b716e", "called"),
+    "mitmproxy.proxy.layers.tls.ClientTLSLayer.start_server_tls": ("ecb12045d0984a01", "opens it after the hook"),
+    "mitmproxy.proxy.layers.tls.ServerTLSLayer.event_to_child": ("72ccc54bbf633c15", "lets that open through"),
     # Limits in the protocol layers (bumper/proxy/httpstream.py, layers.py; docs/limits.md)
     "mitmproxy.proxy.layers.http._http1.Http1Connection.read_body": (
         "aece271029af36e4",
-        "overridden: 400 before close",
+        "overridden: 400 before close; an unclean close",
     ),
     "mitmproxy.proxy.layers.http._http1.Http1Connection.done": ("7c8d996749eb1500", "the state after a refusal"),
     "mitmproxy.proxy.layers.http._http2.Http2Server._handle_event": ("7282fa18e70a3eaa", "overridden"),

@@ -42,6 +42,7 @@ from bumper.policy.rules import (
     LOCALNET,
     Action,
     AddonSpec,
+    BindNames,
     Mismatch,
     OnError,
     OnUpstreamError,
@@ -123,6 +124,7 @@ class PolicyFile:
     clients: OneOrMore[Network] = LOCALNET
     ports: OneOrMore[PortRange] | None = None  # None: 443 and 8443 for CONNECT, 80 for plain http://
     mismatch: Annotated[Mismatch, _ACTION] = Mismatch.BLOCK
+    bind_names: Annotated[BindNames, Noun("mode")] = BindNames.RESOLVE
     destinations: DestinationsKey = DestinationsKey()
     rules: tuple[RuleEntry, ...] = ()
 
@@ -131,6 +133,7 @@ class PolicyFile:
         return Policy(
             self.default, rules, on_upstream_error=self.on_upstream_error, clients=self.clients, ports=self.ports,
             mismatch=self.mismatch, destinations=Destinations(self.destinations.allow, self.destinations.deny),
+            bind_names=self.bind_names,
         )  # fmt: skip
 
 
@@ -158,9 +161,32 @@ class _Errors:
         self.messages.append(f"{self.path}:{mark.line + 1}:{mark.column + 1}: {about}{message}")
 
 
+# What `bumper policy check` warns about: settings that are valid but give away a guarantee.
+CLIENT_BINDING = (
+    "warning: a client that names an allowed SNI reaches any address it gives (SNI spoofing): for labs only;"
+    " the default, resolve, connects to the name's own address"
+)
+
+
 def load(path: Path, addons: Mapping[str, Any] | None = None) -> Policy:
     """Read and check a policy file; every problem found is reported at once in one ConfigError.
     ADDONS: the addon classes rules may name, by name (bumper.inspect.loading)."""
+    return _load(path, addons)[0]
+
+
+def check(path: Path, addons: Mapping[str, Any] | None = None) -> list[str]:
+    """`bumper policy check`: load's ConfigError, or the file's warnings as FILE:LINE:COLUMN: key: warning."""
+    policy, root = _load(path, addons)
+    if policy.bind_names is not BindNames.CLIENT or not isinstance(root, yaml.MappingNode):
+        return []
+    errors = _Errors(path)
+    for key, _ in root.value:
+        if key.value == "bind_names":
+            errors.add(key, "bind_names", CLIENT_BINDING)
+    return errors.messages
+
+
+def _load(path: Path, addons: Mapping[str, Any] | None) -> tuple[Policy, yaml.Node | None]:
     try:
         text = path.read_text()
     except OSError as e:
@@ -178,7 +204,7 @@ def load(path: Path, addons: Mapping[str, Any] | None = None) -> Policy:
     bound = binder.build(PolicyFile, root, "", errors.add, noun="key", kinds=kinds)
     if bound is None or errors.messages:
         raise ConfigError("\n".join(errors.messages))
-    return bound.policy()
+    return bound.policy(), root
 
 
 def _addon(registry: Mapping[str, Any], add_error: binder.AddError, item: yaml.Node, where: str) -> AddonSpec:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import socket
 
 import idna
 
@@ -23,8 +24,50 @@ def normalize(host: str) -> str:
     is only lower-cased: it equals nothing but itself, and idna_problem says why it is refused."""
     host = host.strip().rstrip(".")
     if host.isascii():
-        return host.lower()
+        host = host.lower()
+        return _canonical_ipv6(host) if ":" in host else host
     return (_to_ascii if len(host) <= CACHED_LENGTH else _to_ascii.__wrapped__)(host)
+
+
+def _canonical_ipv6(host: str) -> str:
+    """An IPv6 literal (bracketed or not) in its one compressed form, and an IPv4-mapped one as the
+    IPv4 address a dual-stack socket reaches: `[::FFFF:7f00:1]` is 127.0.0.1, as rules write it."""
+    try:
+        address = ipaddress.IPv6Address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return host  # not an address: a name (or nonsense) that equals only itself
+    return str(address.ipv4_mapped or address)
+
+
+# The last label of a host that URL parsers (WHATWG) and inet_aton read as a number: decimal, or
+# hex with 0x. Such a host is an IPv4 address or nothing, never a name.
+_NUMBER = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)", re.IGNORECASE)
+
+
+def ipv4_form_problem(host: str) -> str | None:
+    """Why HOST is an IPv4 address in a form no browser sends, or None. inet_aton (and so getaddrinfo)
+    reads `127.1`, `2130706433`, `0x7f000001`, `0177.0.0.1` and `127.000.000.001` as 127.0.0.1, while a
+    rule for 127.0.0.1 sees another string: a host that ends in a number must be a dotted quad in its
+    one canonical form."""
+    if ":" in host:
+        return None  # IPv6: one form per address once normalized
+    labels = host.strip().split(".")
+    if labels[-1] == "" and len(labels) > 1:
+        labels.pop()  # one trailing dot, as a URL may carry
+    if not _NUMBER.fullmatch(labels[-1]) or _is_canonical_ipv4(host.strip()):
+        return None
+    try:
+        address = socket.inet_ntoa(socket.inet_aton(host.strip()))
+    except OSError:
+        return f"{host!r} ends in a number but is no IPv4 address in dotted-quad form"
+    return f"{host!r} is {address} in a form no browser sends (shortened, decimal, octal or hex): write {address}"
+
+
+def _is_canonical_ipv4(host: str) -> bool:
+    try:
+        return str(ipaddress.IPv4Address(host)) == host
+    except ValueError:
+        return False
 
 
 @functools.lru_cache(maxsize=4096)
@@ -113,8 +156,11 @@ def checked_pattern(pattern: str) -> str:
     normalized = pattern if pattern.startswith(REGEX_PREFIX) else normalize_pattern(pattern)
     if not valid_pattern(normalized):
         raise ValueError(f"bad name, glob or regex {pattern!r} (use example.com, *.example.com or regex:...)")
-    if not pattern.startswith(REGEX_PREFIX) and (problem := idna_problem(pattern.strip().removeprefix("*."))):
-        raise ValueError(f"bad name {pattern!r}: {problem.partition(' is ')[2]}")
+    if not pattern.startswith(REGEX_PREFIX):
+        if problem := idna_problem(pattern.strip().removeprefix("*.")):
+            raise ValueError(f"bad name {pattern!r}: {problem.partition(' is ')[2]}")
+        if problem := ipv4_form_problem(pattern.strip().removeprefix("*.")):
+            raise ValueError(f"bad address {pattern!r}: {problem.partition(' is ')[2]}")
     return normalized
 
 

@@ -13,6 +13,7 @@ Only what is logged is masked: what is forwarded is never changed here.
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 MASK = "REDACTED"
 
@@ -44,7 +45,7 @@ def text(message: str) -> str:
 
 def _parameter(m: re.Match[str]) -> str:
     separator, name, value = m.groups()
-    if not value or not SECRET_NAMES.search(name):
+    if not value or not SECRET_NAMES.search(unquote(name)):  # tok%65n is token to the upstream
         return m.group(0)
     # A path parameter (;jsessionid=...) ends with its segment; a query value may hold a "/".
     rest = value[value.find("/") :] if separator == ";" and "/" in value else ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -39,6 +40,16 @@ class OnError(StrEnum):
 
     FAIL_OPEN = "fail-open"
     FAIL_CLOSED = "fail-closed"
+
+
+class BindNames(StrEnum):
+    """Where a connection goes when a rule matched it on a name (the SNI) but the client gave an IP
+    address (CONNECT to an address; a transparent connection's original destination): both are the
+    client's choice, so a name alone must not open the way to any address (SNI spoofing)."""
+
+    RESOLVE = "resolve"  # to the name's own address (DNS or --resolve), not the client's
+    STRICT = "strict"  # to the client's address only if the name resolves to it; else refused
+    CLIENT = "client"  # to the client's address, whatever the name: for labs
 
 
 class Mismatch(StrEnum):
@@ -117,12 +128,38 @@ class Decision:
     upstream_tls_min: str = "1.2"
     learn_pinning: bool = False
     addons: tuple[AddonSpec, ...] = ()
+    by_sni: bool = False  # the rule matched on the client's SNI: bind_names applies
 
 
-def name_mismatch(connect_host: str, sni: str | None, host_header: str | None) -> bool:
+def bound_name(decision: Decision, connect_host: str, sni: str | None) -> str | None:
+    """The name a connection must lead to (bind_names), or None: the SNI that DECISION's rule matched
+    on, when the client gave an IP address for it to go to."""
+    if not (decision.by_sni and sni and names.is_ip_address(connect_host)):
+        return None
+    name = names.normalize(sni)
+    return None if name == names.normalize(connect_host) else name
+
+
+def strict_refusal(name: str, target: tuple[str, int], resolved: Sequence[tuple[str, int]]) -> str | None:
+    """bind_names: strict: why a connection to TARGET (address, port) for NAME, which RESOLVED to those
+    (address, port) pairs (--resolve may name a port), is refused; None when the name leads there."""
+    wanted = (names.normalize(target[0]), target[1])
+    if any((names.normalize(address), port) == wanted for address, port in resolved):
+        return None
+    where = f"it resolves to {', '.join(_described(a) for a in resolved)}" if resolved else "it does not resolve"
+    return f"SNI {name}: name does not lead to {_described(wanted)} ({where}; bind_names: strict)"
+
+
+def _described(where: tuple[str, int]) -> str:
+    address, port = where
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def name_mismatch(connect_host: str, sni: str | None, *request_names: str | None) -> bool:
     """Whether a bumped request's names disagree (domain fronting, tunnelling): the CONNECT host
-    (unless it is an IP address, when the SNI alone names the site), the SNI and the Host header."""
-    seen = {names.normalize(n) for n in (sni, host_header) if n}
+    (unless it is an IP address, when the SNI alone names the site), the SNI, and the names the
+    request gives (its Host header, :authority, the host of an absolute-form target)."""
+    seen = {names.normalize(n) for n in (sni, *request_names) if n}
     if not names.is_ip_address(connect_host):
         seen.add(names.normalize(connect_host))
     return len(seen) > 1
@@ -141,6 +178,7 @@ class Policy:
     ports: tuple[PortRange, ...] | None = None  # None: SSL_PORTS for CONNECT, HTTP_PORTS for plain http://
     mismatch: Mismatch = Mismatch.BLOCK  # when CONNECT host, SNI and Host disagree in a bumped connection
     destinations: Destinations = DEFAULT_DESTINATIONS  # the addresses bumper may connect to
+    bind_names: BindNames = BindNames.RESOLVE  # where a connection a rule matched by its SNI may go
 
     def refusal(self, client: Address | None, port: int, connect: bool = True) -> str | None:
         """Why a request from CLIENT to PORT is refused before any rule is read, or None: every client
@@ -189,7 +227,7 @@ class Policy:
     def _by(self, rule: Rule) -> Decision:
         return Decision(
             rule.action, rule.name, rule.on_upstream_error or self.on_upstream_error, rule.upstream_tls_min,
-            rule.learn_pinning, rule.addons,
+            rule.learn_pinning, rule.addons, by_sni=rule.needs_sni(),
         )  # fmt: skip
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from bumper.errors import ConfigError
+from bumper.policy.load import CLIENT_BINDING
 from bumper.policy.load import load as load_policy
-from bumper.policy.rules import Policy
+from bumper.policy.rules import BindNames, Policy
 
 log = logging.getLogger("bumper.policy")
 
@@ -27,6 +28,11 @@ def stamp(path: Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
+def _warn(policy: Policy) -> None:
+    if policy.bind_names is BindNames.CLIENT:
+        log.warning("policy: bind_names: client: %s", CLIENT_BINDING.removeprefix("warning: "))
+
+
 class PolicySource:
     def __init__(self, policy: Policy, path: Path | None = None, addons: Mapping[str, Any] | None = None) -> None:
         self.policy = policy
@@ -36,6 +42,7 @@ class PolicySource:
         self._watcher: asyncio.Task[None] | None = None
 
     def running(self) -> None:
+        _warn(self.policy)
         if self.path is not None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(self.path))
 
@@ -55,6 +62,7 @@ class PolicySource:
             log.error("policy not reloaded, the one in force stays: %s%s", problems[0], more)
             return
         self.policy = new
+        _warn(new)
         for reloaded in self.on_reload:
             reloaded(new)
         log.info("policy reloaded from %s: %d rules, default %s", self.path, len(new.rules), new.default)

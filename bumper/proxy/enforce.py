@@ -2,25 +2,49 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import logging
+import socket
 from collections.abc import Awaitable
 
 from mitmproxy import connection, http, tls
+from mitmproxy.proxy import server_hooks
+from mitmproxy.utils import human
 
 from bumper.policy import names
 from bumper.policy.pinning import LearnedPins
-from bumper.policy.rules import Action, Address, Decision, Mismatch, OnUpstreamError, name_mismatch
+from bumper.policy.rules import (
+    Action,
+    Address,
+    BindNames,
+    Decision,
+    Mismatch,
+    OnUpstreamError,
+    bound_name,
+    name_mismatch,
+    strict_refusal,
+)
 from bumper.policy.source import PolicySource
 from bumper.proxy import replies
 from bumper.proxy.authority import parse_authority
-from bumper.proxy.state import BY_POLICY, ConnectionStates, is_plain_proxy_request, probed
+from bumper.proxy.httpstream import DEFER_CONNECT
+from bumper.proxy.state import BY_POLICY, DESTINATIONS, ConnectionStates, is_plain_proxy_request, probed
 from bumper.upstream.probe import UpstreamProbe
+from bumper.upstream.resolve import ResolvingEventLoop
 
 log = logging.getLogger("bumper.policy")
 # The decision for a name that is no valid internationalised name (names.idna_problem).
 BAD_NAME = Decision(Action.BLOCK, "names")
+
+
+def _destination_refusal(host: str, port: int) -> str | None:
+    """Why the destination check would refuse a connection to HOST (an IP address) on PORT, or None."""
+    loop = asyncio.get_running_loop()
+    if not isinstance(loop, ResolvingEventLoop):
+        return None  # no check to ask (unit tests of the enforcer alone)
+    return loop.egress.refusal(ipaddress.ip_address(host), port, operators=False)
 
 
 def client_address(client: connection.Client) -> Address | None:
@@ -32,24 +56,42 @@ def client_address(client: connection.Client) -> Address | None:
 
 class PolicyEnforcer:
     def __init__(
-        self, source: PolicySource, states: ConnectionStates, pins: LearnedPins, probe: UpstreamProbe | None = None
+        self,
+        source: PolicySource,
+        states: ConnectionStates,
+        pins: LearnedPins,
+        probe: UpstreamProbe | None = None,
+        lookup_timeout: float = 10.0,
     ) -> None:
         self.source = source
         self.states = states
         self.pins = pins  # (client, SNI) pairs learned pinning splices
         self.probe = probe  # for rules whose on_upstream_error is splice
+        self.lookup_timeout = lookup_timeout  # seconds bind_names: strict waits for a name's addresses
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         policy = self.source.policy
-        client, port = client_address(flow.client_conn), flow.request.port
+        host, client, port = flow.request.host, client_address(flow.client_conn), flow.request.port
         if why := policy.refusal(client, port):
             return self._refuse(flow, Decision(Action.BLOCK, "clients/ports"), "CONNECT to", why)
-        if why := names.idna_problem(flow.request.host):
+        if why := names.idna_problem(host):
             return self._refuse(flow, BAD_NAME, "CONNECT to", why)
+        if why := names.ipv4_form_problem(host):
+            return self._refuse(flow, BAD_NAME, "CONNECT to", why, status=400)
         # Refuse before any upstream connection when the CONNECT host alone decides `block`.
-        decision = policy.decide_at_connect(flow.request.host, client, port)
+        decision = policy.decide_at_connect(host, client, port)
         if decision is not None and decision.action is Action.BLOCK:
             self._refuse(flow, decision, "CONNECT to")
+        elif decision is None and policy.bind_names is BindNames.RESOLVE and names.is_ip_address(host):
+            # A rule on the SNI may decide, and then the name's address is where the tunnel goes, not
+            # this one: nothing is connected before the ClientHello (bind_names: resolve).
+            if why := _destination_refusal(host, port):
+                flow.response = replies.destination_refused(why).response(flow.request)
+                if state := self.states.of(flow.client_conn.id):
+                    state.decided(DESTINATIONS)
+                    state.refuse(why, BY_POLICY)
+                return
+            flow.metadata[DEFER_CONNECT] = True
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.client_conn.tls:
@@ -65,6 +107,8 @@ class PolicyEnforcer:
             return self._refuse(flow, Decision(Action.BLOCK, "clients/ports"), "request to", why)
         if why := names.idna_problem(flow.request.host):
             return self._refuse(flow, BAD_NAME, "request to", why)
+        if why := names.ipv4_form_problem(flow.request.host):
+            return self._refuse(flow, BAD_NAME, "request to", why, status=400)
         decision = policy.decide(flow.request.host, None, client, flow.request.port)
         if decision.action is Action.BLOCK:
             self._refuse(flow, decision, "request to")
@@ -72,13 +116,18 @@ class PolicyEnforcer:
             state.decided(decision)
 
     def _check_names(self, flow: http.HTTPFlow) -> None:
-        """In a bumped connection, CONNECT host, SNI and Host must name one site."""
+        """In a bumped connection, CONNECT host, SNI and the request's names must name one site: its
+        Host header, and the authority of an HTTP/2 request or of an absolute-form target
+        (`GET http://other.example/` inside a tunnel to rec.example), which an upstream reads first."""
         assert flow.server_conn.address is not None
-        connect_host, sni = flow.server_conn.address[0], flow.client_conn.sni
-        host_header = parse_authority(flow.request.host_header or "")[0] or None
-        if not name_mismatch(connect_host, sni, host_header):
+        connect_host, sni, request = flow.server_conn.address[0], flow.client_conn.sni, flow.request
+        host_header = parse_authority(request.headers.get("host", ""))[0] or None
+        authority = parse_authority(request.authority)[0] or None
+        if not name_mismatch(connect_host, sni, host_header, authority):
             return
-        names_seen = f"CONNECT {connect_host}, SNI {sni or '-'}, Host {host_header or '-'}"
+        names_seen = f"CONNECT {connect_host}, SNI {sni or '-'}, Host {host_header or authority or '-'}"
+        if host_header and authority and authority != host_header:
+            names_seen += f", target {authority}"
         if self.source.policy.mismatch is Mismatch.LOG:
             log.warning(
                 "%s: names disagree (%s); relayed, as the policy's mismatch: log says",
@@ -90,10 +139,12 @@ class PolicyEnforcer:
         if state := self.states.of(flow.client_conn.id):
             state.refuse(f"names disagree ({names_seen})", BY_POLICY)
 
-    def _refuse(self, flow: http.HTTPFlow, decision: Decision, what: str, why: str = "") -> None:
-        """A 403 for a rule's block, or for WHY (a client or port outside the policy's)."""
+    def _refuse(self, flow: http.HTTPFlow, decision: Decision, what: str, why: str = "", status: int = 403) -> None:
+        """A 403 for a rule's block, or for WHY (a client or port outside the policy's; a 400 for a
+        target no client should send)."""
         reason = why or f"blocked by policy rule {decision.rule!r}"
-        flow.response = replies.refused(what, flow.request, f"refused: {why}" if why else reason).response(flow.request)
+        reply = replies.refused(what, flow.request, f"refused: {why}" if why else reason)
+        flow.response = dataclasses.replace(reply, status=status).response(flow.request)
         if state := self.states.of(flow.client_conn.id):
             state.decided(decision)
             state.refuse(reason, BY_POLICY)
@@ -106,7 +157,21 @@ class PolicyEnforcer:
         if sni and (why := names.idna_problem(sni)):
             self._block(data, BAD_NAME, f"SNI {why}")
             return None
-        decision = self.source.policy.decide(host, sni, client_address(context.client), port)
+        policy = self.source.policy
+        decision = policy.decide(host, sni, client_address(context.client), port)
+        name = bound_name(decision, host, sni) if decision.action is not Action.BLOCK else None
+        if name is None or policy.bind_names is BindNames.CLIENT:
+            return self._decided(data, decision, host, port)
+        if policy.bind_names is BindNames.RESOLVE and context.server.timestamp_start is None:
+            # The deferred CONNECT (http_connect): the tunnel goes where the name leads.
+            context.server.address = (name, port)
+            if state := self.states.of(context.client.id):
+                state.bound = (name, human.format_address((host, port)))
+            return self._decided(data, decision, name, port)
+        # strict; or resolve for a tunnel already connected (the policy was reloaded since its CONNECT).
+        return self._strictly(data, decision, name, host, port)
+
+    def _decided(self, data: tls.ClientHelloData, decision: Decision, host: str, port: int) -> Awaitable[None] | None:
         if (
             decision.action is Action.BUMP
             and decision.on_upstream_error is OnUpstreamError.SPLICE
@@ -115,6 +180,35 @@ class PolicyEnforcer:
             return self._probe_first(data, decision, host, port)  # only this decision has to wait
         self._apply(data, decision)
         return None
+
+    async def _strictly(self, data: tls.ClientHelloData, decision: Decision, name: str, host: str, port: int) -> None:
+        """bind_names: strict: the connection goes to HOST only if NAME resolves to it."""
+        if why := strict_refusal(name, (host, port), await self._addresses(name, port)):
+            return self._block(data, dataclasses.replace(decision, action=Action.BLOCK), why)
+        if (rest := self._decided(data, decision, host, port)) is not None:
+            await rest
+
+    async def _addresses(self, name: str, port: int) -> list[tuple[str, int]]:
+        """NAME's addresses and ports, as a connection to it would find them (--resolve first, then DNS)."""
+        loop = asyncio.get_running_loop()
+        lookup = loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        try:
+            answers = await asyncio.wait_for(lookup, self.lookup_timeout)
+        except (OSError, TimeoutError):
+            return []
+        return sorted({(str(answer[4][0]), int(answer[4][1])) for answer in answers})
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        state = self.states.of(data.client.id)
+        if state is None or state.bound is None or not data.server.peername:
+            return
+        (name, given), reached = state.bound, human.format_address(data.server.peername)
+        if reached != given:
+            log.warning(
+                "%s: CONNECT %s with SNI %s went to %s, the name's own address, not the one the client gave"
+                " (bind_names: resolve)",
+                state.client, given, name, reached,
+            )  # fmt: skip
 
     async def _probe_first(self, data: tls.ClientHelloData, decision: Decision, host: str, port: int) -> None:
         """on_upstream_error: splice: the upstream's verdict, before the client's handshake, decides."""

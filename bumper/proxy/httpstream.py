@@ -10,6 +10,10 @@
 3. bumper's own answer (bumper/proxy/replies.py) wherever mitmproxy's layer would send the client
    its HTML error page: a request head it cannot parse, a request without a destination, an
    upstream it cannot connect to or that sends no valid response.
+4. Truncation passed on: an HTTP/1 body that only the connection's end delimits, ended by an
+   upstream without TLS close_notify, is a failed response (mitmproxy takes it as complete); and
+   an HTTP/1 client whose response is cut off gets its connection closed without close_notify, so
+   that it can tell, as it could talking to the upstream itself.
 
 Addons ask for these with `respond_early` and `abort` and never touch the layers.
 """
@@ -59,6 +63,25 @@ RESPONSE_SENT = "bumper.response_sent"  # the upstream's response headers went t
 RESPONSE_DELIVERED = "bumper.response_delivered"  # and its whole streamed body: too late to stop it
 ABORTED = "bumper.aborted"  # why a streamed response body was cut off
 STREAMED = "bumper.streamed"  # {"request": bytes, "response": bytes} of bodies that were streamed
+# on a CONNECT: the upstream is reached after the ClientHello, whose SNI may decide where it is (bind_names)
+DEFER_CONNECT = "bumper.defer_connect"
+
+# How a response the upstream cut off is named: the error, and the log line's outcome.
+TRUNCATED = "upstream truncated"
+_CLOSE_DELIMITED_CUT = (
+    f"{TRUNCATED}: the connection ended without TLS close_notify inside a body only its end delimits"
+    " (no Content-Length, not chunked)"
+)
+
+
+class UncleanClose(events.ConnectionClosed):
+    """The peer ended a TLS connection without close_notify (a TCP FIN or reset): what the TLS layer
+    (layers.ServerTLSLayer) tells the HTTP layer instead of a plain ConnectionClosed."""
+
+
+class CutOff(commands.CloseConnection):
+    """Close a client connection whose response was cut off: without TLS close_notify
+    (layers._TLSAlerts), so that the client cannot take what it got for the whole response."""
 
 
 def respond_early(flow: http.HTTPFlow, response: http.Response) -> None:
@@ -81,7 +104,8 @@ def abort(flow: http.HTTPFlow, reason: str) -> None:
 
 
 def aborted(flow: http.HTTPFlow) -> bool:
-    """Whether FLOW's response was cut off mid-stream (a refusal or an addon failure)."""
+    """Whether FLOW's response was cut off after its head: by a refusal or an addon failure, or by the
+    upstream (a body shorter than announced, truncated, a stream reset). Its response hook never ran."""
     return bool(flow.metadata.get(ABORTED))
 
 
@@ -110,6 +134,14 @@ def _chunks(produced: bytes | list[bytes] | object) -> list[bytes]:
 class HttpStream(http_layers.HttpStream):
     # The client has this stream's response headers: from then on an error can only cut it off.
     client_has_response = False
+
+    def handle_connect_regular(self) -> layer.CommandGenerator[None]:
+        if not self.flow.metadata.get(DEFER_CONNECT):
+            return (yield from super().handle_connect_regular())
+        # mitmproxy's `lazy` connection strategy, for this tunnel only: its TLS layer opens the
+        # connection once the ClientHello is read, to the address the policy set by then.
+        self.child_layer = layer.NextLayer(self.context)
+        yield from self.handle_connect_finish()
 
     def start_request_stream(self) -> layer.CommandGenerator[None]:
         if self.flow.response is not None:
@@ -209,6 +241,11 @@ class HttpStream(http_layers.HttpStream):
     ) -> layer.CommandGenerator[None]:
         if isinstance(event, ResponseProtocolError) and self.flow_refused_upstream():
             return  # the upstream going away is our doing; the client gets the refusal instead
+        if isinstance(event, ResponseProtocolError) and self.server_state in (
+            self.state_consume_response_body,
+            self.state_stream_response_body,
+        ):
+            abort(self.flow, event.message)  # the upstream's response failed after its head
         yield from super().handle_protocol_error(event)
 
     def flow_refused_upstream(self) -> bool:
@@ -303,6 +340,14 @@ class Http1Server(http_layers.Http1Server):
         if close is not None:
             yield close
 
+    def send(self, event: http_layers.HttpEvent) -> layer.CommandGenerator[None]:
+        if not (isinstance(event, ResponseProtocolError) and self.response is not None):
+            return (yield from super().send(event))
+        for command in super().send(event):
+            # The client has the head and part of the body: a close with close_notify would make a
+            # body that only the connection's end delimits look complete.
+            yield CutOff(self.conn) if isinstance(command, commands.CloseConnection) else command
+
     def _unanswered(self, command: ReceiveHttp) -> bool:
         """A request protocol error that nobody answered: no response yet (a refusal of the head may
         have been sent and the connection closed), and the client still there to read one."""
@@ -340,6 +385,23 @@ class Http1Client(http_layers.Http1Client):
             self.state = self.done
             return
         yield from super().read_headers(event)
+
+    def read_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, UncleanClose) and self._until_close():
+            # mitmproxy would end the body here, as complete: without close_notify, it may not be.
+            if self.conn.state & ConnectionState.CAN_WRITE:
+                yield commands.CloseConnection(self.conn)
+            assert self.stream_id is not None
+            yield ReceiveHttp(
+                ResponseProtocolError(self.stream_id, _CLOSE_DELIMITED_CUT, ErrorCode.GENERIC_SERVER_ERROR)
+            )
+            self.state = self.done
+            return
+        yield from super().read_body(event)
+
+    def _until_close(self) -> bool:
+        """Whether the response's body is one only the connection's end delimits (RFC 9112, 6.3)."""
+        return self.request is not None and http1.expected_http_body_size(self.request, self.response) == -1
 
 
 def _limits(context: Context) -> Limits:

@@ -17,7 +17,7 @@ from mitmproxy.proxy.tunnel import TunnelState
 from OpenSSL import SSL
 
 from bumper.proxy.dispatch import AddonManager, SyncHooks
-from bumper.proxy.httpstream import HttpLayer
+from bumper.proxy.httpstream import CutOff, HttpLayer, UncleanClose
 from bumper.proxy.limits import Limits, too_many
 
 # starts_like_tls_record needs this many bytes to decide.
@@ -28,10 +28,12 @@ class _TLSAlerts:
     """Ends TLS as RFC 8446 (6) asks, where stock mitmproxy 11 just drops the TCP connection:
     a close_notify before closing an open session, and OpenSSL's fatal alert (handshake_failure,
     protocol_version, ...) when a handshake fails. Strict clients read a bare close as truncation,
-    and scanners mistake a silent close for acceptance."""
+    and scanners mistake a silent close for acceptance. Except after a cut-off response (CutOff): then
+    the missing close_notify is what tells the client."""
 
     def send_close(self, command: commands.CloseConnection) -> layer.CommandGenerator[None]:
-        if self.tls is not None and self.tunnel_state is TunnelState.OPEN:  # type: ignore[attr-defined]
+        session_open = self.tls is not None and self.tunnel_state is TunnelState.OPEN  # type: ignore[attr-defined]
+        if session_open and not isinstance(command, CutOff):
             try:
                 self.tls.shutdown()  # type: ignore[attr-defined]
             except SSL.Error:
@@ -46,7 +48,13 @@ class _TLSAlerts:
 
 
 class ServerTLSLayer(_TLSAlerts, layers.ServerTLSLayer):
-    pass
+    """Tells its child whether the upstream's TCP close came after its close_notify: mitmproxy's
+    ConnectionClosed is the same for both, and only the HTTP layer knows whether a body was cut."""
+
+    def receive_close(self) -> layer.CommandGenerator[None]:
+        if self.tls.get_shutdown() & SSL.RECEIVED_SHUTDOWN:
+            return  # receive_data passed the close_notify on as a ConnectionClosed already
+        yield from self.event_to_child(UncleanClose(self.conn))
 
 
 class ClientTLSLayer(_TLSAlerts, layers.ClientTLSLayer):
@@ -142,8 +150,9 @@ class NextLayer:
             return None  # wait for more bytes
         if not starts_like_tls_record(data):
             return Refuse(context, "not TLS: the client sent non-TLS data inside the CONNECT tunnel")
-        if not context.server.connected:
+        if not context.server.connected and context.server.timestamp_start is not None:
             # Its close was seen while no layer was listening; TLS towards it would wait forever.
+            # (One never opened is a deferred CONNECT's: the TLS layer opens it after the ClientHello.)
             return Refuse(context, "upstream TLS failed: the upstream closed the connection before the handshake")
         server_tls = ServerTLSLayer(context)
         server_tls.child_layer = ClientTLSLayer(context, self.limits)

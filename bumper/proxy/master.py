@@ -151,7 +151,9 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         ConnectionLimits(config.limits, states, server),  # before the policy: a refused client costs nothing more
         source,
         CaWatch(authority),
-        PolicyEnforcer(source, states, pins.pins, UpstreamProbe(verifier)),  # before TlsProvider: it sees the decision
+        PolicyEnforcer(
+            source, states, pins.pins, UpstreamProbe(verifier), config.limits.upstream_timeout
+        ),  # before TlsProvider
         pins,
         ConnectReplies(),
         UpstreamErrorPages(states),

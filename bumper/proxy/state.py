@@ -13,7 +13,7 @@ from mitmproxy.utils import human
 from bumper.certs.trust import UpstreamVerdict, Verdict
 from bumper.policy import destinations
 from bumper.policy.rules import Action, Decision
-from bumper.proxy.httpstream import aborted, body_bytes
+from bumper.proxy.httpstream import TRUNCATED, aborted, body_bytes
 from bumper.proxy.limits import LIMIT
 from bumper.proxy.replies import Reply, without_option_advice
 
@@ -49,9 +49,12 @@ class ConnectionState:
     requests: int = 0  # HTTP responses sent to the client
     bytes_up: int = 0  # HTTP body bytes from the client to the upstream
     bytes_down: int = 0  # and back
+    truncated: int = 0  # responses whose body the upstream ended without close_notify (the cut passed on)
     error: str | None = None  # the first thing that went wrong, if anything did
     refused_by: str | None = None  # who refused the connection or a request on it: policy, an addon...
     server: connection.Server | None = None  # the upstream connection, once one was opened
+    # bind_names: resolve: the SNI whose address the tunnel went to, and the address:port the CONNECT gave
+    bound: tuple[str, str] | None = None
 
     @property
     def action(self) -> Action | None:
@@ -188,8 +191,10 @@ class ConnectionStates:
     def error(self, flow: http.HTTPFlow) -> None:
         if state := self._states.get(flow.client_conn.id):
             message = without_option_advice(flow.error.msg) if flow.error else "unknown"
-            # A limit of bumper's says itself what fired, as the limits on other paths do.
-            state.fail(message if message.startswith(LIMIT) else f"HTTP error: {message}")
+            # A limit of bumper's, or a truncation, says itself what happened, as outcomes on other paths do.
+            state.fail(message if message.startswith((LIMIT, TRUNCATED)) else f"HTTP error: {message}")
+            if message.startswith(TRUNCATED):
+                state.truncated += 1
             if flow.response is None or aborted(flow):  # else its response hook counted it
                 self._count(state, flow)
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from mitmproxy import http
 
 from bumper.addon import Addon, ConnectionInfo, Refuse, connection_info
+from bumper.policy import urls
 
 # Log through a child of "bumper.addons": bumper's own log set-up (stderr, its time format, -v)
 # then applies, and the lines can be told apart by their text.
@@ -100,19 +101,28 @@ class ExampleTag(Addon):
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """The request line and headers are in; the body is not. The cheapest place to refuse:
         nothing has gone upstream yet, and bumper drops the body instead of forwarding it."""
-        path = flow.request.path.partition("?")[0]
-        for prefix in self.settings.refuse_paths:
-            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
-                client = flow.client_conn.id
-                self._refused[client] = self._refused.get(client, 0) + 1
-                # bumper answers with a page naming this addon, the reason and a reference id (the
-                # access log's `ref`). Later addons in the chain do not see the request.
-                raise Refuse(f"{self.settings.reason} ({prefix})", self.settings.status)
+        if prefix := self._refused_prefix(flow.request.path):
+            client = flow.client_conn.id
+            self._refused[client] = self._refused.get(client, 0) + 1
+            # bumper answers with a page naming this addon, the reason and a reference id (the
+            # access log's `ref`). Later addons in the chain do not see the request.
+            raise Refuse(f"{self.settings.reason} ({prefix})", self.settings.status)
         # connection_info: what bumper knows of the connection (rule, SNI, verification...).
         # It is None only for flows that did not come through bumper's proxy (a unit test's).
         info = connection_info(flow)
         value = self.settings.value or (info.rule if info and info.rule else "-")
         flow.request.headers[self.settings.header] = value  # replaces any the client sent
+
+    def _refused_prefix(self, target: str) -> str | None:
+        """The refused prefix TARGET is under, or None. Matched on every way a server may read the
+        target (urls.readings): `/%61dmin`, `/pub/../admin` and `//admin` are /admin to most servers,
+        and the client chooses how to write it. The request itself goes on as the client sent it."""
+        for reading in urls.readings(target):
+            path = reading.partition("?")[0]
+            for prefix in self.settings.refuse_paths:
+                if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                    return prefix
+        return None
 
     def connection_end(self, conn: ConnectionInfo) -> None:
         """Once per client connection whose rule runs this addon, after bumper's own log line."""
