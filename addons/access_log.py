@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -21,12 +22,14 @@ from bumper.addon import Addon, ConnectionInfo, aborted, body_bytes, connection_
 from bumper.certs.ca import fingerprint
 from bumper.certs.compare import name_text
 from bumper.clock import iso_utc
-from bumper.policy import urls
+from bumper.policy import redact, urls
 
 
 @dataclass(frozen=True)
 class AccessLogSettings:
     path: str = "-"  # a file (appended to, created 0600) or - for stdout
+    # Credentials (secret-looking URL parameters, a URL's password) are masked unless true: for labs.
+    log_secrets: bool = False
 
     def __post_init__(self) -> None:
         if self.path == "-":
@@ -55,15 +58,15 @@ class AccessLog(Addon):
         self._shared: dict[str, dict[tuple[str | None, ...], str]] = {}
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._write(exchange(flow, self._connection_json(flow)))
+        self._write(exchange(flow, self._connection_json(flow), self.settings.log_secrets))
 
     def error(self, flow: http.HTTPFlow) -> None:
         if flow.response is None or aborted(flow):
-            self._write(exchange(flow, self._connection_json(flow)))
+            self._write(exchange(flow, self._connection_json(flow), self.settings.log_secrets))
 
     def connection_end(self, conn: ConnectionInfo) -> None:
         self._shared.pop(conn.conn.id, None)
-        self._write(connection_line(conn))
+        self._write(connection_line(conn, self.settings.log_secrets))
 
     def _connection_json(self, flow: http.HTTPFlow) -> str:
         """The connection's fields of FLOW's line, as JSON: built once per connection and upstream,
@@ -112,18 +115,20 @@ class AccessLog(Addon):
         return os.fdopen(fd, "a", encoding="utf-8")
 
 
-def exchange(flow: http.HTTPFlow, connection_fields: str) -> str:
+def exchange(flow: http.HTTPFlow, connection_fields: str, log_secrets: bool = False) -> str:
     request, response = flow.request, flow.response
+    shown = _shown(log_secrets)
     refusal = refusal_of(flow)
     ended = (response.timestamp_end if response and response.timestamp_end else None) or time.time()
     head = {"type": "http", "time": _iso(request.timestamp_start), "id": flow.id, "connection": flow.client_conn.id}
-    logged = logged_url(flow)
+    shown_url = str if log_secrets else redact.url
+    logged = shown_url(logged_url(flow))
     tail = {
         "method": request.method,
         "url": logged,
         # What URL rules matched on (as the upstream reads it), next to what was sent: from the logged
         # URL, so that what an addon masked in one stays masked in the other.
-        "url_normalized": urls.normalize(logged),
+        "url_normalized": shown_url(urls.normalize(logged)),
         "status": response.status_code if response and not aborted(flow) else None,
         "bytes_up": body_bytes(flow, "request"),
         "bytes_down": body_bytes(flow, "response"),
@@ -131,21 +136,26 @@ def exchange(flow: http.HTTPFlow, connection_fields: str) -> str:
         "blocked_by": refusal.addon if refusal else None,
         "reason": refusal.reason if refusal else None,
         "ref": refusal.ref if refusal else None,
-        "error": flow.error.msg if flow.error else None,
+        "error": shown(flow.error.msg) if flow.error else None,
     }
     return _line(head, connection_fields, tail)
 
 
-def connection_line(conn: ConnectionInfo) -> str:
+def connection_line(conn: ConnectionInfo, log_secrets: bool = False) -> str:
     client = conn.conn
     head = {"type": "connection", "time": _iso(client.timestamp_start), "id": client.id}
     tail = {
         "requests": conn.requests,
         "truncated": conn.truncated,
         "duration_ms": _ms(client.timestamp_start, client.timestamp_end or time.time()),
-        "outcome": conn.outcome(),
+        "outcome": _shown(log_secrets)(conn.outcome()),  # an error may quote the request
     }
     return _line(head, connection_json(conn, client, conn.server), tail)
+
+
+def _shown(log_secrets: bool) -> Callable[[str], str]:
+    """What a free-text field (an error, an outcome) may show."""
+    return str if log_secrets else redact.text
 
 
 def _line(head: dict[str, Any], connection_fields: str, tail: dict[str, Any]) -> str:

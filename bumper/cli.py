@@ -27,6 +27,7 @@ from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.clock import iso_utc
 from bumper.errors import ConfigError
 from bumper.inspect.loading import load_registry
+from bumper.policy import redact
 from bumper.policy.binder import parse_size
 from bumper.policy.load import check as check_policy
 from bumper.policy.load import load as load_policy
@@ -187,6 +188,12 @@ def _run_parser() -> argparse.ArgumentParser:
     )
     _limit_options(p.add_argument_group("limits (docs/limits.md)"))
     p.add_argument("-v", "--verbose", action="store_true", help="also show mitmproxy's own proxy-core log")
+    p.add_argument(
+        "--log-secrets",
+        action="store_true",
+        help="keep credentials in the logs (Authorization values, URL parameters named like token, key, "
+        "password, sig...), which are masked by default; for labs only",
+    )
     return p
 
 
@@ -260,7 +267,7 @@ def _run_command(args: list[str]) -> int:
     """Run the proxy until SIGINT or SIGTERM, its normal end."""
     opts = _run_parser().parse_args(args)
     _without_debug_checks(args)
-    _setup_logging(opts.verbose)
+    _setup_logging(opts.verbose, opts.log_secrets)
     addons = load_registry(opts.addons)
     config = ProxyConfig(
         ca_dir=opts.ca,
@@ -270,7 +277,7 @@ def _run_command(args: list[str]) -> int:
         policy=load_policy(opts.policy, addons) if opts.policy else LAB,
         policy_path=opts.policy,
         addons=addons,
-        always=access_log(addons, opts.access_log) if opts.access_log else (),
+        always=access_log(addons, opts.access_log, opts.log_secrets) if opts.access_log else (),
         fetch_issuers=not opts.no_fetch_issuers,
         client_tls=ClientTls(opts.client_tls_min, opts.client_ciphers),
         limits=_limits(opts),
@@ -433,15 +440,24 @@ def _count(text: str) -> int:
 
 class _UtcFormatter(logging.Formatter):
     """Each line starts with its time in UTC, as the access log writes it (bumper.clock), so that
-    both logs line up whatever the machine's time zone."""
+    both logs line up whatever the machine's time zone. Unless LOG_SECRETS, credentials are masked
+    in every line (bumper.policy.redact), whoever wrote it: bumper, mitmproxy with -v, an addon."""
+
+    def __init__(self, fmt: str, log_secrets: bool) -> None:
+        super().__init__(fmt)
+        self.log_secrets = log_secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return line if self.log_secrets else redact.text(line)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return iso_utc(record.created)
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, log_secrets: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_UtcFormatter("%(asctime)s %(message)s"))
+    handler.setFormatter(_UtcFormatter("%(asctime)s %(message)s", log_secrets))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

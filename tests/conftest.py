@@ -317,11 +317,14 @@ LAB_DESTINATIONS = "destinations: {allow: [127.0.0.0/8, '::1']}\n"  # the tests'
 
 
 def lab_policy(text: str) -> str:
-    """TEXT with what the tests' upstreams need unless TEXT says otherwise: any port, loopback reachable."""
+    """TEXT with what the tests' upstreams need unless TEXT says otherwise: any port, loopback
+    reachable, and the `default:` every policy must state (bump; at the end, so that TEXT's lines
+    keep their numbers after the two above)."""
     return (
         ("" if "ports:" in text else "ports: ['1-65535']\n")
         + ("" if "destinations:" in text else LAB_DESTINATIONS)
         + text
+        + ("" if "default:" in text else "\ndefault: bump\n")
     )
 
 

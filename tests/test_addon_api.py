@@ -626,6 +626,7 @@ def test_policy_check_with_an_addons_dir(tmp_path: Path) -> None:
         "    addons:\n"
         "      - tagger: {tag: one}\n"
         "      - stopper: {after: 2m, side: response, on_error: fail-open, timeout: 2}\n"
+        "default: bump\n"
     )
     r = run_bumper("policy", "check", str(path), "--addons", str(FIXTURE_ADDONS))
     assert (r.returncode, r.stdout, r.stderr) == (0, "OK\n", "")
@@ -643,6 +644,7 @@ def test_policy_check_with_an_addons_dir(tmp_path: Path) -> None:
         "  - name: bank\n"
         "    action: splice\n"
         "    addons: [tagger: {tag: x}]\n"
+        "default: bump\n"
     )
     r = run_bumper("policy", "check", str(path), "--addons", str(FIXTURE_ADDONS))
     assert r.returncode == 2 and r.stderr == ""
@@ -659,7 +661,7 @@ def test_policy_check_with_an_addons_dir(tmp_path: Path) -> None:
 def test_policy_check_of_an_addon_named_without_its_required_settings(tmp_path: Path) -> None:
     """`- tagger` alone, though tagger needs `tag`: an error with its position, exit 2, never a traceback."""
     path = tmp_path / "policy.yaml"
-    path.write_text("rules:\n  - action: bump\n    addons:\n      - tagger\n")
+    path.write_text("rules:\n  - action: bump\n    addons:\n      - tagger\ndefault: bump\n")
     r = run_bumper("policy", "check", str(path), "--addons", str(FIXTURE_ADDONS))
     assert (r.returncode, r.stdout, r.stderr) == (2, f"{path}:4:9: rules[0].addons[0].tagger.tag: missing\n", "")
 
@@ -728,7 +730,9 @@ def test_an_entry_point_addon_is_usable_in_a_policy_and_runs(
 ) -> None:
     env = with_pythonpath(fake_distribution(tmp_path / "site"))
     path = tmp_path / "policy.yaml"
-    path.write_text("ports: ['1-65535']\nrules:\n  - action: bump\n    addons:\n      - myaddon: {value: hello}\n")
+    path.write_text(
+        "ports: ['1-65535']\ndefault: bump\nrules:\n  - action: bump\n    addons:\n      - myaddon: {value: hello}\n"
+    )
     assert run_bumper("policy", "check", str(path), env=env).stdout == "OK\n"
     without = run_bumper("policy", "check", str(path))  # not installed: unknown
     assert without.returncode == 2 and "unknown addon 'myaddon'" in without.stdout
@@ -786,7 +790,7 @@ def get_headers(tls: socket.socket, host: str) -> list[list[str]]:
 def test_a_reload_changes_the_chain_for_new_connections(start_bumper, upstream: Upstream, tmp_path: Path) -> None:
     def policy(tags: list[str]) -> str:
         entries = "".join(f"      - tagger: {{tag: {tag}}}\n" for tag in tags)
-        return f"ports: ['1-65535']\nrules:\n  - name: tagged\n    action: bump\n    addons:\n{entries}"
+        return f"ports: ['1-65535']\ndefault: bump\nrules:\n  - name: tagged\n    action: bump\n    addons:\n{entries}"
 
     path = tmp_path / "policy.yaml"
     path.write_text(policy(["before"]))

@@ -472,7 +472,8 @@ TEST_ADDONS: dict[str, type[Addon]] = {c.name: c for c in (Observer, Blocker, Ne
 
 def load(tmp_path: Path, text: str, addons: dict[str, type[Addon]] | None = None) -> policy.Policy:
     path = tmp_path / "policy.yaml"
-    path.write_text(textwrap.dedent(text))
+    text = textwrap.dedent(text)
+    path.write_text(text + ("" if "default:" in text else "\ndefault: bump\n"))  # last: lines keep their numbers
     return load_policy(path, TEST_ADDONS if addons is None else addons)
 
 

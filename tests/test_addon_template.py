@@ -36,6 +36,7 @@ rules:
     action: bump
     addons:
       - example_tag: {header: X-Inspected, value: lab, refuse_paths: [/private/], status: 451}
+default: bump
 """
 
 
@@ -104,7 +105,7 @@ def test_the_status_is_a_setting(tagging: Bumper, upstream: Upstream) -> None:
 
 def policy_check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "policy.yaml"
-    path.write_text(text)
+    path.write_text(text + ("" if "default:" in text else "default: bump\n"))  # last: lines keep their numbers
     return subprocess.run(
         [BUMPER, "policy", "check", str(path), "--addons", str(EXAMPLES)], capture_output=True, text=True, timeout=60
     )

@@ -254,7 +254,7 @@ def test_plain_http_with_a_decimal_address_is_refused(loopback_blocked: Bumper) 
 
 def test_rule_entries_in_a_form_no_browser_sends_are_policy_errors(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
-    path.write_text("rules:\n  - match: {host: ['127.1']}\n    action: block\n")
+    path.write_text("rules:\n  - match: {host: ['127.1']}\n    action: block\ndefault: bump\n")
     checked = subprocess.run([BUMPER, "policy", "check", str(path)], capture_output=True, text=True, timeout=60)
     assert checked.returncode == 2
     assert checked.stdout.strip() == (

@@ -217,6 +217,7 @@ def test_a_missing_list_file_is_a_policy_error_with_its_place(tmp_path: Path) ->
         "    addons:\n"
         "      - block:\n"  # line 5, column 9: where the error is reported
         f"          files: ['{missing}']\n"
+        "default: bump\n"
     )
     r = subprocess.run([BUMPER, "policy", "check", str(path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2, (r.stdout, r.stderr)
@@ -237,6 +238,7 @@ def test_bad_patterns_are_policy_errors(tmp_path: Path) -> None:
         "    action: bump\n"
         "    addons:\n"
         "      - block: {urls: ['regex:((']}\n"
+        "default: bump\n"
     )
     r = subprocess.run([BUMPER, "policy", "check", str(path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2, (r.stdout, r.stderr)

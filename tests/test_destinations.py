@@ -39,7 +39,7 @@ from tests.conftest import (
 )
 from tests.netns import Netns
 
-DEFAULT = "ports: ['1-65535']\ndestinations: {}\n"  # the default destinations, any port
+DEFAULT = "default: bump\nports: ['1-65535']\ndestinations: {}\n"  # the default destinations, any port
 LOOP = "bumper's own listening address, a proxy loop: no destinations: allow lifts it"
 OUTCOME = re.compile(r"outcome=destination \S+ refused by policy \((.+)\)$")
 
@@ -124,12 +124,12 @@ def test_the_policy_file_reads_destinations(tmp_path: Path) -> None:
     from bumper.policy.load import load
 
     path = tmp_path / "p.yaml"
-    path.write_text("destinations:\n  allow: [10.0.0.0/8, '::1']\n  deny: 10.9.0.0/16\n")
+    path.write_text("destinations:\n  allow: [10.0.0.0/8, '::1']\n  deny: 10.9.0.0/16\ndefault: bump\n")
     policy = load(path)
     assert policy.destinations == Destinations(
         (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")), (ipaddress.ip_network("10.9.0.0/16"),)
     )
-    path.write_text("destinations:\n  allow: [10.0.0.0/33]\n  permit: []\n")
+    path.write_text("destinations:\n  allow: [10.0.0.0/33]\n  permit: []\ndefault: bump\n")
     with pytest.raises(ConfigError) as e:
         load(path)
     assert str(e.value).splitlines() == [
@@ -278,7 +278,7 @@ def test_plain_http_obeys_the_policys_clients(start_bumper, tmp_path: Path) -> N
 def test_without_ports_plain_http_may_reach_port_80_only(start_bumper, tmp_path: Path) -> None:
     """The default ports: 443 and 8443 for CONNECT, 80 for a plain http:// request."""
     policy = tmp_path / "policy.yaml"
-    policy.write_text("destinations: {allow: [127.0.0.0/8]}\n")  # no ports: key
+    policy.write_text("default: bump\ndestinations: {allow: [127.0.0.0/8]}\n")  # no ports: key
     default_ports = start_bumper("--policy", str(policy))
     with listening("127.0.0.1") as service:
         r = curl(default_ports, f"http://127.0.0.1:{service.port}/", "-w", "\n%{http_code}")

@@ -172,7 +172,7 @@ def test_without_keep_authorization_for_authorization_passes(start_bumper, upstr
 )
 def test_bad_settings_are_policy_errors(tmp_path: Path, settings: str, error: str) -> None:
     path = tmp_path / "policy.yaml"
-    path.write_text(f"rules:\n  - action: bump\n    addons:\n      - headers: {settings}\n")
+    path.write_text(f"rules:\n  - action: bump\n    addons:\n      - headers: {settings}\ndefault: bump\n")
     r = subprocess.run([BUMPER, "policy", "check", str(path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stdout.startswith(f"{path}:4:") and error in r.stdout, r.stdout

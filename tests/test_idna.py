@@ -54,9 +54,11 @@ def test_an_invalid_internationalised_name_is_said_so() -> None:
 
 def test_a_policy_writes_names_in_either_form(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
-    path.write_text("rules:\n  - match: {sni: ['*.Bücher.test', 'xn--strae-oqa.test']}\n    action: splice\n")
+    path.write_text(
+        "rules:\n  - match: {sni: ['*.Bücher.test', 'xn--strae-oqa.test']}\n    action: splice\ndefault: bump\n"
+    )
     assert load(path).rules[0].sni == (f"*.{A_LABEL}", "xn--strae-oqa.test")
-    path.write_text("rules:\n  - match: {sni: ['♥.test']}\n    action: splice\n")
+    path.write_text("rules:\n  - match: {sni: ['♥.test']}\n    action: splice\ndefault: bump\n")
     with pytest.raises(ConfigError) as e:
         load(path)
     assert str(e.value) == (

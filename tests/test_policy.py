@@ -328,11 +328,31 @@ def test_mistakes_yaml_would_hide_are_errors(tmp_path: Path, text: str, error: s
     assert f"{path}:{error}" in str(e.value)
 
 
-@pytest.mark.parametrize("text", ["", "rules:\n", "rules: []\n", "default: bump\nrules:\n"])
-def test_an_empty_file_or_list_of_rules_is_the_lab_policy(tmp_path: Path, text: str) -> None:
+@pytest.mark.parametrize("text", ["default: bump\nrules:\n", "default: bump\nrules: []\n"])
+def test_an_empty_list_of_rules_is_the_lab_policy(tmp_path: Path, text: str) -> None:
     path = tmp_path / "p.yaml"
     path.write_text(text)
     assert load_policy(path) == policy.LAB
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("", "1:1: empty policy file: a policy states at least default: bump, splice or block"),
+        ("# all rules removed\n\n", "1:1: empty policy file: a policy states at least default: bump, splice or block"),
+        ("rules: []\n", "1:1: default: missing"),
+        ("clients: [10.0.0.0/8]\nrules:\n  - match: {sni: [a.test]}\n    action: splice\n", "1:1: default: missing"),
+    ],
+    ids=["empty", "only-comments", "only-rules", "truncated"],
+)
+def test_a_policy_must_state_its_default(tmp_path: Path, text: str, error: str) -> None:
+    """An emptied or half-written file would otherwise be "0 rules, default bump": a gateway that
+    blocked everything would allow everything."""
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_policy(path)
+    assert str(e.value).splitlines()[0] == f"{path}:{error}"
 
 
 def test_splice_must_hold_for_the_connect_host_too() -> None:
@@ -526,7 +546,7 @@ def test_rules_can_name_the_listener(tmp_path: Path, entry: str, matches: bool) 
 
 def test_an_unknown_listener_is_a_policy_error(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
-    path.write_text("rules:\n  - match: {listener: [socks]}\n    action: block\n")
+    path.write_text("default: bump\nrules:\n  - match: {listener: [socks]}\n    action: block\n")
     with pytest.raises(ConfigError, match="unknown listener 'socks' \\(expected one of: explicit, transparent, sni"):
         load_policy(path)
 

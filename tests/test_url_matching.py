@@ -148,7 +148,7 @@ def test_the_access_log_has_the_target_as_sent_and_as_read(
     port = plain_port if transport == "plain" else recorder.port
     scheme = "http" if transport == "plain" else "https"
     marker = f"m{time.monotonic_ns()}"
-    target = f"/pub/..;/%61dmin/{marker}?%74oken=%7e"
+    target = f"/pub/..;/%61dmin/{marker}?%70age=%7e"  # no parameter named like a secret: the log masks those
     assert fetch(filtering, transport, "UPSTREAM.TEST", target, recorder, plain_port)[0] == 403
     deadline = time.monotonic() + 10
     while not (entries := [e for e in _http_entries(access_log) if marker in e["url"]]):
@@ -157,7 +157,7 @@ def test_the_access_log_has_the_target_as_sent_and_as_read(
     [entry] = entries
     assert entry["url"] == f"{scheme}://UPSTREAM.TEST:{port}{target}"
     # The RFC 3986 form: `..;` is no dot segment to the RFC, so only the escapes and the host change.
-    assert entry["url_normalized"] == f"{scheme}://upstream.test:{port}/pub/..;/admin/{marker}?token=~"
+    assert entry["url_normalized"] == f"{scheme}://upstream.test:{port}/pub/..;/admin/{marker}?page=~"
     assert (entry["status"], entry["reason"]) == (403, GLOB_REASON)
 
 

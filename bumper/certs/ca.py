@@ -174,21 +174,46 @@ def _load_with_intermediate(directory: Path, now: datetime.datetime) -> Certific
 
 
 def untrusted(directory: Path, now: datetime.datetime | None = None) -> CertificateAuthority:
-    """The untrusted CA in DIR, made the first time it is needed. It is never exported."""
+    """The untrusted CA in DIR, made the first time it is needed. It is never exported. A DIR that
+    cannot take it (full, read-only) gets one for this run only, as no client trusts it anyway:
+    upstreams that fail verification still get a mimic that fails the client's check."""
     cert_path, key_path = directory / UNTRUSTED_CERT_FILE, directory / UNTRUSTED_KEY_FILE
     now = now or _utcnow()
     if not cert_path.exists() and not key_path.exists():
         key = keys.P256.generate()  # made on the event loop at first need: an EC key takes no time
         name = _ca_name("bumper UNTRUSTED CA, never trust it")
         cert = _ca_cert(key, name, key, None, now, CA_LIFETIME)
+        written: list[Path] = []
         try:
-            _write_new(key_path, _pem_key(key))
-            _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+            for path, data in ((key_path, _pem_key(key)), (cert_path, cert.public_bytes(serialization.Encoding.PEM))):
+                _write_new(path, data)
+                written.append(path)
         except OSError as e:
-            raise ConfigError(f"{directory}: cannot write the untrusted CA: {e.strerror}") from None
+            for path in written:  # a key without its certificate would stop the next start
+                path.unlink(missing_ok=True)
+            log.warning(
+                "%s: cannot write the untrusted CA (%s): one made for this run signs meanwhile", directory, e.strerror
+            )
         return CertificateAuthority(cert=cert, key=key, directory=directory)
     cert, key = _load_pair(cert_path, key_path, now)
     return CertificateAuthority(cert=cert, key=key, directory=directory)
+
+
+def on_disk_problem(ca: CertificateAuthority) -> str | None:
+    """How CA's files now differ from CA as it was loaded (changed, gone, unreadable), or None when
+    they still hold it. bumper keeps signing with the loaded CA either way: a CA swapped or broken
+    under a running proxy must not take effect half-way, nor stop it."""
+    signing_cert, signing_key = (ISSUING_CERT_FILE, ISSUING_KEY_FILE) if ca.root else (CERT_FILE, KEY_FILE)
+    try:
+        for path, loaded in {ca.cert_path: ca.trust_anchor, ca.directory / signing_cert: ca.cert}.items():
+            if _load_cert(path) != loaded:
+                return f"{path}: no longer the CA certificate bumper loaded"
+        key_path = ca.directory / signing_key
+        if _spki(_load_key(key_path).public_key()) != _spki(ca.key.public_key()):
+            return f"{key_path}: no longer the key of the CA bumper loaded"
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def _load_pair(cert_path: Path, key_path: Path, now: datetime.datetime) -> tuple[x509.Certificate, keys.PrivateKey]:
@@ -399,8 +424,12 @@ def _warn_if_key_readable_by_others(path: Path) -> None:
 def _write_new(path: Path, data: bytes) -> None:
     """Create PATH 0600 (whatever the umask) and write DATA; never replaces a file."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError:
+        path.unlink(missing_ok=True)  # just made, so ours: a full disk leaves no half-written file
+        raise
 
 
 def _spki(public_key: CertificatePublicKeyTypes) -> bytes:

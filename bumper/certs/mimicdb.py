@@ -4,13 +4,20 @@ SQLite in WAL mode (standard library) lets several bumper processes share one DI
 by the upstream leaf's SHA-256, the signing mode and the CA's fingerprint, so a changed upstream
 certificate or a new CA never gets an old mimic. Every hit is re-checked by the caller before use.
 The file holds mimic private keys: it is created 0600 inside the 0700 CA directory.
+
+The cache is an optimisation, never a dependency: FailSafeMimicStore keeps bumper serving from
+memory when the file is corrupt, read-only or on a full disk, and comes back to it by itself.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
 import sqlite3
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -18,6 +25,13 @@ from typing import Protocol
 DB_FILE = "mimics.sqlite"
 DEFAULT_MAX_ENTRIES = 100_000
 _PRUNE_EVERY = 256  # inserts between size checks
+RETRY_AFTER = 5.0  # seconds between attempts to write to a cache that failed
+BACKLOG_ENTRIES = 1024  # mimics minted while the cache is down, written once it is back (about 2 MiB)
+# What SQLite says of a file that is not (or no longer) a sound database: it is set aside.
+_CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+_SIDE_FILES = ("-wal", "-shm")  # SQLite's own, derived from the main file
+
+log = logging.getLogger("bumper.mimic")
 
 
 @dataclass(frozen=True)
@@ -56,15 +70,19 @@ class SqliteMimicStore:
         if not self.path.exists():
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # a row lost on power loss is only a re-mint
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS mimics ("
-            " upstream BLOB NOT NULL, mode TEXT NOT NULL, ca TEXT NOT NULL,"
-            " cert BLOB NOT NULL, key BLOB NOT NULL, used REAL NOT NULL,"
-            " PRIMARY KEY (upstream, mode, ca))"
-        )
-        db.execute("CREATE INDEX IF NOT EXISTS mimics_used ON mimics (used)")
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # a row lost on power loss is only a re-mint
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS mimics ("
+                " upstream BLOB NOT NULL, mode TEXT NOT NULL, ca TEXT NOT NULL,"
+                " cert BLOB NOT NULL, key BLOB NOT NULL, used REAL NOT NULL,"
+                " PRIMARY KEY (upstream, mode, ca))"
+            )
+            db.execute("CREATE INDEX IF NOT EXISTS mimics_used ON mimics (used)")
+        except BaseException:
+            db.close()  # a file that cannot be set up is tried again later, from scratch
+            raise
         return db
 
     def get(self, upstream_sha256: bytes, mode: str, ca_fingerprint: str) -> StoredMimic | None:
@@ -98,6 +116,138 @@ class SqliteMimicStore:
         return int(self._db.execute("SELECT count(*) FROM mimics").fetchone()[0])
 
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        connection, self._connection = self._connection, None  # forgotten even if closing fails
+        if connection is not None:
+            connection.close()
+
+
+def _reason(error: Exception) -> str:
+    return (error.strerror if isinstance(error, OSError) else None) or str(error) or type(error).__name__
+
+
+class FailSafeMimicStore:
+    """A SqliteMimicStore that never fails the connection that uses it.
+
+    - A corrupt file (SQLite: not a database, malformed) is moved aside, 0600, as
+      DB_FILE.corrupt-TIMESTAMP, and a fresh one is started.
+    - Any other failure (read-only, disk full, cannot open) degrades the cache: mimics are served
+      from memory, the ones minted meanwhile wait in a bounded backlog, and a write is tried again
+      at most every RETRY_AFTER seconds; the first that succeeds writes the backlog and recovers.
+    One warning when the cache degrades and one when it recovers: not one per connection. Only the
+    cache's own files are ever touched, never the CA's beside them."""
+
+    def __init__(
+        self,
+        store: SqliteMimicStore,
+        clock: Callable[[], float] = time.monotonic,
+        retry_after: float = RETRY_AFTER,
+        backlog: int = BACKLOG_ENTRIES,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.retry_after = retry_after
+        self.backlog_entries = backlog
+        self._retry_at: float | None = None  # None: the cache works
+        self._backlog: OrderedDict[tuple[bytes, str, str], StoredMimic] = OrderedDict()
+
+    @property
+    def degraded(self) -> bool:
+        return self._retry_at is not None
+
+    def get(self, upstream_sha256: bytes, mode: str, ca_fingerprint: str) -> StoredMimic | None:
+        if self.degraded:  # only a write tells that the cache is back: reads wait for it
+            return self._backlog.get((upstream_sha256, mode, ca_fingerprint))
+        return self._attempt(lambda: self.store.get(upstream_sha256, mode, ca_fingerprint), None)
+
+    def put(self, upstream_sha256: bytes, mode: str, ca_fingerprint: str, mimic: StoredMimic) -> None:
+        key = (upstream_sha256, mode, ca_fingerprint)
+        if self.degraded:
+            self._backlog[key] = mimic
+            self._backlog.move_to_end(key)
+            while len(self._backlog) > self.backlog_entries:
+                self._backlog.popitem(last=False)
+            self._retry()
+        elif not self._attempt(lambda: self._put(key, mimic), False):
+            self._backlog[key] = mimic
+
+    def _put(self, key: tuple[bytes, str, str], mimic: StoredMimic) -> bool:
+        self.store.put(*key, mimic)
+        return True
+
+    def forget_other_cas(self, ca_fingerprint: str) -> int:
+        return self._attempt(lambda: self.store.forget_other_cas(ca_fingerprint), 0)
+
+    def close(self) -> None:
+        self._close_quietly()
+
+    def _attempt[T](self, operation: Callable[[], T], otherwise: T) -> T:
+        """OPERATION's result; OTHERWISE when the cache failed (once more after setting a corrupt
+        file aside, on a fresh file)."""
+        for attempt in range(2):
+            try:
+                return operation()
+            except (sqlite3.Error, OSError) as e:
+                if attempt == 0 and _is_corrupt(e) and self._set_aside(e):
+                    continue
+                self._degrade(e)
+        return otherwise
+
+    def _set_aside(self, error: Exception) -> bool:
+        """Move the corrupt file aside (its SQLite side files are dropped); True when done."""
+        self._close_quietly()
+        path = self.store.path
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")  # two in one second keep both
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+        try:
+            path.rename(aside)
+            aside.chmod(0o600)  # it holds mimic keys, whoever wrote it
+            for suffix in _SIDE_FILES:
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
+        except OSError as e:
+            log.warning(
+                "mimic cache %s is corrupt (%s) and cannot be moved aside: %s", path, _reason(error), e.strerror
+            )
+            return False
+        log.warning(
+            "mimic cache %s is corrupt (%s): moved aside to %s; starting a fresh one", path, _reason(error), aside.name
+        )
+        return True
+
+    def _degrade(self, error: Exception) -> None:
+        self._close_quietly()
+        if self._retry_at is None:
+            log.warning(
+                "mimic cache %s unusable (%s): serving mimics from memory, trying again every %g s",
+                self.store.path, _reason(error), self.retry_after,
+            )  # fmt: skip
+        self._retry_at = self.clock() + self.retry_after
+
+    def _retry(self) -> None:
+        """Write the backlog, if the time has come to try; recovered when every row is written."""
+        if self._retry_at is None or self.clock() < self._retry_at:
+            return
+        self._retry_at = None  # a failure below degrades again, without a second warning
+        written = 0
+        while self._backlog:
+            key, mimic = next(iter(self._backlog.items()))
+            try:
+                self.store.put(*key, mimic)
+            except (sqlite3.Error, OSError) as e:
+                self._close_quietly()
+                self._retry_at = self.clock() + self.retry_after
+                if _is_corrupt(e):
+                    self._set_aside(e)  # the next try starts on a fresh file
+                return
+            del self._backlog[key]
+            written += 1
+        log.warning("mimic cache %s usable again: %d mimics minted meanwhile written", self.store.path, written)
+
+    def _close_quietly(self) -> None:
+        try:
+            self.store.close()
+        except sqlite3.Error:
+            pass  # closing a broken file may fail; the store forgot it all the same, and reopens anew
+
+
+def _is_corrupt(error: Exception) -> bool:
+    return isinstance(error, sqlite3.Error) and (getattr(error, "sqlite_errorcode", 0) & 0xFF) in _CORRUPT

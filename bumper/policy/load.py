@@ -135,7 +135,8 @@ def _not_allow(action: OnUpstreamError) -> None:
 class PolicyFile:
     """The file: the model's Policy, with rules as written."""
 
-    default: Annotated[Action, _ACTION] = Action.BUMP
+    # No default: an emptied or half-written file must not quietly turn `block` into `bump`.
+    default: Annotated[Action, _ACTION]
     on_upstream_error: Annotated[OnUpstreamError, _ACTION, Check(_not_allow)] = OnUpstreamError.MIMIC
     clients: OneOrMore[Network] = LOCALNET
     ports: OneOrMore[PortRange] | None = None  # None: 443 and 8443 for CONNECT, 80 for plain http://
@@ -213,6 +214,8 @@ def _load(path: Path, addons: Mapping[str, Any] | None) -> tuple[Policy, yaml.No
         mark = getattr(e, "problem_mark", None)
         where = f"{mark.line + 1}:{mark.column + 1}:" if mark else ""
         raise ConfigError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
+    if root is None:  # empty, or only comments: it states nothing, not "bump everything"
+        raise ConfigError(f"{path}:1:1: empty policy file: a policy states at least default: bump, splice or block")
     errors = _Errors(path)
     kinds = {AddonSpec: functools.partial(_addon, addons or {}, errors.add)}
     bound = binder.build(PolicyFile, root, "", errors.add, noun="key", kinds=kinds)

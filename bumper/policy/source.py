@@ -19,7 +19,8 @@ log = logging.getLogger("bumper.policy")
 WATCH_INTERVAL = 1.0  # seconds between looks at the policy file
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def stamp(path: Path) -> tuple[int, int] | None:
+    """What changes when PATH is written, replaced or removed: a look that reads nothing."""
     try:
         st = path.stat()
     except OSError:
@@ -67,10 +68,10 @@ class PolicySource:
         log.info("policy reloaded from %s: %d rules, default %s", self.path, len(new.rules), new.default)
 
     async def _watch(self, path: Path) -> None:
-        seen = _stamp(path)
+        seen = stamp(path)
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
-            stamp = _stamp(path)
-            if stamp != seen:
-                seen = stamp
+            now = stamp(path)
+            if now != seen:
+                seen = now
                 self.reload()

@@ -25,7 +25,7 @@ from bumper.addon import Addon
 from bumper.certs import ca as ca_files
 from bumper.certs import keys, mimic
 from bumper.certs.keypool import KeyPool, PoolSettings
-from bumper.certs.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES, SqliteMimicStore
+from bumper.certs.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES, FailSafeMimicStore, SqliteMimicStore
 from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.errors import ConfigError
 from bumper.inspect.chain import AddonRunner
@@ -33,6 +33,7 @@ from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import LAB, AddonSpec, OnError, Policy, listener_address
 from bumper.policy.source import PolicySource
 from bumper.proxy import dispatch, httpstream
+from bumper.proxy.cawatch import CaWatch
 from bumper.proxy.connlimits import ConnectionLimits, out_of_descriptors
 from bumper.proxy.enforce import PolicyEnforcer
 from bumper.proxy.eventlog import ConnectionLog
@@ -81,10 +82,10 @@ class ProxyConfig:
     limits: Limits = Limits()
 
 
-def access_log(addons: Mapping[str, type[Addon]], path: str) -> tuple[AddonSpec, ...]:
-    """--access-log PATH: the access_log addon on every connection."""
+def access_log(addons: Mapping[str, type[Addon]], path: str, log_secrets: bool = False) -> tuple[AddonSpec, ...]:
+    """--access-log PATH: the access_log addon on every connection (--log-secrets: credentials kept)."""
     try:
-        settings = addons["access_log"].Settings(path=path)
+        settings = addons["access_log"].Settings(path=path, log_secrets=log_secrets)
     except ValueError as e:
         raise ConfigError(f"--access-log: {e}") from None
     return (AddonSpec("access_log", settings, on_error=OnError.FAIL_OPEN),)
@@ -92,7 +93,11 @@ def access_log(addons: Mapping[str, type[Addon]], path: str) -> tuple[AddonSpec,
 
 def mimic_store(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> MimicStore:
     settings = config.mimics
-    disk = SqliteMimicStore(config.ca_dir / DB_FILE, settings.db_entries) if settings.db_entries > 0 else None
+    disk = (
+        FailSafeMimicStore(SqliteMimicStore(config.ca_dir / DB_FILE, settings.db_entries))
+        if settings.db_entries > 0
+        else None
+    )
     pool = KeyPool(PoolSettings(max_uses=settings.key_max_uses, max_age=settings.key_max_age))
     return MimicStore(authority, pool, disk, fallback=settings.fallback_key, capacity=settings.memory_entries)
 
@@ -126,6 +131,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         states,  # first: every other addon finds the connection's state
         ConnectionLimits(config.limits, states, server),  # before the policy: a refused client costs nothing more
         source,
+        CaWatch(authority),
         PolicyEnforcer(
             source, states, pins.pins, UpstreamProbe(verifier), config.limits.upstream_timeout
         ),  # before TlsProvider
@@ -173,11 +179,17 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
             await m.running()  # before the listening line: who reads it may rely on a started proxy
             if not m.should_exit.is_set():  # a proxy stopped during start-up has nothing to announce
                 _announce(config.listeners, server, authority if announce_new_ca else None)
-            loop.add_signal_handler(signal.SIGHUP, m.addons.get("policysource").reload)
+            loop.add_signal_handler(signal.SIGHUP, _reload, m)
             loop.add_signal_handler(signal.SIGUSR1, m.addons.get("addonrunner").reopen)
             await m.should_exit.wait()
         finally:
             await m.done()
+
+
+def _reload(m: master.Master) -> None:
+    """SIGHUP: the policy file again, and a look at the CA's files (the loaded CA stays in use)."""
+    m.addons.get("policysource").reload()
+    m.addons.get("cawatch").check()
 
 
 def _check_destinations(loop: asyncio.AbstractEventLoop, m: master.Master, listening: list[Address]) -> None:
