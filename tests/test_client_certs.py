@@ -103,6 +103,6 @@ def test_client_cert_is_checked_with_the_policy(tmp_path: Path, client_ca: pki.A
     first, second = str(e.value).splitlines()
     assert first.startswith(f"{path}:5:18: rules[0].client_cert: {cert_only}: expected one PEM private key")
     assert second == (
-        f"{path}:8:5: rules[1].client_cert: only a bumped connection has bumper's own upstream handshake;"
+        f"{path}:8:18: rules[1].client_cert: only a bumped connection has bumper's own upstream handshake;"
         " this rule's action is splice"
     )

@@ -18,6 +18,7 @@ from bumper.proxy.httpstream import TRUNCATED, aborted, body_bytes
 from bumper.proxy.limits import LIMIT
 from bumper.proxy.listeners import Listener
 from bumper.proxy.replies import Reply, without_option_advice
+from bumper.upstream.tls import client_certificate_requested
 
 # ConnectionState.refused_by for what the policy refused.
 BY_POLICY = "policy"
@@ -54,6 +55,7 @@ class ConnectionState:
     bytes_up: int = 0  # HTTP body bytes from the client to the upstream
     bytes_down: int = 0  # and back
     truncated: int = 0  # responses whose body the upstream ended without close_notify (the cut passed on)
+    client_cert_asked: bool = False  # the upstream sent a CertificateRequest
     error: str | None = None  # the first thing that went wrong, if anything did
     refused_by: str | None = None  # who refused the connection or a request on it: policy, an addon...
     server: connection.Server | None = None  # the upstream connection, once one was opened
@@ -197,9 +199,14 @@ class ConnectionStates:
     def tls_failed_server(self, data: tls.TlsData) -> None:
         if state := self._states.get(data.context.client.id):
             error = data.conn.error or "unknown"
-            # OpenSSL keeps the CAs an upstream's CertificateRequest named: it asked for a client certificate.
-            asked = bool(data.ssl_conn and data.ssl_conn.get_client_ca_list()) or CERTIFICATE_REQUIRED in error
-            state.fail(f"upstream TLS failed: {short_reason(error)}{_without_client_cert(state, asked)}")
+            state.client_cert_asked |= data.ssl_conn is not None and client_certificate_requested(data.ssl_conn)
+            state.fail(f"upstream TLS failed: {short_reason(error)}{_without_client_cert(state)}")
+
+    def tls_established_server(self, data: tls.TlsData) -> None:
+        # TLS 1.3: an upstream that wanted a client certificate and got none says so only after its
+        # handshake, when the first request fails.
+        if (state := self._states.get(data.context.client.id)) and data.ssl_conn is not None:
+            state.client_cert_asked |= client_certificate_requested(data.ssl_conn)
 
     def tls_failed_client(self, data: tls.TlsData) -> None:
         if state := self._states.get(data.context.client.id):
@@ -221,7 +228,7 @@ class ConnectionStates:
             if message.startswith((LIMIT, TRUNCATED)):
                 state.fail(message)
             else:  # a TLS 1.3 upstream refuses a missing client certificate only after its handshake
-                state.fail(f"HTTP error: {message}{_without_client_cert(state, CERTIFICATE_REQUIRED in message)}")
+                state.fail(f"HTTP error: {message}{_without_client_cert(state)}")
             if message.startswith(TRUNCATED):
                 state.truncated += 1
             if flow.response is None or aborted(flow):  # else its response hook counted it
@@ -233,13 +240,9 @@ class ConnectionStates:
         state.bytes_down += body_bytes(flow, "response")
 
 
-# OpenSSL's text for TLS 1.3's certificate_required alert (RFC 8446 4.4.2.4).
-CERTIFICATE_REQUIRED = "alert certificate required"
-
-
-def _without_client_cert(state: ConnectionState, asked: bool) -> str:
-    """What the outcome adds when an upstream that ASKED for a client certificate got none."""
-    if not asked or (state.decision is not None and state.decision.client_cert is not None):
+def _without_client_cert(state: ConnectionState) -> str:
+    """What the outcome adds when an upstream that asked for a client certificate got none."""
+    if not state.client_cert_asked or (state.decision is not None and state.decision.client_cert is not None):
         return ""
     return " (the upstream asked for a client certificate: give the rule one with client_cert:)"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,25 @@ def upstream_context(
     # without a verdict, or with a failed one, never gets a trusted mimic unless its defects are
     # ones the mimic carries to the client itself.
     context.set_verify(SSL.VERIFY_PEER, _record_verify_error)
+    context.set_info_callback(_note_certificate_request)
     context.set_default_verify_paths()
     for path in trust.extra_ca_files:
         context.load_verify_locations(str(path))
     return context
+
+
+# The upstream connections whose server sent a CertificateRequest: it asked for a client certificate.
+_ASKED: weakref.WeakSet[SSL.Connection] = weakref.WeakSet()
+
+
+def _note_certificate_request(conn: SSL.Connection, where: int, ret: int) -> None:
+    if where & SSL.SSL_CB_LOOP and b"certificate request" in conn.get_state_string():
+        _ASKED.add(conn)
+
+
+def client_certificate_requested(conn: SSL.Connection) -> bool:
+    """Whether CONN's upstream asked for a client certificate (sent a CertificateRequest)."""
+    return conn in _ASKED
 
 
 def _record_verify_error(conn: SSL.Connection, cert: crypto.X509, code: int, depth: int, ok: int) -> bool:
