@@ -50,6 +50,15 @@ def binding_bumper(
     return start_bumper("--policy", str(path), "--resolve", f"{ALLOWED}=127.0.0.1:{allowed.port}")
 
 
+def get(tls: ssl.SSLSocket, target: str, host: str) -> bytes:
+    """GET TARGET with Host: HOST over TLS, and the whole response (the server closes after it)."""
+    tls.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    response = b""
+    while chunk := tls.recv(65536):
+        response += chunk
+    return response
+
+
 def spoofed_get(bumper: Bumper, port: int, sni: str) -> tuple[bytes, bytes, int]:
     """CONNECT 127.0.0.1:PORT, then a ClientHello naming SNI, from a client that ignores certificate
     errors (what an exfiltration tool does): the CONNECT reply, the response (b"" if none) and the
@@ -60,10 +69,7 @@ def spoofed_get(bumper: Bumper, port: int, sni: str) -> tuple[bytes, bytes, int]
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     try:
         with context.wrap_socket(sock, server_hostname=sni) as tls:
-            tls.sendall(f"GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
-            response = b""
-            while chunk := tls.recv(65536):
-                response += chunk
+            response = get(tls, "/", sni)
     except (ssl.SSLError, OSError):
         response = b""
     finally:
@@ -104,10 +110,7 @@ def test_resolve_binds_a_spliced_tunnel_too(
     client_port = sock.getsockname()[1]
     context = ssl.create_default_context(cafile=str(test_pki.root_pem))  # the real site's CA, not bumper's
     with context.wrap_socket(sock, server_hostname=ALLOWED) as tls:
-        tls.sendall(f"GET / HTTP/1.1\r\nHost: {ALLOWED}\r\nConnection: close\r\n\r\n".encode())
-        response = b""
-        while chunk := tls.recv(65536):
-            response += chunk
+        response = get(tls, "/", ALLOWED)
     assert response.startswith(b"HTTP/1.1 200"), response
     assert secret.requests == seen_secret
     assert "action=splice rule=allowed" in bumper.connection_line(client_port)
@@ -296,10 +299,7 @@ def test_an_absolute_form_request_for_another_site_is_refused(
     seen = upstream.requests
     tls, client_port = bumped(other_blocked, upstream)
     with tls:
-        tls.sendall(f"GET {target} HTTP/1.1\r\nHost: {upstream.host}\r\nConnection: close\r\n\r\n".encode())
-        response = b""
-        while chunk := tls.recv(65536):
-            response += chunk
+        response = get(tls, target, upstream.host)
     assert response.startswith(b"HTTP/1.1 403"), response
     assert upstream.requests == seen
     line = other_blocked.connection_line(client_port)
