@@ -15,7 +15,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,16 +27,17 @@ from tests.conftest import BUMPER, START_TIMEOUT, STARTED_BUMPERS, UPSTREAM_SCRI
 from tests.netns import Netns, ip, namespace
 
 UPSTREAM_ADDRESS = "10.202.0.1"  # the site's real address, as the client's DNS gives it
+OTHER_ADDRESS = "10.202.0.2"  # another server a client could dial, naming the site in its Host header
 LISTEN_PORT = 8443
-POLICY = f"""
+POLICY = """
 default: block
-destinations: {{allow: ["{UPSTREAM_ADDRESS}/32"]}}
+destinations: {allow: ["10.202.0.0/24"]}
 rules:
   - name: pass-through
-    match: {{sni: ["splice.upstream.test"]}}
+    match: {sni: ["splice.upstream.test"]}
     action: splice
   - name: inspected
-    match: {{sni: ["*.upstream.test", "upstream.test"], listener: [transparent]}}
+    match: {sni: ["*.upstream.test", "upstream.test"], listener: [transparent]}
     action: bump
 """
 
@@ -57,6 +60,7 @@ def redirected(test_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Itera
         ip("-n", gw.name, "addr", "add", "10.201.0.1/24", "dev", veth_gw)
         ip("-n", gw.name, "link", "set", veth_gw, "up")
         ip("-n", gw.name, "addr", "add", f"{UPSTREAM_ADDRESS}/32", "dev", "lo")
+        ip("-n", gw.name, "addr", "add", f"{OTHER_ADDRESS}/32", "dev", "lo")
         ip("-n", client.name, "addr", "add", "10.201.0.2/24", "dev", veth_client)
         ip("-n", client.name, "link", "set", veth_client, "up")
         ip("-n", client.name, "route", "add", "default", "via", "10.201.0.1")
@@ -73,8 +77,10 @@ def redirected(test_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Itera
             pytest.skip(f"the kernel refuses nftables in a namespace: {nft.stderr.strip()}")
         assert nft.returncode == 0, nft.stderr
         upstream = start_upstream_inside(gw, test_pki, directory)
+        site, other = plain_server(gw, UPSTREAM_ADDRESS, b"plain site"), plain_server(gw, OTHER_ADDRESS, b"other")
         try:
-            yield Gateway(client, gw, start_bumper_inside(gw, test_pki, directory))
+            with site, other:
+                yield Gateway(client, gw, start_bumper_inside(gw, test_pki, directory))
         finally:
             upstream.stop()
 
@@ -89,6 +95,40 @@ def start_upstream_inside(gw: Netns, test_pki: Pki, directory: Path) -> Process:
     )  # fmt: skip
     sock.close()
     return Process(proc)
+
+
+@contextmanager
+def plain_server(gw: Netns, address: str, body: bytes) -> Iterator[None]:
+    """A plain-HTTP server on ADDRESS:80 in the gateway namespace, answering BODY to every request."""
+    with gw.inside():
+        server = socket.create_server((address, 80))
+    server.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        for _ in range(100):  # bounded: the module's requests are a handful
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                    break
+                except TimeoutError:
+                    continue
+            else:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+                )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
 
 
 def start_bumper_inside(gw: Netns, test_pki: Pki, directory: Path) -> Bumper:
@@ -144,3 +184,29 @@ def test_a_redirected_connection_is_blocked(redirected: Gateway) -> None:
     assert "alert access denied" in result.stderr, result.stderr
     lines = [line for line in redirected.bumper.process.lines if "sni=other.example" in line]
     assert lines and f" TLS {UPSTREAM_ADDRESS}:443 " in lines[-1] and "action=block rule=default" in lines[-1]
+
+
+def curl_plain(gateway: Gateway, address: str, host: str) -> subprocess.CompletedProcess[str]:
+    """curl from the client namespace: http://ADDRESS/ with Host: HOST."""
+    return gateway.client.run(
+        "curl", "-sS", "--max-time", "20", "-H", f"Host: {host}", "-w", "\n%{http_code} %{local_port}",
+        f"http://{address}/",
+    )  # fmt: skip
+
+
+def test_plain_http_is_decided_by_its_host_header(redirected: Gateway) -> None:
+    result = curl_plain(redirected, UPSTREAM_ADDRESS, "www.upstream.test")
+    body, meta = result.stdout.rsplit("\n", 1)
+    assert (body, meta.split()[0]) == ("plain site", "200"), result.stderr
+    line = redirected.bumper.connection_line(int(meta.split()[1]), kind="HTTP", client="10.201.0.2")
+    assert f" HTTP {UPSTREAM_ADDRESS}:80 listener=transparent@0.0.0.0:{LISTEN_PORT} " in line
+    assert "action=bump rule=inspected" in line
+    blocked = curl_plain(redirected, UPSTREAM_ADDRESS, "other.example")
+    assert blocked.stdout.rsplit("\n", 1)[1].split()[0] == "403"
+
+
+def test_plain_http_naming_an_allowed_site_reaches_that_site_not_the_address_dialled(redirected: Gateway) -> None:
+    """bind_names: resolve: Host www.upstream.test sent to another server's address reaches the site."""
+    result = curl_plain(redirected, OTHER_ADDRESS, "www.upstream.test")
+    body, meta = result.stdout.rsplit("\n", 1)
+    assert (body, meta.split()[0]) == ("plain site", "200"), result.stderr

@@ -99,31 +99,54 @@ class PolicyEnforcer:
                 return
             flow.metadata[DEFER_CONNECT] = True
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.client_conn.tls:
             state = self.states.of(flow.client_conn.id)
             if state:
                 state.spoke = True
             if state and state.listener and state.listener.mode is ListenerMode.REVERSE:
                 return None  # the client names the front end; the upstream is the operator's
-            return self._check_names(flow)
+            self._check_names(flow)
+            return None
         # Plain-HTTP proxy requests have no ClientHello: the request's host is all there is to match.
         if not is_plain_proxy_request(flow):
-            return
+            return None
         policy = self.source.policy
         client, listener = client_address(flow.client_conn), self._listener(flow.client_conn)
         reverse = listener is not None and listener.mode is ListenerMode.REVERSE
-        if why := policy.refusal(client, None if reverse else flow.request.port, connect=False):
-            return self._refuse(flow, CLIENTS_PORTS, "request to", why)
-        if why := names.idna_problem(flow.request.host):
-            return self._refuse(flow, BAD_NAME, "request to", why)
-        if why := names.ipv4_form_problem(flow.request.host):
-            return self._refuse(flow, BAD_NAME, "request to", why, status=400)
-        decision = policy.decide(flow.request.host, None, client, flow.request.port, listener)
+        host, port = flow.request.host, flow.request.port
+        if why := policy.refusal(client, None if reverse else port, connect=False):
+            self._refuse(flow, CLIENTS_PORTS, "request to", why)
+            return None
+        # A redirected request goes to an address; its Host header names the site, as an SNI does.
+        name = None
+        if listener is not None and listener.mode is ListenerMode.TRANSPARENT:
+            name = parse_authority(flow.request.headers.get("host", ""))[0] or None
+        for named in (host, name):
+            if named and (why := names.idna_problem(named)):
+                self._refuse(flow, BAD_NAME, "request to", why)
+                return None
+            if named and (why := names.ipv4_form_problem(named)):
+                self._refuse(flow, BAD_NAME, "request to", why, status=400)
+                return None
+        decision = policy.decide(host, name, client, port, listener)
         if decision.action is Action.BLOCK:
             self._refuse(flow, decision, "request to")
-        elif state := self.states.of(flow.client_conn.id):
+            return None
+        if state := self.states.of(flow.client_conn.id):
             state.decided(decision)
+        bound = bound_name(decision, host, name)
+        if bound is None or policy.bind_names is BindNames.CLIENT:
+            return None
+        if policy.bind_names is BindNames.RESOLVE:
+            flow.request.data.host = bound  # the request's connection goes where the name leads; Host unchanged
+            return None
+        return self._strictly_http(flow, decision, bound, host, port)
+
+    async def _strictly_http(self, flow: http.HTTPFlow, decision: Decision, name: str, host: str, port: int) -> None:
+        """bind_names: strict, for a redirected plain-HTTP request: to HOST only if its Host NAME leads there."""
+        if why := strict_refusal(name, (host, port), await self._addresses(name, port)):
+            self._refuse(flow, dataclasses.replace(decision, action=Action.BLOCK), "request to", why)
 
     def _listener(self, client: connection.Client) -> ListenerRef | None:
         state = self.states.of(client.id)
