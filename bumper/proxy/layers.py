@@ -3,8 +3,9 @@
 On the explicit proxy, CONNECT tunnels must carry TLS: the stack is HTTP proxy -> CONNECT ->
 server TLS + client TLS (server first) -> HTTP; anything else inside a tunnel is refused rather
 than passed through, since an inspection gateway that tunnels whatever it cannot read is no
-gateway. On an SNI listener the stack starts at the TLS layers, and the ClientHello's name is
-the destination.
+gateway. On the other listeners the stack starts at the TLS layers (transparent: plain HTTP too;
+SNI: the ClientHello's name is the destination) or, on a reverse listener, at the client's TLS or
+plain HTTP, with the upstream's TLS beneath for an https:// upstream (docs/architecture.md).
 """
 
 from __future__ import annotations

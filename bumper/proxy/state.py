@@ -156,7 +156,8 @@ class ConnectionStates:
             state.kind = Kind.TLS  # until a plain-HTTP request says otherwise
         if ref is not None and ref.mode is ListenerMode.TRANSPARENT:
             state.target = human.format_address(client.sockname)  # the original destination
-        elif isinstance(client.proxy_mode, mode_specs.ReverseMode):
+        elif ref is not None and ref.mode is ListenerMode.REVERSE:
+            assert isinstance(client.proxy_mode, mode_specs.ReverseMode)
             state.target = human.format_address(client.proxy_mode.address)  # the fixed upstream
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
