@@ -210,3 +210,7 @@ def test_plain_http_naming_an_allowed_site_reaches_that_site_not_the_address_dia
     result = curl_plain(redirected, OTHER_ADDRESS, "www.upstream.test")
     body, meta = result.stdout.rsplit("\n", 1)
     assert (body, meta.split()[0]) == ("plain site", "200"), result.stderr
+    assert (
+        f"10.201.0.2:{meta.split()[1]}: HTTP {OTHER_ADDRESS}:80 with Host www.upstream.test went to"
+        f" {UPSTREAM_ADDRESS}:80, the name's own address, not the one the client gave (bind_names: resolve)"
+    ) in redirected.bumper.process.log

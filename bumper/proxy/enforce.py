@@ -32,7 +32,7 @@ from bumper.policy.source import PolicySource
 from bumper.proxy import replies
 from bumper.proxy.authority import parse_authority
 from bumper.proxy.httpstream import DEFER_CONNECT
-from bumper.proxy.state import BY_POLICY, DESTINATIONS, ConnectionStates, is_plain_proxy_request, probed
+from bumper.proxy.state import BY_POLICY, DESTINATIONS, ConnectionStates, Kind, is_plain_proxy_request, probed
 from bumper.upstream.probe import UpstreamProbe
 from bumper.upstream.resolve import ResolvingEventLoop
 
@@ -133,13 +133,16 @@ class PolicyEnforcer:
         if decision.action is Action.BLOCK:
             self._refuse(flow, decision, "request to")
             return None
-        if state := self.states.of(flow.client_conn.id):
+        state = self.states.of(flow.client_conn.id)
+        if state:
             state.decided(decision)
         bound = bound_name(decision, host, name)
         if bound is None or policy.bind_names is BindNames.CLIENT:
             return None
         if policy.bind_names is BindNames.RESOLVE:
             flow.request.data.host = bound  # the request's connection goes where the name leads; Host unchanged
+            if state:
+                state.bound = (bound, human.format_address((host, port)))
             return None
         return self._strictly_http(flow, decision, bound, host, port)
 
@@ -258,9 +261,9 @@ class PolicyEnforcer:
         (name, given), reached = state.bound, human.format_address(data.server.peername)
         if reached != given:
             log.warning(
-                "%s: CONNECT %s with SNI %s went to %s, the name's own address, not the one the client gave"
+                "%s: %s %s with %s %s went to %s, the name's own address, not the one the client gave"
                 " (bind_names: resolve)",
-                state.client, given, name, reached,
+                state.client, state.kind, given, "Host" if state.kind is Kind.HTTP else "SNI", name, reached,
             )  # fmt: skip
 
     async def _probe_first(self, data: tls.ClientHelloData, decision: Decision, host: str, port: int) -> None:

@@ -59,7 +59,8 @@ class ConnectionState:
     error: str | None = None  # the first thing that went wrong, if anything did
     refused_by: str | None = None  # who refused the connection or a request on it: policy, an addon...
     server: connection.Server | None = None  # the upstream connection, once one was opened
-    # bind_names: resolve: the SNI whose address the tunnel went to, and the address:port the CONNECT gave
+    # bind_names: resolve: the name (SNI, or a redirected request's Host) whose address the connection
+    # went to, and the address:port the client gave
     bound: tuple[str, str] | None = None
 
     @property
