@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import socket
 import ssl
+import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests import pki
-from tests.conftest import Bumper, Pki, curl, start_with_policy, tcp_server
+from tests.conftest import Bumper, Pki, Upstream, curl, lab_policy, start_with_policy, tcp_server
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +81,10 @@ def test_without_one_the_log_says_the_upstream_asked(
     start_bumper: Callable[..., Bumper], mtls_upstream: int, tmp_path: Path
 ) -> None:
     bumper = start_with_policy(start_bumper, tmp_path, "default: bump\n")
-    result = curl(bumper, f"https://mtls.test:{mtls_upstream}/")
+    result = curl(bumper, f"https://mtls.test:{mtls_upstream}/", "-w", "\n%{local_port}")
     assert "hello" not in result.stdout
-    lines = [line for line in bumper.process.lines if " mtls.test:" in line and "outcome=" in line]
-    assert lines, bumper.process.log
-    assert lines[-1].endswith(" (the upstream asked for a client certificate: give the rule one with client_cert:)")
+    line = bumper.connection_line(int(result.stdout.rsplit("\n", 1)[1]))
+    assert line.endswith(" (the upstream asked for a client certificate: give the rule one with client_cert:)")
 
 
 def test_client_cert_is_checked_with_the_policy(tmp_path: Path, client_ca: pki.Authority) -> None:
@@ -106,3 +107,122 @@ def test_client_cert_is_checked_with_the_policy(tmp_path: Path, client_ca: pki.A
         f"{path}:8:18: rules[1].client_cert: only a bumped connection has bumper's own upstream handshake;"
         " this rule's action is splice"
     )
+
+
+# -- clients that must present a certificate (match: client_cert) --------------------------------------
+
+MESH_ADDRESS = "127.0.0.8"
+
+
+@dataclass
+class MeshGateway:
+    bumper: Bumper
+    port: int
+    directory: Path
+
+
+@pytest.fixture(scope="module")
+def mesh_gateway(
+    start_bumper: Callable[..., Bumper],
+    upstream: Upstream,
+    client_ca: pki.Authority,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> MeshGateway:
+    """An SNI gateway that serves only clients with a certificate from the mesh's CA, named *.mesh.test."""
+    directory = tmp_path_factory.mktemp("mesh")
+    mesh_ca = client_ca.write_cert(directory / "mesh-ca.pem")
+    policy = f"""
+default: block
+rules:
+  - name: mesh only
+    match:
+      sni: ["*.upstream.test"]
+      listener: [sni]
+      client_cert: {{ca: {mesh_ca}, names: ["*.mesh.test"]}}
+    action: bump
+"""
+    path = directory / "policy.yaml"
+    path.write_text(lab_policy(policy))
+    bumper = start_bumper("--policy", str(path), "--listen", f"sni:{upstream.port}@{MESH_ADDRESS}:0")
+    port = int(
+        bumper.process.wait_for_line(rf"bumper: sni listening on {MESH_ADDRESS.replace('.', '[.]')}:(\d+)").group(1)
+    )
+    return MeshGateway(bumper, port, directory)
+
+
+def mesh_client(authority: pki.Authority, name: str, directory: Path) -> tuple[Path, Path]:
+    return authority.leaf(name, eku=(ExtendedKeyUsageOID.CLIENT_AUTH,)).write(directory, name)
+
+
+def curl_mesh(gateway: MeshGateway, *cert: Path) -> subprocess.CompletedProcess[str]:
+    name = "svc.upstream.test"
+    args = ["--cert", str(cert[0]), "--key", str(cert[1])] if cert else []
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "20", "--resolve", f"{name}:{gateway.port}:{MESH_ADDRESS}",
+         "--cacert", str(gateway.bumper.ca_pem), *args, "-w", "\n%{local_port}", f"https://{name}:{gateway.port}/"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def mesh_line(gateway: MeshGateway, result: subprocess.CompletedProcess[str]) -> str:
+    """The connection line of the client curl_mesh ran (curl prints its port, failed or not)."""
+    return gateway.bumper.connection_line(int(result.stdout.rsplit("\n", 1)[1]), kind="TLS")
+
+
+def test_a_mesh_client_with_the_right_certificate_is_served(
+    mesh_gateway: MeshGateway, client_ca: pki.Authority, tmp_path: Path
+) -> None:
+    result = curl_mesh(mesh_gateway, *mesh_client(client_ca, "orders.mesh.test", tmp_path))
+    body, client_port = result.stdout.rsplit("\n", 1)
+    assert body == "hello from upstream", result.stderr
+    assert mesh_line(mesh_gateway, result).endswith("outcome=ok")
+    said = f"127.0.0.1:{client_port}: client certificate CN=orders.mesh.test,O=bumper tests"
+    assert mesh_gateway.bumper.process.log.count(said) == 1
+
+
+def test_a_client_without_a_certificate_is_refused(mesh_gateway: MeshGateway) -> None:
+    result = curl_mesh(mesh_gateway)
+    assert result.returncode != 0
+    assert mesh_line(mesh_gateway, result).endswith(
+        "outcome=client TLS failed: no client certificate, and the rule requires one (match: client_cert)"
+    )
+
+
+def test_a_client_certificate_from_another_ca_is_refused(mesh_gateway: MeshGateway, tmp_path: Path) -> None:
+    stranger = pki.Authority.root("another CA")
+    result = curl_mesh(mesh_gateway, *mesh_client(stranger, "orders.mesh.test", tmp_path))
+    assert result.returncode != 0 and "alert" in result.stderr
+    assert (
+        "outcome=client certificate refused: client certificate CN=orders.mesh.test,O=bumper tests does not"
+        " chain to the rule's CA (" in mesh_line(mesh_gateway, result)
+    )
+
+
+def test_a_client_certificate_with_another_name_is_refused(
+    mesh_gateway: MeshGateway, client_ca: pki.Authority, tmp_path: Path
+) -> None:
+    result = curl_mesh(mesh_gateway, *mesh_client(client_ca, "intruder.example", tmp_path))
+    assert result.returncode != 0
+    assert mesh_line(mesh_gateway, result).endswith(
+        "outcome=client certificate refused: client certificate CN=intruder.example,O=bumper tests names none"
+        " of *.mesh.test"
+    )
+
+
+def test_match_client_cert_is_checked_with_the_policy(tmp_path: Path, client_ca: pki.Authority) -> None:
+    from bumper.errors import ConfigError
+    from bumper.policy.load import load
+
+    ca = client_ca.write_cert(tmp_path / "mesh-ca.pem")
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "default: block\nrules:\n"
+        f"  - match: {{client_cert: {{ca: {ca}}}}}\n    action: splice\n"
+        f"  - match: {{client_cert: {{ca: {tmp_path / 'missing.pem'}, names: ['bad*name']}}}}\n    action: bump\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    problems = str(e.value).splitlines()
+    assert problems[0].startswith(f"{path}:3:12: rules[0].match: client_cert: only a bumped connection has")
+    assert f"rules[1].match.client_cert.ca: {tmp_path / 'missing.pem'}: cannot read" in problems[1]
+    assert "rules[1].match.client_cert.names: bad name, glob or regex 'bad*name'" in problems[2]

@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from cryptography import x509
 
+from bumper.certs import ca as ca_files
 from bumper.certs import owncert
 from bumper.certs.owncert import OwnCertificate
 from bumper.errors import ConfigError
@@ -45,6 +47,7 @@ from bumper.policy.rules import (
     Action,
     AddonSpec,
     BindNames,
+    ClientCertRequirement,
     Mismatch,
     OnError,
     OnUpstreamError,
@@ -55,6 +58,22 @@ from bumper.policy.rules import (
 
 _ACTION = Noun("action")  # "unknown action 'x' (expected one of: ...)"
 LEGACY_TLS = ("1.0", "1.1")  # upstream TLS floors below the default: for hosts a rule names exactly
+
+
+def _cas(text: str) -> tuple[x509.Certificate, ...]:
+    try:
+        return tuple(ca_files.load_pem_certificates(Path(text)))
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class ClientCertKey:
+    """`match: client_cert:`: what the clients of the connections a rule bumps must present."""
+
+    ca: Annotated[tuple[x509.Certificate, ...], Parsed(_cas)]  # a PEM file of the CAs it must chain to
+    names: OneOrMore[HostPattern] = ()  # its DNS names or commonName: one must match
+    uris: OneOrMore[str] = ()  # its URI subjectAltNames (spiffe://...): one must match, * as a glob
 
 
 @dataclass(frozen=True)
@@ -68,6 +87,7 @@ class Match:
     # A mode (explicit, transparent, sni, reverse) or a listener's HOST:PORT: the listeners themselves
     # are known only at run time (--listen), so any address is accepted here.
     listener: OneOrMore[Annotated[str, Parsed(listener_entry)]] = ()
+    client_cert: ClientCertKey | None = None  # checked in the client's handshake, not at the ClientHello
 
 
 def _client_cert(text: str) -> OwnCertificate:
@@ -100,6 +120,11 @@ class RuleEntry:
             problems["on_upstream_error"] = "allow needs a match that names its hosts exactly, no globs"
         if self.upstream_tls_min in LEGACY_TLS and not exact:  # a stricter floor (1.3) may cover globs
             problems["upstream_tls_min"] = "below 1.2 needs a match that names its hosts exactly"
+        if self.match.client_cert is not None and self.action is not Action.BUMP:
+            problems["match"] = (
+                f"client_cert: only a bumped connection has a handshake bumper can ask for a client"
+                f" certificate in; this rule's action is {self.action}"
+            )
         if self.client_cert is not None and self.action is not Action.BUMP:
             problems["client_cert"] = (
                 f"only a bumped connection has bumper's own upstream handshake; this rule's action is {self.action}"
@@ -115,6 +140,8 @@ class RuleEntry:
             self.name or f"rules[{index}]", self.action, sni=m.sni, host=m.host, client=m.client, port=m.port,
             listener=m.listener, on_upstream_error=self.on_upstream_error, upstream_tls_min=self.upstream_tls_min,
             learn_pinning=self.learn_pinning, addons=self.addons, client_cert=self.client_cert,
+            client_cert_required=ClientCertRequirement(m.client_cert.ca, m.client_cert.names, m.client_cert.uris)
+            if m.client_cert else None,
         )  # fmt: skip
 
 

@@ -4,6 +4,8 @@ the decision. bumper.policy.load reads a policy file into it.
 
 from __future__ import annotations
 
+import datetime
+import fnmatch
 import functools
 import ipaddress
 from collections.abc import Sequence
@@ -11,6 +13,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from cryptography import x509
+
+from bumper.certs import clientcert
+from bumper.certs.clientcert import ClientIdentity
 from bumper.certs.owncert import OwnCertificate
 from bumper.policy import names
 from bumper.policy.destinations import DEFAULT as DEFAULT_DESTINATIONS
@@ -134,6 +140,29 @@ class AddonSpec:
 
 
 @dataclass(frozen=True)
+class ClientCertRequirement:
+    """A rule's `match: client_cert:`: the clients of the connections it bumps must present a
+    certificate that chains to one of CAS, with a DNS name (or commonName) among NAMES and a URI
+    among URIS when those are given. It is asked for in the client's handshake, after the rule matched
+    on the ClientHello: a client that fails it is refused, not tried against later rules."""
+
+    cas: tuple[x509.Certificate, ...]
+    names: tuple[str, ...] = ()  # host patterns, as `sni:` takes them
+    uris: tuple[str, ...] = ()  # globs on URI subjectAltNames (spiffe://cluster.local/ns/*/sa/*)
+
+    def check(self, chain: list[x509.Certificate], now: datetime.datetime) -> ClientIdentity | str:
+        """The client's identity, or why CHAIN does not meet the requirement."""
+        found = clientcert.verify(self.cas, chain, now)
+        if isinstance(found, str):
+            return found
+        if self.names and not any(names.host_matches(p, n) for p in self.names for n in found.dns_names):
+            return f"client certificate {found.subject} names none of {', '.join(self.names)}"
+        if self.uris and not any(fnmatch.fnmatchcase(u, p) for p in self.uris for u in found.uris):
+            return f"client certificate {found.subject} has no URI like {', '.join(self.uris)}"
+        return found
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     action: Action
@@ -147,6 +176,7 @@ class Rule:
     learn_pinning: bool = False  # splice (client, SNI) pairs whose client rejected the mimic
     addons: tuple[AddonSpec, ...] = ()  # the chain run on bumped traffic, in order
     client_cert: OwnCertificate | None = None  # presented to upstreams that ask for a client certificate
+    client_cert_required: ClientCertRequirement | None = None  # asked of the clients (match: client_cert)
 
     def needs_sni(self) -> bool:
         return bool(self.sni)
@@ -181,6 +211,7 @@ class Decision:
     addons: tuple[AddonSpec, ...] = ()
     by_sni: bool = False  # the rule matched on the client's SNI: bind_names applies
     client_cert: OwnCertificate | None = None
+    client_cert_required: ClientCertRequirement | None = None
 
 
 def bound_name(decision: Decision, connect_host: str, sni: str | None) -> str | None:
@@ -296,6 +327,7 @@ class Policy:
         return Decision(
             rule.action, rule.name, rule.on_upstream_error or self.on_upstream_error, rule.upstream_tls_min,
             rule.learn_pinning, rule.addons, by_sni=rule.needs_sni(), client_cert=rule.client_cert,
+            client_cert_required=rule.client_cert_required,
         )  # fmt: skip
 
 

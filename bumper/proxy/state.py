@@ -11,6 +11,7 @@ from mitmproxy import connection, http, tls
 from mitmproxy.proxy import mode_specs, server_hooks
 from mitmproxy.utils import human
 
+from bumper.certs.clientcert import ClientIdentity
 from bumper.certs.trust import UpstreamVerdict, Verdict
 from bumper.policy import destinations
 from bumper.policy.rules import Action, Decision, ListenerMode, ListenerRef
@@ -56,6 +57,7 @@ class ConnectionState:
     bytes_down: int = 0  # and back
     truncated: int = 0  # responses whose body the upstream ended without close_notify (the cut passed on)
     client_cert_asked: bool = False  # the upstream sent a CertificateRequest
+    client_identity: ClientIdentity | None = None  # the client's certificate, where a rule required one
     error: str | None = None  # the first thing that went wrong, if anything did
     refused_by: str | None = None  # who refused the connection or a request on it: policy, an addon...
     server: connection.Server | None = None  # the upstream connection, once one was opened
@@ -261,6 +263,8 @@ def short_reason(error: str) -> str:
         return "Cannot parse ClientHello"
     if (limit := error.find("(limit: ")) >= 0:  # bumper's own, inside mitmproxy's guess about trust
         return error[limit + 1 : -1]
+    if "peer did not return a certificate" in error:
+        return "no client certificate, and the rule requires one (match: client_cert)"
     if "no shared cipher" in error:
         return "no cipher suite in common (bumper accepts only forward-secret AEAD suites)"
     if "unsupported protocol" in error or "tls_version_client_min" in error:

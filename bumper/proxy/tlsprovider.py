@@ -9,6 +9,7 @@ upstream certificate does not carry. SSL contexts are built once, not per connec
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -25,10 +26,10 @@ from bumper.certs.owncert import OwnCertificate
 from bumper.certs.trust import UpstreamVerdict
 from bumper.errors import ConfigError
 from bumper.policy import names
-from bumper.policy.rules import ListenerMode, OnUpstreamError
+from bumper.policy.rules import ClientCertRequirement, ListenerMode, OnUpstreamError
 from bumper.proxy import replies
 from bumper.proxy.listeners import Listener
-from bumper.proxy.state import ConnectionState, ConnectionStates
+from bumper.proxy.state import BY_POLICY, ConnectionState, ConnectionStates
 from bumper.proxy.upstreamerror import BY_UPSTREAM_ERROR
 from bumper.upstream.tls import TLS_VERSIONS
 from bumper.upstream.verifier import PeerChain, UpstreamVerifier
@@ -73,6 +74,31 @@ def client_context(chain: tuple[x509.Certificate, ...] = (), settings: ClientTls
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
     context.set_alpn_select_callback(alpn_select_callback)
     return context
+
+
+class ClientCertCheck:
+    """OpenSSL's verify callback for a client certificate a rule requires: OpenSSL hands it the
+    chain one certificate at a time, top first (its own verdicts are ignored: the client context
+    trusts no CA); at the leaf, the rule's requirement decides, and the connection's state hears why.
+    Returning False fails the handshake with an alert."""
+
+    def __init__(self, required: ClientCertRequirement, state: ConnectionState) -> None:
+        self.required = required
+        self.state = state
+        self.chain: dict[int, x509.Certificate] = {}
+
+    def __call__(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+        self.chain[depth] = cert.to_cryptography()
+        if depth > 0:
+            return True
+        found = self.required.check([self.chain[d] for d in sorted(self.chain)], datetime.datetime.now(datetime.UTC))
+        if isinstance(found, str):
+            self.state.refuse(f"client certificate refused: {found}", BY_POLICY)
+            return False
+        if self.state.client_identity is None:  # OpenSSL may ask again about the leaf: said once
+            self.state.client_identity = found
+            log.info("%s: client certificate %s", self.state.client, found.subject)
+        return True
 
 
 def own_context(certificate: OwnCertificate, settings: ClientTls | None) -> SSL.Context:
@@ -212,6 +238,10 @@ class TlsProvider:
             conn.use_privatekey(made.openssl_key)
             client.mitmcert = certs.Cert(made.cert)
         conn.set_app_data(AppData(client_alpn=None, server_alpn=server.alpn, http2=True))
+        state = self.states.of(client.id)
+        required = state.decision.client_cert_required if state and state.decision else None
+        if state is not None and required is not None:
+            conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, ClientCertCheck(required, state))
         conn.set_accept_state()
         tls_start.ssl_conn = conn
 
