@@ -171,6 +171,7 @@ def connection_json(conn: ConnectionInfo | None, client: connection.Client, serv
     tls = tls_fields(client, server)
     fields = {
         "client": tls["client"],
+        "listener": conn.listener_name if conn else None,
         "connect_host": conn.connect_host if conn else None,
         "sni": client.sni,
         "upstream": tls["upstream"],

@@ -41,7 +41,8 @@ from tests.conftest import (
 
 MIB = 1024 * 1024
 CONNECTION_FIELDS = [
-    "client", "connect_host", "sni", "upstream", "rule", "action", "upstream_sha256", "upstream_issuer", "verify",
+    "client", "listener", "connect_host", "sni", "upstream", "rule", "action", "upstream_sha256", "upstream_issuer",
+    "verify",
     "mimic_sha256", "client_tls_version", "client_cipher", "upstream_tls_version", "upstream_cipher", "alpn",
     "upstream_connect_ms", "upstream_tls_ms", "client_tls_ms",
 ]  # fmt: skip
@@ -194,6 +195,7 @@ def test_a_bumped_request_has_every_field_right(
     assert_iso_time_now(entry["time"])
     assert re.fullmatch(r"[0-9a-f-]{36}", entry["id"])
     assert entry["client"] == f"127.0.0.1:{client_port}"
+    assert entry["listener"] == f"explicit@127.0.0.1:{bumper.port}"
     assert (entry["connect_host"], entry["sni"]) == ("upstream.test", "upstream.test")
     assert entry["upstream"] == f"127.0.0.1:{upstream.port}"
     assert (entry["rule"], entry["action"], entry["verify"]) == ("default", "bump", "trusted")
