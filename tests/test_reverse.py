@@ -5,6 +5,7 @@ and passthrough by SNI (an SNI listener whose rule splices)."""
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -102,13 +103,23 @@ def test_passthrough_by_sni(front: Front, test_pki: Pki) -> None:
     assert curl(front, "passthrough", name="pass.upstream.test", cacert=str(test_pki.root_pem)) == "hello from upstream"
 
 
-@pytest.mark.parametrize("mode", ["terminate", "re-encrypt"])
-def test_httpx_gets_a_certificate_from_bumpers_ca_for_the_front_ends_name(front: Front, mode: str) -> None:
-    url = f"https://{ADDRESSES[mode]}:{front.ports[mode]}/"
-    with httpx.Client(verify=str(front.bumper.ca_pem)) as client:
-        response = client.get(url, headers={"host": FRONT}, extensions={"sni_hostname": FRONT})
-    assert response.status_code == 200
-    assert response.text == ("plain hello" if mode == "terminate" else "hello from upstream")
+@pytest.mark.parametrize(
+    ("mode", "scheme", "name", "body"),
+    [
+        ("terminate", "https", FRONT, "plain hello"),
+        ("re-encrypt", "https", FRONT, "hello from upstream"),
+        ("originate", "http", FRONT, "hello from upstream"),
+        ("passthrough", "https", "pass.upstream.test", "hello from upstream"),
+    ],
+)
+def test_httpx_in_each_mode(front: Front, test_pki: Pki, mode: str, scheme: str, name: str, body: str) -> None:
+    """httpx, which resolves nothing here: the address in the URL, the name in Host and the SNI.
+    Spliced (passthrough), it verifies the backend's own certificate; otherwise bumper's, for NAME."""
+    url = f"{scheme}://{ADDRESSES[mode]}:{front.ports[mode]}/"
+    cafile = test_pki.root_pem if mode == "passthrough" else front.bumper.ca_pem
+    with httpx.Client(verify=ssl.create_default_context(cafile=cafile)) as client:
+        response = client.get(url, headers={"host": name}, extensions={"sni_hostname": name})
+    assert (response.status_code, response.text) == (200, body)
 
 
 def test_a_backend_that_is_down_is_a_502_with_the_reason(
