@@ -85,8 +85,8 @@ def test_another_rule_splices(gateway: Gateway, upstream: Upstream, test_pki: Pk
 def test_a_name_outside_the_allow_list_is_closed(gateway: Gateway) -> None:
     result = curl_direct(gateway, "www.example.org")
     assert result.returncode != 0
-    lines = [line for line in gateway.bumper.process.lines if " TLS www.example.org:" in line]
-    assert lines and "action=block rule=default" in lines[-1], gateway.bumper.process.log
+    line = gateway.bumper.process.wait_for_line(r" TLS www\.example\.org:.*", 10).group(0)
+    assert "action=block rule=default" in line
 
 
 def test_no_sni_is_refused_with_an_alert(gateway: Gateway) -> None:
@@ -96,8 +96,8 @@ def test_no_sni_is_refused_with_an_alert(gateway: Gateway) -> None:
     )  # fmt: skip
     assert result.returncode != 0
     assert "alert access denied" in result.stderr, result.stderr
-    lines = [line for line in gateway.bumper.process.lines if " TLS -:" in line]
-    assert lines and lines[-1].endswith(
+    line = gateway.bumper.process.wait_for_line(r" TLS -:.*", 10).group(0)
+    assert line.endswith(
         "action=block rule=sni verify=- upstream_sha256=- requests=0 outcome=no SNI: an SNI listener finds the"
         " destination by the name in the ClientHello"
     ), gateway.bumper.process.log
@@ -107,9 +107,9 @@ def test_a_name_that_does_not_resolve_is_closed(gateway: Gateway) -> None:
     """`--resolve *.test` maps every .test name; .invalid ones never resolve (RFC 6761)."""
     result = curl_direct(gateway, "gone.invalid")
     assert result.returncode != 0
-    lines = [line for line in gateway.bumper.process.lines if " TLS gone.invalid:" in line]
-    assert lines and "action=bump rule=wildcard egress" in lines[-1], gateway.bumper.process.log
-    assert "outcome=upstream connect failed: [Errno -2] Name or service not known" in lines[-1]
+    line = gateway.bumper.process.wait_for_line(r" TLS gone\.invalid:.*", 10).group(0)
+    assert "action=bump rule=wildcard egress" in line
+    assert "outcome=upstream connect failed: [Errno -2] Name or service not known" in line
 
 
 def test_listeners_have_their_own_rules_and_one_reload_reaches_all(

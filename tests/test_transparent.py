@@ -182,8 +182,8 @@ def test_a_redirected_connection_is_blocked(redirected: Gateway) -> None:
     result = curl_in_client(redirected, "other.example", redirected.bumper.ca_pem)
     assert result.returncode != 0
     assert "alert access denied" in result.stderr, result.stderr
-    lines = [line for line in redirected.bumper.process.lines if "sni=other.example" in line]
-    assert lines and f" TLS {UPSTREAM_ADDRESS}:443 " in lines[-1] and "action=block rule=default" in lines[-1]
+    line = redirected.bumper.process.wait_for_line(r".* sni=other\.example .*", 10).group(0)
+    assert f" TLS {UPSTREAM_ADDRESS}:443 " in line and "action=block rule=default" in line
 
 
 def curl_plain(gateway: Gateway, address: str, host: str) -> subprocess.CompletedProcess[str]:
