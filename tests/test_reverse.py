@@ -191,3 +191,23 @@ def test_a_bad_tls_cert_is_a_configuration_error(
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("bumper: --tls-cert ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr
+
+
+def test_an_upstream_that_fails_verification_is_a_502_for_every_request(
+    start_bumper: Callable[..., Bumper], upstream: Upstream
+) -> None:
+    """The upstream leg is verified as everywhere else: here bumper does not trust the upstream's CA."""
+    bumper = start_bumper(
+        "--listen", f"reverse:https://{upstream.host}:{upstream.port}@127.0.0.9:0", trust_test_root=False
+    )
+    port = int(bumper.process.wait_for_line(r"bumper: reverse listening on 127\.0\.0\.9:(\d+)").group(1))
+    seen = upstream.requests
+    result = subprocess.run(
+        ["curl", "-sS", "--max-time", "20", "--resolve", f"{FRONT}:{port}:127.0.0.9", "--cacert", str(bumper.ca_pem),
+         "-w", "\n%{http_code}", f"https://{FRONT}:{port}/"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    body, status = result.stdout.rsplit("\n", 1)
+    assert status == "502", result.stderr
+    assert "upstream certificate failed verification" in body and "reason: unknown_issuer" in body
+    assert upstream.requests == seen
