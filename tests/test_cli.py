@@ -389,6 +389,26 @@ BAD_OPTIONS = [
     pytest.param(
         ["--listen", "127.0.0.1:{busy_port}"], ["--listen", "{busy_port}", "address already in use"], id="listen-busy"
     ),
+    pytest.param(
+        ["--listen", "socks@127.0.0.1:0"],
+        ["--listen", "unknown mode 'socks' (expected one of: explicit, transparent, sni, reverse)"],
+        id="listen-unknown-mode",
+    ),
+    pytest.param(
+        ["--listen", "reverse:ftp://backend@127.0.0.1:0"],
+        ["--listen", "reverse needs an http:// or https:// URL"],
+        id="listen-reverse-scheme",
+    ),
+    pytest.param(
+        ["--listen", "reverse:https://backend/admin@127.0.0.1:0"], ["--listen", "no path"], id="listen-reverse-path"
+    ),
+    pytest.param(["--listen", "sni:0@127.0.0.1:0"], ["--listen", "sni:PORT", "out of range"], id="listen-sni-port"),
+    pytest.param(["--listen", "transparent:x@127.0.0.1:0"], ["--listen", "takes no 'x'"], id="listen-mode-data"),
+    pytest.param(
+        ["--listen", "127.0.0.1:{busy_port}", "--listen", "sni@127.0.0.1:{busy_port}"],
+        ["--listen", "is taken by another --listen"],
+        id="listen-twice",
+    ),
     pytest.param(["--resolve", "no-equals-sign"], ["--resolve", "no-equals-sign"], id="resolve-no-equals"),
     pytest.param(["--resolve", "=127.0.0.1"], ["--resolve"], id="resolve-empty-name"),
     pytest.param(["--resolve", "a..test=127.0.0.1"], ["--resolve", "a..test"], id="resolve-empty-label"),

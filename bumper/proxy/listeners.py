@@ -2,7 +2,7 @@
 
 127.0.0.1:8080                          explicit proxy: CONNECT and plain http:// (the default)
 explicit@127.0.0.1:8080                 the same
-transparent@0.0.0.0:8443                connections the kernel redirected (nftables REDIRECT/TPROXY)
+transparent@0.0.0.0:8443                connections the kernel redirected (nftables REDIRECT)
 sni@0.0.0.0:443, sni:8443@0.0.0.0:443   TLS sent straight to bumper: the SNI, resolved, on port 443 (8443)
 reverse:https://backend.internal@0.0.0.0:443   one fixed upstream (http:// or https://)
 """
