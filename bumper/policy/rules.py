@@ -74,12 +74,13 @@ def listener_entry(text: str) -> str:
     host, sep, port = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if sep and names.is_ip_address(host):
-        return listener_address(host, names.parse_port(port, lowest=0))
+        return host_port(host, names.parse_port(port, lowest=0))
     modes = ", ".join(ListenerMode)
     raise ValueError(f"unknown listener {text!r} (expected one of: {modes}, or HOST:PORT)")
 
 
-def listener_address(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT in the one form rules and logs compare: IPv6 bracketed, names and addresses normalized."""
     host = names.normalize(host)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -229,13 +230,8 @@ def strict_refusal(name: str, target: tuple[str, int], resolved: Sequence[tuple[
     wanted = (names.normalize(target[0]), target[1])
     if any((names.normalize(address), port) == wanted for address, port in resolved):
         return None
-    where = f"it resolves to {', '.join(_described(a) for a in resolved)}" if resolved else "it does not resolve"
-    return f"SNI {name}: name does not lead to {_described(wanted)} ({where}; bind_names: strict)"
-
-
-def _described(where: tuple[str, int]) -> str:
-    address, port = where
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    where = f"it resolves to {', '.join(host_port(*a) for a in resolved)}" if resolved else "it does not resolve"
+    return f"SNI {name}: name does not lead to {host_port(*wanted)} ({where}; bind_names: strict)"
 
 
 def name_mismatch(connect_host: str, sni: str | None, *request_names: str | None) -> bool:

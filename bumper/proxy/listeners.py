@@ -21,7 +21,7 @@ from bumper.certs.owncert import OwnCertificate
 from bumper.errors import ConfigError
 from bumper.policy import names
 from bumper.policy.rules import ListenerMode as Mode
-from bumper.policy.rules import ListenerRef, listener_address
+from bumper.policy.rules import ListenerRef, host_port
 
 DEFAULT_SNI_PORT = 443
 
@@ -71,12 +71,12 @@ class Listener:
 
     @property
     def address(self) -> str:
-        return listener_address(self.host, self.port)
+        return host_port(self.host, self.port)
 
     def ref(self, client: connection.Client) -> ListenerRef:
         """This listener as the policy sees it, for CLIENT's connection. (A redirected connection's
         sockname is its original destination, which mitmproxy read: not this listener's.)"""
-        local = self.address if self.mode is Mode.TRANSPARENT else listener_address(*client.sockname[:2])
+        local = self.address if self.mode is Mode.TRANSPARENT else host_port(*client.sockname[:2])
         return ListenerRef(self.mode, self.address, local)
 
     def __str__(self) -> str:
@@ -138,9 +138,9 @@ def with_certificates(listeners: tuple[Listener, ...], specs: list[str]) -> tupl
             address = None
         if address is None:
             raise ConfigError(f"--tls-cert {spec!r}: expected HOST:PORT=FILE.pem, the HOST:PORT of a --listen")
-        listener = by_address.get(listener_address(*address))
+        listener = by_address.get(host_port(*address))
         if listener is None:
-            raise ConfigError(f"--tls-cert {spec!r}: no --listen at {listener_address(*address)}")
+            raise ConfigError(f"--tls-cert {spec!r}: no --listen at {host_port(*address)}")
         if listener.mode not in TAKES_OWN_CERTIFICATE:
             raise ConfigError(
                 f"--tls-cert {spec!r}: {listener} serves mimics of the upstreams it bumps; only reverse listeners"

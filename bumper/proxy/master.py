@@ -30,7 +30,7 @@ from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.errors import ConfigError
 from bumper.inspect.chain import AddonRunner
 from bumper.policy.pinning import LearnedPins
-from bumper.policy.rules import LAB, AddonSpec, OnError, Policy, listener_address
+from bumper.policy.rules import LAB, AddonSpec, OnError, Policy, host_port
 from bumper.policy.source import PolicySource
 from bumper.proxy import dispatch, httpstream
 from bumper.proxy.cawatch import CaWatch
@@ -216,7 +216,7 @@ def _announce(
         instance = _instance(server, listener)
         what = "proxy" if listener.mode is Mode.EXPLICIT else str(listener.mode)
         for port in sorted({address[1] for address in instance.listen_addrs}):  # one port, maybe IPv4 and IPv6
-            address = listener_address(listener.host, port)
+            address = host_port(listener.host, port)
             print(f"bumper: {what} listening on {address}", file=sys.stderr, flush=True)
             proxy = proxy or (address if listener.mode is Mode.EXPLICIT else None)
     if new_ca is not None:
