@@ -33,7 +33,7 @@ from bumper.policy.load import check as check_policy
 from bumper.policy.load import load as load_policy
 from bumper.policy.rules import LAB
 from bumper.proxy import limits
-from bumper.proxy.listeners import Listener, with_certificates
+from bumper.proxy.listeners import DEFAULT_LISTEN, parse_all, with_certificates
 from bumper.proxy.master import MimicSettings, ProxyConfig, access_log, serve
 from bumper.proxy.tlsprovider import CLIENT_CIPHERS, ClientTls
 from bumper.upstream.resolve import Override, ResolvingEventLoop
@@ -247,22 +247,6 @@ def _addons_option(group: argparse._ActionsContainer) -> None:
     )
 
 
-DEFAULT_LISTEN = "127.0.0.1:8080"
-
-
-def _listeners(specs: list[str]) -> tuple[Listener, ...]:
-    listeners = tuple(Listener.parse(spec) for spec in specs)
-    seen: set[str] = set()
-    for listener in listeners:
-        # Port 0 binds a free port each time; but mitmproxy runs one server per mode and address, so
-        # two port-0 listeners it runs the same way would be one.
-        key = listener.mitmproxy_mode() if listener.port == 0 else listener.address
-        if key in seen:
-            raise ConfigError(f"--listen {listener}: {listener.address} is taken by another --listen")
-        seen.add(key)
-    return listeners
-
-
 def _run_command(args: list[str]) -> int:
     """Run the proxy until SIGINT or SIGTERM, its normal end."""
     opts = _run_parser().parse_args(args)
@@ -271,7 +255,7 @@ def _run_command(args: list[str]) -> int:
     addons = load_registry(opts.addons)
     config = ProxyConfig(
         ca_dir=opts.ca,
-        listeners=with_certificates(_listeners(opts.listen or [DEFAULT_LISTEN]), opts.tls_cert),
+        listeners=with_certificates(parse_all(opts.listen or [DEFAULT_LISTEN]), opts.tls_cert),
         trust=UpstreamTrust(tuple(opts.upstream_ca)),
         resolve=tuple(Override.parse(spec) for spec in opts.resolve),
         policy=load_policy(opts.policy, addons) if opts.policy else LAB,

@@ -23,6 +23,7 @@ from bumper.policy import names
 from bumper.policy.rules import ListenerMode as Mode
 from bumper.policy.rules import ListenerRef, host_port
 
+DEFAULT_LISTEN = "127.0.0.1:8080"  # without --listen: the explicit proxy, on loopback
 DEFAULT_SNI_PORT = 443
 
 
@@ -86,6 +87,20 @@ class Listener:
         """The listener as one of mitmproxy's `mode` option's entries."""
         mode = _MITMPROXY_MODE[self.mode].format(url=self.upstream)
         return f"{mode}@{self.address}"
+
+
+def parse_all(specs: list[str]) -> tuple[Listener, ...]:
+    """Every --listen, or ConfigError for one that is malformed or whose address another has."""
+    listeners = tuple(Listener.parse(spec) for spec in specs)
+    seen: set[str] = set()
+    for listener in listeners:
+        # Port 0 binds a free port each time; but mitmproxy runs one server per mode and address, so
+        # two port-0 listeners it runs the same way would be one.
+        key = listener.mitmproxy_mode() if listener.port == 0 else listener.address
+        if key in seen:
+            raise ConfigError(f"--listen {listener}: {listener.address} is taken by another --listen")
+        seen.add(key)
+    return listeners
 
 
 def _address(text: str, address: str) -> tuple[str, int]:
