@@ -132,9 +132,8 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         ConnectionLimits(config.limits, states, server),  # before the policy: a refused client costs nothing more
         source,
         CaWatch(authority),
-        PolicyEnforcer(
-            source, states, pins.pins, UpstreamProbe(verifier), config.limits.upstream_timeout
-        ),  # before TlsProvider
+        # Before TlsProvider, whose hooks then see the connection's decision.
+        PolicyEnforcer(source, states, pins.pins, UpstreamProbe(verifier), config.limits.upstream_timeout),
         pins,
         ConnectReplies(),
         UpstreamErrorPages(states),
@@ -172,8 +171,8 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
         with _captured_errors("mitmproxy.addons.proxyserver") as errors:
             ok = await server.setup_servers()
         if not ok:
-            failed = [listener for listener in config.listeners if _instance(server, listener).last_exception]
-            raise ConfigError(f"--listen {failed[0] if failed else ''}: {_listen_failure(errors)}")
+            failed = [f" {listener}" for listener in config.listeners if _instance(server, listener).last_exception]
+            raise ConfigError(f"--listen{failed[0] if failed else ''}: {_listen_failure(errors)}")
         _check_destinations(loop, m, server.listen_addrs())
         try:
             await m.running()  # before the listening line: who reads it may rely on a started proxy
