@@ -40,9 +40,12 @@ def listening_socket() -> socket.socket:
     return s
 
 
-def tcp_server(handle: Callable[[socket.socket], None], max_connections: int = 10) -> Iterator[int]:
-    """A local TCP server that handles each connection with HANDLE, until the test ends."""
-    server = listening_socket()
+def tcp_server(
+    handle: Callable[[socket.socket], None], max_connections: int = 10, server: socket.socket | None = None
+) -> Iterator[int]:
+    """A local TCP server that handles each connection with HANDLE, until the test ends; on SERVER, a
+    listening socket, if given (one made in a network namespace, say)."""
+    server = server or listening_socket()
     server.settimeout(0.1)
     stop = threading.Event()
 
@@ -63,6 +66,22 @@ def tcp_server(handle: Callable[[socket.socket], None], max_connections: int = 1
     stop.set()
     thread.join(5)
     server.close()
+
+
+def answering(body: bytes) -> Callable[[socket.socket], None]:
+    """A tcp_server handler, a plain-HTTP origin: reads a request and answers 200 with BODY."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+
+    return handle
+
+
+@pytest.fixture(scope="module")
+def plain_http_origin() -> Iterator[int]:
+    """A plain-HTTP origin on loopback that answers every request with 200 "plain hello"."""
+    yield from tcp_server(answering(b"plain hello"))
 
 
 # Every child whose stderr the tests collected, and the output of every `bumper` the tests ran to
@@ -343,6 +362,20 @@ def curl(bumper: Bumper, url: str, *args: str, timeout: float = 60) -> subproces
         text=True,
         timeout=timeout,
     )
+
+
+def curl_direct(
+    address: str, port: int, name: str, cacert: Path, *args: str, scheme: str = "https"
+) -> subprocess.CompletedProcess[str]:
+    """curl to SCHEME://NAME:PORT/ without a proxy, NAME resolving to bumper's ADDRESS as DNS would point
+    it there (an SNI, reverse or transparent listener), trusting only CACERT."""
+    return subprocess.run(
+        [
+            "curl", "-sS", "--max-time", "30", "--resolve", f"{name}:{port}:{address}", "--cacert", str(cacert),
+            *args, f"{scheme}://{name}:{port}/",
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
 
 
 def open_tunnel(bumper: Bumper, host: str, port: int, timeout: float = 15) -> tuple[socket.socket, bytes]:

@@ -14,7 +14,7 @@ import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests import pki
-from tests.conftest import Bumper, Pki, Upstream, curl, lab_policy, start_with_policy, tcp_server
+from tests.conftest import Bumper, Pki, Upstream, curl, curl_direct, lab_policy, start_with_policy, tcp_server
 
 
 @pytest.fixture(scope="module")
@@ -157,11 +157,7 @@ def mesh_client(authority: pki.Authority, name: str, directory: Path) -> tuple[P
 def curl_mesh(gateway: MeshGateway, *cert: Path) -> subprocess.CompletedProcess[str]:
     name = "svc.upstream.test"
     args = ["--cert", str(cert[0]), "--key", str(cert[1])] if cert else []
-    return subprocess.run(
-        ["curl", "-sS", "--max-time", "20", "--resolve", f"{name}:{gateway.port}:{MESH_ADDRESS}",
-         "--cacert", str(gateway.bumper.ca_pem), *args, "-w", "\n%{local_port}", f"https://{name}:{gateway.port}/"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    return curl_direct(MESH_ADDRESS, gateway.port, name, gateway.bumper.ca_pem, *args, "-w", "\n%{local_port}")
 
 
 def mesh_line(gateway: MeshGateway, result: subprocess.CompletedProcess[str]) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -277,17 +276,6 @@ def test_the_default_still_bumps(policed: Bumper, upstream: Upstream) -> None:
     r = curl(policed, upstream.url("/"), "-w", "%{local_port}")
     assert r.stdout.startswith("hello from upstream")
     assert "action=bump rule=default" in policed.connection_line(int(r.stdout.removeprefix("hello from upstream")))
-
-
-@pytest.fixture
-def plain_http_origin() -> Iterator[int]:
-    """A plain-HTTP origin that answers every request with 200 "plain hello"."""
-
-    def handle(conn: socket.socket) -> None:
-        conn.recv(65536)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nConnection: close\r\n\r\nplain hello")
-
-    yield from tcp_server(handle)
 
 
 def test_plain_http_proxy_requests_obey_the_policy(

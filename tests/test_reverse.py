@@ -4,17 +4,16 @@ and passthrough by SNI (an SNI listener whose rule splices)."""
 
 from __future__ import annotations
 
-import socket
 import ssl
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import BUMPER, Bumper, Pki, Upstream, lab_policy, listening_socket, tcp_server
+from tests.conftest import BUMPER, Bumper, Pki, Upstream, curl_direct, lab_policy, listening_socket
 
 FRONT = "front.test"  # the name clients use for the front end
 ADDRESSES = {"terminate": "127.0.0.2", "re-encrypt": "127.0.0.3", "passthrough": "127.0.0.4"}
@@ -27,41 +26,24 @@ rules:
 """
 
 
-@pytest.fixture(scope="module")
-def plain_backend() -> Iterator[int]:
-    """A plain-HTTP backend that answers every request with 200 "plain hello"."""
-
-    def handle(conn: socket.socket) -> None:
-        conn.recv(65536)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nConnection: close\r\n\r\nplain hello")
-
-    yield from tcp_server(handle)
-
-
 @dataclass
 class Front:
     bumper: Bumper
     ports: dict[str, int]  # mode -> the listener's port
-
-    def url(self, mode: str, scheme: str = "https", name: str = FRONT) -> str:
-        return f"{scheme}://{name}:{self.ports[mode]}/"
-
-    def resolve(self, mode: str, name: str = FRONT) -> str:
-        return f"{name}:{self.ports[mode]}:{ADDRESSES[mode]}"
 
 
 @pytest.fixture(scope="module")
 def front(
     start_bumper: Callable[..., Bumper],
     upstream: Upstream,
-    plain_backend: int,
+    plain_http_origin: int,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Front:
     path = tmp_path_factory.mktemp("reverse") / "policy.yaml"
     path.write_text(lab_policy(POLICY))
     bumper = start_bumper(
         "--policy", str(path),
-        "--listen", f"reverse:http://127.0.0.1:{plain_backend}@{ADDRESSES['terminate']}:0",
+        "--listen", f"reverse:http://127.0.0.1:{plain_http_origin}@{ADDRESSES['terminate']}:0",
         "--listen", f"reverse:https://{upstream.host}:{upstream.port}@{ADDRESSES['re-encrypt']}:0",
         "--listen", f"sni:{upstream.port}@{ADDRESSES['passthrough']}:0",
     )  # fmt: skip
@@ -74,19 +56,14 @@ def front(
     return Front(bumper, ports)
 
 
-def curl(front: Front, mode: str, scheme: str = "https", name: str = FRONT, cacert: str | None = None) -> str:
-    result = subprocess.run(
-        [
-            "curl", "-sS", "--max-time", "20", "--resolve", front.resolve(mode, name),
-            "--cacert", cacert or str(front.bumper.ca_pem), front.url(mode, scheme, name),
-        ],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+def curl(front: Front, mode: str, scheme: str = "https", name: str = FRONT, cacert: Path | None = None) -> str:
+    cacert = cacert or front.bumper.ca_pem
+    result = curl_direct(ADDRESSES[mode], front.ports[mode], name, cacert, scheme=scheme)
     assert result.returncode == 0, result.stderr + front.bumper.process.log
     return result.stdout
 
 
-def test_terminate_https_to_a_plain_backend(front: Front) -> None:
+def test_terminate_https_to_a_plain_http_origin(front: Front) -> None:
     assert curl(front, "terminate") == "plain hello"
 
 
@@ -100,7 +77,7 @@ def test_originate_plain_http_to_an_https_backend(front: Front) -> None:
 
 def test_passthrough_by_sni(front: Front, test_pki: Pki) -> None:
     """Spliced: the client verifies the backend's own certificate, end to end."""
-    assert curl(front, "passthrough", name="pass.upstream.test", cacert=str(test_pki.root_pem)) == "hello from upstream"
+    assert curl(front, "passthrough", name="pass.upstream.test", cacert=test_pki.root_pem) == "hello from upstream"
 
 
 @pytest.mark.parametrize(
@@ -131,11 +108,7 @@ def test_a_backend_that_is_down_is_a_502_with_the_reason(
     path.write_text(lab_policy(POLICY))
     bumper = start_bumper("--policy", str(path), "--listen", f"reverse:https://down.test:{dead}@127.0.0.5:0")
     port = int(bumper.process.wait_for_line(r"bumper: reverse listening on 127\.0\.0\.5:(\d+)").group(1))
-    result = subprocess.run(
-        ["curl", "-sS", "--max-time", "20", "--resolve", f"{FRONT}:{port}:127.0.0.5", "--cacert", str(bumper.ca_pem),
-         "-w", "\n%{http_code}", f"https://{FRONT}:{port}/"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = curl_direct("127.0.0.5", port, FRONT, bumper.ca_pem, "-w", "\n%{http_code}")
     body, status = result.stdout.rsplit("\n", 1)
     assert status == "502", result.stderr
     assert f"bumper: cannot connect to down.test:{dead}: [Errno 111] Connect call failed" in body
@@ -153,11 +126,7 @@ def test_a_front_end_serves_its_own_certificate(
         "--listen", f"reverse:https://{upstream.host}:{upstream.port}@{listen}", "--tls-cert", f"{listen}={combined}"
     )
     port = int(bumper.process.wait_for_line(r"bumper: reverse listening on 127\.0\.0\.6:(\d+)").group(1))
-    result = subprocess.run(
-        ["curl", "-sS", "--max-time", "20", "--resolve", f"{FRONT}:{port}:127.0.0.6",
-         "--cacert", str(test_pki.root_pem), f"https://{FRONT}:{port}/"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = curl_direct("127.0.0.6", port, FRONT, test_pki.root_pem)
     assert result.stdout == "hello from upstream", result.stderr
 
 
@@ -202,11 +171,7 @@ def test_an_upstream_that_fails_verification_is_a_502_for_every_request(
     )
     port = int(bumper.process.wait_for_line(r"bumper: reverse listening on 127\.0\.0\.9:(\d+)").group(1))
     seen = upstream.requests
-    result = subprocess.run(
-        ["curl", "-sS", "--max-time", "20", "--resolve", f"{FRONT}:{port}:127.0.0.9", "--cacert", str(bumper.ca_pem),
-         "-w", "\n%{http_code}", f"https://{FRONT}:{port}/"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = curl_direct("127.0.0.9", port, FRONT, bumper.ca_pem, "-w", "\n%{http_code}")
     body, status = result.stdout.rsplit("\n", 1)
     assert status == "502", result.stderr
     assert "upstream certificate failed verification" in body and "reason: unknown_issuer" in body

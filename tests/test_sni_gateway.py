@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Bumper, Pki, Upstream, curl, lab_policy
+from tests.conftest import Bumper, Pki, Upstream, curl, curl_direct, lab_policy
 
 GATEWAY_HOST = "127.0.0.2"  # beside the explicit listener on 127.0.0.1: both take a free port
 POLICY = """
@@ -43,18 +43,12 @@ def gateway(
     return Gateway(bumper, port)
 
 
-def curl_direct(
+def curl_gateway(
     gateway: Gateway, name: str, *args: str, cacert: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """curl to https://NAME/ with NAME pointed at the gateway, as DNS would point it."""
-    return subprocess.run(
-        [
-            "curl", "-sS", "--max-time", "30", "--resolve", f"{name}:{gateway.port}:{GATEWAY_HOST}",
-            "--cacert", str(cacert or gateway.bumper.ca_pem), "-w", "\n%{local_port} %{http_version}", *args,
-            f"https://{name}:{gateway.port}/",
-        ],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    cacert = cacert or gateway.bumper.ca_pem
+    return curl_direct(GATEWAY_HOST, gateway.port, name, cacert, "-w", "\n%{local_port} %{http_version}", *args)
 
 
 def sni_line(gateway: Gateway, client_port: int) -> str:
@@ -63,7 +57,7 @@ def sni_line(gateway: Gateway, client_port: int) -> str:
 
 @pytest.mark.parametrize("http", ["--http1.1", "--http2"])
 def test_an_allowed_name_is_bumped(gateway: Gateway, upstream: Upstream, http: str) -> None:
-    result = curl_direct(gateway, "www.upstream.test", http)
+    result = curl_gateway(gateway, "www.upstream.test", http)
     body, meta = result.stdout.rsplit("\n", 1)
     client_port, version = meta.split()
     assert body == "hello from upstream", result.stderr
@@ -75,7 +69,7 @@ def test_an_allowed_name_is_bumped(gateway: Gateway, upstream: Upstream, http: s
 
 def test_another_rule_splices(gateway: Gateway, upstream: Upstream, test_pki: Pki) -> None:
     """Spliced: the client sees the upstream's own certificate, from the upstream's own CA."""
-    result = curl_direct(gateway, "splice.upstream.test", cacert=test_pki.root_pem)
+    result = curl_gateway(gateway, "splice.upstream.test", cacert=test_pki.root_pem)
     body, meta = result.stdout.rsplit("\n", 1)
     assert body == "hello from upstream", result.stderr
     line = sni_line(gateway, int(meta.split()[0]))
@@ -83,7 +77,7 @@ def test_another_rule_splices(gateway: Gateway, upstream: Upstream, test_pki: Pk
 
 
 def test_a_name_outside_the_allow_list_is_closed(gateway: Gateway) -> None:
-    result = curl_direct(gateway, "www.example.org")
+    result = curl_gateway(gateway, "www.example.org")
     assert result.returncode != 0
     line = gateway.bumper.process.wait_for_line(r" TLS www\.example\.org:.*", 10).group(0)
     assert "action=block rule=default" in line
@@ -105,7 +99,7 @@ def test_no_sni_is_refused_with_an_alert(gateway: Gateway) -> None:
 
 def test_a_name_that_does_not_resolve_is_closed(gateway: Gateway) -> None:
     """`--resolve *.test` maps every .test name; .invalid ones never resolve (RFC 6761)."""
-    result = curl_direct(gateway, "gone.invalid")
+    result = curl_gateway(gateway, "gone.invalid")
     assert result.returncode != 0
     line = gateway.bumper.process.wait_for_line(r" TLS gone\.invalid:.*", 10).group(0)
     assert "action=bump rule=wildcard egress" in line
@@ -137,12 +131,7 @@ rules:
         return curl(bumper, f"https://{name}:{upstream.port}/").returncode
 
     def through_gateway(name: str) -> int:
-        result = subprocess.run(
-            ["curl", "-sS", "--max-time", "20", "--resolve", f"{name}:{gateway.port}:127.0.0.7",
-             "--cacert", str(bumper.ca_pem), f"https://{name}:{gateway.port}/"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        return result.returncode
+        return curl_direct("127.0.0.7", gateway.port, name, bumper.ca_pem).returncode
 
     assert (through_proxy("a.upstream.test"), through_proxy("b.upstream.test")) == (0, 35)
     assert (through_gateway("a.upstream.test"), through_gateway("b.upstream.test")) == (35, 0)

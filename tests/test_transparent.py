@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +22,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BUMPER, START_TIMEOUT, STARTED_BUMPERS, UPSTREAM_SCRIPT, Bumper, Pki, Process
+from tests.conftest import (
+    BUMPER,
+    START_TIMEOUT,
+    STARTED_BUMPERS,
+    UPSTREAM_SCRIPT,
+    Bumper,
+    Pki,
+    Process,
+    answering,
+    tcp_server,
+)
 from tests.netns import Netns, ip, namespace
 
 UPSTREAM_ADDRESS = "10.202.0.1"  # the site's real address, as the client's DNS gives it
@@ -98,37 +107,11 @@ def start_upstream_inside(gw: Netns, test_pki: Pki, directory: Path) -> Process:
 
 
 @contextmanager
-def plain_server(gw: Netns, address: str, body: bytes) -> Iterator[None]:
+def plain_server(gw: Netns, address: str, body: bytes) -> Iterator[int]:
     """A plain-HTTP server on ADDRESS:80 in the gateway namespace, answering BODY to every request."""
     with gw.inside():
         server = socket.create_server((address, 80))
-    server.settimeout(0.1)
-    stop = threading.Event()
-
-    def serve() -> None:
-        for _ in range(100):  # bounded: the module's requests are a handful
-            while not stop.is_set():
-                try:
-                    conn, _ = server.accept()
-                    break
-                except TimeoutError:
-                    continue
-            else:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-                )
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(5)
-        server.close()
+    yield from tcp_server(answering(body), max_connections=100, server=server)
 
 
 def start_bumper_inside(gw: Netns, test_pki: Pki, directory: Path) -> Bumper:

@@ -76,6 +76,13 @@ def client_context(chain: tuple[x509.Certificate, ...] = (), settings: ClientTls
     return context
 
 
+def _block_requests(state: ConnectionState, host: str, found: UpstreamVerdict, why: str = "") -> None:
+    """Every request of STATE's connection gets the 502 that says HOST failed verification (FOUND)."""
+    verdict = found.verdict
+    state.blocked = replies.upstream_blocked(host, str(verdict.reason), found.fingerprint or "-", verdict.detail)
+    state.refuse(f"upstream certificate failed verification ({verdict.reason}){why}", BY_UPSTREAM_ERROR)
+
+
 class ClientCertCheck:
     """OpenSSL's verify callback for a client certificate a rule requires: OpenSSL hands it the
     chain one certificate at a time, top first (its own verdicts are ignored: the client context
@@ -201,12 +208,7 @@ class TlsProvider:
                 name, verdict.reason, verdict.detail, rule,
             )  # fmt: skip
         else:  # block: bumper's own certificate for the name, then a 502 page for every request
-            fingerprint = found.fingerprint or "-"
-            state.blocked = replies.upstream_blocked(name, str(verdict.reason), fingerprint, verdict.detail)
-            state.refuse(
-                f"upstream certificate failed verification ({verdict.reason}): blocked by rule {rule!r}",
-                BY_UPSTREAM_ERROR,
-            )
+            _block_requests(state, name, found, f": blocked by rule {rule!r}")
         return await self.mimics.placeholder(name)
 
     async def _front_end(self, tls_start: tls.TlsData, state: ConnectionState) -> None:
@@ -219,10 +221,7 @@ class TlsProvider:
         name = names.normalize(client.sni or server.address[0])  # the name the client asked for
         found = state.upstream
         if found is not None and not found.verdict.trusted:
-            state.blocked = replies.upstream_blocked(
-                str(server.sni), str(found.verdict.reason), found.fingerprint or "-", found.verdict.detail
-            )
-            state.refuse(f"upstream certificate failed verification ({found.verdict.reason})", BY_UPSTREAM_ERROR)
+            _block_requests(state, str(server.sni), found)
         own = self._own_contexts.get(state.listener.address) if state.listener else None
         if own is not None:
             return self._serve(tls_start, own)
