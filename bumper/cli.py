@@ -33,7 +33,7 @@ from bumper.policy.load import check as check_policy
 from bumper.policy.load import load as load_policy
 from bumper.policy.rules import LAB
 from bumper.proxy import limits
-from bumper.proxy.listeners import DEFAULT_LISTEN, parse_all, with_certificates
+from bumper.proxy.listeners import DEFAULT_LISTEN, client_ca, parse_all, with_certificates
 from bumper.proxy.master import MimicSettings, ProxyConfig, access_log, serve
 from bumper.proxy.tlsprovider import CLIENT_CIPHERS, ClientTls
 from bumper.upstream.resolve import Override, ResolvingEventLoop
@@ -102,14 +102,22 @@ def _run_parser() -> argparse.ArgumentParser:
         metavar="[MODE@]HOST:PORT",
         action="append",
         help="a listener (repeatable): HOST:PORT or explicit@HOST:PORT (the proxy), transparent@HOST:PORT, "
-        "sni[:PORT]@HOST:PORT, reverse:URL@HOST:PORT; see docs/modes.md (default: 127.0.0.1:8080)",
+        "sni[:PORT]@HOST:PORT, reverse:URL@HOST:PORT, relay@HOST:PORT (an HTTPS proxy); see docs/modes.md "
+        "(default: 127.0.0.1:8080)",
     )
     p.add_argument(
         "--tls-cert",
         metavar="HOST:PORT=FILE.pem",
         action="append",
         default=[],
-        help="a reverse listener's own certificate (chain and key in one PEM file) instead of one from bumper's CA",
+        help="a reverse or relay listener's own certificate (chain and key in one PEM file) instead of one from "
+        "bumper's CA",
+    )
+    p.add_argument(
+        "--client-ca",
+        metavar="PEM",
+        type=Path,
+        help="relay listeners require a client certificate that chains to a CA in PEM (mTLS between relays)",
     )
     p.add_argument(
         "--upstream-ca",
@@ -253,9 +261,11 @@ def _run_command(args: list[str]) -> int:
     _without_debug_checks(args)
     _setup_logging(opts.verbose, opts.log_secrets)
     addons = load_registry(opts.addons)
+    listeners = with_certificates(parse_all(opts.listen or [DEFAULT_LISTEN]), opts.tls_cert)
     config = ProxyConfig(
         ca_dir=opts.ca,
-        listeners=with_certificates(parse_all(opts.listen or [DEFAULT_LISTEN]), opts.tls_cert),
+        listeners=listeners,
+        client_ca=client_ca(opts.client_ca, listeners),
         trust=UpstreamTrust(tuple(opts.upstream_ca)),
         resolve=tuple(Override.parse(spec) for spec in opts.resolve),
         policy=load_policy(opts.policy, addons) if opts.policy else LAB,

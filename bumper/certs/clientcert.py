@@ -20,13 +20,17 @@ class ClientIdentity:
     subject: str  # RFC 4514
     dns_names: tuple[str, ...]  # its subjectAltName's, and its subject's commonName
     uris: tuple[str, ...]  # URI subjectAltNames: spiffe://trust-domain/ns/NS/sa/ACCOUNT in a mesh
+    common_name: str | None = None  # its subject's first commonName: who, in one short word for the log
 
 
 def verify(
-    cas: Sequence[x509.Certificate], chain: Sequence[x509.Certificate], now: datetime.datetime
+    cas: Sequence[x509.Certificate],
+    chain: Sequence[x509.Certificate],
+    now: datetime.datetime,
+    issuer: str = "the rule's CA",
 ) -> ClientIdentity | str:
     """CHAIN's leaf as a client identity, when it chains to one of CAS and may authenticate a
-    client; else why not."""
+    client; else why not, naming CAS as ISSUER (where the operator configured them)."""
     if not chain:
         return "no client certificate"
     leaf, intermediates = chain[0], list(chain[1:])
@@ -34,7 +38,7 @@ def verify(
     try:
         verifier.verify(leaf, intermediates)
     except VerificationError as e:
-        return f"client certificate {leaf.subject.rfc4514_string()} does not chain to the rule's CA ({e})"
+        return f"client certificate {leaf.subject.rfc4514_string()} does not chain to {issuer} ({e})"
     return identity(leaf)
 
 
@@ -45,4 +49,4 @@ def identity(leaf: x509.Certificate) -> ClientIdentity:
     except x509.ExtensionNotFound:
         dns, uris = [], []
     common = [str(a.value) for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    return ClientIdentity(leaf.subject.rfc4514_string(), (*dns, *common), tuple(uris))
+    return ClientIdentity(leaf.subject.rfc4514_string(), (*dns, *common), tuple(uris), common[0] if common else None)

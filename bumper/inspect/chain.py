@@ -18,6 +18,7 @@ from bumper.addon import CONNECTION, REFUSAL, Addon, Refusal, Refuse, refuse
 from bumper.policy.rules import Action, AddonSpec, OnError, Policy
 from bumper.proxy.eventlog import ConnectionLog
 from bumper.proxy.httpstream import EARLY
+from bumper.proxy.layers import relay_handshake
 from bumper.proxy.state import ConnectionState
 
 log = logging.getLogger("bumper.addons")
@@ -100,6 +101,8 @@ class AddonRunner:
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> Awaitable[None] | None:
         # After PolicyEnforcer's: the decision, and so the chain, is known.
+        if relay_handshake(data.context):
+            return None  # bumper's own TLS, no connection to inspect: the one inside it is
         client = data.context.client
 
         def failed(spec: AddonSpec) -> None:
@@ -109,6 +112,8 @@ class AddonRunner:
         return self._run(self._chain_of(self.states.of(client.id)), "tls_clienthello", None, (data,), failed)
 
     def tls_established_client(self, data: tls.TlsData) -> Awaitable[None] | None:
+        if relay_handshake(data.context):
+            return None  # bumper's own TLS: nothing bumped yet
         state = self.states.of(data.context.client.id)
         return self._run(self._chain_of(state), "connection_bumped", None, (state,))
 

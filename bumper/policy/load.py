@@ -84,7 +84,7 @@ class Match:
     host: OneOrMore[HostPattern] = ()
     client: OneOrMore[Network] = ()
     port: OneOrMore[PortRange] = ()
-    # A mode (explicit, transparent, sni, reverse) or a listener's HOST:PORT: the listeners themselves
+    # A mode (explicit, transparent, sni, reverse, relay) or a listener's HOST:PORT: the listeners themselves
     # are known only at run time (--listen), so any address is accepted here.
     listener: OneOrMore[Annotated[str, Parsed(listener_entry)]] = ()
     client_cert: ClientCertKey | None = None  # checked in the client's handshake, not at the ClientHello

@@ -49,6 +49,7 @@ class ListenerMode(StrEnum):
     TRANSPARENT = "transparent"  # redirected by the kernel
     SNI = "sni"  # sent straight to bumper by DNS: the SNI names the destination
     REVERSE = "reverse"  # a front end for one fixed upstream
+    RELAY = "relay"  # an HTTPS proxy: TLS to bumper, then CONNECT and plain http:// inside, as explicit
 
 
 @dataclass(frozen=True)
@@ -150,10 +151,11 @@ class ClientCertRequirement:
     cas: tuple[x509.Certificate, ...]
     names: tuple[str, ...] = ()  # host patterns, as `sni:` takes them
     uris: tuple[str, ...] = ()  # globs on URI subjectAltNames (spiffe://cluster.local/ns/*/sa/*)
+    issuer: str = "the rule's CA"  # where CAS were configured, as a refusal names them (or --client-ca)
 
     def check(self, chain: list[x509.Certificate], now: datetime.datetime) -> ClientIdentity | str:
         """The client's identity, or why CHAIN does not meet the requirement."""
-        found = clientcert.verify(self.cas, chain, now)
+        found = clientcert.verify(self.cas, chain, now, self.issuer)
         if isinstance(found, str):
             return found
         if self.names and not any(names.host_matches(p, n) for p in self.names for n in found.dns_names):

@@ -15,6 +15,7 @@ from mitmproxy.proxy import server_hooks
 
 from bumper.proxy import replies
 from bumper.proxy.httpstream import respond_early
+from bumper.proxy.layers import relay_handshake
 from bumper.proxy.limits import Limits, timed_out, too_many
 from bumper.proxy.state import ConnectionStates
 
@@ -109,7 +110,8 @@ class ConnectionLimits:
         )
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        self._disarm(data.context.client.id)
+        if not relay_handshake(data.context):  # a relay's own TLS: the deadline runs on to the CONNECT
+            self._disarm(data.context.client.id)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if self._deadlines:  # only the first request of a connection has a deadline

@@ -32,6 +32,7 @@ from bumper.policy.source import PolicySource
 from bumper.proxy import replies
 from bumper.proxy.authority import parse_authority
 from bumper.proxy.httpstream import DEFER_CONNECT
+from bumper.proxy.layers import relay_handshake
 from bumper.proxy.state import BY_POLICY, DESTINATIONS, ConnectionStates, Kind, is_plain_proxy_request, probed
 from bumper.upstream.probe import UpstreamProbe
 from bumper.upstream.resolve import ResolvingEventLoop
@@ -43,6 +44,8 @@ BAD_NAME = Decision(Action.BLOCK, "names")
 CLIENTS_PORTS = Decision(Action.BLOCK, "clients/ports")
 # The decision for a ClientHello without SNI on an SNI listener.
 NO_SNI = Decision(Action.BLOCK, "sni")
+# Listeners whose TLS comes inside a CONNECT tunnel: the CONNECT's checks came first.
+_CONNECT_MODES = (ListenerMode.EXPLICIT, ListenerMode.RELAY)
 
 
 def _destination_refusal(host: str, port: int) -> str | None:
@@ -100,16 +103,17 @@ class PolicyEnforcer:
             flow.metadata[DEFER_CONNECT] = True
 
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        if flow.client_conn.tls:
-            state = self.states.of(flow.client_conn.id)
-            if state:
-                state.spoke = True
-            if state and state.listener and state.listener.mode is ListenerMode.REVERSE:
+        state = self.states.of(flow.client_conn.id)
+        if state is None:
+            return None
+        if state.hello:  # inside TLS the policy decided on at its ClientHello
+            state.spoke = True
+            if state.listener and state.listener.mode is ListenerMode.REVERSE:
                 return None  # the client names the front end; the upstream is the operator's
             self._check_names(flow)
             return None
         # Plain-HTTP proxy requests have no ClientHello: the request's host is all there is to match.
-        if not is_plain_proxy_request(flow):
+        if not is_plain_proxy_request(flow, state):
             return None
         policy = self.source.policy
         client, listener = client_address(flow.client_conn), self._listener(flow.client_conn)
@@ -133,16 +137,13 @@ class PolicyEnforcer:
         if decision.action is Action.BLOCK:
             self._refuse(flow, decision, "request to")
             return None
-        state = self.states.of(flow.client_conn.id)
-        if state:
-            state.decided(decision)
+        state.decided(decision)
         bound = bound_name(decision, host, name)
         if bound is None or policy.bind_names is BindNames.CLIENT:
             return None
         if policy.bind_names is BindNames.RESOLVE:
             flow.request.data.host = bound  # the request's connection goes where the name leads; Host unchanged
-            if state:
-                state.bound = (bound, human.format_address((host, port)))
+            state.bound = (bound, human.format_address((host, port)))
             return None
         return self._strictly_http(flow, decision, bound, host, port)
 
@@ -191,6 +192,8 @@ class PolicyEnforcer:
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> Awaitable[None] | None:
         context = data.context
+        if relay_handshake(context):
+            return None  # bumper's own TLS, to a relay listener: the CONNECT inside it is decided
         assert context.server.address is not None
         host, port = context.server.address[:2]
         sni = data.client_hello.sni
@@ -208,7 +211,7 @@ class PolicyEnforcer:
             context.server.address = (host, port)
         policy = self.source.policy
         client = client_address(context.client)
-        if listener is not None and listener.mode is not ListenerMode.EXPLICIT:
+        if listener is not None and listener.mode not in _CONNECT_MODES:
             # No CONNECT came before, whose check this is on the explicit listener. (A reverse
             # listener's upstream port is the operator's choice: only its clients are checked.)
             if why := policy.refusal(client, None if listener.mode is ListenerMode.REVERSE else port):

@@ -5,7 +5,11 @@ server TLS + client TLS (server first) -> HTTP; anything else inside a tunnel is
 than passed through, since an inspection gateway that tunnels whatever it cannot read is no
 gateway. On the other listeners the stack starts at the TLS layers (transparent: plain HTTP too;
 SNI: the ClientHello's name is the destination) or, on a reverse listener, at the client's TLS or
-plain HTTP, with the upstream's TLS beneath for an https:// upstream (docs/architecture.md).
+plain HTTP, with the upstream's TLS beneath for an https:// upstream (docs/architecture.md). A relay
+listener is the explicit proxy inside TLS of bumper's own: relay TLS -> HTTP proxy -> CONNECT -> ...,
+TLS inside TLS (mitmproxy's ClientTLSLayer keeps the inner session's attributes on the one Client). So
+where a connection is (inside a tunnel, inside the TLS bumper decides on) is read from the layer
+stack, never from client.tls, which the relay's own TLS sets too.
 """
 
 from __future__ import annotations
@@ -96,6 +100,16 @@ class ClientTLSLayer(_TLSAlerts, layers.ClientTLSLayer):
         return (yield from super().receive_handshake_data(b""))  # parses all that was received, once
 
 
+class RelayTLSLayer(ClientTLSLayer):
+    """A relay listener's own TLS: bumper is the server the client asked for (an HTTPS proxy), so its
+    handshake is no connection to decide. The hooks it raises tell by relay_handshake."""
+
+
+def relay_handshake(context: Context) -> bool:
+    """Whether a TLS hook's CONTEXT is a relay listener's own handshake, not one bumper decides on."""
+    return isinstance(context.layers[-1], RelayTLSLayer)
+
+
 class _HelloScan:
     """Walks the TLS records of a ClientHello as they arrive, each one once."""
 
@@ -148,16 +162,19 @@ class NextLayer:
         if nextlayer.layer is not None:
             return
         context = nextlayer.context
-        data, first = nextlayer.data_client(), context.layers[0]
+        data, first, parent = nextlayer.data_client(), context.layers[0], context.layers[-1]
         if len(context.layers) == 1:  # what comes right after the listener's own layer
             top = self._first(context, data, first)
             if top is not None:
                 nextlayer.layer = SyncHooks(context, top, self.dispatcher)
-        elif context.client.tls or isinstance(first, modes.ReverseProxy):
+        elif isinstance(parent, RelayTLSLayer):
+            # Inside the relay's own TLS: the explicit proxy's requests, CONNECT and plain http://.
+            nextlayer.layer = HttpLayer(context, HTTPMode.regular, self.limits)
+        elif isinstance(parent, layers.ClientTLSLayer) or isinstance(first, modes.ReverseProxy):
             # Decrypted (HTTP/1.1 or h2 by ALPN, HTTP/1.1 when the client offered none), or a reverse
             # listener's plain HTTP above the upstream's TLS.
             nextlayer.layer = HttpLayer(context, HTTPMode.transparent, self.limits)
-        else:
+        else:  # a CONNECT tunnel's
             nextlayer.layer = self._inside_tunnel(context, data)
 
     def _first(self, context: Context, data: bytes, first: layer.Layer) -> layer.Layer | None:
@@ -168,7 +185,18 @@ class NextLayer:
         listener = self.listeners.get(context.client.proxy_mode.full_spec)
         if listener is not None and listener.mode is Mode.SNI:
             return self._sni_gateway(context, data, listener.sni_port)
+        if listener is not None and listener.mode is Mode.RELAY:
+            return self._relay(context, data)
         return self._proxy_request(context, data)
+
+    def _relay(self, context: Context, data: bytes) -> layer.Layer | None:
+        """A relay listener: bumper's own TLS first (an HTTPS proxy, TlsProvider), the explicit
+        proxy's requests inside it."""
+        if len(data) < _TLS_RECORD_PREFIX:
+            return None
+        if not starts_like_tls_record(data):
+            return Refuse(context, "not TLS: a relay listener takes TLS only (an HTTPS proxy: --proxy https://)")
+        return RelayTLSLayer(context, self.limits)
 
     def _reverse(self, context: Context, data: bytes) -> layer.Layer | None:
         """A reverse listener: the client's TLS, if it speaks TLS, is terminated with bumper's own

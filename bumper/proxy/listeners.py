@@ -5,6 +5,8 @@ explicit@127.0.0.1:8080                 the same
 transparent@0.0.0.0:8443                connections the kernel redirected (nftables REDIRECT)
 sni@0.0.0.0:443, sni:8443@0.0.0.0:443   TLS sent straight to bumper: the SNI, resolved, on port 443 (8443)
 reverse:https://backend.internal@0.0.0.0:443   one fixed upstream (http:// or https://)
+relay@0.0.0.0:8443                      an HTTPS proxy: TLS to bumper, then the explicit proxy's CONNECT
+                                        and plain http:// inside it (curl --proxy https://...)
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from urllib.parse import urlsplit
 
 from mitmproxy import connection
 
+from bumper.certs import ca as ca_files
 from bumper.certs import owncert
 from bumper.certs.owncert import OwnCertificate
 from bumper.errors import ConfigError
 from bumper.policy import names
+from bumper.policy.rules import ClientCertRequirement, ListenerRef, host_port
 from bumper.policy.rules import ListenerMode as Mode
-from bumper.policy.rules import ListenerRef, host_port
 
 DEFAULT_LISTEN = "127.0.0.1:8080"  # without --listen: the explicit proxy, on loopback
 DEFAULT_SNI_PORT = 443
@@ -35,6 +38,7 @@ _MITMPROXY_MODE = {
     Mode.TRANSPARENT: "transparent",
     Mode.SNI: "regular",
     Mode.REVERSE: "reverse:{url}",
+    Mode.RELAY: "regular",
 }
 # Where an SNI listener's connection goes until its ClientHello names the destination: nowhere (RFC 6761).
 SNI_PENDING = "sni.invalid"
@@ -47,7 +51,7 @@ class Listener:
     port: int
     upstream: str | None = None  # reverse: the URL; sni: None
     sni_port: int = DEFAULT_SNI_PORT  # sni: the port the SNI's name is connected to
-    certificate: OwnCertificate | None = None  # reverse: its own (--tls-cert), not one from bumper's CA
+    certificate: OwnCertificate | None = None  # reverse, relay: its own (--tls-cert), not one from bumper's CA
 
     @classmethod
     def parse(cls, text: str) -> Listener:
@@ -137,7 +141,7 @@ def _sni_port(text: str, port: str) -> int:
 
 
 # Listeners that serve a certificate of their own choosing; the others serve mimics of upstreams.
-TAKES_OWN_CERTIFICATE = (Mode.REVERSE,)
+TAKES_OWN_CERTIFICATE = (Mode.REVERSE, Mode.RELAY)
 
 
 def with_certificates(listeners: tuple[Listener, ...], specs: list[str]) -> tuple[Listener, ...]:
@@ -158,11 +162,28 @@ def with_certificates(listeners: tuple[Listener, ...], specs: list[str]) -> tupl
             raise ConfigError(f"--tls-cert {spec!r}: no --listen at {host_port(*address)}")
         if listener.mode not in TAKES_OWN_CERTIFICATE:
             raise ConfigError(
-                f"--tls-cert {spec!r}: {listener} serves mimics of the upstreams it bumps; only reverse listeners"
-                " take a certificate of their own"
+                f"--tls-cert {spec!r}: {listener} serves mimics of the upstreams it bumps; only reverse and relay"
+                " listeners take a certificate of their own"
             )
         try:
             given[listener.address] = owncert.load(Path(file))
         except ConfigError as e:
             raise ConfigError(f"--tls-cert {spec!r}: {e}") from None
     return tuple(dataclasses.replace(listener, certificate=given.get(listener.address)) for listener in listeners)
+
+
+def client_ca(path: Path | None, listeners: tuple[Listener, ...]) -> ClientCertRequirement | None:
+    """`--client-ca PEM`: what every relay listener's clients must present, a certificate that
+    chains to one of PEM's; ConfigError for a file that holds no certificate, or no relay listener
+    to ask (an option that would silently protect nothing)."""
+    if path is None:
+        return None
+    if not any(listener.mode is Mode.RELAY for listener in listeners):
+        raise ConfigError(
+            f"--client-ca {path}: no relay listener asks for client certificates (--listen relay@HOST:PORT)"
+        )
+    try:
+        cas = ca_files.load_pem_certificates(path)
+    except ConfigError as e:
+        raise ConfigError(f"--client-ca: {e}") from None
+    return ClientCertRequirement(tuple(cas), issuer="--client-ca")

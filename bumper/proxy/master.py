@@ -30,7 +30,7 @@ from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.errors import ConfigError
 from bumper.inspect.chain import AddonRunner
 from bumper.policy.pinning import LearnedPins
-from bumper.policy.rules import LAB, AddonSpec, OnError, Policy, host_port
+from bumper.policy.rules import LAB, AddonSpec, ClientCertRequirement, OnError, Policy, host_port
 from bumper.policy.source import PolicySource
 from bumper.proxy import dispatch, httpstream
 from bumper.proxy.cawatch import CaWatch
@@ -71,6 +71,7 @@ class ProxyConfig:
     ca_dir: Path
     listeners: tuple[Listener, ...]
     trust: UpstreamTrust
+    client_ca: ClientCertRequirement | None = None  # --client-ca: what relay listeners' clients present
     resolve: tuple[Override, ...] = ()
     policy: Policy = LAB
     policy_path: Path | None = None  # reloaded on SIGHUP and when it changes
@@ -138,7 +139,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         ConnectReplies(),
         UpstreamErrorPages(states),
         runner,  # after the enforcer and the error pages: it skips what they refused
-        TlsProvider(mimics, verifier, states, config.client_tls, config.listeners),
+        TlsProvider(mimics, verifier, states, config.client_tls, config.listeners, config.client_ca),
         connection_log,  # last: the others' client_disconnected still see the state it then forgets
     )
     m.options.update(

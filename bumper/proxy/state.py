@@ -16,6 +16,7 @@ from bumper.certs.trust import UpstreamVerdict, Verdict
 from bumper.policy import destinations
 from bumper.policy.rules import Action, Decision, ListenerMode, ListenerRef
 from bumper.proxy.httpstream import TRUNCATED, aborted, body_bytes
+from bumper.proxy.layers import relay_handshake
 from bumper.proxy.limits import LIMIT
 from bumper.proxy.listeners import Listener
 from bumper.proxy.replies import Reply, without_option_advice
@@ -50,7 +51,7 @@ class ConnectionState:
     decision: Decision | None = None
     upstream: UpstreamVerdict | None = None  # the verdict on the upstream's certificate
     blocked: Reply | None = None  # on_upstream_error: block: every request gets this 502
-    hello: bool = False  # the client's whole ClientHello arrived
+    hello: bool = False  # the client's whole ClientHello arrived (not a relay listener's own: the one inside)
     spoke: bool = False  # the client sent a request after its handshake (learned pinning asks)
     requests: int = 0  # HTTP responses sent to the client
     bytes_up: int = 0  # HTTP body bytes from the client to the upstream
@@ -58,6 +59,7 @@ class ConnectionState:
     truncated: int = 0  # responses whose body the upstream ended without close_notify (the cut passed on)
     client_cert_asked: bool = False  # the upstream sent a CertificateRequest
     client_identity: ClientIdentity | None = None  # the client's certificate, where a rule required one
+    relay_client: ClientIdentity | None = None  # a relay listener's client's certificate (--client-ca)
     error: str | None = None  # the first thing that went wrong, if anything did
     refused_by: str | None = None  # who refused the connection or a request on it: policy, an addon...
     server: connection.Server | None = None  # the upstream connection, once one was opened
@@ -121,10 +123,18 @@ class ConnectionState:
     def line(self) -> str:
         return (
             f"{self.client} {self.kind} {_dash(self.target)} listener={_dash(self.listener_name)} "
-            f"sni={_dash(self.sni)} action={_dash(self.action)} "
+            f"{self._client_cert()}sni={_dash(self.sni)} action={_dash(self.action)} "
             f"rule={_dash(self.rule)} verify={_dash(self.verify)} upstream_sha256={_dash(self.upstream_sha256)} "
             f"requests={self.requests} outcome={self.outcome()}"
         )
+
+    def _client_cert(self) -> str:
+        """`client_cert=CN ` for a relay client that presented one: who, in one word (the log line is
+        split on spaces, and a certificate's name is the client's to choose)."""
+        if self.relay_client is None:
+            return ""
+        name = self.relay_client.common_name or self.relay_client.subject
+        return f"client_cert={''.join(c if c.isprintable() and c != ' ' else f'\\x{ord(c):02x}' for c in name)} "
 
 
 def _dash(value: str | None) -> str:
@@ -155,7 +165,7 @@ class ConnectionStates:
         listener = self._listeners.get(client.proxy_mode.full_spec)
         ref = listener.ref(client) if listener else None
         state = self._states[client.id] = ConnectionState(client, human.format_address(client.peername), ref)
-        if ref is not None and ref.mode is not ListenerMode.EXPLICIT:
+        if ref is not None and ref.mode not in (ListenerMode.EXPLICIT, ListenerMode.RELAY):
             state.kind = Kind.TLS  # until a plain-HTTP request says otherwise
         if ref is not None and ref.mode is ListenerMode.TRANSPARENT:
             state.target = human.format_address(client.sockname)  # the original destination
@@ -178,7 +188,7 @@ class ConnectionStates:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         state = self._states.get(flow.client_conn.id)
-        if state and is_plain_proxy_request(flow):
+        if state and is_plain_proxy_request(flow, state):
             state.kind = Kind.HTTP
             state.target = state.target or f"{flow.request.host}:{flow.request.port}"
 
@@ -193,6 +203,8 @@ class ConnectionStates:
             state.fail(f"upstream connect failed: {error}")
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        if relay_handshake(data.context):
+            return  # bumper's own: the SNI that counts is the one inside
         if state := self._states.get(data.context.client.id):
             state.sni = data.client_hello.sni
             state.hello = True
@@ -214,7 +226,11 @@ class ConnectionStates:
 
     def tls_failed_client(self, data: tls.TlsData) -> None:
         if state := self._states.get(data.context.client.id):
-            if not state.hello and "disconnected during the handshake" in (data.conn.error or ""):
+            if relay_handshake(data.context) and "peer did not return a certificate" in (data.conn.error or ""):
+                state.fail("client certificate required by --client-ca")
+            elif relay_handshake(data.context):
+                state.fail(f"relay TLS failed: {short_reason(data.conn.error or 'unknown')}")
+            elif not state.hello and "disconnected during the handshake" in (data.conn.error or ""):
                 # mitmproxy's guess about trust cannot apply: nothing was shown to the client yet.
                 state.fail("client TLS failed: the client closed before its ClientHello was complete")
             else:
@@ -251,9 +267,10 @@ def _without_client_cert(state: ConnectionState) -> str:
     return " (the upstream asked for a client certificate: give the rule one with client_cert:)"
 
 
-def is_plain_proxy_request(flow: http.HTTPFlow) -> bool:
-    """A request sent to the proxy in the clear (GET http://...), not one inside a bumped tunnel."""
-    return not flow.client_conn.tls and flow.request.method != "CONNECT"
+def is_plain_proxy_request(flow: http.HTTPFlow, state: ConnectionState) -> bool:
+    """A request sent to the proxy as it is (GET http://..., or redirected plain HTTP), not one
+    inside TLS bumper decided on. (Not client.tls: a relay listener's own TLS sets it too.)"""
+    return not state.hello and flow.request.method != "CONNECT"
 
 
 def short_reason(error: str) -> str:

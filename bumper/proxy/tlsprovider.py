@@ -20,6 +20,7 @@ from mitmproxy.addons.tlsconfig import AppData, alpn_select_callback
 from OpenSSL import SSL, crypto
 
 from bumper.certs import trust
+from bumper.certs.clientcert import ClientIdentity
 from bumper.certs.mimic import UnmimicableCertificate
 from bumper.certs.mimicstore import Mimic, MimicStore
 from bumper.certs.owncert import OwnCertificate
@@ -28,6 +29,7 @@ from bumper.errors import ConfigError
 from bumper.policy import names
 from bumper.policy.rules import ClientCertRequirement, ListenerMode, OnUpstreamError
 from bumper.proxy import replies
+from bumper.proxy.layers import relay_handshake
 from bumper.proxy.listeners import Listener
 from bumper.proxy.state import BY_POLICY, ConnectionState, ConnectionStates
 from bumper.proxy.upstreamerror import BY_UPSTREAM_ERROR
@@ -100,12 +102,29 @@ class ClientCertCheck:
             return True
         found = self.required.check([self.chain[d] for d in sorted(self.chain)], datetime.datetime.now(datetime.UTC))
         if isinstance(found, str):
-            self.state.refuse(f"client certificate refused: {found}", BY_POLICY)
+            self.refused(found)
             return False
+        self.verified(found)
+        return True
+
+    def refused(self, why: str) -> None:
+        self.state.refuse(f"client certificate refused: {why}", BY_POLICY)
+
+    def verified(self, found: ClientIdentity) -> None:
         if self.state.client_identity is None:  # OpenSSL may ask again about the leaf: said once
             self.state.client_identity = found
             log.info("%s: client certificate %s", self.state.client, found.subject)
-        return True
+
+
+class RelayClientCheck(ClientCertCheck):
+    """The same check for a relay listener's own handshake (--client-ca): the outcome names the
+    option, and the identity is the relay client's, apart from any a rule asks for inside."""
+
+    def refused(self, why: str) -> None:
+        self.state.refuse(why, "bumper")
+
+    def verified(self, found: ClientIdentity) -> None:
+        self.state.relay_client = found
 
 
 def own_context(certificate: OwnCertificate, settings: ClientTls | None) -> SSL.Context:
@@ -125,11 +144,13 @@ class TlsProvider:
         states: ConnectionStates,
         client_tls: ClientTls | None = None,
         listeners: tuple[Listener, ...] = (),
+        client_ca: ClientCertRequirement | None = None,
     ) -> None:
         self.mimics = mimics
         self.verifier = verifier  # shared with the splice probe
         self.states = states
         self._client_tls = client_tls or ClientTls()
+        self._client_ca = client_ca  # what relay listeners' clients must present (--client-ca)
         # Listeners with a certificate of their own (--tls-cert): its context, by listener address.
         self._own_contexts = {
             listener.address: own_context(listener.certificate, client_tls)
@@ -158,8 +179,11 @@ class TlsProvider:
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         # Server-first, unless the connection is spliced or refused (client.error set by bumper).
         data.establish_server_tls_first = (
-            not data.ignore_connection and data.context.client.error is None and data.context.server.tls
-        )  # (a reverse listener's http:// upstream has no TLS to establish)
+            not data.ignore_connection
+            and data.context.client.error is None
+            and data.context.server.tls
+            and not relay_handshake(data.context)
+        )  # (a reverse listener's http:// upstream has no TLS to establish; a relay's own TLS has no upstream)
 
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         server = tls_start.conn
@@ -228,19 +252,44 @@ class TlsProvider:
         made = await self.mimics.placeholder(name)
         self._serve(tls_start, self._context_for(False, made), made)
 
-    def _serve(self, tls_start: tls.TlsData, context: SSL.Context, made: Mimic | None = None) -> None:
-        """The client's handshake, in CONTEXT, with MADE (None: the context's own certificate)."""
+    async def _relay_front(self, tls_start: tls.TlsData, state: ConnectionState) -> None:
+        """A relay listener's own TLS: bumper is the HTTPS proxy the client asked for, so it shows
+        the listener's own certificate (--tls-cert) or one from its CA for the name asked (without
+        SNI: the listener's address); HTTP/1.1 only, where CONNECT is spoken; and with --client-ca,
+        the client's certificate is required."""
+        assert state.listener is not None
+        client = tls_start.context.client
+        check = RelayClientCheck(self._client_ca, state) if self._client_ca is not None else None
+        own = self._own_contexts.get(state.listener.address)
+        if own is not None:
+            return self._serve(tls_start, own, http2=False, check=check)
+        made = await self.mimics.placeholder(names.normalize(client.sni or client.sockname[0]))
+        self._serve(tls_start, self._context_for(False, made), made, http2=False, check=check)
+
+    def _serve(
+        self,
+        tls_start: tls.TlsData,
+        context: SSL.Context,
+        made: Mimic | None = None,
+        http2: bool = True,
+        check: ClientCertCheck | None = None,
+    ) -> None:
+        """The client's handshake, in CONTEXT, with MADE (None: the context's own certificate); ALPN
+        by the upstream's, else h2 or HTTP/1 (HTTP2: whether h2); CHECK the client's certificate (by
+        default, as the connection's rule requires)."""
         client, server = tls_start.context.client, tls_start.context.server
         conn = SSL.Connection(context)
         if made is not None:
             conn.use_certificate(made.openssl_cert)
             conn.use_privatekey(made.openssl_key)
             client.mitmcert = certs.Cert(made.cert)
-        conn.set_app_data(AppData(client_alpn=None, server_alpn=server.alpn, http2=True))
+        conn.set_app_data(AppData(client_alpn=None, server_alpn=server.alpn, http2=http2))
         state = self.states.of(client.id)
         required = state.decision.client_cert_required if state and state.decision else None
-        if state is not None and required is not None:
-            conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, ClientCertCheck(required, state))
+        if check is None and state is not None and required is not None:
+            check = ClientCertCheck(required, state)
+        if check is not None:
+            conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, check)
         conn.set_accept_state()
         tls_start.ssl_conn = conn
 
@@ -282,6 +331,8 @@ class TlsProvider:
         if client.error:
             return  # refused (by policy): no handshake, the connection is closed
         state = self.states.of(client.id)
+        if state is not None and relay_handshake(tls_start.context):
+            return await self._relay_front(tls_start, state)
         if state is not None and state.listener is not None and state.listener.mode is ListenerMode.REVERSE:
             return await self._front_end(tls_start, state)
         if not server.tls_established:
