@@ -85,6 +85,10 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layers.http.HttpStream.handle_connect_finish": ("eb3a0054cb5b716e", "called"),
     "mitmproxy.proxy.layers.tls.ClientTLSLayer.start_server_tls": ("ecb12045d0984a01", "opens it after the hook"),
     "mitmproxy.proxy.layers.tls.ServerTLSLayer.event_to_child": ("72ccc54bbf633c15", "lets that open through"),
+    # The relay listener: TLS inside bumper's own TLS, told apart by the layer stack (bumper/proxy/layers.py)
+    "mitmproxy.proxy.layers.tls.ClientTLSLayer.__init__": ("6cae807276e6400e", "TLS-over-TLS: inner attributes"),
+    "mitmproxy.proxy.layer.NextLayer.__init__": ("b270467e818faea9", "not in context.layers"),
+    "mitmproxy.proxy.tunnel.TunnelLayer.__init__": ("f1db39b66512ba69", "its NextLayer shares its context"),
     # Limits in the protocol layers (bumper/proxy/httpstream.py, layers.py; docs/limits.md)
     "mitmproxy.proxy.layers.http._http1.Http1Connection.read_body": (
         "aece271029af36e4",

@@ -188,7 +188,7 @@ def test_problems_of_every_kind_are_reported_at_once(tmp_path: Path) -> None:
         f"{path}:24:9: rules[3].addons[1]: unknown addon 'nope' (known: access_log, block, dlp, headers, upload_limit)",
         f"{path}:27:5: rules[4].name: repeated key",
         f"{path}:25:23: rules[4].match.listener: unknown listener 'socks' "
-        "(expected one of: explicit, transparent, sni, reverse, or HOST:PORT)",
+        "(expected one of: explicit, transparent, sni, reverse, relay, or HOST:PORT)",
         f"{path}:25:5: rules[4].action: missing",
     ]
 

@@ -21,8 +21,10 @@ from tests.test_cli import assert_config_error
 
 RELAY = "127.0.0.9"  # the relay listener without --client-ca
 MTLS_RELAY = "127.0.0.10"  # the one with --client-ca and its own certificate (--tls-cert)
+# An allow-list: the relay's own handshake (SNI relay.test, or none) is no connection the policy
+# decides, so it is not refused by `default: block`.
 POLICY = """
-default: bump
+default: block
 rules:
   - name: no-evil
     match: {host: [evil.upstream.test]}
@@ -30,6 +32,9 @@ rules:
   - name: bank
     match: {sni: [bank.upstream.test]}
     action: splice
+  - name: inspected
+    match: {host: [upstream.test, 127.0.0.1]}
+    action: bump
 """
 
 
@@ -122,7 +127,7 @@ def test_bumped_through_the_relay(relay: Relay, upstream: Upstream) -> None:
     assert body == "hello from upstream", result.stderr + relay.bumper.process.log
     line = relay.bumper.connection_line(port)
     assert f" CONNECT upstream.test:{upstream.port} listener=relay@{RELAY}:{relay.port} sni=upstream.test " in line
-    assert "action=bump rule=default verify=trusted" in line and line.endswith("outcome=ok"), line
+    assert "action=bump rule=inspected verify=trusted" in line and line.endswith("outcome=ok"), line
 
 
 def test_spliced_through_the_relay(relay: Relay, upstream: Upstream, test_pki: Pki) -> None:
@@ -140,7 +145,8 @@ def test_plain_http_through_the_relay(relay: Relay, plain_http_origin: int) -> N
     body, port = split(result)
     assert body == "plain hello", result.stderr
     line = relay.bumper.connection_line(port, kind="HTTP")
-    assert f"listener=relay@{RELAY}:{relay.port} sni=- action=bump" in line and line.endswith("outcome=ok"), line
+    assert f"listener=relay@{RELAY}:{relay.port} sni=- action=bump rule=inspected" in line, line
+    assert line.endswith("outcome=ok"), line
 
 
 def test_a_block_rule_inside_the_relay_answers_403(relay: Relay, upstream: Upstream) -> None:
@@ -160,6 +166,23 @@ def test_the_relay_shows_a_certificate_for_the_name_asked(relay: Relay) -> None:
             cert = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True) or b"")
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["relay.test"]
+
+
+def test_plain_http_inside_a_tunnel_is_refused_as_on_the_explicit_listener(
+    relay: Relay, plain_http_origin: int
+) -> None:
+    """A tunnel carries TLS, inside the relay as on the explicit listener: plain HTTP goes as
+    `GET http://...`, which the policy sees, not through a CONNECT."""
+    context = client_tls_context(relay.bumper.ca_pem)
+    with socket.create_connection((RELAY, relay.port), timeout=15) as sock:
+        port = sock.getsockname()[1]
+        with context.wrap_socket(sock, server_hostname=RELAY) as tls:
+            tls.sendall(f"CONNECT 127.0.0.1:{plain_http_origin} HTTP/1.1\r\n\r\n".encode())
+            assert tls.recv(4096).startswith(b"HTTP/1.1 200")
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert tls.recv(4096) == b""
+    line = relay.bumper.connection_line(port)
+    assert line.endswith("outcome=not TLS: the client sent non-TLS data inside the CONNECT tunnel"), line
 
 
 def test_non_tls_bytes_to_the_relay_are_refused(relay: Relay) -> None:

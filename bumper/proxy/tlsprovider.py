@@ -265,6 +265,7 @@ class TlsProvider:
             return self._serve(tls_start, own, http2=False, check=check)
         made = await self.mimics.placeholder(names.normalize(client.sni or client.sockname[0]))
         self._serve(tls_start, self._context_for(False, made), made, http2=False, check=check)
+        client.mitmcert = None  # no mimic: the access log's mimic_sha256 is the bumped TLS's, inside
 
     def _serve(
         self,
