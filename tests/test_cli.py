@@ -391,7 +391,7 @@ BAD_OPTIONS = [
     ),
     pytest.param(
         ["--listen", "socks@127.0.0.1:0"],
-        ["--listen", "unknown mode 'socks' (expected one of: explicit, transparent, sni, reverse)"],
+        ["--listen", "unknown mode 'socks' (expected one of: explicit, transparent, sni, reverse, relay)"],
         id="listen-unknown-mode",
     ),
     pytest.param(

@@ -29,7 +29,8 @@ class PinLearner:
 
     def connection_ended(self, state: ConnectionState) -> None:
         """ConnectionLog.on_end: a client that completed its handshake and closed without a request."""
-        if state.conn.tls_established and not state.spoke:
+        # (state.hello: a handshake bumper decided on, not only a relay listener's own)
+        if state.hello and state.conn.tls_established and not state.spoke:
             self._learn(state, "closed before any request")
 
     def _learn(self, state: ConnectionState, why: str) -> None:
