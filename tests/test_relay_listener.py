@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from tests import pki
 from tests.conftest import BUMPER, Bumper, Pki, Upstream, client_tls_context, lab_policy
 from tests.test_cli import assert_config_error
+from tests.test_limits import closed_within
 
 RELAY = "127.0.0.9"  # the relay listener without --client-ca
 MTLS_RELAY = "127.0.0.10"  # the one with --client-ca and its own certificate (--tls-cert)
@@ -35,6 +36,8 @@ rules:
   - name: inspected
     match: {host: [upstream.test, 127.0.0.1]}
     action: bump
+    addons:
+      - headers: {response: {set: {X-Inspected: by-the-relay}}}
 """
 
 
@@ -119,12 +122,14 @@ def split(result: subprocess.CompletedProcess[str]) -> tuple[str, int]:
     return body, int(port)
 
 
-def test_bumped_through_the_relay(relay: Relay, upstream: Upstream) -> None:
-    """The client trusts bumper's CA for both the proxy and the bumped site: the inner TLS is a mimic."""
-    ca = relay.bumper.ca_pem
-    result = curl_relay(relay, upstream.url(), ca, "--cacert", str(ca))
+def test_bumped_through_the_relay(relay: Relay, upstream: Upstream, tmp_path: Path) -> None:
+    """The client trusts bumper's CA for both the proxy and the bumped site: the inner TLS is a mimic,
+    and the rule's addons see the requests."""
+    ca, headers = relay.bumper.ca_pem, tmp_path / "headers"
+    result = curl_relay(relay, upstream.url(), ca, "--cacert", str(ca), "-D", str(headers))
     body, port = split(result)
     assert body == "hello from upstream", result.stderr + relay.bumper.process.log
+    assert "x-inspected: by-the-relay" in headers.read_text().lower()
     line = relay.bumper.connection_line(port)
     assert f" CONNECT upstream.test:{upstream.port} listener=relay@{RELAY}:{relay.port} sni=upstream.test " in line
     assert "action=bump rule=inspected verify=trusted" in line and line.endswith("outcome=ok"), line
@@ -140,10 +145,13 @@ def test_spliced_through_the_relay(relay: Relay, upstream: Upstream, test_pki: P
     assert "sni=bank.upstream.test action=splice rule=bank" in relay.bumper.connection_line(port)
 
 
-def test_plain_http_through_the_relay(relay: Relay, plain_http_origin: int) -> None:
-    result = curl_relay(relay, f"http://127.0.0.1:{plain_http_origin}/", relay.bumper.ca_pem)
+def test_plain_http_through_the_relay(relay: Relay, plain_http_origin: int, tmp_path: Path) -> None:
+    """`GET http://...` inside the relay's TLS: a plain proxy request, decided by its host."""
+    headers = tmp_path / "headers"
+    result = curl_relay(relay, f"http://127.0.0.1:{plain_http_origin}/", relay.bumper.ca_pem, "-D", str(headers))
     body, port = split(result)
     assert body == "plain hello", result.stderr
+    assert "x-inspected: by-the-relay" in headers.read_text().lower()
     line = relay.bumper.connection_line(port, kind="HTTP")
     assert f"listener=relay@{RELAY}:{relay.port} sni=- action=bump rule=inspected" in line, line
     assert line.endswith("outcome=ok"), line
@@ -193,6 +201,19 @@ def test_non_tls_bytes_to_the_relay_are_refused(relay: Relay) -> None:
         port = sock.getsockname()[1]
     line = relay.bumper.connection_line(port, kind="CONNECT -")
     assert line.endswith("outcome=not TLS: a relay listener takes TLS only (an HTTPS proxy: --proxy https://)"), line
+
+
+def test_the_request_deadline_runs_through_the_relays_own_handshake(start_bumper: Callable[..., Bumper]) -> None:
+    """A client that completes the relay's TLS and then says nothing is closed at --request-timeout:
+    the relay's own ClientHello ends no deadline (the CONNECT's ClientHello inside would)."""
+    bumper = start_bumper("--listen", f"relay@{RELAY}:0", "--request-timeout", "1")
+    context = client_tls_context(bumper.ca_pem)
+    with socket.create_connection((RELAY, relay_port(bumper, RELAY)), timeout=15) as sock:
+        port = sock.getsockname()[1]
+        with context.wrap_socket(sock, server_hostname=RELAY) as tls:
+            assert closed_within(tls, 5) == b""
+    line = bumper.connection_line(port, kind="CONNECT -")
+    assert line.endswith("outcome=limit: no complete request within 1s (--request-timeout)"), line
 
 
 # -- --client-ca: mTLS between relays ----------------------------------------------------------------
