@@ -21,6 +21,7 @@ from bumper.certs.owncert import OwnCertificate
 from bumper.policy import names
 from bumper.policy.destinations import DEFAULT as DEFAULT_DESTINATIONS
 from bumper.policy.destinations import Destinations
+from bumper.policy.relays import Relay
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -178,6 +179,7 @@ class Rule:
     addons: tuple[AddonSpec, ...] = ()  # the chain run on bumped traffic, in order
     client_cert: OwnCertificate | None = None  # presented to upstreams that ask for a client certificate
     client_cert_required: ClientCertRequirement | None = None  # asked of the clients (match: client_cert)
+    via: Relay | None = None  # the relay its connections go through; None: straight to the upstream
 
     def needs_sni(self) -> bool:
         return bool(self.sni)
@@ -213,6 +215,7 @@ class Decision:
     by_sni: bool = False  # the rule matched on the client's SNI: bind_names applies
     client_cert: OwnCertificate | None = None
     client_cert_required: ClientCertRequirement | None = None
+    via: Relay | None = None
 
 
 def bound_name(decision: Decision, connect_host: str, sni: str | None) -> str | None:
@@ -288,6 +291,11 @@ class Policy:
         return decision
 
     @functools.cached_property
+    def relays_used(self) -> bool:
+        """Whether any rule sends connections through a relay (via:)."""
+        return any(rule.via is not None for rule in self.rules)
+
+    @functools.cached_property
     def _index(self) -> RuleIndex:
         return RuleIndex(self.rules)
 
@@ -323,7 +331,7 @@ class Policy:
         return Decision(
             rule.action, rule.name, rule.on_upstream_error or self.on_upstream_error, rule.upstream_tls_min,
             rule.learn_pinning, rule.addons, by_sni=rule.needs_sni(), client_cert=rule.client_cert,
-            client_cert_required=rule.client_cert_required,
+            client_cert_required=rule.client_cert_required, via=rule.via,
         )  # fmt: skip
 
 
