@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import socket
+import ssl
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -17,7 +18,17 @@ from bumper.errors import ConfigError
 from bumper.policy import load
 from bumper.policy.relays import Credentials, Relay, Scheme, connect_request
 from bumper.upstream.via import refusal
-from tests.conftest import Bumper, Pki, Upstream, curl, lab_policy, listening_socket, open_tunnel, start_with_policy
+from tests.conftest import (
+    Bumper,
+    Pki,
+    Upstream,
+    curl,
+    curl_direct,
+    lab_policy,
+    listening_socket,
+    open_tunnel,
+    start_with_policy,
+)
 
 
 def relayed_policy(relays: str, action: str = "splice", via: str = "corp") -> str:
@@ -309,3 +320,50 @@ def test_curl_cannot_tell_a_relayed_splice_from_a_direct_one(
     )
     assert r.returncode == 0, r.stderr
     assert "issuer: O=bumper tests; CN=bumper test root" in r.stderr, r.stderr
+
+
+def test_an_sni_that_routes_elsewhere_than_its_tunnel_is_refused(
+    start_bumper: Callable[..., Bumper], tmp_path: Path, parent: Parent, upstream: Upstream
+) -> None:
+    """The tunnel was opened through the relay the CONNECT host's rule names (before the 200); an SNI
+    whose rule routes straight (or via another relay) would get bytes meant for a different path."""
+    a = start_with_policy(start_bumper, tmp_path, f"""
+relays:
+  corp: {{url: "http://127.0.0.1:{parent.port}"}}
+rules:
+  - name: direct
+    match: {{sni: [other.test]}}
+    action: bump
+  - name: through corp
+    match: {{sni: ["*.test"]}}
+    action: splice
+    via: corp
+""")  # fmt: skip
+    sock, reply = open_tunnel(a, "upstream.test", upstream.port)
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    client_port = sock.getsockname()[1]
+    with sock, pytest.raises(ssl.SSLError, match="ACCESS_DENIED"):
+        ssl.create_default_context().wrap_socket(sock, server_hostname="other.test")
+    line = a.connection_line(client_port)
+    assert (
+        "action=block rule=direct " in line
+        and "outcome=SNI other.test is routed straight to the upstream, but the tunnel for CONNECT upstream.test"
+        " went via corp (names must agree)"
+        in line
+    ), line
+
+
+def test_an_sni_listener_routes_through_a_relay(
+    start_bumper: Callable[..., Bumper], tmp_path: Path, parent: Parent, upstream: Upstream, test_pki: Pki
+) -> None:
+    """Where the ClientHello names the destination, the connection opens after it, through the relay."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(lab_policy(relayed_policy(f'  corp: {{url: "http://127.0.0.1:{parent.port}"}}')))
+    a = start_bumper("--policy", str(path), "--listen", f"sni:{upstream.port}@127.0.0.2:0")
+    port = int(a.process.wait_for_line(r"bumper: sni listening on 127\.0\.0\.2:(\d+)").group(1))
+    before = len(parent.heads)
+    r = curl_direct("127.0.0.2", port, "www.upstream.test", test_pki.root_pem, "-w", "\n%{local_port}")
+    assert r.stdout.startswith("hello from upstream"), r.stderr
+    assert parent.heads[before].startswith(f"CONNECT www.upstream.test:{upstream.port} HTTP/1.1\r\n")
+    line = a.connection_line(int(r.stdout.rsplit("\n", 1)[1]), kind="TLS", client="127.0.0.1")
+    assert " via=corp " in line and "action=splice" in line, line
