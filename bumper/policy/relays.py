@@ -57,12 +57,8 @@ class Relay:
     client_cert: OwnCertificate | None = None  # presented to a relay that requires one
     auth: Credentials | None = None
 
-    @property
-    def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
     def __str__(self) -> str:
-        return f"{self.name} ({self.scheme}://{self.address})"
+        return f"{self.name} ({self.scheme}://{names.host_port(self.host, self.port)})"
 
 
 def parse_url(text: str) -> tuple[Scheme, str, int]:
@@ -86,7 +82,7 @@ def parse_url(text: str) -> tuple[Scheme, str, int]:
 
 def connect_request(relay: Relay, host: str, port: int) -> bytes:
     """The CONNECT bumper sends RELAY for a tunnel to HOST:PORT (RFC 9110, 9.3.6)."""
-    authority = (f"[{host}]" if ":" in host else host) + f":{port}"
+    authority = names.host_port(host, port)
     lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
     head = "\r\n".join(lines).encode()
     if relay.auth is not None:

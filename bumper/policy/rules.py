@@ -75,15 +75,9 @@ def listener_entry(text: str) -> str:
     host, sep, port = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if sep and names.is_ip_address(host):
-        return host_port(host, names.parse_port(port, lowest=0))
+        return names.host_port(host, names.parse_port(port, lowest=0))
     modes = ", ".join(ListenerMode)
     raise ValueError(f"unknown listener {text!r} (expected one of: {modes}, or HOST:PORT)")
-
-
-def host_port(host: str, port: int) -> str:
-    """HOST:PORT in the one form rules and logs compare: IPv6 bracketed, names and addresses normalized."""
-    host = names.normalize(host)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class OnError(StrEnum):
@@ -233,8 +227,8 @@ def strict_refusal(name: str, target: tuple[str, int], resolved: Sequence[tuple[
     wanted = (names.normalize(target[0]), target[1])
     if any((names.normalize(address), port) == wanted for address, port in resolved):
         return None
-    where = f"it resolves to {', '.join(host_port(*a) for a in resolved)}" if resolved else "it does not resolve"
-    return f"SNI {name}: name does not lead to {host_port(*wanted)} ({where}; bind_names: strict)"
+    where = f"it resolves to {', '.join(names.host_port(*a) for a in resolved)}" if resolved else "it does not resolve"
+    return f"SNI {name}: name does not lead to {names.host_port(*wanted)} ({where}; bind_names: strict)"
 
 
 def name_mismatch(connect_host: str, sni: str | None, *request_names: str | None) -> bool:

@@ -29,8 +29,9 @@ from bumper.certs.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES, FailSafeMimicStor
 from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.errors import ConfigError
 from bumper.inspect.chain import AddonRunner
+from bumper.policy.names import host_port
 from bumper.policy.pinning import LearnedPins
-from bumper.policy.rules import LAB, AddonSpec, OnError, Policy, host_port
+from bumper.policy.rules import LAB, AddonSpec, OnError, Policy
 from bumper.policy.source import PolicySource
 from bumper.proxy import dispatch, httpstream
 from bumper.proxy.cawatch import CaWatch
