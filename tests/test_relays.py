@@ -7,7 +7,6 @@ import base64
 import socket
 import ssl
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,9 @@ from tests.conftest import (
     lab_policy,
     listening_socket,
     open_tunnel,
+    pipe,
     start_with_policy,
+    threaded_server,
 )
 
 
@@ -54,7 +55,6 @@ class Parent:
     heads: list[str] = field(default_factory=list)
 
     def handle(self, conn: socket.socket) -> None:
-        conn.settimeout(10)
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = conn.recv(65536)
@@ -81,50 +81,14 @@ class Parent:
             rest = head.replace(target.encode(), b"/" + target.split("/", 3)[3].encode(), 1) + b"\r\n\r\n" + rest
         with socket.create_connection(("127.0.0.1", port), timeout=10) as upstream:
             upstream.sendall(rest)
-            _pipe(conn, upstream)
-
-
-def _pipe(a: socket.socket, b: socket.socket) -> None:
-    """Bytes both ways until either side closes (bounded by the sockets' timeouts)."""
-
-    def copy(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while chunk := src.recv(65536):
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    other = threading.Thread(target=copy, args=(b, a), daemon=True)
-    other.start()
-    copy(a, b)
-    other.join(10)
+            pipe(conn, upstream)
 
 
 def serve_parent(parent: Parent) -> Iterator[Parent]:
-    server = listening_socket()
-    parent.port = server.getsockname()[1]
-    stop = threading.Event()
-    server.settimeout(0.1)
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=lambda c=conn: (parent.handle(c), c.close()), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
+    server = threaded_server(parent.handle)
+    parent.port = next(server)
     yield parent
-    stop.set()
-    thread.join(5)
-    server.close()
+    next(server, None)  # stops it
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,10 @@ class _Answer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.head.done():
-            self.head.set_exception(RelayFailed(f"relay {self.relay}: closed the connection before answering CONNECT"))
+            why = f" ({_said(exc)})" if exc else ""
+            self.head.set_exception(
+                RelayFailed(f"relay {self.relay}: closed the connection before answering CONNECT{why}")
+            )
 
 
 def refusal(relay: Relay, head: bytes, host: str, port: int) -> str | None:
@@ -94,6 +97,16 @@ def refusal(relay: Relay, head: bytes, host: str, port: int) -> str | None:
     reason = (status[2] or b"").decode("latin-1")[:100]
     hint = " (check the relay's auth:)" if code == 407 else ""
     return f"relay {relay} refused CONNECT {host}:{port}: {code} {reason}{hint}"
+
+
+def _said(e: BaseException) -> str:
+    """E in a few words: OpenSSL's reason for a TLS error (an alert from the relay: certificate
+    required, unknown ca), the system's for a socket error (Connection refused)."""
+    if isinstance(e, ssl.SSLError):
+        return f"TLS failed: {(e.reason or str(e)).lower().replace('_', ' ')}"
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)
+    return str(e)
 
 
 class Dialer:
@@ -134,7 +147,7 @@ class Dialer:
             if isinstance(e, ssl.SSLCertVerificationError):
                 raise RelayFailed(f"relay {relay}: its certificate failed verification: {e.verify_message}") from None
             if isinstance(e, OSError) and not isinstance(e, RelayFailed):
-                raise RelayFailed(f"relay {relay}: {os.strerror(e.errno) if e.errno else e}") from None
+                raise RelayFailed(f"relay {relay}: {_said(e)}") from None
             raise
         protocol = protocol_factory()
         transport.set_protocol(protocol)
