@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from bumper.errors import ConfigError
 from bumper.policy import load
 from bumper.policy.relays import Credentials, Relay, Scheme, connect_request
 from bumper.upstream.via import refusal
+from tests import pki
 from tests.conftest import (
     Bumper,
     Pki,
@@ -52,9 +54,19 @@ class Parent:
 
     port: int = 0
     credentials: str | None = None  # "user:password"
+    tls: ssl.SSLContext | None = None  # an HTTPS proxy: TLS first
     heads: list[str] = field(default_factory=list)
+    handshakes: list[str] = field(default_factory=list)  # the TLS handshakes' outcomes: "ok" or the error
 
     def handle(self, conn: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+                conn.recv(0)  # TLS 1.3: a missing or refused client certificate shows here
+            except (ssl.SSLError, OSError) as e:
+                self.handshakes.append(str(e))
+                return
+            self.handshakes.append("ok")
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = conn.recv(65536)
@@ -331,3 +343,91 @@ def test_an_sni_listener_routes_through_a_relay(
     assert parent.heads[before].startswith(f"CONNECT www.upstream.test:{upstream.port} HTTP/1.1\r\n")
     line = a.connection_line(int(r.stdout.rsplit("\n", 1)[1]), kind="TLS", client="127.0.0.1")
     assert " via=corp " in line and "action=splice" in line, line
+
+
+RELAY = "relay.test"
+
+
+@pytest.fixture(scope="module")
+def relay_ca() -> pki.Authority:
+    """The CA of the relays' own certificates: not the upstreams' test root."""
+    return pki.Authority.root("relays CA")
+
+
+@pytest.fixture(scope="module")
+def clients_ca() -> pki.Authority:
+    return pki.Authority.root("relay clients CA")
+
+
+@pytest.fixture(scope="module")
+def tls_parent(
+    relay_ca: pki.Authority, clients_ca: pki.Authority, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Parent]:
+    """An HTTPS proxy for RELAY that requires a client certificate from CLIENTS_CA."""
+    directory = tmp_path_factory.mktemp("tls-parent")
+    cert, key = relay_ca.leaf(RELAY).write(directory, "relay")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cafile=clients_ca.write_cert(directory / "clients-ca.pem"))
+    yield from serve_parent(Parent(tls=context))
+
+
+def https_relay(tmp_path: Path, port: int, ca: pki.Authority, client: pki.Authority | None) -> str:
+    ca_pem = ca.write_cert(tmp_path / "relay-ca.pem")
+    entry = f'  corp: {{url: "https://{RELAY}:{port}", ca: {ca_pem}'
+    if client is not None:
+        cert, key = client.leaf("bumper-a", eku=(ExtendedKeyUsageOID.CLIENT_AUTH,)).write(tmp_path, "a")
+        (tmp_path / "a-client.pem").write_bytes(cert.read_bytes() + key.read_bytes())
+        entry += f", client_cert: {tmp_path / 'a-client.pem'}"
+    return entry + "}"
+
+
+def start_https_via(start_bumper: Callable[..., Bumper], tmp_path: Path, relays: str, port: int) -> Bumper:
+    path = tmp_path / "policy.yaml"
+    path.write_text(lab_policy(relayed_policy(relays)))
+    return start_bumper("--policy", str(path), "--resolve", f"{RELAY}=127.0.0.1:{port}")
+
+
+def test_an_https_relay_is_verified_and_given_the_client_certificate(
+    start_bumper: Callable[..., Bumper],
+    tmp_path: Path,
+    tls_parent: Parent,
+    relay_ca: pki.Authority,
+    clients_ca: pki.Authority,
+    upstream: Upstream,
+    test_pki: Pki,
+) -> None:
+    a = start_https_via(
+        start_bumper, tmp_path, https_relay(tmp_path, tls_parent.port, relay_ca, clients_ca), tls_parent.port
+    )
+    r = curl(a, upstream.url("/hello"), "--cacert", str(test_pki.root_pem))
+    assert r.returncode == 0 and r.stdout.startswith("hello from upstream"), r.stderr
+    assert tls_parent.handshakes[-1] == "ok"
+    assert tls_parent.heads[-1].startswith(f"CONNECT upstream.test:{upstream.port} HTTP/1.1")
+
+
+@pytest.mark.parametrize(
+    ("case", "outcome"),
+    [
+        ("no client certificate", "TLS failed: tlsv13 alert certificate required"),
+        ("another CA", "its certificate failed verification: unable to get local issuer certificate"),
+    ],
+)
+def test_an_https_relay_that_fails_gives_a_502_naming_why(
+    start_bumper: Callable[..., Bumper],
+    tmp_path: Path,
+    tls_parent: Parent,
+    relay_ca: pki.Authority,
+    clients_ca: pki.Authority,
+    upstream: Upstream,
+    case: str,
+    outcome: str,
+) -> None:
+    ca = pki.Authority.root("someone else") if case == "another CA" else relay_ca
+    client = None if case == "no client certificate" else clients_ca
+    a = start_https_via(start_bumper, tmp_path, https_relay(tmp_path, tls_parent.port, ca, client), tls_parent.port)
+    r = curl(a, upstream.url("/hello"), "-w", "%{http_connect} %{local_port}")
+    assert r.stdout.startswith("502 "), (r.stdout, r.stderr)
+    line = a.connection_line(int(r.stdout.split()[1]))
+    assert f"outcome=upstream connect failed: relay corp (https://{RELAY}:{tls_parent.port}): {outcome}" in line, line

@@ -80,10 +80,8 @@ class _Answer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.head.done():
-            why = f" ({_said(exc)})" if exc else ""
-            self.head.set_exception(
-                RelayFailed(f"relay {self.relay}: closed the connection before answering CONNECT{why}")
-            )
+            why = _said(exc) if exc else "closed the connection before answering CONNECT"
+            self.head.set_exception(RelayFailed(f"relay {self.relay}: {why}"))
 
 
 def refusal(relay: Relay, head: bytes, host: str, port: int) -> str | None:
