@@ -23,7 +23,8 @@ from bumper.certs import owncert
 from bumper.certs.owncert import OwnCertificate
 from bumper.errors import ConfigError
 from bumper.policy import names
-from bumper.policy.rules import ClientCertRequirement, ListenerRef, host_port
+from bumper.policy.names import host_port
+from bumper.policy.rules import ClientCertRequirement, ListenerRef
 from bumper.policy.rules import ListenerMode as Mode
 
 DEFAULT_LISTEN = "127.0.0.1:8080"  # without --listen: the explicit proxy, on loopback

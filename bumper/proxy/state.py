@@ -14,6 +14,7 @@ from mitmproxy.utils import human
 from bumper.certs.clientcert import ClientIdentity
 from bumper.certs.trust import UpstreamVerdict, Verdict
 from bumper.policy import destinations
+from bumper.policy.relays import Relay
 from bumper.policy.rules import Action, Decision, ListenerMode, ListenerRef
 from bumper.proxy.httpstream import TRUNCATED, aborted, body_bytes
 from bumper.proxy.layers import relay_handshake
@@ -59,13 +60,14 @@ class ConnectionState:
     truncated: int = 0  # responses whose body the upstream ended without close_notify (the cut passed on)
     client_cert_asked: bool = False  # the upstream sent a CertificateRequest
     client_identity: ClientIdentity | None = None  # the client's certificate, where a rule required one
-    relay_client: ClientIdentity | None = None  # a relay listener's client's certificate (--client-ca)
+    relay_client_cert: ClientIdentity | None = None  # a relay listener's client's certificate (--client-ca)
     error: str | None = None  # the first thing that went wrong, if anything did
     refused_by: str | None = None  # who refused the connection or a request on it: policy, an addon...
     server: connection.Server | None = None  # the upstream connection, once one was opened
     # bind_names: resolve: the name (SNI, or a redirected request's Host) whose address the connection
     # went to, and the address:port the client gave
     bound: tuple[str, str] | None = None
+    relay: Relay | None = None  # the relay (via:) the upstream connection goes through
 
     @property
     def action(self) -> Action | None:
@@ -116,6 +118,11 @@ class ConnectionState:
         return "ok"
 
     @property
+    def via(self) -> str | None:
+        """The name of the relay the upstream connection goes through, or None: straight to the upstream."""
+        return self.relay.name if self.relay else None
+
+    @property
     def listener_name(self) -> str | None:
         """MODE@ADDRESS, the address the connection reached: `explicit@127.0.0.1:8080`."""
         return f"{self.listener.mode}@{self.listener.local}" if self.listener else None
@@ -123,7 +130,8 @@ class ConnectionState:
     def line(self) -> str:
         return (
             f"{self.client} {self.kind} {_dash(self.target)} listener={_dash(self.listener_name)} "
-            f"{self._client_cert()}sni={_dash(self.sni)} action={_dash(self.action)} "
+            f"{f'via={self.via} ' if self.via else ''}{self._client_cert()}"
+            f"sni={_dash(self.sni)} action={_dash(self.action)} "
             f"rule={_dash(self.rule)} verify={_dash(self.verify)} upstream_sha256={_dash(self.upstream_sha256)} "
             f"requests={self.requests} outcome={self.outcome()}"
         )
@@ -131,9 +139,9 @@ class ConnectionState:
     def _client_cert(self) -> str:
         """`client_cert=CN ` for a relay client that presented one: who, in one word (the log line is
         split on spaces, and a certificate's name is the client's to choose)."""
-        if self.relay_client is None:
+        if self.relay_client_cert is None:
             return ""
-        name = self.relay_client.common_name or self.relay_client.subject
+        name = self.relay_client_cert.common_name or self.relay_client_cert.subject
         return f"client_cert={''.join(c if c.isprintable() and c != ' ' else f'\\x{ord(c):02x}' for c in name)} "
 
 

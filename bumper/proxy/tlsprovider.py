@@ -124,7 +124,7 @@ class RelayClientCheck(ClientCertCheck):
         self.state.refuse(why, "bumper")
 
     def verified(self, found: ClientIdentity) -> None:
-        self.state.relay_client = found
+        self.state.relay_client_cert = found
 
 
 def own_context(certificate: OwnCertificate, settings: ClientTls | None) -> SSL.Context:
