@@ -5,6 +5,7 @@ explicit proxy inside it: CONNECT decided, bumped or spliced, plain http:// requ
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from tests.test_limits import closed_within
 
 RELAY = "127.0.0.9"  # the relay listener without --client-ca
 MTLS_RELAY = "127.0.0.10"  # the one with --client-ca and its own certificate (--tls-cert)
+MTLS_RELAY_NAME = "relay-b.example"  # its certificate's name (outside *.test, which the tests resolve to 127.0.0.1)
 # An allow-list: the relay's own handshake (SNI relay.test, or none) is no connection the policy
 # decides, so it is not refused by `default: block`.
 POLICY = """
@@ -31,7 +33,7 @@ rules:
     match: {host: [evil.upstream.test]}
     action: block
   - name: bank
-    match: {sni: [bank.upstream.test]}
+    match: {sni: [bank.upstream.test, vault.upstream.test]}
     action: splice
   - name: inspected
     match: {host: [upstream.test, 127.0.0.1]}
@@ -77,7 +79,7 @@ def relay_ca() -> pki.Authority:
 def own_server_cert(test_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The mTLS relay's own certificate (chain and key in one file), from the tests' root."""
     directory = tmp_path_factory.mktemp("relay-own")
-    cert, key = test_pki.root.leaf("relay-b.test").write(directory, "relay-b")
+    cert, key = test_pki.root.leaf(MTLS_RELAY_NAME).write(directory, "relay-b")
     combined = directory / "relay-b-combined.pem"
     combined.write_bytes(cert.read_bytes() + key.read_bytes())
     combined.chmod(0o600)
@@ -100,7 +102,7 @@ def mtls_relay(
         "--tls-cert", f"{MTLS_RELAY}:0={own_server_cert}",
         "--client-ca", str(relay_ca.write_cert(directory / "relay-ca.pem")),
     )  # fmt: skip
-    return Relay(bumper, relay_port(bumper, MTLS_RELAY), MTLS_RELAY, "relay-b.test")
+    return Relay(bumper, relay_port(bumper, MTLS_RELAY), MTLS_RELAY, MTLS_RELAY_NAME)
 
 
 def curl_relay(relay: Relay, url: str, proxy_ca: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -283,3 +285,53 @@ def test_a_bad_client_ca_file_is_a_configuration_error(tmp_path: Path) -> None:
     assert_config_error(result, "--client-ca", str(bad))
     result = run(tmp_path, "--listen", f"relay@{RELAY}:0", "--client-ca", str(tmp_path / "missing.pem"))
     assert_config_error(result, "--client-ca", "missing.pem", "cannot read")
+
+
+# -- end to end: bumper A's relays: through this relay listener (issue 17's seed 000, in short) ---------
+
+
+def test_bumper_a_relays_through_the_relay_listener(
+    start_bumper: Callable[..., Bumper],
+    mtls_relay: Relay,
+    relay_ca: pki.Authority,
+    upstream: Upstream,
+    test_pki: Pki,
+    tmp_path: Path,
+) -> None:
+    """A's `via: b` to this relay (verified by its own certificate's CA, with A's client certificate):
+    spliced at A and B, the client verifies the upstream's own certificate; bumped at A (spliced at
+    B), the client verifies A's mimic. B names A by its certificate."""
+    cert, key = relay_ca.leaf("relay-a.test", eku=(ExtendedKeyUsageOID.CLIENT_AUTH,)).write(tmp_path, "a")
+    (tmp_path / "a.pem").write_bytes(cert.read_bytes() + key.read_bytes())
+    policy = f"""
+relays:
+  b: {{url: "https://{MTLS_RELAY_NAME}:{mtls_relay.port}", ca: {test_pki.root_pem}, client_cert: {tmp_path / "a.pem"}}}
+rules:
+  - name: private
+    match: {{sni: [bank.upstream.test]}}
+    action: splice
+    via: b
+  - name: inspected
+    match: {{sni: [vault.upstream.test]}}
+    action: bump
+    via: b
+"""
+    (tmp_path / "a.yaml").write_text(lab_policy(policy))
+    a = start_bumper(
+        "--policy", str(tmp_path / "a.yaml"), "--resolve", f"{MTLS_RELAY_NAME}={MTLS_RELAY}:{mtls_relay.port}"
+    )  # fmt: skip
+    for name, cacert, action in (("bank", test_pki.root_pem, "splice"), ("vault", a.ca_pem, "bump")):
+        url = f"https://{name}.upstream.test:{upstream.port}/"
+        result = subprocess.run(
+            ["curl", "-sS", "--max-time", "30", "-x", a.proxy, "--cacert", str(cacert), "-w", "\n%{local_port}", url],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        body, port = split(result)
+        assert body == "hello from upstream", result.stderr + a.process.log + mtls_relay.bumper.process.log
+        assert f"via=b sni={name}.upstream.test action={action}" in a.connection_line(port)
+        # B's line, once A's connection to it ends: A's CONNECT, its name from A's client certificate.
+        at_b = re.escape(
+            f" CONNECT {name}.upstream.test:{upstream.port} listener=relay@{MTLS_RELAY}:{mtls_relay.port} "
+        )
+        seen = mtls_relay.bumper.process.wait_for_line(at_b + ".*", timeout=10).group(0)
+        assert f"client_cert=relay-a.test sni={name}.upstream.test action=splice rule=bank" in seen, seen
