@@ -335,3 +335,24 @@ rules:
         )
         seen = mtls_relay.bumper.process.wait_for_line(at_b + ".*", timeout=10).group(0)
         assert f"client_cert=relay-a.test sni={name}.upstream.test action=splice rule=bank" in seen, seen
+
+
+def test_a_relay_client_resuming_its_session_shows_its_certificate_again(
+    mtls_relay: Relay, relay_ca: pki.Authority, test_pki: Pki, plain_http_origin: int, tmp_path: Path
+) -> None:
+    """A client that offers to resume its session (as browsers and curl do) gets a full handshake, not
+    an internal error: its certificate is checked by --client-ca, and named in the line, each time."""
+    cert, key = relay_ca.leaf("relay-a.test", eku=(ExtendedKeyUsageOID.CLIENT_AUTH,)).write(tmp_path, "a")
+    context = client_tls_context(test_pki.root_pem)
+    context.load_cert_chain(cert, key)
+    session = None
+    for _ in range(2):
+        with socket.create_connection((MTLS_RELAY, mtls_relay.port), timeout=15) as sock:
+            port = sock.getsockname()[1]
+            with context.wrap_socket(sock, server_hostname=MTLS_RELAY_NAME, session=session) as tls:
+                tls.sendall(f"GET http://127.0.0.1:{plain_http_origin}/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                assert tls.recv(4096).startswith(b"HTTP/1.1 200")
+                assert not tls.session_reused
+                session = tls.session
+        line = mtls_relay.bumper.connection_line(port, kind="HTTP")
+        assert " client_cert=relay-a.test " in line and line.endswith("outcome=ok"), line

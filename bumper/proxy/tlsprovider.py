@@ -136,6 +136,16 @@ def own_context(certificate: OwnCertificate, settings: ClientTls | None) -> SSL.
     return context
 
 
+def relay_context(context: SSL.Context) -> SSL.Context:
+    """CONTEXT, for a relay listener's own TLS only, without session resumption: a resumed session
+    skips the client's certificate, which --client-ca must see (and which the log names) on every
+    connection; and OpenSSL fails a resumption outright where it verifies peers without a session id
+    context. A relay's clients are few and long-lived: a full handshake each costs little."""
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    context.set_options(SSL.OP_NO_TICKET)
+    return context
+
+
 class TlsProvider:
     def __init__(
         self,
@@ -152,11 +162,16 @@ class TlsProvider:
         self._client_tls = client_tls or ClientTls()
         self._client_ca = client_ca  # what relay listeners' clients must present (--client-ca)
         # Listeners with a certificate of their own (--tls-cert): its context, by listener address.
-        self._own_contexts = {
-            listener.address: own_context(listener.certificate, client_tls)
-            for listener in listeners
-            if listener.certificate is not None
-        }
+        self._own_contexts: dict[str, SSL.Context] = {}
+        for listener in listeners:
+            if listener.certificate is not None:
+                own = own_context(listener.certificate, client_tls)
+                self._own_contexts[listener.address] = (
+                    relay_context(own) if listener.mode is ListenerMode.RELAY else own
+                )
+        # Relay listeners' own TLS without --tls-cert: bumper's certificate for the name asked, in a
+        # context apart from the mimics', whose sessions must not resume there.
+        self._relay_context = relay_context(client_context(mimics.ca.chain, client_tls))
         # By (sends the untrusted root, serves a weak mimic); the usual one now, the others on first need.
         self._client_contexts = {(False, False): client_context(mimics.ca.chain, client_tls)}
 
@@ -264,7 +279,7 @@ class TlsProvider:
         if own is not None:
             return self._serve(tls_start, own, http2=False, check=check)
         made = await self.mimics.placeholder(names.normalize(client.sni or client.sockname[0]))
-        self._serve(tls_start, self._context_for(False, made), made, http2=False, check=check)
+        self._serve(tls_start, self._relay_context, made, http2=False, check=check)
         client.mitmcert = None  # no mimic: the access log's mimic_sha256 is the bumped TLS's, inside
 
     def _serve(
