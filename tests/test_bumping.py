@@ -132,7 +132,8 @@ def test_client_without_sni_gets_the_connect_host(bumper: Bumper, upstream: Upst
     assert response.endswith(b"hello from upstream")
     line = bumper.connection_line(port)
     assert (
-        f"CONNECT {upstream.host}:{upstream.port} listener=explicit@127.0.0.1:{bumper.port} sni=- action=bump" in line
+        f"CONNECT {upstream.host}:{upstream.port} listener=explicit@127.0.0.1:{bumper.port} user=- sni=- action=bump"
+        in line
     )
 
 

@@ -288,13 +288,16 @@ def test_plain_http_proxy_requests_obey_the_policy(
     assert status == "403" and "blocked by policy rule 'no-evil'" in body
     assert accepted == []  # never reached
     line = policed.connection_line(int(client_port), kind="HTTP")
-    assert f"HTTP evil.test:{port} listener=explicit@127.0.0.1:{policed.port} sni=- action=block" in line
+    assert f"HTTP evil.test:{port} listener=explicit@127.0.0.1:{policed.port} user=- sni=- action=block" in line
 
     allowed = curl(policed, f"http://plain.test:{plain_http_origin}/", "-w", "\n%{local_port}")
     body, client_port = allowed.stdout.rsplit("\n", 1)
     assert body == "plain hello"
     line = policed.connection_line(int(client_port), kind="HTTP")
-    assert f"HTTP plain.test:{plain_http_origin} listener=explicit@127.0.0.1:{policed.port} sni=- action=bump" in line
+    assert (
+        f"HTTP plain.test:{plain_http_origin} listener=explicit@127.0.0.1:{policed.port} user=- sni=- action=bump"
+        in line
+    )
     assert line.endswith(" requests=1 outcome=ok")
 
 
