@@ -143,7 +143,7 @@ def test_one_log_line_per_connection(bumper: Bumper, upstream: Upstream) -> None
     line = bumper.connection_line(port)
     fingerprint = upstream.leaf.cert.fingerprint(hashes.SHA256()).hex().upper()
     assert (
-        f"CONNECT {upstream.host}:{upstream.port} listener=explicit@127.0.0.1:{bumper.port} "
+        f"CONNECT {upstream.host}:{upstream.port} listener=explicit@127.0.0.1:{bumper.port} user=- "
         f"sni={upstream.host} action=bump" in line
     )
     assert line.endswith(f" verify=trusted upstream_sha256={fingerprint} requests=1 outcome=ok")

@@ -130,7 +130,7 @@ def test_every_error_is_reported_with_file_line_and_column(tmp_path: Path) -> No
         f"{path}:6:49: rules[0].match.sni: bad name, glob or regex 'regex:((' {bad_name}",
         f"{path}:6:71: rules[0].match.client: bad CIDR '10.0.0.0/33' (use 10.0.0.0/8, 2001:db8::/32 or one address)",
         f"{path}:6:85: rules[0].match.listen: unknown key "
-        "(expected one of: sni, host, client, port, listener, client_cert)",
+        "(expected one of: sni, host, client, port, listener, client_cert, user)",
         f"{path}:8:5: rules[1].action: missing",
     ]
 

@@ -30,6 +30,7 @@ from tests.conftest import (
     curl,
     curl_direct,
     lab_policy,
+    recording_heads,
     tcp_server,
 )
 from tests.test_cli import assert_config_error
@@ -228,16 +229,7 @@ def test_proxy_authorization_never_reaches_the_upstream_through_a_tunnel(proxy: 
 def recording_origin() -> Iterator[tuple[int, list[bytes]]]:
     """A plain-HTTP origin that keeps every request's head as it arrived."""
     heads: list[bytes] = []
-
-    def handle(conn: socket.socket) -> None:
-        conn.settimeout(10)
-        data = b""
-        while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
-            data += chunk
-        heads.append(data)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nplain")
-
-    for port in tcp_server(handle, max_connections=50):
+    for port in tcp_server(recording_heads(heads, b"plain"), max_connections=50):
         yield port, heads
 
 
