@@ -37,7 +37,7 @@ from tests.test_cli import assert_config_error
 
 REALM = 'Proxy-Authenticate: Basic realm="bumper"'
 # Each user's password, and how its hash is made.
-PASSWORDS = {"alice": "alice's secret", "bob": "hunter2", "carol": "c4rol"}
+PASSWORDS = {"alice": "alice's secret", "bob": "hunter2", "carol": "c4rol", "dave": "d@ve"}
 POLICY = """\
 rules:
   - name: no bob here
@@ -54,11 +54,12 @@ def bcrypt_hash(password: str, prefix: str = "$2b$") -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(6)).decode().replace("$2b$", prefix, 1)
 
 
-def sha512_crypt(password: str) -> str:
-    """As an operator makes one: `openssl passwd -6`."""
+def sha_crypt(password: str, bits: int = 512) -> str:
+    """As an operator makes one: `openssl passwd -6` (SHA-512-crypt), `-5` (SHA-256-crypt)."""
     return subprocess.run(
-        ["openssl", "passwd", "-6", "-stdin"], input=password, capture_output=True, text=True, check=True
-    ).stdout.strip()
+        ["openssl", "passwd", "-6" if bits == 512 else "-5", "-stdin"],
+        input=password, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +68,10 @@ def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path.write_text(
         "# bumper's proxy users\n"
         f"alice:{bcrypt_hash(PASSWORDS['alice'])}\n"
-        f"bob:{sha512_crypt(PASSWORDS['bob'])}\n"
+        f"bob:{sha_crypt(PASSWORDS['bob'])}\n"
         "\n"
         f"carol:{bcrypt_hash(PASSWORDS['carol'], '$2y$')}\n"  # Apache's htpasswd -B writes $2y$
+        f"dave:{sha_crypt(PASSWORDS['dave'], 256)}\n"
     )
     return path
 
@@ -171,7 +173,9 @@ def test_curl_without_credentials_is_told_407(proxy: Bumper, upstream: Upstream)
     assert result.returncode != 0 and "407" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["alice", "bob", "carol"], ids=["bcrypt", "sha512-crypt", "bcrypt-2y"])
+@pytest.mark.parametrize(
+    "name", ["alice", "bob", "carol", "dave"], ids=["bcrypt", "sha512-crypt", "bcrypt-2y", "sha256-crypt"]
+)
 def test_the_right_password_opens_the_tunnel_and_names_the_user(
     authed: tuple[Bumper, AccessLog], upstream: Upstream, name: str
 ) -> None:
@@ -370,13 +374,15 @@ def test_every_problem_in_the_file_is_reported_at_once(tmp_path: Path) -> None:
 
 
 def test_basic_credentials_are_parsed_and_never_shown() -> None:
-    found = htpasswd.basic(basic("alice", "pa:ss word"))
+    found = htpasswd.basic([basic("alice", "pa:ss word")])
     assert found == Credentials("alice", "pa:ss word")
     assert "pa:ss" not in repr(found)
-    assert htpasswd.basic("basic " + base64.b64encode(b"nocolon").decode()) == (
+    assert htpasswd.basic(["basic " + base64.b64encode(b"nocolon").decode()]) == (
         "malformed credentials (no USER:PASSWORD)"
     )
-    assert htpasswd.basic("Basic " + "A" * 5000).startswith("malformed credentials (header too long)")
+    assert htpasswd.basic(["Basic " + "A" * 5000]) == "malformed credentials (header too long)"
+    assert htpasswd.basic([]) == "no credentials"
+    assert htpasswd.basic([basic("a", "b")] * 2) == "malformed credentials (more than one Proxy-Authorization header)"
 
 
 def test_the_success_cache_is_bounded_and_forgets_with_age() -> None:

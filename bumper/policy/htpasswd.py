@@ -16,7 +16,7 @@ import base64
 import binascii
 import hmac
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -211,11 +211,14 @@ class Credentials:
         return hmac.digest(secret, self.user.encode() + b"\0" + self.password.encode(), "sha256")
 
 
-def basic(header: str | None) -> Credentials | str:
-    """The credentials of a `Proxy-Authorization: Basic ...` header, or why there are none: the reason
-    words the log line's outcome, and never quotes the password."""
-    if header is None:
+def basic(headers: Sequence[str]) -> Credentials | str:
+    """The credentials of a request's `Proxy-Authorization: Basic ...` HEADERS (one is expected), or
+    why there are none: the reason words the log line's outcome, and never quotes the password."""
+    if not headers:
         return "no credentials"
+    if len(headers) > 1:
+        return "malformed credentials (more than one Proxy-Authorization header)"
+    header = headers[0]
     if len(header) > MAX_HEADER_BYTES:
         return "malformed credentials (header too long)"
     scheme, _, token = header.strip().partition(" ")

@@ -136,13 +136,18 @@ class ProxyAuth:
         self.states = states
 
     def http_connect(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        return self._authenticate(flow) if self._applies(flow.client_conn) else None
+        state = self._state(flow.client_conn)
+        return self._authenticate(flow, state) if state else None
 
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        if not self._applies(flow.client_conn):
+        state = self._state(flow.client_conn)
+        if state is None:
             return None
-        if is_plain_proxy_request(flow):
-            return self._authenticate(flow)
+        # A plain http:// request carries its credentials, each one. So does anything else without a
+        # user: on these listeners a tunnel opens only for an authenticated CONNECT, so that is a
+        # request no check let through (fail closed).
+        if is_plain_proxy_request(flow) or state.user is None:
+            return self._authenticate(flow, state)
         # Inside a tunnel its CONNECT authenticated: the header, if a client sends one, is no
         # upstream's business either.
         flow.request.headers.pop(HEADER, None)
@@ -151,30 +156,26 @@ class ProxyAuth:
     def done(self) -> None:
         self.authenticator.close()
 
-    def _applies(self, client: connection.Client) -> bool:
+    def _state(self, client: connection.Client) -> ConnectionState | None:
+        """CLIENT's state, if its listener asks for credentials."""
         state = self.states.of(client.id)
-        return state is not None and state.listener is not None and state.listener.mode in AUTHENTICATES
+        if state is None or state.listener is None or state.listener.mode not in AUTHENTICATES:
+            return None
+        return state
 
-    def _authenticate(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        headers = flow.request.headers
-        given = headers.get_all(HEADER)
-        headers.pop(HEADER, None)  # whatever happens next, it goes no further than bumper
-        credentials = basic(given[0] if len(given) == 1 else None)
-        if len(given) > 1:
-            credentials = "malformed credentials (more than one Proxy-Authorization header)"
-        state = self.states.of(flow.client_conn.id)
+    def _authenticate(self, flow: http.HTTPFlow, state: ConnectionState) -> Awaitable[None] | None:
+        credentials = basic(flow.request.headers.get_all(HEADER))
+        flow.request.headers.pop(HEADER, None)  # whatever happens next, it goes no further than bumper
         if isinstance(credentials, str):
             self._refuse(flow, state, credentials)
             return None
         key, user = self.authenticator.known(credentials)
-        if user is not None:
-            _authenticated(state, user)
-            return None
-        return self._check(flow, state, key, credentials)
+        if user is None:
+            return self._check(flow, state, key, credentials)
+        state.user = user
+        return None
 
-    async def _check(
-        self, flow: http.HTTPFlow, state: ConnectionState | None, key: bytes, credentials: Credentials
-    ) -> None:
+    async def _check(self, flow: http.HTTPFlow, state: ConnectionState, key: bytes, credentials: Credentials) -> None:
         try:
             result = await self.authenticator.check(key, credentials)
         except Busy as e:
@@ -183,26 +184,20 @@ class ProxyAuth:
             self._answer(flow, state, replies.auth_unavailable(flow.request), reason)
             return
         if result is Check.OK:
-            _authenticated(state, credentials.user)
+            state.user = credentials.user
         elif result is Check.WRONG_PASSWORD:
             self._refuse(flow, state, f"wrong password for {credentials.user}")
         else:
             self._refuse(flow, state, f"unknown user {credentials.user!r}")
 
-    def _refuse(self, flow: http.HTTPFlow, state: ConnectionState | None, why: str) -> None:
+    def _refuse(self, flow: http.HTTPFlow, state: ConnectionState, why: str) -> None:
         self._answer(flow, state, replies.auth_required(flow.request), f"proxy authentication failed: {why}")
 
     @staticmethod
-    def _answer(flow: http.HTTPFlow, state: ConnectionState | None, response: http.Response, reason: str) -> None:
+    def _answer(flow: http.HTTPFlow, state: ConnectionState, response: http.Response, reason: str) -> None:
         if flow.request.method == "CONNECT":
             flow.response = response
         else:
             respond_early(flow, response)  # an upload that comes with the request is dropped, not sent
-        if state is not None:
-            state.decided(REFUSED)
-            state.refuse(reason, BY_AUTH)
-
-
-def _authenticated(state: ConnectionState | None, user: str) -> None:
-    if state is not None:
-        state.user = user
+        state.decided(REFUSED)
+        state.refuse(reason, BY_AUTH)
