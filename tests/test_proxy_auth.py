@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
 import socket
 import subprocess
 import threading
@@ -325,6 +326,28 @@ def test_a_reverse_listener_asks_for_no_credentials(
     assert result.stdout == "hello from upstream\n200", result.stderr
     # ...while its explicit listener does.
     assert "407" in curl(bumper, upstream.url()).stderr
+
+
+# Reloading
+
+
+def test_sighup_reloads_the_users_and_forgets_what_it_remembered(
+    start_bumper: Callable[..., Bumper], upstream: Upstream, tmp_path: Path
+) -> None:
+    users = tmp_path / "users"
+    users.write_text(f"alice:{bcrypt_hash('old')}\n")
+    bumper = start_bumper("--proxy-auth", str(users))
+    assert curl(bumper, upstream.url(), "--proxy-user", "alice:old").stdout == "hello from upstream"  # remembered
+    users.write_text(f"alice:{bcrypt_hash('new')}\nerin:{sha_crypt('e')}\n")
+    bumper.process.proc.send_signal(signal.SIGHUP)
+    bumper.process.wait_for_line(rf"proxy users reloaded from {users}: 2 users")
+    assert "407" in curl(bumper, upstream.url(), "--proxy-user", "alice:old").stderr
+    assert curl(bumper, upstream.url(), "--proxy-user", "alice:new").stdout == "hello from upstream"
+    # A file that cannot be used leaves the users in force, and says why.
+    users.write_text("erin:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
+    bumper.process.proc.send_signal(signal.SIGHUP)
+    bumper.process.wait_for_line(rf"proxy users not reloaded, the ones in force stay: {users}:1: user 'erin': {{SHA}}")
+    assert curl(bumper, upstream.url(), "--proxy-user", "erin:e").stdout == "hello from upstream"
 
 
 # Bad files: exit 2, one line, no traceback

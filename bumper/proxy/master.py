@@ -191,8 +191,11 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
 
 
 def _reload(m: master.Master) -> None:
-    """SIGHUP: the policy file again, and a look at the CA's files (the loaded CA stays in use)."""
+    """SIGHUP: the policy file and the proxy users' file again, and a look at the CA's files (the
+    loaded CA stays in use)."""
     m.addons.get("policysource").reload()
+    if (users := m.addons.get("proxyauth")) is not None:  # only with --proxy-auth
+        users.reload()
     m.addons.get("cawatch").check()
 
 

@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 
 from mitmproxy import connection, http
 
+from bumper.errors import ConfigError
+from bumper.policy import htpasswd
 from bumper.policy.htpasswd import Check, Credentials, Users, basic
 from bumper.policy.rules import Action, Decision
 from bumper.proxy import replies
@@ -70,6 +72,9 @@ class SuccessCache:
         self._users.move_to_end(key)
         return user
 
+    def clear(self) -> None:
+        self._users.clear()
+
     def remember(self, key: bytes, user: str) -> None:
         self._users[key] = (user, self._clock() + self._seconds)
         self._users.move_to_end(key)
@@ -108,20 +113,27 @@ class Authenticator:
 
     async def check(self, key: bytes, credentials: Credentials) -> Check:
         """The check's result; Busy when it was not made in time, or not at all."""
+        users = self.users
         running = self._running.get(key)
         if running is None:
             if len(self._running) >= self._limit:
                 raise Busy(f"{len(self._running)} password checks already under way")
-            running = asyncio.get_running_loop().run_in_executor(self._pool, self.users.check, credentials)
+            running = asyncio.get_running_loop().run_in_executor(self._pool, users.check, credentials)
             self._running[key] = running
             running.add_done_callback(lambda _: self._running.pop(key, None))
         try:
             result = await asyncio.wait_for(asyncio.shield(running), self._timeout)
         except TimeoutError:
             raise Busy(f"the password check took over {self._timeout:g} s") from None
-        if result is Check.OK:
+        if result is Check.OK and users is self.users:  # not a success the file reloaded since has undone
             self.cache.remember(key, credentials.user)
         return result
+
+    def replace(self, users: Users) -> None:
+        """USERS from now on: every remembered success is forgotten, so a removed user or a changed
+        password takes effect at once (for new CONNECTs and plain requests; open tunnels stay)."""
+        self.users = users
+        self.cache.clear()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -152,6 +164,19 @@ class ProxyAuth:
         # upstream's business either.
         flow.request.headers.pop(HEADER, None)
         return None
+
+    def reload(self) -> None:
+        """SIGHUP: the users file again; one that cannot be used leaves the users in force."""
+        path = self.authenticator.users.path
+        try:
+            users = htpasswd.load(path)
+        except ConfigError as e:
+            problems = str(e).splitlines()
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            log.error("proxy users not reloaded, the ones in force stay: %s%s", problems[0], more)
+            return
+        self.authenticator.replace(users)
+        log.info("proxy users reloaded from %s: %d users", path, len(users.entries))
 
     def done(self) -> None:
         self.authenticator.close()
