@@ -173,6 +173,7 @@ def connection_json(conn: ConnectionInfo | None, client: connection.Client, serv
         "client": tls["client"],
         "listener": conn.listener_name if conn else None,
         "user": conn.user if conn else None,
+        "via": conn.via if conn else None,
         "connect_host": conn.connect_host if conn else None,
         "sni": client.sni,
         "upstream": tls["upstream"],

@@ -68,6 +68,55 @@ def tcp_server(
     server.close()
 
 
+def threaded_server(handle: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A local TCP server that handles every connection with HANDLE in a thread of its own, at the
+    same time (a proxy's tunnels stay open), until the test ends; each connection closed after HANDLE."""
+    server = listening_socket()
+    server.settimeout(0.1)
+    stop = threading.Event()
+
+    def run(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            handle(conn)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=run, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    server.close()
+
+
+def pipe(a: socket.socket, b: socket.socket) -> None:
+    """Bytes both ways between A and B until either side is done (bounded by the sockets' timeouts)."""
+
+    def copy(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    other = threading.Thread(target=copy, args=(b, a), daemon=True)
+    other.start()
+    copy(a, b)
+    other.join(10)
+
+
 def answering(body: bytes) -> Callable[[socket.socket], None]:
     """A tcp_server handler, a plain-HTTP origin: reads a request and answers 200 with BODY."""
 

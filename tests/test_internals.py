@@ -238,6 +238,9 @@ def test_mitmproxy_still_connects_and_words_a_proxy_loop_as_bumper_reads_it() ->
 
     opening = inspect.getsource(resolve("mitmproxy.proxy.server.ConnectionHandler.open_connection"))
     assert "await asyncio.open_connection(" in opening and "err = str(e)" in opening
+    # The server_connect hook runs first, in the same task: where via.route marks a relayed connection.
+    assert opening.index("ServerConnectHook(") < opening.index("await asyncio.open_connection(")
+    assert "create_task" not in opening
     looping = inspect.getsource(resolve("mitmproxy.addons.proxyserver.Proxyserver.server_connect"))
     assert all(part.strip() in looping for part in re.findall(r"[^.]+\.", SELF_CONNECT)), SELF_CONNECT
 

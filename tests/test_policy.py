@@ -123,7 +123,7 @@ def test_every_error_is_reported_with_file_line_and_column(tmp_path: Path) -> No
     assert str(e.value).splitlines() == [
         f"{path}:1:10: default: unknown action 'bmup' (expected one of: bump, splice, block)",
         f"{path}:2:1: colour: unknown key (expected one of: default, on_upstream_error, clients, ports, mismatch, "
-        "bind_names, destinations, rules)",
+        "bind_names, destinations, relays, rules)",
         f"{path}:3:14: ports: bad port '70000' (use 443 or a range such as 8000-8999)",
         f"{path}:3:21: ports: bad port '8000-7000' (use 443 or a range such as 8000-8999)",
         f"{path}:6:32: rules[0].match.sni: bad name, glob or regex 'bad*glob.test' {bad_name}",
@@ -176,7 +176,7 @@ def test_problems_of_every_kind_are_reported_at_once(tmp_path: Path) -> None:
         f"{path}:4:8: ports: empty list: name at least one, or leave the key out",
         f"{path}:5:11: mismatch: unknown action 'warn' (expected one of: block, log)",
         f"{path}:6:1: colour: unknown key (expected one of: default, on_upstream_error, clients, ports, mismatch, "
-        "bind_names, destinations, rules)",
+        "bind_names, destinations, relays, rules)",
         f"{path}:9:47: rules[0].match.port: bad port '99999' (use 443 or a range such as 8000-8999)",
         f"{path}:15:24: rules[1].on_upstream_error: allow needs a match that names its hosts exactly, no globs",
         f"{path}:14:23: rules[1].upstream_tls_min: below 1.2 needs a match that names its hosts exactly",

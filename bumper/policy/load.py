@@ -18,6 +18,9 @@ FILE:LINE:COLUMN: key: what is wrong.
     destinations:            # the upstream addresses bumper may connect to (see policy.destinations)
       allow: [10.20.0.0/16]
 
+    relays:                  # parent proxies rules send connections through (see policy.relays)
+      corp: {url: "http://proxy.corp.example:3128"}
+
 `match` keys: `sni` (the name in the ClientHello; the CONNECT host when there is none), `host` (the
 CONNECT host), `client`, `port`, `listener` and `user` (a proxy user, with --proxy-auth). Every key
 given must match, any entry of a key may.
@@ -39,9 +42,10 @@ from bumper.certs import ca as ca_files
 from bumper.certs import owncert
 from bumper.certs.owncert import OwnCertificate
 from bumper.errors import ConfigError
-from bumper.policy import binder, htpasswd, names
+from bumper.policy import binder, htpasswd, names, relays
 from bumper.policy.binder import Check, HostPattern, Network, Noun, OneOrMore, Parsed, PortRange
 from bumper.policy.destinations import Destinations
+from bumper.policy.relays import Credentials, Relay, Scheme
 from bumper.policy.rules import (
     DEFAULT_ADDON_TIMEOUT,
     LOCALNET,
@@ -113,6 +117,7 @@ class RuleEntry:
     learn_pinning: bool = False
     addons: OneOrMore[AddonSpec] = ()  # `- name` or `- name: {settings..., on_error, timeout}`
     client_cert: Annotated[OwnCertificate, Parsed(_client_cert)] | None = None  # for upstreams that ask
+    via: str | None = None  # a relay's name in `relays:`; checked against them in _load
 
     def __post_init__(self) -> None:
         # Checks across keys: they run once every key of the rule is valid, and each problem is
@@ -134,10 +139,14 @@ class RuleEntry:
             )
         if self.addons and self.action is not Action.BUMP:
             problems["addons"] = f"addons run on decrypted traffic only; this rule's action is {self.action}"
+        if self.via is not None and self.action is Action.BLOCK:
+            problems["via"] = "a blocked connection goes nowhere: via is for bump and splice"
+        if self.via is not None and self.on_upstream_error is OnUpstreamError.SPLICE:
+            problems["via"] = "on_upstream_error: splice probes the upstream directly, not through a relay"
         if problems:
             raise binder.Problems(problems)
 
-    def rule(self, index: int) -> Rule:
+    def rule(self, index: int, relays_by_name: Mapping[str, Relay]) -> Rule:
         m = self.match
         return Rule(
             self.name or f"rules[{index}]", self.action, sni=m.sni, host=m.host, client=m.client, port=m.port,
@@ -145,8 +154,57 @@ class RuleEntry:
             upstream_tls_min=self.upstream_tls_min,
             learn_pinning=self.learn_pinning, addons=self.addons, client_cert=self.client_cert,
             client_cert_required=ClientCertRequirement(m.client_cert.ca, m.client_cert.names, m.client_cert.uris)
-            if m.client_cert else None,
+            if m.client_cert else None, via=relays_by_name[self.via] if self.via else None,
         )  # fmt: skip
+
+
+def _user(text: str) -> None:
+    if not text or ":" in text:
+        raise ValueError("a user name, without a colon (Basic authentication joins user:password)")
+
+
+def _password(text: str) -> str:
+    """A relay's password_file: the password is its first line, never in the policy file itself."""
+    try:
+        password = Path(text).read_text().partition("\n")[0].rstrip("\r")
+    except OSError as e:
+        raise ValueError(f"{text}: cannot read: {e.strerror}") from None
+    if not password:
+        raise ValueError(f"{text}: empty (the password is the file's first line)")
+    return password
+
+
+@dataclass(frozen=True)
+class AuthKey:
+    """A relay's `auth:`: Basic proxy authentication, the password from a file of its own."""
+
+    user: Annotated[str, Check(_user)]
+    password_file: Annotated[str, Parsed(_password)] = dataclasses.field(repr=False)  # read: the password
+
+
+@dataclass(frozen=True)
+class RelayEntry:
+    """One of `relays:`."""
+
+    url: Annotated[tuple[Scheme, str, int], Parsed(relays.parse_url)]
+    ca: Annotated[tuple[x509.Certificate, ...], Parsed(_cas)] | None = None  # None: system store + --upstream-ca
+    client_cert: Annotated[OwnCertificate, Parsed(_client_cert)] | None = None
+    auth: AuthKey | None = None
+
+    def __post_init__(self) -> None:
+        plain = self.url[0] is Scheme.HTTP
+        problems = {
+            key: f"an http:// relay is spoken to in the clear: {key} needs https://"
+            for key, given in (("ca", self.ca), ("client_cert", self.client_cert))
+            if plain and given is not None
+        }
+        if problems:
+            raise binder.Problems(problems)
+
+    def relay(self, name: str) -> Relay:
+        scheme, host, port = self.url
+        auth = Credentials(self.auth.user, self.auth.password_file) if self.auth else None
+        return Relay(name, scheme, host, port, self.ca or (), self.client_cert, auth)
 
 
 @dataclass(frozen=True)
@@ -174,10 +232,12 @@ class PolicyFile:
     mismatch: Annotated[Mismatch, _ACTION] = Mismatch.BLOCK
     bind_names: Annotated[BindNames, Noun("mode")] = BindNames.RESOLVE
     destinations: DestinationsKey = DestinationsKey()
+    relays: dict[str, RelayEntry] = dataclasses.field(default_factory=dict)
     rules: tuple[RuleEntry, ...] = ()
 
     def policy(self) -> Policy:
-        rules = tuple(entry.rule(i) for i, entry in enumerate(self.rules))
+        by_name = {name: entry.relay(name) for name, entry in self.relays.items()}
+        rules = tuple(entry.rule(i, by_name) for i, entry in enumerate(self.rules))
         return Policy(
             self.default, rules, on_upstream_error=self.on_upstream_error, clients=self.clients, ports=self.ports,
             mismatch=self.mismatch, destinations=Destinations(self.destinations.allow, self.destinations.deny),
@@ -271,9 +331,36 @@ def _load(path: Path, addons: Mapping[str, Any] | None) -> tuple[Policy, yaml.No
     errors = _Errors(path)
     kinds = {AddonSpec: functools.partial(_addon, addons or {}, errors.add)}
     bound = binder.build(PolicyFile, root, "", errors.add, noun="key", kinds=kinds)
+    if bound is not None:
+        _check_vias(bound, root, errors)
     if bound is None or errors.messages:
         raise ConfigError("\n".join(errors.messages))
     return bound.policy(), root
+
+
+def _check_vias(bound: PolicyFile, root: yaml.Node, errors: _Errors) -> None:
+    """Each rule's `via:` names one of `relays:`, and takes no on_upstream_error: splice from the policy."""
+    for i, entry in enumerate(bound.rules):
+        if entry.via is None:
+            continue
+        node = _node(root, "rules", i, "via")
+        if entry.via not in bound.relays:
+            known = ", ".join(bound.relays) or "none: add a relays: section"
+            errors.add(node, f"rules[{i}].via", f"unknown relay {entry.via!r} (relays: {known})")
+        elif entry.on_upstream_error is None and bound.on_upstream_error is OnUpstreamError.SPLICE:
+            errors.add(node, f"rules[{i}].via", "the policy's on_upstream_error: splice probes the upstream directly,"
+                       " not through a relay: give this rule on_upstream_error: mimic or block")  # fmt: skip
+
+
+def _node(root: yaml.Node, *path: str | int) -> yaml.Node:
+    """The node at PATH (mapping keys, sequence indexes) under ROOT, which binding found there."""
+    node = root
+    for step in path:
+        if isinstance(step, int):
+            node = node.value[step]
+        else:
+            node = next(value for key, value in node.value if key.value == step)
+    return node
 
 
 def _addon(registry: Mapping[str, Any], add_error: binder.AddError, item: yaml.Node, where: str) -> AddonSpec:

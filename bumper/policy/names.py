@@ -176,3 +176,9 @@ def all_exact(patterns: tuple[str, ...]) -> bool:
 
 def matches_any(patterns: tuple[str, ...], host: str) -> bool:
     return any(host_matches(p, host) for p in patterns)
+
+
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT in the one form rules and logs compare: IPv6 bracketed, names and addresses normalized."""
+    host = normalize(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -21,6 +21,7 @@ from bumper.certs.owncert import OwnCertificate
 from bumper.policy import names
 from bumper.policy.destinations import DEFAULT as DEFAULT_DESTINATIONS
 from bumper.policy.destinations import Destinations
+from bumper.policy.relays import Relay
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -74,15 +75,9 @@ def listener_entry(text: str) -> str:
     host, sep, port = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if sep and names.is_ip_address(host):
-        return host_port(host, names.parse_port(port, lowest=0))
+        return names.host_port(host, names.parse_port(port, lowest=0))
     modes = ", ".join(ListenerMode)
     raise ValueError(f"unknown listener {text!r} (expected one of: {modes}, or HOST:PORT)")
-
-
-def host_port(host: str, port: int) -> str:
-    """HOST:PORT in the one form rules and logs compare: IPv6 bracketed, names and addresses normalized."""
-    host = names.normalize(host)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class OnError(StrEnum):
@@ -179,6 +174,7 @@ class Rule:
     addons: tuple[AddonSpec, ...] = ()  # the chain run on bumped traffic, in order
     client_cert: OwnCertificate | None = None  # presented to upstreams that ask for a client certificate
     client_cert_required: ClientCertRequirement | None = None  # asked of the clients (match: client_cert)
+    via: Relay | None = None  # the relay its connections go through; None: straight to the upstream
 
     def needs_sni(self) -> bool:
         return bool(self.sni)
@@ -217,6 +213,7 @@ class Decision:
     by_sni: bool = False  # the rule matched on the client's SNI: bind_names applies
     client_cert: OwnCertificate | None = None
     client_cert_required: ClientCertRequirement | None = None
+    via: Relay | None = None
 
 
 def bound_name(decision: Decision, connect_host: str, sni: str | None) -> str | None:
@@ -234,8 +231,8 @@ def strict_refusal(name: str, target: tuple[str, int], resolved: Sequence[tuple[
     wanted = (names.normalize(target[0]), target[1])
     if any((names.normalize(address), port) == wanted for address, port in resolved):
         return None
-    where = f"it resolves to {', '.join(host_port(*a) for a in resolved)}" if resolved else "it does not resolve"
-    return f"SNI {name}: name does not lead to {host_port(*wanted)} ({where}; bind_names: strict)"
+    where = f"it resolves to {', '.join(names.host_port(*a) for a in resolved)}" if resolved else "it does not resolve"
+    return f"SNI {name}: name does not lead to {names.host_port(*wanted)} ({where}; bind_names: strict)"
 
 
 def name_mismatch(connect_host: str, sni: str | None, *request_names: str | None) -> bool:
@@ -293,6 +290,11 @@ class Policy:
         return decision
 
     @functools.cached_property
+    def relays_used(self) -> bool:
+        """Whether any rule sends connections through a relay (via:)."""
+        return any(rule.via is not None for rule in self.rules)
+
+    @functools.cached_property
     def _index(self) -> RuleIndex:
         return RuleIndex(self.rules)
 
@@ -336,7 +338,7 @@ class Policy:
         return Decision(
             rule.action, rule.name, rule.on_upstream_error or self.on_upstream_error, rule.upstream_tls_min,
             rule.learn_pinning, rule.addons, by_sni=rule.needs_sni(), client_cert=rule.client_cert,
-            client_cert_required=rule.client_cert_required,
+            client_cert_required=rule.client_cert_required, via=rule.via,
         )  # fmt: skip
 
 

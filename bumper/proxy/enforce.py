@@ -15,6 +15,7 @@ from mitmproxy.utils import human
 
 from bumper.policy import names
 from bumper.policy.pinning import LearnedPins
+from bumper.policy.relays import Relay
 from bumper.policy.rules import (
     Action,
     Address,
@@ -32,7 +33,16 @@ from bumper.policy.source import PolicySource
 from bumper.proxy import replies
 from bumper.proxy.authority import parse_authority
 from bumper.proxy.httpstream import DEFER_CONNECT
-from bumper.proxy.state import BY_POLICY, DESTINATIONS, ConnectionStates, Kind, is_plain_proxy_request, probed
+from bumper.proxy.state import (
+    BY_POLICY,
+    DESTINATIONS,
+    ConnectionState,
+    ConnectionStates,
+    Kind,
+    is_plain_proxy_request,
+    probed,
+)
+from bumper.upstream import via
 from bumper.upstream.probe import UpstreamProbe
 from bumper.upstream.resolve import ResolvingEventLoop
 
@@ -51,6 +61,27 @@ def _destination_refusal(host: str, port: int) -> str | None:
     if not isinstance(loop, ResolvingEventLoop):
         return None  # no check to ask (unit tests of the enforcer alone)
     return loop.egress.refusal(ipaddress.ip_address(host), port, operators=False)
+
+
+def _rerouted(state: ConnectionState, decision: Decision, server: connection.Server) -> str | None:
+    """Why a connection already opened (through STATE.relay, or straight) cannot take DECISION's route,
+    or None: the SNI is routed differently than the CONNECT host the tunnel was opened for."""
+    if server.timestamp_start is None:
+        return None  # not connected yet: it goes where the decision says
+    had, wants = (r.name if r else None for r in (state.relay, decision.via))
+    if had == wants:
+        return None
+    return (
+        f"SNI {state.sni} is routed {f'via {wants}' if wants else 'straight to the upstream'}, but the tunnel for"
+        f" CONNECT {state.connect_host} went {f'via {had}' if had else 'straight'} (names must agree)"
+    )
+
+
+def _to_relay(flow: http.HTTPFlow, relay: Relay) -> None:
+    """A plain http:// request, as a parent proxy takes it: in absolute form, with the relay's credentials."""
+    flow.request.authority = human.format_address((flow.request.host, flow.request.port))
+    if relay.auth is not None:
+        flow.request.headers["Proxy-Authorization"] = relay.auth.header().decode()
 
 
 def client_address(client: connection.Client) -> Address | None:
@@ -87,10 +118,15 @@ class PolicyEnforcer:
         if why := names.ipv4_form_problem(host):
             return self._refuse(flow, BAD_NAME, "CONNECT to", why, status=400)
         # Refuse before any upstream connection when the CONNECT host alone decides `block`.
-        decision = policy.decide_at_connect(host, client, port, self._listener(flow.client_conn), self._user(flow))
+        listener = self._listener(flow.client_conn)
+        decision = policy.decide_at_connect(host, client, port, listener, self._user(flow))
         if decision is not None and decision.action is Action.BLOCK:
-            self._refuse(flow, decision, "CONNECT to")
-        elif decision is None and policy.bind_names is BindNames.RESOLVE and names.is_ip_address(host):
+            return self._refuse(flow, decision, "CONNECT to")
+        if policy.relays_used and (state := self.states.of(flow.client_conn.id)):
+            # The tunnel is connected now, before the 200: through the relay the SNI will be routed to
+            # if it names the CONNECT host, as an honest client's does (the ClientHello checks it).
+            state.relay = (decision or policy.decide(host, host, client, port, listener, self._user(flow))).via
+        if decision is None and policy.bind_names is BindNames.RESOLVE and names.is_ip_address(host):
             # A rule on the SNI may decide, and then the name's address is where the tunnel goes, not
             # this one: nothing is connected before the ClientHello (bind_names: resolve).
             if why := _destination_refusal(host, port):
@@ -138,6 +174,9 @@ class PolicyEnforcer:
         state = self.states.of(flow.client_conn.id)
         if state:
             state.decided(decision)
+            state.relay = decision.via
+        if decision.via is not None:
+            _to_relay(flow, decision.via)
         bound = bound_name(decision, host, name)
         if bound is None or policy.bind_names is BindNames.CLIENT:
             return None
@@ -261,9 +300,18 @@ class PolicyEnforcer:
             return []
         return sorted({(str(answer[4][0]), int(answer[4][1])) for answer in answers})
 
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        state = self.states.of(data.client.id)
+        if state is None or state.relay is None or data.server.address is None:
+            return
+        host, port = data.server.address[:2]
+        # A plain http:// request is sent to the relay itself (in absolute form, _to_relay); the
+        # rest, tunnels, through a CONNECT.
+        via.route(host, port, via.Route(state.relay, tunnel=state.kind is not Kind.HTTP))
+
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         state = self.states.of(data.client.id)
-        if state is None or state.bound is None or not data.server.peername:
+        if state is None or state.bound is None or not data.server.peername or state.relay is not None:
             return
         (name, given), reached = state.bound, human.format_address(data.server.peername)
         if reached != given:
@@ -301,8 +349,11 @@ class PolicyEnforcer:
             decision = dataclasses.replace(decision, action=Action.SPLICE, rule=f"{decision.rule} (learned pinning)")
         if decision.action is Action.BLOCK:
             return self._block(data, decision, f"blocked by policy rule {decision.rule!r}")
+        if state and (why := _rerouted(state, decision, context.server)):
+            return self._block(data, dataclasses.replace(decision, action=Action.BLOCK), why)
         if state:
             state.decided(decision)
+            state.relay = decision.via
         if decision.action is Action.SPLICE:
             data.ignore_connection = True
 

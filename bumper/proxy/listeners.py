@@ -20,8 +20,9 @@ from bumper.certs import owncert
 from bumper.certs.owncert import OwnCertificate
 from bumper.errors import ConfigError
 from bumper.policy import names
+from bumper.policy.names import host_port
 from bumper.policy.rules import ListenerMode as Mode
-from bumper.policy.rules import ListenerRef, host_port
+from bumper.policy.rules import ListenerRef
 
 DEFAULT_LISTEN = "127.0.0.1:8080"  # without --listen: the explicit proxy, on loopback
 DEFAULT_SNI_PORT = 443

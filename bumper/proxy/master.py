@@ -30,8 +30,9 @@ from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.errors import ConfigError
 from bumper.inspect.chain import AddonRunner
 from bumper.policy.htpasswd import Users
+from bumper.policy.names import host_port
 from bumper.policy.pinning import LearnedPins
-from bumper.policy.rules import LAB, AddonSpec, OnError, Policy, host_port
+from bumper.policy.rules import LAB, AddonSpec, OnError, Policy
 from bumper.policy.source import PolicySource
 from bumper.proxy import dispatch, httpstream
 from bumper.proxy.cawatch import CaWatch
@@ -52,6 +53,7 @@ from bumper.upstream.probe import UpstreamProbe
 from bumper.upstream.resolve import Egress, Override, ResolvingEventLoop
 from bumper.upstream.tls import UpstreamTrust
 from bumper.upstream.verifier import UpstreamVerifier
+from bumper.upstream.via import Dialer
 
 log = logging.getLogger("bumper")
 
@@ -178,7 +180,9 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
         if not ok:
             failed = [f" {listener}" for listener in config.listeners if _instance(server, listener).last_exception]
             raise ConfigError(f"--listen{failed[0] if failed else ''}: {_listen_failure(errors)}")
-        _check_destinations(loop, m, server.listen_addrs())
+        # Relays (via:) are verified as upstreams are, and answer within the upstream's timeout.
+        dialer = Dialer(config.trust, config.limits.upstream_timeout, config.limits.max_header_bytes)
+        _check_destinations(loop, m, server.listen_addrs(), dialer)
         try:
             await m.running()  # before the listening line: who reads it may rely on a started proxy
             if not m.should_exit.is_set():  # a proxy stopped during start-up has nothing to announce
@@ -199,13 +203,17 @@ def _reload(m: master.Master) -> None:
     m.addons.get("cawatch").check()
 
 
-def _check_destinations(loop: asyncio.AbstractEventLoop, m: master.Master, listening: list[Address]) -> None:
+def _check_destinations(
+    loop: asyncio.AbstractEventLoop, m: master.Master, listening: list[Address], dialer: Dialer
+) -> None:
     """Every upstream connection from here on obeys the policy's `destinations:` (the one in force,
-    reloads included) and never comes back to these LISTENING sockets (ResolvingEventLoop)."""
+    reloads included), never comes back to these LISTENING sockets, and goes through relays with
+    DIALER (ResolvingEventLoop)."""
     if not isinstance(loop, ResolvingEventLoop):
         raise RuntimeError("bumper's proxy runs on its ResolvingEventLoop: the destination check lives there")
     source: PolicySource = m.addons.get("policysource")
     loop.egress = Egress(lambda: source.policy.destinations, tuple((ip_address(a[0]), a[1]) for a in listening))
+    loop.dialer = dialer
 
 
 def _instance(server: proxyserver.Proxyserver, listener: Listener) -> ServerInstance[Any]:

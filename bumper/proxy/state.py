@@ -14,6 +14,7 @@ from mitmproxy.utils import human
 from bumper.certs.clientcert import ClientIdentity
 from bumper.certs.trust import UpstreamVerdict, Verdict
 from bumper.policy import destinations
+from bumper.policy.relays import Relay
 from bumper.policy.rules import Action, Decision, ListenerMode, ListenerRef
 from bumper.proxy.httpstream import TRUNCATED, aborted, body_bytes
 from bumper.proxy.limits import LIMIT
@@ -65,6 +66,7 @@ class ConnectionState:
     # bind_names: resolve: the name (SNI, or a redirected request's Host) whose address the connection
     # went to, and the address:port the client gave
     bound: tuple[str, str] | None = None
+    relay: Relay | None = None  # the relay (via:) the upstream connection goes through
 
     @property
     def action(self) -> Action | None:
@@ -115,6 +117,11 @@ class ConnectionState:
         return "ok"
 
     @property
+    def via(self) -> str | None:
+        """The name of the relay the upstream connection goes through, or None: straight to the upstream."""
+        return self.relay.name if self.relay else None
+
+    @property
     def listener_name(self) -> str | None:
         """MODE@ADDRESS, the address the connection reached: `explicit@127.0.0.1:8080`."""
         return f"{self.listener.mode}@{self.listener.local}" if self.listener else None
@@ -122,7 +129,8 @@ class ConnectionState:
     def line(self) -> str:
         return (
             f"{self.client} {self.kind} {_dash(self.target)} listener={_dash(self.listener_name)} "
-            f"user={_dash(self.user)} sni={_dash(self.sni)} action={_dash(self.action)} "
+            f"user={_dash(self.user)} {f'via={self.via} ' if self.via else ''}"
+            f"sni={_dash(self.sni)} action={_dash(self.action)} "
             f"rule={_dash(self.rule)} verify={_dash(self.verify)} upstream_sha256={_dash(self.upstream_sha256)} "
             f"requests={self.requests} outcome={self.outcome()}"
         )

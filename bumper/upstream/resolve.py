@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import ipaddress
 import socket
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from typing import Any, Literal
 from bumper.errors import ConfigError
 from bumper.policy import destinations, names
 from bumper.policy.destinations import Address, Destinations
+from bumper.upstream import via
+from bumper.upstream.via import Dialer
 
 # One answer of getaddrinfo, as typeshed spells it (IPv4 and IPv6 apart).
 IPv6Address = tuple[str, int, int, int] | tuple[int, bytes]
@@ -98,9 +101,10 @@ class Egress:
         return loop or (None if operators else self.destinations().refusal(address, port))
 
 
-# The (host, port) whose connection the running task is making: the lookup create_connection makes for
-# it is the one getaddrinfo checks. A context variable, as it belongs to that one task.
-_CONNECTING: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("connecting", default=None)
+# The (host, port) whose connection the running task is making, and whether the address is the operator's
+# (a relay's): the lookup create_connection makes for it is the one getaddrinfo checks. A context
+# variable, as it belongs to that one task.
+_CONNECTING: contextvars.ContextVar[tuple[str, int, bool] | None] = contextvars.ContextVar("connecting", default=None)
 
 
 def _ip_address(host: str) -> Address | None:
@@ -120,10 +124,13 @@ class ResolvingEventLoop(asyncio.SelectorEventLoop):
     differently), and an IP address the client named, which asyncio connects to without a lookup.
     """
 
-    def __init__(self, overrides: tuple[Override, ...], egress: Egress | None = None) -> None:
+    def __init__(
+        self, overrides: tuple[Override, ...], egress: Egress | None = None, dialer: Dialer | None = None
+    ) -> None:
         super().__init__()
         self.overrides = overrides
         self.egress = egress or Egress()
+        self.dialer = dialer  # connections through relays (the policy's via:); None: there are none
 
     async def create_connection(  # type: ignore[override]  # typeshed spells out every keyword
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], host: str | None = None, port: int | None = None,
@@ -132,12 +139,22 @@ class ResolvingEventLoop(asyncio.SelectorEventLoop):
         if host is None:  # a socket the caller connected itself (sock=)
             return await super().create_connection(protocol_factory, port=port, **kwargs)
         port = port or 0  # as asyncio reads a missing port
+        if self.dialer is not None and (how := via.routed(host, port)) is not None:
+            # The destination is the relay's to check; the relay's own address is the operator's choice.
+            return await self.dialer.open(
+                functools.partial(self._connect, operators=True), protocol_factory, how, host, port
+            )
+        return await self._connect(protocol_factory, host, port, operators=False, **kwargs)
+
+    async def _connect(
+        self, protocol_factory: Callable[[], asyncio.BaseProtocol], host: str, port: int, operators: bool, **kwargs: Any
+    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
         address = _ip_address(host)
         if address is not None:  # asyncio connects to an IP address without asking getaddrinfo
-            if why := self.egress.refusal(address, port, operators=False):
+            if why := self.egress.refusal(address, port, operators=operators):
                 raise DestinationRefused(why)
             return await super().create_connection(protocol_factory, host, port, **kwargs)
-        token = _CONNECTING.set((host, port))
+        token = _CONNECTING.set((host, port, operators))
         try:
             return await super().create_connection(protocol_factory, host, port, **kwargs)
         finally:
@@ -155,14 +172,15 @@ class ResolvingEventLoop(asyncio.SelectorEventLoop):
     ) -> list[AddressInfo]:
         if isinstance(host, bytes):
             host = host.decode("idna")
-        connecting = host is not None and _CONNECTING.get() == (host, port)
+        connecting = _CONNECTING.get()
+        checked = host is not None and connecting is not None and connecting[:2] == (host, port)
         override = lookup(self.overrides, host) if host else None
         if override is not None:
             host, port = override.address, override.port or port
         elif host and not host.isascii():
             host = names.normalize(host)  # as compared: UTS #46, not the IDNA 2003 of Python's socket module
         answers = await super().getaddrinfo(host, port, family=family, type=type, proto=proto, flags=flags)
-        return self._allowed(answers, override is not None) if connecting else answers
+        return self._allowed(answers, override is not None or connecting[2]) if checked and connecting else answers
 
     def _allowed(self, answers: list[AddressInfo], operators: bool) -> list[AddressInfo]:
         """The ANSWERS a connection may go to, or DestinationRefused saying why none may."""
