@@ -32,9 +32,11 @@ from tests.conftest import (
     curl_direct,
     lab_policy,
     recording_heads,
+    start_with_policy,
     tcp_server,
 )
 from tests.test_cli import assert_config_error
+from tests.test_relays import relayed_policy
 
 REALM = 'Proxy-Authenticate: Basic realm="bumper"'
 # Each user's password, and how its hash is made.
@@ -326,6 +328,35 @@ def test_a_reverse_listener_asks_for_no_credentials(
     assert result.stdout == "hello from upstream\n200", result.stderr
     # ...while its explicit listener does.
     assert "407" in curl(bumper, upstream.url()).stderr
+
+
+# A bumper behind another: the parent's --proxy-auth, the child's relays: auth:
+
+
+@pytest.mark.parametrize("right", [True, False], ids=["right-password", "wrong-password"])
+def test_a_bumper_chained_to_an_authenticating_bumper(
+    start_bumper: Callable[..., Bumper], upstream: Upstream, tmp_path: Path, right: bool
+) -> None:
+    users = tmp_path / "users"
+    users.write_text(f"svc:{sha_crypt('s3rvice pass')}\n")
+    parent = start_bumper("--proxy-auth", str(users))
+    (tmp_path / "svc.pass").write_text("s3rvice pass\n" if right else "guess-4\n")
+    auth = f"auth: {{user: svc, password_file: {tmp_path / 'svc.pass'}}}"
+    child = start_with_policy(
+        start_bumper, tmp_path, relayed_policy(f'  corp: {{url: "http://127.0.0.1:{parent.port}", {auth}}}')
+    )
+    # Spliced at the child, bumped at the parent: the client sees the parent's mimic.
+    result = curl(child, upstream.url(), "--cacert", str(parent.ca_pem), "-w", "\n%{local_port}")
+    if right:
+        assert result.stdout.startswith("hello from upstream\n"), result.stderr
+        assert " via=corp " in child.connection_line(int(result.stdout.rsplit("\n", 1)[1]))
+        parent.process.wait_for_line(
+            rf" CONNECT upstream\.test:{upstream.port} .* user=svc sni=upstream\.test .*outcome=ok"
+        )
+    else:
+        assert result.returncode != 0 and "502" in result.stderr
+        parent.process.wait_for_line(r" user=- .*outcome=proxy authentication failed: wrong password for svc$")
+    assert "guess-4" not in parent.process.log + child.process.log
 
 
 # Reloading
