@@ -75,7 +75,7 @@ class AccessLog(Addon):
         client, server = flow.client_conn, flow.server_conn
         if server.timestamp_tcp_setup is None:  # not connected (yet): nothing fixed to keep
             return connection_json(conn, client, server)
-        key = (server.id, conn.connect_host, conn.rule, conn.action, conn.verify) if conn else (server.id,)
+        key = (server.id, conn.connect_host, conn.rule, conn.action, conn.verify, conn.user) if conn else (server.id,)
         by_connection = self._shared.setdefault(client.id, {})
         text = by_connection.get(key)
         if text is None:
@@ -172,6 +172,7 @@ def connection_json(conn: ConnectionInfo | None, client: connection.Client, serv
     fields = {
         "client": tls["client"],
         "listener": conn.listener_name if conn else None,
+        "user": conn.user if conn else None,
         "via": conn.via if conn else None,
         "connect_host": conn.connect_host if conn else None,
         "sni": client.sni,

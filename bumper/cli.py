@@ -27,7 +27,7 @@ from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.clock import iso_utc
 from bumper.errors import ConfigError
 from bumper.inspect.loading import load_registry
-from bumper.policy import redact
+from bumper.policy import htpasswd, redact
 from bumper.policy.binder import parse_size
 from bumper.policy.load import check as check_policy
 from bumper.policy.load import load as load_policy
@@ -149,6 +149,13 @@ def _run_parser() -> argparse.ArgumentParser:
         help="do not complete upstream chains that lack an intermediate through the leaf's AIA caIssuers URL",
     )
     p.add_argument("--policy", metavar="FILE", type=Path, help="YAML policy: bump, splice or block (default: bump all)")
+    p.add_argument(
+        "--proxy-auth",
+        metavar="FILE",
+        type=Path,
+        help="ask proxy clients for a user and password (Basic, 407) from this htpasswd file, bcrypt "
+        "(htpasswd -B) or SHA-crypt (htpasswd -2) hashes; policies may then match user: (docs/relays.md)",
+    )
     a = p.add_argument_group("inspection addons")
     _addons_option(a)
     a.add_argument(
@@ -275,6 +282,7 @@ def _run_command(args: list[str]) -> int:
         fetch_issuers=not opts.no_fetch_issuers,
         client_tls=ClientTls(opts.client_tls_min, opts.client_ciphers),
         limits=_limits(opts),
+        users=htpasswd.load(opts.proxy_auth) if opts.proxy_auth else None,
         mimics=MimicSettings(
             memory_entries=opts.mimic_cache,
             db_entries=opts.mimic_db,
@@ -285,6 +293,9 @@ def _run_command(args: list[str]) -> int:
     )
     config.trust.check()
     config.client_tls.check()
+    rule_users = {rule.name: rule.user for rule in config.policy.rules if rule.user}
+    for warning in htpasswd.policy_warnings(rule_users, config.users):
+        logging.getLogger("bumper.auth").warning(warning)
     authority, created = ca_files.load_or_create(config.ca_dir)
     if (config.ca_dir / ca_files.UNTRUSTED_CERT_FILE).exists() or (
         config.ca_dir / ca_files.UNTRUSTED_KEY_FILE

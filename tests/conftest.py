@@ -127,6 +127,24 @@ def answering(body: bytes) -> Callable[[socket.socket], None]:
     return handle
 
 
+def recording_heads(heads: list[bytes], body: bytes) -> Callable[[socket.socket], None]:
+    """A tcp_server handler, a plain-HTTP origin that keeps each request's head in HEADS as it arrived
+    (64 KiB at most) and answers 200 with BODY."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.settimeout(10)
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            head += chunk
+        heads.append(head)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+
+    return handle
+
+
 @pytest.fixture(scope="module")
 def plain_http_origin() -> Iterator[int]:
     """A plain-HTTP origin on loopback that answers every request with 200 "plain hello"."""

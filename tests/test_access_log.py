@@ -41,9 +41,8 @@ from tests.conftest import (
 
 MIB = 1024 * 1024
 CONNECTION_FIELDS = [
-    "client", "listener", "via", "connect_host", "sni", "upstream", "rule", "action", "upstream_sha256",
-    "upstream_issuer",
-    "verify",
+    "client", "listener", "user", "via", "connect_host", "sni", "upstream", "rule", "action", "upstream_sha256",
+    "upstream_issuer", "verify",
     "mimic_sha256", "client_tls_version", "client_cipher", "upstream_tls_version", "upstream_cipher", "alpn",
     "upstream_connect_ms", "upstream_tls_ms", "client_tls_ms",
 ]  # fmt: skip

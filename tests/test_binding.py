@@ -90,7 +90,8 @@ def test_resolve_connects_to_the_names_own_address(
     assert allowed.wait_for_requests(seen_allowed + 1)
     line = bumper.connection_line(client_port)
     assert (
-        f"CONNECT 127.0.0.1:{secret.port} listener=explicit@127.0.0.1:{bumper.port} sni={ALLOWED} action=bump" in line
+        f"CONNECT 127.0.0.1:{secret.port} listener=explicit@127.0.0.1:{bumper.port} user=- sni={ALLOWED} action=bump"
+        in line
     )
     assert line.endswith("outcome=ok")
     assert (

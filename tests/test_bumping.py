@@ -132,7 +132,8 @@ def test_client_without_sni_gets_the_connect_host(bumper: Bumper, upstream: Upst
     assert response.endswith(b"hello from upstream")
     line = bumper.connection_line(port)
     assert (
-        f"CONNECT {upstream.host}:{upstream.port} listener=explicit@127.0.0.1:{bumper.port} sni=- action=bump" in line
+        f"CONNECT {upstream.host}:{upstream.port} listener=explicit@127.0.0.1:{bumper.port} user=- sni=- action=bump"
+        in line
     )
 
 
@@ -142,7 +143,7 @@ def test_one_log_line_per_connection(bumper: Bumper, upstream: Upstream) -> None
     line = bumper.connection_line(port)
     fingerprint = upstream.leaf.cert.fingerprint(hashes.SHA256()).hex().upper()
     assert (
-        f"CONNECT {upstream.host}:{upstream.port} listener=explicit@127.0.0.1:{bumper.port} "
+        f"CONNECT {upstream.host}:{upstream.port} listener=explicit@127.0.0.1:{bumper.port} user=- "
         f"sni={upstream.host} action=bump" in line
     )
     assert line.endswith(f" verify=trusted upstream_sha256={fingerprint} requests=1 outcome=ok")

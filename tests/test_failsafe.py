@@ -29,6 +29,7 @@ from tests.conftest import (
     curl,
     lab_policy,
     open_tunnel,
+    recording_heads,
     tcp_server,
 )
 
@@ -63,13 +64,7 @@ def many_names(test_pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Itera
         conn.settimeout(10)
         try:
             with first.wrap_socket(conn, server_side=True) as tls:
-                head = b""
-                while b"\r\n\r\n" not in head and len(head) < 65536:
-                    chunk = tls.recv(4096)
-                    if not chunk:
-                        return
-                    head += chunk
-                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+                recording_heads([], b"hello")(tls)
         except (OSError, ssl.SSLError):
             pass  # a client that went away: the next one is served
 

@@ -130,7 +130,7 @@ def test_every_error_is_reported_with_file_line_and_column(tmp_path: Path) -> No
         f"{path}:6:49: rules[0].match.sni: bad name, glob or regex 'regex:((' {bad_name}",
         f"{path}:6:71: rules[0].match.client: bad CIDR '10.0.0.0/33' (use 10.0.0.0/8, 2001:db8::/32 or one address)",
         f"{path}:6:85: rules[0].match.listen: unknown key "
-        "(expected one of: sni, host, client, port, listener, client_cert)",
+        "(expected one of: sni, host, client, port, listener, client_cert, user)",
         f"{path}:8:5: rules[1].action: missing",
     ]
 
@@ -288,13 +288,16 @@ def test_plain_http_proxy_requests_obey_the_policy(
     assert status == "403" and "blocked by policy rule 'no-evil'" in body
     assert accepted == []  # never reached
     line = policed.connection_line(int(client_port), kind="HTTP")
-    assert f"HTTP evil.test:{port} listener=explicit@127.0.0.1:{policed.port} sni=- action=block" in line
+    assert f"HTTP evil.test:{port} listener=explicit@127.0.0.1:{policed.port} user=- sni=- action=block" in line
 
     allowed = curl(policed, f"http://plain.test:{plain_http_origin}/", "-w", "\n%{local_port}")
     body, client_port = allowed.stdout.rsplit("\n", 1)
     assert body == "plain hello"
     line = policed.connection_line(int(client_port), kind="HTTP")
-    assert f"HTTP plain.test:{plain_http_origin} listener=explicit@127.0.0.1:{policed.port} sni=- action=bump" in line
+    assert (
+        f"HTTP plain.test:{plain_http_origin} listener=explicit@127.0.0.1:{policed.port} user=- sni=- action=bump"
+        in line
+    )
     assert line.endswith(" requests=1 outcome=ok")
 
 

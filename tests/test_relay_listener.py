@@ -20,6 +20,7 @@ from tests import pki
 from tests.conftest import BUMPER, Bumper, Pki, Upstream, client_tls_context, lab_policy
 from tests.test_cli import assert_config_error
 from tests.test_limits import closed_within
+from tests.test_proxy_auth import bcrypt_hash
 
 RELAY = "127.0.0.9"  # the relay listener without --client-ca
 MTLS_RELAY = "127.0.0.10"  # the one with --client-ca and its own certificate (--tls-cert)
@@ -133,7 +134,9 @@ def test_bumped_through_the_relay(relay: Relay, upstream: Upstream, tmp_path: Pa
     assert body == "hello from upstream", result.stderr + relay.bumper.process.log
     assert "x-inspected: by-the-relay" in headers.read_text().lower()
     line = relay.bumper.connection_line(port)
-    assert f" CONNECT upstream.test:{upstream.port} listener=relay@{RELAY}:{relay.port} sni=upstream.test " in line
+    assert (
+        f" CONNECT upstream.test:{upstream.port} listener=relay@{RELAY}:{relay.port} user=- sni=upstream.test " in line
+    )
     assert "action=bump rule=inspected verify=trusted" in line and line.endswith("outcome=ok"), line
 
 
@@ -155,7 +158,7 @@ def test_plain_http_through_the_relay(relay: Relay, plain_http_origin: int, tmp_
     assert body == "plain hello", result.stderr
     assert "x-inspected: by-the-relay" in headers.read_text().lower()
     line = relay.bumper.connection_line(port, kind="HTTP")
-    assert f"listener=relay@{RELAY}:{relay.port} sni=- action=bump rule=inspected" in line, line
+    assert f"listener=relay@{RELAY}:{relay.port} user=- sni=- action=bump rule=inspected" in line, line
     assert line.endswith("outcome=ok"), line
 
 
@@ -236,7 +239,7 @@ def test_a_relay_client_with_the_right_certificate_is_served(
     body, port = split(result)
     assert body == "hello from upstream", result.stderr + mtls_relay.bumper.process.log
     line = mtls_relay.bumper.connection_line(port)
-    assert f"listener=relay@{MTLS_RELAY}:{mtls_relay.port} client_cert=relay-a.test sni=upstream.test " in line
+    assert f"listener=relay@{MTLS_RELAY}:{mtls_relay.port} user=- client_cert=relay-a.test sni=upstream.test " in line
     assert line.endswith("outcome=ok"), line
 
 
@@ -356,3 +359,27 @@ def test_a_relay_client_resuming_its_session_shows_its_certificate_again(
                 session = tls.session
         line = mtls_relay.bumper.connection_line(port, kind="HTTP")
         assert " client_cert=relay-a.test " in line and line.endswith("outcome=ok"), line
+
+
+def test_proxy_auth_asks_on_the_relay_listener_too(
+    start_bumper: Callable[..., Bumper], upstream: Upstream, plain_http_origin: int, tmp_path: Path
+) -> None:
+    """--proxy-auth on a relay as on the explicit listener: 407 without credentials, for a CONNECT and
+    a plain request; the user in the line with them."""
+    users = tmp_path / "users"
+    users.write_text(f"alice:{bcrypt_hash('wonderland')}\n")
+    bumper = start_bumper("--listen", f"relay@{RELAY}:0", "--proxy-auth", str(users))
+    relay = Relay(bumper, relay_port(bumper, RELAY), RELAY)
+    ca, alice = bumper.ca_pem, ("--proxy-user", "alice:wonderland")
+    cases = (
+        (upstream.url(), "CONNECT", "CONNECT tunnel failed, response 407", "hello from upstream"),
+        (f"http://127.0.0.1:{plain_http_origin}/", "HTTP", "bumper: proxy authentication required", "plain hello"),
+    )
+    for url, kind, told, body in cases:
+        refused = curl_relay(relay, url, ca, "--cacert", str(ca))
+        assert told in refused.stdout + refused.stderr, refused
+        line = bumper.connection_line(split(refused)[1], kind=kind)
+        assert " user=- " in line and "outcome=proxy authentication failed: " in line, line
+        result = curl_relay(relay, url, ca, "--cacert", str(ca), *alice)
+        assert split(result)[0] == body, result.stderr
+        assert f"listener=relay@{RELAY}:{relay.port} user=alice " in bumper.connection_line(split(result)[1], kind=kind)

@@ -150,7 +150,9 @@ def test_a_redirected_connection_is_bumped(redirected: Gateway) -> None:
     body, client_port = result.stdout.rsplit("\n", 1)
     assert body == "hello from upstream", result.stderr
     line = connection_line(redirected, int(client_port))
-    assert f" TLS {UPSTREAM_ADDRESS}:443 listener=transparent@0.0.0.0:{LISTEN_PORT} sni=www.upstream.test" in line
+    assert (
+        f" TLS {UPSTREAM_ADDRESS}:443 listener=transparent@0.0.0.0:{LISTEN_PORT} user=- sni=www.upstream.test" in line
+    )
     assert "action=bump rule=inspected verify=trusted" in line and line.endswith("outcome=ok")
 
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import functools
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Bumper, curl, start_with_policy, tcp_server
+from tests.conftest import Bumper, curl, recording_heads, start_with_policy, tcp_server
 from tests.recording import Recorder
 
 URLS = "['upstream.test/admin/*', 'regex:https?://upstream\\.test:[0-9]+/private/.*']"
@@ -60,28 +59,16 @@ def filtering(start_bumper, tmp_path_factory: pytest.TempPathFactory, access_log
 
 
 @pytest.fixture(scope="module")
-def plain_origin() -> Iterator[tuple[int, list[str]]]:
-    """A plain-http origin that records each request line as it arrived and answers 200."""
-    lines: list[str] = []
-
-    def handle(conn: socket.socket) -> None:
-        conn.settimeout(10)
-        head = b""
-        while b"\r\n\r\n" not in head and len(head) < 65536:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return
-            head += chunk
-        lines.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nConnection: close\r\n\r\nplain hello")
-
-    yield from ((port, lines) for port in tcp_server(handle, max_connections=200))
+def plain_origin() -> Iterator[tuple[int, list[bytes]]]:
+    """A plain-http origin that records each request's head as it arrived and answers 200."""
+    heads: list[bytes] = []
+    yield from ((port, heads) for port in tcp_server(recording_heads(heads, b"plain hello"), max_connections=200))
 
 
-def targets_seen(transport: str, recorder: Recorder, plain: list[str]) -> list[str]:
+def targets_seen(transport: str, recorder: Recorder, plain: list[bytes]) -> list[str]:
     """The targets that reached the upstream, as they arrived."""
     if transport == "plain":
-        return [line.split(" ")[1] for line in plain]
+        return [head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")[1] for head in plain]
     return [r.raw_target for r in recorder.received]
 
 
@@ -113,7 +100,7 @@ def wait_for(transport: str, recorder: Recorder, plain: list[str], target: str) 
 def test_a_blocked_path_is_blocked_however_it_is_written(
     filtering: Bumper,
     recorder: Recorder,
-    plain_origin: tuple[int, list[str]],
+    plain_origin: tuple[int, list[bytes]],
     transport: str,
     host: str,
     target: str,
@@ -132,7 +119,7 @@ def test_a_blocked_path_is_blocked_however_it_is_written(
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("target", PASSING)
 def test_what_passes_reaches_the_upstream_as_the_client_sent_it(
-    filtering: Bumper, recorder: Recorder, plain_origin: tuple[int, list[str]], transport: str, target: str
+    filtering: Bumper, recorder: Recorder, plain_origin: tuple[int, list[bytes]], transport: str, target: str
 ) -> None:
     plain_port, plain = plain_origin
     before = len(targets_seen(transport, recorder, plain))
@@ -142,7 +129,7 @@ def test_what_passes_reaches_the_upstream_as_the_client_sent_it(
 
 @pytest.mark.parametrize("transport", ["--http2", "plain"])
 def test_the_access_log_has_the_target_as_sent_and_as_read(
-    filtering: Bumper, recorder: Recorder, plain_origin: tuple[int, list[str]], access_log: Path, transport: str
+    filtering: Bumper, recorder: Recorder, plain_origin: tuple[int, list[bytes]], access_log: Path, transport: str
 ) -> None:
     plain_port, _ = plain_origin
     port = plain_port if transport == "plain" else recorder.port

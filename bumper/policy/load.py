@@ -22,7 +22,8 @@ FILE:LINE:COLUMN: key: what is wrong.
       corp: {url: "http://proxy.corp.example:3128"}
 
 `match` keys: `sni` (the name in the ClientHello; the CONNECT host when there is none), `host` (the
-CONNECT host), `client`, `port` and `listener`. Every key given must match, any entry of a key may.
+CONNECT host), `client`, `port`, `listener` and `user` (a proxy user, with --proxy-auth). Every key
+given must match, any entry of a key may.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from bumper.certs import ca as ca_files
 from bumper.certs import owncert
 from bumper.certs.owncert import OwnCertificate
 from bumper.errors import ConfigError
-from bumper.policy import binder, names, relays
+from bumper.policy import binder, htpasswd, names, relays
 from bumper.policy.binder import Check, HostPattern, Network, Noun, OneOrMore, Parsed, PortRange
 from bumper.policy.destinations import Destinations
 from bumper.policy.relays import Credentials, Relay, Scheme
@@ -92,6 +93,8 @@ class Match:
     # are known only at run time (--listen), so any address is accepted here.
     listener: OneOrMore[Annotated[str, Parsed(listener_entry)]] = ()
     client_cert: ClientCertKey | None = None  # checked in the client's handshake, not at the ClientHello
+    # Proxy users (--proxy-auth): the htpasswd file is the command line's, so any name is accepted here.
+    user: OneOrMore[Annotated[str, Parsed(htpasswd.user_name)]] = ()
 
 
 def _client_cert(text: str) -> OwnCertificate:
@@ -147,7 +150,8 @@ class RuleEntry:
         m = self.match
         return Rule(
             self.name or f"rules[{index}]", self.action, sni=m.sni, host=m.host, client=m.client, port=m.port,
-            listener=m.listener, on_upstream_error=self.on_upstream_error, upstream_tls_min=self.upstream_tls_min,
+            listener=m.listener, user=m.user, on_upstream_error=self.on_upstream_error,
+            upstream_tls_min=self.upstream_tls_min,
             learn_pinning=self.learn_pinning, addons=self.addons, client_cert=self.client_cert,
             client_cert_required=ClientCertRequirement(m.client_cert.ca, m.client_cert.names, m.client_cert.uris)
             if m.client_cert else None, via=relays_by_name[self.via] if self.via else None,
@@ -278,16 +282,37 @@ def load(path: Path, addons: Mapping[str, Any] | None = None) -> Policy:
     return _load(path, addons)[0]
 
 
+USER_MATCH = (
+    "warning: matches only connections whose client gave a proxy user's password: bumper must run with"
+    " --proxy-auth, and only its explicit listeners ask for one; elsewhere this rule never matches"
+)
+
+
 def check(path: Path, addons: Mapping[str, Any] | None = None) -> list[str]:
     """`bumper policy check`: load's ConfigError, or the file's warnings as FILE:LINE:COLUMN: key: warning."""
     policy, root = _load(path, addons)
-    if policy.bind_names is not BindNames.CLIENT or not isinstance(root, yaml.MappingNode):
-        return []
     errors = _Errors(path)
-    for key, _ in root.value:
-        if key.value == "bind_names":
+    if policy.bind_names is BindNames.CLIENT:
+        for key in _keys(root, "bind_names"):
             errors.add(key, "bind_names", CLIENT_BINDING)
+    for index, rule in enumerate(_items(_value(root, "rules"))):
+        for key in _keys(_value(rule, "match"), "user"):
+            errors.add(key, f"rules[{index}].match.user", USER_MATCH)
     return errors.messages
+
+
+def _keys(node: yaml.Node | None, name: str) -> list[yaml.Node]:
+    """The key nodes NAME in NODE, a mapping (none if NODE is none)."""
+    return [k for k, _ in node.value if k.value == name] if isinstance(node, yaml.MappingNode) else []
+
+
+def _value(node: yaml.Node | None, name: str) -> yaml.Node | None:
+    values = [v for k, v in node.value if k.value == name] if isinstance(node, yaml.MappingNode) else []
+    return values[0] if values else None
+
+
+def _items(node: yaml.Node | None) -> list[yaml.Node]:
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
 
 
 def _load(path: Path, addons: Mapping[str, Any] | None) -> tuple[Policy, yaml.Node | None]:

@@ -169,6 +169,7 @@ class Rule:
     client: tuple[Network, ...] = ()
     port: tuple[PortRange, ...] = ()
     listener: tuple[str, ...] = ()
+    user: tuple[str, ...] = ()  # proxy users (--proxy-auth): matches only authenticated connections
     on_upstream_error: OnUpstreamError | None = None  # None: the policy's own
     upstream_tls_min: str = "1.2"  # "1.0" to "1.3"; below 1.2 only for hosts the rule names exactly
     learn_pinning: bool = False  # splice (client, SNI) pairs whose client rejected the mimic
@@ -187,7 +188,10 @@ class Rule:
         client: Address | None = None,
         port: int = 443,
         listener: ListenerRef | None = None,
+        user: str | None = None,
     ) -> bool:
+        if self.user and user not in self.user:
+            return False
         if self.host and not any(names.host_matches(p, connect_host) for p in self.host):
             return False
         if self.client and (client is None or not any(client in net for net in self.client)):
@@ -276,12 +280,13 @@ class Policy:
         client: Address | None = None,
         port: int = 443,
         listener: ListenerRef | None = None,
+        user: str | None = None,
     ) -> Decision:
-        decision = self._first_match(connect_host, sni, client, port, listener)
+        decision = self._first_match(connect_host, sni, client, port, listener, user)
         if decision.action is Action.SPLICE and sni and not names.is_ip_address(connect_host):
             # A spliced tunnel is never inspected, so both names must earn it: an allow-listed SNI
             # inside a CONNECT to a host that is not (domain fronting) is blocked.
-            as_connect = self._first_match(connect_host, connect_host, client, port, listener)
+            as_connect = self._first_match(connect_host, connect_host, client, port, listener, user)
             if as_connect.action is not Action.SPLICE:
                 return Decision(Action.BLOCK, f"{decision.rule} (SNI {sni} spliced, CONNECT host {connect_host} not)")
         return decision
@@ -302,14 +307,20 @@ class Policy:
         client: Address | None,
         port: int,
         listener: ListenerRef | None = None,
+        user: str | None = None,
     ) -> Decision:
         for i in self._index.candidates(connect_host, sni or connect_host):
-            if self.rules[i].matches(connect_host, sni, client, port, listener):
+            if self.rules[i].matches(connect_host, sni, client, port, listener, user):
                 return self._by(self.rules[i])
         return Decision(self.default, "default", self.on_upstream_error)
 
     def decide_at_connect(
-        self, connect_host: str, client: Address | None = None, port: int = 443, listener: ListenerRef | None = None
+        self,
+        connect_host: str,
+        client: Address | None = None,
+        port: int = 443,
+        listener: ListenerRef | None = None,
+        user: str | None = None,
     ) -> Decision | None:
         """The decision when only the CONNECT host is known, or None when it hangs on the SNI: the
         first rule that matches, unless a rule that needs the SNI comes before it."""
@@ -317,7 +328,9 @@ class Policy:
         for i in self._index.candidates(connect_host, connect_host):
             if i > first_sni_rule:
                 break
-            if not self.rules[i].needs_sni() and self.rules[i].matches(connect_host, None, client, port, listener):
+            if not self.rules[i].needs_sni() and self.rules[i].matches(
+                connect_host, None, client, port, listener, user
+            ):
                 return self._by(self.rules[i])
         if first_sni_rule < len(self.rules):
             return None

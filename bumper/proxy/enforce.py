@@ -110,6 +110,8 @@ class PolicyEnforcer:
         self.lookup_timeout = lookup_timeout  # seconds bind_names: strict waits for a name's addresses
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:  # answered before the policy (proxyauth: no valid credentials)
+            return
         policy = self.source.policy
         host, client, port = flow.request.host, client_address(flow.client_conn), flow.request.port
         if why := policy.refusal(client, port):
@@ -120,13 +122,13 @@ class PolicyEnforcer:
             return self._refuse(flow, BAD_NAME, "CONNECT to", why, status=400)
         # Refuse before any upstream connection when the CONNECT host alone decides `block`.
         listener = self._listener(flow.client_conn)
-        decision = policy.decide_at_connect(host, client, port, listener)
+        decision = policy.decide_at_connect(host, client, port, listener, self._user(flow))
         if decision is not None and decision.action is Action.BLOCK:
             return self._refuse(flow, decision, "CONNECT to")
         if policy.relays_used and (state := self.states.of(flow.client_conn.id)):
             # The tunnel is connected now, before the 200: through the relay the SNI will be routed to
             # if it names the CONNECT host, as an honest client's does (the ClientHello checks it).
-            state.relay = (decision or policy.decide(host, host, client, port, listener)).via
+            state.relay = (decision or policy.decide(host, host, client, port, listener, self._user(flow))).via
         if decision is None and policy.bind_names is BindNames.RESOLVE and names.is_ip_address(host):
             # A rule on the SNI may decide, and then the name's address is where the tunnel goes, not
             # this one: nothing is connected before the ClientHello (bind_names: resolve).
@@ -149,7 +151,7 @@ class PolicyEnforcer:
             self._check_names(flow)
             return None
         # Plain-HTTP proxy requests have no ClientHello: the request's host is all there is to match.
-        if not is_plain_proxy_request(flow, state):
+        if not is_plain_proxy_request(flow, state) or flow.response is not None:  # answered: proxyauth's 407
             return None
         policy = self.source.policy
         client, listener = client_address(flow.client_conn), self._listener(flow.client_conn)
@@ -169,7 +171,7 @@ class PolicyEnforcer:
             if named and (why := names.ipv4_form_problem(named)):
                 self._refuse(flow, BAD_NAME, "request to", why, status=400)
                 return None
-        decision = policy.decide(host, name, client, port, listener)
+        decision = policy.decide(host, name, client, port, listener, self._user(flow))
         if decision.action is Action.BLOCK:
             self._refuse(flow, decision, "request to")
             return None
@@ -194,6 +196,10 @@ class PolicyEnforcer:
     def _listener(self, client: connection.Client) -> ListenerRef | None:
         state = self.states.of(client.id)
         return state.listener if state else None
+
+    def _user(self, flow: http.HTTPFlow) -> str | None:
+        state = self.states.of(flow.client_conn.id)
+        return state.user if state else None
 
     def _check_names(self, flow: http.HTTPFlow) -> None:
         """In a bumped connection, CONNECT host, SNI and the request's names must name one site: its
@@ -256,7 +262,8 @@ class PolicyEnforcer:
             if why := policy.refusal(client, None if listener.mode is ListenerMode.REVERSE else port):
                 self._block(data, CLIENTS_PORTS, f"refused: {why}")
                 return None
-        decision = policy.decide(host, sni, client, port, listener)
+        state = self.states.of(context.client.id)
+        decision = policy.decide(host, sni, client, port, listener, state.user if state else None)
         name = bound_name(decision, host, sni) if decision.action is not Action.BLOCK else None
         if name is None or policy.bind_names is BindNames.CLIENT:
             return self._decided(data, decision, host, port)

@@ -141,6 +141,10 @@ def _sni_port(text: str, port: str) -> int:
         raise ConfigError(f"--listen {text!r}: sni:PORT: {e}") from None
 
 
+# Listeners a client is configured with as its proxy, where --proxy-auth asks for credentials. The
+# others have no proxy to authenticate to: the client talks to what it takes for the site.
+AUTHENTICATES = (Mode.EXPLICIT, Mode.RELAY)
+
 # Listeners that serve a certificate of their own choosing; the others serve mimics of upstreams.
 TAKES_OWN_CERTIFICATE = (Mode.REVERSE, Mode.RELAY)
 

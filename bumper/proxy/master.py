@@ -29,6 +29,7 @@ from bumper.certs.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES, FailSafeMimicStor
 from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
 from bumper.errors import ConfigError
 from bumper.inspect.chain import AddonRunner
+from bumper.policy.htpasswd import Users
 from bumper.policy.names import host_port
 from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import LAB, AddonSpec, ClientCertRequirement, OnError, Policy
@@ -42,6 +43,7 @@ from bumper.proxy.layers import NextLayer
 from bumper.proxy.limits import Limits
 from bumper.proxy.listeners import Listener, Mode
 from bumper.proxy.pinlearner import PinLearner
+from bumper.proxy.proxyauth import Authenticator, ProxyAuth
 from bumper.proxy.replies import ConnectReplies
 from bumper.proxy.state import ConnectionStates
 from bumper.proxy.tlsprovider import ClientTls, TlsProvider
@@ -83,6 +85,7 @@ class ProxyConfig:
     addons: Mapping[str, type[Addon]] = field(default_factory=dict)  # what policy rules may name
     always: tuple[AddonSpec, ...] = ()  # addons on all traffic, whatever the policy says (--access-log)
     limits: Limits = Limits()
+    users: Users | None = None  # --proxy-auth: the explicit listeners ask for a user's password
 
 
 def access_log(addons: Mapping[str, type[Addon]], path: str, log_secrets: bool = False) -> tuple[AddonSpec, ...]:
@@ -135,6 +138,8 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         ConnectionLimits(config.limits, states, server),  # before the policy: a refused client costs nothing more
         source,
         CaWatch(authority),
+        # Before the enforcer: the policy sees only authenticated requests, and their user.
+        *([ProxyAuth(Authenticator(config.users), states)] if config.users else []),
         # Before TlsProvider, whose hooks then see the connection's decision.
         PolicyEnforcer(source, states, pins.pins, UpstreamProbe(verifier), config.limits.upstream_timeout),
         pins,
@@ -191,8 +196,11 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
 
 
 def _reload(m: master.Master) -> None:
-    """SIGHUP: the policy file again, and a look at the CA's files (the loaded CA stays in use)."""
+    """SIGHUP: the policy file and the proxy users' file again, and a look at the CA's files (the
+    loaded CA stays in use)."""
     m.addons.get("policysource").reload()
+    if (users := m.addons.get("proxyauth")) is not None:  # only with --proxy-auth
+        users.reload()
     m.addons.get("cawatch").check()
 
 

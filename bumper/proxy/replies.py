@@ -112,6 +112,28 @@ def addon_refusal(addon: str, reason: str, status: int, reference: str) -> Reply
     return Reply(status, heading, reason, addon=addon, reference=reference)
 
 
+# The challenge of a 407: Basic, the one scheme --proxy-auth takes.
+PROXY_AUTHENTICATE = 'Basic realm="bumper"'
+
+
+def auth_required(request: http.Request) -> http.Response:
+    """407 for a request without valid proxy credentials. It does not say what was wrong with them
+    (unknown user, wrong password): that would tell a guesser which user names exist; the log says."""
+    reply = Reply(407, "Proxy authentication required", "proxy authentication required")
+    response = reply.response(request)
+    response.headers["Proxy-Authenticate"] = PROXY_AUTHENTICATE
+    return response
+
+
+def auth_unavailable(request: http.Request) -> http.Response:
+    """503 when the credentials could not be checked now (too many checks under way): not a 407,
+    which would make a browser ask its user for a password that may well be right."""
+    reply = Reply(503, "Busy", "too many proxy password checks under way; try again")
+    response = reply.response(request)
+    response.headers["retry-after"] = "1"
+    return response
+
+
 def bad_request(message: str, status: int = 400) -> Reply:
     return Reply(status, "Bad request", f"bad request: {message}")
 

@@ -46,6 +46,7 @@ class ConnectionState:
     conn: connection.Client
     client: str  # the client's address and port, as the log line shows it
     listener: ListenerRef | None = None  # the listener it came in on
+    user: str | None = None  # the proxy user its credentials named (--proxy-auth), once they were checked
     kind: Kind = Kind.CONNECT
     target: str | None = None  # host:port from the CONNECT request or the plain request's URL
     sni: str | None = None
@@ -130,7 +131,7 @@ class ConnectionState:
     def line(self) -> str:
         return (
             f"{self.client} {self.kind} {_dash(self.target)} listener={_dash(self.listener_name)} "
-            f"{f'via={self.via} ' if self.via else ''}{self._client_cert()}"
+            f"user={_dash(self.user)} {f'via={self.via} ' if self.via else ''}{self._client_cert()}"
             f"sni={_dash(self.sni)} action={_dash(self.action)} "
             f"rule={_dash(self.rule)} verify={_dash(self.verify)} upstream_sha256={_dash(self.upstream_sha256)} "
             f"requests={self.requests} outcome={self.outcome()}"
