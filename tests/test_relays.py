@@ -65,6 +65,7 @@ class Parent:
                 conn.recv(0)  # TLS 1.3: a missing or refused client certificate shows here
             except (ssl.SSLError, OSError) as e:
                 self.handshakes.append(str(e))
+                _linger(conn)
                 return
             self.handshakes.append("ok")
         data = b""
@@ -94,6 +95,17 @@ class Parent:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as upstream:
             upstream.sendall(rest)
             pipe(conn, upstream)
+
+
+def _linger(conn: socket.socket) -> None:
+    """Close as a proxy does after a refused handshake: what the client sent after its part (its
+    CONNECT) is read first, so that the close is no TCP reset, which would discard the alert sent."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(65536):
+            pass
+    except OSError:
+        pass
 
 
 def serve_parent(parent: Parent) -> Iterator[Parent]:
