@@ -60,13 +60,15 @@ class Parent:
 
     def handle(self, conn: socket.socket) -> None:
         if self.tls is not None:
+            tls = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
             try:
-                conn = self.tls.wrap_socket(conn, server_side=True)
-                conn.recv(0)  # TLS 1.3: a missing or refused client certificate shows here
+                tls.do_handshake()
             except (ssl.SSLError, OSError) as e:
                 self.handshakes.append(str(e))
-                _linger(conn)
+                with socket.socket(fileno=tls.detach()) as raw:
+                    _linger(raw)
                 return
+            conn = tls
             self.handshakes.append("ok")
         data = b""
         while b"\r\n\r\n" not in data:
