@@ -41,13 +41,21 @@ def listening_socket() -> socket.socket:
 
 
 def tcp_server(
-    handle: Callable[[socket.socket], None], max_connections: int = 10, server: socket.socket | None = None
+    handle: Callable[[socket.socket], None],
+    max_connections: int = 10,
+    server: socket.socket | None = None,
+    concurrent: bool = False,
 ) -> Iterator[int]:
     """A local TCP server that handles each connection with HANDLE, until the test ends; on SERVER, a
-    listening socket, if given (one made in a network namespace, say)."""
+    listening socket, if given (one made in a network namespace, say). CONCURRENT: each connection in
+    a thread of its own, with a 10 s socket timeout (a proxy's tunnels stay open while others come)."""
     server = server or listening_socket()
     server.settimeout(0.1)
     stop = threading.Event()
+
+    def run(conn: socket.socket) -> None:
+        with conn:
+            handle(conn)
 
     def serve() -> None:
         handled = 0
@@ -56,8 +64,11 @@ def tcp_server(
                 conn, _ = server.accept()
             except TimeoutError:
                 continue
-            with conn:
-                handle(conn)
+            if concurrent:
+                conn.settimeout(10)
+                threading.Thread(target=run, args=(conn,), daemon=True).start()
+            else:
+                run(conn)
             handled += 1
 
     thread = threading.Thread(target=serve, daemon=True)
@@ -68,32 +79,13 @@ def tcp_server(
     server.close()
 
 
-def threaded_server(handle: Callable[[socket.socket], None]) -> Iterator[int]:
-    """A local TCP server that handles every connection with HANDLE in a thread of its own, at the
-    same time (a proxy's tunnels stay open), until the test ends; each connection closed after HANDLE."""
-    server = listening_socket()
-    server.settimeout(0.1)
-    stop = threading.Event()
-
-    def run(conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(10)
-            handle(conn)
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=run, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join(5)
-    server.close()
+def read_head(sock: socket.socket) -> bytes:
+    """What SOCK sends up to the end of an HTTP head (a blank line) or its close, and whatever came
+    with it."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+        data += chunk
+    return data
 
 
 def pipe(a: socket.socket, b: socket.socket) -> None:
@@ -449,13 +441,7 @@ def open_tunnel(bumper: Bumper, host: str, port: int, timeout: float = 15) -> tu
     """A raw socket through bumper after CONNECT, and bumper's reply to the CONNECT."""
     sock = socket.create_connection(("127.0.0.1", bumper.port), timeout=timeout)
     sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
-    reply = b""
-    while b"\r\n\r\n" not in reply:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        reply += chunk
-    return sock, reply
+    return sock, read_head(sock)
 
 
 def client_tls_context(

@@ -29,8 +29,9 @@ from tests.conftest import (
     listening_socket,
     open_tunnel,
     pipe,
+    read_head,
     start_with_policy,
-    threaded_server,
+    tcp_server,
 )
 
 
@@ -70,12 +71,9 @@ class Parent:
                 return
             conn = tls
             self.handshakes.append("ok")
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return
-            data += chunk
+        data = read_head(conn)
+        if b"\r\n\r\n" not in data:
+            return
         head, _, rest = data.partition(b"\r\n\r\n")
         text = head.decode()
         self.heads.append(text)
@@ -111,7 +109,7 @@ def _linger(conn: socket.socket) -> None:
 
 
 def serve_parent(parent: Parent) -> Iterator[Parent]:
-    server = threaded_server(parent.handle)
+    server = tcp_server(parent.handle, max_connections=200, concurrent=True)
     parent.port = next(server)
     yield parent
     next(server, None)  # stops it

@@ -16,7 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from tests import pki
-from tests.conftest import Bumper, Pki, Upstream, lab_policy, pipe, threaded_server
+from tests.conftest import Bumper, Pki, Upstream, lab_policy, pipe, tcp_server
 
 RELAY_NAME = "relay-b.example.test"  # the one SNI the firewall lets out
 SERVICE = "private.service.example.test"  # behind B, with its own CA
@@ -133,7 +133,7 @@ rules:
     )  # fmt: skip
     b_port = int(b.process.wait_for_line(r"bumper: relay listening on 127\.0\.0\.3:(\d+)").group(1))
     firewall = Firewall(("127.0.0.3", b_port))
-    server = threaded_server(firewall.handle)
+    server = tcp_server(firewall.handle, max_connections=200, concurrent=True)
     firewall.port = next(server)
     sites = Sites(
         b, firewall, service, service_ca_pem, test_pki.root_pem, directory / "a-client.pem", directory, start_bumper
