@@ -187,7 +187,9 @@ def test_a_client_without_a_certificate_is_refused(mesh_gateway: MeshGateway) ->
 def test_a_client_certificate_from_another_ca_is_refused(mesh_gateway: MeshGateway, tmp_path: Path) -> None:
     stranger = pki.Authority.root("another CA")
     result = curl_mesh(mesh_gateway, *mesh_client(stranger, "orders.mesh.test", tmp_path))
-    assert result.returncode != 0 and "alert" in result.stderr
+    # TLS 1.3: curl's side of the handshake is over before bumper checks the certificate; bumper's alert
+    # reaches curl, or, on a loaded machine, the close's reset overtakes it (errno 107). Refused either way.
+    assert result.returncode != 0 and ("alert" in result.stderr or "errno 107" in result.stderr), result.stderr
     assert (
         "outcome=client certificate refused: client certificate CN=orders.mesh.test,O=bumper tests does not"
         " chain to the rule's CA (" in mesh_line(mesh_gateway, result)
