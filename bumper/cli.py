@@ -370,9 +370,8 @@ def _write_bundle(authority: ca_files.CertificateAuthority, out: str) -> None:
     system = system_roots_file()
     if system is None:
         where = system_roots_missing()
-        raise ConfigError(
-            f"no system roots to bundle: no file at {where} (install ca-certificates, or set SSL_CERT_FILE)"
-        )
+        hint = "install ca-certificates, or point SSL_CERT_FILE at a PEM file of roots"
+        raise ConfigError(f"no system roots to bundle: no file at {where} ({hint})")
     with warnings.catch_warnings():  # a root the system trusts may break RFC 5280 (a negative serial): still copied
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
         roots = ca_files.load_pem_certificates(system, f"system roots {system}")
