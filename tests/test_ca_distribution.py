@@ -214,6 +214,64 @@ def test_python_with_ssl_cert_file_set_to_the_bundle_works_through_bumper(
     assert result.stdout == "200\n"
 
 
+# Node 20 has no proxy support of its own: CONNECT through bumper, then TLS over the tunnel, with
+# Node's default roots plus NODE_EXTRA_CA_CERTS, which Node reads once at start-up.
+NODE_CLIENT = """
+const http = require("http"), tls = require("tls");
+const [proxyPort, host, port] = process.argv.slice(1);
+const req = http.request({host: "127.0.0.1", port: proxyPort, method: "CONNECT", path: `${host}:${port}`});
+req.on("connect", (res, socket) => {
+  const conn = tls.connect({socket, servername: host}, () => {
+    conn.write(`GET /node HTTP/1.1\\r\\nHost: ${host}\\r\\nConnection: close\\r\\n\\r\\n`);
+  });
+  let reply = "";
+  conn.on("data", (d) => { reply += d; });
+  conn.on("end", () => { console.log(reply.split("\\r\\n")[0]); });
+  conn.on("error", (e) => { console.error(e.code); process.exit(3); });
+});
+req.on("error", (e) => { console.error(e.message); process.exit(4); });
+req.setTimeout(30000, () => { console.error("timeout"); process.exit(5); });
+req.end();
+"""
+
+
+@pytest.mark.parametrize("extra", ["ca.pem", "bundle", None])
+def test_node_with_node_extra_ca_certs_works_through_bumper(
+    bumper: Bumper,
+    upstream: Upstream,
+    tmp_path: Path,
+    lab_roots: tuple[Path, list[x509.Certificate]],
+    extra: str | None,
+) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    roots_file, _ = lab_roots
+    extra_file = tmp_path / "extra.pem"
+    if extra == "ca.pem":
+        assert run("ca", "export", "--ca", bumper.ca_dir, extra_file).returncode == 0
+    elif extra == "bundle":
+        bundle = run("ca", "bundle", "--ca", bumper.ca_dir, "--out", extra_file, env={"SSL_CERT_FILE": str(roots_file)})
+        assert bundle.returncode == 0
+    else:  # the lab roots without bumper's CA: Node must refuse the mimic
+        shutil.copyfile(roots_file, extra_file)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
+
+    result = subprocess.run(
+        [node, "-e", NODE_CLIENT, str(bumper.port), upstream.host, str(upstream.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "NODE_EXTRA_CA_CERTS": str(extra_file)},
+    )
+
+    if extra is None:
+        assert (result.returncode, result.stderr.strip()) == (3, "UNABLE_TO_VERIFY_LEAF_SIGNATURE"), result
+    else:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("HTTP/1.1 200 ")
+
+
 @pytest.mark.parametrize("content", [None, b"no certificates in here\n"], ids=["missing", "empty"])
 def test_bundle_without_system_roots_is_a_configuration_error(
     ca_dir: Path, tmp_path: Path, content: bytes | None
