@@ -381,7 +381,8 @@ def _write_bundle(authority: ca_files.CertificateAuthority, out: str) -> None:
         return
     distribution.write_public(Path(out), data)
     print(f"wrote {data.count(b'-----BEGIN CERTIFICATE-----')} certificates to {out} (mode 0644, no private key):")
-    print(f"  {len(roots)} system roots from {system}, then bumper's CA {authority.fingerprint}")
+    place = "already among them" if authority.trust_anchor in roots else "then"
+    print(f"  {len(roots)} system roots from {system}, {place} bumper's CA {authority.fingerprint}")
 
 
 def _export_configmap(authority: ca_files.CertificateAuthority, opts: argparse.Namespace) -> None:

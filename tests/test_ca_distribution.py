@@ -152,6 +152,8 @@ def test_bundle_names_the_ca_once_when_the_system_already_trusts_it(ca_dir: Path
 
     assert result.returncode == 0, result.stderr
     assert result.stdout == roots_file.read_bytes()
+    reported = run("ca", "bundle", "--ca", ca_dir, "--out", tmp_path / "b.pem", env={"SSL_CERT_FILE": str(roots_file)})
+    assert "2 certificates" in reported.stdout.decode() and "already among them" in reported.stdout.decode()
 
 
 def test_bundle_of_a_ca_with_an_intermediate_holds_the_root_only(tmp_path: Path) -> None:
