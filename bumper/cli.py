@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -18,7 +19,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 
 from bumper import __version__, stopping
 from bumper.certs import ca as ca_files
-from bumper.certs import compare, keys
+from bumper.certs import compare, distribution, keys
 from bumper.certs.keypool import KeyPool, PoolSettings
 from bumper.certs.keys import KeySpec
 from bumper.certs.mimic import UnmimicableCertificate
@@ -37,10 +38,11 @@ from bumper.proxy.listeners import DEFAULT_LISTEN, client_ca, parse_all, with_ce
 from bumper.proxy.master import MimicSettings, ProxyConfig, access_log, serve
 from bumper.proxy.tlsprovider import CLIENT_CIPHERS, ClientTls
 from bumper.upstream.resolve import Override, ResolvingEventLoop
-from bumper.upstream.tls import UpstreamTrust
+from bumper.upstream.tls import UpstreamTrust, system_roots_file, system_roots_missing
 
 EXIT_CONFIG = 2
 STDOUT = "-"  # as a file argument
+K8S_CONFIGMAP = "k8s-configmap"  # bumper ca export --format
 
 EXAMPLES = """\
 examples:
@@ -58,9 +60,13 @@ examples:
       subject, SHA-256 fingerprint, validity and key type of the CA
   bumper ca export --ca ca/ /tmp/bumper-ca.der
       the CA certificate for clients that want DER (by the file name, or --format)
+  bumper ca bundle --ca ca/ --out /srv/trust/bundle.pem
+      the system's roots plus the CA in one PEM, for SSL_CERT_FILE in containers and sidecars
+  bumper ca export --ca ca/ --format k8s-configmap --namespace apps - | kubectl apply -f -
+      a ConfigMap holding ca.pem, for client pods to mount
 
 subcommands:
-  bumper ca init|show|export --ca DIR    manage the CA (bumper ca --help)
+  bumper ca init|show|export|bundle --ca DIR  manage and distribute the CA (bumper ca --help)
   bumper mimic --ca DIR CERT             the mimic bumper would serve for CERT, PEM or DER (--text: side by side)
   bumper policy check FILE [--addons DIR]  OK, or every problem in a policy file with its line and column
 """
@@ -314,9 +320,12 @@ def _ca_command(args: list[str]) -> int:
         ("init", "create a new CA in DIR (refuses to overwrite one)"),
         ("show", "subject, SHA-256 fingerprint, validity and key type"),
         ("export", "write the CA certificate (never a key) to PATH, or - for stdout"),
+        ("bundle", "the system's roots plus the CA certificate in one PEM, for SSL_CERT_FILE (never a key)"),
     ):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--ca", metavar="DIR", type=Path, required=True)
+        if name == "bundle":
+            s.add_argument("--out", metavar="FILE", default=STDOUT, help="written 0644, atomically; default: stdout")
         if name == "init":
             s.add_argument(
                 "--intermediate",
@@ -325,7 +334,13 @@ def _ca_command(args: list[str]) -> int:
             )
         if name == "export":
             s.add_argument("path", metavar="PATH", help="a file, or - for stdout")
-            s.add_argument("--format", choices=("pem", "der"), help="default: der for *.der and *.cer, else pem")
+            s.add_argument(
+                "--format",
+                choices=("pem", "der", K8S_CONFIGMAP),
+                help="default: der for *.der and *.cer, else pem; k8s-configmap: a ConfigMap holding ca.pem",
+            )
+            s.add_argument("--name", type=_dns_name(distribution.dns1123_subdomain), help="the ConfigMap's name")
+            s.add_argument("--namespace", type=_dns_name(distribution.dns1123_label), help="the ConfigMap's namespace")
     opts = p.parse_args(args)
     if opts.action == "init":
         authority = ca_files.create(opts.ca, intermediate=opts.intermediate)
@@ -337,6 +352,10 @@ def _ca_command(args: list[str]) -> int:
     authority = _existing_ca(opts.ca)
     if opts.action == "show":
         print(ca_files.describe(authority))
+    elif opts.action == "bundle":
+        _write_bundle(authority, opts.out)
+    elif opts.format == K8S_CONFIGMAP or opts.name or opts.namespace:
+        _export_configmap(authority, opts)
     elif opts.path == STDOUT:  # the certificate alone, for a pipe: no message on stdout
         sys.stdout.buffer.write(ca_files.exported(authority, opts.format or "pem"))
     else:
@@ -345,6 +364,47 @@ def _ca_command(args: list[str]) -> int:
         ca_files.export(authority, path, encoding)
         print(f"wrote the CA certificate ({encoding.upper()}) to {path}")
     return 0
+
+
+def _write_bundle(authority: ca_files.CertificateAuthority, out: str) -> None:
+    system = system_roots_file()
+    if system is None:
+        where = system_roots_missing()
+        hint = "install ca-certificates, or point SSL_CERT_FILE at a PEM file of roots"
+        raise ConfigError(f"no system roots to bundle: no file at {where} ({hint})")
+    with warnings.catch_warnings():  # a root the system trusts may break RFC 5280 (a negative serial): still copied
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        roots = ca_files.load_pem_certificates(system, f"system roots {system}")
+    data = distribution.bundle(roots, authority)
+    if out == STDOUT:
+        sys.stdout.buffer.write(distribution.check_public(data, "stdout"))
+        return
+    distribution.write_public(Path(out), data)
+    print(f"wrote {data.count(b'-----BEGIN CERTIFICATE-----')} certificates to {out} (mode 0644, no private key):")
+    place = "already among them" if authority.trust_anchor in roots else "then"
+    print(f"  {len(roots)} system roots from {system}, {place} bumper's CA {authority.fingerprint}")
+
+
+def _export_configmap(authority: ca_files.CertificateAuthority, opts: argparse.Namespace) -> None:
+    if opts.format != K8S_CONFIGMAP:
+        raise ConfigError("--name and --namespace are for --format k8s-configmap")
+    name, namespace = opts.name or distribution.DEFAULT_CONFIGMAP_NAME, opts.namespace or distribution.DEFAULT_NAMESPACE
+    data = distribution.configmap(authority, name, namespace)
+    if opts.path == STDOUT:
+        sys.stdout.buffer.write(distribution.check_public(data, "stdout"))
+        return
+    distribution.write_public(Path(opts.path), data)
+    print(f"wrote the ConfigMap {namespace}/{name} (ca.pem, no private key) to {opts.path}")
+
+
+def _dns_name(check: Callable[[str], str]) -> Callable[[str], str]:
+    def checked(text: str) -> str:
+        try:
+            return check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return checked
 
 
 def _policy_command(args: list[str]) -> int:

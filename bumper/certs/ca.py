@@ -1,7 +1,7 @@
 """The local certificate authority: its files in DIR, creating them once, loading and checking them.
 
 Layout of DIR (0700; every file bumper writes there is 0600, certificates too: whoever hands the CA
-to clients copies it out with `bumper ca export`, and nothing in DIR is for other users):
+to clients copies it out with `bumper ca export` or `bundle`, and nothing in DIR is for other users):
   ca.pem       the CA certificate clients must trust
   ca.der       the same certificate in DER, for clients that want it
   ca.key       its private key, PKCS#8 PEM, unencrypted

@@ -5,6 +5,7 @@ both verify alike."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import ssl
 import weakref
 from dataclasses import dataclass
@@ -50,12 +51,27 @@ class UpstreamTrust:
 
     def all_files(self) -> list[Path]:
         """The system bundle (as OpenSSL finds it, SSL_CERT_FILE included) and the extra files."""
-        system = ssl.get_default_verify_paths().cafile
-        return [*([Path(system)] if system else []), *self.extra_ca_files]
+        system = system_roots_file()
+        return [*([system] if system else []), *self.extra_ca_files]
 
     def check(self) -> None:
         for path in self.extra_ca_files:
             load_pem_certificates(path, f"--upstream-ca {path}")
+
+
+def system_roots_file() -> Path | None:
+    """The system's roots file as OpenSSL finds it (SSL_CERT_FILE, else its default), if it exists:
+    what upstream_context's set_default_verify_paths loads, and what `bumper ca bundle` copies."""
+    system = ssl.get_default_verify_paths().cafile
+    return Path(system) if system else None
+
+
+def system_roots_missing() -> str:
+    """Where OpenSSL looked for the system's roots and found no file, for an error message."""
+    paths = ssl.get_default_verify_paths()
+    if configured := os.environ.get(paths.openssl_cafile_env):
+        return f"{paths.openssl_cafile_env}={configured}"
+    return f"{paths.openssl_cafile} (OpenSSL's default; {paths.openssl_cafile_env} is not set)"
 
 
 def upstream_context(
