@@ -20,7 +20,7 @@ import pytest
 
 from bumper import sdnotify
 from bumper.cli import _run_parser
-from tests.conftest import BUMPER, Bumper, Upstream, curl
+from tests.conftest import BUMPER, Bumper, Upstream, curl, open_tunnel
 
 UNIT = Path(__file__).parent.parent / "deploy" / "systemd" / "bumper.service"
 INSTALLED = "/opt/bumper/bin/bumper"  # where the unit's ExecStart expects bumper (docs/deploy.md)
@@ -142,6 +142,26 @@ def test_bumper_tells_systemd_it_is_ready_reloading_and_stopping(start_bumper, n
     assert stopping["STOPPING"] == "1"
     assert re.fullmatch(r"draining \d+ connections", stopping["STATUS"])
     assert bumper.process.proc.wait(TIMEOUT) == 0
+
+
+def test_a_reload_while_draining_does_not_tell_systemd_it_is_ready_again(
+    start_bumper, upstream: Upstream, notify_socket: socket.socket
+) -> None:
+    bumper: Bumper = start_bumper("--drain-timeout", "600")
+    assert received(notify_socket)["READY"] == "1"
+    tunnel, reply = open_tunnel(bumper, upstream.host, upstream.port)
+    with tunnel:
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        bumper.process.proc.send_signal(signal.SIGTERM)
+        assert received(notify_socket)["STOPPING"] == "1"
+
+        bumper.process.proc.send_signal(signal.SIGHUP)
+        bumper.process.wait_for_line("policy reloaded from")  # the reload is done: whatever it sent is sent
+    assert bumper.process.proc.wait(TIMEOUT) == 0  # the tunnel's close ended the drain
+
+    notify_socket.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        notify_socket.recv(4096)
 
 
 def test_a_notify_socket_nobody_listens_on_is_one_line_and_the_proxy_serves(

@@ -204,13 +204,17 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
 
 def _reload(m: master.Master) -> None:
     """SIGHUP: the policy file and the proxy users' file again, and a look at the CA's files (the
-    loaded CA stays in use)."""
-    sdnotify.reloading()
+    loaded CA stays in use). systemd hears of it, unless bumper is draining: it told systemd STOPPING=1,
+    and READY=1 would take that back."""
+    tell = not m.addons.get("drain").draining
+    if tell:
+        sdnotify.reloading()
     m.addons.get("policysource").reload()
     if (users := m.addons.get("proxyauth")) is not None:  # only with --proxy-auth
         users.reload()
     m.addons.get("cawatch").check()
-    sdnotify.ready(_status(m.addons.get("proxyserver")))
+    if tell:
+        sdnotify.ready(_status(m.addons.get("proxyserver")))
 
 
 def _status(server: proxyserver.Proxyserver) -> str:
