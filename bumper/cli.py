@@ -35,7 +35,7 @@ from bumper.policy.load import load as load_policy
 from bumper.policy.rules import LAB
 from bumper.proxy import limits
 from bumper.proxy.listeners import DEFAULT_LISTEN, client_ca, parse_all, with_certificates
-from bumper.proxy.master import MimicSettings, ProxyConfig, access_log, serve
+from bumper.proxy.master import DEFAULT_DRAIN_TIMEOUT, MimicSettings, ProxyConfig, access_log, serve
 from bumper.proxy.tlsprovider import CLIENT_CIPHERS, ClientTls
 from bumper.upstream.resolve import Override, ResolvingEventLoop
 from bumper.upstream.tls import UpstreamTrust, system_roots_file, system_roots_missing
@@ -208,6 +208,14 @@ def _run_parser() -> argparse.ArgumentParser:
         "p256, p384, p521, ed25519 (default: p256)",
     )
     _limit_options(p.add_argument_group("limits (docs/limits.md)"))
+    p.add_argument(
+        "--drain-timeout",
+        metavar="SECONDS",
+        type=_drain_seconds,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        help="on SIGTERM, stop listening and give open connections this long to finish, then cut them; "
+        "0 stops at once, as SIGINT does (default: %(default)g; docs/deploy.md)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="also show mitmproxy's own proxy-core log")
     p.add_argument(
         "--log-secrets",
@@ -289,6 +297,7 @@ def _run_command(args: list[str]) -> int:
         client_tls=ClientTls(opts.client_tls_min, opts.client_ciphers),
         limits=_limits(opts),
         users=htpasswd.load(opts.proxy_auth) if opts.proxy_auth else None,
+        drain_timeout=opts.drain_timeout,
         mimics=MimicSettings(
             memory_entries=opts.mimic_cache,
             db_entries=opts.mimic_db,
@@ -478,6 +487,16 @@ def _seconds(text: str) -> float:
     if not value > 0:  # also rejects nan
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
+
+
+def _drain_seconds(text: str) -> float:
+    """As _seconds, and 0 too: no drain."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    return _seconds(text)
 
 
 def _positive(text: str) -> int:

@@ -1,5 +1,6 @@
 """How bumper stops: SIGINT (Ctrl-C) and SIGTERM end the proxy at any moment, start-up included,
-with one line on stderr and exit code 0, never a traceback.
+with one line on stderr and exit code 0, never a traceback. Once the proxy serves, SIGTERM drains
+first (bumper.proxy.drain): open connections may finish, up to --drain-timeout.
 
 Until serve() hands them to the event loop, both raise KeyboardInterrupt (the entry point makes
 SIGTERM do so too), which the command turns into that line. The processes bumper starts never see

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -185,8 +186,14 @@ class Process:
     proc: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
     test_start: int = 0  # the first line written during the current test
+    # stop()'s signal. bumper's SIGTERM drains, waiting for open connections (a client's idle
+    # keep-alive one, say) up to --drain-timeout: tests stop it at once, with SIGINT, unless they
+    # test the drain. Any process whose command runs bumper, `ip netns exec ... bumper` included.
+    stop_signal: signal.Signals = signal.SIGTERM
 
     def __post_init__(self) -> None:
+        if isinstance(self.proc.args, list | tuple) and BUMPER in map(str, self.proc.args):
+            self.stop_signal = signal.SIGINT
         ALL_PROCESSES.append(self)
         threading.Thread(target=self._drain, daemon=True).start()
 
@@ -215,7 +222,7 @@ class Process:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(self.stop_signal)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:

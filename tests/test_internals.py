@@ -129,6 +129,10 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.hooks.Hook.__init_subclass__": ("09b689277643e8f3", "registers dispatch._Rest by its name"),
     # Listening and the stock addons bumper replaces (proxy/master.py, proxy/tlsprovider.py, proxy/layers.py)
     "mitmproxy.addons.proxyserver.Servers.update": ("e653c1bdfa8cf352", "its error log parsed"),
+    # The drain on SIGTERM closes the listeners, not the connections (proxy/drain.py)
+    "mitmproxy.addons.proxyserver.Servers.__iter__": ("734080786465671d", "the listeners to close"),
+    "mitmproxy.proxy.mode_servers.ServerInstance.stop": ("9cbc64edbed13119", "called by the drain"),
+    "mitmproxy.proxy.mode_servers.AsyncioServerInstance._stop": ("73df3f7e7fb2d941", "closes without wait_closed"),
     "mitmproxy.addons.tlsconfig.alpn_select_callback": ("41a266755820fa37", "used"),
     "mitmproxy.addons.tlsconfig.AppData": ("88cb35fe3ca564af", "used"),
     "mitmproxy.addons.tlsconfig.TlsConfig.tls_start_client": ("d3093c897eeafc2f", "replaced by TlsProvider"),

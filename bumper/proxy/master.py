@@ -18,9 +18,9 @@ from mitmproxy.addons import proxyserver
 from mitmproxy.connection import Address
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.mode_servers import ServerInstance
-from mitmproxy.utils import asyncio_utils
+from mitmproxy.utils import asyncio_utils, human
 
-from bumper import stopping
+from bumper import sdnotify, stopping
 from bumper.addon import Addon
 from bumper.certs import ca as ca_files
 from bumper.certs import keys, mimic
@@ -37,6 +37,8 @@ from bumper.policy.source import PolicySource
 from bumper.proxy import dispatch, httpstream
 from bumper.proxy.cawatch import CaWatch
 from bumper.proxy.connlimits import ConnectionLimits, out_of_descriptors
+from bumper.proxy.drain import DEFAULT_TIMEOUT as DEFAULT_DRAIN_TIMEOUT
+from bumper.proxy.drain import Drain
 from bumper.proxy.enforce import PolicyEnforcer
 from bumper.proxy.eventlog import ConnectionLog
 from bumper.proxy.layers import NextLayer
@@ -86,6 +88,7 @@ class ProxyConfig:
     always: tuple[AddonSpec, ...] = ()  # addons on all traffic, whatever the policy says (--access-log)
     limits: Limits = Limits()
     users: Users | None = None  # --proxy-auth: the explicit listeners ask for a user's password
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # SIGTERM: seconds open connections may take to finish
 
 
 def access_log(addons: Mapping[str, type[Addon]], path: str, log_secrets: bool = False) -> tuple[AddonSpec, ...]:
@@ -147,7 +150,8 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         UpstreamErrorPages(states),
         runner,  # after the enforcer and the error pages: it skips what they refused
         TlsProvider(mimics, verifier, states, config.client_tls, config.listeners, config.client_ca),
-        connection_log,  # last: the others' client_disconnected still see the state it then forgets
+        connection_log,  # the others' client_disconnected still see the state it then forgets
+        Drain(m, server, states, config.drain_timeout),  # after it: the states left are the connections open
     )
     m.options.update(
         mode=[listener.mitmproxy_mode() for listener in config.listeners],
@@ -188,6 +192,9 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
             await m.running()  # before the listening line: who reads it may rely on a started proxy
             if not m.should_exit.is_set():  # a proxy stopped during start-up has nothing to announce
                 _announce(config.listeners, server, authority if announce_new_ca else None)
+                sdnotify.ready(_status(server))
+            # From here SIGTERM drains (bumper.proxy.drain); start-up has no connections to wait for.
+            loop.add_signal_handler(signal.SIGTERM, m.addons.get("drain").sigterm)
             loop.add_signal_handler(signal.SIGHUP, _reload, m)
             loop.add_signal_handler(signal.SIGUSR1, m.addons.get("addonrunner").reopen)
             await m.should_exit.wait()
@@ -197,11 +204,22 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
 
 def _reload(m: master.Master) -> None:
     """SIGHUP: the policy file and the proxy users' file again, and a look at the CA's files (the
-    loaded CA stays in use)."""
+    loaded CA stays in use). systemd hears of it, unless bumper is draining: it told systemd STOPPING=1,
+    and READY=1 would take that back."""
+    tell = not m.addons.get("drain").draining
+    if tell:
+        sdnotify.reloading()
     m.addons.get("policysource").reload()
     if (users := m.addons.get("proxyauth")) is not None:  # only with --proxy-auth
         users.reload()
     m.addons.get("cawatch").check()
+    if tell:
+        sdnotify.ready(_status(m.addons.get("proxyserver")))
+
+
+def _status(server: proxyserver.Proxyserver) -> str:
+    """What `systemctl status bumper` shows: where bumper listens."""
+    return "listening on " + ", ".join(sorted({human.format_address(a) for a in server.listen_addrs()}))
 
 
 def _check_destinations(

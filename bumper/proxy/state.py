@@ -167,6 +167,10 @@ class ConnectionStates:
     def of(self, client_id: str) -> ConnectionState | None:
         return self._states.get(client_id)
 
+    def __len__(self) -> int:
+        """The client connections open: what a drain waits for (bumper.proxy.drain)."""
+        return len(self._states)
+
     def pop(self, client_id: str) -> ConnectionState | None:
         return self._states.pop(client_id, None)
 
