@@ -19,6 +19,7 @@ import argparse
 import collections
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -86,7 +87,7 @@ class Process:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM to this PID only
+            self.proc.send_signal(signal.SIGINT)  # to this PID only: bumper drains on SIGTERM, stops on SIGINT
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
