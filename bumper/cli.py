@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             return _ONE_SHOT[args[0]](args[1:])
         return _run_command(args)
     except ConfigError as e:
-        print(f"bumper: {e}", file=sys.stderr)
+        # Through the stderr log once it is set up (--log-format json makes this line JSON too); before
+        # that, and in the one-shot commands, logging's last resort writes the bare message to stderr.
+        logging.getLogger("bumper").error(f"bumper: {e}", extra=eventlog.BARE)
         return EXIT_CONFIG
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (__main__), before serve() gave them to the event loop
         return stopping.interrupted(args)
