@@ -66,6 +66,9 @@ subcommands:
 """
 
 
+CONFIG_ERRORS = "bumper.config"  # the logger of the line a configuration error ends with
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         # Through the stderr log once it is set up (--log-format json makes this line JSON too); before
         # that, and in the one-shot commands, logging's last resort writes the bare message to stderr.
-        logging.getLogger("bumper").error(f"bumper: {e}", extra=eventlog.BARE)
+        logging.getLogger(CONFIG_ERRORS).error(f"bumper: {e}", extra=eventlog.BARE)
         return EXIT_CONFIG
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (__main__), before serve() gave them to the event loop
         return stopping.interrupted(args)
@@ -457,6 +460,11 @@ def _setup_logging(verbose: bool, log_secrets: bool, log_format: LogFormat = "te
     handler.setFormatter(eventlog.formatter(log_format, log_secrets))
     root = logging.getLogger()
     root.addHandler(handler)
+    # A configuration error goes to stderr alone: mitmproxy's Master adds a handler to the root logger
+    # that needs its event loop, which a failed start has closed by the time main() reports it.
+    errors = logging.getLogger(CONFIG_ERRORS)
+    errors.addHandler(handler)
+    errors.propagate = False
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # cryptography warns about what an upstream's certificate breaks (a negative serial, say), from
     # wherever it happens to be loaded: a hostile upstream could fill the log with them. The

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -161,21 +162,33 @@ def test_a_bad_log_format_is_a_usage_error(tmp_path: Path) -> None:
     assert "argument --log-format: invalid choice: 'xml' (choose from 'text', 'json')" in result.stderr
 
 
-def test_a_configuration_error_is_one_json_line(tmp_path: Path) -> None:
-    missing = tmp_path / "no-ca"
-    result = subprocess.run(
-        [BUMPER, "--ca", str(missing), "--listen", "127.0.0.1:0", "--log-format", "json"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+def config_error(*args: str) -> dict[str, Any]:
+    """bumper's one stderr line, as JSON, for a start with --log-format json that must fail with exit 2."""
+    result = subprocess.run([BUMPER, *args, "--log-format", "json"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    entry = json.loads(lines[0])
+    entry: dict[str, Any] = json.loads(lines[0])
     assert (set(entry), entry["level"]) == (LOG_LINE_KEYS, "ERROR")
+    return entry
+
+
+def test_a_configuration_error_is_one_json_line(tmp_path: Path) -> None:
+    missing = tmp_path / "no-ca"
+    message = config_error("--ca", str(missing), "--listen", "127.0.0.1:0")["message"]
     assert (
-        entry["message"]
-        == f"bumper: --ca {missing}: no such directory; create a CA there with: bumper ca init --ca {missing}"
+        message == f"bumper: --ca {missing}: no such directory; create a CA there with: bumper ca init --ca {missing}"
     )
+
+
+def test_a_busy_port_is_one_json_line(tmp_path: Path) -> None:
+    """Found once the proxy has started to start (mitmproxy's log handler is in place by then)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        message = config_error("--ca", str(tmp_path), "--listen", f"127.0.0.1:{port}")["message"]
+    assert message == f"bumper: --listen explicit@127.0.0.1:{port}: [errno 98] address already in use"
 
 
 def test_a_traceback_stays_inside_its_json_line() -> None:
