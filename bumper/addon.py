@@ -99,6 +99,9 @@ def refuse(flow: http.HTTPFlow, refusal: Refusal) -> None:
                     refusal.addon, flow.id, refusal.reason)  # fmt: skip
         return
     flow.metadata[REFUSAL] = refusal
+    if (state := connection_info(flow)) is not None:
+        # The connection's log line names the first refusal, unless something failed before it.
+        state.refuse(f"blocked by {refusal.addon}: {refusal.reason}", refusal.addon)
     if flow.metadata.get(RESPONSE_SENT):
         abort(flow, f"refused by addon {refusal.addon}: {refusal.reason}")
         return

@@ -25,15 +25,15 @@ from bumper.certs.keys import KeySpec
 from bumper.certs.mimic import UnmimicableCertificate
 from bumper.certs.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES
 from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
-from bumper.clock import iso_utc
 from bumper.errors import ConfigError
 from bumper.inspect.loading import load_registry
-from bumper.policy import htpasswd, redact
+from bumper.policy import htpasswd
 from bumper.policy.binder import parse_size
 from bumper.policy.load import check as check_policy
 from bumper.policy.load import load as load_policy
 from bumper.policy.rules import LAB
-from bumper.proxy import limits
+from bumper.proxy import eventlog, limits
+from bumper.proxy.eventlog import LOG_FORMATS, LogFormat
 from bumper.proxy.listeners import DEFAULT_LISTEN, client_ca, parse_all, with_certificates
 from bumper.proxy.master import DEFAULT_DRAIN_TIMEOUT, MimicSettings, ProxyConfig, access_log, serve
 from bumper.proxy.tlsprovider import CLIENT_CIPHERS, ClientTls
@@ -72,6 +72,9 @@ subcommands:
 """
 
 
+CONFIG_ERRORS = "bumper.config"  # the logger of the line a configuration error ends with
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -79,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             return _ONE_SHOT[args[0]](args[1:])
         return _run_command(args)
     except ConfigError as e:
-        print(f"bumper: {e}", file=sys.stderr)
+        # Through the stderr log once it is set up (--log-format json makes this line JSON too); before
+        # that, and in the one-shot commands, logging's last resort writes the bare message to stderr.
+        logging.getLogger(CONFIG_ERRORS).error(f"bumper: {e}", extra=eventlog.BARE)
         return EXIT_CONFIG
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (__main__), before serve() gave them to the event loop
         return stopping.interrupted(args)
@@ -223,6 +228,13 @@ def _run_parser() -> argparse.ArgumentParser:
         help="keep credentials in the logs (Authorization values, URL parameters named like token, key, "
         "password, sig...), which are masked by default; for labs only",
     )
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="the stderr log: text lines, or JSON Lines, a connection's line with the access log's "
+        "connection fields (default: %(default)s)",
+    )
     return p
 
 
@@ -280,7 +292,7 @@ def _run_command(args: list[str]) -> int:
     """Run the proxy until SIGINT or SIGTERM, its normal end."""
     opts = _run_parser().parse_args(args)
     _without_debug_checks(args)
-    _setup_logging(opts.verbose, opts.log_secrets)
+    _setup_logging(opts.verbose, opts.log_secrets, opts.log_format)
     addons = load_registry(opts.addons)
     listeners = with_certificates(parse_all(opts.listen or [DEFAULT_LISTEN]), opts.tls_cert)
     config = ProxyConfig(
@@ -522,28 +534,16 @@ def _count(text: str) -> int:
     return int(text)
 
 
-class _UtcFormatter(logging.Formatter):
-    """Each line starts with its time in UTC, as the access log writes it (bumper.clock), so that
-    both logs line up whatever the machine's time zone. Unless LOG_SECRETS, credentials are masked
-    in every line (bumper.policy.redact), whoever wrote it: bumper, mitmproxy with -v, an addon."""
-
-    def __init__(self, fmt: str, log_secrets: bool) -> None:
-        super().__init__(fmt)
-        self.log_secrets = log_secrets
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        return line if self.log_secrets else redact.text(line)
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return iso_utc(record.created)
-
-
-def _setup_logging(verbose: bool, log_secrets: bool) -> None:
+def _setup_logging(verbose: bool, log_secrets: bool, log_format: LogFormat = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_UtcFormatter("%(asctime)s %(message)s", log_secrets))
+    handler.setFormatter(eventlog.formatter(log_format, log_secrets))
     root = logging.getLogger()
     root.addHandler(handler)
+    # A configuration error goes to stderr alone: mitmproxy's Master adds a handler to the root logger
+    # that needs its event loop, which a failed start has closed by the time main() reports it.
+    errors = logging.getLogger(CONFIG_ERRORS)
+    errors.addHandler(handler)
+    errors.propagate = False
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # cryptography warns about what an upstream's certificate breaks (a negative serial, say), from
     # wherever it happens to be loaded: a hostile upstream could fill the log with them. The

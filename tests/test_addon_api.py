@@ -562,7 +562,7 @@ def test_a_download_cut_off_by_a_refusal_is_logged(lab: Lab, upstream: Upstream,
     entry = http_entries[0]
     assert (entry["blocked_by"], entry["status"]) == ("stopper", None)
     assert entry["reason"] == "more than 1048576 bytes of the response body"
-    assert " requests=0 outcome=ok" not in line, line
+    assert line.endswith(" requests=0 outcome=blocked by stopper: more than 1048576 bytes of the response body"), line
 
 
 # Loading addons: --addons DIR, entry points, bumper policy check

@@ -1,17 +1,29 @@
-"""One human-readable log line per client connection: who, where to, what bumper did, how it ended."""
+"""One log line per client connection: who, where to, what bumper did, how it ended; and the two
+notations of bumper's stderr log (--log-format): text for people, JSON Lines for log shippers."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 from mitmproxy import connection
 
+from bumper.clock import iso_utc
+from bumper.policy import redact
+from bumper.proxy.records import connection_line
 from bumper.proxy.state import ConnectionState, ConnectionStates
 
 log = logging.getLogger("bumper.conn")
+
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+# LogRecord attributes (logging's `extra`): the connection a record is the line of, and a start-up
+# line that text shows bare, as bumper has always printed it (scripts wait for `proxy listening on`).
+STATE = "bumper_state"
+BARE = {"bumper_bare": True}
 
 
 class ConnectionLog:
@@ -29,7 +41,52 @@ class ConnectionLog:
             return None
         if client.error:
             state.fail(client.error)
-        log.info(state.line())
+        # The state rides along: the JSON notation writes it as the access log's connection record.
+        log.info(state.line(), extra={STATE: state})
         # Each callback runs now; those that have to wait finish together.
         waiting = [pending for ended in self.on_end if (pending := ended(state)) is not None]
         return asyncio.gather(*waiting) if waiting else None
+
+
+def formatter(log_format: LogFormat, log_secrets: bool) -> logging.Formatter:
+    return JsonFormatter(log_secrets) if log_format == "json" else TextFormatter(log_secrets)
+
+
+class TextFormatter(logging.Formatter):
+    """Each line starts with its time in UTC, as the access log writes it (bumper.clock), so that
+    both logs line up whatever the machine's time zone. Unless LOG_SECRETS, credentials are masked
+    in every line (bumper.policy.redact), whoever wrote it: bumper, mitmproxy with -v, an addon."""
+
+    def __init__(self, log_secrets: bool) -> None:
+        super().__init__("%(asctime)s %(message)s")
+        self.log_secrets = log_secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = record.getMessage() if getattr(record, "bumper_bare", False) else super().format(record)
+        return line if self.log_secrets else redact.text(line)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return iso_utc(record.created)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line. A connection's line is the access log's "type":"connection" record
+    (same code, same field names, so one query reads both logs); every other line is
+    {"time","level","logger","message"}, a traceback inside its message. Credentials are masked as
+    in text, field by field, so that the line stays JSON."""
+
+    def __init__(self, log_secrets: bool) -> None:
+        super().__init__()
+        self.log_secrets = log_secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        state = getattr(record, STATE, None)
+        if isinstance(state, ConnectionState):
+            return connection_line(state, self.log_secrets).rstrip("\n")
+        message = record.getMessage()
+        if record.exc_info:
+            message = f"{message}\n{self.formatException(record.exc_info)}"
+        if not self.log_secrets:
+            message = redact.text(message)
+        fields = {"time": iso_utc(record.created), "level": record.levelname, "logger": record.name, "message": message}
+        return json.dumps(fields, separators=(",", ":"))

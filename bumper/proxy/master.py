@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from bumper.proxy.connlimits import ConnectionLimits, out_of_descriptors
 from bumper.proxy.drain import DEFAULT_TIMEOUT as DEFAULT_DRAIN_TIMEOUT
 from bumper.proxy.drain import Drain
 from bumper.proxy.enforce import PolicyEnforcer
-from bumper.proxy.eventlog import ConnectionLog
+from bumper.proxy.eventlog import BARE, ConnectionLog
 from bumper.proxy.layers import NextLayer
 from bumper.proxy.limits import Limits
 from bumper.proxy.listeners import Listener, Mode
@@ -251,10 +250,10 @@ def _announce(
         what = "proxy" if listener.mode is Mode.EXPLICIT else str(listener.mode)
         for port in sorted({address[1] for address in instance.listen_addrs}):  # one port, maybe IPv4 and IPv6
             address = host_port(listener.host, port)
-            print(f"bumper: {what} listening on {address}", file=sys.stderr, flush=True)
+            log.info(f"bumper: {what} listening on {address}", extra=BARE)
             proxy = proxy or (address if listener.mode is Mode.EXPLICIT else None)
     if new_ca is not None:
-        print(ca_files.trust_instructions(new_ca, proxy), file=sys.stderr, flush=True)
+        log.info(ca_files.trust_instructions(new_ca, proxy), extra=BARE)
 
 
 def _listen_failure(errors: list[str]) -> str:
