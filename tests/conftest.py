@@ -291,6 +291,16 @@ class Pki:
     directory: Path
 
 
+@pytest.fixture
+def ca_dir(tmp_path: Path) -> Path:
+    """A valid bumper CA, made in-process."""
+    from bumper.certs import ca as ca_files
+
+    directory = tmp_path / "ca"
+    ca_files.create(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def test_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     directory = tmp_path_factory.mktemp("pki")

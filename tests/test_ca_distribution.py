@@ -69,13 +69,6 @@ def assert_one_error_line(result: subprocess.CompletedProcess[bytes], *named: st
 
 
 @pytest.fixture
-def ca_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "ca"
-    ca_files.create(directory)
-    return directory
-
-
-@pytest.fixture
 def lab_roots(tmp_path: Path) -> tuple[Path, list[x509.Certificate]]:
     """A roots file of two test roots, for SSL_CERT_FILE: a known system store."""
     roots = [pki.Authority.root(f"lab root {i}").cert for i in range(2)]

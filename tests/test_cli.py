@@ -81,14 +81,6 @@ def load_pem(path: Path) -> x509.Certificate:
 
 
 @pytest.fixture
-def ca_dir(tmp_path: Path) -> Path:
-    """A valid bumper CA, made in-process."""
-    directory = tmp_path / "ca"
-    ca_files.create(directory)
-    return directory
-
-
-@pytest.fixture
 def launch() -> Iterator[Callable[..., Process]]:
     started: list[Process] = []
 
