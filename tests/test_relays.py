@@ -175,6 +175,12 @@ def test_bad_relays_are_reported_at_their_line(tmp_path: Path, relays: str, wher
     assert f"{tmp_path / 'policy.yaml'}:" in message and f": {where}: " in message and error in message, message
 
 
+def test_an_unknown_via_is_reported_with_the_relays_own_problems(tmp_path: Path) -> None:
+    """Every problem at once: a relay entry that is wrong does not hide a rule naming another."""
+    message = check(tmp_path, relayed_policy('  b: {url: "ftp://p.example:21"}'))
+    assert "relays.b.url: bad relay URL" in message and "rules[0].via: unknown relay 'corp' (relays: b)" in message
+
+
 def test_an_http_relay_takes_no_tls_settings(tmp_path: Path, test_pki: Pki) -> None:
     message = check(tmp_path, relayed_policy(f'  corp: {{url: "http://p.example:3128", ca: {test_pki.root_pem}}}'))
     assert "relays.corp.ca: an http:// relay is spoken to in the clear: ca needs https://" in message

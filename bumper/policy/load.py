@@ -331,36 +331,36 @@ def _load(path: Path, addons: Mapping[str, Any] | None) -> tuple[Policy, yaml.No
     errors = _Errors(path)
     kinds = {AddonSpec: functools.partial(_addon, addons or {}, errors.add)}
     bound = binder.build(PolicyFile, root, "", errors.add, noun="key", kinds=kinds)
-    if bound is not None:
-        _check_vias(bound, root, errors)
+    _check_vias(root, bound, errors)
     if bound is None or errors.messages:
         raise ConfigError("\n".join(errors.messages))
     return bound.policy(), root
 
 
-def _check_vias(bound: PolicyFile, root: yaml.Node, errors: _Errors) -> None:
-    """Each rule's `via:` names one of `relays:`, and takes no on_upstream_error: splice from the policy."""
-    for i, entry in enumerate(bound.rules):
-        if entry.via is None:
-            continue
-        node = _node(root, "rules", i, "via")
-        if entry.via not in bound.relays:
-            known = ", ".join(bound.relays) or "none: add a relays: section"
-            errors.add(node, f"rules[{i}].via", f"unknown relay {entry.via!r} (relays: {known})")
-        elif entry.on_upstream_error is None and bound.on_upstream_error is OnUpstreamError.SPLICE:
-            errors.add(node, f"rules[{i}].via", "the policy's on_upstream_error: splice probes the upstream directly,"
+def _check_vias(root: yaml.Node, bound: PolicyFile | None, errors: _Errors) -> None:
+    """Each rule's `via:` names one of `relays:`, read from the file's nodes, so that it is reported
+    with the file's other problems (a relay whose own entry is wrong is still named); and, once the
+    file is bound, takes no on_upstream_error: splice from the policy."""
+    if not isinstance(root, yaml.MappingNode):
+        return
+    top = {key.value: value for key, value in root.value}
+    relays, rules = top.get("relays"), top.get("rules")
+    known = [key.value for key, _ in relays.value] if isinstance(relays, yaml.MappingNode) else []
+    entries = rules.value if isinstance(rules, yaml.SequenceNode) else [rules] if rules is not None else []
+    for i, rule in enumerate(entries):
+        via = next((v for k, v in rule.value if k.value == "via"), None) if isinstance(rule, yaml.MappingNode) else None
+        if not isinstance(via, yaml.ScalarNode) or via.tag.endswith(":null"):
+            continue  # absent or empty, or not a name: the binder says so
+        if via.value not in known:
+            listed = ", ".join(known) or "none: add a relays: section"
+            errors.add(via, f"rules[{i}].via", f"unknown relay {via.value!r} (relays: {listed})")
+        elif (
+            bound is not None
+            and bound.rules[i].on_upstream_error is None
+            and bound.on_upstream_error is OnUpstreamError.SPLICE
+        ):
+            errors.add(via, f"rules[{i}].via", "the policy's on_upstream_error: splice probes the upstream directly,"
                        " not through a relay: give this rule on_upstream_error: mimic or block")  # fmt: skip
-
-
-def _node(root: yaml.Node, *path: str | int) -> yaml.Node:
-    """The node at PATH (mapping keys, sequence indexes) under ROOT, which binding found there."""
-    node = root
-    for step in path:
-        if isinstance(step, int):
-            node = node.value[step]
-        else:
-            node = next(value for key, value in node.value if key.value == step)
-    return node
 
 
 def _addon(registry: Mapping[str, Any], add_error: binder.AddError, item: yaml.Node, where: str) -> AddonSpec:
