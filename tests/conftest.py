@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import selectors
 import shutil
 import signal
 import socket
@@ -89,25 +90,38 @@ def read_head(sock: socket.socket) -> bytes:
     return data
 
 
-def pipe(a: socket.socket, b: socket.socket) -> None:
-    """Bytes both ways between A and B until either side is done (bounded by the sockets' timeouts)."""
-
-    def copy(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while chunk := src.recv(65536):
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        for s in (src, dst):
+def pipe(a: socket.socket, b: socket.socket, idle: float = 10.0) -> None:
+    """Bytes both ways between A and B until either side is done or both are IDLE seconds, then both
+    are shut down. One thread: a TLS socket (ssl.SSLSocket) must not be read and written from two
+    threads at once."""
+    try:
+        _relay_bytes(a, b, idle)
+    finally:
+        for s in (a, b):
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
-    other = threading.Thread(target=copy, args=(b, a), daemon=True)
-    other.start()
-    copy(a, b)
-    other.join(10)
+
+def _relay_bytes(a: socket.socket, b: socket.socket, idle: float) -> None:
+    with selectors.DefaultSelector() as selector:
+        selector.register(a, selectors.EVENT_READ, b)
+        selector.register(b, selectors.EVENT_READ, a)
+        while True:
+            # Bytes OpenSSL has decrypted already are no longer on the socket, where select looks.
+            buffered = [(s, o) for s, o in ((a, b), (b, a)) if isinstance(s, ssl.SSLSocket) and s.pending()]
+            ready = buffered or [(key.fileobj, key.data) for key, _ in selector.select(idle)]
+            if not ready:
+                return
+            for source, sink in ready:
+                try:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    sink.sendall(data)
+                except OSError:
+                    return
 
 
 def answering(body: bytes) -> Callable[[socket.socket], None]:
