@@ -104,6 +104,17 @@ class KeyPool:
         """A key for one mimic alone, made as the pool's are (RSA in the worker), never handed out again."""
         return PooledKey.of(await self._make(spec))
 
+    def sizes(self) -> dict[str, int]:
+        """The keys ready to serve, by key type (KeySpec.label): the current key unless it is worn out,
+        and a spare once it is made. Every type the pool warms or has served is listed, 0 included."""
+        sizes: dict[str, int] = {}
+        for spec in (*self.settings.warm, *self._current, *self._spares):
+            current = self._current.get(spec)
+            spare = self._spares.get(spec)
+            ready = spare is not None and spare.done() and not spare.cancelled() and spare.exception() is None
+            sizes[spec.label] = (current is not None and not self._worn_out(current)) + ready
+        return sizes
+
     def close(self) -> None:
         """Stop the worker, after the key it is making (up to a second for RSA-4096): shut down
         without waiting, it raced the interpreter's exit and sometimes ended in a traceback."""

@@ -40,6 +40,15 @@ class KeySpec:
             return f"EC {_CURVE_LABELS.get(self.curve, self.curve)}"
         return "Ed25519"
 
+    @property
+    def label(self) -> str:
+        """The type in one lower-case word, as --fallback-key takes it: rsa2048, p256, ed25519."""
+        if self.algorithm == "rsa":
+            return f"rsa{self.size}"
+        if self.algorithm == "ec":
+            return _CURVE_LABELS.get(self.curve, self.curve).lower().replace("-", "")
+        return "ed25519"
+
     @classmethod
     def parse(cls, text: str) -> KeySpec:
         """Read a key type as a user writes it: rsa2048, RSA-4096, p256, EC-P384, ed25519."""

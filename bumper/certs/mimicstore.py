@@ -6,7 +6,8 @@ import asyncio
 import datetime
 import functools
 import logging
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,12 @@ from bumper.certs.mimicdb import MimicStoreBackend, StoredMimic
 log = logging.getLogger("bumper.mimic")
 
 DEFAULT_CAPACITY = 10_000
+
+# How each certificate asked of the store came: MimicStore.lookups' keys.
+MEMORY_HIT = "memory_hit"  # from the memory LRU, or from a mint another connection had already started
+DISK_HIT = "disk_hit"
+MINTED = "minted"
+LOOKUPS = (MEMORY_HIT, DISK_HIT, MINTED)
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,11 @@ class MimicStore:
         # One mint per turn of the event loop: when a key many connections waited for arrives,
         # 200 back-to-back signatures would otherwise stall every other connection for ~130 ms.
         self._turn = asyncio.Lock()
+        # Plain tallies for --admin's /metrics, read when scraped (bumper.proxy.metrics): an increment
+        # per certificate costs nothing next to a handshake, and keeps this package free of Prometheus.
+        self.lookups: Counter[str] = Counter()
+        # Told how many seconds each mint took, the wait for its key included.
+        self.on_mint: list[Callable[[float], None]] = []
 
     def start(self) -> None:
         """Once the proxy is up: make the usual keys, and forget cached mimics of a previous CA."""
@@ -99,11 +111,14 @@ class MimicStore:
         hit = self._memory.get(cache_key)
         if hit is not None:
             self._memory.move_to_end(cache_key)
+            self.lookups[MEMORY_HIT] += 1
             return hit
         pending = self._minting.get(cache_key)
         if pending is None:  # one mint per upstream certificate, however many connections wait for it
             pending = self._minting[cache_key] = asyncio.ensure_future(self._load_or_mint(upstream, cache_key))
             pending.add_done_callback(lambda _: self._minting.pop(cache_key, None))
+        else:  # the mint under way serves this connection too: one mint paid, as for a cache hit
+            self.lookups[MEMORY_HIT] += 1
         return await asyncio.shield(pending)
 
     async def placeholder(self, name: str, mode: trust.Signing = trust.Signing.CA) -> Mimic:
@@ -113,10 +128,22 @@ class MimicStore:
         hit = self._memory.get(cache_key)
         soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
         if hit is None or hit.cert.not_valid_after_utc < soon:  # they live a day: renew before expiry
+            started = time.monotonic()
             pooled = await self.pool.key_for(self.fallback)
             hit = Mimic.of(mimic.mint_placeholder(name, self._signer(mode), pooled.key), pooled)
+            self._minted(started)
             self._remember(cache_key, hit)
+        else:
+            self.lookups[MEMORY_HIT] += 1
         return hit
+
+    def _minted(self, started: float) -> None:
+        """One more certificate minted, STARTED (time.monotonic) ago."""
+        self.lookups[MINTED] += 1
+        if self.on_mint:
+            took = time.monotonic() - started
+            for observe in self.on_mint:
+                observe(took)
 
     def _remember(self, cache_key: tuple[bytes, str], made: Mimic) -> None:
         self._memory[cache_key] = made
@@ -125,8 +152,12 @@ class MimicStore:
 
     async def _load_or_mint(self, upstream: x509.Certificate, cache_key: tuple[bytes, str]) -> Mimic:
         made = self._from_disk(cache_key)
-        if made is None:
+        if made is not None:
+            self.lookups[DISK_HIT] += 1
+        else:
+            started = time.monotonic()
             made = await self._mint(upstream, trust.Signing(cache_key[1]))
+            self._minted(started)
             if self.disk is not None:
                 self.disk.put(*cache_key, self.ca.fingerprint, made.stored())
         self._remember(cache_key, made)

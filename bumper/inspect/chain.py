@@ -8,6 +8,7 @@ import asyncio
 import inspect
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,10 @@ class AddonRunner:
         # them alike, so state (an open log file, counters) survives a reload.
         self._instances: dict[tuple[str, str], Addon] = {}
         log.on_end.append(self.connection_end)
+        # Plain tallies, read by --admin's /metrics when scraped: failures by (addon, hook), refusals
+        # by addon. Counted where they are logged or answered; addons are few and named by the policy.
+        self.errors: Counter[tuple[str, str]] = Counter()
+        self.refusals: Counter[str] = Counter()
 
     def _bind(self, specs: tuple[AddonSpec, ...]) -> list[Bound]:
         return [(spec, self._instance(spec)) for spec in specs]
@@ -54,6 +59,7 @@ class AddonRunner:
                 addon = self.registry[spec.name](spec.settings)
             except Exception as e:  # the addon's own constructor: its flows fail as its on_error says
                 log.error("addon %s cannot start: %s: %s", spec.name, type(e).__name__, e)
+                self.errors[spec.name, "__init__"] += 1
                 addon = _Broken(spec.name, e)
             self._instances[spec.key] = addon
         return addon
@@ -140,6 +146,7 @@ class AddonRunner:
                     getattr(addon, hook)()
                 except Exception as e:
                     log.error("addon %s failed in %s: %s: %s", addon.name, hook, type(e).__name__, e)
+                    self.errors[addon.name, hook] += 1
 
     # running addons
 
@@ -230,11 +237,17 @@ class AddonRunner:
             assert flow.websocket is not None
             flow.websocket.messages[-1].drop()
             log.info("addon %s dropped a WebSocket message, flow %s: %s", spec.name, flow.id, r.reason)
+            self.refusals[spec.name] += 1
         elif hook.startswith("websocket"):
             log.warning("addon %s refused in %s, flow %s, which cannot be refused: %s", spec.name, hook, flow.id,
                         r.reason)  # fmt: skip
         else:
-            refuse(flow, Refusal(spec.name, r.reason, r.status))
+            self._refuse(flow, Refusal(spec.name, r.reason, r.status))
+
+    def _refuse(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
+        """An addon's refusal: answered, and counted."""
+        self.refusals[refusal.addon] += 1
+        refuse(flow, refusal)
 
     def _stream_request(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:
@@ -281,7 +294,7 @@ class AddonRunner:
             step.passed += len(out)
             return out
         except Refuse as r:
-            refuse(flow, Refusal(step.spec.name, r.reason, r.status))
+            self._refuse(flow, Refusal(step.spec.name, r.reason, r.status))
         except Exception as e:
             # Failing open is only possible if the addon holds none of the body back: bytes it kept
             # are lost with it, and a body missing some bytes is worse than one refused.
@@ -310,6 +323,7 @@ class AddonRunner:
             spec.name, hook, flow.id if flow else "-", type(e).__name__, e, outcome,
         )  # fmt: skip
         log.debug("addon %s traceback", spec.name, exc_info=e)
+        self.errors[spec.name, hook] += 1
         if closed and flow is not None and REFUSAL not in flow.metadata and not hook.startswith("websocket"):
             refuse(flow, Refusal(spec.name, f"addon {spec.name} failed", 502))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from bumper.policy.rules import BindNames, Policy
 log = logging.getLogger("bumper.policy")
 
 WATCH_INTERVAL = 1.0  # seconds between looks at the policy file
+# PolicySource.reloads' keys: a new policy in force, or an invalid file and the old one kept.
+RELOADED, INVALID = "ok", "error"
 
 
 def stamp(path: Path) -> tuple[int, int] | None:
@@ -40,6 +43,7 @@ class PolicySource:
         self.addons = addons  # the addon classes a reloaded policy may name
         self.on_reload: list[Callable[[Policy], None]] = []
         self._watcher: asyncio.Task[None] | None = None
+        self.reloads: Counter[str] = Counter()  # by RELOADED or INVALID: read by --admin's /metrics
 
     def running(self) -> None:
         _warn(self.policy)
@@ -60,12 +64,14 @@ class PolicySource:
             problems = str(e).splitlines()
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
             log.error("policy not reloaded, the one in force stays: %s%s", problems[0], more)
+            self.reloads[INVALID] += 1
             return
         self.policy = new
         _warn(new)
         for reloaded in self.on_reload:
             reloaded(new)
         log.info("policy reloaded from %s: %d rules, default %s", self.path, len(new.rules), new.default)
+        self.reloads[RELOADED] += 1
 
     async def _watch(self, path: Path) -> None:
         seen = stamp(path)

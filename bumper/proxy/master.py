@@ -43,6 +43,7 @@ from bumper.proxy.eventlog import BARE, ConnectionLog
 from bumper.proxy.layers import NextLayer
 from bumper.proxy.limits import Limits
 from bumper.proxy.listeners import Listener, Mode
+from bumper.proxy.metrics import Metrics
 from bumper.proxy.pinlearner import PinLearner
 from bumper.proxy.proxyauth import Authenticator, ProxyAuth
 from bumper.proxy.replies import ConnectReplies
@@ -88,6 +89,7 @@ class ProxyConfig:
     limits: Limits = Limits()
     users: Users | None = None  # --proxy-auth: the explicit listeners ask for a user's password
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # SIGTERM: seconds open connections may take to finish
+    metrics: bool = False  # count for /metrics (--admin)
 
 
 def access_log(addons: Mapping[str, type[Addon]], path: str, log_secrets: bool = False) -> tuple[AddonSpec, ...]:
@@ -151,6 +153,9 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         TlsProvider(mimics, verifier, states, config.client_tls, config.listeners, config.client_ca),
         connection_log,  # the others' client_disconnected still see the state it then forgets
         Drain(m, server, states, config.drain_timeout),  # after it: the states left are the connections open
+        # Only with --admin: without a scraper, counting would be work for nobody. After TlsProvider:
+        # the upstream leg's time includes the verdict.
+        *([Metrics(states, connection_log, mimics, verifier, source, runner)] if config.metrics else []),
     )
     m.options.update(
         mode=[listener.mitmproxy_mode() for listener in config.listeners],

@@ -3,7 +3,7 @@ does for a bumped one: bumper's addons read and write it instead of keeping dict
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -69,6 +69,10 @@ class ConnectionState:
     # went to, and the address:port the client gave
     bound: tuple[str, str] | None = None
     relay: Relay | None = None  # the relay (via:) the upstream connection goes through
+    # When (time.monotonic) its ClientHello was complete, and its upstream TLS handshake began: where
+    # --admin's handshake times start (bumper.proxy.metrics sets them; None without --admin).
+    hello_at: float | None = None
+    upstream_tls_at: float | None = None
 
     @property
     def action(self) -> Action | None:
@@ -170,6 +174,10 @@ class ConnectionStates:
     def __len__(self) -> int:
         """The client connections open: what a drain waits for (bumper.proxy.drain)."""
         return len(self._states)
+
+    def __iter__(self) -> Iterator[ConnectionState]:
+        """The open connections' states: what /metrics reads when it is scraped (bumper.proxy.metrics)."""
+        return iter(self._states.values())
 
     def pop(self, client_id: str) -> ConnectionState | None:
         return self._states.pop(client_id, None)

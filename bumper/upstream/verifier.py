@@ -4,6 +4,7 @@ splice probe, so that the two can never reach different verdicts on the same ups
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,9 @@ from bumper.certs.owncert import OwnCertificate
 from bumper.certs.trust import UpstreamVerdict
 from bumper.upstream import aia
 from bumper.upstream.tls import UpstreamTrust, expect_hostname, upstream_context
+
+# UpstreamVerifier.results' key for a trusted upstream; the others are trust.REASONS.
+VERIFIED = "ok"
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class UpstreamVerifier:
         self._aia_roots = aia.load_roots(roots.all_files()) if issuers else []
         # By the lowest TLS version a rule allows, and the client certificate it presents.
         self._contexts: dict[tuple[str, str | None], SSL.Context] = {("1.2", None): upstream_context(roots)}
+        # Each verdict reached, by its reason code (VERIFIED when trusted): read by --admin's /metrics.
+        self.results: Counter[str] = Counter()
 
     def connection(
         self, name: str, min_version: str, alpn_offers: Sequence[bytes], client_cert: OwnCertificate | None = None
@@ -111,6 +117,11 @@ class UpstreamVerifier:
 
     def judge(self, errors: list[trust.VerifyError], peer: PeerChain) -> UpstreamVerdict:
         """The verdict on a chain (leaf first) and the errors OpenSSL recorded while verifying it."""
+        found = self._judge(errors, peer)
+        self.results[found.verdict.reason or VERIFIED] += 1
+        return found
+
+    def _judge(self, errors: list[trust.VerifyError], peer: PeerChain) -> UpstreamVerdict:
         if peer.unreadable is not None:
             detail = f"a certificate cryptography cannot read (depth {peer.unreadable})"
             return UpstreamVerdict(trust.Verdict("bad_cert", detail), trust.Signing.UNTRUSTED, peer.leaf_sha256)
