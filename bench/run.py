@@ -3,6 +3,7 @@
     make bench          # bench/setup.sh (Debian packages, .venv, the Go load generator), then this, ~15-20 min
     make bench-quick    # tiny counts, 1 repetition: proves the harness works end to end, ~3 min
     make bench BASELINE=/other/venv   # another bumper build side by side, as the contender bumper-before
+    make bench BENCH_ARGS="--contenders bumper,bumper-admin"   # what counting for /metrics costs
     .venv/bin/python bench/run.py [--quick] [--reps N] [--duration S] [--only w1,w2,...] [--contenders ...]
                                   [--baseline VENV]
 
@@ -22,6 +23,9 @@ Workloads (see bench/README.md):
 --baseline VENV adds bumper-before: the bumper in VENV (VENV/bin/bumper, and VENV/bin/python for w6),
 started exactly as bumper is, so two builds (say before and after a dependency upgrade) are compared
 in one run; the table gets a bumper/bumper-before column.
+
+bumper-admin is bumper with --admin (its /metrics counting on), /metrics scraped once a second during its
+runs as Prometheus would: next to bumper, the table's bumper/bumper-admin column is what the metrics cost.
 
 Each contender is started fresh for each group of workloads and each repetition (in an order rotated
 per repetition) and stopped by its own PID (SIGTERM, then SIGKILL), also on Ctrl-C and on errors.
@@ -46,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,9 +68,13 @@ BIN = Path(sys.executable).parent
 CACHE = c.BENCH_DIR / ".cache"
 LOADGEN = CACHE / "loadgen"
 BASELINE = "bumper-before"  # the bumper build of --baseline VENV
-CONTENDERS = ("direct", "mitmproxy", "bumper", BASELINE, "squid")
-# The table's bumper/X ratio columns, for each X in the run: the other build first, it is why it was asked for.
-RATIO_COLUMNS = (BASELINE, "mitmproxy", "squid", "direct")
+ADMIN = "bumper-admin"  # bumper with --admin, /metrics scraped once a second
+CONTENDERS = ("direct", "mitmproxy", "bumper", ADMIN, BASELINE, "squid")
+# Asked for by name only: each is the same proxy as bumper but for one thing, compared with bumper.
+OPT_IN = (ADMIN, BASELINE)
+# The table's bumper/X ratio columns, for each X in the run: the other builds first, they are why they were asked for.
+RATIO_COLUMNS = (BASELINE, ADMIN, "mitmproxy", "squid", "direct")
+SCRAPE_INTERVAL = 1.0  # seconds: Prometheus' scrape_interval is 15 s to 1 min; once a second is the hard case
 START_TIMEOUT = 60.0
 SETTLE = 2.0  # seconds between a proxy listening and the first measured connection (bumper makes its pooled keys)
 MIB = 1 << 20
@@ -461,10 +470,39 @@ class Contender:
     proc: Proc | None = None
     notes: list[str] = field(default_factory=list)
     access_log: Path | None = None
+    scraper: Scraper | None = None
 
     @property
     def proxy(self) -> str:
         return f"{HOST}:{self.port}" if self.proc else ""
+
+
+class Scraper(threading.Thread):
+    """Prometheus, for bumper-admin: GET /metrics every SCRAPE_INTERVAL seconds while the proxy runs. It runs in
+    this script, on the load CPU; serving the scrape is the proxy's work, on its own CPU, as in production."""
+
+    def __init__(self, proc: Proc, port: int) -> None:
+        super().__init__(name=f"scrape-{proc.name}", daemon=True)
+        self.proc = proc
+        self.url = f"http://{HOST}:{port}/metrics"
+        self.scrapes = 0
+        self.failed: list[str] = []
+        self.start()
+
+    def run(self) -> None:
+        while self.proc.alive():
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    if b"bumper_connections_total" not in response.read():
+                        self.failed.append("no bumper_connections_total in /metrics")
+                self.scrapes += 1
+            except OSError as e:
+                if self.proc.alive():
+                    self.failed.append(str(e))
+            time.sleep(SCRAPE_INTERVAL)
+
+    def summary(self) -> dict:
+        return {"scrapes": self.scrapes, "failed": len(self.failed), "failure_samples": self.failed[:3]}
 
 
 def executable(name: str) -> str:
@@ -542,8 +580,10 @@ def start_contender(
         return Contender("direct", origin.port, origin.root)
     work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workroot))
     work.chmod(0o755)
-    if name in builds:  # every bumper build is started the same way, so the builds are all that differs
-        build = builds[name]
+    if (
+        name in builds or name == ADMIN
+    ):  # every bumper build is started the same way, so the builds are all that differs
+        build = builds["bumper" if name == ADMIN else name]
         (work / "ca").mkdir()  # bumper makes a new CA only in a directory that exists
         argv = [
             build.bumper,
@@ -566,9 +606,19 @@ def start_contender(
             policy = work / "ports.yaml"
             policy.write_text("ports: ['1-65535']\n")
             argv += ["--policy", str(policy)]
+        if name == ADMIN:
+            argv += ["--admin", f"{HOST}:0"]
         proc = Proc(name, argv, PROXY_CPU, work, cwd=work)  # not a checkout: see _BUILD_INFO
         port = int(proc.wait_for_line(r"proxy listening on 127\.0\.0\.1:(\d+)").group(1))
         cafile = work / "ca" / "ca.pem"
+        if name == ADMIN:
+            admin_port = int(proc.wait_for_line(r"admin listening on 127\.0\.0\.1:(\d+)").group(1))
+            try:
+                wait_port(port, proc)
+            except BaseException:
+                proc.stop()
+                raise
+            return Contender(name, port, cafile, proc, notes, access_log, Scraper(proc, admin_port))
     elif name == "mitmproxy":
         argv = [
             executable("mitmdump"),
@@ -1287,8 +1337,8 @@ def main() -> int:
     p.add_argument("--reps", type=int)
     p.add_argument("--duration", type=float, help="seconds measured per w1/w2 run")
     p.add_argument("--only", default="w1,w2,w3,w4,w5,w6", help="comma-separated workloads")
-    p.add_argument("--contenders", default=",".join(n for n in CONTENDERS if n != BASELINE),
-                   help=f"comma-separated; {BASELINE} comes with --baseline")  # fmt: skip
+    p.add_argument("--contenders", default=",".join(n for n in CONTENDERS if n not in OPT_IN),
+                   help=f"comma-separated; {BASELINE} comes with --baseline, {ADMIN} when named")  # fmt: skip
     p.add_argument("--baseline", type=Path, metavar="VENV", help=f"also run the bumper of VENV (VENV/bin/bumper; "
                    f"VENV/bin/python for w6) as the contender {BASELINE}, started as bumper is: two builds side by "
                    "side, e.g. before and after a dependency upgrade")  # fmt: skip
@@ -1415,6 +1465,10 @@ def main() -> int:
                             if contender and contender.proc:
                                 run["proxy_hwm_mib"] = hwm_kib(contender.proc.pid) / 1024
                                 contender.proc.stop()
+                            if contender and contender.scraper:
+                                run["metrics_scrapes"] = scraped = contender.scraper.summary()
+                                if scraped["failed"] or not scraped["scrapes"]:
+                                    failures.append(f"rep {rep + 1} {group} {name}: /metrics scrapes: {scraped}")
                         for wl, r in run["results"].items():
                             if r.get("fail"):
                                 when = (r.get("extra") or {}).get("unexpected_new_connections") or []
