@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bumper.proxy.metrics import Outcome, outcome_of
 from bumper.proxy.state import ConnectionState
 from tests import pki
-from tests.conftest import Bumper, Pki, Upstream, client_tls_context, curl, lab_policy, open_tunnel
+from tests.conftest import Bumper, Pki, Upstream, client_tls_context, curl, open_tunnel, start_with_policy
 
 Sample = tuple[str, frozenset[tuple[str, str]]]
 DAY = pki.datetime.timedelta(days=1)
@@ -52,10 +52,10 @@ class Admin:
 
     def __init__(self, bumper: Bumper) -> None:
         self.bumper = bumper
-        self.port = int(bumper.process.wait_for_line(r"admin listening on 127\.0\.0\.1:(\d+)").group(1))
+        self.url = f"{bumper.admin}/metrics"
 
     def scrape(self) -> dict[Sample, float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as response:
+        with urllib.request.urlopen(self.url, timeout=10) as response:
             text = response.read().decode()
         return {
             (sample.name, frozenset(sample.labels.items())): sample.value
@@ -71,8 +71,11 @@ class Admin:
         return {key: value - before.get(key, 0.0) for key, value in after.items() if value != before.get(key, 0.0)}
 
 
-def start_admin(start_bumper, *extra: str, ca_dir: Path | None = None) -> Admin:
-    return Admin(start_bumper("--admin", "127.0.0.1:0", *extra, ca_dir=ca_dir))
+ADMIN = ("--admin", "127.0.0.1:0")
+
+
+def start_admin(start_bumper, ca_dir: Path | None = None) -> Admin:
+    return Admin(start_bumper(*ADMIN, ca_dir=ca_dir))
 
 
 def of(moved: dict[Sample, float], name: str) -> dict[frozenset[tuple[str, str]], float]:
@@ -93,8 +96,7 @@ def field(line: str, name: str) -> str:
 @pytest.fixture(scope="module")
 def admin(start_bumper, tmp_path_factory: pytest.TempPathFactory) -> Admin:
     directory = tmp_path_factory.mktemp("metrics")
-    (directory / "policy.yaml").write_text(lab_policy(POLICY))
-    return start_admin(start_bumper, "--policy", str(directory / "policy.yaml"), "--addons", str(FIXTURE_ADDONS))
+    return Admin(start_with_policy(start_bumper, directory, POLICY, *ADMIN, "--addons", str(FIXTURE_ADDONS)))
 
 
 def run(admin: Admin, url: str, *args: str) -> tuple[dict[Sample, float], str]:
