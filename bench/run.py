@@ -487,21 +487,23 @@ class Scraper(threading.Thread):
         self.url = f"http://{HOST}:{port}/metrics"
         self.scrapes = 0
         self.failed: list[str] = []
+        self._stopped = threading.Event()
         self.start()
 
     def run(self) -> None:
-        while self.proc.alive():
+        while not self._stopped.wait(SCRAPE_INTERVAL) and self.proc.alive():
             try:
                 with urllib.request.urlopen(self.url, timeout=5) as response:
                     if b"bumper_connections_total" not in response.read():
                         self.failed.append("no bumper_connections_total in /metrics")
                 self.scrapes += 1
             except OSError as e:
-                if self.proc.alive():
-                    self.failed.append(str(e))
-            time.sleep(SCRAPE_INTERVAL)
+                self.failed.append(str(e))
 
-    def summary(self) -> dict:
+    def stop(self) -> dict:
+        """Stop scraping (before the proxy stops: its admin listener closes first); what the scrapes did."""
+        self._stopped.set()
+        self.join(10)
         return {"scrapes": self.scrapes, "failed": len(self.failed), "failure_samples": self.failed[:3]}
 
 
@@ -1462,13 +1464,13 @@ def main() -> int:
                             tail = contender.proc.log_text(10) if contender and contender.proc else ""
                             failures.append(f"rep {rep + 1} {group} {name}: {type(e).__name__}: {e} {tail}"[:1500])
                         finally:
+                            if contender and contender.scraper:
+                                run["metrics_scrapes"] = scraped = contender.scraper.stop()
+                                if scraped["failed"] or not scraped["scrapes"]:
+                                    failures.append(f"rep {rep + 1} {group} {name}: /metrics scrapes: {scraped}")
                             if contender and contender.proc:
                                 run["proxy_hwm_mib"] = hwm_kib(contender.proc.pid) / 1024
                                 contender.proc.stop()
-                            if contender and contender.scraper:
-                                run["metrics_scrapes"] = scraped = contender.scraper.summary()
-                                if scraped["failed"] or not scraped["scrapes"]:
-                                    failures.append(f"rep {rep + 1} {group} {name}: /metrics scrapes: {scraped}")
                         for wl, r in run["results"].items():
                             if r.get("fail"):
                                 when = (r.get("extra") or {}).get("unexpected_new_connections") or []
