@@ -4,6 +4,7 @@ mimic cache's results across a restart; the handshake and mint histograms; the k
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -323,3 +324,29 @@ def _state(error: str | None, refused_by: str | None = None, target: str | None 
 )
 def test_outcome_classes(error: str | None, refused_by: str | None, target: str | None, expected: Outcome) -> None:
     assert outcome_of(_state(error, refused_by, target)) is expected
+
+
+@pytest.mark.parametrize("admin", [None, "127.0.0.1:0"])
+def test_the_metrics_addon_exists_only_with_admin(ca_dir: Path, admin: str | None) -> None:
+    """Without --admin nothing counts for /metrics: the benchmark without it measures bumper without the cost."""
+    from bumper.certs import ca as ca_files
+    from bumper.proxy.admin import AdminConfig
+    from bumper.proxy.listeners import Listener
+    from bumper.proxy.master import ProxyConfig, build_master
+    from bumper.upstream.tls import UpstreamTrust
+
+    config = ProxyConfig(
+        ca_dir,
+        (Listener.parse("127.0.0.1:0"),),
+        UpstreamTrust(),
+        admin=AdminConfig.parse(admin, []) if admin else None,
+    )
+
+    async def built() -> bool:
+        m = build_master(config, ca_files.load(ca_dir))  # mitmproxy's master wants a running loop
+        try:
+            return m.addons.get("metrics") is not None
+        finally:
+            await m.done()
+
+    assert asyncio.run(built()) == (admin is not None)
