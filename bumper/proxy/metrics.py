@@ -4,7 +4,8 @@ verified, how its mimics came, how long handshakes took, what the policy and the
 Most figures already exist as plain state: each connection's ConnectionState, and tallies the
 components keep themselves (MimicStore.lookups, UpstreamVerifier.results, PolicySource.reloads,
 AddonRunner.errors and refusals, KeyPool.sizes). A custom collector reads them when /metrics is
-scraped, so that the traffic path pays for no Prometheus call at all; the pure packages never import
+scraped, so that a request pays for no Prometheus call (only the two histograms are observed as
+they happen: a handshake and a mint take milliseconds anyway); the pure packages never import
 prometheus_client (import-linter checks it). This addon adds what only a hook can see: each
 connection's end (counted once its log line is written, so the two always agree), each request, and
 the handshake times. It exists only with --admin: without a scraper, counting is work for nobody.
