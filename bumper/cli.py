@@ -33,6 +33,7 @@ from bumper.policy.load import check as check_policy
 from bumper.policy.load import load as load_policy
 from bumper.policy.rules import LAB
 from bumper.proxy import eventlog, limits
+from bumper.proxy.admin import AdminConfig
 from bumper.proxy.eventlog import LOG_FORMATS, LogFormat
 from bumper.proxy.listeners import DEFAULT_LISTEN, client_ca, parse_all, with_certificates
 from bumper.proxy.master import DEFAULT_DRAIN_TIMEOUT, MimicSettings, ProxyConfig, access_log, serve
@@ -221,6 +222,20 @@ def _run_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, stop listening and give open connections this long to finish, then cut them; "
         "0 stops at once, as SIGINT does (default: %(default)g; docs/deploy.md)",
     )
+    o = p.add_argument_group("operations (docs/deploy.md)")
+    o.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="serve /healthz, /readyz, /metrics (Prometheus) and the CA's onboarding page at / on this address; "
+        "a loopback address unless --admin-allow is given (default: off)",
+    )
+    o.add_argument(
+        "--admin-allow",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help="a network that may reach --admin besides loopback (repeatable); needed for a non-loopback --admin",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="also show mitmproxy's own proxy-core log")
     p.add_argument(
         "--log-secrets",
@@ -310,6 +325,7 @@ def _run_command(args: list[str]) -> int:
         limits=_limits(opts),
         users=htpasswd.load(opts.proxy_auth) if opts.proxy_auth else None,
         drain_timeout=opts.drain_timeout,
+        admin=_admin(opts.admin, opts.admin_allow),
         mimics=MimicSettings(
             memory_entries=opts.mimic_cache,
             db_entries=opts.mimic_db,
@@ -499,6 +515,14 @@ def _seconds(text: str) -> float:
     if not value > 0:  # also rejects nan
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
+
+
+def _admin(spec: str | None, allow: list[str]) -> AdminConfig | None:
+    if spec is None:
+        if allow:
+            raise ConfigError("--admin-allow: without --admin there is no admin listener to allow into")
+        return None
+    return AdminConfig.parse(spec, allow)
 
 
 def _drain_seconds(text: str) -> float:
