@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -339,6 +340,7 @@ def _run_command(args: list[str]) -> int:
     rule_users = {rule.name: rule.user for rule in config.policy.rules if rule.user}
     for warning in htpasswd.policy_warnings(rule_users, config.users):
         logging.getLogger("bumper.auth").warning(warning)
+    _check_temp_dir()
     authority, created = ca_files.load_or_create(config.ca_dir)
     if (config.ca_dir / ca_files.UNTRUSTED_CERT_FILE).exists() or (
         config.ca_dir / ca_files.UNTRUSTED_KEY_FILE
@@ -348,6 +350,19 @@ def _run_command(args: list[str]) -> int:
     with asyncio.Runner(loop_factory=lambda: ResolvingEventLoop(config.resolve)) as runner:
         runner.run(serve(config, authority, announce_new_ca=created))
     return stopping.stopped()
+
+
+def _check_temp_dir() -> None:
+    """The key worker's process pool (multiprocessing's forkserver) makes its socket in a temporary
+    directory, at the first RSA mimic: without one every such connection would fail. A container
+    with a read-only root file system and no /tmp mount is the usual cause (docs/deploy.md)."""
+    try:
+        tempfile.gettempdir()
+    except OSError:
+        raise ConfigError(
+            "no writable temporary directory ($TMPDIR, /tmp, /var/tmp or the working directory): the key worker "
+            "needs one; with a read-only root file system, mount one at /tmp (Kubernetes: an emptyDir)"
+        ) from None
 
 
 def _ca_command(args: list[str]) -> int:

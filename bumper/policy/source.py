@@ -19,7 +19,10 @@ log = logging.getLogger("bumper.policy")
 WATCH_INTERVAL = 1.0  # seconds between looks at the policy file
 
 
-def stamp(path: Path) -> tuple[int, int, int, int] | None:
+type Stamp = tuple[int, int, int, int]  # device, inode, mtime (ns), size
+
+
+def stamp(path: Path) -> Stamp | None:
     """What changes when PATH is written, replaced or removed: a look that reads nothing. The file's
     identity is part of it, as the time alone can miss a replacement: file systems stamp times from a
     coarse clock (milliseconds), and a Kubernetes ConfigMap update swaps PATH's symlink to another file
