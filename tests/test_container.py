@@ -24,7 +24,9 @@ import pytest
 
 from bumper.certs import ca as ca_files
 from tests.conftest import Pki, lab_policy
+from tests.kubelet import kubelet_volume
 from tests.netns import Netns, namespace
+from tests.test_deploy import bumper_container, pod_spec
 
 ROOT = Path(__file__).parent.parent
 CONTAINERFILE = ROOT / "deploy" / "container" / "Containerfile"
@@ -224,6 +226,90 @@ def test_the_container_proxies_with_a_read_only_ca_is_healthy_and_drains_on_stop
         assert "Traceback" not in log, log
         # The read-only CA directory cost one warning (the disk cache), nothing more.
         assert "mimic cache /var/lib/bumper/mimics.sqlite unusable (Read-only file system)" in log, log
+    finally:
+        podman("rm", "-f", name, check=False)
+        upstream.process.stop()
+
+
+BLOCK_UPSTREAM = "rules:\n  - name: no-upstream\n    match: {sni: [upstream.test]}\n    action: block\n"
+
+
+def test_the_deployments_pod_runs_as_kubernetes_would_run_it(
+    image: str, netns: Netns, start_upstream, test_pki: Pki, tmp_path: Path
+) -> None:
+    """deploy/kubernetes/deployment.yaml's pod, in podman: its volumes laid out as the kubelet lays
+    them out (the CA Secret 0440 for the fsGroup, the policy ConfigMap behind `..data`, emptyDirs),
+    its init container's command, then bumper with the Deployment's arguments, user and security
+    context. The CA copy is private (no warning about the key), the mimic cache is written, the
+    probes answer, a ConfigMap update is in force without a restart, and a stop drains."""
+    spec, container = pod_spec(), bumper_container()
+    (init,) = spec["initContainers"]
+    context = spec["securityContext"]
+    user = f"{context['runAsUser']}:{context['runAsGroup']}"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    host = {name: tmp_path / name for name in volumes}
+    for name, volume in volumes.items():
+        host[name].mkdir()
+        if "emptyDir" in volume:
+            host[name].chmod(0o777)  # as the kubelet makes them
+    made = tmp_path / "ca"
+    ca_files.create(made)
+    (secret,) = (name for name, volume in volumes.items() if "secret" in volume)
+    files = {name: (made / name).read_text() for name in ("ca.pem", "ca.key")}
+    kubelet_volume(host[secret], files, 1, mode=volumes[secret]["secret"]["defaultMode"], group=context["fsGroup"])
+    (policy,) = (name for name, volume in volumes.items() if "configMap" in volume)
+    kubelet_volume(host[policy], {"policy.yaml": lab_policy("")}, 1)
+
+    def run_flags(spec_container: dict) -> list[str]:
+        mounts = [
+            f"--volume={host[m['name']]}:{m['mountPath']}" + (":ro" if m.get("readOnly") else "")
+            for m in spec_container["volumeMounts"]
+        ]
+        # --read-only-tmpfs=false: /tmp is the pod's emptyDir, nothing of podman's
+        return ["--user", user, "--read-only", "--read-only-tmpfs=false", "--cap-drop", "ALL", *limits(), *mounts]
+
+    podman(
+        "run", "--rm", "--network", "none", *run_flags(init), "--entrypoint", init["command"][0], image,
+        *init["command"][1:],
+    )  # fmt: skip
+    state = host[next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/var/lib/bumper")]
+    for name in files:
+        assert oct((state / name).stat().st_mode & 0o777) == "0o600" and (state / name).stat().st_uid == int(USER)
+
+    with netns.inside():
+        upstream = start_upstream()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    name = f"bumper-pod-{netns.name}"
+    try:
+        podman(
+            "run", "-d", "--name", name, "--network", f"ns:{netns.path}", *run_flags(container),
+            f"--volume={test_pki.root_pem}:/etc/bumper/test-root.pem:ro", image, *container["args"],
+            "--resolve", "*.test=127.0.0.1", "--upstream-ca", "/etc/bumper/test-root.pem",
+        )  # fmt: skip
+        wait_for_log(name, "bumper: admin listening on")
+        proxy = ["curl", "-sS", "--max-time", "30", "-x", f"http://127.0.0.1:{ports['proxy']}", "--cacert",
+                 str(made / "ca.pem")]  # fmt: skip
+        fetched = netns.run(*proxy, upstream.url())
+        assert fetched.stdout == "hello from upstream", fetched.stderr + container_log(name)
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            get = container[probe]["httpGet"]
+            answer = netns.run(
+                "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
+                f"http://127.0.0.1:{ports[get['port']]}{get['path']}",
+            )  # fmt: skip
+            assert answer.stdout == "200", (probe, answer)
+
+        kubelet_volume(host[policy], {"policy.yaml": lab_policy(BLOCK_UPSTREAM)}, 2)
+        wait_for_log(name, "policy reloaded from /etc/bumper/policy/policy.yaml")
+        blocked = netns.run(*proxy, upstream.url())
+        assert blocked.returncode != 0 and blocked.stdout == "", blocked
+
+        podman("stop", "-t", str(spec["terminationGracePeriodSeconds"]), name, timeout=90)
+        log = container_log(name)
+        assert podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip() == "0", log
+        assert "bumper: stopped" in log and "Traceback" not in log, log
+        assert "lets other users read the CA key" not in log and "unusable" not in log, log
+        assert (state / "mimics.sqlite").stat().st_uid == int(USER)  # the disk cache, in the pod's emptyDir
     finally:
         podman("rm", "-f", name, check=False)
         upstream.process.stop()

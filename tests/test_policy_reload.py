@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import Bumper, Upstream, curl
+from tests.kubelet import kubelet_volume
 
 BUMP_ALL = 'ports: ["1-65535"]\ndefault: bump\n'
 BLOCK_UPSTREAM = BUMP_ALL + "rules:\n  - name: no-upstream\n    match: {sni: [upstream.test]}\n    action: block\n"
@@ -73,37 +74,17 @@ def test_a_changed_file_is_reloaded_without_a_signal(start_bumper, upstream: Ups
 BUMP_UPSTREAM = BLOCK_UPSTREAM.replace("action: block", "action: bump ")  # the same size: see below
 
 
-def configmap_version(volume: Path, files: dict[str, str], version: int) -> None:
-    """Write FILES into VOLUME as kubelet's AtomicWriter updates a mounted ConfigMap: the files in a new
-    timestamped directory, then the `..data` symlink swapped to it by a rename (atomic), the old
-    directory removed. Each key is a symlink through `..data`, made once: a reader of `policy.yaml`
-    sees the old file or the new one, never half of each, and the path itself never changes."""
-    stamped = volume / f"..2026_12_07_12_00_0{version}.{version:09d}"
-    stamped.mkdir()
-    for name, text in files.items():
-        (stamped / name).write_text(text)
-        if not (volume / name).is_symlink():
-            (volume / name).symlink_to(Path("..data") / name)
-    old = (volume / "..data").readlink() if (volume / "..data").is_symlink() else None
-    (volume / "..data_tmp").symlink_to(stamped.name)
-    (volume / "..data_tmp").rename(volume / "..data")
-    if old is not None:
-        for leftover in (volume / old).iterdir():
-            leftover.unlink()
-        (volume / old).rmdir()
-
-
 def test_a_configmap_update_is_reloaded_without_a_signal(start_bumper, upstream: Upstream, tmp_path: Path) -> None:
     """Kubernetes changes a mounted ConfigMap by swapping `..data`: `policy.yaml`, a symlink, then
     leads to another file. bumper, pointed at the symlink, notices within a second, with no SIGHUP
     (a pod's containers cannot easily signal each other, and kubelet sends none)."""
     volume = tmp_path / "policy-volume"
     volume.mkdir()
-    configmap_version(volume, {"policy.yaml": BUMP_ALL}, 1)
+    kubelet_volume(volume, {"policy.yaml": BUMP_ALL}, 1)
     bumper = start_bumper("--policy", str(volume / "policy.yaml"))
     assert curl(bumper, upstream.url("/")).stdout == "hello from upstream"
 
-    configmap_version(volume, {"policy.yaml": BLOCK_UPSTREAM}, 2)
+    kubelet_volume(volume, {"policy.yaml": BLOCK_UPSTREAM}, 2)
     wait_for(bumper, "policy reloaded from")
     blocked = curl(bumper, upstream.url("/"), "-w", "%{local_port}")
     assert blocked.returncode != 0, blocked
@@ -116,12 +97,12 @@ def test_a_swapped_file_of_the_same_size_and_time_is_reloaded(start_bumper, upst
     and an edit can keep the size (`block` to `bump `). The swap is still seen: it is another file."""
     volume = tmp_path / "policy-volume"
     volume.mkdir()
-    configmap_version(volume, {"policy.yaml": BLOCK_UPSTREAM}, 1)
+    kubelet_volume(volume, {"policy.yaml": BLOCK_UPSTREAM}, 1)
     old = (volume / "policy.yaml").stat()
     bumper = start_bumper("--policy", str(volume / "policy.yaml"))
     assert curl(bumper, upstream.url("/")).returncode != 0
 
-    configmap_version(volume, {"policy.yaml": BUMP_UPSTREAM}, 2)
+    kubelet_volume(volume, {"policy.yaml": BUMP_UPSTREAM}, 2)
     os.utime(volume / "policy.yaml", ns=(old.st_atime_ns, old.st_mtime_ns))
     assert (volume / "policy.yaml").stat().st_size == old.st_size
     wait_for(bumper, "policy reloaded from")
