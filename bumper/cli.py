@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         # Through the stderr log once it is set up (--log-format json makes this line JSON too); before
         # that, and in the one-shot commands, logging's last resort writes the bare message to stderr.
-        logging.getLogger(CONFIG_ERRORS).error(f"bumper: {e}", extra=eventlog.BARE)
+        logging.getLogger(CONFIG_ERRORS).error(f"bumper: {e}", extra=stopping.BARE)
         return EXIT_CONFIG
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (__main__), before serve() gave them to the event loop
         return stopping.interrupted(args)
@@ -578,11 +578,12 @@ def _setup_logging(verbose: bool, log_secrets: bool, log_format: LogFormat = "te
     handler.setFormatter(eventlog.formatter(log_format, log_secrets))
     root = logging.getLogger()
     root.addHandler(handler)
-    # A configuration error goes to stderr alone: mitmproxy's Master adds a handler to the root logger
-    # that needs its event loop, which a failed start has closed by the time main() reports it.
-    errors = logging.getLogger(CONFIG_ERRORS)
-    errors.addHandler(handler)
-    errors.propagate = False
+    # A configuration error and the stop line go to stderr alone: mitmproxy's Master adds a handler to
+    # the root logger that needs its event loop, which is closed by the time main() writes them.
+    for name in (CONFIG_ERRORS, stopping.LOGGER):
+        alone = logging.getLogger(name)
+        alone.addHandler(handler)
+        alone.propagate = False
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # cryptography warns about what an upstream's certificate breaks (a negative serial, say), from
     # wherever it happens to be loaded: a hostile upstream could fill the log with them. The

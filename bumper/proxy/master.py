@@ -40,7 +40,7 @@ from bumper.proxy.connlimits import ConnectionLimits, out_of_descriptors
 from bumper.proxy.drain import DEFAULT_TIMEOUT as DEFAULT_DRAIN_TIMEOUT
 from bumper.proxy.drain import Drain
 from bumper.proxy.enforce import PolicyEnforcer
-from bumper.proxy.eventlog import BARE, ConnectionLog
+from bumper.proxy.eventlog import ConnectionLog
 from bumper.proxy.layers import NextLayer
 from bumper.proxy.limits import Limits
 from bumper.proxy.listeners import Listener, Mode
@@ -51,6 +51,7 @@ from bumper.proxy.replies import ConnectReplies
 from bumper.proxy.state import ConnectionStates
 from bumper.proxy.tlsprovider import ClientTls, TlsProvider
 from bumper.proxy.upstreamerror import UpstreamErrorPages
+from bumper.stopping import BARE
 from bumper.upstream import aia
 from bumper.upstream.probe import UpstreamProbe
 from bumper.upstream.resolve import Egress, Override, ResolvingEventLoop
