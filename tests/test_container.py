@@ -128,8 +128,11 @@ def image(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     )  # fmt: skip
     assert built.returncode == 0, built.stderr
     before = set(podman("images", "--all", "--quiet", "--no-trunc").stdout.split())
+    # --network none: the wheelhouse is all the build needs, and podman's bridge network would add
+    # firewall rules to the host's own tables.
     podman(
-        "build", "--format", "docker", "--layers=false", *limits(), "-f", str(CONTAINERFILE), "-t", IMAGE,
+        "build", "--format", "docker", "--layers=false", "--network", "none", *limits(), "-f", str(CONTAINERFILE),
+        "-t", IMAGE,
         "--build-arg", f"BASE={BASE_IMAGE}", "--build-arg", "PIP_ARGS=--no-index --find-links /wheels",
         "-v", f"{wheels}:/wheels:ro", str(ROOT),
         timeout=BUILD_TIMEOUT,
