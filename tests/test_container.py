@@ -1,13 +1,14 @@
 """bumper's container image: deploy/container/Containerfile built with podman and run as shipped
 (its own command line, a non-root user, a read-only root file system, the CA on a read-only
 mount), in a network namespace of the test's own with a local upstream: curl goes through it, the
-image's HEALTHCHECK passes, and `podman stop` drains and exits 0.
+image's HEALTHCHECK passes, and `podman stop` drains and exits 0. And the Kubernetes Deployment's
+pod (deploy/kubernetes), run the same way with its volumes laid out as the kubelet lays them out.
 
 No container registry is reachable from the test machine, so the base image is made from Debian's
 mirror (debootstrap trixie, Python 3.13, `podman import`) once and kept in podman's store as
 BASE_IMAGE; the Python packages come from a wheelhouse built here with pip, handed to the build
-through a volume (the Containerfile's PIP_ARGS). A first run takes about three minutes (the base
-image one and a half, the build one), later ones about one."""
+through a volume (the Containerfile's PIP_ARGS). A first run takes about two and a half minutes
+(debootstrap one and a half), later ones under one."""
 
 from __future__ import annotations
 
