@@ -1,0 +1,253 @@
+"""The CA onboarding page (bumper/certs/onboarding.py) and the proxy port's answer to a request for
+the proxy itself (`curl http://127.0.0.1:8080/`).
+
+The page is checked as a pure function first: what it shows, that nothing from the certificate can
+become markup, that nothing but its own style sheet may load. Then through the real proxy."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import socket
+import subprocess
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from bumper.certs import ca as ca_files
+from bumper.certs import onboarding
+from tests import pki
+from tests.conftest import Bumper, Upstream, curl, recording_heads, tcp_server
+
+ADMIN, PROXY = "127.0.0.1:9090", "127.0.0.1:8080"
+HOSTILE_CN = '<script>alert("x")</script><img src=x onerror=alert(1)>&amp;'
+
+
+class Page(HTMLParser):
+    """What a browser would make of the page: its elements with their attributes, the text of the
+    elements with an id, and its style sheets."""
+
+    def __init__(self, data: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: dict[str, str] = {}
+        self.styles: list[str] = []
+        self._open: list[str | None] = []  # the id of each open element, or None
+        self.feed(data)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+        if tag not in ("meta", "link", "br", "img"):  # void elements close themselves
+            self._open.append(dict(attrs).get("id") or ("<style>" if tag == "style" else None))
+
+    def handle_endtag(self, tag: str) -> None:
+        self._open.pop()
+
+    def handle_data(self, data: str) -> None:
+        for element in self._open:
+            if element == "<style>":
+                self.styles.append(data)
+            elif element is not None:
+                self.text[element] = self.text.get(element, "") + data
+
+
+def render(cert: x509.Certificate, admin: str = ADMIN, proxy: str | None = PROXY) -> str:
+    return onboarding.page(cert, admin, proxy).decode()
+
+
+@pytest.fixture(scope="module")
+def root() -> pki.Authority:
+    return pki.Authority.root("bumper CA (onboarding test)")
+
+
+def test_the_page_shows_the_subject_and_fingerprint_as_bumper_ca_show_does(root: pki.Authority) -> None:
+    page = Page(render(root.cert))
+    assert page.text["subject"] == root.cert.subject.rfc4514_string() == "CN=bumper CA (onboarding test),O=bumper tests"
+    assert page.text["sha256"] == ca_files.fingerprint(root.cert)
+    assert re.fullmatch(r"([0-9A-F]{2}:){31}[0-9A-F]{2}", page.text["sha256"])
+
+
+def test_the_page_links_the_downloads_relatively_and_loads_nothing(root: pki.Authority) -> None:
+    """Relative links work by whatever name the page was opened; nothing is fetched from anywhere."""
+    page = Page(render(root.cert))
+    links = [attrs["href"] for tag, attrs in page.tags if tag == "a"]
+    assert {"/ca.pem", "/ca.der"} <= set(links)
+    assert all(href and (href.startswith("#") or href in ("/ca.pem", "/ca.der")) for href in links), links
+    assert not [tag for tag, _ in page.tags if tag in ("script", "img", "iframe", "link", "form", "object", "embed")]
+    assert not [attrs for _, attrs in page.tags if "src" in attrs or "style" in attrs]
+    assert not [name for _, attrs in page.tags for name in attrs if name.startswith("on")]
+
+
+def test_the_content_security_policy_allows_exactly_the_pages_style_sheet(root: pki.Authority) -> None:
+    page = Page(render(root.cert))
+    assert len(page.styles) == 1
+    digest = base64.b64encode(hashlib.sha256(page.styles[0].encode()).digest()).decode()
+    policy = dict(part.strip().split(" ", 1) for part in onboarding.CONTENT_SECURITY_POLICY.split(";"))
+    assert policy == {
+        "default-src": "'none'",
+        "style-src": f"'sha256-{digest}'",
+        "base-uri": "'none'",
+        "form-action": "'none'",
+        "frame-ancestors": "'none'",
+    }
+
+
+def test_a_subject_with_markup_shows_as_text(tmp_path: Path) -> None:
+    """A CA's subject is whatever its maker wrote: it must never become markup on the page."""
+    hostile = pki.Authority.root(HOSTILE_CN)
+    text = render(hostile.cert)
+    page = Page(text)
+    assert page.text["subject"] == hostile.cert.subject.rfc4514_string()
+    assert "<script>" in page.text["subject"].replace("\\", "")  # shown as text, RFC 4514's escapes aside
+    assert "<script" not in text and "<img" not in text and "&amp;amp" in text
+    assert not [tag for tag, _ in page.tags if tag in ("script", "img")]
+
+
+def test_the_commands_name_bumpers_addresses(root: pki.Authority) -> None:
+    page = Page(render(root.cert, admin="10.1.2.3:9090", proxy="10.1.2.3:3128"))
+    assert "curl -fsS -o bumper-ca.pem http://10.1.2.3:9090/ca.pem" in page.text["cmd-curl"]
+    assert "curl -x http://10.1.2.3:3128 --cacert bumper-ca.pem https://example.com/" in page.text["cmd-curl"]
+    assert "export HTTPS_PROXY=http://10.1.2.3:3128" in page.text["cmd-python"]
+    assert "-Dhttps.proxyHost=10.1.2.3 -Dhttps.proxyPort=3128" in page.text["cmd-java"]
+    assert "curl.exe -fsS -o bumper-ca.der http://10.1.2.3:9090/ca.der" in page.text["cmd-windows"]
+
+
+def test_without_an_explicit_proxy_the_commands_set_none(root: pki.Authority) -> None:
+    """Transparent and SNI listeners only: clients need no proxy setting."""
+    page = Page(render(root.cert, proxy=None))
+    assert "curl --cacert bumper-ca.pem https://example.com/" in page.text["cmd-curl"]
+    assert "HTTPS_PROXY" not in page.text["cmd-python"] and "proxyHost" not in page.text["cmd-java"]
+
+
+def test_every_kind_of_client_has_its_section(root: pki.Authority) -> None:
+    page = Page(render(root.cert))
+    sections = {attrs["id"] for tag, attrs in page.tags if tag == "section"}
+    wanted = {"debian", "rhel", "macos", "windows", "firefox", "nss", "java", "python", "node", "curl", "kubernetes"}
+    assert sections == wanted
+    assert "update-ca-certificates" in page.text["cmd-debian"] and "update-ca-trust" in page.text["cmd-rhel"]
+    assert "security add-trusted-cert -d -r trustRoot" in page.text["cmd-macos"]
+    assert "certutil -addstore -f Root bumper-ca.der" in page.text["cmd-windows"]
+    assert "keytool -importcert" in page.text["cmd-java"]
+    assert "NODE_EXTRA_CA_CERTS=" in page.text["cmd-node"]
+    assert "SSL_CERT_FILE=" in page.text["cmd-python"] and "REQUESTS_CA_BUNDLE=" in page.text["cmd-python"]
+    assert "kubectl create configmap bumper-ca" in page.text["cmd-kubernetes"]
+    assert "bumper ca export --ca DIR --format k8s-configmap" in render(root.cert)
+
+
+@pytest.mark.parametrize(
+    "host,port,shown",
+    [
+        ("127.0.0.1", 9090, "127.0.0.1:9090"),
+        ("::1", 9090, "[::1]:9090"),
+        ("0.0.0.0", 9090, "BUMPER-HOST:9090"),
+        ("::", 9090, "BUMPER-HOST:9090"),
+        ("admin.example", 9090, "admin.example:9090"),
+    ],
+)
+def test_addresses_are_written_as_a_client_can_use_them(host: str, port: int, shown: str) -> None:
+    assert onboarding.reachable(host, port) == shown
+
+
+def test_the_downloads_are_the_certificate_only(root: pki.Authority) -> None:
+    pem, der = onboarding.downloads(root.cert)
+    assert (pem.path, pem.content_type, pem.disposition) == (
+        "/ca.pem",
+        "application/x-pem-file",
+        'attachment; filename="bumper-ca.pem"',
+    )
+    assert (der.path, der.content_type, der.disposition) == (
+        "/ca.der",
+        "application/pkix-cert",
+        'attachment; filename="bumper-ca.der"',
+    )
+    assert x509.load_pem_x509_certificate(pem.body) == root.cert == x509.load_der_x509_certificate(der.body)
+    assert b"PRIVATE KEY" not in pem.body + der.body
+
+
+def test_with_an_issuing_intermediate_the_page_offers_the_root(tmp_path: Path) -> None:
+    """Clients trust ca.pem, the root, as `bumper ca export` writes it; never the issuing CA."""
+    authority = ca_files.create(tmp_path / "ca", intermediate=True)
+    assert authority.root is not None and authority.cert != authority.root
+    page = Page(render(authority.trust_anchor))
+    assert page.text["sha256"] == ca_files.fingerprint(authority.root) != ca_files.fingerprint(authority.cert)
+    pem, _ = onboarding.downloads(authority.trust_anchor)
+    assert pem.body == ca_files.exported(authority, "pem")
+
+
+# --- the proxy port's answer to a request for the proxy itself ------------------------------------
+
+FOR_THE_PROXY = (
+    "bumper: not a proxy request: this port is a proxy; ask it for absolute URLs "
+    "(curl -x http://127.0.0.1:{port} https://example.com/)\n"
+)
+
+
+def test_curl_to_the_proxy_port_gets_a_400_pointing_at_the_admin_listener(bumper: Bumper, upstream: Upstream) -> None:
+    r = subprocess.run(
+        ["curl", "-sS", "-i", "--max-time", "30", f"http://127.0.0.1:{bumper.port}/"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    head, _, body = r.stdout.partition("\n\n")  # text mode: CRLF read as LF
+    assert head.startswith("HTTP/1.1 400 Bad Request\n"), r.stdout
+    assert "content-type: text/plain; charset=utf-8" in head.lower()
+    assert body == FOR_THE_PROXY.format(port=bumper.port) + (
+        "admin: off (start bumper with --admin HOST:PORT for the CA onboarding page, /healthz, /metrics)\n"
+    )
+    ok = curl(bumper, upstream.url("/"))  # and the proxy serves everyone else
+    assert ok.returncode == 0 and "hello" in ok.stdout, ok.stderr
+
+
+@pytest.fixture(scope="module")
+def recording_origin() -> Iterator[tuple[int, list[bytes]]]:
+    """A plain-HTTP origin that keeps the head of every request it gets."""
+    heads: list[bytes] = []
+    for port in tcp_server(recording_heads(heads, b"plain hello")):
+        yield port, heads
+
+
+def test_a_request_for_the_proxy_naming_another_host_is_not_forwarded_there(
+    bumper: Bumper, recording_origin: tuple[int, list[bytes]]
+) -> None:
+    """mitmproxy would forward `GET /` to its Host header: on the proxy port it is no proxy request."""
+    origin, heads = recording_origin
+    with socket.create_connection(("127.0.0.1", bumper.port), timeout=15) as sock:
+        port = sock.getsockname()[1]
+        sock.sendall(f"GET /secret HTTP/1.1\r\nHost: plain.test:{origin}\r\n\r\n".encode())
+        reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply
+    line = bumper.connection_line(port)
+    assert line.endswith(" outcome=not a proxy request: GET for the proxy itself (no host in the request target)")
+    assert "/secret" not in line  # the path may hold what the client would not want logged
+    # The same origin as a proxy request: it gets that one, and never got the other.
+    with socket.create_connection(("127.0.0.1", bumper.port), timeout=15) as sock:
+        sock.sendall(f"GET http://plain.test:{origin}/proxied HTTP/1.1\r\nHost: plain.test\r\n\r\n".encode())
+        assert read_all(sock, until=b"plain hello").startswith(b"HTTP/1.1 200 ")
+    assert [head.split(b" ")[1] for head in heads] == [b"/proxied"]
+
+
+def test_the_connection_closes_after_the_400(bumper: Bumper, plain_http_origin: int) -> None:
+    """A keep-alive client's next request on the same connection is not read: the first one's body,
+    unread, could be taken for it. The client opens a new connection for a real proxy request."""
+    proxy_request = f"GET http://plain.test:{plain_http_origin}/ HTTP/1.1\r\nHost: plain.test\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", bumper.port), timeout=15) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello" + proxy_request.encode())
+        reply = read_all(sock)  # until bumper closes
+    assert reply.count(b"HTTP/1.1 ") == 1 and reply.startswith(b"HTTP/1.1 400 "), reply
+    assert b"\r\nconnection: close\r\n" in reply.lower()
+    with socket.create_connection(("127.0.0.1", bumper.port), timeout=15) as sock:
+        sock.sendall(proxy_request.encode())
+        assert read_all(sock, until=b"\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+
+
+def read_all(sock: socket.socket, until: bytes | None = None) -> bytes:
+    data = b""
+    while (until is None or until not in data) and (chunk := sock.recv(65536)):
+        data += chunk
+    return data
