@@ -55,8 +55,8 @@ class Page(HTMLParser):
                 self.text[element] = self.text.get(element, "") + data
 
 
-def render(cert: x509.Certificate, admin: str = ADMIN, proxy: str | None = PROXY) -> str:
-    return onboarding.page(cert, admin, proxy).decode()
+def render(cert: x509.Certificate, admin: str = ADMIN, proxy: str | None = PROXY, bundle: bool = True) -> str:
+    return onboarding.page(cert, admin, proxy, bundle).decode()
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,9 @@ def test_the_page_links_the_downloads_relatively_and_loads_nothing(root: pki.Aut
     """Relative links work by whatever name the page was opened; nothing is fetched from anywhere."""
     page = Page(render(root.cert))
     links = [attrs["href"] for tag, attrs in page.tags if tag == "a"]
-    assert {"/ca.pem", "/ca.der"} <= set(links)
-    assert all(href and (href.startswith("#") or href in ("/ca.pem", "/ca.der")) for href in links), links
+    downloads = ("/ca.pem", "/ca.der", "/bundle.pem")
+    assert set(downloads) <= set(links)
+    assert all(href and (href.startswith("#") or href in downloads) for href in links), links
     assert not [tag for tag, _ in page.tags if tag in ("script", "img", "iframe", "link", "form", "object", "embed")]
     assert not [attrs for _, attrs in page.tags if "src" in attrs or "style" in attrs]
     assert not [name for _, attrs in page.tags for name in attrs if name.startswith("on")]
@@ -116,6 +117,19 @@ def test_the_commands_name_bumpers_addresses(root: pki.Authority) -> None:
     assert "curl.exe -fsS -o bumper-ca.der http://10.1.2.3:9090/ca.der" in page.text["cmd-windows"]
 
 
+def test_ssl_cert_file_clients_get_the_bundle_when_there_is_one(root: pki.Authority) -> None:
+    """SSL_CERT_FILE replaces the whole trust store: with the bundle, sites reached directly still work."""
+    with_bundle = Page(render(root.cert))
+    assert "curl -fsS -o bumper-bundle.pem http://127.0.0.1:9090/bundle.pem" in with_bundle.text["cmd-python"]
+    assert (
+        "export SSL_CERT_FILE=$PWD/bumper-bundle.pem REQUESTS_CA_BUNDLE=$PWD/bumper-bundle.pem"
+        in (with_bundle.text["cmd-python"])
+    )
+    without = Page(render(root.cert, bundle=False))  # the proxy's host has no system roots
+    assert "export SSL_CERT_FILE=$PWD/bumper-ca.pem REQUESTS_CA_BUNDLE=$PWD/bumper-ca.pem" in without.text["cmd-python"]
+    assert "/bundle.pem" not in render(root.cert, bundle=False)
+
+
 def test_without_an_explicit_proxy_the_commands_set_none(root: pki.Authority) -> None:
     """Transparent and SNI listeners only: clients need no proxy setting."""
     page = Page(render(root.cert, proxy=None))
@@ -153,7 +167,7 @@ def test_addresses_are_written_as_a_client_can_use_them(host: str, port: int, sh
 
 
 def test_the_downloads_are_the_certificate_only(root: pki.Authority) -> None:
-    pem, der = onboarding.downloads(root.cert)
+    pem, der, bundle = onboarding.downloads(root.cert, b"roots")
     assert (pem.path, pem.content_type, pem.disposition) == (
         "/ca.pem",
         "application/x-pem-file",
@@ -163,6 +177,12 @@ def test_the_downloads_are_the_certificate_only(root: pki.Authority) -> None:
         "/ca.der",
         "application/pkix-cert",
         'attachment; filename="bumper-ca.der"',
+    )
+    assert (bundle.path, bundle.content_type, bundle.disposition, bundle.body) == (
+        "/bundle.pem",
+        "application/x-pem-file",
+        'attachment; filename="bumper-bundle.pem"',
+        b"roots",
     )
     assert x509.load_pem_x509_certificate(pem.body) == root.cert == x509.load_der_x509_certificate(der.body)
     assert b"PRIVATE KEY" not in pem.body + der.body
@@ -174,7 +194,7 @@ def test_with_an_issuing_intermediate_the_page_offers_the_root(tmp_path: Path) -
     assert authority.root is not None and authority.cert != authority.root
     page = Page(render(authority.trust_anchor))
     assert page.text["sha256"] == ca_files.fingerprint(authority.root) != ca_files.fingerprint(authority.cert)
-    pem, _ = onboarding.downloads(authority.trust_anchor)
+    pem, _ = onboarding.downloads(authority.trust_anchor, None)
     assert pem.body == ca_files.exported(authority, "pem")
 
 

@@ -34,6 +34,10 @@ PEM_TYPE = "application/x-pem-file"
 DER_TYPE = "application/pkix-cert"  # RFC 2585
 PEM_NAME = "bumper-ca.pem"  # what a download is saved as, and what the commands below call it
 DER_NAME = "bumper-ca.der"
+# The system's roots of the proxy's host plus the CA, as `bumper ca bundle` writes them: for clients
+# whose SSL_CERT_FILE replaces their whole trust store.
+BUNDLE_PATH = "/bundle.pem"
+BUNDLE_NAME = "bumper-bundle.pem"
 PAGE_TYPE = "text/html; charset=utf-8"
 
 # Where the commands say to fetch from or proxy through, when the address the listener is bound to
@@ -107,12 +111,14 @@ class Download:
         return f'attachment; filename="{self.filename}"'
 
 
-def downloads(anchor: x509.Certificate) -> tuple[Download, ...]:
+def downloads(anchor: x509.Certificate, bundle: bytes | None) -> tuple[Download, ...]:
     """The certificate clients trust, as PEM and DER: certificate bytes written by cryptography, so
-    nothing else of the CA's files (a key) can be among them."""
+    nothing else of the CA's files (a key) can be among them; and BUNDLE (distribution.bundle's, made
+    the same way), when the proxy's host has system roots to put in one."""
     return (
         Download(PEM_PATH, PEM_TYPE, PEM_NAME, anchor.public_bytes(serialization.Encoding.PEM)),
         Download(DER_PATH, DER_TYPE, DER_NAME, anchor.public_bytes(serialization.Encoding.DER)),
+        *([Download(BUNDLE_PATH, PEM_TYPE, BUNDLE_NAME, bundle)] if bundle is not None else []),
     )
 
 
@@ -139,9 +145,12 @@ class _Client:
     after: str = ""
 
 
-def _clients(admin: str, proxy: str | None) -> tuple[_Client, ...]:
+def _clients(admin: str, proxy: str | None, bundle: bool) -> tuple[_Client, ...]:
     pem_url, der_url = f"http://{admin}{PEM_PATH}", f"http://{admin}{DER_PATH}"
     fetch = f"curl -fsS -o {PEM_NAME} {pem_url}"
+    # SSL_CERT_FILE replaces a client's whole trust store: a bundle keeps what it reaches directly working.
+    trusted = BUNDLE_NAME if bundle else PEM_NAME
+    fetch_trusted = f"curl -fsS -o {BUNDLE_NAME} http://{admin}{BUNDLE_PATH}" if bundle else fetch
     # Without an explicit proxy (transparent or SNI listeners only), clients need no proxy setting.
     java_proxy = f" \\\n  -Dhttps.proxyHost={_host(proxy)} -Dhttps.proxyPort={_port(proxy)}" if proxy else ""
     python_proxy = f"\nexport HTTPS_PROXY=http://{proxy}" if proxy else ""
@@ -215,12 +224,17 @@ def _clients(admin: str, proxy: str | None) -> tuple[_Client, ...]:
             "Python",
             "<code>ssl</code>, <code>urllib</code> and <code>httpx</code> read <code>SSL_CERT_FILE</code>; "
             "<code>requests</code> reads <code>REQUESTS_CA_BUNDLE</code>. Both replace the program's whole "
-            "trust store, which is right when all its HTTPS goes through the proxy:",
-            f"{fetch}{python_proxy}\nexport SSL_CERT_FILE=$PWD/{PEM_NAME} REQUESTS_CA_BUNDLE=$PWD/{PEM_NAME}",
-            "<p>A program that also reaches sites directly (<code>NO_PROXY</code>) needs the system's roots "
-            "too: a bundle of both. On Debian or Ubuntu: <code>cat /etc/ssl/certs/ca-certificates.crt "
-            f"{PEM_NAME} &gt; bundle.pem</code>; on the proxy's host: <code>bumper ca bundle --ca DIR --out "
-            "bundle.pem</code>. Point the variables at <code>bundle.pem</code>.</p>",
+            "trust store: "
+            + (
+                f"<code>{BUNDLE_NAME}</code> holds the system's roots (of the proxy's host) and this CA, as "
+                "<code>bumper ca bundle</code> writes them, so that sites the program reaches directly "
+                "(<code>NO_PROXY</code>) still work:"
+                if bundle
+                else "this CA alone is right when all the program's HTTPS goes through the proxy:"
+            ),
+            f"{fetch_trusted}{python_proxy}\nexport SSL_CERT_FILE=$PWD/{trusted} REQUESTS_CA_BUNDLE=$PWD/{trusted}",
+            "<p>On Debian or Ubuntu, a bundle of the client's own roots: <code>cat "
+            f"/etc/ssl/certs/ca-certificates.crt {PEM_NAME} &gt; bundle.pem</code>.</p>",
         ),
         _Client(
             "node",
@@ -248,7 +262,13 @@ def _clients(admin: str, proxy: str | None) -> tuple[_Client, ...]:
             "    env:\n      - {name: NODE_EXTRA_CA_CERTS, value: /etc/bumper-ca/ca.pem}</code></pre>"
             "<p>With Istio, the application makes the TLS connection that bumper inspects, not its sidecar: "
             "the application's container is the one that trusts the CA, as above. <code>SSL_CERT_FILE</code> "
-            "clients need a bundle (see Python) in the ConfigMap.</p>",
+            "clients need a bundle (see Python) in the ConfigMap"
+            + (
+                f": <code>kubectl create configmap bumper-trust-bundle -n apps --from-file=bundle.pem={BUNDLE_NAME}"
+                "</code>.</p>"
+                if bundle
+                else ".</p>"
+            ),
         ),
     )
 
@@ -261,19 +281,25 @@ def _port(address: str) -> str:
     return address.rpartition(":")[2]
 
 
-def page(anchor: x509.Certificate, admin: str, proxy: str | None) -> bytes:
+def page(anchor: x509.Certificate, admin: str, proxy: str | None, bundle: bool) -> bytes:
     """The onboarding page for the CA whose certificate is ANCHOR, served at ADMIN (HOST:PORT, as
     reachable gives it), for clients of the explicit proxy at PROXY (the same; None: bumper has no
-    explicit proxy, and clients need no proxy setting)."""
+    explicit proxy, and clients need no proxy setting); BUNDLE: whether BUNDLE_PATH is served."""
     e = html.escape
     subject = e(anchor.subject.rfc4514_string())
     fingerprint = e(ca_files.fingerprint(anchor))
-    clients = _clients(admin, proxy)
+    clients = _clients(admin, proxy, bundle)
     nav = "".join(f'<li><a href="#{c.id}">{e(c.title)}</a></li>' for c in clients)
     sections = "".join(
         f'<section id="{c.id}"><h2>{e(c.title)}</h2><p>{c.intro}</p>'
         f'<pre><code id="cmd-{c.id}">{e(c.commands)}</code></pre>{c.after}</section>'
         for c in clients
+    )
+    bundle_link = (
+        f'<a class="button secondary" href="{BUNDLE_PATH}" download="{BUNDLE_NAME}">{BUNDLE_NAME} '
+        "(system roots + this CA)</a>"
+        if bundle
+        else ""
     )
     text = f"""<!doctype html>
 <html lang="en">
@@ -300,7 +326,8 @@ certificates signed by its own certificate authority (CA): they work once the pr
 <dt>Key</dt><dd>{e(keys.describe(anchor.public_key()))}</dd>
 </dl>
 <p class="buttons"><a class="button" href="{PEM_PATH}" download="{PEM_NAME}">Download {PEM_NAME}</a>
-<a class="button secondary" href="{DER_PATH}" download="{DER_NAME}">{DER_NAME} (DER, for Windows)</a></p>
+<a class="button secondary" href="{DER_PATH}" download="{DER_NAME}">{DER_NAME} (DER, for Windows)</a>
+{bundle_link}</p>
 <p class="warn">This page comes over plain HTTP: before you trust the file, check that
 <code>openssl x509 -noout -fingerprint -sha256 -in {PEM_NAME}</code> prints the SHA-256 above, and that
 whoever runs the proxy sees the same in <code>bumper ca show</code>. A program that trusts this CA lets
