@@ -33,6 +33,7 @@ from bumper.policy.load import check as check_policy
 from bumper.policy.load import load as load_policy
 from bumper.policy.rules import LAB
 from bumper.proxy import eventlog, limits
+from bumper.proxy.admin import AdminConfig
 from bumper.proxy.eventlog import LOG_FORMATS, LogFormat
 from bumper.proxy.listeners import DEFAULT_LISTEN, client_ca, parse_all, with_certificates
 from bumper.proxy.master import DEFAULT_DRAIN_TIMEOUT, MimicSettings, ProxyConfig, access_log, serve
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         # Through the stderr log once it is set up (--log-format json makes this line JSON too); before
         # that, and in the one-shot commands, logging's last resort writes the bare message to stderr.
-        logging.getLogger(CONFIG_ERRORS).error(f"bumper: {e}", extra=eventlog.BARE)
+        logging.getLogger(CONFIG_ERRORS).error(f"bumper: {e}", extra=stopping.BARE)
         return EXIT_CONFIG
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (__main__), before serve() gave them to the event loop
         return stopping.interrupted(args)
@@ -221,6 +222,20 @@ def _run_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, stop listening and give open connections this long to finish, then cut them; "
         "0 stops at once, as SIGINT does (default: %(default)g; docs/deploy.md)",
     )
+    o = p.add_argument_group("operations (docs/deploy.md)")
+    o.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="serve /healthz, /readyz, /metrics (Prometheus) and the CA's onboarding page at / on this address; "
+        "a loopback address unless --admin-allow is given (default: off)",
+    )
+    o.add_argument(
+        "--admin-allow",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help="a network that may reach --admin besides loopback (repeatable); needed for a non-loopback --admin",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="also show mitmproxy's own proxy-core log")
     p.add_argument(
         "--log-secrets",
@@ -310,6 +325,7 @@ def _run_command(args: list[str]) -> int:
         limits=_limits(opts),
         users=htpasswd.load(opts.proxy_auth) if opts.proxy_auth else None,
         drain_timeout=opts.drain_timeout,
+        admin=_admin(opts.admin, opts.admin_allow),
         mimics=MimicSettings(
             memory_entries=opts.mimic_cache,
             db_entries=opts.mimic_db,
@@ -501,6 +517,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _admin(spec: str | None, allow: list[str]) -> AdminConfig | None:
+    if spec is None:
+        if allow:
+            raise ConfigError("--admin-allow: without --admin there is no admin listener to allow into")
+        return None
+    return AdminConfig.parse(spec, allow)
+
+
 def _drain_seconds(text: str) -> float:
     """As _seconds, and 0 too: no drain."""
     try:
@@ -539,11 +563,12 @@ def _setup_logging(verbose: bool, log_secrets: bool, log_format: LogFormat = "te
     handler.setFormatter(eventlog.formatter(log_format, log_secrets))
     root = logging.getLogger()
     root.addHandler(handler)
-    # A configuration error goes to stderr alone: mitmproxy's Master adds a handler to the root logger
-    # that needs its event loop, which a failed start has closed by the time main() reports it.
-    errors = logging.getLogger(CONFIG_ERRORS)
-    errors.addHandler(handler)
-    errors.propagate = False
+    # A configuration error and the stop line go to stderr alone: mitmproxy's Master adds a handler to
+    # the root logger that needs its event loop, which is closed by the time main() writes them.
+    for name in (CONFIG_ERRORS, stopping.LOGGER):
+        alone = logging.getLogger(name)
+        alone.addHandler(handler)
+        alone.propagate = False
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # cryptography warns about what an upstream's certificate breaks (a negative serial, say), from
     # wherever it happens to be loaded: a hostile upstream could fill the log with them. The

@@ -10,6 +10,7 @@ An interrupted one-shot command (`bumper ca`, `mimic`, `policy`) exits 130, sile
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,12 @@ from types import FrameType
 SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 ONE_SHOT_COMMANDS = frozenset({"ca", "mimic", "policy"})  # any other first argument runs the proxy
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report an interrupted command
+# The stop line's logger. It has the stderr log's handler alone (cli), as the configuration errors'
+# has: mitmproxy's handler on the root logger needs the event loop, which is gone when bumper stops.
+LOGGER = "bumper.stopped"
+# logging's `extra` for a line that the text log shows bare, without its time: the start-up and stop
+# lines, as bumper has always printed them (scripts wait for `proxy listening on`, `stopped`).
+BARE = {"bumper_bare": True}
 
 
 _signalled = False
@@ -50,8 +57,13 @@ def signalled() -> bool:
 
 
 def stopped() -> int:
-    """The line every stop of the proxy ends with, and its exit code."""
-    print("bumper: stopped", file=sys.stderr, flush=True)
+    """The line every stop of the proxy ends with, and its exit code: through the stderr log once it
+    is set up (a JSON line with --log-format json), printed before that."""
+    logger = logging.getLogger(LOGGER)
+    if logger.handlers:
+        logger.info("bumper: stopped", extra=BARE)
+    else:
+        print("bumper: stopped", file=sys.stderr, flush=True)
     return 0
 
 

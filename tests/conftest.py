@@ -281,6 +281,11 @@ class Bumper:
     def ca_pem(self) -> Path:
         return self.ca_dir / "ca.pem"
 
+    @property
+    def admin(self) -> str:
+        """The admin listener's URL (started with --admin), from its line in the log."""
+        return "http://" + self.process.wait_for_line(r"bumper: admin listening on (\S+)").group(1)
+
     def connection_line(
         self, client_port: int, timeout: float = 10.0, kind: str = "CONNECT", client: str = "127.0.0.1"
     ) -> str:
@@ -437,11 +442,12 @@ def lab_policy(text: str) -> str:
     )
 
 
-def start_with_policy(start_bumper: Callable[..., Bumper], directory: Path, text: str) -> Bumper:
-    """bumper with --policy: TEXT written to a file in DIRECTORY (any port and loopback, unless TEXT says)."""
+def start_with_policy(start_bumper: Callable[..., Bumper], directory: Path, text: str, *extra: str) -> Bumper:
+    """bumper with --policy: TEXT written to a file in DIRECTORY (any port and loopback, unless TEXT
+    says), and the EXTRA arguments."""
     path = directory / "policy.yaml"
     path.write_text(lab_policy(text))
-    return start_bumper("--policy", str(path))
+    return start_bumper("--policy", str(path), *extra)
 
 
 def curl(bumper: Bumper, url: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -104,6 +105,17 @@ def test_json_other_lines_are_time_level_logger_message(json_logged: tuple[Bumpe
     assert (listening[0]["level"], listening[0]["logger"]) == ("INFO", "bumper")
     assert_iso_time_now(listening[0]["time"])
     assert all(set(e) == LOG_LINE_KEYS for e in lines if e.get("type") != "connection"), lines
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_the_stop_line_is_json_too(start_bumper, tmp_path: Path, stop: str) -> None:
+    """A stop after the event loop is gone still goes through the JSON log, whichever signal."""
+    bumper, _ = started(start_bumper, tmp_path, "--log-format", "json")
+    bumper.process.proc.send_signal(getattr(signal, stop))
+    assert bumper.process.proc.wait(30) == 0
+    bumper.process.wait_for_line('"message":"bumper: stopped"')
+    last = json_lines(bumper)[-1]
+    assert (set(last), last["message"], last["level"]) == (LOG_LINE_KEYS, "bumper: stopped", "INFO")
 
 
 def test_a_refusal_is_the_outcome_in_json(json_logged: tuple[Bumper, AccessLog], upstream: Upstream) -> None:

@@ -15,15 +15,15 @@ from bumper.clock import iso_utc
 from bumper.policy import redact
 from bumper.proxy.records import connection_line
 from bumper.proxy.state import ConnectionState, ConnectionStates
+from bumper.stopping import BARE
 
 log = logging.getLogger("bumper.conn")
 
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
-# LogRecord attributes (logging's `extra`): the connection a record is the line of, and a start-up
-# line that text shows bare, as bumper has always printed it (scripts wait for `proxy listening on`).
+# A LogRecord attribute (logging's `extra`): the connection a record is the line of. BARE
+# (bumper.stopping) marks the lines text shows bare.
 STATE = "bumper_state"
-BARE = {"bumper_bare": True}
 
 
 class ConnectionLog:
@@ -62,7 +62,7 @@ class TextFormatter(logging.Formatter):
         self.log_secrets = log_secrets
 
     def format(self, record: logging.LogRecord) -> str:
-        line = record.getMessage() if getattr(record, "bumper_bare", False) else super().format(record)
+        line = record.getMessage() if any(getattr(record, key, False) for key in BARE) else super().format(record)
         return line if self.log_secrets else redact.text(line)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:

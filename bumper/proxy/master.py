@@ -34,21 +34,24 @@ from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import LAB, AddonSpec, ClientCertRequirement, OnError, Policy
 from bumper.policy.source import PolicySource
 from bumper.proxy import dispatch, httpstream
+from bumper.proxy.admin import AdminConfig, AdminServer, Readiness, Route, metrics_route, probe_routes
 from bumper.proxy.cawatch import CaWatch
 from bumper.proxy.connlimits import ConnectionLimits, out_of_descriptors
 from bumper.proxy.drain import DEFAULT_TIMEOUT as DEFAULT_DRAIN_TIMEOUT
 from bumper.proxy.drain import Drain
 from bumper.proxy.enforce import PolicyEnforcer
-from bumper.proxy.eventlog import BARE, ConnectionLog
+from bumper.proxy.eventlog import ConnectionLog
 from bumper.proxy.layers import NextLayer
 from bumper.proxy.limits import Limits
 from bumper.proxy.listeners import Listener, Mode
+from bumper.proxy.metrics import Metrics
 from bumper.proxy.pinlearner import PinLearner
 from bumper.proxy.proxyauth import Authenticator, ProxyAuth
 from bumper.proxy.replies import ConnectReplies
 from bumper.proxy.state import ConnectionStates
 from bumper.proxy.tlsprovider import ClientTls, TlsProvider
 from bumper.proxy.upstreamerror import UpstreamErrorPages
+from bumper.stopping import BARE
 from bumper.upstream import aia
 from bumper.upstream.probe import UpstreamProbe
 from bumper.upstream.resolve import Egress, Override, ResolvingEventLoop
@@ -88,6 +91,7 @@ class ProxyConfig:
     limits: Limits = Limits()
     users: Users | None = None  # --proxy-auth: the explicit listeners ask for a user's password
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # SIGTERM: seconds open connections may take to finish
+    admin: AdminConfig | None = None  # --admin: probes, metrics and the onboarding page (bumper.proxy.admin)
 
 
 def access_log(addons: Mapping[str, type[Addon]], path: str, log_secrets: bool = False) -> tuple[AddonSpec, ...]:
@@ -151,6 +155,8 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         TlsProvider(mimics, verifier, states, config.client_tls, config.listeners, config.client_ca),
         connection_log,  # the others' client_disconnected still see the state it then forgets
         Drain(m, server, states, config.drain_timeout),  # after it: the states left are the connections open
+        # Only with --admin: without a scraper, counting would be work for nobody.
+        *([Metrics()] if config.admin else []),
     )
     m.options.update(
         mode=[listener.mitmproxy_mode() for listener in config.listeners],
@@ -184,13 +190,19 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
         if not ok:
             failed = [f" {listener}" for listener in config.listeners if _instance(server, listener).last_exception]
             raise ConfigError(f"--listen{failed[0] if failed else ''}: {_listen_failure(errors)}")
+        readiness = Readiness(lambda: m.addons.get("drain").draining)
+        admin = AdminServer(config.admin, admin_routes(m, readiness)) if config.admin else None
+        admin_address = await admin.start() if admin else None
         # Relays (via:) are verified as upstreams are, and answer within the upstream's timeout.
         dialer = Dialer(config.trust, config.limits.upstream_timeout, config.limits.max_header_bytes)
-        _check_destinations(loop, m, server.listen_addrs(), dialer)
+        _check_destinations(loop, m, [*server.listen_addrs(), *([admin_address] if admin_address else [])], dialer)
         try:
             await m.running()  # before the listening line: who reads it may rely on a started proxy
             if not m.should_exit.is_set():  # a proxy stopped during start-up has nothing to announce
                 _announce(config.listeners, server, authority if announce_new_ca else None)
+                if admin_address:
+                    log.info(f"bumper: admin listening on {host_port(*admin_address)}", extra=BARE)
+                readiness.listening()
                 sdnotify.ready(_status(server))
             # From here SIGTERM drains (bumper.proxy.drain); start-up has no connections to wait for.
             loop.add_signal_handler(signal.SIGTERM, m.addons.get("drain").sigterm)
@@ -198,7 +210,14 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
             loop.add_signal_handler(signal.SIGUSR1, m.addons.get("addonrunner").reopen)
             await m.should_exit.wait()
         finally:
+            if admin:
+                await admin.stop()
             await m.done()
+
+
+def admin_routes(m: master.Master, readiness: Readiness) -> dict[str, Route]:
+    """What the admin listener serves."""
+    return {**probe_routes(readiness), **metrics_route(m.addons.get("metrics").registry)}
 
 
 def _reload(m: master.Master) -> None:

@@ -1,0 +1,258 @@
+"""The admin listener (--admin HOST:PORT): what operators and their tools ask of bumper, apart from
+the traffic it carries: /healthz and /readyz for probes, /metrics for Prometheus, and the CA's
+onboarding page.
+
+It is a separate socket, never the proxy's: the proxy's port is reachable by every client of the
+gateway, and an egress gateway's clients must not read its metrics or probe its state. A
+non-loopback address is refused unless --admin-allow names the networks that may connect; every
+other peer gets a 403. The server is small on purpose: GET and HEAD only, one request per connection,
+a request head of at most 8 KiB read within 10 s, at most 32 connections at a time: a peer costs
+it a bounded amount of memory whatever it sends."""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+
+import h11
+from prometheus_client import CollectorRegistry, exposition
+
+from bumper.errors import ConfigError
+from bumper.policy import names
+
+log = logging.getLogger("bumper.admin")
+
+MAX_HEAD_BYTES = 8 * 1024  # a probe's or a scraper's request is a few hundred bytes
+REQUEST_TIMEOUT = 10.0  # seconds to read a request and write its answer: Prometheus' default scrape timeout
+MAX_CONNECTIONS = 32  # a scraper, a couple of probes and a browser need a handful
+REFUSAL_LOG_INTERVAL = 60.0  # seconds: one line for a flood of refused peers, not one per connection
+
+Network = IPv4Network | IPv6Network
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """--admin HOST:PORT and --admin-allow CIDR: where the admin listener binds, and who may connect
+    besides loopback."""
+
+    host: str
+    port: int
+    allow: tuple[Network, ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str, allow: list[str]) -> AdminConfig:
+        """--admin SPEC with its --admin-allow networks, or ConfigError. A non-loopback address (the
+        unspecified 0.0.0.0 and :: included) needs --admin-allow: a pod's or a host's admin port is
+        never open to the world by a typo."""
+        host, sep, port = spec.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host:
+            raise ConfigError(f"--admin {spec!r}: expected HOST:PORT, e.g. 127.0.0.1:9090")
+        if host == "localhost":
+            host = "127.0.0.1"
+        if not names.is_ip_address(host):
+            raise ConfigError(f"--admin {spec!r}: {host!r} is not an IP address")
+        try:
+            number = names.parse_port(port, lowest=0)  # 0: any free port, announced in the log
+        except ValueError as e:
+            raise ConfigError(f"--admin {spec!r}: {e}") from None
+        networks = tuple(_network(text) for text in allow)
+        if not ip_address(host).is_loopback and not networks:
+            raise ConfigError(
+                f"--admin {spec}: not a loopback address; name the networks that may reach it with "
+                "--admin-allow CIDR (e.g. --admin-allow 10.0.0.0/8)"
+            )
+        return cls(host, number, networks)
+
+    def admits(self, peer: IPv4Address | IPv6Address) -> bool:
+        """Whether PEER may use the admin listener: loopback always, others only from --admin-allow."""
+        if isinstance(peer, IPv6Address) and peer.ipv4_mapped is not None:
+            peer = peer.ipv4_mapped
+        return peer.is_loopback or any(peer in network for network in self.allow)
+
+
+def _network(text: str) -> Network:
+    try:
+        return ip_network(text, strict=False)
+    except ValueError:
+        raise ConfigError(f"--admin-allow {text!r}: expected a network, e.g. 10.0.0.0/8 or fd00::/8") from None
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # without the query
+    headers: Mapping[str, str]  # lower-case names
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = field(default=())
+
+    @classmethod
+    def text(cls, status: int, text: str) -> Response:
+        return cls(status, text.encode() + b"\n")
+
+
+Route = Callable[[Request], Response]
+
+# Every answer: no page of the admin listener is framed, sniffed or cached on the way.
+_SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+    ("X-Frame-Options", "DENY"),
+)
+
+
+def answer(routes: Mapping[str, Route], request: Request) -> Response:
+    """The response to REQUEST: its route's, or 404/405."""
+    route = routes.get(request.path)
+    if route is None:
+        return Response.text(404, f"not found: {request.path[:100]!r}; this is bumper's admin listener")
+    if request.method not in ("GET", "HEAD"):
+        return Response(405, b"only GET and HEAD\n", headers=(("Allow", "GET, HEAD"),))
+    return route(request)
+
+
+class Readiness:
+    """What /readyz says: not ready until the proxy's listeners are bound and its CA loaded (serve()
+    says so with `listening()`), and not ready again from the first SIGTERM on, so that a load
+    balancer stops sending new connections while the open ones drain."""
+
+    def __init__(self, draining: Callable[[], bool]) -> None:
+        self._draining = draining
+        self._listening = False
+
+    def listening(self) -> None:
+        self._listening = True
+
+    def why_not(self) -> str | None:
+        if self._draining():
+            return "draining (SIGTERM)"
+        if not self._listening:
+            return "starting"
+        return None
+
+
+def probe_routes(readiness: Readiness) -> dict[str, Route]:
+    """/healthz: the process answers; /readyz: it takes new connections."""
+
+    def readyz(request: Request) -> Response:
+        why_not = readiness.why_not()
+        return Response.text(503, f"not ready: {why_not}") if why_not else Response.text(200, "ready")
+
+    return {"/healthz": lambda request: Response.text(200, "ok"), "/readyz": readyz}
+
+
+def metrics_route(registry: CollectorRegistry) -> dict[str, Route]:
+    """/metrics in the format the scraper asks for (Prometheus text, or OpenMetrics by Accept)."""
+
+    def metrics(request: Request) -> Response:
+        encode, content_type = exposition.choose_encoder(request.headers.get("accept", ""))
+        return Response(200, encode(registry), content_type)
+
+    return {"/metrics": metrics}
+
+
+class AdminServer:
+    """The admin listener's socket and its connections."""
+
+    def __init__(self, config: AdminConfig, routes: Mapping[str, Route]) -> None:
+        self.config = config
+        self.routes = routes
+        self._server: asyncio.Server | None = None
+        self._open = 0
+        self._last_refusal_line = -REFUSAL_LOG_INTERVAL
+
+    async def start(self) -> tuple[str, int]:
+        """Bind, or ConfigError naming the OS's reason; the address bound (the real port for 0)."""
+        try:
+            self._server = await asyncio.start_server(self._connection, self.config.host, self.config.port)
+        except OSError as e:
+            raise ConfigError(
+                f"--admin {names.host_port(self.config.host, self.config.port)}: {e.strerror or e}"
+            ) from None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open += 1
+        try:
+            if self._open > MAX_CONNECTIONS:
+                return
+            await asyncio.wait_for(self._serve(reader, writer), REQUEST_TIMEOUT)
+        except (TimeoutError, OSError, h11.ProtocolError):
+            pass  # a slow, vanished or confused peer: nothing for it, nothing to log
+        finally:
+            self._open -= 1
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = ip_address(writer.get_extra_info("peername")[0])
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        request = await _read_request(conn, reader)
+        if request is None:
+            return
+        if self.config.admits(peer):
+            try:
+                response = answer(self.routes, request)
+            except Exception as e:  # a page that cannot be made is a 500 and one line, never a traceback
+                log.error("admin: %s %s failed: %s: %s", request.method, request.path, type(e).__name__, e)
+                response = Response.text(500, "internal error: see bumper's log")
+        else:
+            self._refused(peer)
+            response = Response.text(403, "forbidden: this address is not in --admin-allow")
+        writer.write(_encode(conn, request, response))
+        await writer.drain()
+
+    def _refused(self, peer: IPv4Address | IPv6Address) -> None:
+        now = time.monotonic()
+        if now - self._last_refusal_line >= REFUSAL_LOG_INTERVAL:
+            self._last_refusal_line = now
+            log.warning(
+                "admin: refused %s, not in --admin-allow (403; more refusals in the next %gs are not logged)",
+                peer,
+                REFUSAL_LOG_INTERVAL,
+            )
+
+
+async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader) -> Request | None:
+    """The request's head, or None if the peer left first. h11 caps what it buffers at MAX_HEAD_BYTES."""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(4096))
+            continue
+        if isinstance(event, h11.Request):
+            headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in event.headers}
+            target = event.target.decode("latin-1")
+            return Request(event.method.decode("latin-1"), target.partition("?")[0], headers)
+        return None  # the peer closed
+
+
+def _encode(conn: h11.Connection, request: Request, response: Response) -> bytes:
+    headers = [
+        ("Content-Type", response.content_type),
+        ("Content-Length", str(len(response.body))),
+        ("Connection", "close"),
+        *_SECURITY_HEADERS,
+        *response.headers,
+    ]
+    reason = http.HTTPStatus(response.status).phrase
+    out = conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason)) or b""
+    if request.method != "HEAD":
+        out += conn.send(h11.Data(data=response.body)) or b""
+    return out + (conn.send(h11.EndOfMessage()) or b"")
