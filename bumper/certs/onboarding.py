@@ -88,13 +88,8 @@ _CSS_HASH = base64.b64encode(hashlib.sha256(_CSS.encode()).digest()).decode()
 CONTENT_SECURITY_POLICY = (
     f"default-src 'none'; style-src 'sha256-{_CSS_HASH}'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-# What every answer of the page and its downloads carries: the content type is the one meant, the
-# page is not framed, and no Referer leaves with a click.
-SECURITY_HEADERS = (
-    ("X-Content-Type-Options", "nosniff"),
-    ("Referrer-Policy", "no-referrer"),
-    ("X-Frame-Options", "DENY"),
-)
+# The page's own headers; the admin listener adds nosniff, no-store and X-Frame-Options to every answer.
+PAGE_HEADERS = (("Content-Security-Policy", CONTENT_SECURITY_POLICY), ("Referrer-Policy", "no-referrer"))
 
 
 @dataclass(frozen=True)

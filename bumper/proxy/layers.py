@@ -152,16 +152,14 @@ class Refuse(layer.Layer):
 
 class NextLayer:
     def __init__(
-        self,
-        dispatcher: AddonManager,
-        limits: Limits,
-        listeners: Mapping[str, Listener] | None = None,
-        admin: tuple[str, int] | None = None,
+        self, dispatcher: AddonManager, limits: Limits, listeners: Mapping[str, Listener] | None = None
     ) -> None:
         self.dispatcher = dispatcher
         self.limits = limits
         self.listeners = listeners or {}  # by the mode mitmproxy runs each with
-        self.admin = admin  # the admin listener's address, for the proxy port's answer to `GET /`
+        # The admin listener's address, which the proxy port's answer to `GET /` names: set by
+        # master.serve once it is bound (--admin HOST:0 picks its port then).
+        self.admin: tuple[str, int] | None = None
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if nextlayer.layer is not None:
