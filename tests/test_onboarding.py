@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 import socket
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from bumper.certs import ca as ca_files
 from bumper.certs import onboarding
@@ -271,3 +274,140 @@ def read_all(sock: socket.socket, until: bytes | None = None) -> bytes:
     while (until is None or until not in data) and (chunk := sock.recv(65536)):
         data += chunk
     return data
+
+
+# --- the page on the admin listener, and the clients its commands set up --------------------------
+
+CLIENT_ENV_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
+# The page's commands use sudo, which a root test run has no need of (and the machine may lack).
+NO_SUDO = 'sudo() { "$@"; }\n'
+
+
+@pytest.fixture(scope="module")
+def onboarded(start_bumper: Callable[..., Bumper]) -> Bumper:
+    return start_bumper("--admin", "127.0.0.1:0")
+
+
+def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
+    """GET URL with curl (no proxy): status, headers (lower-case names), body."""
+    r = subprocess.run(["curl", "-sS", "--max-time", "30", "-D", "-", url], capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    head, _, body = r.stdout.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def commands(bumper: Bumper) -> dict[str, str]:
+    """The page's commands, by client (cmd-python: python), as a reader would copy them."""
+    _, _, body = fetch(bumper.admin + "/")
+    page = Page(body.decode())
+    return {name.removeprefix("cmd-"): text for name, text in page.text.items() if name.startswith("cmd-")}
+
+
+def shell(script: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """SCRIPT in bash (stopping at the first failure), in CWD, with HOME=CWD and no trust settings of ours."""
+    base = {k: v for k, v in os.environ.items() if k not in CLIENT_ENV_VARIABLES and not k.lower().endswith("_proxy")}
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**base, "HOME": str(cwd), **env},
+    )
+
+
+def test_curl_gets_the_page_with_the_fingerprint_and_a_pem_that_parses(onboarded: Bumper) -> None:
+    status, headers, body = fetch(onboarded.admin + "/")
+    anchor = x509.load_pem_x509_certificate(onboarded.ca_pem.read_bytes())
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+    assert headers["content-security-policy"] == onboarding.CONTENT_SECURITY_POLICY
+    assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "no-referrer"
+    page = Page(body.decode())
+    assert page.text["sha256"] == ca_files.fingerprint(anchor)
+    assert page.text["subject"] == anchor.subject.rfc4514_string()
+    port = onboarded.admin.rpartition(":")[2]
+    assert f"curl -fsS -o bumper-ca.pem http://127.0.0.1:{port}/ca.pem" in page.text["cmd-curl"]
+    assert f"curl -x http://127.0.0.1:{onboarded.port} --cacert bumper-ca.pem" in page.text["cmd-curl"]
+    status, headers, pem = fetch(onboarded.admin + "/ca.pem")
+    assert (status, headers["content-type"]) == (200, "application/x-pem-file")
+    assert headers["content-disposition"] == 'attachment; filename="bumper-ca.pem"'
+    assert x509.load_pem_x509_certificate(pem) == anchor
+
+
+def test_the_host_header_never_reaches_the_page(onboarded: Bumper) -> None:
+    """The Host header is the client's to choose: the page's commands name bumper's address whatever it says."""
+    r = subprocess.run(
+        ["curl", "-sS", "--max-time", "30", "-H", "Host: <b>evil.example</b>", onboarded.admin + "/"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and "evil.example" not in r.stdout and "Trust bumper's CA" in r.stdout
+
+
+# Every path the admin listener serves, and some a key could be sought at.
+PATHS = ("/", "/ca.pem", "/ca.der", "/bundle.pem", "/healthz", "/readyz", "/metrics")
+GUESSES = ("/ca.key", "/issuing.key", "/untrusted.key", "/ca", "/..%2fca.key", "/ca.pem?key", "/mimics.sqlite")
+
+
+@pytest.mark.parametrize("path", PATHS + GUESSES)
+def test_no_path_serves_a_private_key(onboarded: Bumper, path: str) -> None:
+    status, _, body = fetch(onboarded.admin + path)
+    assert status in (200, 404)
+    assert b"PRIVATE KEY" not in body
+    key = (onboarded.ca_dir / "ca.key").read_bytes()
+    assert key.split(b"\n")[1] not in body  # not even a line of it outside its armour
+
+
+def test_the_der_download_is_the_ca_for_openssl(onboarded: Bumper, tmp_path: Path) -> None:
+    status, headers, der = fetch(onboarded.admin + "/ca.der")
+    assert (status, headers["content-type"]) == (200, "application/pkix-cert")
+    assert headers["content-disposition"] == 'attachment; filename="bumper-ca.der"'
+    (tmp_path / "bumper-ca.der").write_bytes(der)
+    r = shell("openssl x509 -inform DER -in bumper-ca.der -noout -fingerprint -sha256", tmp_path)
+    anchor = x509.load_pem_x509_certificate(onboarded.ca_pem.read_bytes())
+    assert r.returncode == 0 and r.stdout.strip() == f"sha256 Fingerprint={ca_files.fingerprint(anchor)}", r
+
+
+def test_the_pages_fingerprint_check_prints_the_pages_fingerprint(onboarded: Bumper, tmp_path: Path) -> None:
+    """The warning's command, run on the downloaded file, prints what the page says."""
+    _, _, body = fetch(onboarded.admin + "/")
+    page = Page(body.decode())
+    r = shell(
+        f"{commands(onboarded)['curl'].splitlines()[0]}\nopenssl x509 -noout -fingerprint -sha256 -in bumper-ca.pem",
+        tmp_path,
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("=" + page.text["sha256"]), r
+
+
+def test_curl_as_the_page_says_reaches_an_upstream_and_fails_without_the_ca(
+    onboarded: Bumper, upstream: Upstream, tmp_path: Path
+) -> None:
+    script = commands(onboarded)["curl"].replace("https://example.com/", upstream.url("/curl"))
+    r = shell(script, tmp_path)
+    assert r.returncode == 0 and "hello" in r.stdout, r.stderr
+    (tmp_path / "bumper-ca.pem").write_bytes(pki.Authority.root("not bumper").cert.public_bytes(Encoding.PEM))
+    r = shell(script.splitlines()[-1], tmp_path)  # the same curl, with another CA in the file
+    assert r.returncode == 60, r
+
+
+PYTHON_CLIENT = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=30).status)"
+
+
+def test_python_with_the_pages_bundle_reaches_an_upstream_and_fails_without_the_ca(
+    onboarded: Bumper, upstream: Upstream, tmp_path: Path
+) -> None:
+    """SSL_CERT_FILE set to the bundle downloaded from the page, HTTPS_PROXY as the page says."""
+    script = commands(onboarded)["python"]
+    assert "bundle.pem" in script
+    client = f"{sys.executable} -c '{PYTHON_CLIENT}' {upstream.url('/python')}"
+    r = shell(f"{script}\n{client}", tmp_path)
+    assert (r.returncode, r.stdout) == (0, "200\n"), r.stderr
+    bundle = (tmp_path / "bumper-bundle.pem").read_bytes()
+    assert bundle.endswith(onboarded.ca_pem.read_bytes()) and bundle.count(b"BEGIN CERTIFICATE") > 1
+    # The system's roots alone, as the bundle holds them before the CA: the mimic is refused.
+    (tmp_path / "bumper-bundle.pem").write_bytes(bundle.removesuffix(onboarded.ca_pem.read_bytes()))
+    r = shell("\n".join([*script.splitlines()[1:], client]), tmp_path)  # the page's lines but the download
+    assert r.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in r.stderr, r
