@@ -10,6 +10,8 @@ import base64
 import hashlib
 import os
 import re
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -25,6 +28,7 @@ from bumper.certs import ca as ca_files
 from bumper.certs import onboarding
 from tests import pki
 from tests.conftest import Bumper, Upstream, curl, recording_heads, tcp_server
+from tests.test_ca_distribution import NODE_CLIENT
 
 ADMIN, PROXY = "127.0.0.1:9090", "127.0.0.1:8080"
 HOSTILE_CN = '<script>alert("x")</script><img src=x onerror=alert(1)>&amp;'
@@ -411,3 +415,99 @@ def test_python_with_the_pages_bundle_reaches_an_upstream_and_fails_without_the_
     (tmp_path / "bumper-bundle.pem").write_bytes(bundle.removesuffix(onboarded.ca_pem.read_bytes()))
     r = shell("\n".join([*script.splitlines()[1:], client]), tmp_path)  # the page's lines but the download
     assert r.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in r.stderr, r
+
+
+JAVA_CLIENT = """
+import java.net.URL;
+import javax.net.ssl.HttpsURLConnection;
+
+public class Client {
+    public static void main(String[] args) throws Exception {
+        HttpsURLConnection connection = (HttpsURLConnection) new URL(args[0]).openConnection();
+        connection.setConnectTimeout(30000);
+        connection.setReadTimeout(30000);
+        System.out.println(connection.getResponseCode());
+    }
+}
+"""
+
+
+def test_java_with_keytools_trust_store_reaches_an_upstream_and_fails_without_the_ca(
+    onboarded: Bumper, upstream: Upstream, tmp_path: Path
+) -> None:
+    """keytool -importcert into a trust store of the program's own, and the JVM's proxy properties,
+    as the page writes them; Client.java stands in for app.jar."""
+    if shutil.which("java") is None or shutil.which("keytool") is None:
+        pytest.skip("needs a JDK (Debian: default-jdk-headless)")
+    (tmp_path / "Client.java").write_text(JAVA_CLIENT)
+    script = commands(onboarded)["java"]
+    assert script.endswith("-jar app.jar")
+    script = script.removesuffix("-jar app.jar") + f"Client.java {upstream.url('/java')}"
+    r = shell(script, tmp_path)
+    assert (r.returncode, r.stdout) == (0, "200\n"), r.stderr
+    # The same program with a trust store that holds another CA: the mimic is refused.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "Client.java").write_text(JAVA_CLIENT)
+    (other / "bumper-ca.pem").write_bytes(pki.Authority.root("not bumper").cert.public_bytes(Encoding.PEM))
+    r = shell("\n".join(script.splitlines()[1:]), other)  # the page's lines but the download
+    assert r.returncode == 1 and "PKIX path building failed" in r.stderr, r
+
+
+def test_node_with_node_extra_ca_certs_as_the_page_says_reaches_an_upstream(
+    onboarded: Bumper, upstream: Upstream, tmp_path: Path
+) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    # A file's arguments start after its name; `node -e`'s right away.
+    (tmp_path / "app.js").write_text(NODE_CLIENT.replace("process.argv.slice(1)", "process.argv.slice(2)"))
+    script = commands(onboarded)["node"].replace(
+        "node app.js", f"node app.js {onboarded.port} {upstream.host} {upstream.port}"
+    )
+    r = shell(script, tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("HTTP/1.1 200 "), r
+    r = shell(script.splitlines()[-1].replace("NODE_EXTRA_CA_CERTS=$PWD/bumper-ca.pem ", ""), tmp_path)
+    assert (r.returncode, r.stderr.strip()) == (3, "UNABLE_TO_VERIFY_LEAF_SIGNATURE"), r
+
+
+def test_the_configmap_made_as_the_page_says_holds_the_ca(onboarded: Bumper, tmp_path: Path) -> None:
+    """kubectl's own encoder, offline (--dry-run=client needs no cluster)."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed")
+    script = commands(onboarded)["kubernetes"].replace(
+        "--from-file=ca.pem", "--from-file=ca.pem --dry-run=client -o yaml"
+    )
+    r = shell(script, tmp_path)
+    assert r.returncode == 0, r.stderr
+    manifest = yaml.safe_load(r.stdout)
+    metadata = manifest["metadata"]
+    assert (manifest["kind"], metadata["name"], metadata["namespace"]) == ("ConfigMap", "bumper-ca", "apps")
+    assert manifest["data"]["ca.pem"].encode() == onboarded.ca_pem.read_bytes()
+
+
+def test_the_debian_commands_make_the_system_trust_the_ca(
+    onboarded: Bumper, upstream: Upstream, tmp_path: Path
+) -> None:
+    """The page's two Debian lines, run for real in a mount namespace of their own: the machine's
+    /usr/local/share/ca-certificates and /etc/ssl/certs are copies there. curl, without --cacert,
+    is refused before them and served after."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("update-ca-certificates") is None:
+        pytest.skip("needs root, unshare and update-ca-certificates (Debian: ca-certificates)")
+    shutil.copytree("/usr/local/share/ca-certificates", tmp_path / "local", symlinks=True)
+    shutil.copytree("/etc/ssl/certs", tmp_path / "certs", symlinks=True)
+    system_curl = f"curl -sS --max-time 30 -x {onboarded.proxy} {upstream.url('/debian')}"
+    inside = "\n".join(
+        [
+            f"mount --bind {tmp_path / 'local'} /usr/local/share/ca-certificates",
+            f"mount --bind {tmp_path / 'certs'} /etc/ssl/certs",
+            NO_SUDO,
+            f"if {system_curl}; then echo 'trusted before'; exit 1; fi",
+            commands(onboarded)["debian"],
+            system_curl,
+        ]
+    )
+    r = shell(f"exec unshare --mount --propagation private bash -euo pipefail -c {shlex.quote(inside)}", tmp_path)
+    assert r.returncode == 0 and "hello" in r.stdout, r
+    assert "SSL certificate problem: unable to get local issuer certificate" in r.stderr  # the first curl
+    assert (tmp_path / "local" / "bumper.crt").read_bytes() == onboarded.ca_pem.read_bytes()
