@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import os
 import re
 import shlex
@@ -22,13 +23,14 @@ from pathlib import Path
 import pytest
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from bumper.certs import ca as ca_files
 from bumper.certs import onboarding
 from tests import pki
 from tests.conftest import Bumper, Upstream, curl, recording_heads, tcp_server
 from tests.test_ca_distribution import NODE_CLIENT
+from tests.test_real_clients import CHROMIUM_FLAGS, run
 
 ADMIN, PROXY = "127.0.0.1:9090", "127.0.0.1:8080"
 HOSTILE_CN = '<script>alert("x")</script><img src=x onerror=alert(1)>&amp;'
@@ -511,3 +513,77 @@ def test_the_debian_commands_make_the_system_trust_the_ca(
     assert r.returncode == 0 and "hello" in r.stdout, r
     assert "SSL certificate problem: unable to get local issuer certificate" in r.stderr  # the first curl
     assert (tmp_path / "local" / "bumper.crt").read_bytes() == onboarded.ca_pem.read_bytes()
+
+
+def needs_chromium() -> None:
+    missing = [tool for tool in ("chromium", "certutil") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"needs {' and '.join(missing)} (Debian: chromium, libnss3-tools; ./test installs them as root)")
+
+
+def artefacts(tmp_path: Path) -> Path:
+    """Where a test leaves what people look at (a screenshot): $BUMPER_ARTEFACTS if set, else its tmp_path."""
+    directory = Path(os.environ.get("BUMPER_ARTEFACTS") or tmp_path)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def browse(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Headless Chromium with HOME (its NSS database: HOME/.pki/nssdb) and a profile in HOME."""
+    return run(
+        ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={home / 'profile'}", "--enable-logging=stderr", *args],
+        env={**os.environ, "HOME": str(home)},
+    )
+
+
+def test_chromium_shows_the_page_and_its_style_sheet_is_allowed(onboarded: Bumper, tmp_path: Path) -> None:
+    needs_chromium()
+    r = browse(tmp_path, "--dump-dom", onboarded.admin + "/")
+    assert r.returncode == 0, r.stderr[-3000:]
+    anchor = x509.load_pem_x509_certificate(onboarded.ca_pem.read_bytes())
+    page = Page(r.stdout)
+    assert page.text["subject"] == anchor.subject.rfc4514_string()
+    assert page.text["sha256"] == ca_files.fingerprint(anchor)
+    assert "Content Security Policy" not in r.stderr, r.stderr[-3000:]  # nothing refused: the hash fits
+    screenshot = artefacts(tmp_path) / "onboarding-page.png"
+    r = browse(tmp_path, "--window-size=1280,2400", "--hide-scrollbars", f"--screenshot={screenshot}", onboarded.admin)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert screenshot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and screenshot.stat().st_size > 50_000
+    print(f"the onboarding page in Chromium: {screenshot}")
+
+
+def test_chromium_shows_a_subject_with_markup_as_text(start_bumper: Callable[..., Bumper], tmp_path: Path) -> None:
+    """A CA whose subject holds markup, loaded by bumper and shown in a browser: text, never elements."""
+    needs_chromium()
+    hostile = pki.Authority.root(HOSTILE_CN)
+    ca_dir = tmp_path / "ca"
+    ca_dir.mkdir(mode=0o700)
+    (ca_dir / "ca.pem").write_bytes(hostile.cert.public_bytes(Encoding.PEM))
+    key = hostile.key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())  # type: ignore[attr-defined]
+    (ca_dir / "ca.key").write_bytes(key)
+    (ca_dir / "ca.key").chmod(0o600)
+    bumper = start_bumper("--admin", "127.0.0.1:0", ca_dir=ca_dir)
+    r = browse(tmp_path, "--dump-dom", bumper.admin + "/")
+    assert r.returncode == 0, r.stderr[-3000:]
+    page = Page(r.stdout)
+    assert page.text["subject"] == hostile.cert.subject.rfc4514_string()
+    assert "<script>" in page.text["subject"].replace("\\", "")
+    assert not [tag for tag, _ in page.tags if tag in ("script", "img")]
+    bumper.process.stop()
+
+
+def test_chromium_trusts_the_ca_after_the_pages_certutil_commands(
+    onboarded: Bumper, upstream: Upstream, tmp_path: Path
+) -> None:
+    """The page's NSS steps in a fresh HOME: Chromium through bumper is refused before them, served after."""
+    needs_chromium()
+    new_database = "mkdir -p ~/.pki/nssdb && certutil -d sql:$HOME/.pki/nssdb -N --empty-password"
+    assert html.escape(new_database) in fetch(onboarded.admin + "/")[2].decode()
+    assert shell(new_database, tmp_path).returncode == 0
+    through = ("--disable-quic", f"--proxy-server={onboarded.proxy}", "--dump-dom", upstream.url("/chromium"))
+    before = browse(tmp_path, *through)
+    assert "hello" not in before.stdout
+    r = shell(commands(onboarded)["nss"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    after = browse(tmp_path, *through)
+    assert after.returncode == 0 and "hello" in after.stdout, after.stderr[-3000:]
