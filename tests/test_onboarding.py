@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from bumper.certs import ca as ca_files
 from bumper.certs import onboarding
+from bumper.proxy import master
 from tests import pki
 from tests.conftest import Bumper, Upstream, curl, recording_heads, tcp_server
 from tests.test_ca_distribution import NODE_CLIENT
@@ -587,3 +588,20 @@ def test_chromium_trusts_the_ca_after_the_pages_certutil_commands(
     assert r.returncode == 0, r.stderr
     after = browse(tmp_path, *through)
     assert after.returncode == 0 and "hello" in after.stdout, after.stderr[-3000:]
+
+
+def test_without_system_roots_there_is_no_bundle_and_one_line_says_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """A slim image without ca-certificates: the page offers the CA alone, and bumper still starts."""
+    authority = ca_files.create(tmp_path / "ca")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "nope"))
+    assert master._bundle(authority) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"admin: the onboarding page offers no trust bundle: no system roots to bundle: no file at "
+        f"SSL_CERT_FILE={tmp_path / 'nope'} (install ca-certificates, or point SSL_CERT_FILE at a PEM file of roots)"
+    ]
+    roots = pki.Authority.root("a system root").cert.public_bytes(Encoding.PEM)
+    (tmp_path / "roots.pem").write_bytes(roots)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "roots.pem"))
+    assert master._bundle(authority) == roots + authority.trust_anchor.public_bytes(Encoding.PEM)
