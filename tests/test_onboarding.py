@@ -605,3 +605,35 @@ def test_without_system_roots_there_is_no_bundle_and_one_line_says_why(
     (tmp_path / "roots.pem").write_bytes(roots)
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "roots.pem"))
     assert master._bundle(authority) == roots + authority.trust_anchor.public_bytes(Encoding.PEM)
+
+
+def test_the_proxy_ports_400_names_the_admin_listener(onboarded: Bumper) -> None:
+    r = subprocess.run(
+        ["curl", "-sS", "--max-time", "30", f"http://127.0.0.1:{onboarded.port}/"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.stdout == FOR_THE_PROXY.format(port=onboarded.port) + (
+        f"admin: {onboarded.admin}/ (the CA onboarding page, /healthz, /metrics)\n"
+    ), r
+
+
+def test_an_admin_listener_on_every_address_is_named_by_the_address_the_client_reached(
+    start_bumper: Callable[..., Bumper],
+) -> None:
+    """0.0.0.0 is no address to connect to: the 400 names the one the client used for the proxy,
+    and the page's commands a placeholder for the name the reader opened it by."""
+    bumper = start_bumper("--admin", "0.0.0.0:0", "--admin-allow", "192.0.2.0/24")
+    port = bumper.admin.rpartition(":")[2]
+    assert bumper.admin == f"http://0.0.0.0:{port}"
+    r = subprocess.run(
+        ["curl", "-sS", "--max-time", "30", f"http://127.0.0.1:{bumper.port}/"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.stdout.endswith(f"\nadmin: http://127.0.0.1:{port}/ (the CA onboarding page, /healthz, /metrics)\n"), r
+    _, _, body = fetch(f"http://127.0.0.1:{port}/")
+    assert f"curl -fsS -o bumper-ca.pem http://BUMPER-HOST:{port}/ca.pem" in Page(body.decode()).text["cmd-curl"]
+    bumper.process.stop()
