@@ -412,7 +412,9 @@ def _write_bundle(authority: ca_files.CertificateAuthority, out: str) -> None:
     distribution.write_public(Path(out), data)
     print(f"wrote {data.count(b'-----BEGIN CERTIFICATE-----')} certificates to {out} (mode 0644, no private key):")
     place = "already among them" if authority.trust_anchor in roots else "then"
-    print(f"  {len(roots)} system roots from {system}, {place} bumper's CA {authority.fingerprint}")
+    print(
+        f"  {len(roots)} system roots from {system}, {place} bumper's CA {ca_files.fingerprint(authority.trust_anchor)}"
+    )
 
 
 def _export_configmap(authority: ca_files.CertificateAuthority, opts: argparse.Namespace) -> None:
