@@ -77,9 +77,8 @@ nav a { display: inline-block; padding: .3rem .7rem; border: 1px solid var(--lin
 .grid section { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 1rem 1.25rem;
   min-width: 0; }
 .grid p, .grid ul { margin: .5rem 0; }
-pre { background: #0f1722; color: #e6edf3; padding: .75rem 1rem; border-radius: 6px; white-space: pre-wrap;
-  overflow-wrap: anywhere;
-  font-size: .85rem; line-height: 1.45; margin: .5rem 0; }
+pre { background: #0f1722; color: #e6edf3; padding: .75rem 1rem; border-radius: 6px; margin: .5rem 0;
+  white-space: pre-wrap; overflow-wrap: anywhere; font-size: .85rem; line-height: 1.45; }
 footer { max-width: 72rem; margin: 0 auto; padding: 0 1.5rem 2rem; color: var(--muted); font-size: .9rem; }
 """
 _CSS_HASH = base64.b64encode(hashlib.sha256(_CSS.encode()).digest()).decode()
@@ -189,7 +188,8 @@ def _clients(admin: str, proxy: str | None, bundle: bool) -> tuple[_Client, ...]
             "Firefox keeps a store of its own. In <em>Settings → Privacy &amp; Security → Certificates → View "
             "Certificates → Authorities</em>, choose <em>Import…</em>, pick the downloaded file and tick "
             "<em>Trust this CA to identify websites</em>. For every profile on a machine, an enterprise "
-            "policy (<code>/etc/firefox/policies/policies.json</code> on Linux):",
+            "policy that names the downloaded file (here saved as <code>/etc/bumper/bumper-ca.pem</code>) in "
+            "<code>/etc/firefox/policies/policies.json</code> on Linux:",
             '{"policies": {"Certificates": {"Install": ["/etc/bumper/bumper-ca.pem"]}}}',
             '<p>On Windows and macOS, <code>"ImportEnterpriseRoots": true</code> in the same '
             "<code>Certificates</code> makes Firefox trust what the system store trusts.</p>",
