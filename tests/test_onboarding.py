@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import http.client
 import os
 import re
 import shlex
@@ -274,6 +275,27 @@ def test_the_connection_closes_after_the_400(bumper: Bumper, plain_http_origin: 
     with socket.create_connection(("127.0.0.1", bumper.port), timeout=15) as sock:
         sock.sendall(proxy_request.encode())
         assert read_all(sock, until=b"\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_keep_alive_client_reconnects_after_the_400(bumper: Bumper, plain_http_origin: int) -> None:
+    """http.client keeps its connection open between requests: after the 400's `connection: close`
+    it opens a new one for the next, which the proxy serves."""
+    conn = http.client.HTTPConnection("127.0.0.1", bumper.port, timeout=15)
+    try:
+        conn.request("GET", "/")
+        assert conn.sock is not None
+        first_port = conn.sock.getsockname()[1]
+        first = conn.getresponse()
+        assert (first.status, first.will_close) == (400, True)
+        first.read()
+        assert conn.sock is None  # http.client closed it, as told
+        conn.request("GET", f"http://plain.test:{plain_http_origin}/", headers={"Host": "plain.test"})
+        assert conn.sock is not None and conn.sock.getsockname()[1] != first_port
+        second = conn.getresponse()
+        assert (second.status, second.read()) == (200, b"plain hello")
+        assert "outcome=not a proxy request: GET" in bumper.connection_line(first_port)
+    finally:
+        conn.close()
 
 
 def read_all(sock: socket.socket, until: bytes | None = None) -> bytes:
