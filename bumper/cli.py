@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +40,7 @@ from bumper.proxy.listeners import DEFAULT_LISTEN, client_ca, parse_all, with_ce
 from bumper.proxy.master import DEFAULT_DRAIN_TIMEOUT, MimicSettings, ProxyConfig, access_log, serve
 from bumper.proxy.tlsprovider import CLIENT_CIPHERS, ClientTls
 from bumper.upstream.resolve import Override, ResolvingEventLoop
-from bumper.upstream.tls import UpstreamTrust, system_roots_file, system_roots_missing
+from bumper.upstream.tls import UpstreamTrust, system_roots
 
 EXIT_CONFIG = 2
 STDOUT = "-"  # as a file argument
@@ -339,6 +340,7 @@ def _run_command(args: list[str]) -> int:
     rule_users = {rule.name: rule.user for rule in config.policy.rules if rule.user}
     for warning in htpasswd.policy_warnings(rule_users, config.users):
         logging.getLogger("bumper.auth").warning(warning)
+    _check_temp_dir()
     authority, created = ca_files.load_or_create(config.ca_dir)
     if (config.ca_dir / ca_files.UNTRUSTED_CERT_FILE).exists() or (
         config.ca_dir / ca_files.UNTRUSTED_KEY_FILE
@@ -348,6 +350,19 @@ def _run_command(args: list[str]) -> int:
     with asyncio.Runner(loop_factory=lambda: ResolvingEventLoop(config.resolve)) as runner:
         runner.run(serve(config, authority, announce_new_ca=created))
     return stopping.stopped()
+
+
+def _check_temp_dir() -> None:
+    """The key worker's process pool (multiprocessing's forkserver) makes its socket in a temporary
+    directory, at the first RSA mimic: without one every such connection would fail. A container
+    with a read-only root file system and no /tmp mount is the usual cause (docs/deploy.md)."""
+    try:
+        tempfile.gettempdir()
+    except OSError:
+        raise ConfigError(
+            "no writable temporary directory ($TMPDIR, /tmp, /var/tmp or the working directory): the key worker "
+            "needs one; with a read-only root file system, mount one at /tmp (Kubernetes: an emptyDir)"
+        ) from None
 
 
 def _ca_command(args: list[str]) -> int:
@@ -404,14 +419,7 @@ def _ca_command(args: list[str]) -> int:
 
 
 def _write_bundle(authority: ca_files.CertificateAuthority, out: str) -> None:
-    system = system_roots_file()
-    if system is None:
-        where = system_roots_missing()
-        hint = "install ca-certificates, or point SSL_CERT_FILE at a PEM file of roots"
-        raise ConfigError(f"no system roots to bundle: no file at {where} ({hint})")
-    with warnings.catch_warnings():  # a root the system trusts may break RFC 5280 (a negative serial): still copied
-        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-        roots = ca_files.load_pem_certificates(system, f"system roots {system}")
+    system, roots = system_roots()
     data = distribution.bundle(roots, authority)
     if out == STDOUT:
         sys.stdout.buffer.write(distribution.check_public(data, "stdout"))
@@ -419,7 +427,9 @@ def _write_bundle(authority: ca_files.CertificateAuthority, out: str) -> None:
     distribution.write_public(Path(out), data)
     print(f"wrote {data.count(b'-----BEGIN CERTIFICATE-----')} certificates to {out} (mode 0644, no private key):")
     place = "already among them" if authority.trust_anchor in roots else "then"
-    print(f"  {len(roots)} system roots from {system}, {place} bumper's CA {authority.fingerprint}")
+    print(
+        f"  {len(roots)} system roots from {system}, {place} bumper's CA {ca_files.fingerprint(authority.trust_anchor)}"
+    )
 
 
 def _export_configmap(authority: ca_files.CertificateAuthority, opts: argparse.Namespace) -> None:

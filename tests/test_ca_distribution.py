@@ -163,6 +163,25 @@ def test_bundle_of_a_ca_with_an_intermediate_holds_the_root_only(tmp_path: Path)
     assert x509.load_pem_x509_certificate((ca_dir / "issuing.pem").read_bytes()) not in bundle
 
 
+def test_with_an_intermediate_the_fingerprints_named_are_the_roots(tmp_path: Path) -> None:
+    """What the bundle's message and the ConfigMap's comment name is what they hold: ca.pem, not the
+    issuing CA (CertificateAuthority.fingerprint, the signing CA's)."""
+    ca_dir = tmp_path / "ca"
+    assert run("ca", "init", "--intermediate", "--ca", ca_dir).returncode == 0
+    roots_file = tmp_path / "roots.pem"
+    roots_file.write_bytes(pki.Authority.root().cert.public_bytes(serialization.Encoding.PEM))
+    root = ca_files.fingerprint(ca_cert(ca_dir))
+    issuing = ca_files.fingerprint(x509.load_pem_x509_certificate((ca_dir / "issuing.pem").read_bytes()))
+
+    bundle = run("ca", "bundle", "--ca", ca_dir, "--out", tmp_path / "b.pem", env={"SSL_CERT_FILE": str(roots_file)})
+    configmap = run("ca", "export", "--ca", ca_dir, "--format", "k8s-configmap", "-")
+
+    assert bundle.stdout.decode().endswith(f"bumper's CA {root}\n") and issuing not in bundle.stdout.decode()
+    assert configmap.stdout.decode().startswith(
+        f"# bumper's CA certificate for client pods (never a key); SHA-256 {root}\n"
+    )
+
+
 def test_curl_with_the_bundle_works_through_bumper(
     bumper: Bumper, upstream: Upstream, tmp_path: Path, lab_roots: tuple[Path, list[x509.Certificate]]
 ) -> None:

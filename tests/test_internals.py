@@ -10,6 +10,7 @@ the hash.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -81,7 +82,11 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layers.modes.DestinationKnown.finish_start": ("91f47432073a2bf6", "lazy: no connect at start"),
     "mitmproxy.proxy.layers.modes.TransparentProxy._handle_event": ("613cabc6639df9e8", "the layer bumper follows"),
     "mitmproxy.proxy.layers.modes.ReverseProxy._handle_event": ("c24268c5e5cd49db", "sets the upstream and its SNI"),
-    "mitmproxy.proxy.layers.http.HttpStream.state_wait_for_request_headers": ("3706d5d5ce01dcd4", "reverse Host"),
+    "mitmproxy.proxy.layers.http.HttpStream.state_wait_for_request_headers": (
+        "3706d5d5ce01dcd4",
+        "reverse Host; overridden: origin-form on the proxy port",
+    ),
+    "mitmproxy.proxy.layers.http.HttpStream.mode": ("b6809921b43ba0df", "read: the proxy port's layer is regular"),
     "mitmproxy.proxy.layers.http.HttpStream.handle_connect_finish": ("eb3a0054cb5b716e", "called"),
     "mitmproxy.proxy.layers.tls.ClientTLSLayer.start_server_tls": ("ecb12045d0984a01", "opens it after the hook"),
     "mitmproxy.proxy.layers.tls.ServerTLSLayer.event_to_child": ("72ccc54bbf633c15", "lets that open through"),
@@ -169,7 +174,9 @@ def resolve(qualname: str) -> Any:
             continue
         for attribute in parts[i:]:
             obj = getattr(obj, attribute)
-        return obj.fget if isinstance(obj, property) else obj
+        if isinstance(obj, property):
+            return obj.fget
+        return obj.func if isinstance(obj, functools.cached_property) else obj
     raise ImportError(qualname)
 
 

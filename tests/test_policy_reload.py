@@ -4,12 +4,14 @@ one is refused with one log line; a download in flight across a reload completes
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 from tests.conftest import Bumper, Upstream, curl
+from tests.kubelet import kubelet_volume
 
 BUMP_ALL = 'ports: ["1-65535"]\ndefault: bump\n'
 BLOCK_UPSTREAM = BUMP_ALL + "rules:\n  - name: no-upstream\n    match: {sni: [upstream.test]}\n    action: block\n"
@@ -63,5 +65,45 @@ def test_a_changed_file_is_reloaded_without_a_signal(start_bumper, upstream: Ups
     bumper = start_bumper("--policy", str(path))
     assert curl(bumper, upstream.url("/")).returncode != 0
     path.write_text(BUMP_ALL + "# now bumping\n")
+    wait_for(bumper, "policy reloaded from")
+    assert curl(bumper, upstream.url("/")).stdout == "hello from upstream"
+
+
+# --- a Kubernetes ConfigMap volume -----------------------------------------------------------------
+
+BUMP_UPSTREAM = BLOCK_UPSTREAM.replace("action: block", "action: bump ")  # the same size: see below
+
+
+def test_a_configmap_update_is_reloaded_without_a_signal(start_bumper, upstream: Upstream, tmp_path: Path) -> None:
+    """Kubernetes changes a mounted ConfigMap by swapping `..data`: `policy.yaml`, a symlink, then
+    leads to another file. bumper, pointed at the symlink, notices within a second, with no SIGHUP
+    (a pod's containers cannot easily signal each other, and kubelet sends none)."""
+    volume = tmp_path / "policy-volume"
+    volume.mkdir()
+    kubelet_volume(volume, {"policy.yaml": BUMP_ALL}, 1)
+    bumper = start_bumper("--policy", str(volume / "policy.yaml"))
+    assert curl(bumper, upstream.url("/")).stdout == "hello from upstream"
+
+    kubelet_volume(volume, {"policy.yaml": BLOCK_UPSTREAM}, 2)
+    wait_for(bumper, "policy reloaded from")
+    blocked = curl(bumper, upstream.url("/"), "-w", "%{local_port}")
+    assert blocked.returncode != 0, blocked
+    assert "action=block rule=no-upstream" in bumper.connection_line(int(blocked.stdout)), bumper.process.log
+
+
+def test_a_swapped_file_of_the_same_size_and_time_is_reloaded(start_bumper, upstream: Upstream, tmp_path: Path) -> None:
+    """The new policy file may have the old one's size and modification time: file systems stamp
+    times from a coarse clock (tmpfs, where kubelet keeps a ConfigMap, ticks every few milliseconds),
+    and an edit can keep the size (`block` to `bump `). The swap is still seen: it is another file."""
+    volume = tmp_path / "policy-volume"
+    volume.mkdir()
+    kubelet_volume(volume, {"policy.yaml": BLOCK_UPSTREAM}, 1)
+    old = (volume / "policy.yaml").stat()
+    bumper = start_bumper("--policy", str(volume / "policy.yaml"))
+    assert curl(bumper, upstream.url("/")).returncode != 0
+
+    kubelet_volume(volume, {"policy.yaml": BUMP_UPSTREAM}, 2)
+    os.utime(volume / "policy.yaml", ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert (volume / "policy.yaml").stat().st_size == old.st_size
     wait_for(bumper, "policy reloaded from")
     assert curl(bumper, upstream.url("/")).stdout == "hello from upstream"

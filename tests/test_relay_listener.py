@@ -383,3 +383,25 @@ def test_proxy_auth_asks_on_the_relay_listener_too(
         result = curl_relay(relay, url, ca, "--cacert", str(ca), *alice)
         assert split(result)[0] == body, result.stderr
         assert f"listener=relay@{RELAY}:{relay.port} user=alice " in bumper.connection_line(split(result)[1], kind=kind)
+
+
+def test_a_request_for_the_relay_itself_gets_the_proxy_ports_400(relay: Relay) -> None:
+    """`curl https://RELAY/`: an HTTPS proxy opened as a web site. The answer names the relay as an
+    https:// proxy, inside its TLS, as the explicit listener's does."""
+    r = subprocess.run(
+        [
+            "curl", "-sS", "--max-time", "30", "--cacert", str(relay.bumper.ca_pem),
+            "-w", "\n%{http_code} %{local_port}", f"https://{relay.address}:{relay.port}/",
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    body, _, status = r.stdout.rpartition("\n")
+    code, port = status.split()
+    assert code == "400", r.stdout
+    assert body.startswith(
+        "bumper: not a proxy request: this port is a proxy; ask it for absolute URLs "
+        f"(curl -x https://{relay.address}:{relay.port} https://example.com/)\n"
+    ), body
+    line = relay.bumper.connection_line(int(port))
+    assert line.endswith(" outcome=not a proxy request: GET for the proxy itself (no host in the request target)")

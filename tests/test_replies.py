@@ -230,6 +230,12 @@ SMUGGLING = (
     "bad request: Received message with both transfer-encoding and content-length headers from client, "
     "refusing to prevent request smuggling attacks."  # without mitmproxy's advice about its options
 )
+NOT_A_PROXY_REQUEST = "Not a proxy request"
+FOR_THE_PROXY = (
+    "not a proxy request: this port is a proxy; ask it for absolute URLs "
+    "(curl -x http://127.0.0.1:{proxy} https://example.com/)"
+)
+ADMIN_OFF = re.escape("off (start bumper with --admin HOST:PORT for the CA onboarding page, /healthz, /metrics)")
 CASES = {
     "connect-blocked-by-a-rule": Case(
         "CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443",
@@ -263,15 +269,15 @@ CASES = {
         "http://127.0.0.1:{proxy}/", 403, BLOCKED,
         "destination 127.0.0.1:{proxy} refused by policy (bumper's own listening address, a proxy loop: "
         "no destinations: allow lifts it)",
-        through_proxy=False,
+    ),
+    "a-request-for-the-proxy-itself": Case(
+        "http://127.0.0.1:{proxy}/", 400, NOT_A_PROXY_REQUEST, FOR_THE_PROXY, {"admin": ADMIN_OFF}, through_proxy=False
     ),
     "a-body-that-cannot-be-framed": Case(
         "POST http://plain.test/ HTTP/1.1\r\nHost: plain.test\r\nContent-Length: x",
         400, BAD, "bad request: invalid content-length header: 'x'",
     ),
-    "no-destination": Case(
-        "GET / HTTP/1.1", 400, BAD, "bad request: HTTP request has no host header, destination unknown."
-    ),
+    "no-destination": Case("GET / HTTP/1.1", 400, NOT_A_PROXY_REQUEST, FOR_THE_PROXY, {"admin": ADMIN_OFF}),
     "could-smuggle-another-request": Case(
         "POST http://plain.test/ HTTP/1.1\r\nHost: plain.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 3",
         400, BAD, SMUGGLING,
@@ -360,7 +366,14 @@ def test_a_connect_refusal_is_one_line(house: Bumper, lab: dict[str, object], na
 
 
 @pytest.mark.parametrize(
-    "name", ["http-to-nobody", "http-origin-without-an-answer", "no-destination", "could-smuggle-another-request"]
+    "name",
+    [
+        "http-to-nobody",
+        "http-origin-without-an-answer",
+        "no-destination",
+        "a-request-for-the-proxy-itself",
+        "could-smuggle-another-request",
+    ],
 )
 def test_instead_of_mitmproxys_page_http1_connections_end(house: Bumper, lab: dict[str, object], name: str) -> None:
     """As they did after mitmproxy's page: what else the client sent on the connection is no next request."""

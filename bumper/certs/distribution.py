@@ -51,7 +51,7 @@ def configmap(ca: ca_files.CertificateAuthority, name: str, namespace: str) -> b
     # because the names are validated and PEM is printable ASCII.
     body = "".join(f"    {line}\n" for line in pem.splitlines())
     return (
-        f"# bumper's CA certificate for client pods (never a key); SHA-256 {ca.fingerprint}\n"
+        f"# bumper's CA certificate for client pods (never a key); SHA-256 {ca_files.fingerprint(ca.trust_anchor)}\n"
         "apiVersion: v1\n"
         "kind: ConfigMap\n"
         "metadata:\n"

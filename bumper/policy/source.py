@@ -22,13 +22,19 @@ WATCH_INTERVAL = 1.0  # seconds between looks at the policy file
 RELOADED, INVALID = "ok", "error"
 
 
-def stamp(path: Path) -> tuple[int, int] | None:
-    """What changes when PATH is written, replaced or removed: a look that reads nothing."""
+type Stamp = tuple[int, int, int, int]  # device, inode, mtime (ns), size
+
+
+def stamp(path: Path) -> Stamp | None:
+    """What changes when PATH is written, replaced or removed: a look that reads nothing. The file's
+    identity is part of it, as the time alone can miss a replacement: file systems stamp times from a
+    coarse clock (milliseconds), and a Kubernetes ConfigMap update swaps PATH's symlink to another file
+    of perhaps the same size (docs/deploy.md)."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return st.st_mtime_ns, st.st_size
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _warn(policy: Policy) -> None:

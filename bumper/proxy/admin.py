@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 import h11
+from cryptography import x509
 from prometheus_client import CollectorRegistry, exposition
 
+from bumper.certs import distribution, onboarding
 from bumper.errors import ConfigError
 from bumper.policy import names
 
@@ -160,6 +162,28 @@ def metrics_route(registry: CollectorRegistry) -> dict[str, Route]:
         return Response(200, encode(registry), content_type)
 
     return {"/metrics": metrics}
+
+
+def onboarding_routes(
+    anchor: x509.Certificate, admin: tuple[str, int], proxy: tuple[str, int] | None, bundle: bytes | None
+) -> dict[str, Route]:
+    """`/`, the CA's onboarding page for ANCHOR, and its downloads (with BUNDLE, /bundle.pem), made once:
+    the commands on the page name ADMIN and PROXY, the addresses bumper is bound to, never the request's
+    Host header, which the client chooses. Each download is checked once more to hold no key."""
+    page = onboarding.page(
+        anchor, onboarding.reachable(*admin), onboarding.reachable(*proxy) if proxy else None, bundle is not None
+    )
+    answers = {"/": Response(200, page, onboarding.PAGE_TYPE, onboarding.PAGE_HEADERS)}
+    for download in onboarding.downloads(anchor, bundle):
+        body = distribution.check_public(download.body, download.path)
+        answers[download.path] = Response(
+            200, body, download.content_type, (("Content-Disposition", download.disposition),)
+        )
+    return {path: _always(response) for path, response in answers.items()}
+
+
+def _always(response: Response) -> Route:
+    return lambda request: response
 
 
 class AdminServer:

@@ -8,7 +8,7 @@ import asyncio
 import logging
 
 from bumper.certs import ca as ca_files
-from bumper.policy.source import WATCH_INTERVAL, stamp
+from bumper.policy.source import WATCH_INTERVAL, Stamp, stamp
 
 log = logging.getLogger("bumper.ca")
 
@@ -38,7 +38,7 @@ class CaWatch:
         else:
             log.info("CA files in %s hold the CA in use again", self.authority.directory)
 
-    def _stamps(self) -> tuple[tuple[int, int] | None, ...]:
+    def _stamps(self) -> tuple[Stamp | None, ...]:
         return tuple(stamp(self.authority.directory / name) for name in _FILES)
 
     async def _watch(self) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import html
+import ipaddress
 import re
 import time
 
@@ -53,6 +54,7 @@ from mitmproxy.proxy.layers.http import (
     ResponseProtocolError,
     SendHttp,
 )
+from mitmproxy.utils import human
 
 from bumper.proxy import replies
 from bumper.proxy.limits import Limits, too_many
@@ -131,6 +133,16 @@ def _chunks(produced: bytes | list[bytes] | object) -> list[bytes]:
     return list(produced)  # type: ignore[call-overload]
 
 
+# The error of a request for the proxy itself, on its way from HttpStream to HttpLayer's answer.
+FOR_THE_PROXY = "a request for the proxy itself"
+
+
+def for_the_proxy(request: http.Request) -> str:
+    """The log line's outcome for REQUEST, sent to the proxy port without a host: its method only,
+    as the path may hold what the client would not want logged."""
+    return f"not a proxy request: {request.method} for the proxy itself (no host in the request target)"
+
+
 class HttpStream(http_layers.HttpStream):
     # The client has this stream's response headers: from then on an error can only cut it off.
     client_has_response = False
@@ -147,6 +159,22 @@ class HttpStream(http_layers.HttpStream):
                 self.flow.response = http.Response.make(502, f"cannot connect: {err}")
         self.child_layer = layer.NextLayer(self.context)
         yield from self.handle_connect_finish()
+
+    def state_wait_for_request_headers(self, event: RequestHeaders) -> layer.CommandGenerator[None]:
+        request = event.request
+        if self.mode is http_layers.HTTPMode.regular and not request.host and not event.replay_flow:
+            # `GET /` on the proxy port: a request for the proxy itself (a browser or curl pointed at
+            # it as at a web server), not one to forward, which names its host (absolute-form, RFC 9112
+            # 3.2.2). mitmproxy would forward it to its Host header, or send a 502 page without one;
+            # HttpLayer answers it with a 400 that says where bumper's own pages are.
+            self.flow = http.HTTPFlow(self.context.client, self.context.server)
+            self.flow.request = request
+            self.context.client.error = self.context.client.error or for_the_proxy(request)
+            error = ResponseProtocolError(self.stream_id, FOR_THE_PROXY, ErrorCode.DESTINATION_UNKNOWN)
+            yield SendHttp(error, self.context.client)
+            self.client_state = self.state_errored
+            return
+        yield from super().state_wait_for_request_headers(event)
 
     def start_request_stream(self) -> layer.CommandGenerator[None]:
         if self.flow.response is not None:
@@ -486,9 +514,12 @@ class Http2Server(http_layers.Http2Server):
 
 
 class HttpLayer(layers.HttpLayer):
-    def __init__(self, context: Context, mode: http_layers.HTTPMode, limits: Limits) -> None:
+    def __init__(
+        self, context: Context, mode: http_layers.HTTPMode, limits: Limits, admin: tuple[str, int] | None = None
+    ) -> None:
         super().__init__(context, mode)
         self.limits = limits
+        self.admin = admin  # the admin listener's address (--admin), which a request for the proxy is told
         # mitmproxy's Start keeps a client connection layer that is already there; it would pick the
         # same by ALPN: h2, else HTTP/1 (bumper speaks no HTTP/3).
         if context.client.alpn == b"h2":
@@ -517,8 +548,25 @@ class HttpLayer(layers.HttpLayer):
         """bumper's answer where mitmproxy's client connection layer would send its error page."""
         if stream.client_has_response or not self.context.client.state & ConnectionState.CAN_WRITE:
             return None  # no page: the connection is cut off, or gone
-        reply = replies.protocol_error(error.code, error.message, stream.flow.request)
+        if error.code is ErrorCode.DESTINATION_UNKNOWN and error.message == FOR_THE_PROXY:
+            reply: replies.Reply | None = self._for_the_proxy()
+        else:
+            reply = replies.protocol_error(error.code, error.message, stream.flow.request)
         return _instead_of_mitmproxys(reply, stream.flow.request) if reply else None
+
+    def _for_the_proxy(self) -> replies.Reply:
+        """The 400 for a request for the proxy itself, naming the addresses this client can reach: the
+        proxy's as it connected to it, and the admin listener's (on that address too, if it is bound
+        to every address). A relay listener's client talks TLS to the proxy (client.tls: in regular
+        mode, only there)."""
+        client = self.context.client
+        local = client.sockname[0]
+        proxy = f"{'https' if client.tls else 'http'}://{human.format_address(client.sockname)}"
+        if self.admin is None:
+            return replies.for_the_proxy(proxy, None)
+        host, port = self.admin
+        shown = local if ipaddress.ip_address(host).is_unspecified else host
+        return replies.for_the_proxy(proxy, f"http://{human.format_address((shown, port))}/")
 
     def _send_to_client(
         self, connection: layer.Layer | http_layers.HttpStream, stream_id: int, response: http.Response

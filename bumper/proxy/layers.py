@@ -157,6 +157,9 @@ class NextLayer:
         self.dispatcher = dispatcher
         self.limits = limits
         self.listeners = listeners or {}  # by the mode mitmproxy runs each with
+        # The admin listener's address, which the proxy port's answer to `GET /` names: set by
+        # master.serve once it is bound (--admin HOST:0 picks its port then).
+        self.admin: tuple[str, int] | None = None
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if nextlayer.layer is not None:
@@ -169,7 +172,7 @@ class NextLayer:
                 nextlayer.layer = SyncHooks(context, top, self.dispatcher)
         elif isinstance(parent, RelayTLSLayer):
             # Inside the relay's own TLS: the explicit proxy's requests, CONNECT and plain http://.
-            nextlayer.layer = HttpLayer(context, HTTPMode.regular, self.limits)
+            nextlayer.layer = HttpLayer(context, HTTPMode.regular, self.limits, self.admin)
         elif isinstance(parent, layers.ClientTLSLayer) or isinstance(first, modes.ReverseProxy):
             # Decrypted (HTTP/1.1 or h2 by ALPN, HTTP/1.1 when the client offered none), or a reverse
             # listener's plain HTTP above the upstream's TLS.
@@ -224,7 +227,7 @@ class NextLayer:
         if starts_like_tls_record(data):
             # A client configured with https:// for the proxy itself; it would wait forever.
             return Refuse(context, "not HTTP: the client opened TLS to the proxy port (use http:// for the proxy)")
-        return HttpLayer(context, HTTPMode.regular, self.limits)
+        return HttpLayer(context, HTTPMode.regular, self.limits, self.admin)
 
     def _redirected(self, context: Context, data: bytes) -> layer.Layer | None:
         """A connection the kernel redirected to a transparent listener, to its original destination

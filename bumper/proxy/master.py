@@ -22,7 +22,7 @@ from mitmproxy.utils import asyncio_utils, human
 from bumper import sdnotify, stopping
 from bumper.addon import Addon
 from bumper.certs import ca as ca_files
-from bumper.certs import keys, mimic
+from bumper.certs import distribution, keys, mimic
 from bumper.certs.keypool import KeyPool, PoolSettings
 from bumper.certs.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES, FailSafeMimicStore, SqliteMimicStore
 from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
@@ -34,7 +34,15 @@ from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import LAB, AddonSpec, ClientCertRequirement, OnError, Policy
 from bumper.policy.source import PolicySource
 from bumper.proxy import dispatch, httpstream
-from bumper.proxy.admin import AdminConfig, AdminServer, Readiness, Route, metrics_route, probe_routes
+from bumper.proxy.admin import (
+    AdminConfig,
+    AdminServer,
+    Readiness,
+    Route,
+    metrics_route,
+    onboarding_routes,
+    probe_routes,
+)
 from bumper.proxy.cawatch import CaWatch
 from bumper.proxy.connlimits import ConnectionLimits, out_of_descriptors
 from bumper.proxy.drain import DEFAULT_TIMEOUT as DEFAULT_DRAIN_TIMEOUT
@@ -55,7 +63,7 @@ from bumper.stopping import BARE
 from bumper.upstream import aia
 from bumper.upstream.probe import UpstreamProbe
 from bumper.upstream.resolve import Egress, Override, ResolvingEventLoop
-from bumper.upstream.tls import UpstreamTrust
+from bumper.upstream.tls import UpstreamTrust, system_roots
 from bumper.upstream.verifier import UpstreamVerifier
 from bumper.upstream.via import Dialer
 
@@ -194,6 +202,13 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
         readiness = Readiness(lambda: m.addons.get("drain").draining)
         admin = AdminServer(config.admin, admin_routes(m, readiness)) if config.admin else None
         admin_address = await admin.start() if admin else None
+        if admin and admin_address:  # what names the admin listener's address, now that it is bound
+            proxy = _proxy_address(config.listeners, server)
+            admin.routes = {
+                **admin.routes,
+                **onboarding_routes(authority.trust_anchor, admin_address, proxy, _bundle(authority)),
+            }
+            m.addons.get("nextlayer").admin = admin_address
         # Relays (via:) are verified as upstreams are, and answer within the upstream's timeout.
         dialer = Dialer(config.trust, config.limits.upstream_timeout, config.limits.max_header_bytes)
         _check_destinations(loop, m, [*server.listen_addrs(), *([admin_address] if admin_address else [])], dialer)
@@ -252,6 +267,26 @@ def _check_destinations(
     source: PolicySource = m.addons.get("policysource")
     loop.egress = Egress(lambda: source.policy.destinations, tuple((ip_address(a[0]), a[1]) for a in listening))
     loop.dialer = dialer
+
+
+def _proxy_address(listeners: tuple[Listener, ...], server: proxyserver.Proxyserver) -> tuple[str, int] | None:
+    """The first explicit proxy's host and bound port (--listen HOST:0 picks one), or None: no explicit proxy."""
+    for listener in listeners:
+        ports = sorted({address[1] for address in _instance(server, listener).listen_addrs})
+        if listener.mode is Mode.EXPLICIT and ports:
+            return listener.host, ports[0]
+    return None
+
+
+def _bundle(authority: ca_files.CertificateAuthority) -> bytes | None:
+    """The trust bundle the onboarding page offers (`bumper ca bundle`'s), or None, with one line saying
+    why, when this host has no system roots to put in it (a slim image)."""
+    try:
+        _, roots = system_roots()
+    except ConfigError as e:
+        log.warning(f"admin: the onboarding page offers no trust bundle: {e}")
+        return None
+    return distribution.bundle(roots, authority)
 
 
 def _instance(server: proxyserver.Proxyserver, listener: Listener) -> ServerInstance[Any]:

@@ -41,6 +41,7 @@ class Reply:
     upstream_sha256: str | None = None
     addon: str | None = None
     reference: str | None = None
+    admin: str | None = None
 
     _NOT_SAID: ClassVar[tuple[str, ...]] = ("status", "heading")
 
@@ -136,6 +137,18 @@ def auth_unavailable(request: http.Request) -> http.Response:
 
 def bad_request(message: str, status: int = 400) -> Reply:
     return Reply(status, "Bad request", f"bad request: {message}")
+
+
+def for_the_proxy(proxy: str, admin: str | None) -> Reply:
+    """A request sent to the proxy port as to a web server (`GET /`): what the port is for, and where
+    bumper's own pages are (ADMIN, the admin listener's URL), or how to get them."""
+    pages = "the CA onboarding page, /healthz, /metrics"
+    return Reply(
+        400,
+        "Not a proxy request",
+        f"not a proxy request: this port is a proxy; ask it for absolute URLs (curl -x {proxy} https://example.com/)",
+        admin=f"{admin} ({pages})" if admin else f"off (start bumper with --admin HOST:PORT for {pages})",
+    )
 
 
 def protocol_error(code: ErrorCode, message: str, request: http.Request) -> Reply | None:

@@ -7,16 +7,20 @@ from __future__ import annotations
 import ipaddress
 import os
 import ssl
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 from OpenSSL import SSL, crypto
 
 from bumper.certs import trust
 from bumper.certs.ca import load_pem_certificates
 from bumper.certs.owncert import OwnCertificate
+from bumper.errors import ConfigError
 from bumper.policy import names
 
 # Towards upstreams: forward-secret AEAD first, CBC only with ECDHE; never anything that
@@ -64,6 +68,18 @@ def system_roots_file() -> Path | None:
     what upstream_context's set_default_verify_paths loads, and what `bumper ca bundle` copies."""
     system = ssl.get_default_verify_paths().cafile
     return Path(system) if system else None
+
+
+def system_roots() -> tuple[Path, list[x509.Certificate]]:
+    """The system's roots (system_roots_file's) and their file, or a ConfigError saying where
+    OpenSSL looked. A root the system trusts may break RFC 5280 (a negative serial): still read."""
+    system = system_roots_file()
+    if system is None:
+        hint = "install ca-certificates, or point SSL_CERT_FILE at a PEM file of roots"
+        raise ConfigError(f"no system roots to bundle: no file at {system_roots_missing()} ({hint})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        return system, load_pem_certificates(system, f"system roots {system}")
 
 
 def system_roots_missing() -> str:
