@@ -189,9 +189,9 @@ def _always(response: Response) -> Route:
 class AdminServer:
     """The admin listener's socket and its connections."""
 
-    def __init__(self, config: AdminConfig, routes: Mapping[str, Route]) -> None:
+    def __init__(self, config: AdminConfig) -> None:
         self.config = config
-        self.routes = routes
+        self.routes: Mapping[str, Route] = {}  # set once bound: the pages name the address
         self._server: asyncio.Server | None = None
         self._open = 0
         self._last_refusal_line = -REFUSAL_LOG_INTERVAL

@@ -200,14 +200,12 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
             failed = [f" {listener}" for listener in config.listeners if _instance(server, listener).last_exception]
             raise ConfigError(f"--listen{failed[0] if failed else ''}: {_listen_failure(errors)}")
         readiness = Readiness(lambda: m.addons.get("drain").draining)
-        admin = AdminServer(config.admin, admin_routes(m, readiness)) if config.admin else None
+        admin = AdminServer(config.admin) if config.admin else None
         admin_address = await admin.start() if admin else None
-        if admin and admin_address:  # what names the admin listener's address, now that it is bound
-            proxy = _proxy_address(config.listeners, server)
-            admin.routes = {
-                **admin.routes,
-                **onboarding_routes(authority.trust_anchor, admin_address, proxy, _bundle(authority)),
-            }
+        if admin and admin_address:  # its pages name its address, known once it is bound (port 0)
+            admin.routes = admin_routes(
+                m, readiness, authority, admin_address, _proxy_address(config.listeners, server)
+            )
             m.addons.get("nextlayer").admin = admin_address
         # Relays (via:) are verified as upstreams are, and answer within the upstream's timeout.
         dialer = Dialer(config.trust, config.limits.upstream_timeout, config.limits.max_header_bytes)
@@ -231,9 +229,19 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
             await m.done()
 
 
-def admin_routes(m: master.Master, readiness: Readiness) -> dict[str, Route]:
-    """What the admin listener serves."""
-    return {**probe_routes(readiness), **metrics_route(m.addons.get("metrics").registry)}
+def admin_routes(
+    m: master.Master,
+    readiness: Readiness,
+    authority: ca_files.CertificateAuthority,
+    admin: tuple[str, int],
+    proxy: tuple[str, int] | None,
+) -> dict[str, Route]:
+    """What the admin listener at ADMIN serves: probes, metrics, and the CA's page naming ADMIN and PROXY."""
+    return {
+        **probe_routes(readiness),
+        **metrics_route(m.addons.get("metrics").registry),
+        **onboarding_routes(authority.trust_anchor, admin, proxy, _bundle(authority)),
+    }
 
 
 def _reload(m: master.Master) -> None:
