@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bumper.proxy.metrics import Outcome, outcome_of
 from bumper.proxy.state import ConnectionState
 from tests import pki
-from tests.conftest import Bumper, Pki, Upstream, client_tls_context, curl, open_tunnel, start_with_policy
+from tests.conftest import Bumper, Pki, Upstream, client_tls_context, curl, curl_direct, open_tunnel, start_with_policy
 
 Sample = tuple[str, frozenset[tuple[str, str]]]
 DAY = pki.datetime.timedelta(days=1)
@@ -135,6 +135,32 @@ def test_a_bump_counts_its_connection_request_bytes_verdict_and_handshakes(admin
     moved, line = run(admin, upstream.url("/echo"), "--data-binary", "x" * 300)
     connection_moved(moved, line, Outcome.OK)
     assert of(moved, "bumper_bytes_total") == {labels(direction="up"): 300, labels(direction="down"): 300}
+
+
+def test_a_request_for_the_proxy_itself_is_a_client_error(admin: Admin) -> None:
+    """`curl http://PROXY/` (no absolute URL): bumper's 400, counted as the client's error."""
+    lines: list[str] = []
+
+    def action() -> None:
+        bumper = admin.bumper
+        r = curl_direct(
+            "127.0.0.1",
+            bumper.port,
+            "127.0.0.1",
+            bumper.ca_pem,
+            "-o",
+            os.devnull,
+            "-w",
+            "%{http_code} %{local_port}",
+            scheme="http",
+        )
+        status, client_port = r.stdout.split()
+        assert status == "400", r.stdout + r.stderr
+        lines.append(bumper.connection_line(int(client_port)))
+
+    moved = admin.moved(action)
+    assert "not a proxy request" in lines[0]
+    connection_moved(moved, lines[0], Outcome.CLIENT_ERROR)
 
 
 def test_a_splice_counts_its_connection_and_nothing_bumped(admin: Admin, upstream: Upstream) -> None:
@@ -318,6 +344,12 @@ def _state(error: str | None, refused_by: str | None = None, target: str | None 
         ("client TLS failed: the client does not trust the proxy's certificate", None, "a", Outcome.CLIENT_ERROR),
         ("not TLS: the client sent non-TLS data inside the CONNECT tunnel", None, "a", Outcome.CLIENT_ERROR),
         ("bad request: Bad HTTP request line", None, None, Outcome.CLIENT_ERROR),
+        (
+            "not a proxy request: GET for the proxy itself (no host in the request target)",
+            None,
+            None,
+            Outcome.CLIENT_ERROR,
+        ),
         ("HTTP error: peer closed connection", None, "a", Outcome.HTTP_ERROR),
         ("addon dlp failed (fail-closed)", None, "a", Outcome.ERROR),
     ],

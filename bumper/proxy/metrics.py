@@ -69,6 +69,7 @@ _BY_PREFIX: tuple[tuple[str, Outcome], ...] = (
     ("bad request", Outcome.CLIENT_ERROR),
     ("ambiguous request", Outcome.CLIENT_ERROR),
     ("HTTP/2 protocol error", Outcome.CLIENT_ERROR),
+    ("not a proxy request", Outcome.CLIENT_ERROR),  # a request for the proxy itself (GET /)
     ("HTTP error", Outcome.HTTP_ERROR),
     (LIMIT, Outcome.LIMIT),
 )
