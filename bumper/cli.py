@@ -553,9 +553,14 @@ def _key_cap(cap: keys.KeyCap, fallback: KeySpec) -> keys.KeyCap:
     return cap
 
 
+MIN_CACHE_BYTES = 4 * 1024**2
+
+
 def _cache_size(text: str) -> int:
-    """A cache's size: 0 (none), or bytes with a unit of at least 1 MiB. A bare number is refused:
-    these options took a count of mimics before, and 20000 read as bytes would keep almost none."""
+    """A cache's size: 0 (none), or bytes with a unit, at least 4 MiB: a cache keeps nothing above
+    a 64th of its size (mimicdb.too_large), and 64 KiB is what a large ordinary mimic costs in
+    memory. A bare number is refused: these options took a count of mimics before, and 20000
+    read as bytes would keep none."""
     if text.strip() == "0":
         return 0
     if text.strip().isdigit():
@@ -564,8 +569,8 @@ def _cache_size(text: str) -> int:
             "(it was a number of mimics before; 0 still turns the cache off)"
         )
     value = _size(text)
-    if value < 1024**2:
-        raise argparse.ArgumentTypeError(f"expected at least 1MiB (or 0 to keep none), got {text!r}")
+    if value < MIN_CACHE_BYTES:
+        raise argparse.ArgumentTypeError(f"expected at least 4MiB (or 0 to keep none), got {text!r}")
     return value
 
 

@@ -598,19 +598,43 @@ def test_store_caches_per_upstream(store: SyncStore) -> None:
     assert b.key is a.key  # one key per key type, shared by the mimics of that type
 
 
-def test_store_evicts_the_least_recently_used(authority: CertificateAuthority, runner: asyncio.Runner) -> None:
-    store = SyncStore(MimicStore(authority, capacity=2), runner)
-    up_a, up_b, up_c = make_upstream(), make_upstream(), make_upstream()
-    a, b = store.get(up_a), store.get(up_b)
-    assert store.get(up_a) is a  # a is now more recently used than b
+def test_store_evicts_the_least_recently_used_past_its_bytes(
+    authority: CertificateAuthority, runner: asyncio.Runner
+) -> None:
+    """The memory cache holds what fits in max_bytes, as Mimic.size counts it, and forgets the least
+    recently used first."""
+    ups = [make_upstream(subject=pki.name(f"lru{i}.test"), key=pki.ec_key()) for i in range(80)]
+    entry = SyncStore(MimicStore(authority), runner).get(ups[0]).size
+    # Sizes differ by a few bytes (serials, signatures): room for 64 or so.
+    store = SyncStore(MimicStore(authority, max_bytes=64 * entry + entry // 2), runner)
+    first = store.get(ups[0])
+    for up in ups[1:]:
+        store.get(up)
+        assert store.get(ups[0]) is first  # used after every other: never the least recently used
+        assert store.store.memory_bytes == sum(m.size for m in store.store._memory.values())
+        assert store.store.memory_bytes <= store.store.max_bytes
+    assert 60 <= len(store.store._memory) <= 65
+    assert store.get(ups[-1]) is store.get(ups[-1])
+    again = store.get(ups[1])  # the least recently used went first
+    assert again.cert.subject == pki.name("lru1.test") and store.store.lookups["minted"] == 81
 
-    c = store.get(up_c)  # over capacity: b goes
 
-    assert store.get(up_a) is a
-    assert store.get(up_c) is c
-    b_again = store.get(up_b)
-    assert b_again is not b
-    assert b_again.cert.subject == b.cert.subject
+def test_a_mimic_above_a_64th_of_the_memory_cache_is_served_not_kept(
+    authority: CertificateAuthority, runner: asyncio.Runner
+) -> None:
+    large = make_upstream(
+        (x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"x" * 60_000), False),
+        key=pki.ec_key(),
+    )
+    small = make_upstream(key=pki.ec_key())
+    store = SyncStore(MimicStore(authority, max_bytes=4 * 1024**2), runner)  # a 64th: 64 KiB
+    made = store.get(large)
+    assert made.size > 64 * 1024 and made.cert.subject == large.subject
+    assert store.get(large) is not made  # minted again: never kept
+    kept = store.get(small)
+    assert store.get(small) is kept and store.store.memory_bytes == kept.size
+    off = SyncStore(MimicStore(authority, max_bytes=0), runner)  # --mimic-cache 0
+    assert off.get(small) is not off.get(small) and off.store.memory_bytes == 0
 
 
 # --- keys.KeySpec -------------------------------------------------------------------------------
