@@ -331,10 +331,14 @@ def test_validity_of_an_ordinary_upstream_is_copied_to_the_second(store: SyncSto
         pytest.param(ed25519.Ed25519PrivateKey.generate, keys.KeySpec("ed25519"), id="Ed25519"),
     ],
 )
-def test_key_type_is_mirrored(store: SyncStore, make_key: object, expected: keys.KeySpec) -> None:
+def test_key_type_is_mirrored(
+    authority: CertificateAuthority, runner: asyncio.Runner, make_key: object, expected: keys.KeySpec
+) -> None:
+    """Under a --max-mimic-key that caps nothing (test_key_cap.py has the cap)."""
     upstream = make_upstream(key_usage(digital_signature=True), key=make_key())  # type: ignore[operator]
+    uncapped = keys.KeyCap(rsa_bits=8192, curve="secp521r1")
 
-    made = store.get(upstream)
+    made = SyncStore(MimicStore(authority, key_cap=uncapped), runner).get(upstream)
 
     public_key = made.cert.public_key()
     assert keys.KeySpec.of(public_key) == expected
@@ -344,7 +348,7 @@ def test_key_type_is_mirrored(store: SyncStore, make_key: object, expected: keys
         assert public_key.curve.name == expected.curve
     else:
         assert isinstance(public_key, ed25519.Ed25519PublicKey)
-    assert mimic.choose_key_spec(upstream, keys.P256) == mimic.KeyChoice(expected, fell_back=False)
+    assert mimic.choose_key_spec(upstream, keys.P256, cap=uncapped) == mimic.KeyChoice(expected, fell_back=False)
 
 
 @pytest.mark.parametrize(
