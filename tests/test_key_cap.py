@@ -21,7 +21,9 @@ from bumper.certs.keypool import KeyPool, PoolSettings
 from bumper.certs.mimicdb import DB_FILE, SqliteMimicStore
 from bumper.certs.mimicstore import MimicStore
 from tests import pki
-from tests.conftest import BUMPER, UPSTREAM_HOST, Bumper, Pki, Upstream, client_tls_context, open_tunnel
+from tests.conftest import BUMPER, UPSTREAM_HOST, Pki
+from tests.test_cli import assert_config_error
+from tests.test_mimic_cache import served_leaf
 
 RSA4096, RSA8192 = keys.KeySpec("rsa", size=4096), keys.KeySpec("rsa", size=8192)
 P384, P521 = keys.KeySpec("ec", curve="secp384r1"), keys.KeySpec("ec", curve="secp521r1")
@@ -200,23 +202,14 @@ def test_bumper_mimic_shows_the_capped_key_and_why(tmp_path: Path, issuer: pki.A
 
 def test_a_fallback_key_above_the_cap_is_a_config_error(tmp_path: Path) -> None:
     result = bumper_cli("--ca", tmp_path / "ca", "--fallback-key", "rsa8192", "--listen", "127.0.0.1:0")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == (
-        "bumper: --fallback-key rsa8192 is above --max-mimic-key rsa4096,p384: lower the one or raise the other"
+    line = assert_config_error(result)
+    assert (
+        line == "bumper: --fallback-key rsa8192 is above --max-mimic-key rsa4096,p384: lower the one or raise the other"
     )
     assert not (tmp_path / "ca").exists()
 
 
 # --- live: an RSA-8192 upstream through bumper --------------------------------------------------
-
-
-def served_leaf(bumper: Bumper, upstream: Upstream) -> x509.Certificate:
-    sock, reply = open_tunnel(bumper, upstream.host, upstream.port, timeout=60)
-    assert reply.startswith(b"HTTP/1.1 200")
-    with client_tls_context(bumper.ca_pem).wrap_socket(sock, server_hostname=upstream.host) as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der)
 
 
 def test_an_rsa_8192_upstream_gets_an_rsa_4096_mimic(start_upstream, start_bumper, test_pki: Pki) -> None:
