@@ -5,6 +5,7 @@ cache under a lower cap, `bumper mimic`, and a live RSA-8192 upstream through bu
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,6 +172,30 @@ def test_a_disk_cached_mimic_above_the_cap_is_minted_again(
     assert served(UNCAPPED) == (P521, {"disk_hit": 1})
     assert served(keys.DEFAULT_CAP) == (P384, {"minted": 1})
     assert served(keys.DEFAULT_CAP) == (P384, {"disk_hit": 1})
+
+
+def test_the_cap_is_logged_once_per_certificate_even_when_nothing_is_cached(
+    authority: ca_files.CertificateAuthority,
+    issuer: pki.Authority,
+    runner: asyncio.Runner,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With --mimic-cache 0 (or a mimic too large to keep) every connection mints: the line stays one."""
+    caplog.set_level(logging.INFO, logger="bumper.mimic")
+    capped, other = leaf(issuer, pki.ec_key(ec.SECP521R1())), leaf(issuer, pki.ec_key(ec.SECP521R1()))
+    store = MimicStore(authority, KeyPool(PoolSettings(warm=())), max_bytes=0)
+    try:
+        for upstream in (capped, capped, capped, other):
+            runner.run(store.get(upstream))
+    finally:
+        store.close()
+    assert store.lookups["minted"] == 4
+    lines = [r.getMessage() for r in caplog.records if "is above --max-mimic-key" in r.getMessage()]
+    assert [line.split(" of the certificate ")[1][:95] for line in lines] == [
+        ca_files.fingerprint(capped),
+        ca_files.fingerprint(other),
+    ]
+    assert lines[0].endswith("is above --max-mimic-key rsa4096,p384; the mimic uses EC P-384")
 
 
 # --- the command line ---------------------------------------------------------------------------

@@ -34,6 +34,7 @@ DEFAULT_MAX_BYTES = 32 * 1024**2
 # under the default cap 172 stay, counting 31.9 MiB, RSS +32.1 MiB.
 ENTRY_OVERHEAD = 12 * 1024
 DER_COPIES = 3
+TOLD_CERTIFICATES = 1024  # upstream certificates whose key lines were logged, remembered (100 KB at most)
 
 # How each certificate asked of the store came: MimicStore.lookups' keys.
 MEMORY_HIT = "memory_hit"  # from the memory LRU, or from a mint another connection had already started
@@ -108,6 +109,7 @@ class MimicStore:
         self.key_cap = key_cap
         self._memory: OrderedDict[tuple[bytes, str], Mimic] = OrderedDict()
         self.memory_bytes = 0  # the sum of the memory cache's Mimic.size
+        self._told: OrderedDict[bytes, None] = OrderedDict()  # _first_told
         self._minting: dict[tuple[bytes, str], asyncio.Future[Mimic]] = {}
         # One mint per turn of the event loop: when a key many connections waited for arrives,
         # 200 back-to-back signatures would otherwise stall every other connection for ~130 ms.
@@ -195,7 +197,7 @@ class MimicStore:
             self.lookups[DISK_HIT] += 1
         else:
             started = time.monotonic()
-            made = await self._mint(upstream, trust.Signing(cache_key[1]))
+            made = await self._mint(upstream, trust.Signing(cache_key[1]), cache_key[0])
             self._minted(started)
             if self.disk is not None:
                 self.disk.put(*cache_key, self.ca.fingerprint, made.stored())
@@ -229,20 +231,35 @@ class MimicStore:
         now = datetime.datetime.now(datetime.UTC)
         return cert.not_valid_after_utc <= signer.not_valid_after_utc and now <= signer.not_valid_after_utc
 
+    def _first_told(self, sha256: bytes) -> bool:
+        """Whether the key lines about the upstream certificate SHA256 are yet to be logged: once
+        per certificate among the last TOLD_CERTIFICATES, not once per mint (with --mimic-cache 0,
+        or for a mimic too large to keep, that would be once per connection)."""
+        if sha256 in self._told:
+            self._told.move_to_end(sha256)
+            return False
+        self._told[sha256] = None
+        if len(self._told) > TOLD_CERTIFICATES:
+            self._told.popitem(last=False)
+        return True
+
     def _signer(self, mode: trust.Signing) -> CertificateAuthority:
         return self.untrusted() if mode == trust.Signing.UNTRUSTED else self.ca
 
-    async def _mint(self, upstream: x509.Certificate, mode: trust.Signing) -> Mimic:
+    async def _mint(self, upstream: x509.Certificate, mode: trust.Signing, sha256: bytes) -> Mimic:
         # A weak key is mirrored only where it is the defect the client must meet (a mimic of bumper's CA).
         choice = mimic.choose_key_spec(upstream, self.fallback, mirror_weak=mode == trust.Signing.CA, cap=self.key_cap)
-        if choice.fell_back and mimic.upstream_key_spec(upstream) is None:
+        unmirrorable = choice.fell_back and mimic.upstream_key_spec(upstream) is None
+        if not (unmirrorable or choice.capped_from) or not self._first_told(sha256):
+            pass  # nothing to say, or said already: a mimic minted again (evicted, too large) says nothing new
+        elif unmirrorable:
             log.info(
                 "upstream key %s of the certificate %s cannot be mirrored; the mimic uses %s",
                 _describe_key(upstream),
                 fingerprint(upstream),
                 choice.spec,
             )
-        elif choice.capped_from is not None:  # once per certificate minted, as the line above: not per connection
+        elif choice.capped_from is not None:
             log.info(
                 "upstream key %s of the certificate %s is above --max-mimic-key %s; the mimic uses %s",
                 choice.capped_from,
