@@ -305,7 +305,7 @@ def _max_mimic_key_option(group: argparse._ActionsContainer) -> None:
         type=_key_cap_type,
         default=keys.DEFAULT_CAP,
         help="the strongest mimic keys, one RSA size and one curve: a stronger upstream key gets this one, "
-        "as each handshake signs with it (RSA-8192 costs 6.4 times RSA-2048); rsa8192,p521 caps nothing "
+        "as each handshake signs with it (RSA-8192 costs 6 times RSA-2048); rsa8192,p521 caps nothing "
         "(default: rsa4096,p384; docs/mimics.md)",
     )
 
