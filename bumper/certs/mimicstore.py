@@ -250,23 +250,23 @@ class MimicStore:
         # A weak key is mirrored only where it is the defect the client must meet (a mimic of bumper's CA).
         choice = mimic.choose_key_spec(upstream, self.fallback, mirror_weak=mode == trust.Signing.CA, cap=self.key_cap)
         unmirrorable = choice.fell_back and mimic.upstream_key_spec(upstream) is None
-        if not (unmirrorable or choice.capped_from) or not self._first_told(sha256):
-            pass  # nothing to say, or said already: a mimic minted again (evicted, too large) says nothing new
-        elif unmirrorable:
-            log.info(
-                "upstream key %s of the certificate %s cannot be mirrored; the mimic uses %s",
-                _describe_key(upstream),
-                fingerprint(upstream),
-                choice.spec,
-            )
-        elif choice.capped_from is not None:
-            log.info(
-                "upstream key %s of the certificate %s is above --max-mimic-key %s; the mimic uses %s",
-                choice.capped_from,
-                fingerprint(upstream),
-                self.key_cap.label,
-                choice.spec,
-            )
+        # Said once: a mimic minted again (evicted, too large to keep) says nothing new.
+        if (unmirrorable or choice.capped_from) and self._first_told(sha256):
+            if unmirrorable:
+                log.info(
+                    "upstream key %s of the certificate %s cannot be mirrored; the mimic uses %s",
+                    _describe_key(upstream),
+                    fingerprint(upstream),
+                    choice.spec,
+                )
+            else:
+                log.info(
+                    "upstream key %s of the certificate %s is above --max-mimic-key %s; the mimic uses %s",
+                    choice.capped_from,
+                    fingerprint(upstream),
+                    self.key_cap.label,
+                    choice.spec,
+                )
         # A weak key is made for this mimic alone (KeyChoice.fresh); it lives on only in its caches.
         pooled = await (self.pool.fresh(choice.spec) if choice.fresh else self.pool.key_for(choice.spec))
         if mode == trust.Signing.SELF:
