@@ -561,15 +561,16 @@ def _cache_size(text: str) -> int:
     a 64th of its size (mimicdb.too_large), and 64 KiB is what a large ordinary mimic costs in
     memory. A bare number is refused: these options took a count of mimics before, and 20000
     read as bytes would keep none."""
-    if text.strip() == "0":
-        return 0
-    if text.strip().isdigit():
+    if text.strip().isdigit() and int(text) != 0:
         raise argparse.ArgumentTypeError(
             f"expected a size with its unit, such as 32MiB or 256MiB, got {text!r} "
             "(it was a number of mimics before; 0 still turns the cache off)"
         )
-    value = _size(text)
-    if value < MIN_CACHE_BYTES:
+    try:
+        value = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (use 32MiB, 1g, or 0)") from None
+    if 0 < value < MIN_CACHE_BYTES:
         raise argparse.ArgumentTypeError(f"expected at least 4MiB (or 0 to keep none), got {text!r}")
     return value
 
