@@ -284,3 +284,12 @@ def test_restarted_proxy_serves_the_cached_mimic(start_bumper, upstream: Upstrea
     second.process.stop()
     off = start_bumper("--mimic-db", "0", ca_dir=tmp_path)
     assert served_leaf(off, upstream) != before  # without the disk cache it mints anew
+
+
+def test_mimic_cache_0_keeps_none_in_memory(start_bumper, upstream: Upstream, tmp_path: Path) -> None:
+    """The flag reaches the store: with neither cache, every connection gets a mimic minted anew."""
+    bumper = start_bumper("--mimic-cache", "0", "--mimic-db", "0MiB", ca_dir=tmp_path)
+    first, again = served_leaf(bumper, upstream), served_leaf(bumper, upstream)
+    assert first.subject == again.subject and first.serial_number != again.serial_number
+    kept = start_bumper("--mimic-cache", "4MiB", "--mimic-db", "0", ca_dir=tmp_path)
+    assert served_leaf(kept, upstream) == served_leaf(kept, upstream)
