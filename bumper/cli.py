@@ -23,9 +23,11 @@ from bumper.certs import ca as ca_files
 from bumper.certs import compare, distribution, keys
 from bumper.certs.keypool import KeyPool, PoolSettings
 from bumper.certs.keys import KeySpec
-from bumper.certs.mimic import UnmimicableCertificate
-from bumper.certs.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES
-from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
+from bumper.certs.mimic import UnmimicableCertificate, choose_key_spec
+from bumper.certs.mimicdb import DB_FILE
+from bumper.certs.mimicdb import DEFAULT_MAX_BYTES as DEFAULT_DB_BYTES
+from bumper.certs.mimicstore import DEFAULT_MAX_BYTES as DEFAULT_MEMORY_BYTES
+from bumper.certs.mimicstore import MimicStore
 from bumper.errors import ConfigError
 from bumper.inspect.loading import load_registry
 from bumper.policy import htpasswd
@@ -180,17 +182,19 @@ def _run_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("mimic certificates")
     m.add_argument(
         "--mimic-cache",
-        metavar="N",
-        type=_count,
-        default=DEFAULT_CAPACITY,
-        help="mimics kept in memory (default: %(default)s)",
+        metavar="SIZE",
+        type=_cache_size,
+        default=DEFAULT_MEMORY_BYTES,
+        help="memory for mimics, least recently used out first; a mimic above a 64th of it is served "
+        "but not kept; 0 keeps none (default: 32MiB, some 2,000 mimics)",
     )
     m.add_argument(
         "--mimic-db",
-        metavar="N",
-        type=_count,
-        default=DEFAULT_MAX_ENTRIES,
-        help=f"mimics kept on disk in DIR/{DB_FILE}, reused after a restart; 0 turns it off (default: %(default)s)",
+        metavar="SIZE",
+        type=_cache_size,
+        default=DEFAULT_DB_BYTES,
+        help=f"disk for mimics in DIR/{DB_FILE}, reused after a restart, the oldest out first; "
+        "0 turns it off (default: 256MiB, some 60,000 mimics)",
     )
     m.add_argument(
         "--key-max-uses",
@@ -214,6 +218,7 @@ def _run_parser() -> argparse.ArgumentParser:
         help="key type when the upstream's cannot be mirrored (DSA, Ed448...): rsa2048..rsa8192, "
         "p256, p384, p521, ed25519 (default: p256)",
     )
+    _max_mimic_key_option(m)
     _limit_options(p.add_argument_group("limits (docs/limits.md)"))
     p.add_argument(
         "--drain-timeout",
@@ -293,6 +298,18 @@ def _without_debug_checks(args: list[str]) -> None:
         os.execv(sys.executable, [sys.executable, "-P", "-O", "-m", "bumper", *args])
 
 
+def _max_mimic_key_option(group: argparse._ActionsContainer) -> None:
+    group.add_argument(
+        "--max-mimic-key",
+        metavar="RSA,CURVE",
+        type=_key_cap_type,
+        default=keys.DEFAULT_CAP,
+        help="the strongest mimic keys, one RSA size and one curve: a stronger upstream key gets this one, "
+        "as each handshake signs with it (RSA-8192 costs 6 times RSA-2048); rsa8192,p521 caps nothing "
+        "(default: rsa4096,p384; docs/mimics.md)",
+    )
+
+
 def _addons_option(group: argparse._ActionsContainer) -> None:
     group.add_argument(
         "--addons",
@@ -328,11 +345,12 @@ def _run_command(args: list[str]) -> int:
         drain_timeout=opts.drain_timeout,
         admin=_admin(opts.admin, opts.admin_allow),
         mimics=MimicSettings(
-            memory_entries=opts.mimic_cache,
-            db_entries=opts.mimic_db,
+            memory_bytes=opts.mimic_cache,
+            db_bytes=opts.mimic_db,
             key_max_uses=opts.key_max_uses,
             key_max_age=opts.key_max_age,
             fallback_key=opts.fallback_key,
+            key_cap=_key_cap(opts.max_mimic_key, opts.fallback_key),
         ),
     )
     config.trust.check()
@@ -481,16 +499,25 @@ def _mimic_command(args: list[str]) -> int:
     p.add_argument("--ca", metavar="DIR", type=Path, required=True)
     p.add_argument("cert", metavar="CERT", type=Path, help="PEM (the upstream leaf first, then its chain) or DER")
     p.add_argument("--text", action="store_true", help="show upstream and mimic side by side, field by field")
+    _max_mimic_key_option(p)
     opts = p.parse_args(args)
     upstream = ca_files.load_certificates(opts.cert)[0]  # the leaf; the rest is its chain
     authority = _existing_ca(opts.ca)
-    store = MimicStore(authority, KeyPool(PoolSettings(warm=(), worker=False)))
+    store = MimicStore(authority, KeyPool(PoolSettings(warm=(), worker=False)), key_cap=opts.max_mimic_key)
     try:
         made = asyncio.run(store.get(upstream))
     except UnmimicableCertificate as e:
         raise ConfigError(f"{opts.cert}: cannot mimic this certificate: {e}") from None
     finally:
         store.close()
+    capped = choose_key_spec(upstream, store.fallback, cap=opts.max_mimic_key).capped_from
+    if capped is not None:  # on stderr: the PEM on stdout stays a clean chain
+        print(
+            f"bumper mimic: the upstream's {capped} key is above --max-mimic-key {opts.max_mimic_key.label}: "
+            f"the mimic's key is {keys.mirror_spec(made.cert.public_key())}, as every handshake signs with it "
+            "(docs/mimics.md#key-cap)",
+            file=sys.stderr,
+        )
     if opts.text:
         print(compare.render(compare.compare(upstream, made.cert)))
     else:
@@ -508,6 +535,44 @@ def _existing_ca(directory: Path) -> ca_files.CertificateAuthority:
     if not (directory / ca_files.CERT_FILE).exists() and not (directory / ca_files.KEY_FILE).exists():
         raise ConfigError(f"{directory}: holds no CA; create one with: bumper ca init --ca {directory}")
     return ca_files.load(directory)
+
+
+def _key_cap_type(text: str) -> keys.KeyCap:
+    try:
+        return keys.KeyCap.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _key_cap(cap: keys.KeyCap, fallback: KeySpec) -> keys.KeyCap:
+    """CAP, unless the fallback key is above it: bumper would then make the keys it refuses."""
+    if cap.exceeds(fallback):
+        raise ConfigError(
+            f"--fallback-key {fallback.label} is above --max-mimic-key {cap.label}: lower the one or raise the other"
+        )
+    return cap
+
+
+MIN_CACHE_BYTES = 4 * 1024**2
+
+
+def _cache_size(text: str) -> int:
+    """A cache's size: 0 (none), or bytes with a unit, at least 4 MiB: a cache keeps nothing above
+    a 64th of its size (mimicdb.too_large), and 64 KiB is what a large ordinary mimic costs in
+    memory. A bare number is refused: these options took a count of mimics before, and 20000
+    read as bytes would keep none."""
+    if text.strip().isdigit() and int(text) != 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a size with its unit, such as 32MiB or 256MiB, got {text!r} "
+            "(it was a number of mimics before; 0 still turns the cache off)"
+        )
+    try:
+        value = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (use 32MiB, 1g, or 0)") from None
+    if 0 < value < MIN_CACHE_BYTES:
+        raise argparse.ArgumentTypeError(f"expected at least 4MiB (or 0 to keep none), got {text!r}")
+    return value
 
 
 def _key_type(text: str) -> KeySpec:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,12 @@ DAY = datetime.timedelta(days=1)
 
 def rsa_key(bits: int = 2048) -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+@functools.cache
+def rsa8192_key() -> rsa.RSAPrivateKey:
+    """One RSA-8192 key per test process: making one takes seconds."""
+    return rsa_key(8192)
 
 
 def ec_key(curve: ec.EllipticCurve | None = None) -> ec.EllipticCurvePrivateKey:

@@ -448,6 +448,9 @@ def test_bad_option_is_a_config_error(
         pytest.param(["--ca", "{ca}", "--fallback-key", "dsa"], id="fallback-key-dsa"),
         pytest.param(["--ca", "{ca}", "--key-max-age", "-1"], id="key-max-age-negative"),
         pytest.param(["--ca", "{ca}", "--key-max-age", "nan"], id="key-max-age-nan"),
+        pytest.param(["--ca", "{ca}", "--mimic-cache", "10000"], id="mimic-cache-a-count"),
+        pytest.param(["--ca", "{ca}", "--mimic-db", "1m"], id="mimic-db-under-4MiB"),
+        pytest.param(["--ca", "{ca}", "--max-mimic-key", "rsa4096,rsa8192"], id="max-mimic-key-twice-rsa"),
     ],
 )
 def test_usage_errors(ca_dir: Path, args: list[str]) -> None:
@@ -459,6 +462,17 @@ def test_usage_errors(ca_dir: Path, args: list[str]) -> None:
     assert "Traceback" not in result.stdout + result.stderr
     assert "usage:" in result.stderr
     assert snapshot(ca_dir) == before
+
+
+@pytest.mark.parametrize("flag", ["--mimic-cache", "--mimic-db"])
+def test_a_cache_size_given_as_a_count_says_the_flag_takes_a_size_now(ca_dir: Path, flag: str) -> None:
+    """--mimic-db 20000 counted mimics before: read as bytes it would keep none, so it is refused."""
+    result = run("--ca", ca_dir, flag, "20000", *LISTEN_ANY)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"bumper: error: argument {flag}: expected a size with its unit, such as 32MiB or 256MiB, got '20000' "
+        "(it was a number of mimics before; 0 still turns the cache off)"
+    )
 
 
 def test_a_missing_ca_dir_is_refused_not_created(tmp_path: Path) -> None:

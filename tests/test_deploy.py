@@ -155,6 +155,9 @@ def test_the_ca_comes_from_a_secret_into_a_private_writable_directory() -> None:
     assert f"install -m 0600 {secret_mounts[0]['mountPath']}/* {opts.ca}/" in " ".join(init["command"])
     assert any(m["name"] == state["name"] for m in init["volumeMounts"])
     assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]  # what makes the Secret readable
+    # The disk cache, its trim's overshoot (a 32nd) and SQLite's WAL (about 4 MiB) fit in the volume.
+    size_limit = volumes[state["name"]]["emptyDir"]["sizeLimit"]
+    assert size_limit.endswith("Mi") and opts.mimic_db * 33 // 32 + 4 * 1024**2 < int(size_limit[:-2]) * 1024**2
 
 
 # --- ports, probes, image, user, drain --------------------------------------------------------------

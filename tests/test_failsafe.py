@@ -241,7 +241,9 @@ def test_the_fail_safe_store_degrades_once_and_recovers_with_its_backlog(tmp_pat
     """The same without root, on a directory that is missing and then made."""
     now = [0.0]
     directory = tmp_path / "later"
-    store = FailSafeMimicStore(SqliteMimicStore(directory / DB_FILE), clock=lambda: now[0], retry_after=5, backlog=3)
+    store = FailSafeMimicStore(
+        SqliteMimicStore(directory / DB_FILE), clock=lambda: now[0], retry_after=5, backlog_bytes=18
+    )
     mimics = [(bytes([i]) * 32, "ca", "F", StoredMimic(b"cert%d" % i, b"key")) for i in range(5)]
     for upstream, mode, ca, mimic in mimics:
         store.put(upstream, mode, ca, mimic)
@@ -253,7 +255,7 @@ def test_the_fail_safe_store_degrades_once_and_recovers_with_its_backlog(tmp_pat
     now[0] = 10
     store.put(b"y" * 32, "ca", "F", StoredMimic(b"c", b"k"))
     assert not store.degraded
-    assert len(store.store) == 3  # the backlog's bound: the newest three
+    assert len(store.store) == 3  # the backlog's bound, 18 bytes: the newest three (8 + 2 + 2)
     store.close()
 
 

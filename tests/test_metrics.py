@@ -283,15 +283,25 @@ def test_the_mimic_cache_mints_then_hits_memory_then_disk_after_a_restart(
     assert of(moved, "bumper_mimic_cache_total") == {labels(result="minted"): 1}
     assert moved[("bumper_mimic_mint_seconds_count", frozenset())] == 1
     assert moved[("bumper_mimic_mint_seconds_sum", frozenset())] > 0
+    # One mimic in each store: its certificate and key at least, under a 64th of each cap.
+    cached = of(first.scrape(), "bumper_mimic_cache_bytes")
+    assert 500 < cached[labels(store="memory")] < 32 * 1024**2 / 64
+    assert 500 < cached[labels(store="disk")] < 256 * 1024**2 / 64
     moved, _ = run(first, upstream.url("/"))
     assert of(moved, "bumper_mimic_cache_total") == {labels(result="memory_hit"): 1}
     assert ("bumper_mimic_mint_seconds_count", frozenset()) not in moved
+    assert not of(moved, "bumper_mimic_cache_bytes")  # a hit costs nothing more
     first.bumper.process.stop()
 
     again = start_admin(start_bumper, ca_dir=ca_dir)
+    assert of(again.scrape(), "bumper_mimic_cache_bytes") == {  # the disk's rows, counted when opened
+        labels(store="memory"): 0,
+        labels(store="disk"): cached[labels(store="disk")],
+    }
     moved, _ = run(again, upstream.url("/"))
     assert of(moved, "bumper_mimic_cache_total") == {labels(result="disk_hit"): 1}
     assert ("bumper_mimic_mint_seconds_count", frozenset()) not in moved
+    assert of(again.scrape(), "bumper_mimic_cache_bytes") == cached
 
 
 def test_every_metric_is_there_before_any_traffic(start_bumper) -> None:
@@ -301,6 +311,7 @@ def test_every_metric_is_there_before_any_traffic(start_bumper) -> None:
     for name in (
         "bumper_upstream_verify_total", "bumper_mimic_cache_total", "bumper_policy_reloads_total",
         "bumper_bytes_total", "bumper_handshake_seconds_count", "bumper_mimic_mint_seconds_count",
+        "bumper_mimic_cache_bytes",
     ):  # fmt: skip
         assert name in names, name
     assert {labels for name, labels in scraped if name == "bumper_upstream_verify_total"} == {

@@ -331,10 +331,14 @@ def test_validity_of_an_ordinary_upstream_is_copied_to_the_second(store: SyncSto
         pytest.param(ed25519.Ed25519PrivateKey.generate, keys.KeySpec("ed25519"), id="Ed25519"),
     ],
 )
-def test_key_type_is_mirrored(store: SyncStore, make_key: object, expected: keys.KeySpec) -> None:
+def test_key_type_is_mirrored(
+    authority: CertificateAuthority, runner: asyncio.Runner, make_key: object, expected: keys.KeySpec
+) -> None:
+    """Under a --max-mimic-key that caps nothing (test_key_cap.py has the cap)."""
     upstream = make_upstream(key_usage(digital_signature=True), key=make_key())  # type: ignore[operator]
+    uncapped = keys.KeyCap(rsa_bits=8192, curve="secp521r1")
 
-    made = store.get(upstream)
+    made = SyncStore(MimicStore(authority, key_cap=uncapped), runner).get(upstream)
 
     public_key = made.cert.public_key()
     assert keys.KeySpec.of(public_key) == expected
@@ -344,7 +348,7 @@ def test_key_type_is_mirrored(store: SyncStore, make_key: object, expected: keys
         assert public_key.curve.name == expected.curve
     else:
         assert isinstance(public_key, ed25519.Ed25519PublicKey)
-    assert mimic.choose_key_spec(upstream, keys.P256) == mimic.KeyChoice(expected, fell_back=False)
+    assert mimic.choose_key_spec(upstream, keys.P256, cap=uncapped) == mimic.KeyChoice(expected, fell_back=False)
 
 
 @pytest.mark.parametrize(
@@ -598,19 +602,43 @@ def test_store_caches_per_upstream(store: SyncStore) -> None:
     assert b.key is a.key  # one key per key type, shared by the mimics of that type
 
 
-def test_store_evicts_the_least_recently_used(authority: CertificateAuthority, runner: asyncio.Runner) -> None:
-    store = SyncStore(MimicStore(authority, capacity=2), runner)
-    up_a, up_b, up_c = make_upstream(), make_upstream(), make_upstream()
-    a, b = store.get(up_a), store.get(up_b)
-    assert store.get(up_a) is a  # a is now more recently used than b
+def test_store_evicts_the_least_recently_used_past_its_bytes(
+    authority: CertificateAuthority, runner: asyncio.Runner
+) -> None:
+    """The memory cache holds what fits in max_bytes, as Mimic.size counts it, and forgets the least
+    recently used first."""
+    ups = [make_upstream(subject=pki.name(f"lru{i}.test"), key=pki.ec_key()) for i in range(80)]
+    entry = SyncStore(MimicStore(authority), runner).get(ups[0]).size
+    # Sizes differ by a few bytes (serials, signatures): room for 64 or so.
+    store = SyncStore(MimicStore(authority, max_bytes=64 * entry + entry // 2), runner)
+    first = store.get(ups[0])
+    for up in ups[1:]:
+        store.get(up)
+        assert store.get(ups[0]) is first  # used after every other: never the least recently used
+        assert store.store.memory_bytes == sum(m.size for m in store.store._memory.values())
+        assert store.store.memory_bytes <= store.store.max_bytes
+    assert 60 <= len(store.store._memory) <= 65
+    assert store.get(ups[-1]) is store.get(ups[-1])
+    again = store.get(ups[1])  # the least recently used went first
+    assert again.cert.subject == pki.name("lru1.test") and store.store.lookups["minted"] == 81
 
-    c = store.get(up_c)  # over capacity: b goes
 
-    assert store.get(up_a) is a
-    assert store.get(up_c) is c
-    b_again = store.get(up_b)
-    assert b_again is not b
-    assert b_again.cert.subject == b.cert.subject
+def test_a_mimic_above_a_64th_of_the_memory_cache_is_served_not_kept(
+    authority: CertificateAuthority, runner: asyncio.Runner
+) -> None:
+    large = make_upstream(
+        (x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"x" * 60_000), False),
+        key=pki.ec_key(),
+    )
+    small = make_upstream(key=pki.ec_key())
+    store = SyncStore(MimicStore(authority, max_bytes=4 * 1024**2), runner)  # a 64th: 64 KiB
+    made = store.get(large)
+    assert made.size > 64 * 1024 and made.cert.subject == large.subject
+    assert store.get(large) is not made  # minted again: never kept
+    kept = store.get(small)
+    assert store.get(small) is kept and store.store.memory_bytes == kept.size
+    off = SyncStore(MimicStore(authority, max_bytes=0), runner)  # --mimic-cache 0
+    assert off.get(small) is not off.get(small) and off.store.memory_bytes == 0
 
 
 # --- keys.KeySpec -------------------------------------------------------------------------------

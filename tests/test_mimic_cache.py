@@ -139,13 +139,46 @@ def test_sqlite_store_keys_rows_by_upstream_mode_and_ca(tmp_path: Path) -> None:
     assert (tmp_path / DB_FILE).stat().st_mode & 0o077 == 0  # it holds private keys
 
 
-def test_sqlite_store_stays_within_its_bound(tmp_path: Path) -> None:
-    db = SqliteMimicStore(tmp_path / DB_FILE, max_entries=10)
+ROW = StoredMimic(b"c" * 1000, b"k" * 200)
+
+
+def row_bytes(db: SqliteMimicStore, upstream: bytes = b"\0" * 4) -> int:
+    return db.row_bytes(upstream, "ca", "CA", ROW)
+
+
+def test_sqlite_store_stays_within_its_bytes(tmp_path: Path) -> None:
+    """Trimmed by itself (every 32nd of the cap written), the least recently written rows first."""
+    db = SqliteMimicStore(tmp_path / DB_FILE)
+    db.max_bytes = 100 * row_bytes(db)
     for i in range(300):
-        db.put(i.to_bytes(4, "big"), "ca", "CA", StoredMimic(b"c", b"k"))
+        db.put(i.to_bytes(4, "big"), "ca", "CA", ROW)
+        assert db.stored_bytes() <= db.max_bytes + db.max_bytes // 32
     db.prune()
-    assert len(db) == 10
+    assert len(db) == 100 and db.stored_bytes() == 100 * row_bytes(db)
     assert db.get((299).to_bytes(4, "big"), "ca", "CA") is not None  # the newest are kept
+    assert db.get((199).to_bytes(4, "big"), "ca", "CA") is None
+
+
+def test_a_row_above_a_64th_of_the_cap_is_not_stored(tmp_path: Path) -> None:
+    db = SqliteMimicStore(tmp_path / DB_FILE)
+    db.max_bytes = 64 * row_bytes(db)
+    db.put(b"fits", "ca", "CA", ROW)
+    large = StoredMimic(ROW.cert_der + b"c", ROW.key_der)
+    db.put(b"larg", "ca", "CA", large)
+    assert db.get(b"fits", "ca", "CA") == ROW
+    assert db.get(b"larg", "ca", "CA") is None
+    assert db.stored_bytes() == row_bytes(db)
+
+
+def test_a_file_over_the_cap_is_trimmed_when_opened(tmp_path: Path) -> None:
+    """A file written under a higher cap (or by count, before caps were in bytes) shrinks at once."""
+    db = SqliteMimicStore(tmp_path / DB_FILE)
+    for i in range(50):
+        db.put(i.to_bytes(4, "big"), "ca", "CA", ROW)
+    db.close()
+    smaller = SqliteMimicStore(tmp_path / DB_FILE, max_bytes=10 * row_bytes(db))
+    assert len(smaller) == 10 and smaller.stored_bytes() == 10 * row_bytes(db)
+    assert smaller.get((49).to_bytes(4, "big"), "ca", "CA") is not None
 
 
 def _write_rows(path: str, first: int, count: int) -> None:
@@ -251,3 +284,12 @@ def test_restarted_proxy_serves_the_cached_mimic(start_bumper, upstream: Upstrea
     second.process.stop()
     off = start_bumper("--mimic-db", "0", ca_dir=tmp_path)
     assert served_leaf(off, upstream) != before  # without the disk cache it mints anew
+
+
+def test_mimic_cache_0_keeps_none_in_memory(start_bumper, upstream: Upstream, tmp_path: Path) -> None:
+    """The flag reaches the store: with neither cache, every connection gets a mimic minted anew."""
+    bumper = start_bumper("--mimic-cache", "0", "--mimic-db", "0MiB", ca_dir=tmp_path)
+    first, again = served_leaf(bumper, upstream), served_leaf(bumper, upstream)
+    assert first.subject == again.subject and first.serial_number != again.serial_number
+    kept = start_bumper("--mimic-cache", "4MiB", "--mimic-db", "0", ca_dir=tmp_path)
+    assert served_leaf(kept, upstream) == served_leaf(kept, upstream)

@@ -102,6 +102,63 @@ def describe(public_key: object) -> str:
 
 P256 = KeySpec("ec", curve="secp256r1")
 RSA2048 = KeySpec("rsa", size=2048)
+_CURVE_ORDER = tuple(_CURVES)  # weakest first
+
+
+@dataclass(frozen=True)
+class KeyCap:
+    """The strongest mimic key bumper makes, per algorithm (--max-mimic-key).
+
+    Every client handshake that serves a mimic signs with its key: measured, a connection to an
+    RSA-8192 mimic cost bumper 45.7 ms of CPU, 6 times one to an RSA-2048 mimic (7.8 ms) and 4
+    times one to the capped RSA-4096 (11.6 ms), so an upstream with a needlessly strong key would
+    let one site amplify the load on the gateway (docs/mimics.md#key-cap). A stronger upstream key
+    gets a mimic key at the cap; a weaker one is mirrored as it is. Ed25519 has one strength and is
+    never capped."""
+
+    rsa_bits: int = 4096
+    curve: str = "secp384r1"
+
+    def exceeds(self, spec: KeySpec) -> bool:
+        if spec.algorithm == "rsa":
+            return spec.size > self.rsa_bits
+        if spec.algorithm == "ec":
+            return _CURVE_ORDER.index(spec.curve) > _CURVE_ORDER.index(self.curve)
+        return False
+
+    def capped(self, spec: KeySpec) -> KeySpec:
+        """SPEC, or the cap of its algorithm when SPEC is stronger."""
+        if not self.exceeds(spec):
+            return spec
+        return KeySpec("rsa", size=self.rsa_bits) if spec.algorithm == "rsa" else KeySpec("ec", curve=self.curve)
+
+    @property
+    def label(self) -> str:
+        """As --max-mimic-key takes it: rsa4096,p384."""
+        return f"{KeySpec('rsa', size=self.rsa_bits).label},{KeySpec('ec', curve=self.curve).label}"
+
+    @classmethod
+    def parse(cls, text: str) -> KeyCap:
+        """One RSA size and one curve, comma-separated (rsa4096,p384); an algorithm left out keeps
+        its default cap."""
+        rsa_bits: int | None = None
+        curve: str | None = None
+        for part in text.split(","):
+            spec = KeySpec.parse(part)  # ValueError names the unknown type
+            if spec.algorithm == "rsa" and rsa_bits is None:
+                rsa_bits = spec.size
+            elif spec.algorithm == "ec" and curve is None:
+                curve = spec.curve
+            elif spec.algorithm == "ed25519":
+                raise ValueError("ed25519 has a single strength and is never capped (give an RSA size, a curve)")
+            else:
+                raise ValueError(f"{part.strip()!r}: one cap per algorithm (e.g. rsa4096,p384)")
+        default = cls()
+        return cls(default.rsa_bits if rsa_bits is None else rsa_bits, default.curve if curve is None else curve)
+
+
+DEFAULT_CAP = KeyCap()
+
 
 _NAMES = [f"rsa{n}" for n in _RSA_SIZES] + ["p256", "p384", "p521", "ed25519"]
 _BY_NAME: dict[str, KeySpec] = {f"rsa{n}": KeySpec("rsa", size=n) for n in _RSA_SIZES}

@@ -68,6 +68,8 @@ class KeyChoice:
     # A weak key (RSA below 2048 bits) mirrored with a key made for this mimic alone: never pooled,
     # so that a key nobody should trust is never shared with another upstream's mimic.
     fresh: bool = False
+    # The upstream's key when it is stronger than --max-mimic-key: SPEC is then the cap.
+    capped_from: keys.KeySpec | None = None
 
 
 def upstream_key_spec(upstream: x509.Certificate) -> keys.KeySpec | None:
@@ -79,8 +81,11 @@ def upstream_key_spec(upstream: x509.Certificate) -> keys.KeySpec | None:
         return None
 
 
-def choose_key_spec(upstream: x509.Certificate, fallback: keys.KeySpec, mirror_weak: bool = True) -> KeyChoice:
-    """Same algorithm and strength as the upstream's key, or FALLBACK when it cannot be mirrored.
+def choose_key_spec(
+    upstream: x509.Certificate, fallback: keys.KeySpec, mirror_weak: bool = True, cap: keys.KeyCap = keys.DEFAULT_CAP
+) -> KeyChoice:
+    """Same algorithm and strength as the upstream's key, or FALLBACK when it cannot be mirrored, or
+    CAP's key of that algorithm when the upstream's is stronger (keys.KeyCap says why).
 
     Without MIRROR_WEAK a weak key falls back too: a mimic the client refuses for its issuer anyway
     (untrusted, self-signed) gains nothing from a key made for it alone, and an upstream must not
@@ -88,6 +93,8 @@ def choose_key_spec(upstream: x509.Certificate, fallback: keys.KeySpec, mirror_w
     spec = upstream_key_spec(upstream)
     if spec is None or (spec.weak and not mirror_weak):
         return KeyChoice(fallback, True)
+    if cap.exceeds(spec):
+        return KeyChoice(cap.capped(spec), False, capped_from=spec)
     return KeyChoice(spec, False, fresh=spec.weak)
 
 
@@ -204,8 +211,11 @@ def mint(upstream: x509.Certificate, ca: CertificateAuthority, key: keys.Private
     except der.MalformedDER as e:  # a self-signed mimic's signer is the upstream itself
         raise UnmimicableCertificate(f"malformed issuer: {e}") from None
     public_key = key.public_key()
-    mirrored = keys.mirror_spec(public_key) == upstream_key_spec(upstream)
-    copied = copied_extensions(parts, None if mirrored else key)
+    # A key of the upstream's algorithm (mirrored, or capped by --max-mimic-key) honours the
+    # upstream's keyUsage as it is: only a key of another algorithm needs it refitted.
+    upstream_spec, own_spec = upstream_key_spec(upstream), keys.mirror_spec(public_key)
+    same_kind = upstream_spec is not None and own_spec is not None and own_spec.algorithm == upstream_spec.algorithm
+    copied = copied_extensions(parts, None if same_kind else key)
     extensions = [der.extension(e.oid, e.critical, e.value) for e in copied]
     extensions.append(der.extension(_AKI, False, ca.authority_key_identifier.public_bytes()))
     extensions.append(der.extension(_SKI, False, x509.SubjectKeyIdentifier.from_public_key(public_key).public_bytes()))

@@ -23,10 +23,17 @@ from pathlib import Path
 from typing import Protocol
 
 DB_FILE = "mimics.sqlite"
-DEFAULT_MAX_ENTRIES = 100_000
-_PRUNE_EVERY = 256  # inserts between size checks
+DEFAULT_MAX_BYTES = 256 * 1024**2
+# What a row costs on disk besides its bytes (key columns, certificate, key): SQLite's cell header,
+# its two index entries, and the page space it strands. Measured (SQLite 3, 4 KiB pages, a
+# checkpointed file): rows of 1.9 to 2.6 KB, as most mimics are, fill a page alone, 1.4 to 2.1 KiB
+# more than their bytes; smaller and larger rows pack better (0.3 to 0.5 KiB).
+ROW_OVERHEAD = 2048
+_ROW_BYTES = f"length(upstream) + length(mode) + length(ca) + length(cert) + length(key) + {ROW_OVERHEAD}"
+# Written bytes (the cap's fraction) between trims: the file overshoots its cap by at most this.
+_PRUNE_FRACTION = 32
 RETRY_AFTER = 5.0  # seconds between attempts to write to a cache that failed
-BACKLOG_ENTRIES = 1024  # mimics minted while the cache is down, written once it is back (about 2 MiB)
+BACKLOG_BYTES = 4 * 1024**2  # mimics minted while the cache is down, written once it is back
 # What SQLite says of a file that is not (or no longer) a sound database: it is set aside.
 _CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 _SIDE_FILES = ("-wal", "-shm")  # SQLite's own, derived from the main file
@@ -39,6 +46,18 @@ class StoredMimic:
     cert_der: bytes
     key_der: bytes
 
+    @property
+    def size(self) -> int:
+        return len(self.cert_der) + len(self.key_der)
+
+
+def too_large(entry_bytes: int, max_bytes: int) -> bool:
+    """Whether an entry of ENTRY_BYTES is served but not cached in a cache of MAX_BYTES: above a
+    64th of it. A fraction rather than a fixed size, so that the rule holds for any cap: however
+    large the certificates an upstream makes up, each can push out at most a 64th of the cache, and
+    the cache keeps room for at least 64 of them."""
+    return entry_bytes > max_bytes // 64
+
 
 class MimicStoreBackend(Protocol):
     """What a shared store (for a cluster) must offer to replace the SQLite file."""
@@ -49,14 +68,22 @@ class MimicStoreBackend(Protocol):
 
     def forget_other_cas(self, ca_fingerprint: str) -> int: ...
 
+    def stored_bytes(self) -> int:
+        """What the stored mimics cost, as counted against the cap (for /metrics: no I/O)."""
+        ...
+
     def close(self) -> None: ...
 
 
 class SqliteMimicStore:
-    def __init__(self, path: Path, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+    """Capped by bytes (MAX_BYTES): every row counts its columns' bytes and ROW_OVERHEAD; the
+    least recently written rows go first. A mimic above a 64th of the cap (too_large) is not stored."""
+
+    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.path = path
-        self.max_entries = max_entries
-        self._inserts = 0
+        self.max_bytes = max_bytes
+        self._written = 0  # bytes written since the last trim
+        self._bytes = 0  # what the table holds: counted when opened and trimmed, added to by writes
         self._connection: sqlite3.Connection | None = None
 
     @property
@@ -80,6 +107,8 @@ class SqliteMimicStore:
                 " PRIMARY KEY (upstream, mode, ca))"
             )
             db.execute("CREATE INDEX IF NOT EXISTS mimics_used ON mimics (used)")
+            # A file written under a higher cap, or by count before caps were in bytes, is trimmed now.
+            self._trim(db)
         except BaseException:
             db.close()  # a file that cannot be set up is tried again later, from scratch
             raise
@@ -92,25 +121,53 @@ class SqliteMimicStore:
         ).fetchone()
         return StoredMimic(row[0], row[1]) if row else None
 
+    def row_bytes(self, upstream_sha256: bytes, mode: str, ca_fingerprint: str, mimic: StoredMimic) -> int:
+        """What a row costs against the cap, as _ROW_BYTES counts it in SQL."""
+        return len(upstream_sha256) + len(mode.encode()) + len(ca_fingerprint.encode()) + mimic.size + ROW_OVERHEAD
+
+    def fits(self, upstream_sha256: bytes, mode: str, ca_fingerprint: str, mimic: StoredMimic) -> bool:
+        return not too_large(self.row_bytes(upstream_sha256, mode, ca_fingerprint, mimic), self.max_bytes)
+
     def put(self, upstream_sha256: bytes, mode: str, ca_fingerprint: str, mimic: StoredMimic) -> None:
+        """Store MIMIC, unless it is too large for the cap (it is then only served)."""
+        if not self.fits(upstream_sha256, mode, ca_fingerprint, mimic):
+            return
         self._db.execute(
             "INSERT OR REPLACE INTO mimics VALUES (?, ?, ?, ?, ?, ?)",
             (upstream_sha256, mode, ca_fingerprint, mimic.cert_der, mimic.key_der, time.time()),
         )
-        self._inserts += 1
-        if self._inserts % _PRUNE_EVERY == 0:
+        size = self.row_bytes(upstream_sha256, mode, ca_fingerprint, mimic)
+        self._bytes += size
+        self._written += size
+        if self._written >= self.max_bytes // _PRUNE_FRACTION:
             self.prune()
 
     def forget_other_cas(self, ca_fingerprint: str) -> int:
         """Drop mimics signed by any CA but this one; returns how many."""
-        return self._db.execute("DELETE FROM mimics WHERE ca != ?", (ca_fingerprint,)).rowcount
+        dropped = int(self._db.execute("DELETE FROM mimics WHERE ca != ?", (ca_fingerprint,)).rowcount)
+        if dropped:
+            self.prune()  # counts what is left
+        return dropped
 
     def prune(self) -> None:
-        """Keep the newest max_entries rows."""
-        self._db.execute(
-            "DELETE FROM mimics WHERE rowid IN (SELECT rowid FROM mimics ORDER BY used DESC LIMIT -1 OFFSET ?)",
-            (self.max_entries,),
+        """Keep the most recently written rows that fit in max_bytes."""
+        self._trim(self._db)
+
+    def _trim(self, db: sqlite3.Connection) -> None:
+        # The running total, newest first: every row past the cap goes. Two scans of the table
+        # every max_bytes/_PRUNE_FRACTION bytes written (and at opening); other processes sharing
+        # the file are counted here too.
+        db.execute(
+            "DELETE FROM mimics WHERE rowid IN (SELECT rowid FROM"
+            f" (SELECT rowid, sum({_ROW_BYTES}) OVER (ORDER BY used DESC, rowid DESC) AS running FROM mimics)"
+            " WHERE running > ?)",
+            (self.max_bytes,),
         )
+        self._bytes = int(db.execute(f"SELECT coalesce(sum({_ROW_BYTES}), 0) FROM mimics").fetchone()[0])
+        self._written = 0
+
+    def stored_bytes(self) -> int:
+        return self._bytes
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM mimics").fetchone()[0])
@@ -141,14 +198,15 @@ class FailSafeMimicStore:
         store: SqliteMimicStore,
         clock: Callable[[], float] = time.monotonic,
         retry_after: float = RETRY_AFTER,
-        backlog: int = BACKLOG_ENTRIES,
+        backlog_bytes: int = BACKLOG_BYTES,
     ) -> None:
         self.store = store
         self.clock = clock
         self.retry_after = retry_after
-        self.backlog_entries = backlog
+        self.backlog_bytes = backlog_bytes
         self._retry_at: float | None = None  # None: the cache works
         self._backlog: OrderedDict[tuple[bytes, str, str], StoredMimic] = OrderedDict()
+        self._backlog_size = 0  # the bytes of the backlog's mimics
 
     @property
     def degraded(self) -> bool:
@@ -161,14 +219,26 @@ class FailSafeMimicStore:
 
     def put(self, upstream_sha256: bytes, mode: str, ca_fingerprint: str, mimic: StoredMimic) -> None:
         key = (upstream_sha256, mode, ca_fingerprint)
+        if not self.store.fits(*key, mimic):
+            return  # the store would not keep it either
         if self.degraded:
-            self._backlog[key] = mimic
-            self._backlog.move_to_end(key)
-            while len(self._backlog) > self.backlog_entries:
-                self._backlog.popitem(last=False)
+            self._keep(key, mimic)
             self._retry()
         elif not self._attempt(lambda: self._put(key, mimic), False):
-            self._backlog[key] = mimic
+            self._keep(key, mimic)
+
+    def _keep(self, key: tuple[bytes, str, str], mimic: StoredMimic) -> None:
+        """Into the backlog, the oldest dropped past backlog_bytes."""
+        self._forget(key)
+        self._backlog[key] = mimic
+        self._backlog_size += mimic.size
+        while self._backlog_size > self.backlog_bytes:
+            self._forget(next(iter(self._backlog)))
+
+    def _forget(self, key: tuple[bytes, str, str]) -> None:
+        gone = self._backlog.pop(key, None)
+        if gone is not None:
+            self._backlog_size -= gone.size
 
     def _put(self, key: tuple[bytes, str, str], mimic: StoredMimic) -> bool:
         self.store.put(*key, mimic)
@@ -176,6 +246,9 @@ class FailSafeMimicStore:
 
     def forget_other_cas(self, ca_fingerprint: str) -> int:
         return self._attempt(lambda: self.store.forget_other_cas(ca_fingerprint), 0)
+
+    def stored_bytes(self) -> int:
+        return self.store.stored_bytes()
 
     def close(self) -> None:
         self._close_quietly()
@@ -238,7 +311,7 @@ class FailSafeMimicStore:
                 if _is_corrupt(e):
                     self._set_aside(e)  # the next try starts on a fresh file
                 return
-            del self._backlog[key]
+            self._forget(key)
             written += 1
         log.warning("mimic cache %s usable again: %d mimics minted meanwhile written", self.store.path, written)
 

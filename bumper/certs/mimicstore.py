@@ -20,11 +20,21 @@ from bumper.certs import ca as ca_files
 from bumper.certs import keys, mimic, trust
 from bumper.certs.ca import CertificateAuthority, fingerprint
 from bumper.certs.keypool import KeyPool, PooledKey, load_own_key
-from bumper.certs.mimicdb import MimicStoreBackend, StoredMimic
+from bumper.certs.mimicdb import MimicStoreBackend, StoredMimic, too_large
 
 log = logging.getLogger("bumper.mimic")
 
-DEFAULT_CAPACITY = 10_000
+DEFAULT_MAX_BYTES = 32 * 1024**2
+# What a mimic costs in memory besides its certificate and key DER: measured (RSS over 400 mimics
+# of EC upstreams with certificates of 0.7, 4.7 and 60.7 KB) at 11.9 KB plus 3 times the
+# certificate's DER each: cryptography's Certificate keeps the DER, pyOpenSSL's X509 a parsed copy
+# and its encoding, and the dataclass, its fingerprint and the LRU's entry the rest. About 16 KB for
+# a usual 1.5 KB certificate, so the default 32 MiB holds some 2,000 mimics, and 192 KB for a 60 KB one.
+# Checked against RSS: 300 mimics of distinct 60 KB certificates count 56.2 MiB and grow RSS 55.1 MiB;
+# under the default cap 172 stay, counting 31.9 MiB, RSS +32.1 MiB.
+ENTRY_OVERHEAD = 12 * 1024
+DER_COPIES = 3
+TOLD_CERTIFICATES = 1024  # upstream certificates whose key lines were logged, remembered (100 KB at most)
 
 # How each certificate asked of the store came: MimicStore.lookups' keys.
 MEMORY_HIT = "memory_hit"  # from the memory LRU, or from a mint another connection had already started
@@ -44,6 +54,8 @@ class Mimic:
     # It mirrors a weakness (a weak RSA key, a SHA-1 signature) that OpenSSL's default security
     # level refuses to serve: the client's TLS context for it allows them (tlsprovider).
     weak: bool = False
+    # What it costs in the memory cache (memory_bytes): counted once, when it is made.
+    size: int = 0
 
     @classmethod
     def of(cls, cert: x509.Certificate, key: PooledKey) -> Mimic:
@@ -53,13 +65,25 @@ class Mimic:
             openssl_cert = crypto.X509.from_cryptography(cert)
         except crypto.Error as e:
             raise mimic.UnmimicableCertificate(f"OpenSSL cannot read it: {_openssl_reason(e)}") from None
-        return cls(cert, key.key, fingerprint(cert), openssl_cert, key.openssl, mimic.mirrors_a_weakness(cert))
+        weak = mimic.mirrors_a_weakness(cert)
+        size = memory_bytes(len(cert.public_bytes(serialization.Encoding.DER)), len(_key_der(key.key)))
+        return cls(cert, key.key, fingerprint(cert), openssl_cert, key.openssl, weak, size)
 
     def stored(self) -> StoredMimic:
-        key_der = self.key.private_bytes(
-            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        return StoredMimic(self.cert.public_bytes(serialization.Encoding.DER), key_der)
+        return StoredMimic(self.cert.public_bytes(serialization.Encoding.DER), _key_der(self.key))
+
+
+def memory_bytes(cert_der: int, key_der: int) -> int:
+    """What a mimic whose certificate and key take CERT_DER and KEY_DER bytes costs in memory
+    (ENTRY_OVERHEAD says how it was measured). A pooled key, shared by many mimics, is counted in
+    each: the cap errs on the safe side."""
+    return ENTRY_OVERHEAD + DER_COPIES * cert_der + key_der
+
+
+def _key_der(key: keys.PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 class MimicStore:
@@ -69,17 +93,23 @@ class MimicStore:
         pool: KeyPool | None = None,
         disk: MimicStoreBackend | None = None,
         fallback: keys.KeySpec = keys.P256,
-        capacity: int = DEFAULT_CAPACITY,
+        max_bytes: int = DEFAULT_MAX_BYTES,
         untrusted: Callable[[], CertificateAuthority] | None = None,
+        key_cap: keys.KeyCap = keys.DEFAULT_CAP,
     ) -> None:
+        """MAX_BYTES caps the memory cache (Mimic.size; 0: none kept); KEY_CAP the mimic keys
+        (--max-mimic-key)."""
         self.ca = ca
         # The untrusted CA is made on first need (functools.cache: once).
         self.untrusted = functools.cache(untrusted or (lambda: ca_files.untrusted(ca.directory)))
         self.pool = pool or KeyPool()
         self.disk = disk
         self.fallback = fallback
-        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.key_cap = key_cap
         self._memory: OrderedDict[tuple[bytes, str], Mimic] = OrderedDict()
+        self.memory_bytes = 0  # the sum of the memory cache's Mimic.size
+        self._told: OrderedDict[bytes, None] = OrderedDict()  # _first_told
         self._minting: dict[tuple[bytes, str], asyncio.Future[Mimic]] = {}
         # One mint per turn of the event loop: when a key many connections waited for arrives,
         # 200 back-to-back signatures would otherwise stall every other connection for ~130 ms.
@@ -146,9 +176,20 @@ class MimicStore:
                 observe(took)
 
     def _remember(self, cache_key: tuple[bytes, str], made: Mimic) -> None:
+        """Into the memory LRU, the least recently used out past max_bytes; a mimic far larger than
+        the rest (mimicdb.too_large) is served but not kept."""
+        self._forget(cache_key)
+        if too_large(made.size, self.max_bytes):
+            return
         self._memory[cache_key] = made
-        if len(self._memory) > self.capacity:
-            self._memory.popitem(last=False)
+        self.memory_bytes += made.size
+        while self.memory_bytes > self.max_bytes:
+            self._forget(next(iter(self._memory)))
+
+    def _forget(self, cache_key: tuple[bytes, str]) -> None:
+        gone = self._memory.pop(cache_key, None)
+        if gone is not None:
+            self.memory_bytes -= gone.size
 
     async def _load_or_mint(self, upstream: x509.Certificate, cache_key: tuple[bytes, str]) -> Mimic:
         made = self._from_disk(cache_key)
@@ -156,7 +197,7 @@ class MimicStore:
             self.lookups[DISK_HIT] += 1
         else:
             started = time.monotonic()
-            made = await self._mint(upstream, trust.Signing(cache_key[1]))
+            made = await self._mint(upstream, trust.Signing(cache_key[1]), cache_key[0])
             self._minted(started)
             if self.disk is not None:
                 self.disk.put(*cache_key, self.ca.fingerprint, made.stored())
@@ -178,26 +219,54 @@ class MimicStore:
         return Mimic.of(cert, key) if self._still_good(cert, trust.Signing(cache_key[1])) else None
 
     def _still_good(self, cert: x509.Certificate, mode: trust.Signing) -> bool:
-        """A cached mimic is served only if the current signer made it and it does not outlive it."""
+        """A cached mimic is served only if the current signer made it, it does not outlive it, and
+        its key is within the current --max-mimic-key (a mimic made before the cap, or under a higher
+        one, is minted again)."""
+        spec = mimic.upstream_key_spec(cert)
+        if spec is not None and self.key_cap.exceeds(spec):
+            return False
         signer = cert if mode == trust.Signing.SELF else self._signer(mode).cert
         if not mimic.signed_by(cert, signer):
             return False
         now = datetime.datetime.now(datetime.UTC)
         return cert.not_valid_after_utc <= signer.not_valid_after_utc and now <= signer.not_valid_after_utc
 
+    def _first_told(self, sha256: bytes) -> bool:
+        """Whether the key lines about the upstream certificate SHA256 are yet to be logged: once
+        per certificate among the last TOLD_CERTIFICATES, not once per mint (with --mimic-cache 0,
+        or for a mimic too large to keep, that would be once per connection)."""
+        if sha256 in self._told:
+            self._told.move_to_end(sha256)
+            return False
+        self._told[sha256] = None
+        if len(self._told) > TOLD_CERTIFICATES:
+            self._told.popitem(last=False)
+        return True
+
     def _signer(self, mode: trust.Signing) -> CertificateAuthority:
         return self.untrusted() if mode == trust.Signing.UNTRUSTED else self.ca
 
-    async def _mint(self, upstream: x509.Certificate, mode: trust.Signing) -> Mimic:
+    async def _mint(self, upstream: x509.Certificate, mode: trust.Signing, sha256: bytes) -> Mimic:
         # A weak key is mirrored only where it is the defect the client must meet (a mimic of bumper's CA).
-        choice = mimic.choose_key_spec(upstream, self.fallback, mirror_weak=mode == trust.Signing.CA)
-        if choice.fell_back and mimic.upstream_key_spec(upstream) is None:
-            log.info(
-                "upstream key %s of the certificate %s cannot be mirrored; the mimic uses %s",
-                _describe_key(upstream),
-                fingerprint(upstream),
-                choice.spec,
-            )
+        choice = mimic.choose_key_spec(upstream, self.fallback, mirror_weak=mode == trust.Signing.CA, cap=self.key_cap)
+        unmirrorable = choice.fell_back and mimic.upstream_key_spec(upstream) is None
+        # Said once: a mimic minted again (evicted, too large to keep) says nothing new.
+        if (unmirrorable or choice.capped_from) and self._first_told(sha256):
+            if unmirrorable:
+                log.info(
+                    "upstream key %s of the certificate %s cannot be mirrored; the mimic uses %s",
+                    _describe_key(upstream),
+                    fingerprint(upstream),
+                    choice.spec,
+                )
+            else:
+                log.info(
+                    "upstream key %s of the certificate %s is above --max-mimic-key %s; the mimic uses %s",
+                    choice.capped_from,
+                    fingerprint(upstream),
+                    self.key_cap.label,
+                    choice.spec,
+                )
         # A weak key is made for this mimic alone (KeyChoice.fresh); it lives on only in its caches.
         pooled = await (self.pool.fresh(choice.spec) if choice.fresh else self.pool.key_for(choice.spec))
         if mode == trust.Signing.SELF:

@@ -24,8 +24,10 @@ from bumper.addon import Addon
 from bumper.certs import ca as ca_files
 from bumper.certs import distribution, keys, mimic
 from bumper.certs.keypool import KeyPool, PoolSettings
-from bumper.certs.mimicdb import DB_FILE, DEFAULT_MAX_ENTRIES, FailSafeMimicStore, SqliteMimicStore
-from bumper.certs.mimicstore import DEFAULT_CAPACITY, MimicStore
+from bumper.certs.mimicdb import DB_FILE, FailSafeMimicStore, SqliteMimicStore
+from bumper.certs.mimicdb import DEFAULT_MAX_BYTES as DEFAULT_DB_BYTES
+from bumper.certs.mimicstore import DEFAULT_MAX_BYTES as DEFAULT_MEMORY_BYTES
+from bumper.certs.mimicstore import MimicStore
 from bumper.errors import ConfigError
 from bumper.inspect.chain import AddonRunner
 from bumper.policy.htpasswd import Users
@@ -75,11 +77,12 @@ STREAM_BODIES_OVER = "1m"
 
 @dataclass(frozen=True)
 class MimicSettings:
-    memory_entries: int = DEFAULT_CAPACITY
-    db_entries: int = DEFAULT_MAX_ENTRIES  # 0: no disk cache
+    memory_bytes: int = DEFAULT_MEMORY_BYTES  # 0: none kept in memory
+    db_bytes: int = DEFAULT_DB_BYTES  # 0: no disk cache
     key_max_uses: int = PoolSettings.max_uses
     key_max_age: float = PoolSettings.max_age
     fallback_key: keys.KeySpec = keys.P256
+    key_cap: keys.KeyCap = keys.DEFAULT_CAP  # --max-mimic-key
 
 
 @dataclass(frozen=True)
@@ -114,12 +117,12 @@ def access_log(addons: Mapping[str, type[Addon]], path: str, log_secrets: bool =
 def mimic_store(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> MimicStore:
     settings = config.mimics
     disk = (
-        FailSafeMimicStore(SqliteMimicStore(config.ca_dir / DB_FILE, settings.db_entries))
-        if settings.db_entries > 0
+        FailSafeMimicStore(SqliteMimicStore(config.ca_dir / DB_FILE, settings.db_bytes))
+        if settings.db_bytes > 0
         else None
     )
     pool = KeyPool(PoolSettings(max_uses=settings.key_max_uses, max_age=settings.key_max_age))
-    return MimicStore(authority, pool, disk, fallback=settings.fallback_key, capacity=settings.memory_entries)
+    return MimicStore(authority, pool, disk, settings.fallback_key, settings.memory_bytes, key_cap=settings.key_cap)
 
 
 def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) -> master.Master:

@@ -229,6 +229,15 @@ class Metrics:
             ["result"],
             (([result], lookups[result]) for result in mimicstore.LOOKUPS),
         )
+        cached = GaugeMetricFamily(
+            "bumper_mimic_cache_bytes",
+            "What the cached mimics cost, as counted against --mimic-cache (memory) and --mimic-db (disk)",
+            labels=["store"],
+        )
+        cached.add_metric(["memory"], self.mimics.memory_bytes)
+        if self.mimics.disk is not None:
+            cached.add_metric(["disk"], self.mimics.disk.stored_bytes())
+        yield cached
         reloads = self.source.reloads
         yield _counter(
             "bumper_policy_reloads_total",
