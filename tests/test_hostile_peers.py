@@ -1,0 +1,100 @@
+"""The hostile-peer suite (issue 22): each case of the issue's table against a bumper of its own,
+started through its CLI with the default settings, beside a good client (tests/hostile_peers.py
+measures; docs/limits.md shows the table and what each target means).
+
+`./test` runs the bounded subset: the cases bumper already meets the targets on, at sizes that keep
+the whole under two minutes, with a short settle. `make hostile` (BUMPER_HOSTILE_FULL=1) runs every
+case at the issue's sizes with the 30 s settle, and writes the table to BUMPER_HOSTILE_TABLE (default:
+bench/results/hostile-<UTC time>.md); a case that misses a target fails there, and the table says by
+how much.
+
+Targets: the peak at most +64 MiB over the baseline, within 64 MiB of it after the close, the good
+client's p99 under 1 s with none of its requests failing, and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import hostile_peers
+from tests.conftest import Bumper, Pki, Upstream
+from tests.hostile_peers import CASES, HEADER, HostileServer, Lab, Row
+
+FULL = hostile_peers.full_run()
+SETTLE = 30.0 if FULL else 1.0
+# Where bumper misses a target today (issue 22's work still to do): these run in `make hostile` only,
+# where they fail until fixed, and the table shows the numbers.
+MISSES = {"h2-zero-window", "ws-fragments", "ws-messages", "ws-big-frame"}
+# Idle bumped keep-alive connections held at once for their cost (the issue's N).
+IDLE_CONNECTIONS = 200
+
+ROWS: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def table() -> Iterator[None]:
+    yield
+    if not ROWS:
+        return
+    text = f"{HEADER}\n" + "\n".join(ROWS) + "\n"
+    print(f"\n{text}")
+    if FULL:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        default = Path(__file__).parents[1] / "bench" / "results" / f"hostile-{stamp}.md"
+        out = Path(os.environ.get("BUMPER_HOSTILE_TABLE", default))
+        out.write_text(text)
+        print(f"(also in {out})")
+
+
+@pytest.fixture
+def hostile_server(test_pki: Pki, tmp_path: Path) -> Iterator[Callable[..., HostileServer]]:
+    cert, key = test_pki.root.leaf("*.hostile.test").write(tmp_path, "hostile")
+    servers: list[HostileServer] = []
+
+    def start(answer: Callable[..., None]) -> HostileServer:
+        servers.append(HostileServer(cert, key, answer))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def selected() -> list[str]:
+    return [name for name in CASES if FULL or name not in MISSES]
+
+
+@pytest.mark.parametrize("name", selected())
+def test_hostile_peer(
+    name: str, start_bumper: Callable[..., Bumper], upstream: Upstream, hostile_server: Callable[..., HostileServer]
+) -> None:
+    case = CASES[name]
+    bumper = start_bumper(*(() if FULL else case.bumper_args))
+    lab = Lab(bumper, upstream, hostile_server, FULL)
+    try:
+        row: Row = hostile_peers.measure(lab, case, SETTLE)
+    finally:
+        bumper.process.stop()  # its memory back to the machine before the next case
+    ROWS.append(row.markdown())
+    assert row.ok(), row.markdown()
+
+
+def test_idle_connection_cost(start_bumper: Callable[..., Bumper], upstream: Upstream) -> None:
+    """The issue's target is 50 KiB per idle bumped keep-alive connection (101 KiB when it was filed):
+    recorded in the table, and held here to what it is now (bench/README.md, workload 5, tracks it
+    against other proxies)."""
+    bumper = start_bumper()
+    try:
+        kib = hostile_peers.idle_connection_cost(bumper, upstream, IDLE_CONNECTIONS if FULL else 50)
+    finally:
+        bumper.process.stop()
+    ROWS.append(
+        f"| an idle bumped keep-alive connection (N={IDLE_CONNECTIONS if FULL else 50}) | | {kib:.0f} KiB each "
+        "| | | | | target 50 KiB |"
+    )
+    assert kib < 150, kib
