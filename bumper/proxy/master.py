@@ -55,6 +55,7 @@ from bumper.proxy.listeners import Listener, Mode
 from bumper.proxy.metrics import Metrics
 from bumper.proxy.pinlearner import PinLearner
 from bumper.proxy.proxyauth import Authenticator, ProxyAuth
+from bumper.proxy.reclaim import Reclaim
 from bumper.proxy.replies import ConnectReplies
 from bumper.proxy.state import ConnectionStates
 from bumper.proxy.tlsprovider import ClientTls, TlsProvider
@@ -152,6 +153,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         ConnectionLimits(config.limits, states, server),  # before the policy: a refused client costs nothing more
         source,
         CaWatch(authority),
+        Reclaim(),  # memory back after a burst, and WebSocket messages not kept once relayed
         # Before the enforcer: the policy sees only authenticated requests, and their user.
         *([ProxyAuth(Authenticator(config.users), states)] if config.users else []),
         # Before TlsProvider, whose hooks then see the connection's decision.
