@@ -145,13 +145,13 @@ class HostileServer:
     key: Path
     answer: Callable[[ssl.SSLSocket], None]
     max_connections: int = 400
+    alpn: str = "http/1.1"  # h2: ANSWER gets the connection as it is, to speak HTTP/2 on
     outcomes: list[str] = field(default_factory=list)
-    sent: list[int] = field(default_factory=list)  # bytes each answer sent, as the answer counts them
 
     def __post_init__(self) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(self.cert, self.key)
-        self.context.set_alpn_protocols(["http/1.1"])
+        self.context.set_alpn_protocols([self.alpn])
         self.sock = listening_socket()
         self.sock.settimeout(0.1)
         self.port = self.sock.getsockname()[1]
@@ -174,7 +174,7 @@ class HostileServer:
         try:
             with conn, self.context.wrap_socket(conn, server_side=True) as tls:
                 data = b""
-                while b"\r\n\r\n" not in data and len(data) < 1 * MiB and (chunk := tls.recv(65536)):
+                while self.alpn != "h2" and b"\r\n\r\n" not in data and len(data) < MiB and (chunk := tls.recv(65536)):
                     data += chunk
                 self.answer(tls)
             self.outcomes.append("sent all")
@@ -185,11 +185,6 @@ class HostileServer:
         self._stop.set()
         self._thread.join(5)
         self.sock.close()
-
-
-def send_counted(tls: ssl.SSLSocket, counter: list[int], data: bytes) -> None:
-    tls.sendall(data)
-    counter[-1] += len(data)
 
 
 # The hostile side of each case. Each gets the Lab and returns (seconds the hostile connection lived,
@@ -270,22 +265,43 @@ def endless_request_head(lab: Lab) -> tuple[float, str]:
     return time.monotonic() - start, f"sent {sent // MiB} MiB, got `{first_line(got)}`"
 
 
+def h2_sends_body(tls: ssl.SSLSocket, size: int, sent: list[int]) -> None:
+    """An HTTP/2 upstream's answer to its first request: SIZE bytes, as fast as its peer's windows allow
+    (bumper's own are 2 GiB), counted in SENT[-1]."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    conn.initiate_connection()
+    tls.sendall(conn.data_to_send())
+    stream = None
+    while stream is None and (data := tls.recv(65536)):
+        stream = next((e.stream_id for e in conn.receive_data(data) if isinstance(e, h2.events.RequestReceived)), None)
+    if stream is None:
+        return
+    conn.send_headers(stream, [(":status", "200"), ("content-length", str(size))])
+    sent.append(0)
+    chunk = b"z" * 16384
+    while sent[-1] < size:
+        window = min(conn.local_flow_control_window(stream), conn.max_outbound_frame_size, size - sent[-1])
+        if window <= 0:  # wait for a WINDOW_UPDATE
+            if not (data := tls.recv(65536)):
+                return
+            conn.receive_data(data)
+            continue
+        conn.send_data(stream, chunk[:window])
+        sent[-1] += window
+        tls.sendall(conn.data_to_send())
+    conn.end_stream(stream)
+    tls.sendall(conn.data_to_send())
+
+
 def h2_zero_window(lab: Lab) -> tuple[float, str]:
     """An HTTP/2 client that announces a zero stream window and never opens it, while the upstream
-    (HTTP/1.1) sends a large body as fast as bumper takes it."""
+    (HTTP/2: bumper mirrors its ALPN to the client) sends a large body as fast as bumper takes it."""
     body = lab.size(512 * MiB, 64 * MiB)
     hold = lab.size(20, 4)
-
-    def answer(tls: ssl.SSLSocket) -> None:
-        lab_server.sent.append(0)
-        send_counted(tls, lab_server.sent, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % body)
-        chunk = b"z" * (256 * KiB)
-        for _ in range(body // len(chunk)):
-            send_counted(tls, lab_server.sent, chunk)
-
-    lab_server = lab.hostile_server(answer)
+    sent: list[int] = []
+    server = lab.hostile_server(lambda tls: h2_sends_body(tls, body, sent), alpn="h2")
     start = time.monotonic()
-    with tunnel(lab.bumper, "window.hostile.test", lab_server.port, alpn=["h2"]) as tls:
+    with tunnel(lab.bumper, "window.hostile.test", server.port, alpn=["h2"]) as tls:
         assert tls.selected_alpn_protocol() == "h2"
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
@@ -309,8 +325,8 @@ def h2_zero_window(lab: Lab) -> tuple[float, str]:
             if out := conn.data_to_send():
                 tls.sendall(out)
     lived = time.monotonic() - start
-    time.sleep(1)  # what the upstream had sent when bumper closed it
-    return lived, f"held {hold}s; the upstream sent {sum(lab_server.sent) // MiB} MiB of {body // MiB}"
+    time.sleep(1)  # what the upstream had sent when the client left
+    return lived, f"held {hold}s; the upstream sent {sum(sent) // MiB} MiB of {body // MiB}"
 
 
 def ws_connect(lab: Lab) -> tuple[ssl.SSLSocket, wsproto.WSConnection]:
@@ -344,7 +360,10 @@ def ws_events(tls: ssl.SSLSocket, ws: wsproto.WSConnection, seconds: float) -> I
 
 
 def ws_fragmented_message(lab: Lab) -> tuple[float, str]:
-    size, fragments = lab.size(64 * MiB, 8 * MiB), lab.size(4096, 512)
+    return ws_message_in_fragments(lab, lab.size(64 * MiB, 8 * MiB), lab.size(4096, 512))
+
+
+def ws_message_in_fragments(lab: Lab, size: int, fragments: int) -> tuple[float, str]:
     piece = b"f" * (size // fragments)
     tls, ws = ws_connect(lab)
     start = time.monotonic()
@@ -365,7 +384,7 @@ def ws_fragmented_message(lab: Lab) -> tuple[float, str]:
 
 
 def ws_many_messages(lab: Lab) -> tuple[float, str]:
-    count = lab.size(300, 30)
+    count = lab.size(300, 60)  # 60: kept on the flow, as mitmproxy does, both ways they would pass 64 MiB
     message = b"m" * MiB
     tls, ws = ws_connect(lab)
     start = time.monotonic()
