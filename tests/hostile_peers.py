@@ -329,10 +329,11 @@ def h2_zero_window(lab: Lab) -> tuple[float, str]:
     return lived, f"held {hold}s; the upstream sent {sum(sent) // MiB} MiB of {body // MiB}"
 
 
-def ws_connect(lab: Lab) -> tuple[ssl.SSLSocket, wsproto.WSConnection]:
-    tls = tunnel(lab.bumper, lab.upstream.host, lab.upstream.port, alpn=["http/1.1"])
+def ws_connect(bumper: Bumper, upstream: Upstream) -> tuple[ssl.SSLSocket, wsproto.WSConnection]:
+    """A WebSocket through BUMPER to UPSTREAM's echo (/ws), its handshake done."""
+    tls = tunnel(bumper, upstream.host, upstream.port, alpn=["http/1.1"])
     ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-    tls.sendall(ws.send(wsproto.events.Request(host=lab.upstream.host, target="/ws")))
+    tls.sendall(ws.send(wsproto.events.Request(host=upstream.host, target="/ws")))
     tls.settimeout(10)
     while True:
         data = tls.recv(65536)
@@ -365,7 +366,7 @@ def ws_fragmented_message(lab: Lab) -> tuple[float, str]:
 
 def ws_message_in_fragments(lab: Lab, size: int, fragments: int) -> tuple[float, str]:
     piece = b"f" * (size // fragments)
-    tls, ws = ws_connect(lab)
+    tls, ws = ws_connect(lab.bumper, lab.upstream)
     start = time.monotonic()
     with tls:
         with contextlib.suppress(OSError):
@@ -386,7 +387,7 @@ def ws_message_in_fragments(lab: Lab, size: int, fragments: int) -> tuple[float,
 def ws_many_messages(lab: Lab) -> tuple[float, str]:
     count = lab.size(300, 60)  # 60: kept on the flow, as mitmproxy does, both ways they would pass 64 MiB
     message = b"m" * MiB
-    tls, ws = ws_connect(lab)
+    tls, ws = ws_connect(lab.bumper, lab.upstream)
     start = time.monotonic()
     echoed, closed = 0, ""
     with tls:
@@ -413,7 +414,7 @@ def ws_many_messages(lab: Lab) -> tuple[float, str]:
 
 def ws_one_big_frame(lab: Lab) -> tuple[float, str]:
     size = lab.size(256 * MiB, 32 * MiB)
-    tls, ws = ws_connect(lab)
+    tls, ws = ws_connect(lab.bumper, lab.upstream)
     start = time.monotonic()
     outcome = ""
     with tls:

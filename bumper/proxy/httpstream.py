@@ -404,7 +404,7 @@ class Http1Client(http_layers.Http1Client):
 
     def __init__(self, context: Context) -> None:
         super().__init__(context)
-        limits = _limits(context)
+        limits = layer_limits(context)
         self.max_head = limits.max_header_bytes
         self.max_headers = limits.max_headers
         self.head_timeout = limits.response_head_timeout
@@ -468,7 +468,7 @@ class Http1Client(http_layers.Http1Client):
         return self.request is not None and http1.expected_http_body_size(self.request, self.response) == -1
 
 
-def _limits(context: Context) -> Limits:
+def layer_limits(context: Context) -> Limits:
     """The limits of the HttpLayer above a connection layer: it is on the context's layer stack."""
     return next(layer_.limits for layer_ in reversed(context.layers) if isinstance(layer_, HttpLayer))
 

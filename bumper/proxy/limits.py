@@ -64,6 +64,12 @@ class Limits:
         "the request head's --request-timeout (HAProxy timeout http-request, 10s); Envoy and HAProxy: none of"
         " their own (Envoy's route timeout, 15s, bounds the whole response; HAProxy's timeout server each read)",
     )  # fmt: skip
+    websocket_max_message: int = _limit(
+        16 * 1024 * 1024, "--websocket-max-message", "BYTES",
+        "one WebSocket message, which bumper assembles before it relays it (close code 1009 above it)",
+        "uvicorn ws_max_size and hypercorn websocket_max_message_size (16 MiB); Envoy and HAProxy relay"
+        " frames and have none",
+    )  # fmt: skip
     max_client_hello_bytes: int = _limit(
         64 * 1024, "--max-client-hello-bytes", "BYTES",
         "size of the client's ClientHello, however many TLS records carry it",
