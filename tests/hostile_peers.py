@@ -280,7 +280,7 @@ def h2_sends_body(tls: ssl.SSLSocket, size: int, sent: list[int]) -> None:
     sent.append(0)
     chunk = b"z" * 16384
     while sent[-1] < size:
-        window = min(conn.local_flow_control_window(stream), conn.max_outbound_frame_size, size - sent[-1])
+        window = min(conn.local_flow_control_window(stream), conn.max_outbound_frame_size, len(chunk), size - sent[-1])
         if window <= 0:  # wait for a WINDOW_UPDATE
             if not (data := tls.recv(65536)):
                 return
@@ -291,12 +291,17 @@ def h2_sends_body(tls: ssl.SSLSocket, size: int, sent: list[int]) -> None:
         tls.sendall(conn.data_to_send())
     conn.end_stream(stream)
     tls.sendall(conn.data_to_send())
+    # Open until bumper closes (30 s at most): a close with bumper's frames unread would be a reset,
+    # and bumper would lose what it had not read yet.
+    tls.settimeout(30)
+    while tls.recv(65536):
+        pass
 
 
-def h2_zero_window(lab: Lab) -> tuple[float, str]:
+def h2_zero_window(lab: Lab, body: int | None = None) -> tuple[float, str]:
     """An HTTP/2 client that announces a zero stream window and never opens it, while the upstream
-    (HTTP/2: bumper mirrors its ALPN to the client) sends a large body as fast as bumper takes it."""
-    body = lab.size(512 * MiB, 64 * MiB)
+    (HTTP/2: bumper mirrors its ALPN to the client) sends a large BODY as fast as bumper takes it."""
+    body = body or lab.size(512 * MiB, 64 * MiB)
     hold = lab.size(20, 4)
     sent: list[int] = []
     server = lab.hostile_server(lambda tls: h2_sends_body(tls, body, sent), alpn="h2")
