@@ -56,6 +56,11 @@ PINNED: dict[str, tuple[str, str]] = {
     # The upstream's response head limit: bumper's Http1Client, put where these make it by name
     "mitmproxy.proxy.layers.http._http1.Http1Client.read_headers": ("415454c5fa8b5981", "overridden: head size"),
     "mitmproxy.proxy.layers.http.HttpClient._handle_event": ("bc1cae775a49a4fe", "makes Http1Client by name"),
+    # and its deadline: a RequestWakeup, which HttpLayer routes back to the layer that asked (command_sources)
+    "mitmproxy.proxy.layers.http._http1.Http1Connection._handle_event": ("2ac8db3e43ae743f", "extended: Wakeup"),
+    # The WebSocket message limit: bumper's WebsocketLayer, put where HttpStream.flow_done makes it by name
+    "mitmproxy.proxy.layers.websocket.WebsocketLayer.relay_messages": ("2d451252c7287da0", "extended: frame_buf"),
+    "mitmproxy.proxy.layers.websocket.WebsocketConnection.__init__": ("f77a8c21ac12e55f", "its frame_buf read"),
     "mitmproxy.proxy.layers.http._http2.Http2Connection._handle_event": ("7fc814a8a507f234", "its error page replaced"),
     "mitmproxy.proxy.layers.http._base.format_error": ("26271a67770fbaf1", "its paragraph read"),
     "mitmproxy.proxy.layers.http.ErrorCode.http_status_code": ("4c08deb71c963636", "called"),

@@ -6,6 +6,7 @@ Timeouts are configured small (a second or two), so no test sleeps long."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import re
 import resource
 import socket
@@ -18,6 +19,8 @@ from pathlib import Path
 import hpack
 import httpx
 import pytest
+import wsproto
+import wsproto.events
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 
 from tests.conftest import (
@@ -34,6 +37,7 @@ from tests.conftest import (
     open_tunnel,
     tcp_server,
 )
+from tests.hostile_peers import ws_connect, ws_events
 from tests.test_bad_input import read_http_response, run_next_to_good_requests
 
 ENHANCE_YOUR_CALM = 0xB
@@ -46,7 +50,8 @@ def quick(start_bumper: Callable[..., Bumper]) -> Bumper:
     return start_bumper(
         "--request-timeout", "1", "--client-hello-timeout", "1", "--upstream-timeout", "1",
         "--h2-max-streams", "5", "--h2-max-resets", "10", "--max-headers", "20",
-        "--max-header-bytes", "8k", "--max-client-hello-bytes", "8k",
+        "--max-header-bytes", "8k", "--max-client-hello-bytes", "8k", "--response-head-timeout", "1",
+        "--websocket-max-message", "1m",
     )  # fmt: skip
 
 
@@ -236,57 +241,183 @@ def test_request_head_over_the_size_limit(quick: Bumper, upstream: Upstream, whe
     assert upstream.requests == before + 2  # only the good requests
 
 
+HostileUpstream = Callable[[Callable[[ssl.SSLSocket], None]], tuple[int, list[str]]]
+
+
 @pytest.fixture
-def endless_head_upstream(test_pki: Pki, tmp_path: Path) -> Iterator[tuple[int, list[str]]]:
-    """An HTTPS upstream that answers every request with a response head that never ends (4 MiB of
-    header lines at most); what became of its sending is recorded."""
-    cert, key = test_pki.root.leaf("*.upstream.test").write(tmp_path, "endless")
+def hostile_upstream(test_pki: Pki, tmp_path: Path) -> Iterator[HostileUpstream]:
+    """HTTPS upstreams (*.upstream.test) that read a request head, then answer it with ANSWER(tls);
+    what became of each answer's sending is recorded ("sent all", or "cut off: ..." once bumper closed)."""
+    cert, key = test_pki.root.leaf("*.upstream.test").write(tmp_path, "hostile")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    outcome: list[str] = []
+    servers = contextlib.ExitStack()
 
-    def handle(conn: socket.socket) -> None:
-        conn.settimeout(5)
-        try:
-            with context.wrap_socket(conn, server_side=True) as tls:
-                data = b""
-                while b"\r\n\r\n" not in data and (chunk := tls.recv(4096)):
-                    data += chunk
-                tls.sendall(b"HTTP/1.1 200 OK\r\n")
-                line = b"X-Padding: " + b"a" * 1000 + b"\r\n"
-                for _ in range(4 * 1024):
-                    tls.sendall(line)
-            outcome.append("sent all")
-        except OSError as e:
-            outcome.append(f"cut off: {e}")
+    def start(answer: Callable[[ssl.SSLSocket], None]) -> tuple[int, list[str]]:
+        outcome: list[str] = []
 
-    for port in tcp_server(handle):
-        yield port, outcome
+        def handle(conn: socket.socket) -> None:
+            conn.settimeout(5)
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    data = b""
+                    while b"\r\n\r\n" not in data and (chunk := tls.recv(4096)):
+                        data += chunk
+                    answer(tls)
+                outcome.append("sent all")
+            except OSError as e:
+                outcome.append(f"cut off: {e}")
+
+        servers_iter = tcp_server(handle)
+        servers.callback(lambda: next(servers_iter, None))
+        return next(servers_iter), outcome
+
+    with servers:
+        yield start
 
 
-def test_upstream_response_head_over_the_size_limit(
-    quick: Bumper, upstream: Upstream, endless_head_upstream: tuple[int, list[str]]
+def sends_endless_head(tls: ssl.SSLSocket) -> None:
+    """A response head that never ends (4 MiB of header lines at most)."""
+    tls.sendall(b"HTTP/1.1 200 OK\r\n")
+    line = b"X-Padding: " + b"a" * 1000 + b"\r\n"
+    for _ in range(4 * 1024):
+        tls.sendall(line)
+
+
+def trickles_head(tls: ssl.SSLSocket) -> None:
+    """Slowloris: a small response head, a byte every 0.1 s (40 bytes: 4 s, past the 1 s limit)."""
+    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Slow: 1\r\n\r\n":
+        tls.sendall(bytes([byte]))
+        time.sleep(0.1)
+
+
+def sends_many_fields(tls: ssl.SSLSocket) -> None:
+    """30 header fields (the limit is 20), well within the byte limit."""
+    fields = b"".join(b"X-%d: %d\r\n" % (i, i) for i in range(29))
+    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + fields + b"\r\nhi")
+
+
+def refused_response_head(
+    quick: Bumper, upstream: Upstream, port: int, outcome: list[str], reason: str, cut_off: bool = True
 ) -> None:
-    """mitmproxy would buffer the head without end; bumper closes the upstream at the limit."""
-    port, outcome = endless_head_upstream
-    reason = "limit: upstream response head over 8192 bytes (--max-header-bytes)"
+    """A request to the hostile upstream on PORT gets bumper's 502 naming REASON while a good client is
+    served, the connection's log line ends with it, and (CUT_OFF) the upstream's sending was cut off."""
 
     def bad() -> int:
-        sock, reply = open_tunnel(quick, "endless.upstream.test", port)
+        sock, reply = open_tunnel(quick, "hostile.upstream.test", port)
         client_port = sock.getsockname()[1]
         assert reply.startswith(b"HTTP/1.1 200")
-        tls = client_tls_context(quick.ca_pem).wrap_socket(sock, server_hostname="endless.upstream.test")
-        tls.sendall(b"GET / HTTP/1.1\r\nHost: endless.upstream.test\r\n\r\n")
+        tls = client_tls_context(quick.ca_pem).wrap_socket(sock, server_hostname="hostile.upstream.test")
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: hostile.upstream.test\r\n\r\n")
         answer = read_http_response(tls)
         assert answer.startswith(b"HTTP/1.1 502") and reason.encode() in answer, answer
         return client_port
 
     line = run_next_to_good_requests(quick, upstream, bad)
     assert f"outcome={reason}" in line, line
+    if not cut_off:
+        return
     deadline = time.monotonic() + 10
     while not outcome and time.monotonic() < deadline:
         time.sleep(0.05)
     assert outcome and outcome[0].startswith("cut off"), outcome
+
+
+def test_upstream_response_head_over_the_size_limit(
+    quick: Bumper, upstream: Upstream, hostile_upstream: HostileUpstream
+) -> None:
+    """mitmproxy would buffer the head without end; bumper closes the upstream at the limit."""
+    port, outcome = hostile_upstream(sends_endless_head)
+    reason = "limit: upstream response head over 8192 bytes (--max-header-bytes)"
+    refused_response_head(quick, upstream, port, outcome, reason)
+
+
+def test_slowloris_upstream_response_head(quick: Bumper, upstream: Upstream, hostile_upstream: HostileUpstream) -> None:
+    """mitmproxy waits for a head as long as its bytes keep coming; bumper gives it --response-head-timeout
+    from its first byte."""
+    port, outcome = hostile_upstream(trickles_head)
+    reason = "limit: no complete response head from the upstream within 1s (--response-head-timeout)"
+    refused_response_head(quick, upstream, port, outcome, reason)
+
+
+def test_too_many_fields_in_the_upstream_response(
+    quick: Bumper, upstream: Upstream, hostile_upstream: HostileUpstream
+) -> None:
+    port, outcome = hostile_upstream(sends_many_fields)
+    reason = "limit: more than 20 header fields in the upstream's response (--max-headers)"
+    refused_response_head(quick, upstream, port, outcome, reason, cut_off=False)  # it had sent all it had
+
+
+def test_trickled_response_head_within_the_limit_is_served(
+    quick: Bumper, upstream: Upstream, hostile_upstream: HostileUpstream
+) -> None:
+    """The deadline runs from the head's first byte to its end, once per response: two heads, each
+    trickled over 0.6 s, on one keep-alive connection (1.2 s in all, past the 1 s limit), are both served."""
+
+    def trickles_two(tls: ssl.SSLSocket) -> None:
+        for i in range(2):
+            if i:  # the second request
+                data = b""
+                while b"\r\n\r\n" not in data and (chunk := tls.recv(4096)):
+                    data += chunk
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+            for piece in (head[:10], head[10:20], head[20:30], head[30:]):
+                tls.sendall(piece)
+                time.sleep(0.15)
+            tls.sendall(b"ok")
+
+    port, _ = hostile_upstream(trickles_two)
+    sock, reply = open_tunnel(quick, "slow.upstream.test", port)
+    assert reply.startswith(b"HTTP/1.1 200")
+    tls = client_tls_context(quick.ca_pem).wrap_socket(sock, server_hostname="slow.upstream.test")
+    for _ in range(2):
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: slow.upstream.test\r\n\r\n")
+        answer = read_http_response(tls)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nok"), answer
+    tls.close()
+
+
+def ws_send_in_fragments(tls: ssl.SSLSocket, ws: wsproto.WSConnection, size: int, fragment: int = 64 * 1024) -> None:
+    pieces = size // fragment
+    with contextlib.suppress(OSError):  # closed by bumper while it was still sending
+        for i in range(pieces):
+            tls.sendall(ws.send(wsproto.events.BytesMessage(b"w" * fragment, message_finished=i == pieces - 1)))
+
+
+def ws_answer(tls: ssl.SSLSocket, ws: wsproto.WSConnection) -> tuple[int, int | None]:
+    """The size of the next whole message from the other end, and the close code it sent instead, if it did."""
+    received = 0
+    for event in ws_events(tls, ws, 10):
+        if isinstance(event, wsproto.events.BytesMessage):
+            received += len(event.data)
+            if event.message_finished:
+                return received, None
+        elif isinstance(event, wsproto.events.CloseConnection):
+            return received, event.code
+    raise AssertionError("neither a message nor a close within 10 s")
+
+
+def test_websocket_message_over_the_size_limit(quick: Bumper, upstream: Upstream) -> None:
+    """mitmproxy assembles each message whole before it relays it: a 2 MiB one in fragments is closed
+    with 1009 at the 1 MiB limit, and nothing of it reaches the upstream."""
+
+    def bad() -> int:
+        tls, ws = ws_connect(quick, upstream)
+        ws_send_in_fragments(tls, ws, 2 * 1024 * 1024)
+        assert ws_answer(tls, ws) == (0, 1009)
+        return tls.getsockname()[1]
+
+    line = run_next_to_good_requests(quick, upstream, bad)
+    assert line.endswith("outcome=limit: WebSocket message over 1048576 bytes (--websocket-max-message)"), line
+
+
+def test_websocket_messages_within_the_size_limit(quick: Bumper, upstream: Upstream) -> None:
+    """The limit is per message: three of 768 KiB in fragments (2.25 MiB in all) are each echoed whole."""
+    tls, ws = ws_connect(quick, upstream)
+    for _ in range(3):
+        ws_send_in_fragments(tls, ws, 768 * 1024)
+        assert ws_answer(tls, ws) == (768 * 1024, None)
+    tls.close()
 
 
 @pytest.mark.parametrize("where", ["CONNECT", "plain http", "bumped tunnel"])

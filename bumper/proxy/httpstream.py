@@ -57,7 +57,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.utils import human
 
 from bumper.proxy import replies
-from bumper.proxy.limits import Limits, too_many
+from bumper.proxy.limits import Limits, timed_out, too_many
 
 # flow.metadata keys
 EARLY = "bumper.early_response"  # the flow was answered by bumper, not (or no longer) by the upstream
@@ -392,17 +392,33 @@ class Http1Server(http_layers.Http1Server):
 
 
 class Http1Client(http_layers.Http1Client):
-    """mitmproxy's HTTP/1 client side, with the upstream's response head held to the limit a client's
-    request head has: mitmproxy buffers a head of any size ("FIXME: protect against header size DoS"),
-    so an upstream that never ends its head would cost bumper memory without end. Over the limit, the
-    upstream connection is closed and the client gets bumper's 502 naming the limit.
+    """mitmproxy's HTTP/1 client side, with the upstream's response head held to the limits a client's
+    request head has: its bytes, its header fields, and the time it takes once it has begun.
+    mitmproxy buffers a head of any size ("FIXME: protect against header size DoS") and waits for it
+    as long as bytes keep coming, so a hostile upstream would cost bumper memory without end, or hold
+    a client by trickling its head a byte at a time. Over a limit, the upstream connection is closed
+    and the client gets bumper's 502 naming the limit.
 
     mitmproxy makes this layer by the name `Http1Client` in its HTTP package, in two places; build_master
     puts this class there (docs/architecture.md, internals)."""
 
     def __init__(self, context: Context) -> None:
         super().__init__(context)
-        self.max_head = _limits(context).max_header_bytes
+        limits = layer_limits(context)
+        self.max_head = limits.max_header_bytes
+        self.max_headers = limits.max_headers
+        self.head_timeout = limits.response_head_timeout
+        # The deadline of the response head being read, requested at its first byte: a head that
+        # arrives in one read (nearly all) costs no timer.
+        self.head_deadline: commands.RequestWakeup | None = None
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Wakeup):  # only ours: mitmproxy's HTTP/1 layers request none
+            if event.command is self.head_deadline and self.state == self.read_headers:
+                what = "no complete response head from the upstream"
+                yield from self._refuse_head(timed_out(what, self.head_timeout, "--response-head-timeout"))
+            return
+        yield from super()._handle_event(event)
 
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
         limit = self.max_head
@@ -412,12 +428,27 @@ class Http1Client(http_layers.Http1Client):
             and len(self.buf) > limit
             and not _BLANK_LINE.search(bytes(self.buf), 0, limit + 2)
         ):
-            reason = too_many(f"upstream response head over {limit} bytes", "--max-header-bytes")
-            yield commands.CloseConnection(self.conn)
-            yield ReceiveHttp(ResponseProtocolError(self.stream_id, reason, ErrorCode.GENERIC_SERVER_ERROR))
-            self.state = self.done
-            return
-        yield from super().read_headers(event)
+            return (
+                yield from self._refuse_head(
+                    too_many(f"upstream response head over {limit} bytes", "--max-header-bytes")
+                )
+            )
+        for command in super().read_headers(event):
+            if isinstance(command, ReceiveHttp) and isinstance(command.event, ResponseHeaders):
+                self.head_deadline = None  # the head is in (the body, even the next head, may follow in this read)
+                if len(command.event.response.headers.fields) > self.max_headers:
+                    what = f"more than {self.max_headers} header fields in the upstream's response"
+                    return (yield from self._refuse_head(too_many(what, "--max-headers")))
+            yield command
+        if self.state == self.read_headers and self.buf and self.stream_id is not None and self.head_deadline is None:
+            self.head_deadline = commands.RequestWakeup(self.head_timeout)
+            yield self.head_deadline
+
+    def _refuse_head(self, reason: str) -> layer.CommandGenerator[None]:
+        assert self.stream_id is not None
+        yield commands.CloseConnection(self.conn)
+        yield ReceiveHttp(ResponseProtocolError(self.stream_id, reason, ErrorCode.GENERIC_SERVER_ERROR))
+        self.state = self.done
 
     def read_body(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, UncleanClose) and self._until_close():
@@ -437,7 +468,7 @@ class Http1Client(http_layers.Http1Client):
         return self.request is not None and http1.expected_http_body_size(self.request, self.response) == -1
 
 
-def _limits(context: Context) -> Limits:
+def layer_limits(context: Context) -> Limits:
     """The limits of the HttpLayer above a connection layer: it is on the context's layer stack."""
     return next(layer_.limits for layer_ in reversed(context.layers) if isinstance(layer_, HttpLayer))
 

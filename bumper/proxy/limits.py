@@ -55,8 +55,20 @@ class Limits:
     )  # fmt: skip
     max_headers: int = _limit(
         100, "--max-headers", "N",
-        "header fields in one request, HTTP/1 and HTTP/2",
-        "Envoy max_headers_count (100); HAProxy tune.http.maxhdr (101)",
+        "header fields in one request, HTTP/1 and HTTP/2, and in an upstream's HTTP/1 response",
+        "Envoy max_headers_count (100, both ways); HAProxy tune.http.maxhdr (101, both ways)",
+    )  # fmt: skip
+    response_head_timeout: float = _limit(
+        10.0, "--response-head-timeout", "SECONDS",
+        "time from the first byte of an upstream's HTTP/1 response head to its end (a slowloris upstream)",
+        "the request head's --request-timeout (HAProxy timeout http-request, 10s); Envoy and HAProxy: none of"
+        " their own (Envoy's route timeout, 15s, bounds the whole response; HAProxy's timeout server each read)",
+    )  # fmt: skip
+    websocket_max_message: int = _limit(
+        16 * 1024 * 1024, "--websocket-max-message", "BYTES",
+        "one WebSocket message, which bumper assembles before it relays it (close code 1009 above it)",
+        "uvicorn ws_max_size and hypercorn websocket_max_message_size (16 MiB); Envoy and HAProxy relay"
+        " frames and have none",
     )  # fmt: skip
     max_client_hello_bytes: int = _limit(
         64 * 1024, "--max-client-hello-bytes", "BYTES",

@@ -16,6 +16,7 @@ from mitmproxy import master, options
 from mitmproxy.addons import proxyserver
 from mitmproxy.connection import Address
 from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers import websocket as websocket_layers
 from mitmproxy.proxy.mode_servers import ServerInstance
 from mitmproxy.utils import asyncio_utils, human
 
@@ -35,7 +36,7 @@ from bumper.policy.names import host_port
 from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import LAB, AddonSpec, ClientCertRequirement, OnError, Policy
 from bumper.policy.source import PolicySource
-from bumper.proxy import dispatch, httpstream
+from bumper.proxy import dispatch, httpstream, websocket
 from bumper.proxy.admin import (
     AdminConfig,
     AdminServer,
@@ -57,6 +58,7 @@ from bumper.proxy.listeners import Listener, Mode
 from bumper.proxy.metrics import Metrics
 from bumper.proxy.pinlearner import PinLearner
 from bumper.proxy.proxyauth import Authenticator, ProxyAuth
+from bumper.proxy.reclaim import Reclaim
 from bumper.proxy.replies import ConnectReplies
 from bumper.proxy.state import ConnectionStates
 from bumper.proxy.tlsprovider import ClientTls, TlsProvider
@@ -129,6 +131,8 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     # mitmproxy makes its HTTP/1 upstream layer by this name, where bumper cannot reach in otherwise
     # (httpstream.Http1Client: the response head's size limit).
     http_layers.Http1Client = httpstream.Http1Client  # type: ignore[misc]
+    # and its WebSocket layer by this one (bumper.proxy.websocket: the message size limit).
+    websocket_layers.WebsocketLayer = websocket.WebsocketLayer  # type: ignore[misc]
     m = dispatch.Master(options.Options(), with_termlog=False)
     listeners = {listener.mitmproxy_mode(): listener for listener in config.listeners}
     states = ConnectionStates(listeners)
@@ -155,6 +159,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         ConnectionLimits(config.limits, states, server),  # before the policy: a refused client costs nothing more
         source,
         CaWatch(authority),
+        Reclaim(),  # memory back after a burst, and WebSocket messages not kept once relayed
         # Before the enforcer: the policy sees only authenticated requests, and their user.
         *([ProxyAuth(Authenticator(config.users), states)] if config.users else []),
         # Before TlsProvider, whose hooks then see the connection's decision.
