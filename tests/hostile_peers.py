@@ -232,6 +232,19 @@ def first_line(data: bytes) -> str:
     return data.partition(b"\r\n")[0].decode(errors="replace")[:80] or "(closed, nothing)"
 
 
+def get_from_hostile(
+    lab: Lab, answer: Callable[[ssl.SSLSocket], None], host: str, seconds: float, limit: int = 64 * MiB
+) -> tuple[float, bytes]:
+    """GET / from a hostile upstream that ANSWERS so, through a tunnel to HOST: how long until the
+    connection closed (at most SECONDS), and what the client got (at most LIMIT bytes)."""
+    server = lab.hostile_server(answer)
+    start = time.monotonic()
+    with tunnel(lab.bumper, host, server.port) as tls:
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        got = read_until_closed(tls, seconds, limit=limit)
+    return time.monotonic() - start, got
+
+
 def endless_response_head(lab: Lab) -> tuple[float, str]:
     cap = lab.size(1024 * MiB, 16 * MiB)
 
@@ -241,12 +254,8 @@ def endless_response_head(lab: Lab) -> tuple[float, str]:
         for _ in range(cap // len(line)):
             tls.sendall(line)
 
-    server = lab.hostile_server(answer)
-    start = time.monotonic()
-    with tunnel(lab.bumper, "head.hostile.test", server.port) as tls:
-        tls.sendall(b"GET / HTTP/1.1\r\nHost: head.hostile.test\r\n\r\n")
-        got = read_until_closed(tls, 120)
-    return time.monotonic() - start, f"client got `{first_line(got)}`"
+    seconds, got = get_from_hostile(lab, answer, "head.hostile.test", 120)
+    return seconds, f"client got `{first_line(got)}`"
 
 
 def endless_request_head(lab: Lab) -> tuple[float, str]:
@@ -485,12 +494,8 @@ def many_response_headers(lab: Lab) -> tuple[float, str]:
         fields = b"".join(b"X-%d: %d\r\n" % (i, i) for i in range(count))
         tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + fields + b"\r\nok")
 
-    server = lab.hostile_server(answer)
-    start = time.monotonic()
-    with tunnel(lab.bumper, "fields.hostile.test", server.port) as tls:
-        tls.sendall(b"GET / HTTP/1.1\r\nHost: fields.hostile.test\r\n\r\n")
-        got = read_until_closed(tls, 60, limit=8 * MiB)
-    return time.monotonic() - start, f"{count} fields; client got `{first_line(got)}`"
+    seconds, got = get_from_hostile(lab, answer, "fields.hostile.test", 60, limit=8 * MiB)
+    return seconds, f"{count} fields; client got `{first_line(got)}`"
 
 
 def slowloris_upstream(lab: Lab) -> tuple[float, str]:
@@ -502,12 +507,8 @@ def slowloris_upstream(lab: Lab) -> tuple[float, str]:
             tls.sendall(bytes([byte]))
             time.sleep(delay)
 
-    server = lab.hostile_server(answer)
-    start = time.monotonic()
-    with tunnel(lab.bumper, "slow.hostile.test", server.port) as tls:
-        tls.sendall(b"GET / HTTP/1.1\r\nHost: slow.hostile.test\r\n\r\n")
-        got = read_until_closed(tls, 90)
-    return time.monotonic() - start, f"a byte every {delay:g}s; client got `{first_line(got)}`"
+    seconds, got = get_from_hostile(lab, answer, "slow.hostile.test", 90)
+    return seconds, f"a byte every {delay:g}s; client got `{first_line(got)}`"
 
 
 @dataclass(frozen=True)
