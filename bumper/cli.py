@@ -267,6 +267,8 @@ def _limit_options(group: argparse._ActionsContainer) -> None:
         ]
         if f.name == "max_connections":
             parse = _count  # 0: from the file-descriptor limit
+        if f.name == "upstream_idle_timeout":
+            parse = _seconds_or_off
         group.add_argument(
             meta["flag"], metavar=meta["metavar"], type=parse, default=f.default, dest=f"limit_{f.name}",
             help=f"{meta['help']} (default: {_shown(f.default, meta['metavar'])})",
@@ -590,6 +592,11 @@ def _seconds(text: str) -> float:
     if not value > 0:  # also rejects nan
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
+
+
+def _seconds_or_off(text: str) -> float:
+    """A number of seconds, or 0: off."""
+    return 0.0 if text.strip() in ("0", "0.0") else _seconds(text)
 
 
 def _admin(spec: str | None, allow: list[str]) -> AdminConfig | None:

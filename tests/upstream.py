@@ -78,6 +78,9 @@ async def _http(scope: dict[str, Any], receive: Any, send: Any) -> None:
             if not message.get("more_body"):
                 break
         await _respond(send, body)
+    elif path == "/peer":  # the connection's far end: which of the proxy's upstream connections it came on
+        host, port = scope["client"]
+        await _respond(send, f"{host}:{port}".encode())
     elif path == "/info":
         await _respond(send, json.dumps({"http_version": scope["http_version"]}).encode())
     elif path.startswith("/bytes/"):

@@ -47,6 +47,13 @@ class Limits:
         "time a connection (tunnel, spliced or bumped, or keep-alive) may pass without a byte either way",
         "Envoy idle_timeout (1h) and tcp_proxy idle_timeout (1h); HAProxy timeout client/tunnel (1m/1h typical)",
     )  # fmt: skip
+    upstream_idle_timeout: float = _limit(
+        10.0, "--upstream-idle-timeout", "SECONDS",
+        "time an upstream connection may stay open with no request on it; the client's connection"
+        " stays, and its next request opens a new upstream connection (0: kept as long as the client's)",
+        "Squid server_idle_pconn_timeout (1m); Envoy cluster idle_timeout (1h); nginx keepalive_timeout"
+        " upstream (60s); Apache KeepAliveTimeout, the upstream's own side (5s)",
+    )  # fmt: skip
     max_header_bytes: int = _limit(
         60 * 1024, "--max-header-bytes", "BYTES",
         "request line and headers of one request, HTTP/1 and HTTP/2 (the CONNECT line included),"

@@ -63,6 +63,7 @@ from bumper.proxy.replies import ConnectReplies
 from bumper.proxy.state import ConnectionStates
 from bumper.proxy.tlsprovider import ClientTls, TlsProvider
 from bumper.proxy.upstreamerror import UpstreamErrorPages
+from bumper.proxy.upstreamidle import UpstreamIdle
 from bumper.stopping import BARE
 from bumper.upstream import aia
 from bumper.upstream.probe import UpstreamProbe
@@ -157,6 +158,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         NextLayer(m.addons, config.limits, listeners),
         states,  # first: every other addon finds the connection's state
         ConnectionLimits(config.limits, states, server),  # before the policy: a refused client costs nothing more
+        UpstreamIdle(config.limits.upstream_idle_timeout, states, server),
         source,
         CaWatch(authority),
         Reclaim(),  # memory back after a burst, and WebSocket messages not kept once relayed

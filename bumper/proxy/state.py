@@ -3,6 +3,7 @@ does for a bumped one: bumper's addons read and write it instead of keeping dict
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -73,6 +74,10 @@ class ConnectionState:
     # --admin's handshake times start (bumper.proxy.metrics sets them; None without --admin).
     hello_at: float | None = None
     upstream_tls_at: float | None = None
+    # Its requests begun and not ended, and the timer that closes its upstream connections once none
+    # is open for --upstream-idle-timeout (bumper.proxy.upstreamidle).
+    open_requests: int = 0
+    upstream_idle_timer: asyncio.TimerHandle | None = None
 
     @property
     def action(self) -> Action | None:

@@ -138,6 +138,19 @@ def _record_verify_error(conn: SSL.Connection, cert: crypto.X509, code: int, dep
     return True
 
 
+def refuse_verify_errors(conn: SSL.Connection) -> None:
+    """Make a verification error fail CONN's handshake, where the context only records it: for an
+    upstream connection that must verify as the one before it did, since no request may reach an
+    upstream bumper has not verified. Except a missing issuer, which an AIA fetch may complete:
+    the verdict, after the handshake, decides that one."""
+    conn.set_verify(SSL.VERIFY_PEER, _refuse_verify_error)
+
+
+def _refuse_verify_error(conn: SSL.Connection, cert: crypto.X509, code: int, depth: int, ok: int) -> bool:
+    _record_verify_error(conn, cert, code, depth, ok)
+    return bool(ok) or trust.missing_issuer([trust.VerifyError(code, depth)]) is not None
+
+
 def expect_hostname(conn: SSL.Connection, name: str) -> None:
     """Send NAME as SNI (unless it is an IP address) and make OpenSSL verify the certificate covers it."""
     param = _lib.SSL_get0_param(conn._ssl)

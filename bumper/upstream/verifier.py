@@ -16,7 +16,7 @@ from bumper.certs.ca import fingerprint
 from bumper.certs.owncert import OwnCertificate
 from bumper.certs.trust import UpstreamVerdict
 from bumper.upstream import aia
-from bumper.upstream.tls import UpstreamTrust, expect_hostname, upstream_context
+from bumper.upstream.tls import UpstreamTrust, expect_hostname, refuse_verify_errors, upstream_context
 
 # UpstreamVerifier.results' key for a trusted upstream; the others are trust.REASONS.
 VERIFIED = "ok"
@@ -78,10 +78,16 @@ class UpstreamVerifier:
         self.results: Counter[str] = Counter()
 
     def connection(
-        self, name: str, min_version: str, alpn_offers: Sequence[bytes], client_cert: OwnCertificate | None = None
+        self,
+        name: str,
+        min_version: str,
+        alpn_offers: Sequence[bytes],
+        client_cert: OwnCertificate | None = None,
+        strict: bool = False,
     ) -> SSL.Connection:
         """A client connection to an upstream that should be NAME, its errors recorded in its app data;
-        with CLIENT_CERT for an upstream that asks for a client certificate."""
+        with CLIENT_CERT for an upstream that asks for a client certificate; STRICT: a verification
+        error fails the handshake (tls.refuse_verify_errors)."""
         which = (min_version, client_cert.fingerprint if client_cert else None)
         context = self._contexts.get(which)
         if context is None:
@@ -91,6 +97,8 @@ class UpstreamVerifier:
         expect_hostname(conn, name)
         if alpn_offers:  # the server may choose its certificate by ALPN too
             conn.set_alpn_protos(list(alpn_offers))
+        if strict:
+            refuse_verify_errors(conn)
         conn.set_connect_state()
         return conn
 
