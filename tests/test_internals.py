@@ -154,6 +154,16 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.server.ConnectionHandler.open_connection": ("5e0b3cbaf7a4030a", "its connect checked, error read"),
     "mitmproxy.addons.proxyserver.Proxyserver.server_connect": ("1fc787ebda12ea02", "its loop check reworded"),
     "mitmproxy.net.http.url.parse_authority": ("d8338265c05d8491", "decodes a CONNECT host to Unicode"),
+    # An idle connection's upstream leg closed and forgotten (bumper/proxy/upstreamidle.py)
+    "mitmproxy.proxy.server.ConnectionHandler.handle_connection": ("95c3f93e9824e527", "cancelled: CLOSED, popped"),
+    "mitmproxy.proxy.layers.http.HttpLayer.get_connection": ("1aa1c63e3175766c", "skips closed; connections read"),
+    "mitmproxy.proxy.tunnel.TunnelLayer._handle_event": ("00676a887c456cec", "CLOSED after ConnectionClosed"),
+    "mitmproxy.proxy.layers.tls.TLSLayer.send_data": ("35a29a1b0b0cb184", "never on a closed tls, now None"),
+    # Each layer's held events in a LazyQueue (bumper/proxy/lightlayers.py)
+    "mitmproxy.proxy.layer.Layer.__init__": ("fd5121f4df9d0eba", "its collections.deque() replaced"),
+    "mitmproxy.proxy.layer.Layer.handle_event": ("fd88b0fb09ceddbb", "the queue's append"),
+    "mitmproxy.proxy.layer.Layer._Layer__continue": ("1b275367b37bed01", "the queue's bool, popleft"),
+    "mitmproxy.proxy.layers.http.HttpStream.check_killed": ("368cad352d1e82b6", "iterates the queue"),
 }
 
 # pyOpenSSL has no public call for these: host name checks and OpenSSL's verify error codes.
@@ -307,3 +317,25 @@ def test_the_asyncio_and_h2_insides_the_limits_use_are_there() -> None:
     accept = inspect.getsource(asyncio.selector_events.BaseSelectorEventLoop._accept_connection)
     assert "'socket.accept() out of system resource'" in accept
     assert FrameBuffer()._headers_buffer == []
+
+
+def test_layers_hold_their_events_in_a_lazy_queue() -> None:
+    """lightlayers.install() reaches Layer.__init__ through the name it reads (`collections`), and the
+    queue it makes behaves as the deque the layers use did."""
+    from mitmproxy import options
+    from mitmproxy.proxy import context, layer
+    from mitmproxy.test import tflow
+
+    from bumper.proxy import lightlayers
+
+    lightlayers.install()
+    made = layer.Layer(context.Context(tflow.tclient_conn(), options.Options()))
+    queue = made._paused_event_queue
+    assert isinstance(queue, lightlayers.LazyQueue) and not queue and list(queue) == []
+    queue.append(1)
+    queue.append(2)
+    assert queue and len(queue) == 2 and list(queue) == [1, 2]
+    assert queue.popleft() == 1 and queue.popleft() == 2
+    assert not queue and queue._queue is None  # its deque gone with its last event
+    with pytest.raises(IndexError):
+        queue.popleft()

@@ -36,7 +36,7 @@ from bumper.policy.names import host_port
 from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import LAB, AddonSpec, ClientCertRequirement, OnError, Policy
 from bumper.policy.source import PolicySource
-from bumper.proxy import dispatch, httpstream, websocket
+from bumper.proxy import dispatch, httpstream, lightlayers, websocket
 from bumper.proxy.admin import (
     AdminConfig,
     AdminServer,
@@ -152,6 +152,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     connection_log.on_end.append(pins.connection_ended)
     runner = AddonRunner(config.addons, connection_log, config.always)
     source.on_reload.append(runner.policy_reloaded)
+    lightlayers.install()  # before the first connection's layers
     server = proxyserver.Proxyserver()
     m.addons.add(
         server,
