@@ -626,9 +626,9 @@ def measure(lab: Lab, case: Case, settle: float) -> Row:
     )  # fmt: skip
 
 
-def idle_connection_cost(bumper: Bumper, upstream: Upstream, count: int) -> float:
+def idle_connection_cost(bumper: Bumper, upstream: Upstream, count: int, hold: float = 1.0) -> float:
     """KiB of bumper's RSS per idle bumped keep-alive connection, after one request each: (RSS with
-    COUNT of them held − RSS before) / COUNT, after 20 connections opened and closed first."""
+    COUNT of them held HOLD seconds − RSS before) / COUNT, after 20 connections opened and closed first."""
     pid = bumper.process.proc.pid
 
     def connect() -> ssl.SSLSocket:
@@ -646,7 +646,7 @@ def idle_connection_cost(bumper: Bumper, upstream: Upstream, count: int) -> floa
     time.sleep(1)
     before = rss_kib(pid)
     held = [connect() for _ in range(count)]
-    time.sleep(1)
+    time.sleep(hold)
     after = rss_kib(pid)
     for tls in held:
         tls.sendall(f"GET / HTTP/1.1\r\nHost: {upstream.host}\r\n\r\n".encode())  # each still served
