@@ -17,7 +17,7 @@ from websockets.sync.client import connect as websocket_connect
 
 from tests.conftest import Bumper, Pki, Upstream, client_tls_context
 from tests.hostile_peers import HostileServer, tunnel
-from tests.pki import self_signed_leaf
+from tests.pki import rsa_key, self_signed_leaf
 
 QUICK = "1"  # seconds
 PAST_IT = 2.5  # a wait past QUICK, with room for a loaded machine
@@ -130,8 +130,12 @@ def switching_upstream(test_pki: Pki, tmp_path: Path) -> Iterator[HostileServer]
     server.close()
 
 
+@pytest.mark.parametrize(
+    ("defect", "reason"),
+    [("self-signed", b"self-signed certificate"), ("RSA-1024", b"EE certificate key too weak")],
+)
 def test_a_new_upstream_connection_that_fails_verification_is_refused(
-    quick: Bumper, switching_upstream: HostileServer, tmp_path: Path
+    quick: Bumper, switching_upstream: HostileServer, test_pki: Pki, tmp_path: Path, defect: str, reason: bytes
 ) -> None:
     """The client trusts the mimic of the certificate it was first shown: when a later upstream
     connection shows one that fails verification, its handshake fails and the client gets a 502, not
@@ -139,11 +143,17 @@ def test_a_new_upstream_connection_that_fails_verification_is_refused(
     host = "switch.hostile.test"
     with tunnel(quick, host, switching_upstream.port) as tls:
         assert get(tls, host, "/") == b"hello"
-        switching_upstream.context.load_cert_chain(*self_signed_leaf(host).write(tmp_path, "untrusted"))
-        time.sleep(PAST_IT)
+        if defect == "self-signed":
+            switching_upstream.context.load_cert_chain(*self_signed_leaf(host).write(tmp_path, "untrusted"))
+        else:
+            switching_upstream.context.set_ciphers("DEFAULT:@SECLEVEL=0")  # Python refuses to load the key otherwise
+            switching_upstream.context.load_cert_chain(
+                *test_pki.root.leaf(host, key=rsa_key(1024)).write(tmp_path, "weak")
+            )
+        time.sleep(PAST_IT)  # the first upstream connection closed: bumper has seen it
         status, body = response(tls, host, "/")
         port = tls.getsockname()[1]
-    assert status.startswith(b"HTTP/1.1 502") and b"self-signed certificate" in body, (status, body)
-    assert switching_upstream.outcomes == ["sent all"]  # the first connection's answer, and no other
+    assert status.startswith(b"HTTP/1.1 502") and reason in body, (status, body)
+    assert switching_upstream.outcomes.count("sent all") == 1  # the first connection's answer, and no other
     line = quick.connection_line(port)
-    assert "outcome=upstream TLS failed: Certificate verify failed: self-signed certificate" in line, line
+    assert f"outcome=upstream TLS failed: Certificate verify failed: {reason.decode()}" in line, line

@@ -78,10 +78,6 @@ def client_context(chain: tuple[x509.Certificate, ...] = (), settings: ClientTls
     return context
 
 
-def _trusted(found: UpstreamVerdict | None) -> bool:
-    return found is not None and found.verdict.trusted
-
-
 def _block_requests(state: ConnectionState, host: str, found: UpstreamVerdict, why: str = "") -> None:
     """Every request of STATE's connection gets the 502 that says HOST failed verification (FOUND)."""
     verdict = found.verdict
@@ -220,7 +216,8 @@ class TlsProvider:
         # A later upstream connection of a bumped client (the one before was closed: by the upstream,
         # or after --upstream-idle-timeout): the client trusts the mimic it was shown, so an upstream
         # that was trusted then must verify now, before the request that opened it goes out.
-        strict = client.mitmcert is not None and state is not None and _trusted(state.upstream)
+        shown = state.upstream if state else None
+        strict = client.mitmcert is not None and shown is not None and shown.verdict.trusted
         min_version = decision.upstream_tls_min if decision else "1.2"
         client_cert = decision.client_cert if decision else None
         tls_start.ssl_conn = self.verifier.connection(server.sni, min_version, server.alpn_offers, client_cert, strict)
@@ -340,21 +337,7 @@ class TlsProvider:
 
     def _keep(self, data: tls.TlsData, found: UpstreamVerdict) -> None:
         if state := self.states.of(data.context.client.id):
-            shown = state.upstream  # the verdict the client's certificate was made by, on a new upstream connection
             state.verified(found)
-            if data.context.client.mitmcert is not None and shown is not None:
-                self._recheck(state, str(data.conn.sni), shown, found)
-
-    @staticmethod
-    def _recheck(state: ConnectionState, host: str, shown: UpstreamVerdict, found: UpstreamVerdict) -> None:
-        """A later upstream connection of a bumped client connection (the upstream, or bumper after
-        --upstream-idle-timeout, closed the one before): the client trusts the mimic it was shown, so
-        an upstream that passed verification then and fails it now gets the client a 502 for every
-        request, whatever the rule's on_upstream_error says of a first handshake, except allow."""
-        decision = state.decision
-        allowed = decision is not None and decision.on_upstream_error is OnUpstreamError.ALLOW
-        if _trusted(shown) and not found.verdict.trusted and not allowed and state.blocked is None:
-            _block_requests(state, host, found, " on a new upstream connection")
 
     def running(self) -> None:
         self.mimics.start()

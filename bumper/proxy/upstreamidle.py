@@ -103,13 +103,13 @@ _MAX_LAYERS = 64
 
 
 def release(root: layer.Layer, server: connection.Server) -> None:
-    """Forgets SERVER, closed, in the layers under ROOT: its TLS layer's OpenSSL object, the HTTP
-    layer's stack for it (HttpLayer.connections), and its certificates. Nothing reads either once the connection is
-    closed: a next request opens a new connection (mitmproxy's HttpLayer.get_connection skips
-    closed ones). The tunnel's entry in the proxy's own HTTP layer stays: it is the tunnel's."""
+    """Forgets SERVER, closed, in the layers under ROOT: its TLS layer's OpenSSL object, and the HTTP
+    layer's stack for it (HttpLayer.connections). Nothing reads either once the connection is closed:
+    a next request opens a new connection (mitmproxy's HttpLayer.get_connection skips closed ones).
+    The tunnel's entry in the proxy's own HTTP layer stays: it is the tunnel's. So do its
+    certificates: the access log reads them."""
     if server.connected:
         return
-    server.certificate_list = []  # parsed, with their names: the verdict keeps what the log needs
     for found in list(_walk(root)):
         if isinstance(found, layers.HttpLayer):
             if isinstance(found.connections.get(server), (layers.ServerTLSLayer, HttpClient)):
