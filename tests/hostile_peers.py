@@ -626,19 +626,21 @@ def measure(lab: Lab, case: Case, settle: float) -> Row:
     )  # fmt: skip
 
 
-def idle_connection_cost(bumper: Bumper, upstream: Upstream, count: int, hold: float = 1.0) -> float:
-    """KiB of bumper's RSS per idle bumped keep-alive connection, after one request each: (RSS with
-    COUNT of them held HOLD seconds − RSS before) / COUNT, after 20 connections opened and closed first."""
+def idle_connection_cost(bumper: Bumper, upstream: Upstream, count: int, hold: float = 1.0, download: int = 0) -> float:
+    """KiB of bumper's RSS per idle bumped keep-alive connection, after one request each (a small
+    response, or DOWNLOAD bytes): (RSS with COUNT of them held HOLD seconds − RSS before) / COUNT,
+    after 20 connections opened and closed first."""
     pid = bumper.process.proc.pid
+    path, end = (f"/bytes/{download}", b"\r\n0\r\n\r\n") if download else ("/", b"hello from upstream")
 
     def connect() -> ssl.SSLSocket:
         tls = tunnel(bumper, upstream.host, upstream.port)
-        tls.sendall(f"GET / HTTP/1.1\r\nHost: {upstream.host}\r\n\r\n".encode())
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {upstream.host}\r\n\r\n".encode())
         data = b""
-        while not data.endswith(b"hello from upstream"):
+        while not data.endswith(end):
             chunk = tls.recv(65536)
-            assert chunk, data
-            data += chunk
+            assert chunk, data[:200]
+            data = data[-64:] + chunk  # only its end is looked at
         return tls
 
     for _ in range(20):

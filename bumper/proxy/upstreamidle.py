@@ -25,6 +25,7 @@ from mitmproxy.proxy.layers.http import HttpClient
 from mitmproxy.proxy.tunnel import TunnelState
 
 from bumper.proxy.state import ConnectionState, ConnectionStates
+from bumper.upstream.tls import drop_record_buffers
 
 # flow.metadata: this request is counted in its connection's open_requests (until its end is seen).
 _OPEN = "bumper.upstream_idle.open"
@@ -32,8 +33,9 @@ _OPEN = "bumper.upstream_idle.open"
 
 class UpstreamIdle:
     """Closes a client connection's upstream connections SECONDS after its last request ended, if
-    no other began meanwhile (0: never). It ends them by cancelling the tasks that read them, as
-    mitmproxy's idle watchdog and ConnectionLimits do (docs/architecture.md, mitmproxy's insides)."""
+    no other began meanwhile (0: never), and drops its own TLS connection's idle buffers. It ends
+    them by cancelling the tasks that read them, as mitmproxy's idle watchdog and ConnectionLimits
+    do (docs/architecture.md, mitmproxy's insides)."""
 
     def __init__(self, seconds: float, states: ConnectionStates, proxyserver: Any) -> None:
         self.seconds = seconds
@@ -90,6 +92,9 @@ class UpstreamIdle:
         for conn, io in list(handler.transports.items()):
             if isinstance(conn, connection.Server) and io.handler is not None:
                 io.handler.cancel("upstream idle")
+        for found in _walk(handler.layer):  # the client's TLS: its buffers from the last response
+            if isinstance(found, layers.ClientTLSLayer) and found.tls is not None:
+                drop_record_buffers(found.tls)
 
 
 def _disarm(state: ConnectionState) -> None:

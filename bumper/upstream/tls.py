@@ -43,6 +43,7 @@ TLS_VERSIONS = {
 
 # pyOpenSSL's raw OpenSSL bindings: hostname checking has no public pyOpenSSL API.
 _lib: Any = SSL._lib  # type: ignore[attr-defined,unused-ignore]
+_ffi: Any = SSL._ffi  # type: ignore[attr-defined,unused-ignore]
 # Host name checks as browsers do them: no partial wildcards, never the subject CN.
 _HOSTFLAGS = _lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS | getattr(_lib, "X509_CHECK_FLAG_NEVER_CHECK_SUBJECT", 0)
 
@@ -164,3 +165,26 @@ def expect_hostname(conn: SSL.Connection, name: str) -> None:
     else:
         ok = _lib.X509_VERIFY_PARAM_set1_ip(param, ip, len(ip))
     SSL._openssl_assert(ok == 1)
+
+
+def drop_record_buffers(conn: SSL.Connection) -> bool:
+    """Give CONN, idle, a new pair of memory BIOs and free the old: whether it did. mitmproxy drives
+    every TLS connection through two memory BIOs, and an OpenSSL memory BIO keeps the largest buffer
+    it ever held: after one 64 KiB body, about 150 KiB per bumped connection for as long as it lives
+    (SSL_MODE_RELEASE_BUFFERS frees OpenSSL's own record buffers, not these). Only when both are
+    empty: bytes in either would be lost."""
+    into, out = conn._into_ssl, conn._from_ssl
+    if into is None or out is None:
+        return False  # a socket-backed connection: no memory BIOs
+    pending = _ffi.new("char **")
+    if _lib.BIO_get_mem_data(into, pending) or _lib.BIO_get_mem_data(out, pending):
+        return False
+    new_into, new_out = _lib.BIO_new(_lib.BIO_s_mem()), _lib.BIO_new(_lib.BIO_s_mem())
+    if new_into == _ffi.NULL or new_out == _ffi.NULL:  # out of memory: keep the old pair
+        for bio in (new_into, new_out):
+            if bio != _ffi.NULL:
+                _lib.BIO_free(bio)
+        return False
+    _lib.SSL_set_bio(conn._ssl, new_into, new_out)  # frees the old pair
+    conn._into_ssl, conn._from_ssl = new_into, new_out
+    return True
