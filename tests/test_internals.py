@@ -177,6 +177,12 @@ OPENSSL_LIB = (
     "X509_verify_cert_error_string",
     "X509_V_ERR_CERT_HAS_EXPIRED",
     "X509_V_ERR_HOSTNAME_MISMATCH",
+    # An idle client leg's memory BIOs swapped for new ones (bumper/upstream/tls.py drop_record_buffers)
+    "BIO_get_mem_data",
+    "BIO_new",
+    "BIO_s_mem",
+    "BIO_free",
+    "SSL_set_bio",
 )
 
 
@@ -339,3 +345,13 @@ def test_layers_hold_their_events_in_a_lazy_queue() -> None:
     assert not queue and queue._queue is None  # its deque gone with its last event
     with pytest.raises(IndexError):
         queue.popleft()
+
+
+def test_pyopenssl_keeps_its_memory_bios_where_bumper_swaps_them() -> None:
+    """drop_record_buffers replaces Connection._into_ssl and _from_ssl, the BIOs bio_write and
+    bio_read use: a connection made over memory BIOs has them, one over a socket has None."""
+    conn = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
+    assert conn._into_ssl is not None and conn._from_ssl is not None  # type: ignore[attr-defined]
+    for method in ("bio_read", "bio_write"):
+        assert "_from_ssl" in inspect.getsource(getattr(SSL.Connection, method)) or method == "bio_write"
+    assert "_into_ssl" in inspect.getsource(SSL.Connection.bio_write)

@@ -6,6 +6,7 @@ connection. The waits below only let a timeout of 1 s pass; nothing is timed."""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from OpenSSL import SSL
 from websockets.sync.client import connect as websocket_connect
 
+from bumper.upstream.tls import drop_record_buffers
 from tests.conftest import Bumper, Pki, Upstream, client_tls_context
 from tests.hostile_peers import HostileServer, tunnel
 from tests.pki import rsa_key, self_signed_leaf
@@ -157,3 +160,40 @@ def test_a_new_upstream_connection_that_fails_verification_is_refused(
     assert switching_upstream.outcomes.count("sent all") == 1  # the first connection's answer, and no other
     line = quick.connection_line(port)
     assert f"outcome=upstream TLS failed: Certificate verify failed: {reason.decode()}" in line, line
+
+
+def _flush(source: SSL.Connection, sink: SSL.Connection) -> None:
+    """What SOURCE wrote to its outgoing BIO, into SINK's incoming one."""
+    with contextlib.suppress(SSL.WantReadError):
+        sink.bio_write(source.bio_read(65536))
+
+
+def test_an_idle_tls_connection_gets_new_buffers_and_goes_on(test_pki: Pki) -> None:
+    """drop_record_buffers on a real TLS 1.3 pair over memory BIOs, as mitmproxy drives them: not
+    while bytes wait in a BIO, and after it the session carries data both ways as before."""
+    leaf = test_pki.root.leaf("idle.test")
+    server_ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    server_ctx.use_certificate(leaf.cert)
+    server_ctx.use_privatekey(leaf.key)
+    server, client = SSL.Connection(server_ctx), SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
+    server.set_accept_state()
+    client.set_connect_state()
+    for _ in range(4):  # TLS 1.3: two flights each way at most
+        for side, other in ((client, server), (server, client)):
+            with contextlib.suppress(SSL.WantReadError):
+                side.do_handshake()
+            _flush(side, other)
+    client.sendall(b"waiting")  # in the client's outgoing BIO
+    assert not drop_record_buffers(client)
+    _flush(client, server)
+    assert server.recv(100) == b"waiting"
+    _flush(server, client)  # its session tickets, which the client takes with its next read
+    with contextlib.suppress(SSL.WantReadError):
+        client.recv(100)
+    assert drop_record_buffers(client) and drop_record_buffers(server)
+    client.sendall(b"after")
+    _flush(client, server)
+    assert server.recv(100) == b"after"
+    server.sendall(b"and back")
+    _flush(server, client)
+    assert client.recv(100) == b"and back"
