@@ -57,6 +57,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.utils import human
 
 from bumper.proxy import replies
+from bumper.proxy.h2flow import FlowControlled, credit_events
 from bumper.proxy.limits import Limits, timed_out, too_many
 
 # flow.metadata keys
@@ -473,10 +474,11 @@ def layer_limits(context: Context) -> Limits:
     return next(layer_.limits for layer_ in reversed(context.layers) if isinstance(layer_, HttpLayer))
 
 
-class Http2Server(http_layers.Http2Server):
+class Http2Server(FlowControlled, http_layers.Http2Server):
     """mitmproxy's HTTP/2 server side with bumper's limits: the settings it announces (concurrent
     streams, header list size, HPACK table), a cap on a header block's bytes while its CONTINUATION
-    frames arrive (h2 caps only their number), and rapid reset (CVE-2023-44487) ended with a GOAWAY."""
+    frames arrive (h2 caps only their number), rapid reset (CVE-2023-44487) ended with a GOAWAY, and
+    flow control (bumper.proxy.h2flow)."""
 
     def __init__(self, context: Context, limits: Limits) -> None:
         super().__init__(context)
@@ -557,6 +559,10 @@ class HttpLayer(layers.HttpLayer):
             self.connections[context.client] = Http2Server(context.fork(), limits)
         else:
             self.connections[context.client] = Http1Server(context.fork(), limits)
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from super()._handle_event(event)
+        yield from credit_events(self)
 
     def event_to_child(
         self, child: layer.Layer | http_layers.HttpStream, event: events.Event

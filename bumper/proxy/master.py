@@ -36,7 +36,7 @@ from bumper.policy.names import host_port
 from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import LAB, AddonSpec, ClientCertRequirement, OnError, Policy
 from bumper.policy.source import PolicySource
-from bumper.proxy import dispatch, httpstream, websocket
+from bumper.proxy import dispatch, h2flow, httpstream, websocket
 from bumper.proxy.admin import (
     AdminConfig,
     AdminServer,
@@ -131,6 +131,8 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     # mitmproxy makes its HTTP/1 upstream layer by this name, where bumper cannot reach in otherwise
     # (httpstream.Http1Client: the response head's size limit).
     http_layers.Http1Client = httpstream.Http1Client  # type: ignore[misc]
+    # and its HTTP/2 one (bumper.proxy.h2flow: flow control on the upstream leg).
+    http_layers.Http2Client = h2flow.Http2Client  # type: ignore[misc]
     # and its WebSocket layer by this one (bumper.proxy.websocket: the message size limit).
     websocket_layers.WebsocketLayer = websocket.WebsocketLayer  # type: ignore[misc]
     m = dispatch.Master(options.Options(), with_termlog=False)
