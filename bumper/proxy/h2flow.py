@@ -14,15 +14,24 @@ The credit is carried by the HTTP layer, which knows both legs of a stream (bump
 .HttpLayer): after each event it asks every HTTP/2 leg that holds unacknowledged bytes to release
 what the other leg has passed on since (ReleaseCredit), through the leg's own layer stack, so an
 upstream connection's TLS beneath the HTTP layer encrypts the WINDOW_UPDATE.
+
+An HTTP/1 leg has no window to close: where it feeds an HTTP/2 leg's send buffer (an HTTP/1 upstream's
+response to an HTTP/2 client, an HTTP/1 client's upload to an HTTP/2 upstream) past PAUSE_AT, bumper
+stops reading its socket (Reading) until the buffer is under it again. Where an HTTP/2 leg feeds an
+HTTP/1 one, mitmproxy's own back-pressure holds: it reads no connection while a transport's write
+buffer is full, and the DATA is acknowledged once written there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from dataclasses import dataclass, field
 
 import h2.config
 import h2.settings
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.connection import Client, Connection
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
@@ -37,6 +46,9 @@ from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
 # lets four such streams run at once while holding a hostile client's connection to 4 MiB a leg.
 STREAM_WINDOW = 1024 * 1024
 CONNECTION_WINDOW = 4 * 1024 * 1024
+# What an HTTP/2 leg's send buffer may hold for one stream whose other leg is HTTP/1 (no window to
+# close): past it, bumper stops reading the HTTP/1 connection until the HTTP/2 peer has taken it.
+PAUSE_AT = STREAM_WINDOW
 # RFC 9113 6.9.2: a connection starts with this window, whatever SETTINGS say.
 _INITIAL_CONNECTION_WINDOW = 65535
 
@@ -151,3 +163,51 @@ def credit_events(http: layers.HttpLayer) -> layer.CommandGenerator[None]:
                     held += client_leg.bounded.buffered(theirs)
             still_held[stream_id] = held
         yield from http.event_to_child(top, ReleaseCredit(still_held))
+
+
+def overfull_sources(http: layers.HttpLayer) -> set[Connection]:
+    """The HTTP/1 connections feeding a stream whose HTTP/2 send buffer holds more than PAUSE_AT."""
+    sources: set[Connection] = set()
+    client_leg = h2_leg(http.connections.get(http.context.client))
+    for top in http.connections.values():
+        leg = h2_leg(top)
+        if leg is None:
+            continue
+        for stream_id in leg.bounded.stream_buffers:
+            if leg.bounded.buffered(stream_id) <= PAUSE_AT:
+                continue
+            if leg is client_leg:  # a response: its upstream feeds it
+                stream = http.streams.get(stream_id)
+                source: Connection | None = stream.context.server if stream else None
+            else:  # an upload: the client feeds it
+                source = http.context.client
+            if source is not None and h2_leg(http.connections.get(source)) is None:
+                sources.add(source)
+    return sources
+
+
+class Reading:
+    """Stops and restarts reading a connection's socket, which a layer cannot do: mitmproxy reads each
+    connection in a loop of its ConnectionHandler (the proxyserver's, by client id), through an asyncio
+    transport. asyncio's StreamReader pauses and resumes the same transport for its own buffer's
+    limit, and may resume one bumper paused: HttpLayer pauses again after the next read (64 KiB), so
+    what an HTTP/2 send buffer holds stays within PAUSE_AT and a read or two."""
+
+    def __init__(self, proxyserver: Proxyserver) -> None:
+        self.proxyserver = proxyserver
+
+    def hold(self, client: Client, paused: set[Connection], now: set[Connection]) -> set[Connection]:
+        """Read none of NOW, and again those of PAUSED not in it; returns NOW."""
+        handler = self.proxyserver.connections.get(client.id)
+        if handler is None:
+            return set()
+        for conn in paused | now:
+            io = handler.transports.get(conn)
+            transport = getattr(io.writer, "transport", None) if io is not None else None
+            if not isinstance(transport, asyncio.ReadTransport) or transport.is_closing():
+                continue
+            if conn not in now:
+                transport.resume_reading()
+            elif transport.is_reading():
+                transport.pause_reading()
+        return now

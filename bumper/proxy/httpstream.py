@@ -31,7 +31,7 @@ import h2.events
 import h2.exceptions
 from hpack.exceptions import InvalidTableSizeError
 from mitmproxy import flow, http
-from mitmproxy.connection import ConnectionState
+from mitmproxy.connection import Connection, ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.context import Context
@@ -57,7 +57,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.utils import human
 
 from bumper.proxy import replies
-from bumper.proxy.h2flow import FlowControlled, credit_events
+from bumper.proxy.h2flow import FlowControlled, Reading, credit_events, overfull_sources
 from bumper.proxy.limits import Limits, timed_out, too_many
 
 # flow.metadata keys
@@ -548,11 +548,18 @@ class Http2Server(FlowControlled, http_layers.Http2Server):
 
 class HttpLayer(layers.HttpLayer):
     def __init__(
-        self, context: Context, mode: http_layers.HTTPMode, limits: Limits, admin: tuple[str, int] | None = None
+        self,
+        context: Context,
+        mode: http_layers.HTTPMode,
+        limits: Limits,
+        admin: tuple[str, int] | None = None,
+        reading: Reading | None = None,
     ) -> None:
         super().__init__(context, mode)
         self.limits = limits
         self.admin = admin  # the admin listener's address (--admin), which a request for the proxy is told
+        self.reading = reading  # HTTP/1 connections paused while an HTTP/2 leg's buffer is full (h2flow)
+        self.paused: set[Connection] = set()
         # mitmproxy's Start keeps a client connection layer that is already there; it would pick the
         # same by ALPN: h2, else HTTP/1 (bumper speaks no HTTP/3).
         if context.client.alpn == b"h2":
@@ -563,6 +570,8 @@ class HttpLayer(layers.HttpLayer):
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         yield from super()._handle_event(event)
         yield from credit_events(self)
+        if self.reading is not None and ((overfull := overfull_sources(self)) or self.paused):
+            self.paused = self.reading.hold(self.context.client, self.paused, overfull)
 
     def event_to_child(
         self, child: layer.Layer | http_layers.HttpStream, event: events.Event

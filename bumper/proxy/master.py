@@ -156,7 +156,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     server = proxyserver.Proxyserver()
     m.addons.add(
         server,
-        NextLayer(m.addons, config.limits, listeners),
+        NextLayer(m.addons, config.limits, listeners, h2flow.Reading(server)),
         states,  # first: every other addon finds the connection's state
         ConnectionLimits(config.limits, states, server),  # before the policy: a refused client costs nothing more
         source,
