@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import ssl
 import statistics
@@ -307,40 +308,46 @@ def h2_sends_body(tls: ssl.SSLSocket, size: int, sent: list[int]) -> None:
         pass
 
 
-def h2_zero_window(lab: Lab, body: int | None = None) -> tuple[float, str]:
+def h2_zero_window(lab: Lab, body: int | None = None, connections: int = 1) -> tuple[float, str]:
     """An HTTP/2 client that announces a zero stream window and never opens it, while the upstream
-    (HTTP/2: bumper mirrors its ALPN to the client) sends a large BODY as fast as bumper takes it."""
+    (HTTP/2: bumper mirrors its ALPN to the client) sends a large BODY as fast as bumper takes it; on
+    CONNECTIONS such connections at once, each to an upstream connection of its own."""
     body = body or lab.size(512 * MiB, 64 * MiB)
     hold = lab.size(20, 4)
     sent: list[int] = []
     server = lab.hostile_server(lambda tls: h2_sends_body(tls, body, sent), alpn="h2")
     start = time.monotonic()
-    with tunnel(lab.bumper, "window.hostile.test", server.port, alpn=["h2"]) as tls:
-        assert tls.selected_alpn_protocol() == "h2"
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
-        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
-        conn.send_headers(
-            1,
-            [(":method", "GET"), (":scheme", "https"), (":authority", "window.hostile.test"), (":path", "/")],
-            end_stream=True,
-        )
-        tls.sendall(conn.data_to_send())
+    with contextlib.ExitStack() as stack:
+        clients = []
+        for _ in range(connections):
+            tls = stack.enter_context(tunnel(lab.bumper, "window.hostile.test", server.port, alpn=["h2"]))
+            assert tls.selected_alpn_protocol() == "h2"
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+            conn.send_headers(
+                1,
+                [(":method", "GET"), (":scheme", "https"), (":authority", "window.hostile.test"), (":path", "/")],
+                end_stream=True,
+            )
+            tls.sendall(conn.data_to_send())
+            clients.append((tls, conn))
         deadline = time.monotonic() + hold
-        while time.monotonic() < deadline:  # reads what comes, acknowledges no DATA: the window stays shut
-            tls.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                data = tls.recv(65536)
-            except TimeoutError:
-                break
-            if not data:
-                break
-            conn.receive_data(data)
-            if out := conn.data_to_send():
-                tls.sendall(out)
+        while clients and time.monotonic() < deadline:  # reads what comes, acknowledges no DATA: the window stays shut
+            readable, _, _ = select.select([tls for tls, _ in clients], [], [], max(0.01, deadline - time.monotonic()))
+            for tls, conn in list(clients):
+                if tls not in readable:
+                    continue
+                if not (data := tls.recv(65536)):
+                    clients.remove((tls, conn))
+                    continue
+                conn.receive_data(data)
+                if out := conn.data_to_send():
+                    tls.sendall(out)
     lived = time.monotonic() - start
     time.sleep(1)  # what the upstream had sent when the client left
-    return lived, f"held {hold}s; the upstream sent {sum(sent) // MiB} MiB of {body // MiB}"
+    each = f" on each of {connections} connections" if connections > 1 else ""
+    return lived, f"held {hold}s; the upstream sent {max(sent, default=0) // MiB} MiB of {body // MiB}{each}"
 
 
 def ws_connect(bumper: Bumper, upstream: Upstream) -> tuple[ssl.SSLSocket, wsproto.WSConnection]:
