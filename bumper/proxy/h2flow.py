@@ -153,7 +153,7 @@ def credit_events(http: layers.HttpLayer) -> layer.CommandGenerator[None]:
                 stream = http.streams.get(stream_id)
                 held = _queued(stream._paused_event_queue) if stream else 0
                 upstream = h2_leg(http.connections.get(stream.context.server)) if stream else None
-                if isinstance(upstream, Http2Client):
+                if isinstance(upstream, Http2Client) and upstream.conn.connected:  # a closed one sends nothing more
                     ours = upstream.our_stream_id.get(stream_id)
                     queue = upstream.stream_queue.get(stream_id, ())
                     held += _queued(queue) if ours is None else upstream.bounded.buffered(ours)
