@@ -159,12 +159,13 @@ def http1_front(start_bumper: Callable[..., Bumper]) -> Iterator[Http1Front]:
             return
         size = int(head.split(b" ")[1].rsplit(b"/", 1)[1])
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        mine = len(sent)  # this connection's count (others send at the same time)
         sent.append(0)
         data = pattern_bytes(size)
         try:
             for start in range(0, size, 65536):
                 conn.sendall(data[start : start + 65536])
-                sent[-1] += len(data[start : start + 65536])
+                sent[mine] += len(data[start : start + 65536])
             conn.recv(1)  # until bumper closes
         except OSError:
             pass  # bumper closed it while it was sending: the test reads `sent`
@@ -213,6 +214,23 @@ def test_a_shut_window_stops_reading_an_http1_upstream(http1_front: Http1Front) 
         client.flush()  # the window opens: the rest comes, intact
         client.pump(lambda: 1 in client.ended, 60)
     assert bytes(client.bodies[1]) == pattern_bytes(64 * MiB)
+
+
+def test_shut_streams_to_http1_upstreams_share_a_bound(http1_front: Http1Front) -> None:
+    """Five shut streams, each to an HTTP/1.1 upstream connection of its own (one connection a request,
+    as HTTP/1 does not multiplex; mitmproxy opens five at once to one address): bumper stops reading
+    every one of them once the client's streams hold a connection window together, not a stream's
+    bound each."""
+    pid = http1_front.bumper.process.proc.pid
+    before = rss_kib(pid)
+    with http1_front.tunnel() as tls:
+        client = H2Client(tls, FRONT, window=0)
+        for _ in range(5):
+            client.request(f"/bytes/{16 * MiB}")
+        client.pump(lambda: False, 4.0, ack=False)
+        grown = (rss_kib(pid) - before) * 1024
+        assert len(http1_front.sent) == 5, http1_front.sent
+        assert grown < CONNECTION_WINDOW + 8 * MiB, grown / MiB  # each stream's bound: 5 * 8 MiB and more
 
 
 @pytest.mark.parametrize("leg", ["h2", "http1"])

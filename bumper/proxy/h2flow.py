@@ -41,15 +41,17 @@ from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
 
 # The windows bumper announces to each HTTP/2 peer, per stream and per connection: what a peer may send
 # before bumper's acknowledgement, so what one leg holds when the other does not take it. A stream's
-# window is its speed limit over a path's round trip (4 MiB: 40 MiB/s on a 100 ms path), a connection's
+# window is its speed limit over a path's round trip (8 MiB: 80 MiB/s on a 100 ms path), a connection's
 # what one client may make bumper hold each way. Chrome announces 6 MiB and 15 MiB; Envoy bounds its
 # buffers at 1 MiB a connection but opens windows of up to 256 MiB. Measured here (256 MiB through h2
-# on loopback, Python peers): as many MiB/s as with mitmproxy's 2 GiB windows, where 1 MiB a stream lost
-# about a quarter; a client with a shut window holds bumper to 16 MiB a connection, under issue 22's 64.
-STREAM_WINDOW = 4 * 1024 * 1024
+# on loopback, Python peers, the client's windows 16 MiB): as many MiB/s as with mitmproxy's 2 GiB
+# windows, where 4 MiB a stream lost about a quarter; a client with shut windows holds bumper to 16 MiB
+# a connection each way, under issue 22's 64.
+STREAM_WINDOW = 8 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 # What an HTTP/2 leg's send buffer may hold for one stream whose other leg is HTTP/1 (no window to
-# close): past it, bumper stops reading the HTTP/1 connection until the HTTP/2 peer has taken it.
+# close): past it, bumper stops reading the HTTP/1 connection until the HTTP/2 peer has taken it
+# (and past CONNECTION_WINDOW for all the leg's streams, every HTTP/1 connection feeding one).
 PAUSE_AT = STREAM_WINDOW
 # RFC 9113 6.9.2: a connection starts with this window, whatever SETTINGS say.
 _INITIAL_CONNECTION_WINDOW = 65535
@@ -168,15 +170,19 @@ def credit_events(http: layers.HttpLayer) -> layer.CommandGenerator[None]:
 
 
 def overfull_sources(http: layers.HttpLayer) -> set[Connection]:
-    """The HTTP/1 connections feeding a stream whose HTTP/2 send buffer holds more than PAUSE_AT."""
+    """The HTTP/1 connections feeding an HTTP/2 leg's send buffer past its bounds: a stream's over
+    PAUSE_AT, or any of its streams once they hold more than CONNECTION_WINDOW together (an HTTP/2
+    client's streams to an HTTP/1 upstream each have a connection of their own, none with a window)."""
     sources: set[Connection] = set()
     client_leg = h2_leg(http.connections.get(http.context.client))
     for top in http.connections.values():
         leg = h2_leg(top)
-        if leg is None:
+        if leg is None or not leg.bounded.stream_buffers:
             continue
-        for stream_id in leg.bounded.stream_buffers:
-            if leg.bounded.buffered(stream_id) <= PAUSE_AT:
+        buffered = {stream_id: leg.bounded.buffered(stream_id) for stream_id in leg.bounded.stream_buffers}
+        full = sum(buffered.values()) > CONNECTION_WINDOW
+        for stream_id, size in buffered.items():
+            if size <= PAUSE_AT and not (full and size):
                 continue
             if leg is client_leg:  # a response: its upstream feeds it
                 stream = http.streams.get(stream_id)
