@@ -105,7 +105,7 @@ def test_idle_connection_cost(start_bumper: Callable[..., Bumper], upstream: Ups
 def test_memory_comes_back_after_the_close(
     start_bumper: Callable[..., Bumper], upstream: Upstream, hostile_server: Callable[..., HostileServer]
 ) -> None:
-    """Forty HTTP/2 clients that keep their windows shut while the upstream sends: bumper holds what
+    """Sixteen HTTP/2 clients that keep their windows shut while the upstream sends: bumper holds what
     each upstream may send before its window closes (a stream's window, bumper.proxy.h2flow), so the
     RSS peaks far over the baseline, and it is back within 64 MiB of it 10 s after the close. The
     closed connections' objects are cycles Python's collector would leave for minutes, and glibc would
@@ -113,7 +113,7 @@ def test_memory_comes_back_after_the_close(
     bumper = start_bumper()
     lab = Lab(bumper, upstream, hostile_server, FULL)
     case = hostile_peers.Case(
-        "40 shut HTTP/2 windows", lambda lab: hostile_peers.h2_zero_window(lab, 16 * MiB, connections=40)
+        "16 shut HTTP/2 windows", lambda lab: hostile_peers.h2_zero_window(lab, 16 * MiB, connections=16)
     )
     try:
         row = hostile_peers.measure(lab, case, 10.0)
