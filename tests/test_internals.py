@@ -59,7 +59,9 @@ PINNED: dict[str, tuple[str, str]] = {
     # and its deadline: a RequestWakeup, which HttpLayer routes back to the layer that asked (command_sources)
     "mitmproxy.proxy.layers.http._http1.Http1Connection._handle_event": ("2ac8db3e43ae743f", "extended: Wakeup"),
     # The WebSocket message limit: bumper's WebsocketLayer, put where HttpStream.flow_done makes it by name
-    "mitmproxy.proxy.layers.websocket.WebsocketLayer.relay_messages": ("2d451252c7287da0", "extended: frame_buf"),
+    "mitmproxy.proxy.layers.websocket.WebsocketLayer.relay_messages": ("2d451252c7287da0", "assembled path: extended"),
+    "mitmproxy.proxy.layers.websocket.WebsocketLayer.start": ("8445ad1cfb2fcca5", "its client_ws/server_ws streamed"),
+    "mitmproxy.proxy.layers.websocket.WebsocketConnection.send2": ("f33f2c236db2bec9", "called to stream"),
     "mitmproxy.proxy.layers.websocket.WebsocketConnection.__init__": ("f77a8c21ac12e55f", "its frame_buf read"),
     "mitmproxy.proxy.layers.http._http2.Http2Connection._handle_event": ("7fc814a8a507f234", "its error page replaced"),
     "mitmproxy.proxy.layers.http._base.format_error": ("26271a67770fbaf1", "its paragraph read"),

