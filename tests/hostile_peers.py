@@ -31,6 +31,7 @@ import h2.exceptions
 import h2.settings
 import wsproto
 import wsproto.events
+import wsproto.extensions
 
 from tests.conftest import Bumper, Upstream, client_tls_context, listening_socket, open_tunnel
 
@@ -343,11 +344,14 @@ def h2_zero_window(lab: Lab, body: int | None = None) -> tuple[float, str]:
     return lived, f"held {hold}s; the upstream sent {sum(sent) // MiB} MiB of {body // MiB}"
 
 
-def ws_connect(bumper: Bumper, upstream: Upstream) -> tuple[ssl.SSLSocket, wsproto.WSConnection]:
-    """A WebSocket through BUMPER to UPSTREAM's echo (/ws), its handshake done."""
+def ws_connect(
+    bumper: Bumper, upstream: Upstream, extensions: list[wsproto.extensions.Extension] | None = None
+) -> tuple[ssl.SSLSocket, wsproto.WSConnection]:
+    """A WebSocket through BUMPER to UPSTREAM's echo (/ws), its handshake done, with the EXTENSIONS
+    offered all agreed."""
     tls = tunnel(bumper, upstream.host, upstream.port, alpn=["http/1.1"])
     ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-    tls.sendall(ws.send(wsproto.events.Request(host=upstream.host, target="/ws")))
+    tls.sendall(ws.send(wsproto.events.Request(host=upstream.host, target="/ws", extensions=extensions or [])))
     tls.settimeout(10)
     while True:
         data = tls.recv(65536)
@@ -355,6 +359,7 @@ def ws_connect(bumper: Bumper, upstream: Upstream) -> tuple[ssl.SSLSocket, wspro
         ws.receive_data(data)
         for event in ws.events():
             if isinstance(event, wsproto.events.AcceptConnection):
+                assert len(event.extensions) == len(extensions or []), event.extensions
                 return tls, ws
             raise AssertionError(f"WebSocket handshake refused: {event}")
 
@@ -455,6 +460,31 @@ def ws_one_big_frame(lab: Lab) -> tuple[float, str]:
     return time.monotonic() - start, f"one {size // MiB} MiB frame: {outcome}"
 
 
+def ws_compression_bomb(lab: Lab) -> tuple[float, str]:
+    """permessage-deflate: 256 MiB of zeros, about 255 KB on the wire."""
+    size = lab.size(256 * MiB, 64 * MiB)
+    tls, ws = ws_connect(lab.bumper, lab.upstream, [wsproto.extensions.PerMessageDeflate()])
+    start = time.monotonic()
+    outcome = ""
+    with tls:
+        wire = ws.send(wsproto.events.BytesMessage(bytes(size)))
+        with contextlib.suppress(OSError):
+            tls.sendall(wire)
+        echoed = 0
+        for event in ws_events(tls, ws, 60):
+            if isinstance(event, wsproto.events.BytesMessage):
+                echoed += len(event.data)
+                if event.message_finished:
+                    break
+            elif isinstance(event, wsproto.events.CloseConnection):
+                outcome = f"closed {event.code}"
+                break
+    return (
+        time.monotonic() - start,
+        f"{size // MiB} MiB in {len(wire) // 1024} KiB; {outcome or f'echoed {echoed // MiB} MiB'}",
+    )
+
+
 def h2_rapid_reset(lab: Lab) -> tuple[float, str]:
     count = lab.size(20000, 2000)
     before = lab.upstream.requests
@@ -540,6 +570,11 @@ CASES = {
     ),
     "ws-messages": Case("WebSocket: 300 messages of 1 MiB", ws_many_messages, "RSS +234 MiB, not returned"),
     "ws-big-frame": Case("WebSocket: one 256 MiB frame", ws_one_big_frame, "the connection broke (EOF)"),
+    "ws-compression-bomb": Case(
+        "WebSocket: 256 MiB of zeros compressed (permessage-deflate)",
+        ws_compression_bomb,
+        "(not in the issue) inflated in one piece: RSS +241 MiB",
+    ),
     "h2-rapid-reset": Case(
         "HTTP/2 rapid reset: 20,000 HEADERS + RST_STREAM",
         h2_rapid_reset,

@@ -60,7 +60,12 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layers.http._http1.Http1Connection._handle_event": ("2ac8db3e43ae743f", "extended: Wakeup"),
     # The WebSocket message limit: bumper's WebsocketLayer, put where HttpStream.flow_done makes it by name
     "mitmproxy.proxy.layers.websocket.WebsocketLayer.relay_messages": ("2d451252c7287da0", "assembled path: extended"),
-    "mitmproxy.proxy.layers.websocket.WebsocketLayer.start": ("8445ad1cfb2fcca5", "its client_ws/server_ws streamed"),
+    "mitmproxy.proxy.layers.websocket.WebsocketLayer.start": ("8445ad1cfb2fcca5", "extended: its deflate bounded"),
+    # wsproto, under it: permessage-deflate's inflating bounded (bumper.proxy.websocket.BoundedDeflate)
+    "wsproto.extensions.PerMessageDeflate.frame_inbound_payload_data": ("93bc8692346aa787", "overridden"),
+    "wsproto.connection.Connection.__init__": ("2aa4c1439d32bd59", "its _proto's extensions read"),
+    "wsproto.frame_protocol.FrameProtocol.__init__": ("037e847db237d081", "its extensions read"),
+    "wsproto.connection.Connection.events": ("e4d77be0bfef1af2", "turns an extension's CloseReason into a close"),
     "mitmproxy.proxy.layers.websocket.WebsocketConnection.send2": ("f33f2c236db2bec9", "called to stream"),
     "mitmproxy.proxy.layers.websocket.WebsocketConnection.__init__": ("f77a8c21ac12e55f", "its frame_buf read"),
     "mitmproxy.proxy.layers.http._http2.Http2Connection._handle_event": ("7fc814a8a507f234", "its error page replaced"),

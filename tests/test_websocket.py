@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import wsproto
 import wsproto.events
+from wsproto.extensions import PerMessageDeflate
 
 from tests.conftest import Bumper, Upstream, start_with_policy
-from tests.hostile_peers import MiB, ws_connect, ws_events
+from tests.hostile_peers import MiB, reset_peak, rss_kib, ws_connect, ws_events
 from tests.test_bad_input import run_next_to_good_requests
 
 FIXTURE_ADDONS = Path(__file__).with_name("addons_fixture")
@@ -159,3 +160,43 @@ def test_an_addon_bounds_the_message(reading: Bumper, upstream: Upstream) -> Non
 
     line = run_next_to_good_requests(reading, upstream, bad)
     assert line.endswith("outcome=limit: WebSocket message over 1048576 bytes (--websocket-max-message)"), line
+
+
+def deflate_connect(bumper: Bumper, upstream: Upstream) -> tuple[ssl.SSLSocket, wsproto.WSConnection]:
+    """A WebSocket to UPSTREAM's echo with permessage-deflate (RFC 7692) agreed end to end."""
+    return ws_connect(bumper, upstream, [PerMessageDeflate()])
+
+
+@pytest.mark.parametrize("mode", ["streaming", "reading"])
+def test_compressed_messages_pass_intact(mode: str, request: pytest.FixtureRequest, upstream: Upstream) -> None:
+    """permessage-deflate through bumper: text that compresses about tenfold, 768 KiB of it (within
+    the limit, so that the reading bumper passes it too), is echoed as sent."""
+    bumper = request.getfixturevalue(mode)
+    text = "".join(f"line {i}: the quick brown fox\n" for i in range(24_000))[: 768 * 1024]
+    tls, ws = deflate_connect(bumper, upstream)
+    with tls:
+        tls.sendall(ws.send(wsproto.events.TextMessage(text)))
+        assert answer(tls, ws) == (text, None)
+
+
+@pytest.mark.parametrize("mode", ["streaming", "reading"])
+def test_a_compression_bomb_is_closed(mode: str, request: pytest.FixtureRequest, upstream: Upstream) -> None:
+    """64 MiB of zeros, 65 KB compressed: no piece may inflate past --websocket-max-message (1 MiB
+    here), so bumper closes with 1009 instead of inflating it (it cost +241 MiB at once before)."""
+    bumper = request.getfixturevalue(mode)
+    pid = bumper.process.proc.pid
+
+    def bad() -> int:
+        tls, ws = deflate_connect(bumper, upstream)
+        port = tls.getsockname()[1]
+        reset_peak(pid)
+        before = rss_kib(pid)
+        with tls:
+            with contextlib.suppress(OSError):  # closed by bumper while it was still sending
+                tls.sendall(ws.send(wsproto.events.BytesMessage(bytes(64 * MiB))))
+            assert answer(tls, ws)[1] == 1009
+        assert rss_kib(pid, "VmHWM") - before < 16 * 1024
+        return port
+
+    line = run_next_to_good_requests(bumper, upstream, bad)
+    assert line.endswith("outcome=limit: WebSocket piece inflating past 1048576 bytes (--websocket-max-message)"), line
