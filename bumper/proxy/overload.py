@@ -68,10 +68,11 @@ THRESHOLDS = (
     Threshold(Action.RESET, 0.95),
 )
 
-WHAT = {
-    Action.STOP_ACCEPTING: "new connections wait",
-    Action.SHRINK: "shrinking the mimic cache and the heap, keep-alive off",
-    Action.RESET: "resetting the connections holding the most memory",
+# What each action's lines say when it is entered, and when it is left.
+TOLD = {
+    Action.STOP_ACCEPTING: ("new connections wait", "accepting new connections again"),
+    Action.SHRINK: ("shrinking the mimic cache and the heap, keep-alive off", "mimic cache and keep-alive back"),
+    Action.RESET: ("resetting the connections holding the most memory", "no more resets"),
 }
 
 
@@ -168,8 +169,10 @@ def below_start(budget: int, rss: int) -> bool:
 
 
 def _layers(root: Any) -> Iterator[Any]:
-    """ROOT and every layer under it: the wrappers' child layer (`layer`, `child_layer`), an HTTP
-    layer's streams and connection layers (docs/architecture.md, internals)."""
+    """ROOT and every layer under it: the wrappers' child layer (`layer`, `child_layer`, SyncHooks'
+    `child`, or the layer
+    whose method `_handle_event` became: a mode's layer hands its events on so), an HTTP layer's
+    streams and connection layers (docs/architecture.md, internals)."""
     seen: set[int] = set()
     todo = [root]
     while todo:
@@ -178,7 +181,8 @@ def _layers(root: Any) -> Iterator[Any]:
             continue
         seen.add(id(layer))
         yield layer
-        todo += [getattr(layer, "layer", None), getattr(layer, "child_layer", None)]
+        todo += [getattr(layer, name, None) for name in ("layer", "child_layer", "child")]
+        todo.append(getattr(getattr(layer, "_handle_event", None), "__self__", None))
         todo += getattr(layer, "streams", {}).values()
         todo += getattr(layer, "connections", {}).values()
 
@@ -267,14 +271,14 @@ class Overload:
     def check(self) -> None:
         reading = self.rss()
         now = decide(reading, self.budget, self.active)
-        for threshold in THRESHOLDS:
-            action = threshold.action
-            if action in now and action not in self.active:
-                self._tell(f"over {threshold.share:.0%}", reading, f"{WHAT[action]}")
-                self._enter(action)
-            elif action in self.active and action not in now:
-                self._tell(f"under {threshold.leave:.0%}", reading, f"{WHAT[action]} no more")
-                self._leave(action)
+        for threshold in THRESHOLDS:  # entered from the first step up
+            if threshold.action in now - self.active:
+                self._tell(f"over {threshold.share:.0%}", reading, TOLD[threshold.action][0])
+                self._enter(threshold.action)
+        for threshold in reversed(THRESHOLDS):  # and left from the last down
+            if threshold.action in self.active - now:
+                self._tell(f"under {threshold.leave:.0%}", reading, TOLD[threshold.action][1])
+                self._leave(threshold.action)
         self.active = now
         if Action.SHRINK in now:
             self.reclaim.collect_if_allowed()
