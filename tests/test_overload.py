@@ -5,6 +5,7 @@ step seen in the log, on the wire and in /metrics; then the reset, and each step
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -15,10 +16,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import wsproto.events
 
+from bumper.proxy.connlimits import ConnectionLimits
+from bumper.proxy.limits import Limits
+from bumper.proxy.state import ConnectionStates
 from tests.conftest import BUMPER, Bumper, Process, Upstream, curl
 from tests.hostile_peers import MiB, rss_kib, tunnel, ws_connect
 from tests.test_cli import assert_config_error, run
@@ -85,7 +90,7 @@ def closed(tls: ssl.SSLSocket, seconds: float) -> bool:
 
 
 def get_on(tls: ssl.SSLSocket, host: str) -> bytes:
-    """One GET / on an open bumped connection, its whole response read: the status line."""
+    """One GET / on an open bumped connection, its whole response read: its head."""
     tls.settimeout(10)
     tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
     got = b""
@@ -99,7 +104,7 @@ def get_on(tls: ssl.SSLSocket, host: str) -> bytes:
         chunk = tls.recv(65536)
         assert chunk, "closed in the body"
         body += chunk
-    return head.partition(b"\r\n")[0]
+    return head.lower()
 
 
 def test_each_step_is_entered_then_left_and_the_largest_connection_is_reset(
@@ -111,7 +116,8 @@ def test_each_step_is_entered_then_left_and_the_largest_connection_is_reset(
     log = bumper.process
     assert curl(bumper, upstream.url("/")).returncode == 0
     with (
-        tunnel(bumper, upstream.host, upstream.port, alpn=["http/1.1"]) as small,  # a small client, open throughout
+        tunnel(bumper, upstream.host, upstream.port, alpn=["http/1.1"]) as small,  # small clients, open throughout
+        tunnel(bumper, upstream.host, upstream.port, alpn=["http/1.1"]) as other,
         contextlib.ExitStack() as stack,
     ):
         tls, ws = ws_connect(bumper, upstream)
@@ -133,14 +139,20 @@ def test_each_step_is_entered_then_left_and_the_largest_connection_is_reset(
         stack.callback(waiting.kill)
         time.sleep(2)
         assert waiting.poll() is None, "a new connection was served while accepting was stopped"
-        assert get_on(small, upstream.host).startswith(b"HTTP/1.1 200")
+        head = get_on(small, upstream.host)
+        assert head.startswith(b"http/1.1 200") and b"connection: close" not in head
+
+        grow_until(bumper, tls, ws, int(0.91 * budget))
+        log.wait_for_line(r"over 90% of --max-memory \d+ MiB: shrinking the mimic cache and the heap, keep-alive off$")
+        head = get_on(small, upstream.host)  # served, and told to leave: keep-alive is off
+        assert head.startswith(b"http/1.1 200") and b"\r\nconnection: close" in head, head
+        assert closed(small, 10)
 
         grow_until(bumper, tls, ws, int(0.97 * budget))
-        log.wait_for_line(r"over 90% of --max-memory \d+ MiB: shrinking the mimic cache and the heap, keep-alive off$")
         log.wait_for_line(r"over 95% of --max-memory \d+ MiB: resetting the connections holding the most memory$")
         log.wait_for_line(rf"bumper: overload: resetting 127\.0\.0\.1:{hog}, which holds \d+ KiB$")
         assert closed(tls, 10), "the connection holding the most was not reset"
-        assert get_on(small, upstream.host).startswith(b"HTTP/1.1 200")  # the small client is still served
+        assert get_on(other, upstream.host).startswith(b"http/1.1 200")  # the other small client is still served
         line = bumper.connection_line(hog)
         assert re.search(
             r"outcome=limit: memory over 95% of --max-memory \d+ MiB: reset, holding \d+ KiB, the most$", line
@@ -153,8 +165,8 @@ def test_each_step_is_entered_then_left_and_the_largest_connection_is_reset(
         ):
             log.wait_for_line(left, timeout=30)
         assert waiting.wait(30) == 0 and waiting.stdout is not None and waiting.stdout.read() == "200"
-        small_port = small.getsockname()[1]
-    assert bumper.connection_line(small_port).endswith("outcome=ok")  # never reset
+        ports = [small.getsockname()[1], other.getsockname()[1]]
+    assert all(bumper.connection_line(port).endswith("outcome=ok") for port in ports)  # never reset
     scraped = admin.scrape()
     assert scraped[("bumper_overload_resets_total", labels())] == 1
     assert all(
@@ -229,3 +241,35 @@ def test_the_default_budget_is_half_the_cgroup_limit(ca_dir: Path) -> None:
             assert scraped.scrape()[("bumper_memory_budget_bytes", labels())] == 512 * MiB
         finally:
             process.stop()
+
+
+def test_both_reasons_to_stop_accepting_compose() -> None:
+    """--max-connections reached and the overload manager each stop accepting; accepting resumes
+    only when neither holds, whichever ends first."""
+
+    async def run() -> list[bool]:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        limits = ConnectionLimits(
+            Limits(), ConnectionStates(), SimpleNamespace(servers=[SimpleNamespace(_servers=[server])])
+        )
+        seen = []
+        async with server:
+            limits._pause()  # max_connections open
+            limits.overloaded(True)
+            limits._resume()  # one closed: still overloaded
+            seen.append(server.is_serving())
+            limits.overloaded(False)
+            seen.append(server.is_serving())
+            limits.overloaded(True)
+            limits._pause()
+            limits.overloaded(False)  # memory fell: still full
+            seen.append(server.is_serving())
+            limits._resume()
+            seen.append(server.is_serving())
+            # and a client is accepted again
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+            seen.append(await asyncio.wait_for(reader.read(), 10) == b"")
+            writer.close()
+        return seen
+
+    assert asyncio.run(run()) == [False, True, False, True, True]
