@@ -37,7 +37,8 @@ from bumper.proxy.state import ConnectionState, ConnectionStates
 
 log = logging.getLogger("bumper")
 
-CHECK_INTERVAL = 0.5  # seconds between two readings: /proc/self/statm costs microseconds
+CHECK_INTERVAL = 0.1  # seconds between two readings: /proc/self/statm costs microseconds, a fast
+# client on loopback fills 10 MiB in that time
 LEAVE_MARGIN = 0.05  # of the budget: a step is left this far under the share that entered it
 MIN_RESET_BYTES = 256 << 10  # a connection holding less is not worth a reset: it would free nothing
 SHRUNK_MIMIC_CACHE = 4  # the mimic memory cache is cut to this fraction of its size while shrinking
@@ -244,6 +245,7 @@ class Overload:
         self.interval = interval
         self.active: frozenset[Action] = frozenset()
         self.resets = 0  # connections reset for memory: bumper_overload_resets_total
+        self._reset_last = False  # connections were reset at the last reading: their memory is still to free
         self._task: asyncio.Task[None] | None = None
 
     def refusing(self) -> bool:
@@ -280,10 +282,15 @@ class Overload:
                 self._tell(f"under {threshold.leave:.0%}", reading, TOLD[threshold.action][1])
                 self._leave(threshold.action)
         self.active = now
-        if Action.SHRINK in now:
+        if self._reset_last:
+            # What the reset connections held is freed by a collection once they have closed; until
+            # then no more resets, which the memory still held would make look needed.
+            self._reset_last = False
+            self.reclaim.collect()
+        elif Action.RESET in now:
+            self._reset_last = self._reset(reading)
+        elif Action.SHRINK in now:
             self.reclaim.collect_if_allowed()
-        if Action.RESET in now:
-            self._reset(reading)
 
     def _tell(self, where: str, reading: int, what: str) -> None:
         log.warning(
@@ -302,16 +309,17 @@ class Overload:
         elif action is Action.SHRINK:
             self.mimics.resize(self.mimic_bytes)
 
-    def _reset(self, reading: int) -> None:
+    def _reset(self, reading: int) -> bool:
         """Reset the connections holding the most, until what they hold covers the excess over the
-        reset step's leave share."""
+        reset step's leave share; whether there was any."""
         by_id: dict[str, ConnectionState] = {}
         for state in self.states:
             handler = self.proxyserver.connections.get(state.conn.id)
             state.memory = held_by(handler) if handler is not None else 0
             by_id[state.conn.id] = state
         excess = reading - int(THRESHOLDS[-1].leave * self.budget)
-        for client_id in victims(((key, state.memory) for key, state in by_id.items()), excess):
+        chosen = victims(((key, state.memory) for key, state in by_id.items()), excess)
+        for client_id in chosen:
             state = by_id[client_id]
             reason = (
                 f"{LIMIT}memory over {THRESHOLDS[-1].share:.0%} of --max-memory {self.budget // MiB} MiB: "
@@ -320,3 +328,4 @@ class Overload:
             log.warning(f"bumper: overload: resetting {state.client}, which holds {state.memory // 1024} KiB")
             self.resets += 1
             self.limits.close_client(state.conn, reason)
+        return bool(chosen)

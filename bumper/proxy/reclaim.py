@@ -114,9 +114,13 @@ class Reclaim:
     def collect_if_allowed(self) -> None:
         """Collect and trim whether or not a connection closed, if the share of the time allows it:
         the overload manager's shrink step (bumper.proxy.overload)."""
-        rss, now = self.rss(), self.clock()
-        if now >= self.allowed_at:
-            self._collect(rss, now)
+        if self.clock() >= self.allowed_at:
+            self.collect()
+
+    def collect(self) -> None:
+        """Collect and trim now, whatever the share: what frees the connections the overload manager
+        has just reset."""
+        self._collect(self.rss(), self.clock())
 
     def _collect(self, rss: int, now: float) -> None:
         gc.collect()
