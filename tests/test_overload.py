@@ -225,20 +225,41 @@ def memory_cgroup(limit: int) -> Iterator[Path]:
                 time.sleep(0.1)
 
 
+def bumper_in(cgroup: Path, ca_dir: Path) -> Process:
+    """bumper started with --admin in CGROUP: the shell moves itself in, then becomes bumper."""
+    proc = subprocess.Popen(
+        ["sh", "-c", f'echo $$ > {cgroup / "cgroup.procs"} && exec "$@"', "sh", BUMPER, "--ca", str(ca_dir),
+         "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    return Process(proc)
+
+
+def budget_of(process: Process) -> float:
+    """bumper_memory_budget_bytes, from the /metrics of PROCESS's admin listener."""
+    address = process.wait_for_line(r"bumper: admin listening on (\S+)").group(1)
+    admin = Admin.__new__(Admin)
+    admin.url = f"http://{address}/metrics"
+    return admin.scrape()[("bumper_memory_budget_bytes", labels())]
+
+
 def test_the_default_budget_is_half_the_cgroup_limit(ca_dir: Path) -> None:
     with memory_cgroup(1024 * MiB) as cgroup:
-        # The shell moves itself into the cgroup, then becomes bumper.
-        proc = subprocess.Popen(
-            ["sh", "-c", f'echo $$ > {cgroup / "cgroup.procs"} && exec "$@"', "sh", BUMPER, "--ca", str(ca_dir),
-             "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        process = Process(proc)
+        process = bumper_in(cgroup, ca_dir)
         try:
-            address = process.wait_for_line(r"bumper: admin listening on (\S+)").group(1)
-            scraped = Admin.__new__(Admin)
-            scraped.url = f"http://{address}/metrics"
-            assert scraped.scrape()[("bumper_memory_budget_bytes", labels())] == 512 * MiB
+            assert budget_of(process) == 512 * MiB
+        finally:
+            process.stop()
+
+
+def test_a_default_budget_below_what_bumper_needs_is_none_with_one_line(ca_dir: Path) -> None:
+    """Half of a 160 MiB limit is less than bumper's 80% at start: the default turns the manager off."""
+    with memory_cgroup(160 * MiB) as cgroup:
+        process = bumper_in(cgroup, ca_dir)
+        try:
+            assert budget_of(process) == 0
+            line = process.wait_for_line(r"bumper: no memory budget: .*").group(0)
+            assert line.endswith("set --max-memory") and "half the cgroup's memory limit of 160 MiB" in line, line
         finally:
             process.stop()
 
