@@ -1,10 +1,17 @@
-"""The overload manager's decisions (bumper.proxy.overload), as plain functions: no sockets."""
+"""The overload manager's decisions (bumper.proxy.overload), as plain functions, and its estimate of
+what a connection holds over mitmproxy's layer objects: no sockets."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
+import h2.config
 import pytest
+from mitmproxy import connection, options
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.http import HttpStream
+from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection, SendH2Data
 
 from bumper.proxy.overload import (
     Action,
@@ -12,6 +19,7 @@ from bumper.proxy.overload import (
     cgroup_limit,
     decide,
     default_budget,
+    held_by,
     parse_budget,
     victims,
 )
@@ -126,3 +134,18 @@ def test_a_budget_bumper_is_past_at_start() -> None:
     assert below_start(100 * MiB, 80 * MiB)
     assert not below_start(200 * MiB, 80 * MiB)
     assert not below_start(0, 80 * MiB)  # no budget
+
+
+def test_what_a_connection_holds_is_found_in_its_layers() -> None:
+    """held_by, over mitmproxy's own layer objects: a body being buffered, an HTTP/2 stream's data
+    waiting for the peer's window, a WebSocket message being assembled, each found under wrappers."""
+    client = connection.Client(peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2), timestamp_start=0)
+    context = Context(client, options.Options())
+    stream = HttpStream(context, 1)
+    stream.request_body_buf += b"b" * 1000
+    h2_conn = BufferedH2Connection(h2.config.H2Configuration(client_side=False))
+    h2_conn.stream_buffers[1].append(SendH2Data(b"h" * 500, False))
+    ws = SimpleNamespace(client_ws=SimpleNamespace(frame_buf=[b"w" * 300, bytearray(b"w" * 20)]), server_ws=None)
+    stream.child_layer = ws  # type: ignore[assignment]
+    top = SimpleNamespace(child=SimpleNamespace(layer=SimpleNamespace(h2_conn=h2_conn, streams={1: stream})))
+    assert held_by(SimpleNamespace(layer=top, transports={})) == 1000 + 500 + 320

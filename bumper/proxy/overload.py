@@ -203,6 +203,9 @@ def _held_by_layer(layer: Any) -> int:
     for ws in (getattr(layer, "client_ws", None), getattr(layer, "server_ws", None)):  # a WebSocket message
         if ws is not None:
             held += sum(map(len, ws.frame_buf))
+    h2 = getattr(layer, "h2_conn", None)  # HTTP/2: what waits for the peer's window, by stream
+    for queue in getattr(h2, "stream_buffers", {}).values():
+        held += sum(len(chunk.data) for chunk in queue)
     flow = getattr(layer, "flow", None)
     if isinstance(flow, http.HTTPFlow):
         held += _body(flow.request) + _body(flow.response)
