@@ -9,8 +9,8 @@ Why these thresholds. The default budget is half the memory limit, so even 100% 
 other half for what the kernel charges bumper besides its heap (socket buffers, the page cache, the
 key worker). 80%: refusing new work hurts nobody already served, so it comes first and early. 90%:
 shrinking costs the hit rate and a collection's pause. 95%: a reset loses a client's transfer, so it
-comes last, with 5% left for the collection that follows it. The 10% between steps is what the heap
-may grow between two readings under a burst on 2 cores.
+comes last, with 5% left for the collection that follows it. Between two readings a fast client
+adds some 10 MiB: the steps are far enough apart for each to be seen on its way up.
 
 The decisions (`decide`, `victims`, `default_budget`) are plain functions over plain data; the
 addon only reads the RSS and each connection's estimate, and applies them."""
