@@ -33,7 +33,7 @@ import wsproto
 import wsproto.events
 import wsproto.extensions
 
-from tests.conftest import Bumper, Upstream, client_tls_context, listening_socket, open_tunnel
+from tests.conftest import WS_READING, Bumper, Upstream, client_tls_context, listening_socket, open_tunnel
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -485,6 +485,38 @@ def ws_compression_bomb(lab: Lab) -> tuple[float, str]:
     )
 
 
+def ws_message_never_ends(lab: Lab) -> tuple[float, str]:
+    """A WebSocket message that never ends, its fragments as fast as bumper takes them, under a memory
+    budget: the overload manager resets the connection holding the most before the budget is spent."""
+    cap = lab.size(1024 * MiB, 256 * MiB)
+    piece = b"n" * MiB
+    tls, ws = ws_connect(lab.bumper, lab.upstream)
+    start = time.monotonic()
+    sent = 0
+    with tls:
+        try:
+            while sent < cap:
+                tls.sendall(ws.send(wsproto.events.BytesMessage(piece, message_finished=False)))
+                sent += len(piece)
+        except OSError as e:
+            return time.monotonic() - start, f"reset after {sent // MiB} MiB sent ({type(e).__name__})"
+        gone = read_until_closed(tls, 10) == b""
+    return time.monotonic() - start, f"{sent // MiB} MiB sent, {'then closed' if gone else 'never reset'}"
+
+
+def baseline_rss(start_bumper: Callable[..., Bumper], upstream: Upstream, *settings: str) -> int:
+    """The RSS (bytes) of a bumper started with SETTINGS and no memory budget, its good path warm:
+    what a case's budget is set against."""
+    bumper = start_bumper(*settings, "--max-memory", "off")
+    try:
+        for _ in range(5):
+            good_request(bumper, upstream)
+        time.sleep(0.5)
+        return rss_kib(bumper.process.proc.pid) * 1024
+    finally:
+        bumper.process.stop()
+
+
 def h2_rapid_reset(lab: Lab) -> tuple[float, str]:
     count = lab.size(20000, 2000)
     before = lab.upstream.requests
@@ -547,6 +579,8 @@ class Case:
     run: Callable[[Lab], tuple[float, str]]
     then: str = ""  # what bumper did when issue 22 was filed
     bumper_args: tuple[str, ...] = ()  # for the bounded run only
+    settings: tuple[str, ...] = ()  # for every run: what the case is about
+    headroom: int = 0  # above 0: bumper runs with --max-memory its baseline (baseline_rss) plus this
 
 
 CASES = {
@@ -579,6 +613,13 @@ CASES = {
         "HTTP/2 rapid reset: 20,000 HEADERS + RST_STREAM",
         h2_rapid_reset,
         "all 20,000 requests forwarded upstream, 10 s of CPU, no GOAWAY",
+    ),
+    "memory-budget": Case(
+        "memory budget exhausted: a WebSocket message that never ends, --max-memory baseline + 48 MiB",
+        ws_message_never_ends,
+        "(not in the issue) no budget: the message grew until --websocket-max-message",
+        settings=(*WS_READING, "--websocket-max-message", "2g"),  # assembled: an addon reads messages
+        headroom=48 * MiB,
     ),
     "many-response-headers": Case("100,000 response headers", many_response_headers, "11 s for one response"),
     "slowloris-upstream": Case(

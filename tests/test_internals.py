@@ -161,6 +161,11 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.server.ConnectionHandler.open_connection": ("5e0b3cbaf7a4030a", "its connect checked, error read"),
     "mitmproxy.addons.proxyserver.Proxyserver.server_connect": ("1fc787ebda12ea02", "its loop check reworded"),
     "mitmproxy.net.http.url.parse_authority": ("d8338265c05d8491", "decodes a CONNECT host to Unicode"),
+    # What a connection holds, estimated by the overload manager (bumper/proxy/overload.py held_by)
+    "mitmproxy.proxy.layers.http.HttpLayer.__init__": ("1ece202e595d103e", "streams, connections walked"),
+    "mitmproxy.proxy.layers.http.HttpStream.__init__": ("9892a5f6b47b7b7b", "body buffers read"),
+    "mitmproxy.proxy.layers.http._http1.Http1Connection.__init__": ("8763ca2559caa640", "buf read"),
+    "mitmproxy.proxy.layers.websocket.WebsocketLayer.__init__": ("567c253482a9dd73", "client_ws, server_ws read"),
 }
 
 # pyOpenSSL has no public call for these: host name checks and OpenSSL's verify error codes.

@@ -102,6 +102,20 @@ class Reclaim:
         if not due(rss, self.floor, self.closed, now, self.allowed_at, self.growth):
             self.floor = min(self.floor, rss)
             return
+        self._collect(rss, now)
+
+    def collect_if_allowed(self) -> None:
+        """Collect and trim whether or not a connection closed, if the share of the time allows it:
+        the overload manager's shrink step (bumper.proxy.overload)."""
+        if self.clock() >= self.allowed_at:
+            self.collect()
+
+    def collect(self) -> None:
+        """Collect and trim now, whatever the share: what frees the connections the overload manager
+        has just reset."""
+        self._collect(self.rss(), self.clock())
+
+    def _collect(self, rss: int, now: float) -> None:
         gc.collect()
         self.trim()
         after, ended = self.rss(), self.clock()
