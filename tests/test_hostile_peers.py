@@ -76,7 +76,11 @@ def test_hostile_peer(
     name: str, start_bumper: Callable[..., Bumper], upstream: Upstream, hostile_server: Callable[..., HostileServer]
 ) -> None:
     case = CASES[name]
-    bumper = start_bumper(*(() if FULL else case.bumper_args))
+    settings = (*(() if FULL else case.bumper_args), *case.settings)
+    if case.headroom:
+        budget = hostile_peers.baseline_rss(start_bumper, upstream, *settings) + case.headroom
+        settings = (*settings, "--max-memory", str(budget))
+    bumper = start_bumper(*settings)
     lab = Lab(bumper, upstream, hostile_server, FULL)
     try:
         row: Row = hostile_peers.measure(lab, case, SETTLE)

@@ -59,7 +59,14 @@ PINNED: dict[str, tuple[str, str]] = {
     # and its deadline: a RequestWakeup, which HttpLayer routes back to the layer that asked (command_sources)
     "mitmproxy.proxy.layers.http._http1.Http1Connection._handle_event": ("2ac8db3e43ae743f", "extended: Wakeup"),
     # The WebSocket message limit: bumper's WebsocketLayer, put where HttpStream.flow_done makes it by name
-    "mitmproxy.proxy.layers.websocket.WebsocketLayer.relay_messages": ("2d451252c7287da0", "extended: frame_buf"),
+    "mitmproxy.proxy.layers.websocket.WebsocketLayer.relay_messages": ("2d451252c7287da0", "assembled path: extended"),
+    "mitmproxy.proxy.layers.websocket.WebsocketLayer.start": ("8445ad1cfb2fcca5", "extended: its deflate bounded"),
+    # wsproto, under it: permessage-deflate's inflating bounded (bumper.proxy.websocket.BoundedDeflate)
+    "wsproto.extensions.PerMessageDeflate.frame_inbound_payload_data": ("93bc8692346aa787", "overridden"),
+    "wsproto.connection.Connection.__init__": ("2aa4c1439d32bd59", "its _proto's extensions read"),
+    "wsproto.frame_protocol.FrameProtocol.__init__": ("037e847db237d081", "its extensions read"),
+    "wsproto.connection.Connection.events": ("e4d77be0bfef1af2", "turns an extension's CloseReason into a close"),
+    "mitmproxy.proxy.layers.websocket.WebsocketConnection.send2": ("f33f2c236db2bec9", "called to stream"),
     "mitmproxy.proxy.layers.websocket.WebsocketConnection.__init__": ("f77a8c21ac12e55f", "its frame_buf read"),
     "mitmproxy.proxy.layers.http._http2.Http2Connection._handle_event": ("7fc814a8a507f234", "its error page replaced"),
     "mitmproxy.proxy.layers.http._base.format_error": ("26271a67770fbaf1", "its paragraph read"),
@@ -180,6 +187,11 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.server.ConnectionHandler.open_connection": ("5e0b3cbaf7a4030a", "its connect checked, error read"),
     "mitmproxy.addons.proxyserver.Proxyserver.server_connect": ("1fc787ebda12ea02", "its loop check reworded"),
     "mitmproxy.net.http.url.parse_authority": ("d8338265c05d8491", "decodes a CONNECT host to Unicode"),
+    # What a connection holds, estimated by the overload manager (bumper/proxy/overload.py held_by)
+    "mitmproxy.proxy.layers.http.HttpLayer.__init__": ("1ece202e595d103e", "streams, connections walked"),
+    "mitmproxy.proxy.layers.http.HttpStream.__init__": ("9892a5f6b47b7b7b", "body buffers read"),
+    "mitmproxy.proxy.layers.http._http1.Http1Connection.__init__": ("8763ca2559caa640", "buf read"),
+    "mitmproxy.proxy.layers.websocket.WebsocketLayer.__init__": ("567c253482a9dd73", "client_ws, server_ws read"),
 }
 
 # pyOpenSSL has no public call for these: host name checks and OpenSSL's verify error codes.

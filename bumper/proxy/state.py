@@ -73,6 +73,9 @@ class ConnectionState:
     # --admin's handshake times start (bumper.proxy.metrics sets them; None without --admin).
     hello_at: float | None = None
     upstream_tls_at: float | None = None
+    # The bytes it held (its buffers, the bodies held whole, its unwritten output) when the overload
+    # manager last looked, under memory pressure only (bumper.proxy.overload.held_by).
+    memory: int = 0
 
     @property
     def action(self) -> Action | None:
