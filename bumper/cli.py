@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.utils import CryptographyDeprecationWarning
@@ -35,7 +36,7 @@ from bumper.policy.binder import parse_size
 from bumper.policy.load import check as check_policy
 from bumper.policy.load import load as load_policy
 from bumper.policy.rules import LAB
-from bumper.proxy import eventlog, limits
+from bumper.proxy import eventlog, limits, overload
 from bumper.proxy.admin import AdminConfig
 from bumper.proxy.eventlog import LOG_FORMATS, LogFormat
 from bumper.proxy.listeners import DEFAULT_LISTEN, client_ca, parse_all, with_certificates
@@ -219,7 +220,16 @@ def _run_parser() -> argparse.ArgumentParser:
         "p256, p384, p521, ed25519 (default: p256)",
     )
     _max_mimic_key_option(m)
-    _limit_options(p.add_argument_group("limits (docs/limits.md)"))
+    limit_group = p.add_argument_group("limits (docs/limits.md)")
+    _limit_options(limit_group)
+    limit_group.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        type=_budget,
+        help="the memory budget: over 80%% of it new connections wait, over 90%% caches shrink and keep-alive "
+        "ends, over 95%% the connections holding the most are reset; 0 or off: none (default: half the "
+        "cgroup's memory limit, else half the machine's memory; docs/limits.md)",
+    )
     p.add_argument(
         "--drain-timeout",
         metavar="SECONDS",
@@ -346,6 +356,7 @@ def _run_command(args: list[str]) -> int:
         users=htpasswd.load(opts.proxy_auth) if opts.proxy_auth else None,
         drain_timeout=opts.drain_timeout,
         admin=_admin(opts.admin, opts.admin_allow),
+        **_max_memory(opts.max_memory),
         mimics=MimicSettings(
             memory_bytes=opts.mimic_cache,
             db_bytes=opts.mimic_db,
@@ -575,6 +586,21 @@ def _cache_size(text: str) -> int:
     if 0 < value < MIN_CACHE_BYTES:
         raise argparse.ArgumentTypeError(f"expected at least 4MiB (or 0 to keep none), got {text!r}")
     return value
+
+
+def _budget(text: str) -> int:
+    try:
+        return overload.parse_budget(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (use 512MiB, 2g, or off)") from None
+
+
+def _max_memory(given: int | None) -> dict[str, Any]:
+    """ProxyConfig's max_memory and max_memory_default: --max-memory's, or the default and its origin."""
+    if given is not None:
+        return {"max_memory": given}
+    budget, origin = overload.system_default_budget()
+    return {"max_memory": budget, "max_memory_default": origin}
 
 
 def _key_type(text: str) -> KeySpec:

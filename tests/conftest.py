@@ -27,6 +27,13 @@ UPSTREAM_SCRIPT = Path(__file__).with_name("upstream.py")
 BUMPER = shutil.which("bumper", path=str(Path(sys.executable).parent)) or "bumper"
 UPSTREAM_HOST = "upstream.test"
 ANY_PORT_POLICY = Path(__file__).with_name("lab-any-port.yaml")
+# bumper's arguments for an addon that reads whole WebSocket messages (they are then assembled, not streamed)
+WS_READING = (
+    "--policy",
+    str(Path(__file__).with_name("lab-ws-reading.yaml")),
+    "--addons",
+    str(Path(__file__).with_name("addons_fixture")),
+)
 START_TIMEOUT = 30.0
 
 # The proxy runs as `python -O` (cli._without_debug_checks), which skips mitmproxy's own type checks

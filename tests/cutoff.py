@@ -11,7 +11,7 @@ a cut-off body from a complete one (docs/security.md, "Truncation is never hidde
       chunked       chunked, one chunk announced at 2 * SIZE, SIZE bytes of it sent, then close_notify
 
 HTTP/2 (ALPN h2) answers any request with its headers and SIZE bytes of DATA (SIZE from the path's
-last segment; at most what bumper's flow-control window allows), then resets the stream
+last segment; sent as bumper's flow-control windows open), then resets the stream
 (RST_STREAM INTERNAL_ERROR).
 
 serve_plain: the same HTTP/1.1 answers in clear text (plain http, where a FIN is all there is).
@@ -97,16 +97,20 @@ def _reset_h2_stream(tls: ssl.SSLSocket) -> None:
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     conn.initiate_connection()
     tls.sendall(conn.data_to_send())
+    pending: dict[int, bytes] = {}  # what each stream has still to send before its reset
     while data := tls.recv(65536):
         for event in conn.receive_data(data):
             if isinstance(event, h2.events.RequestReceived):
                 path = dict(event.headers)[b":path"]
-                body = pattern_bytes(int(path.rsplit(b"/", 1)[1]))
+                pending[event.stream_id] = pattern_bytes(int(path.rsplit(b"/", 1)[1]))
                 conn.send_headers(event.stream_id, [(":status", "200"), ("content-type", "application/octet-stream")])
-                body = body[: conn.local_flow_control_window(event.stream_id)]
-                step = conn.max_outbound_frame_size
-                for start in range(0, len(body), step):
-                    conn.send_data(event.stream_id, body[start : start + step])
-                conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        for stream_id, body in list(pending.items()):  # as far as bumper's windows allow (a WINDOW_UPDATE: more)
+            while body and (size := min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)):
+                conn.send_data(stream_id, body[:size])
+                body = body[size:]
+            pending[stream_id] = body
+            if not body:
+                conn.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                del pending[stream_id]
         tls.sendall(conn.data_to_send())
     tls.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import ssl
 import statistics
@@ -31,8 +32,9 @@ import h2.exceptions
 import h2.settings
 import wsproto
 import wsproto.events
+import wsproto.extensions
 
-from tests.conftest import Bumper, Upstream, client_tls_context, listening_socket, open_tunnel
+from tests.conftest import WS_READING, Bumper, Upstream, client_tls_context, listening_socket, open_tunnel
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -307,47 +309,56 @@ def h2_sends_body(tls: ssl.SSLSocket, size: int, sent: list[int]) -> None:
         pass
 
 
-def h2_zero_window(lab: Lab, body: int | None = None) -> tuple[float, str]:
+def h2_zero_window(lab: Lab, body: int | None = None, connections: int = 1) -> tuple[float, str]:
     """An HTTP/2 client that announces a zero stream window and never opens it, while the upstream
-    (HTTP/2: bumper mirrors its ALPN to the client) sends a large BODY as fast as bumper takes it."""
+    (HTTP/2: bumper mirrors its ALPN to the client) sends a large BODY as fast as bumper takes it; on
+    CONNECTIONS such connections at once, each to an upstream connection of its own."""
     body = body or lab.size(512 * MiB, 64 * MiB)
     hold = lab.size(20, 4)
     sent: list[int] = []
     server = lab.hostile_server(lambda tls: h2_sends_body(tls, body, sent), alpn="h2")
     start = time.monotonic()
-    with tunnel(lab.bumper, "window.hostile.test", server.port, alpn=["h2"]) as tls:
-        assert tls.selected_alpn_protocol() == "h2"
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
-        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
-        conn.send_headers(
-            1,
-            [(":method", "GET"), (":scheme", "https"), (":authority", "window.hostile.test"), (":path", "/")],
-            end_stream=True,
-        )
-        tls.sendall(conn.data_to_send())
+    with contextlib.ExitStack() as stack:
+        clients = []
+        for _ in range(connections):
+            tls = stack.enter_context(tunnel(lab.bumper, "window.hostile.test", server.port, alpn=["h2"]))
+            assert tls.selected_alpn_protocol() == "h2"
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+            conn.send_headers(
+                1,
+                [(":method", "GET"), (":scheme", "https"), (":authority", "window.hostile.test"), (":path", "/")],
+                end_stream=True,
+            )
+            tls.sendall(conn.data_to_send())
+            clients.append((tls, conn))
         deadline = time.monotonic() + hold
-        while time.monotonic() < deadline:  # reads what comes, acknowledges no DATA: the window stays shut
-            tls.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                data = tls.recv(65536)
-            except TimeoutError:
-                break
-            if not data:
-                break
-            conn.receive_data(data)
-            if out := conn.data_to_send():
-                tls.sendall(out)
+        while clients and time.monotonic() < deadline:  # reads what comes, acknowledges no DATA: the window stays shut
+            readable, _, _ = select.select([tls for tls, _ in clients], [], [], max(0.01, deadline - time.monotonic()))
+            for tls, conn in list(clients):
+                if tls not in readable:
+                    continue
+                if not (data := tls.recv(65536)):
+                    clients.remove((tls, conn))
+                    continue
+                conn.receive_data(data)
+                if out := conn.data_to_send():
+                    tls.sendall(out)
     lived = time.monotonic() - start
     time.sleep(1)  # what the upstream had sent when the client left
-    return lived, f"held {hold}s; the upstream sent {sum(sent) // MiB} MiB of {body // MiB}"
+    each = f" on each of {connections} connections" if connections > 1 else ""
+    return lived, f"held {hold}s; the upstream sent {max(sent, default=0) // MiB} MiB of {body // MiB}{each}"
 
 
-def ws_connect(bumper: Bumper, upstream: Upstream) -> tuple[ssl.SSLSocket, wsproto.WSConnection]:
-    """A WebSocket through BUMPER to UPSTREAM's echo (/ws), its handshake done."""
+def ws_connect(
+    bumper: Bumper, upstream: Upstream, extensions: list[wsproto.extensions.Extension] | None = None
+) -> tuple[ssl.SSLSocket, wsproto.WSConnection]:
+    """A WebSocket through BUMPER to UPSTREAM's echo (/ws), its handshake done, with the EXTENSIONS
+    offered all agreed."""
     tls = tunnel(bumper, upstream.host, upstream.port, alpn=["http/1.1"])
     ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-    tls.sendall(ws.send(wsproto.events.Request(host=upstream.host, target="/ws")))
+    tls.sendall(ws.send(wsproto.events.Request(host=upstream.host, target="/ws", extensions=extensions or [])))
     tls.settimeout(10)
     while True:
         data = tls.recv(65536)
@@ -355,6 +366,7 @@ def ws_connect(bumper: Bumper, upstream: Upstream) -> tuple[ssl.SSLSocket, wspro
         ws.receive_data(data)
         for event in ws.events():
             if isinstance(event, wsproto.events.AcceptConnection):
+                assert len(event.extensions) == len(extensions or []), event.extensions
                 return tls, ws
             raise AssertionError(f"WebSocket handshake refused: {event}")
 
@@ -455,6 +467,63 @@ def ws_one_big_frame(lab: Lab) -> tuple[float, str]:
     return time.monotonic() - start, f"one {size // MiB} MiB frame: {outcome}"
 
 
+def ws_compression_bomb(lab: Lab) -> tuple[float, str]:
+    """permessage-deflate: 256 MiB of zeros, about 255 KB on the wire."""
+    size = lab.size(256 * MiB, 64 * MiB)
+    tls, ws = ws_connect(lab.bumper, lab.upstream, [wsproto.extensions.PerMessageDeflate()])
+    start = time.monotonic()
+    outcome = ""
+    with tls:
+        wire = ws.send(wsproto.events.BytesMessage(bytes(size)))
+        with contextlib.suppress(OSError):
+            tls.sendall(wire)
+        echoed = 0
+        for event in ws_events(tls, ws, 60):
+            if isinstance(event, wsproto.events.BytesMessage):
+                echoed += len(event.data)
+                if event.message_finished:
+                    break
+            elif isinstance(event, wsproto.events.CloseConnection):
+                outcome = f"closed {event.code}"
+                break
+    return (
+        time.monotonic() - start,
+        f"{size // MiB} MiB in {len(wire) // 1024} KiB; {outcome or f'echoed {echoed // MiB} MiB'}",
+    )
+
+
+def ws_message_never_ends(lab: Lab) -> tuple[float, str]:
+    """A WebSocket message that never ends, its fragments as fast as bumper takes them, under a memory
+    budget: the overload manager resets the connection holding the most before the budget is spent."""
+    cap = lab.size(1024 * MiB, 256 * MiB)
+    piece = b"n" * MiB
+    tls, ws = ws_connect(lab.bumper, lab.upstream)
+    start = time.monotonic()
+    sent = 0
+    with tls:
+        try:
+            while sent < cap:
+                tls.sendall(ws.send(wsproto.events.BytesMessage(piece, message_finished=False)))
+                sent += len(piece)
+        except OSError as e:
+            return time.monotonic() - start, f"reset after {sent // MiB} MiB sent ({type(e).__name__})"
+        gone = read_until_closed(tls, 10) == b""
+    return time.monotonic() - start, f"{sent // MiB} MiB sent, {'then closed' if gone else 'never reset'}"
+
+
+def baseline_rss(start_bumper: Callable[..., Bumper], upstream: Upstream, *settings: str) -> int:
+    """The RSS (bytes) of a bumper started with SETTINGS and no memory budget, its good path warm:
+    what a case's budget is set against."""
+    bumper = start_bumper(*settings, "--max-memory", "off")
+    try:
+        for _ in range(5):
+            good_request(bumper, upstream)
+        time.sleep(0.5)
+        return rss_kib(bumper.process.proc.pid) * 1024
+    finally:
+        bumper.process.stop()
+
+
 def h2_rapid_reset(lab: Lab) -> tuple[float, str]:
     count = lab.size(20000, 2000)
     before = lab.upstream.requests
@@ -517,6 +586,8 @@ class Case:
     run: Callable[[Lab], tuple[float, str]]
     then: str = ""  # what bumper did when issue 22 was filed
     bumper_args: tuple[str, ...] = ()  # for the bounded run only
+    settings: tuple[str, ...] = ()  # for every run: what the case is about
+    headroom: int = 0  # above 0: bumper runs with --max-memory its baseline (baseline_rss) plus this
 
 
 CASES = {
@@ -540,10 +611,22 @@ CASES = {
     ),
     "ws-messages": Case("WebSocket: 300 messages of 1 MiB", ws_many_messages, "RSS +234 MiB, not returned"),
     "ws-big-frame": Case("WebSocket: one 256 MiB frame", ws_one_big_frame, "the connection broke (EOF)"),
+    "ws-compression-bomb": Case(
+        "WebSocket: 256 MiB of zeros compressed (permessage-deflate)",
+        ws_compression_bomb,
+        "(not in the issue) inflated in one piece: RSS +241 MiB",
+    ),
     "h2-rapid-reset": Case(
         "HTTP/2 rapid reset: 20,000 HEADERS + RST_STREAM",
         h2_rapid_reset,
         "all 20,000 requests forwarded upstream, 10 s of CPU, no GOAWAY",
+    ),
+    "memory-budget": Case(
+        "memory budget exhausted: a WebSocket message that never ends, --max-memory baseline + 48 MiB",
+        ws_message_never_ends,
+        "(not in the issue) no budget: the message grew until --websocket-max-message",
+        settings=(*WS_READING, "--websocket-max-message", "2g"),  # assembled: an addon reads messages
+        headroom=48 * MiB,
     ),
     "many-response-headers": Case("100,000 response headers", many_response_headers, "11 s for one response"),
     "slowloris-upstream": Case(

@@ -29,7 +29,7 @@ FULL = hostile_peers.full_run()
 SETTLE = 30.0 if FULL else 1.0
 # Where bumper misses a target today (issue 22's work still to do): these run in `make hostile` only,
 # where they fail until fixed, and the table shows the numbers.
-MISSES = {"h2-zero-window"}
+MISSES: set[str] = set()
 # Idle bumped keep-alive connections held at once for their cost (the issue's N).
 IDLE_CONNECTIONS = 200
 
@@ -76,7 +76,11 @@ def test_hostile_peer(
     name: str, start_bumper: Callable[..., Bumper], upstream: Upstream, hostile_server: Callable[..., HostileServer]
 ) -> None:
     case = CASES[name]
-    bumper = start_bumper(*(() if FULL else case.bumper_args))
+    settings = (*(() if FULL else case.bumper_args), *case.settings)
+    if case.headroom:
+        budget = hostile_peers.baseline_rss(start_bumper, upstream, *settings) + case.headroom
+        settings = (*settings, "--max-memory", str(budget))
+    bumper = start_bumper(*settings)
     lab = Lab(bumper, upstream, hostile_server, FULL)
     try:
         row: Row = hostile_peers.measure(lab, case, SETTLE)
@@ -125,14 +129,16 @@ def test_idle_connection_cost_after_a_download(start_bumper: Callable[..., Bumpe
 def test_memory_comes_back_after_the_close(
     start_bumper: Callable[..., Bumper], upstream: Upstream, hostile_server: Callable[..., HostileServer]
 ) -> None:
-    """An HTTP/2 client that keeps its window shut while the upstream sends 96 MiB: bumper holds what
-    the client does not take (mitmproxy's send buffer has no bound yet), so the RSS peaks far over the
-    baseline, and it is back within 64 MiB of it 10 s after the close. The closed connection's objects
-    are cycles Python's collector would leave for minutes, and glibc would keep the pages they freed
-    (bumper/proxy/reclaim.py)."""
+    """Sixteen HTTP/2 clients that keep their windows shut while the upstream sends: bumper holds what
+    each upstream may send before its window closes (a stream's window, bumper.proxy.h2flow), so the
+    RSS peaks far over the baseline, and it is back within 64 MiB of it 10 s after the close. The
+    closed connections' objects are cycles Python's collector would leave for minutes, and glibc would
+    keep the pages they freed (bumper/proxy/reclaim.py)."""
     bumper = start_bumper()
     lab = Lab(bumper, upstream, hostile_server, FULL)
-    case = hostile_peers.Case("96 MiB to a shut HTTP/2 window", lambda lab: hostile_peers.h2_zero_window(lab, 96 * MiB))
+    case = hostile_peers.Case(
+        "16 shut HTTP/2 windows", lambda lab: hostile_peers.h2_zero_window(lab, 16 * MiB, connections=16)
+    )
     try:
         row = hostile_peers.measure(lab, case, 10.0)
     finally:

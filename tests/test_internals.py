@@ -49,17 +49,24 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layers.http.HttpLayer.event_to_child": ("1095f6e1581d1780", "overridden"),
     "mitmproxy.proxy.layers.http.HttpLayer._handle_event": (
         "6ba31883cc7a06b3",
-        "keeps Http1/2Server; Http1Client by name",
+        "keeps Http1/2Server; Http1/2Client by name",
     ),
     "mitmproxy.proxy.layers.http._http1.Http1Server.read_headers": ("3fe0945216bcf7bc", "overridden, page read"),
     "mitmproxy.proxy.layers.http._http1.Http1Server.send": ("cc218a1337c0f5cf", "overridden: CutOff; page replicated"),
     # The upstream's response head limit: bumper's Http1Client, put where these make it by name
     "mitmproxy.proxy.layers.http._http1.Http1Client.read_headers": ("415454c5fa8b5981", "overridden: head size"),
-    "mitmproxy.proxy.layers.http.HttpClient._handle_event": ("bc1cae775a49a4fe", "makes Http1Client by name"),
+    "mitmproxy.proxy.layers.http.HttpClient._handle_event": ("bc1cae775a49a4fe", "makes Http1/2Client by name"),
     # and its deadline: a RequestWakeup, which HttpLayer routes back to the layer that asked (command_sources)
     "mitmproxy.proxy.layers.http._http1.Http1Connection._handle_event": ("2ac8db3e43ae743f", "extended: Wakeup"),
     # The WebSocket message limit: bumper's WebsocketLayer, put where HttpStream.flow_done makes it by name
-    "mitmproxy.proxy.layers.websocket.WebsocketLayer.relay_messages": ("2d451252c7287da0", "extended: frame_buf"),
+    "mitmproxy.proxy.layers.websocket.WebsocketLayer.relay_messages": ("2d451252c7287da0", "assembled path: extended"),
+    "mitmproxy.proxy.layers.websocket.WebsocketLayer.start": ("8445ad1cfb2fcca5", "extended: its deflate bounded"),
+    # wsproto, under it: permessage-deflate's inflating bounded (bumper.proxy.websocket.BoundedDeflate)
+    "wsproto.extensions.PerMessageDeflate.frame_inbound_payload_data": ("93bc8692346aa787", "overridden"),
+    "wsproto.connection.Connection.__init__": ("2aa4c1439d32bd59", "its _proto's extensions read"),
+    "wsproto.frame_protocol.FrameProtocol.__init__": ("037e847db237d081", "its extensions read"),
+    "wsproto.connection.Connection.events": ("e4d77be0bfef1af2", "turns an extension's CloseReason into a close"),
+    "mitmproxy.proxy.layers.websocket.WebsocketConnection.send2": ("f33f2c236db2bec9", "called to stream"),
     "mitmproxy.proxy.layers.websocket.WebsocketConnection.__init__": ("f77a8c21ac12e55f", "its frame_buf read"),
     "mitmproxy.proxy.layers.http._http2.Http2Connection._handle_event": ("7fc814a8a507f234", "its error page replaced"),
     "mitmproxy.proxy.layers.http._base.format_error": ("26271a67770fbaf1", "its paragraph read"),
@@ -109,11 +116,37 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layers.http._http2.Http2Server.handle_h2_event": ("d24a023c678de6ce", "overridden"),
     "mitmproxy.proxy.layers.http._http2.Http2Connection.handle_h2_event": (
         "f6b6a52b12548102",
-        "its stream bookkeeping",
+        "its stream bookkeeping; acknowledge_received_data held",
     ),
     "mitmproxy.proxy.layers.http._http2.Http2Connection.protocol_error": ("461f5e7de9c9b687", "called"),
     "mitmproxy.proxy.layers.http._http2.Http2Connection.close_connection": ("44b76ed198e7916a", "sets done, compared"),
     "mitmproxy.proxy.layers.http._http_h2.BufferedH2Connection.__init__": ("73fce8e17f54112a", "its settings pattern"),
+    # HTTP/2 flow control: bounded windows, DATA acknowledged once the other leg passed it on (bumper/proxy/h2flow.py)
+    "mitmproxy.proxy.layers.http._http_h2.BufferedH2Connection.initiate_connection": (
+        "96af41e63f2d65bc",
+        "overridden: its 2 GiB window skipped",
+    ),
+    "mitmproxy.proxy.layers.http._http_h2.BufferedH2Connection.send_data": ("eeb7918d96b19708", "stream_buffers read"),
+    "mitmproxy.proxy.layers.http._http_h2.BufferedH2Connection.stream_window_updated": (
+        "3be939b870a5f8e4",
+        "drains stream_buffers",
+    ),
+    "mitmproxy.proxy.layers.http._http_h2.BufferedH2Connection.receive_data": (
+        "1ebc3cf9b6b1e3d6",
+        "WINDOW_UPDATE drains, a reset pops stream_buffers",
+    ),
+    "mitmproxy.proxy.layers.http._http2.Http2Connection.__init__": ("1614b5711609de26", "its h2_conn replaced"),
+    "mitmproxy.proxy.layers.http._http2.Http2Client.__init__": ("e4b5d0162e44ceaa", "its local settings kept"),
+    "mitmproxy.proxy.layers.http._http2.Http2Client._handle_event": (
+        "02de05a5b89f087b",
+        "our_stream_id, their_stream_id, stream_queue read",
+    ),
+    "mitmproxy.proxy.layer.Layer.handle_event": ("fd88b0fb09ceddbb", "its _paused_event_queue read, a LazyQueue"),
+    "mitmproxy.proxy.server.ConnectionHandler.handle_connection": (
+        "95c3f93e9824e527",
+        "reads through the transport bumper pauses; cancelled when idle: CLOSED, popped",
+    ),
+    "mitmproxy.proxy.server.ConnectionHandler.drain_writers": ("6b57434604561e3e", "HTTP/1 legs' back-pressure"),
     # Deadlines, idle log line, connection counts (bumper/proxy/connlimits.py)
     "mitmproxy.proxy.server.TimeoutWatchdog.watch": ("eee8e7085dba9250", "its callback replaced"),
     "mitmproxy.proxy.server.ConnectionHandler.on_timeout": ("0d1e6b0aa6e41173", "replicated by _close"),
@@ -154,14 +187,17 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.server.ConnectionHandler.open_connection": ("5e0b3cbaf7a4030a", "its connect checked, error read"),
     "mitmproxy.addons.proxyserver.Proxyserver.server_connect": ("1fc787ebda12ea02", "its loop check reworded"),
     "mitmproxy.net.http.url.parse_authority": ("d8338265c05d8491", "decodes a CONNECT host to Unicode"),
+    # What a connection holds, estimated by the overload manager (bumper/proxy/overload.py held_by)
+    "mitmproxy.proxy.layers.http.HttpLayer.__init__": ("1ece202e595d103e", "streams, connections walked"),
+    "mitmproxy.proxy.layers.http.HttpStream.__init__": ("9892a5f6b47b7b7b", "body buffers read"),
+    "mitmproxy.proxy.layers.http._http1.Http1Connection.__init__": ("8763ca2559caa640", "buf read"),
+    "mitmproxy.proxy.layers.websocket.WebsocketLayer.__init__": ("567c253482a9dd73", "client_ws, server_ws read"),
     # An idle connection's upstream leg closed and forgotten (bumper/proxy/upstreamidle.py)
-    "mitmproxy.proxy.server.ConnectionHandler.handle_connection": ("95c3f93e9824e527", "cancelled: CLOSED, popped"),
     "mitmproxy.proxy.layers.http.HttpLayer.get_connection": ("1aa1c63e3175766c", "skips closed; connections read"),
     "mitmproxy.proxy.tunnel.TunnelLayer._handle_event": ("00676a887c456cec", "CLOSED after ConnectionClosed"),
     "mitmproxy.proxy.layers.tls.TLSLayer.send_data": ("35a29a1b0b0cb184", "never on a closed tls, now None"),
     # Each layer's held events in a LazyQueue (bumper/proxy/lightlayers.py)
     "mitmproxy.proxy.layer.Layer.__init__": ("fd5121f4df9d0eba", "its collections.deque() replaced"),
-    "mitmproxy.proxy.layer.Layer.handle_event": ("fd88b0fb09ceddbb", "the queue's append"),
     "mitmproxy.proxy.layer.Layer._Layer__continue": ("1b275367b37bed01", "the queue's bool, popleft"),
     "mitmproxy.proxy.layers.http.HttpStream.check_killed": ("368cad352d1e82b6", "iterates the queue"),
 }

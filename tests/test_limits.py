@@ -19,8 +19,6 @@ from pathlib import Path
 import hpack
 import httpx
 import pytest
-import wsproto
-import wsproto.events
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 
 from tests.conftest import (
@@ -37,7 +35,6 @@ from tests.conftest import (
     open_tunnel,
     tcp_server,
 )
-from tests.hostile_peers import ws_connect, ws_events
 from tests.test_bad_input import read_http_response, run_next_to_good_requests
 
 ENHANCE_YOUR_CALM = 0xB
@@ -51,7 +48,6 @@ def quick(start_bumper: Callable[..., Bumper]) -> Bumper:
         "--request-timeout", "1", "--client-hello-timeout", "1", "--upstream-timeout", "1",
         "--h2-max-streams", "5", "--h2-max-resets", "10", "--max-headers", "20",
         "--max-header-bytes", "8k", "--max-client-hello-bytes", "8k", "--response-head-timeout", "1",
-        "--websocket-max-message", "1m",
     )  # fmt: skip
 
 
@@ -374,49 +370,6 @@ def test_trickled_response_head_within_the_limit_is_served(
         tls.sendall(b"GET / HTTP/1.1\r\nHost: slow.upstream.test\r\n\r\n")
         answer = read_http_response(tls)
         assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nok"), answer
-    tls.close()
-
-
-def ws_send_in_fragments(tls: ssl.SSLSocket, ws: wsproto.WSConnection, size: int, fragment: int = 64 * 1024) -> None:
-    pieces = size // fragment
-    with contextlib.suppress(OSError):  # closed by bumper while it was still sending
-        for i in range(pieces):
-            tls.sendall(ws.send(wsproto.events.BytesMessage(b"w" * fragment, message_finished=i == pieces - 1)))
-
-
-def ws_answer(tls: ssl.SSLSocket, ws: wsproto.WSConnection) -> tuple[int, int | None]:
-    """The size of the next whole message from the other end, and the close code it sent instead, if it did."""
-    received = 0
-    for event in ws_events(tls, ws, 10):
-        if isinstance(event, wsproto.events.BytesMessage):
-            received += len(event.data)
-            if event.message_finished:
-                return received, None
-        elif isinstance(event, wsproto.events.CloseConnection):
-            return received, event.code
-    raise AssertionError("neither a message nor a close within 10 s")
-
-
-def test_websocket_message_over_the_size_limit(quick: Bumper, upstream: Upstream) -> None:
-    """mitmproxy assembles each message whole before it relays it: a 2 MiB one in fragments is closed
-    with 1009 at the 1 MiB limit, and nothing of it reaches the upstream."""
-
-    def bad() -> int:
-        tls, ws = ws_connect(quick, upstream)
-        ws_send_in_fragments(tls, ws, 2 * 1024 * 1024)
-        assert ws_answer(tls, ws) == (0, 1009)
-        return tls.getsockname()[1]
-
-    line = run_next_to_good_requests(quick, upstream, bad)
-    assert line.endswith("outcome=limit: WebSocket message over 1048576 bytes (--websocket-max-message)"), line
-
-
-def test_websocket_messages_within_the_size_limit(quick: Bumper, upstream: Upstream) -> None:
-    """The limit is per message: three of 768 KiB in fragments (2.25 MiB in all) are each echoed whole."""
-    tls, ws = ws_connect(quick, upstream)
-    for _ in range(3):
-        ws_send_in_fragments(tls, ws, 768 * 1024)
-        assert ws_answer(tls, ws) == (768 * 1024, None)
     tls.close()
 
 

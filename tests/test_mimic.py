@@ -662,3 +662,20 @@ def test_keyspec_parse_accepts(text: str, expected: keys.KeySpec) -> None:
 def test_keyspec_parse_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="unknown key type"):
         keys.KeySpec.parse(text)
+
+
+def test_the_overload_manager_shrinks_the_memory_cache_and_gives_its_size_back(
+    authority: CertificateAuthority, runner: asyncio.Runner
+) -> None:
+    """resize (bumper.proxy.overload's shrink step): the least recently used go at once, the most
+    recently used stay, and the size given back fills again."""
+    ups = [make_upstream(subject=pki.name(f"shrink{i}.test"), key=pki.ec_key()) for i in range(16)]
+    store = SyncStore(MimicStore(authority), runner)
+    made = [store.get(up) for up in ups]
+    full = store.store.max_bytes
+    store.store.resize(4 * made[0].size + made[0].size // 2)
+    assert list(store.store._memory.values()) == made[-4:]
+    assert store.store.memory_bytes == sum(m.size for m in made[-4:])
+    store.store.resize(full)
+    assert store.get(ups[0]) is not made[0]  # gone while shrunk: minted again, and kept again
+    assert len(store.store._memory) == 5

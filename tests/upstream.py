@@ -131,6 +131,9 @@ def main() -> None:
     config.bind = [f"fd://{args.fd}"]
     config.alpn_protocols = ["h2", "http/1.1"]
     config.loglevel = "WARNING"
+    # The echo takes a message of any size a test sends (hypercorn's own limit is 16 MiB): what
+    # limits a message through bumper is bumper.
+    config.websocket_max_message_size = 1 << 30
     asyncio.run(serve(app, config))  # type: ignore[arg-type]
 
 

@@ -183,6 +183,12 @@ class MimicStore:
             return
         self._memory[cache_key] = made
         self.memory_bytes += made.size
+        self.resize(self.max_bytes)
+
+    def resize(self, max_bytes: int) -> None:
+        """Cap the memory cache at MAX_BYTES from now on, the least recently used out at once: the
+        overload manager shrinks it under memory pressure and gives its size back afterwards."""
+        self.max_bytes = max_bytes
         while self.memory_bytes > self.max_bytes:
             self._forget(next(iter(self._memory)))
 

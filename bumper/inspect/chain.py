@@ -21,6 +21,7 @@ from bumper.proxy.eventlog import ConnectionLog
 from bumper.proxy.httpstream import EARLY
 from bumper.proxy.layers import relay_handshake
 from bumper.proxy.state import ConnectionState
+from bumper.proxy.websocket import WHOLE_MESSAGES
 
 log = logging.getLogger("bumper.addons")
 
@@ -97,6 +98,9 @@ class AddonRunner:
         return self._flow_hook(flow, "error")
 
     def websocket_start(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        # Frames stream through unless an addon of the chain reads whole messages (bumper.proxy.websocket).
+        chain = flow.metadata.get(CHAIN, ())
+        flow.metadata[WHOLE_MESSAGES] = any(callable(getattr(addon, "websocket_message", None)) for _, addon in chain)
         return self._flow_hook(flow, "websocket_start")
 
     def websocket_message(self, flow: http.HTTPFlow) -> Awaitable[None] | None:

@@ -127,10 +127,12 @@ def answer(routes: Mapping[str, Route], request: Request) -> Response:
 class Readiness:
     """What /readyz says: not ready until the proxy's listeners are bound and its CA loaded (serve()
     says so with `listening()`), and not ready again from the first SIGTERM on, so that a load
-    balancer stops sending new connections while the open ones drain."""
+    balancer stops sending new connections while the open ones drain; nor while the overload manager
+    keeps new connections waiting (bumper.proxy.overload): the balancer sends them elsewhere meanwhile."""
 
-    def __init__(self, draining: Callable[[], bool]) -> None:
+    def __init__(self, draining: Callable[[], bool], overloaded: Callable[[], bool] = lambda: False) -> None:
         self._draining = draining
+        self._overloaded = overloaded
         self._listening = False
 
     def listening(self) -> None:
@@ -141,6 +143,8 @@ class Readiness:
             return "draining (SIGTERM)"
         if not self._listening:
             return "starting"
+        if self._overloaded():
+            return "overloaded (memory over 80% of --max-memory: new connections wait)"
         return None
 
 

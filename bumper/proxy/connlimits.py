@@ -44,7 +44,10 @@ class ConnectionLimits:
         self._deadlines: dict[str, asyncio.TimerHandle] = {}  # by client or server connection id
         self._per_address: dict[str, int] = {}
         self._open = 0
-        self._paused = False
+        # Two reasons to stop accepting, each with its own lines: max_connections open (_full), and
+        # the overload manager's (bumper.proxy.overload). Accepting resumes when neither holds.
+        self._full = False
+        self._overloaded = False
 
     # Connection counts, and the deadline for the first request.
 
@@ -70,7 +73,7 @@ class ConnectionLimits:
         watchdog.callback = self._on_idle(client, watchdog.callback)
         seconds = self.limits.request_timeout
         reason = timed_out("no complete request", seconds, "--request-timeout")
-        self._arm(client.id, seconds, lambda: self._close_client(client, reason))
+        self._arm(client.id, seconds, lambda: self.close_client(client, reason))
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._disarm(client.id)
@@ -81,7 +84,7 @@ class ConnectionLimits:
         else:
             del self._per_address[address]
         self._open -= 1
-        if self._paused and self._open < self.limits.max_connections:
+        if self._full and self._open < self.limits.max_connections:
             self._resume()
 
     def _on_idle(
@@ -106,7 +109,7 @@ class ConnectionLimits:
         self._arm(
             client.id,
             seconds,
-            lambda: self._close_client(client, timed_out("no ClientHello", seconds, "--client-hello-timeout")),
+            lambda: self.close_client(client, timed_out("no ClientHello", seconds, "--client-hello-timeout")),
         )
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
@@ -171,7 +174,8 @@ class ConnectionLimits:
         if timer := self._deadlines.pop(key, None):
             timer.cancel()
 
-    def _close_client(self, client: connection.Client, reason: str) -> None:
+    def close_client(self, client: connection.Client, reason: str) -> None:
+        """End CLIENT's connection now, REASON its outcome (a timer's, or the overload manager's reset)."""
         self._close(client, client, reason)
 
     def _close(self, client: connection.Client, conn: connection.Connection, reason: str) -> None:
@@ -190,15 +194,32 @@ class ConnectionLimits:
         for instance in self.proxyserver.servers:
             yield from (s for s in instance._servers if isinstance(s, asyncio.Server))
 
-    def _pause(self) -> None:
-        if self._paused:
-            return
+    def overloaded(self, on: bool) -> None:
+        """The overload manager's reason to stop accepting, set or cleared: it logs its own lines."""
+        was = self._full or self._overloaded
+        self._overloaded = on
+        if on and not was:
+            self._stop_accepting()
+        elif not on and not self._full:
+            self._start_accepting()
+
+    def _stop_accepting(self) -> None:
         loop = asyncio.get_running_loop()
         for server in self._listeners():
             for sock in server.sockets:
                 loop.remove_reader(sock.fileno())
             server._serving = False  # type: ignore[attr-defined] # so that _start_serving adds the readers back
-        self._paused = True
+
+    def _start_accepting(self) -> None:
+        for server in self._listeners():
+            server._start_serving()  # type: ignore[attr-defined] # nothing when it serves already
+
+    def _pause(self) -> None:
+        if self._full:
+            return
+        if not self._overloaded:
+            self._stop_accepting()
+        self._full = True
         # At the limit under load, every close resumes and the next accept pauses: one pair of lines
         # a minute says so, not one per connection.
         now = self.clock()
@@ -211,9 +232,9 @@ class ConnectionLimits:
             )
 
     def _resume(self) -> None:
-        for server in self._listeners():
-            server._start_serving()  # type: ignore[attr-defined]
-        self._paused = False
+        if not self._overloaded:
+            self._start_accepting()
+        self._full = False
         if self._told:
             log.warning("bumper: accepting connections again")
 

@@ -31,7 +31,7 @@ import h2.events
 import h2.exceptions
 from hpack.exceptions import InvalidTableSizeError
 from mitmproxy import flow, http
-from mitmproxy.connection import ConnectionState
+from mitmproxy.connection import Connection, ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.context import Context
@@ -57,6 +57,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.utils import human
 
 from bumper.proxy import replies
+from bumper.proxy.h2flow import FlowControlled, Reading, credit_events, overfull_sources
 from bumper.proxy.limits import Limits, timed_out, too_many
 
 # flow.metadata keys
@@ -473,10 +474,11 @@ def layer_limits(context: Context) -> Limits:
     return next(layer_.limits for layer_ in reversed(context.layers) if isinstance(layer_, HttpLayer))
 
 
-class Http2Server(http_layers.Http2Server):
+class Http2Server(FlowControlled, http_layers.Http2Server):
     """mitmproxy's HTTP/2 server side with bumper's limits: the settings it announces (concurrent
     streams, header list size, HPACK table), a cap on a header block's bytes while its CONTINUATION
-    frames arrive (h2 caps only their number), and rapid reset (CVE-2023-44487) ended with a GOAWAY."""
+    frames arrive (h2 caps only their number), rapid reset (CVE-2023-44487) ended with a GOAWAY, and
+    flow control (bumper.proxy.h2flow)."""
 
     def __init__(self, context: Context, limits: Limits) -> None:
         super().__init__(context)
@@ -546,17 +548,30 @@ class Http2Server(http_layers.Http2Server):
 
 class HttpLayer(layers.HttpLayer):
     def __init__(
-        self, context: Context, mode: http_layers.HTTPMode, limits: Limits, admin: tuple[str, int] | None = None
+        self,
+        context: Context,
+        mode: http_layers.HTTPMode,
+        limits: Limits,
+        admin: tuple[str, int] | None = None,
+        reading: Reading | None = None,
     ) -> None:
         super().__init__(context, mode)
         self.limits = limits
         self.admin = admin  # the admin listener's address (--admin), which a request for the proxy is told
+        self.reading = reading  # HTTP/1 connections paused while an HTTP/2 leg's buffer is full (h2flow)
+        self.paused: set[Connection] = set()
         # mitmproxy's Start keeps a client connection layer that is already there; it would pick the
         # same by ALPN: h2, else HTTP/1 (bumper speaks no HTTP/3).
         if context.client.alpn == b"h2":
             self.connections[context.client] = Http2Server(context.fork(), limits)
         else:
             self.connections[context.client] = Http1Server(context.fork(), limits)
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from super()._handle_event(event)
+        yield from credit_events(self)
+        if self.reading is not None and ((overfull := overfull_sources(self)) or self.paused):
+            self.paused = self.reading.hold(self.context.client, self.paused, overfull)
 
     def event_to_child(
         self, child: layer.Layer | http_layers.HttpStream, event: events.Event

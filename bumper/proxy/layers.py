@@ -25,6 +25,7 @@ from mitmproxy.proxy.tunnel import TunnelState
 from OpenSSL import SSL
 
 from bumper.proxy.dispatch import AddonManager, SyncHooks
+from bumper.proxy.h2flow import Reading
 from bumper.proxy.httpstream import CutOff, HttpLayer, UncleanClose
 from bumper.proxy.limits import Limits, too_many
 from bumper.proxy.listeners import SNI_PENDING, Listener, Mode
@@ -152,10 +153,15 @@ class Refuse(layer.Layer):
 
 class NextLayer:
     def __init__(
-        self, dispatcher: AddonManager, limits: Limits, listeners: Mapping[str, Listener] | None = None
+        self,
+        dispatcher: AddonManager,
+        limits: Limits,
+        listeners: Mapping[str, Listener] | None = None,
+        reading: Reading | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.limits = limits
+        self.reading = reading  # the HTTP layers' pausing of a connection's reads (bumper.proxy.h2flow)
         self.listeners = listeners or {}  # by the mode mitmproxy runs each with
         # The admin listener's address, which the proxy port's answer to `GET /` names: set by
         # master.serve once it is bound (--admin HOST:0 picks its port then).
@@ -172,11 +178,11 @@ class NextLayer:
                 nextlayer.layer = SyncHooks(context, top, self.dispatcher)
         elif isinstance(parent, RelayTLSLayer):
             # Inside the relay's own TLS: the explicit proxy's requests, CONNECT and plain http://.
-            nextlayer.layer = HttpLayer(context, HTTPMode.regular, self.limits, self.admin)
+            nextlayer.layer = HttpLayer(context, HTTPMode.regular, self.limits, self.admin, self.reading)
         elif isinstance(parent, layers.ClientTLSLayer) or isinstance(first, modes.ReverseProxy):
             # Decrypted (HTTP/1.1 or h2 by ALPN, HTTP/1.1 when the client offered none), or a reverse
             # listener's plain HTTP above the upstream's TLS.
-            nextlayer.layer = HttpLayer(context, HTTPMode.transparent, self.limits)
+            nextlayer.layer = HttpLayer(context, HTTPMode.transparent, self.limits, reading=self.reading)
         else:  # a CONNECT tunnel's
             nextlayer.layer = self._inside_tunnel(context, data)
 
@@ -214,7 +220,7 @@ class NextLayer:
         below: layer.Layer = (
             ClientTLSLayer(context, self.limits)
             if starts_like_tls_record(data)
-            else HttpLayer(context, HTTPMode.transparent, self.limits)
+            else HttpLayer(context, HTTPMode.transparent, self.limits, reading=self.reading)
         )
         if server_tls is None:
             return below
@@ -227,7 +233,7 @@ class NextLayer:
         if starts_like_tls_record(data):
             # A client configured with https:// for the proxy itself; it would wait forever.
             return Refuse(context, "not HTTP: the client opened TLS to the proxy port (use http:// for the proxy)")
-        return HttpLayer(context, HTTPMode.regular, self.limits, self.admin)
+        return HttpLayer(context, HTTPMode.regular, self.limits, self.admin, self.reading)
 
     def _redirected(self, context: Context, data: bytes) -> layer.Layer | None:
         """A connection the kernel redirected to a transparent listener, to its original destination
@@ -236,7 +242,7 @@ class NextLayer:
             return None
         if starts_like_tls_record(data):
             return self._tls(context)
-        return HttpLayer(context, HTTPMode.transparent, self.limits)
+        return HttpLayer(context, HTTPMode.transparent, self.limits, reading=self.reading)
 
     def _sni_gateway(self, context: Context, data: bytes, port: int) -> layer.Layer | None:
         """TLS sent straight to bumper: the ClientHello's SNI is the destination, on PORT, which

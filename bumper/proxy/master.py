@@ -36,7 +36,7 @@ from bumper.policy.names import host_port
 from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import LAB, AddonSpec, ClientCertRequirement, OnError, Policy
 from bumper.policy.source import PolicySource
-from bumper.proxy import dispatch, httpstream, lightlayers, websocket
+from bumper.proxy import dispatch, h2flow, httpstream, lightlayers, websocket
 from bumper.proxy.admin import (
     AdminConfig,
     AdminServer,
@@ -56,9 +56,10 @@ from bumper.proxy.layers import NextLayer
 from bumper.proxy.limits import Limits
 from bumper.proxy.listeners import Listener, Mode
 from bumper.proxy.metrics import Metrics
+from bumper.proxy.overload import MiB, Overload, below_start
 from bumper.proxy.pinlearner import PinLearner
 from bumper.proxy.proxyauth import Authenticator, ProxyAuth
-from bumper.proxy.reclaim import Reclaim
+from bumper.proxy.reclaim import Reclaim, rss_bytes
 from bumper.proxy.replies import ConnectReplies
 from bumper.proxy.state import ConnectionStates
 from bumper.proxy.tlsprovider import ClientTls, TlsProvider
@@ -106,6 +107,8 @@ class ProxyConfig:
     users: Users | None = None  # --proxy-auth: the explicit listeners ask for a user's password
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT  # SIGTERM: seconds open connections may take to finish
     admin: AdminConfig | None = None  # --admin: probes, metrics and the onboarding page (bumper.proxy.admin)
+    max_memory: int = 0  # --max-memory, bytes: the overload manager's budget (bumper.proxy.overload); 0: none
+    max_memory_default: str | None = None  # where the default budget came from; None: --max-memory gave it
 
 
 def access_log(addons: Mapping[str, type[Addon]], path: str, log_secrets: bool = False) -> tuple[AddonSpec, ...]:
@@ -132,7 +135,9 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     # mitmproxy makes its HTTP/1 upstream layer by this name, where bumper cannot reach in otherwise
     # (httpstream.Http1Client: the response head's size limit).
     http_layers.Http1Client = httpstream.Http1Client  # type: ignore[misc]
-    # and its WebSocket layer by this one (bumper.proxy.websocket: the message size limit).
+    # and its HTTP/2 one (bumper.proxy.h2flow: flow control on the upstream leg).
+    http_layers.Http2Client = h2flow.Http2Client  # type: ignore[misc]
+    # and its WebSocket layer by this one (bumper.proxy.websocket: frames streamed, or messages bounded).
     websocket_layers.WebsocketLayer = websocket.WebsocketLayer  # type: ignore[misc]
     m = dispatch.Master(options.Options(), with_termlog=False)
     listeners = {listener.mitmproxy_mode(): listener for listener in config.listeners}
@@ -154,15 +159,19 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     source.on_reload.append(runner.policy_reloaded)
     lightlayers.install()  # before the first connection's layers
     server = proxyserver.Proxyserver()
+    limits = ConnectionLimits(config.limits, states, server)
+    reclaim = Reclaim()
+    overload = Overload(config.max_memory, states, limits, reclaim, mimics, server)
     m.addons.add(
         server,
-        NextLayer(m.addons, config.limits, listeners),
+        NextLayer(m.addons, config.limits, listeners, h2flow.Reading(server)),
         states,  # first: every other addon finds the connection's state
-        ConnectionLimits(config.limits, states, server),  # before the policy: a refused client costs nothing more
+        limits,  # before the policy: a refused client costs nothing more
         UpstreamIdle(config.limits.upstream_idle_timeout, states, server),
         source,
         CaWatch(authority),
-        Reclaim(),  # memory back after a burst, and WebSocket messages not kept once relayed
+        reclaim,  # memory back after a burst
+        overload,  # --max-memory
         # Before the enforcer: the policy sees only authenticated requests, and their user.
         *([ProxyAuth(Authenticator(config.users), states)] if config.users else []),
         # Before TlsProvider, whose hooks then see the connection's decision.
@@ -176,7 +185,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         Drain(m, server, states, config.drain_timeout),  # after it: the states left are the connections open
         # Only with --admin: without a scraper, counting would be work for nobody. After TlsProvider:
         # the upstream leg's time includes the verdict.
-        *([Metrics(states, connection_log, mimics, verifier, source, runner)] if config.admin else []),
+        *([Metrics(states, connection_log, mimics, verifier, source, runner, overload)] if config.admin else []),
     )
     m.options.update(
         mode=[listener.mitmproxy_mode() for listener in config.listeners],
@@ -193,6 +202,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
 
 async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, announce_new_ca: bool = False) -> None:
     m = build_master(config, authority)
+    _check_budget(config, m.addons.get("overload"))
     loop = asyncio.get_running_loop()
     # From here on a stop lets the start-up steps finish, then m.done() closes the key worker and
     # the mimic cache: an interrupt in the middle of a step would leave them to the interpreter's exit.
@@ -210,7 +220,8 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
         if not ok:
             failed = [f" {listener}" for listener in config.listeners if _instance(server, listener).last_exception]
             raise ConfigError(f"--listen{failed[0] if failed else ''}: {_listen_failure(errors)}")
-        readiness = Readiness(lambda: m.addons.get("drain").draining)
+        overload: Overload = m.addons.get("overload")
+        readiness = Readiness(lambda: m.addons.get("drain").draining, overload.refusing)
         admin = AdminServer(config.admin) if config.admin else None
         admin_address = await admin.start() if admin else None
         if admin and admin_address:  # its pages name its address, known once it is bound (port 0)
@@ -238,6 +249,23 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
             if admin:
                 await admin.stop()
             await m.done()
+
+
+def _check_budget(config: ProxyConfig, overload: Overload) -> None:
+    """A --max-memory that bumper's RSS at start is past the first step of is a configuration error; a
+    default budget that small (a tight cgroup) is no budget, with one line saying so."""
+    if not below_start(config.max_memory, rss := rss_bytes()):
+        return
+    if config.max_memory_default is None:
+        raise ConfigError(
+            f"--max-memory {config.max_memory // MiB}MiB: bumper uses {rss // MiB} MiB at start already, past the "
+            f"80% at which it stops accepting; give it at least {rss * 2 // MiB}MiB, or off"
+        )
+    log.warning(
+        f"bumper: no memory budget: the default, {config.max_memory // MiB} MiB ({config.max_memory_default}), "
+        f"is below what bumper uses at start ({rss // MiB} MiB); set --max-memory"
+    )
+    overload.budget = 0
 
 
 def admin_routes(

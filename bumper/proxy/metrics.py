@@ -33,6 +33,7 @@ from bumper.policy.source import PolicySource
 from bumper.proxy.eventlog import ConnectionLog
 from bumper.proxy.layers import relay_handshake
 from bumper.proxy.limits import LIMIT
+from bumper.proxy.overload import Action, Overload
 from bumper.proxy.proxyauth import BY_AUTH
 from bumper.proxy.state import BY_POLICY, ConnectionState, ConnectionStates
 from bumper.proxy.upstreamerror import BY_UPSTREAM_ERROR
@@ -109,9 +110,11 @@ class Metrics:
         verifier: UpstreamVerifier,
         source: PolicySource,
         runner: AddonRunner,
+        overload: Overload | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.states = states
+        self.overload = overload
         self.mimics = mimics
         self.verifier = verifier
         self.source = source
@@ -261,6 +264,30 @@ class Metrics:
         for key_type, count in sorted(self.mimics.pool.sizes().items()):
             keys.add_metric([key_type], count)
         yield keys
+        if self.overload is not None:
+            yield from _overload(self.overload)
+
+
+def _overload(overload: Overload) -> Iterator[Metric]:
+    """The memory budget's figures: the RSS read now, not at the overload manager's last look."""
+    yield GaugeMetricFamily("bumper_memory_bytes", "bumper's resident memory (RSS)", value=overload.rss())
+    yield GaugeMetricFamily(
+        "bumper_memory_budget_bytes", "The overload manager's budget (--max-memory); 0: none", value=overload.budget
+    )
+    active = GaugeMetricFamily(
+        "bumper_overload_actions_active",
+        "1 while the overload manager's action is in force: stop_accepting, shrink, reset (docs/limits.md)",
+        labels=["action"],
+    )
+    for action in Action:
+        active.add_metric([action], int(action in overload.active))
+    yield active
+    yield _counter(
+        "bumper_overload_resets_total",
+        "Connections the overload manager reset because they held the most memory",
+        [],
+        [([], overload.resets)],
+    )
 
 
 def _listener(state: ConnectionState) -> str:

@@ -9,9 +9,6 @@ more over the lowest it has been after a collection, bumper runs a full collecti
 heap. A collection's pause grows with the objects alive (the objects made at start-up are frozen
 out of it), so the next one waits at least a hundred times as long as the last took: collections
 cost at most 1% of the time, however busy the proxy.
-
-WebSocket messages are not kept either: mitmproxy appends every message to the flow for the
-connection's life (its UI shows them); bumper's addons see the current one, `messages[-1]`.
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from mitmproxy import connection, http
+from mitmproxy import connection
 
 log = logging.getLogger("bumper")
 
@@ -99,16 +96,26 @@ class Reclaim:
     def client_disconnected(self, client: connection.Client) -> None:
         self.closed = True
 
-    def websocket_message(self, flow: http.HTTPFlow) -> None:
-        if flow.websocket is not None:
-            del flow.websocket.messages[:-1]  # relayed already: only the current one is anyone's to see
-
     def reclaim(self) -> None:
         """Collect and trim if it is due; the floor follows the RSS down."""
         rss, now = self.rss(), self.clock()
         if not due(rss, self.floor, self.closed, now, self.allowed_at, self.growth):
             self.floor = min(self.floor, rss)
             return
+        self._collect(rss, now)
+
+    def collect_if_allowed(self) -> None:
+        """Collect and trim whether or not a connection closed, if the share of the time allows it:
+        the overload manager's shrink step (bumper.proxy.overload)."""
+        if self.clock() >= self.allowed_at:
+            self.collect()
+
+    def collect(self) -> None:
+        """Collect and trim now, whatever the share: what frees the connections the overload manager
+        has just reset."""
+        self._collect(self.rss(), self.clock())
+
+    def _collect(self, rss: int, now: float) -> None:
         gc.collect()
         self.trim()
         after, ended = self.rss(), self.clock()

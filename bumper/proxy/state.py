@@ -74,6 +74,9 @@ class ConnectionState:
     # --admin's handshake times start (bumper.proxy.metrics sets them; None without --admin).
     hello_at: float | None = None
     upstream_tls_at: float | None = None
+    # The bytes it held (its buffers, the bodies held whole, its unwritten output) when the overload
+    # manager last looked, under memory pressure only (bumper.proxy.overload.held_by).
+    memory: int = 0
     # Its requests begun and not ended, and the timer that closes its upstream connections once none
     # is open for --upstream-idle-timeout (bumper.proxy.upstreamidle).
     open_requests: int = 0

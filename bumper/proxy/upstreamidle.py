@@ -16,7 +16,6 @@ carries the tunnel.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 from mitmproxy import connection, http
@@ -24,6 +23,7 @@ from mitmproxy.proxy import layer, layers, server_hooks
 from mitmproxy.proxy.layers.http import HttpClient
 from mitmproxy.proxy.tunnel import TunnelState
 
+from bumper.proxy.overload import layers_under
 from bumper.proxy.state import ConnectionState, ConnectionStates
 from bumper.upstream.tls import drop_record_buffers
 
@@ -92,7 +92,7 @@ class UpstreamIdle:
         for conn, io in list(handler.transports.items()):
             if isinstance(conn, connection.Server) and io.handler is not None:
                 io.handler.cancel("upstream idle")
-        for found in _walk(handler.layer):  # the client's TLS: its buffers from the last response
+        for found in layers_under(handler.layer):  # the client's TLS: its buffers from the last response
             if isinstance(found, layers.ClientTLSLayer) and found.tls is not None:
                 drop_record_buffers(found.tls)
 
@@ -103,10 +103,6 @@ def _disarm(state: ConnectionState) -> None:
         state.upstream_idle_timer = None
 
 
-# Layers one client connection nests: a few per tunnel level, and a relay's TLS inside TLS.
-_MAX_LAYERS = 64
-
-
 def release(root: layer.Layer, server: connection.Server) -> None:
     """Forgets SERVER, closed, in the layers under ROOT: its TLS layer's OpenSSL object, and the HTTP
     layer's stack for it (HttpLayer.connections). Nothing reads either once the connection is closed:
@@ -115,29 +111,10 @@ def release(root: layer.Layer, server: connection.Server) -> None:
     certificates: the access log reads them."""
     if server.connected:
         return
-    for found in list(_walk(root)):
+    for found in list(layers_under(root)):
         if isinstance(found, layers.HttpLayer):
             if isinstance(found.connections.get(server), (layers.ServerTLSLayer, HttpClient)):
                 del found.connections[server]
         elif isinstance(found, layers.ServerTLSLayer) and found.conn is server:
             if found.tunnel_state is TunnelState.CLOSED:
                 found.tls = None  # type: ignore[assignment] # mitmproxy types it as always set
-
-
-def _walk(root: layer.Layer) -> Iterator[layer.Layer]:
-    """ROOT and the layers under it: the next layer (NextLayer.layer), each tunnel's child, bumper's
-    SyncHooks' child, and the HTTP layer's upstream connection stacks."""
-    todo, seen = [root], set[int]()
-    while todo and len(seen) < _MAX_LAYERS:
-        found = todo.pop()
-        if id(found) in seen:
-            continue
-        seen.add(id(found))
-        yield found
-        todo.extend(found.context.layers)
-        for name in ("layer", "child_layer", "child"):
-            below = getattr(found, name, None)
-            if isinstance(below, layer.Layer):
-                todo.append(below)
-        if isinstance(found, layers.HttpLayer):
-            todo.extend(found.connections.values())
