@@ -785,7 +785,7 @@ def test_the_registry_has_the_shipped_addons_and_those_of_each_dir(tmp_path: Pat
     assert sorted(load_registry()) == list(SHIPPED)
     write_module(tmp_path / "more", "extra.py", ADDON_MODULE.format(cls="Extra", name="extra"))
     registry = load_registry([FIXTURE_ADDONS, tmp_path / "more"])
-    fixture = ("boom", "recorder", "resp_refuser", "slow_async", "slow_sync", "stopper", "tagger")
+    fixture = ("boom", "recorder", "resp_refuser", "slow_async", "slow_sync", "stopper", "tagger", "ws_sizes")
     assert sorted(registry) == sorted((*SHIPPED, *fixture, "extra"))
     assert all(issubclass(cls, Addon) and cls.name == name for name, cls in registry.items())
 
