@@ -196,7 +196,10 @@ class HostileServer:
 @dataclass
 class Lab:
     bumper: Bumper
-    upstream: Upstream  # the good upstream (tests/upstream.py: HTTP/1.1, h2, WebSocket echo on /ws)
+    upstream: Upstream  # the good client's upstream (tests/upstream.py: HTTP/1.1, h2, WebSocket echo on /ws)
+    # The same server in a process of its own, for the hostile peer: its work (echoing 256 MiB) must
+    # not slow the good client's upstream, whose answers measure bumper.
+    target: Upstream
     hostile_server: Callable[[Callable[[ssl.SSLSocket], None]], HostileServer]
     full: bool  # the issue's sizes; else the bounded ones ./test runs
 
@@ -262,7 +265,7 @@ def endless_response_head(lab: Lab) -> tuple[float, str]:
 
 def endless_request_head(lab: Lab) -> tuple[float, str]:
     cap = lab.size(256 * MiB, 16 * MiB)
-    with tunnel(lab.bumper, lab.upstream.host, lab.upstream.port) as tls:
+    with tunnel(lab.bumper, lab.target.host, lab.target.port) as tls:
         start = time.monotonic()
         sent = 0
         tls.settimeout(30)
@@ -392,7 +395,7 @@ def ws_fragmented_message(lab: Lab) -> tuple[float, str]:
 
 def ws_message_in_fragments(lab: Lab, size: int, fragments: int) -> tuple[float, str]:
     piece = b"f" * (size // fragments)
-    tls, ws = ws_connect(lab.bumper, lab.upstream)
+    tls, ws = ws_connect(lab.bumper, lab.target)
     start = time.monotonic()
     with tls:
         with contextlib.suppress(OSError):
@@ -413,7 +416,7 @@ def ws_message_in_fragments(lab: Lab, size: int, fragments: int) -> tuple[float,
 def ws_many_messages(lab: Lab) -> tuple[float, str]:
     count = lab.size(300, 60)  # 60: kept on the flow, as mitmproxy does, both ways they would pass 64 MiB
     message = b"m" * MiB
-    tls, ws = ws_connect(lab.bumper, lab.upstream)
+    tls, ws = ws_connect(lab.bumper, lab.target)
     start = time.monotonic()
     echoed, closed = 0, ""
     with tls:
@@ -440,7 +443,7 @@ def ws_many_messages(lab: Lab) -> tuple[float, str]:
 
 def ws_one_big_frame(lab: Lab) -> tuple[float, str]:
     size = lab.size(256 * MiB, 32 * MiB)
-    tls, ws = ws_connect(lab.bumper, lab.upstream)
+    tls, ws = ws_connect(lab.bumper, lab.target)
     start = time.monotonic()
     outcome = ""
     with tls:
@@ -470,7 +473,7 @@ def ws_one_big_frame(lab: Lab) -> tuple[float, str]:
 def ws_compression_bomb(lab: Lab) -> tuple[float, str]:
     """permessage-deflate: 256 MiB of zeros, about 255 KB on the wire."""
     size = lab.size(256 * MiB, 64 * MiB)
-    tls, ws = ws_connect(lab.bumper, lab.upstream, [wsproto.extensions.PerMessageDeflate()])
+    tls, ws = ws_connect(lab.bumper, lab.target, [wsproto.extensions.PerMessageDeflate()])
     start = time.monotonic()
     outcome = ""
     with tls:
@@ -497,7 +500,7 @@ def ws_message_never_ends(lab: Lab) -> tuple[float, str]:
     budget: the overload manager resets the connection holding the most before the budget is spent."""
     cap = lab.size(1024 * MiB, 256 * MiB)
     piece = b"n" * MiB
-    tls, ws = ws_connect(lab.bumper, lab.upstream)
+    tls, ws = ws_connect(lab.bumper, lab.target)
     start = time.monotonic()
     sent = 0
     with tls:
@@ -526,12 +529,12 @@ def baseline_rss(start_bumper: Callable[..., Bumper], upstream: Upstream, *setti
 
 def h2_rapid_reset(lab: Lab) -> tuple[float, str]:
     count = lab.size(20000, 2000)
-    before = lab.upstream.requests
-    with tunnel(lab.bumper, lab.upstream.host, lab.upstream.port, alpn=["h2"]) as tls:
+    before = lab.target.requests
+    with tunnel(lab.bumper, lab.target.host, lab.target.port, alpn=["h2"]) as tls:
         start = time.monotonic()
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
-        headers = [(":method", "GET"), (":scheme", "https"), (":authority", lab.upstream.host), (":path", "/")]
+        headers = [(":method", "GET"), (":scheme", "https"), (":authority", lab.target.host), (":path", "/")]
         goaway = "no GOAWAY"
         try:
             for i in range(count):
@@ -552,8 +555,8 @@ def h2_rapid_reset(lab: Lab) -> tuple[float, str]:
                     goaway = f"GOAWAY {ended[0].error_code!r}"
                     break
         lived = time.monotonic() - start
-    lab.upstream.wait_for_requests(before + count, timeout=3)
-    return lived, f"{count} streams; {goaway}; {lab.upstream.requests - before} reached the upstream"
+    lab.target.wait_for_requests(before + count, timeout=3)
+    return lived, f"{count} streams; {goaway}; {lab.target.requests - before} reached the upstream"
 
 
 def many_response_headers(lab: Lab) -> tuple[float, str]:

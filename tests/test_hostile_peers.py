@@ -73,7 +73,11 @@ def selected() -> list[str]:
 
 @pytest.mark.parametrize("name", selected())
 def test_hostile_peer(
-    name: str, start_bumper: Callable[..., Bumper], upstream: Upstream, hostile_server: Callable[..., HostileServer]
+    name: str,
+    start_bumper: Callable[..., Bumper],
+    upstream: Upstream,
+    start_upstream: Callable[..., Upstream],
+    hostile_server: Callable[..., HostileServer],
 ) -> None:
     case = CASES[name]
     settings = (*(() if FULL else case.bumper_args), *case.settings)
@@ -81,11 +85,13 @@ def test_hostile_peer(
         budget = hostile_peers.baseline_rss(start_bumper, upstream, *settings) + case.headroom
         settings = (*settings, "--max-memory", str(budget))
     bumper = start_bumper(*settings)
-    lab = Lab(bumper, upstream, hostile_server, FULL)
+    target = start_upstream()
+    lab = Lab(bumper, upstream, target, hostile_server, FULL)
     try:
         row: Row = hostile_peers.measure(lab, case, SETTLE)
     finally:
         bumper.process.stop()  # its memory back to the machine before the next case
+        target.process.stop()
     ROWS.append(row.markdown())
     assert row.ok(), row.markdown()
 
@@ -135,7 +141,7 @@ def test_memory_comes_back_after_the_close(
     closed connections' objects are cycles Python's collector would leave for minutes, and glibc would
     keep the pages they freed (bumper/proxy/reclaim.py)."""
     bumper = start_bumper()
-    lab = Lab(bumper, upstream, hostile_server, FULL)
+    lab = Lab(bumper, upstream, upstream, hostile_server, FULL)  # its hostile server is its own
     case = hostile_peers.Case(
         "16 shut HTTP/2 windows", lambda lab: hostile_peers.h2_zero_window(lab, 16 * MiB, connections=16)
     )
