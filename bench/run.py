@@ -862,10 +862,11 @@ def group_setup(contender: Contender, origin: Origin, prof: Profile, only: set[s
 
 
 # Seconds between the last idle connection held and the reading: past bumper's --upstream-idle-timeout
-# (10 s), so that the figure is what an idle connection costs once idle, not while the upstream leg of
-# its last request is still kept (106 KiB then, against 57 after, in the hostile suite's idle case).
-# Squid keeps its upstream legs 1 min, mitmproxy for the client connection's life.
-IDLE_SETTLE = 12.0
+# (10 s) and the memory reclaim's next look (every 5 s), so that the figure is what an idle connection
+# costs once idle, not while the upstream leg of its last request is still kept (106 KiB then, against
+# 57 after, in the hostile suite's idle case). Squid keeps its upstream legs 1 min, mitmproxy for the
+# client connection's life.
+IDLE_SETTLE = 17.0
 
 
 def group_idle(contender: Contender, origin: Origin, prof: Profile, only: set[str]) -> dict:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 from mitmproxy import connection
+from mitmproxy.proxy import server_hooks
 
 log = logging.getLogger("bumper")
 
@@ -80,7 +81,7 @@ class Reclaim:
         self.growth = growth
         self.trim = _malloc_trim()
         self.floor = sys.maxsize  # none before the proxy runs (or a test's first look)
-        self.closed = False  # a client connection closed since the last collection
+        self.closed = False  # a client or upstream connection closed since the last collection
         self.allowed_at = 0.0
         self._task: asyncio.Task[None] | None = None
 
@@ -94,6 +95,12 @@ class Reclaim:
             self._task.cancel()
 
     def client_disconnected(self, client: connection.Client) -> None:
+        self.closed = True
+
+    def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        # An upstream leg closed under a client that stays (--upstream-idle-timeout): its TLS state is
+        # half of what an idle connection held. Left to the heap, a thousand idle connections whose
+        # upstream legs closed kept their 111 KiB each of RSS (bench workload 5).
         self.closed = True
 
     def reclaim(self) -> None:
