@@ -234,16 +234,18 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
         _check_destinations(loop, m, [*server.listen_addrs(), *([admin_address] if admin_address else [])], dialer)
         try:
             await m.running()  # before the listening line: who reads it may rely on a started proxy
+            # From here SIGTERM drains (bumper.proxy.drain); start-up has no connections to wait for.
+            # Before the announcement: a SIGHUP sent as soon as systemd hears READY (ExecReload) must
+            # find its handler, or its default action ends the process.
+            loop.add_signal_handler(signal.SIGTERM, m.addons.get("drain").sigterm)
+            loop.add_signal_handler(signal.SIGHUP, _reload, m)
+            loop.add_signal_handler(signal.SIGUSR1, m.addons.get("addonrunner").reopen)
             if not m.should_exit.is_set():  # a proxy stopped during start-up has nothing to announce
                 _announce(config.listeners, server, authority if announce_new_ca else None)
                 if admin_address:
                     log.info(f"bumper: admin listening on {host_port(*admin_address)}", extra=BARE)
                 readiness.listening()
                 sdnotify.ready(_status(server))
-            # From here SIGTERM drains (bumper.proxy.drain); start-up has no connections to wait for.
-            loop.add_signal_handler(signal.SIGTERM, m.addons.get("drain").sigterm)
-            loop.add_signal_handler(signal.SIGHUP, _reload, m)
-            loop.add_signal_handler(signal.SIGUSR1, m.addons.get("addonrunner").reopen)
             await m.should_exit.wait()
         finally:
             if admin:
