@@ -57,7 +57,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.utils import human
 
 from bumper.proxy import replies
-from bumper.proxy.h2flow import FlowControlled, Reading, credit_events, overfull_sources
+from bumper.proxy.h2flow import CreditCarrier, FlowControlled, Reading, credit_events, overfull_sources
 from bumper.proxy.limits import Limits, timed_out, too_many
 
 # flow.metadata keys
@@ -546,7 +546,7 @@ class Http2Server(FlowControlled, http_layers.Http2Server):
         yield from self.protocol_error(reason, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
 
-class HttpLayer(layers.HttpLayer):
+class HttpLayer(CreditCarrier, layers.HttpLayer):
     def __init__(
         self,
         context: Context,
@@ -569,6 +569,8 @@ class HttpLayer(layers.HttpLayer):
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         yield from super()._handle_event(event)
+        if not self.has_h2_leg:  # no HTTP/2 leg, so no credit to carry and no send buffer to bound
+            return
         yield from credit_events(self)
         if self.reading is not None and ((overfull := overfull_sources(self)) or self.paused):
             self.paused = self.reading.hold(self.context.client, self.paused, overfull)
