@@ -14,6 +14,7 @@ is read from /proc/stat over each measured window and reported next to the figur
 
 Workloads (see bench/README.md):
   w1  new TLS connection per request, 1 KiB body, c=10: req/s, p50, p99
+  w1r the same, the load generator resuming TLS sessions (Go's client session cache): req/s, and w1r/w1
   w2  keep-alive, 1 KiB body, c=10 and c=50 (exactly c connections): req/s, p50, p99
   w3  one 256 MiB download and one 256 MiB upload: MB/s, and the proxy's peak RSS while streaming
   w4  200 distinct host names, first contact (cold mint) then again (cache hit): setup p50, p99
@@ -26,6 +27,10 @@ in one run; the table gets a bumper/bumper-before column.
 
 bumper-admin is bumper with --admin (its /metrics counting on), /metrics scraped once a second during its
 runs as Prometheus would: next to bumper, the table's bumper/bumper-admin column is what the metrics cost.
+
+bumper-w2 is bumper with --workers 2, and bumper-w1 the same build with one worker; both are given both CPUs,
+and so is the load generator (nginx stays on CPU 1): the scaling table under the main one gives
+bumper-w2/bumper-w1 (issue 19's target: >= 1.6x) and bumper-w2/bumper (bumper: one worker on a core of its own).
 
 Each contender is started fresh for each group of workloads and each repetition (in an order rotated
 per repetition) and stopped by its own PID (SIGTERM, then SIGKILL), also on Ctrl-C and on errors.
@@ -69,9 +74,16 @@ CACHE = c.BENCH_DIR / ".cache"
 LOADGEN = CACHE / "loadgen"
 BASELINE = "bumper-before"  # the bumper build of --baseline VENV
 ADMIN = "bumper-admin"  # bumper with --admin, /metrics scraped once a second
-CONTENDERS = ("direct", "mitmproxy", "bumper", ADMIN, BASELINE, "squid")
+WORKERS = "bumper-w2"  # bumper --workers 2, on both CPUs, the load generator on both too
+SPREAD = "bumper-w1"  # bumper with one worker placed as bumper-w2 is: the scaling ratio's fair denominator
+CONTENDERS = ("direct", "mitmproxy", "bumper", SPREAD, WORKERS, ADMIN, BASELINE, "squid")
 # Asked for by name only: each is the same proxy as bumper but for one thing, compared with bumper.
-OPT_IN = (ADMIN, BASELINE)
+OPT_IN = (ADMIN, BASELINE, SPREAD, WORKERS)
+# The worker processes of the workers contenders (--workers N), and where they and the load generator run:
+# a proxy of N workers on one core would measure that core, so they get both, and so does the load generator
+# ("with the load generator on the same cores", issue 19). The others: the proxy on PROXY_CPU, the load on LOAD_CPU.
+WORKER_COUNT = {SPREAD: 1, WORKERS: 2}
+BOTH_CPUS = "0,1"
 # The table's bumper/X ratio columns, for each X in the run: the other builds first, they are why they were asked for.
 RATIO_COLUMNS = (BASELINE, ADMIN, "mitmproxy", "squid", "direct")
 SCRAPE_INTERVAL = 1.0  # seconds: Prometheus' scrape_interval is 15 s to 1 min; once a second is the hard case
@@ -82,10 +94,12 @@ ONE_KIB_BODY = "b" * 1023 + "\n"
 
 # target: (workload key, metric, comparison, threshold) — read by targets()
 # "ratio_ge": bumper/mitmproxy >= threshold; "ratio_le": bumper/mitmproxy <= threshold; "abs_le": bumper <= threshold
+# "own_ratio_ge": bumper's figure over bumper's own figure of another workload (OWN_REFERENCE) >= threshold
 TARGETS = {
-    ("w1", "rps"): ("ratio_ge", 1.5, "≥ 1.5× mitmproxy"),
-    ("w2c10", "rps"): ("ratio_ge", 2.0, "≥ 2× mitmproxy"),
-    ("w2c50", "rps"): ("ratio_ge", 2.0, "≥ 2× mitmproxy"),
+    ("w1", "rps"): ("ratio_ge", 2.5, "≥ 2.5× mitmproxy"),
+    ("w1r", "rps"): ("own_ratio_ge", 1.5, "≥ 1.5× bumper's w1"),
+    ("w2c10", "rps"): ("ratio_ge", 3.0, "≥ 3× mitmproxy"),
+    ("w2c50", "rps"): ("ratio_ge", 3.0, "≥ 3× mitmproxy"),
     ("w3down", "mbps"): ("ratio_ge", 1.5, "≥ 1.5× mitmproxy"),
     ("w3up", "mbps"): ("ratio_ge", 1.5, "≥ 1.5× mitmproxy"),
     ("w3down", "peak_rss_mib"): ("abs_le", 100.0, "≤ 100 MiB"),
@@ -98,6 +112,10 @@ TARGETS = {
     ("w6", "memory_hit_p50_us"): ("abs_le", 50.0, "≤ 50 µs"),
     ("w6", "disk_hit_p50_ms"): ("abs_le", 1.0, "≤ 1 ms"),
 }
+# The workload an "own_ratio_ge" target divides by: resumed new connections against full handshakes.
+OWN_REFERENCE = {"w1r": "w1"}
+# Issue 19: --workers 2 over --workers 1, both placed alike, on new connections and keep-alive requests.
+SCALING_TARGET = 1.6
 
 
 @dataclass
@@ -131,9 +149,10 @@ _LIVE: list[Proc] = []
 
 
 class Proc:
-    """A child pinned to one CPU (taskset execs it, so the PID is the program's own), stderr to a file."""
+    """A child pinned to CPU (one, or a list such as "0,1"; taskset execs it, so the PID is the program's own),
+    stderr to a file."""
 
-    def __init__(self, name: str, argv: list[str], cpu: int, workdir: Path, **kwargs) -> None:
+    def __init__(self, name: str, argv: list[str], cpu: int | str, workdir: Path, **kwargs) -> None:
         self.name = name
         self.log_path = workdir / f"{name}.stderr"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
@@ -471,6 +490,7 @@ class Contender:
     notes: list[str] = field(default_factory=list)
     access_log: Path | None = None
     scraper: Scraper | None = None
+    load_cpus: str = str(LOAD_CPU)  # where the load generator runs against it
 
     @property
     def proxy(self) -> str:
@@ -583,14 +603,16 @@ def start_contender(
     work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workroot))
     work.chmod(0o755)
     if (
-        name in builds or name == ADMIN
+        name in builds or name == ADMIN or name in WORKER_COUNT
     ):  # every bumper build is started the same way, so the builds are all that differs
-        build = builds["bumper" if name == ADMIN else name]
+        build = builds["bumper" if name == ADMIN or name in WORKER_COUNT else name]
         (work / "ca").mkdir()  # bumper makes a new CA only in a directory that exists
+        # Workers share one listening address (SO_REUSEPORT): port 0 would give each its own port.
+        listen_port = free_port() if name in WORKER_COUNT else 0
         argv = [
             build.bumper,
             "--ca", str(work / "ca"),
-            "--listen", f"{HOST}:0",
+            "--listen", f"{HOST}:{listen_port}",
             "--upstream-ca", str(origin.root),
             "--resolve", f"*.{DOMAIN}={HOST}",
         ]  # fmt: skip
@@ -606,12 +628,24 @@ def start_contender(
             notes.append(f"{name} has no --access-log: it ran without an access log")
         if origin.port not in (443, 8443):  # the default policy allows only these (noted under the table)
             policy = work / "ports.yaml"
-            policy.write_text("ports: ['1-65535']\n")
+            policy.write_text("default: bump\nports: ['1-65535']\n")
             argv += ["--policy", str(policy)]
         if name == ADMIN:
             argv += ["--admin", f"{HOST}:0"]
-        proc = Proc(name, argv, PROXY_CPU, work, cwd=work)  # not a checkout: see _BUILD_INFO
-        port = int(proc.wait_for_line(r"proxy listening on 127\.0\.0\.1:(\d+)").group(1))
+        cpus: int | str = PROXY_CPU
+        if name in WORKER_COUNT:
+            # Passed whatever the build's --help says: a build without --workers refuses it, and that is the
+            # failure listed under the table (start_workers_failed words it).
+            argv += ["--workers", str(WORKER_COUNT[name])]
+            cpus = BOTH_CPUS
+        proc = Proc(name, argv, cpus, work, cwd=work)  # not a checkout: see _BUILD_INFO
+        try:
+            port = int(proc.wait_for_line(r"proxy listening on 127\.0\.0\.1:(\d+)").group(1))
+        except RuntimeError as e:
+            proc.stop()
+            if name in WORKER_COUNT:
+                raise RuntimeError(start_workers_failed(name, build, proc)) from e
+            raise
         cafile = work / "ca" / "ca.pem"
         if name == ADMIN:
             admin_port = int(proc.wait_for_line(r"admin listening on 127\.0\.0\.1:(\d+)").group(1))
@@ -621,6 +655,13 @@ def start_contender(
                 proc.stop()
                 raise
             return Contender(name, port, cafile, proc, notes, access_log, Scraper(proc, admin_port))
+        if name in WORKER_COUNT:
+            try:
+                wait_port(port, proc)
+            except BaseException:
+                proc.stop()
+                raise
+            return Contender(name, port, cafile, proc, notes, access_log, load_cpus=BOTH_CPUS)
     elif name == "mitmproxy":
         argv = [
             executable("mitmdump"),
@@ -647,6 +688,17 @@ def start_contender(
         proc.stop()
         raise
     return Contender(name, port, cafile, proc, notes, access_log)
+
+
+def start_workers_failed(name: str, build: Build, proc: Proc) -> str:
+    """Why a workers contender did not start, first of all when its build has no --workers (issue 19)."""
+    tail = proc.log_text(5)
+    if "--workers" not in build.help or "--workers" in tail:
+        return (
+            f"{name}: the bumper build {build.commit} refused --workers {WORKER_COUNT[name]} (it has no --workers "
+            f"option: the workers of issue 19 are not in this build), so there is no {name} figure: {tail}"
+        )
+    return f"{name}: bumper --workers {WORKER_COUNT[name]} did not start: {tail}"
 
 
 def start_squid(work: Path, port: int, origin: Origin, pki_dir: Path, names: list[str]) -> tuple[Proc, Path, Path]:
@@ -721,7 +773,7 @@ def build_loadgen() -> None:
 
 def loadgen_argv(contender: Contender, origin: Origin, *args: str, cafile: Path | None = None) -> list[str]:
     argv = [
-        "taskset", "-c", str(LOAD_CPU), str(LOADGEN),
+        "taskset", "-c", contender.load_cpus, str(LOADGEN),
         "-ca", str(cafile or contender.cafile),
         "-origin", f"{HOST}:{origin.port}",
         "-port", str(origin.port),
@@ -837,6 +889,10 @@ def group_rps(contender: Contender, origin: Origin, prof: Profile, only: set[str
     common = ["-host", ORIGIN_NAME, "-path", "/1k", "-d", f"{prof.duration}s", "-warmup", f"{prof.warmup}s"]
     if "w1" in only:
         out["w1"] = loadgen(contender, origin, "-mode", "newconn", "-c", str(prof.newconn_c), *common, timeout=t)
+    if "w1r" in only:
+        out["w1r"] = loadgen(
+            contender, origin, "-mode", "newconn", "-resume", "-c", str(prof.newconn_c), *common, timeout=t
+        )
     for cc in prof.keepalive_c if "w2" in only else ():
         out[f"w2c{cc}"] = loadgen(contender, origin, "-mode", "keepalive", "-c", str(cc), *common, timeout=t)
     return out
@@ -939,7 +995,7 @@ def group_idle(contender: Contender, origin: Origin, prof: Profile, only: set[st
 
 
 GROUPS = {
-    "rps": (group_rps, ("w1", "w2")),
+    "rps": (group_rps, ("w1", "w1r", "w2")),
     "bulk": (group_bulk, ("w3",)),
     "setup": (group_setup, ("w4",)),
     "idle": (group_idle, ("w5",)),
@@ -1024,12 +1080,18 @@ def metrics(wl: str, r: dict) -> dict[str, float]:
     if r.get("fail") or not r:
         return {}
     p0, p1 = cpu_pair(r)
-    if wl in ("w1", "w2c10", "w2c50") or wl.startswith("w2c"):
+    if wl in ("w1", "w1r", "w2c10", "w2c50") or wl.startswith("w2c"):
         lat = r.get("latency") or {}
-        if r.get("errors"):
-            pass  # counted, shown below the table
-        return {"rps": r.get("rps", math.nan), "p50": lat.get("p50_ms", math.nan), "p99": lat.get("p99_ms", math.nan),
-                "cpu_proxy": p0, "cpu_load": p1, "cpu_other": r.get("other_cpu_pct", math.nan)}  # fmt: skip
+        out = {"rps": r.get("rps", math.nan), "p50": lat.get("p50_ms", math.nan), "p99": lat.get("p99_ms", math.nan),
+               "cpu_proxy": p0, "cpu_load": p1, "cpu_other": r.get("other_cpu_pct", math.nan)}  # fmt: skip
+        # Requests per CPU-second of the proxy (all its processes; over the load generator's whole run, warm-up
+        # included): its efficiency, whatever cores it was given.
+        busy = r.get("proxy_cpu_pct_whole_run", math.nan)
+        out["rps_per_cpu"] = out["rps"] / (busy / 100) if busy and not math.isnan(busy) else math.nan
+        extra = r.get("extra") or {}
+        if wl == "w1r" and extra.get("handshakes"):
+            out["resumed_pct"] = 100 * extra.get("resumed", 0) / extra["handshakes"]
+        return out
     if wl in ("w3down", "w3up"):
         return {"mbps": r.get("mb_per_s", math.nan), "peak_rss_mib": r.get("peak_rss_mib", math.nan),
                 "cpu_proxy": p0, "cpu_load": p1, "cpu_other": r.get("other_cpu_pct", math.nan)}  # fmt: skip
@@ -1118,6 +1180,9 @@ ROWS = [
     ("w1", "rps", "1 · new TLS conn per request, 1 KiB, c=10 · req/s", "rps"),
     ("w1", "p50", "1 · … p50", "ms"),
     ("w1", "p99", "1 · … p99", "ms"),
+    ("w1r", "rps", "1r · new conn, the client resuming TLS sessions · req/s", "rps"),
+    ("w1r", "p50", "1r · … p50", "ms"),
+    ("w1r", "resumed_pct", "1r · … handshakes that resumed", "pct"),
     ("w2c10", "rps", "2 · keep-alive, 1 KiB, c=10 · req/s", "rps"),
     ("w2c10", "p50", "2 · … c=10 p50", "ms"),
     ("w2c10", "p99", "2 · … c=10 p99", "ms"),
@@ -1136,6 +1201,7 @@ ROWS = [
 ]
 CPU_ROWS = [
     ("w1", "1 · new conn, c=10"),
+    ("w1r", "1r · new conn, resuming"),
     ("w2c10", "2 · keep-alive c=10"),
     ("w2c50", "2 · keep-alive c=50"),
     ("w3down", "3 · download"),
@@ -1144,11 +1210,18 @@ CPU_ROWS = [
 ]
 
 
-def target_cell(wl: str, metric: str, b: float, m: float) -> tuple[str, str]:
+def target_cell(wl: str, metric: str, b: float, m: float, own: float = math.nan) -> tuple[str, str]:
+    """Whether bumper's figure B meets the target of (WL, METRIC): against mitmproxy's figure M, or (own_ratio_ge)
+    against OWN, bumper's figure of the workload OWN_REFERENCE names."""
     t = TARGETS.get((wl, metric))
     if not t:
         return "", ""
     how, threshold, label = t
+    if how == "own_ratio_ge":
+        value = ratio(b, own)
+        if math.isnan(value):
+            return label, "–"
+        return f"{label} (here {value:.2f}×)", "met" if value >= threshold else "**MISSED**"
     if how == "abs_le":
         value = b
         ok = not math.isnan(value) and value <= threshold
@@ -1198,8 +1271,12 @@ def report(agg: dict, micro: dict[str, dict], names: list[str], prof: Profile, e
                 cells.append("FAIL")
             else:
                 cells.append(fmt(vals[n], kind) + ("" if slot["failed"] == 0 else f" ({slot['failed']} failed)"))
-        target = target_cell(wl, metric, vals.get("bumper", math.nan), vals.get("mitmproxy", math.nan))
+        own = math.nan
+        if (ref := OWN_REFERENCE.get(wl)) and "bumper" in agg.get(ref, {}):
+            own = agg[ref]["bumper"]["median"].get(metric, math.nan)
+        target = target_cell(wl, metric, vals.get("bumper", math.nan), vals.get("mitmproxy", math.nan), own)
         lines.append(row(label, cells, vals, target))
+    lines += scaling_lines(agg, cols)
     mine = micro.get("bumper", {})
     if mine.get("n_policy") or mine.get("n_mint"):
         for key, label, kind in (
@@ -1290,6 +1367,47 @@ def report(agg: dict, micro: dict[str, dict], names: list[str], prof: Profile, e
     return "\n".join(lines)
 
 
+SCALING_ROWS = (("w1", "1 · new conn"), ("w1r", "1r · new conn, resuming"), ("w2c10", "2 · keep-alive c=10"),
+                ("w2c50", "2 · keep-alive c=50"))  # fmt: skip
+
+
+def scaling_lines(agg: dict, cols: list[str]) -> list[str]:
+    """The workers table (issue 19): bumper-w2 over bumper-w1 (both on both CPUs with the load generator) against
+    the target, over bumper (one worker, a core of its own, the load on the other), and the efficiency: requests
+    per CPU-second of the proxy's processes, bumper-w2's over bumper-w1's."""
+    if WORKERS not in cols:
+        return []
+    out = ["", f"Workers: {WORKERS} (--workers 2) over {SPREAD} (one worker), both with both CPUs, as the load "
+           f"generator (target ≥ {SCALING_TARGET}×); over bumper (one worker on CPU {PROXY_CPU}, the load on CPU "
+           f"{LOAD_CPU}); and the efficiency: requests per CPU-second of the proxy (all its processes), {WORKERS}'s "
+           f"over {SPREAD}'s (1.00× = a second worker costs nothing per request).", "",
+           f"| workload | {WORKERS} req/s | {WORKERS}/{SPREAD} | {WORKERS}/bumper | efficiency | target | met |",
+           "|---|---:|---:|---:|---:|---|---|"]  # fmt: skip
+    for wl, label in SCALING_ROWS:
+        by = agg.get(wl, {})
+        if WORKERS not in by:
+            continue
+        rps = {n: _median_of(by, n, "rps") for n in (WORKERS, SPREAD, "bumper")}
+        scale = ratio(rps[WORKERS], rps[SPREAD])
+        efficiency = ratio(_median_of(by, WORKERS, "rps_per_cpu"), _median_of(by, SPREAD, "rps_per_cpu"))
+        target, met = "", ""  # w1r: no scaling target of its own
+        if wl != "w1r":
+            target = f"≥ {SCALING_TARGET}× {SPREAD}"
+            met = "–" if math.isnan(scale) else ("met" if scale >= SCALING_TARGET else "**MISSED**")
+        over_bumper = fmt_ratio(ratio(rps[WORKERS], rps["bumper"]))
+        out.append(
+            f"| {label} | {fmt(rps[WORKERS], 'rps')} | {fmt_ratio(scale)} | {over_bumper} | {fmt_ratio(efficiency)} "
+            f"| {target} | {met} |"
+        )
+    return out
+
+
+def _median_of(by: dict, name: str, key: str) -> float:
+    """The median of NAME's figure KEY in one workload's aggregate BY; NaN when it has none."""
+    slot = by.get(name)
+    return slot["median"].get(key, math.nan) if slot and slot["n"] else math.nan
+
+
 QUIET_PCT = 10.0
 
 
@@ -1346,7 +1464,7 @@ def main() -> int:
     )
     p.add_argument("--reps", type=int)
     p.add_argument("--duration", type=float, help="seconds measured per w1/w2 run")
-    p.add_argument("--only", default="w1,w2,w3,w4,w5,w6", help="comma-separated workloads")
+    p.add_argument("--only", default="w1,w1r,w2,w3,w4,w5,w6", help="comma-separated workloads")
     p.add_argument("--contenders", default=",".join(n for n in CONTENDERS if n not in OPT_IN),
                    help=f"comma-separated; {BASELINE} comes with --baseline, {ADMIN} when named")  # fmt: skip
     p.add_argument("--baseline", type=Path, metavar="VENV", help=f"also run the bumper of VENV (VENV/bin/bumper; "

@@ -12,7 +12,9 @@
 // Modes:
 //
 //	keepalive  -c workers, one kept connection each, GET -path for -d after -warmup
-//	newconn    -c workers, a new TCP+TLS connection for every request
+//	newconn    -c workers, a new TCP+TLS connection for every request; with -resume, each new
+//	           connection resumes a TLS session of an earlier one (all workers share one client session
+//	           cache, as a browser's connections to one site do), and the result counts resumed handshakes
 //	download   one GET of -path on a warm connection; -size bytes expected
 //	upload     one POST of -size bytes to -path on a warm connection
 //	setup      -names host names (fmt -names-fmt), one new connection each, in order, -passes times
@@ -68,12 +70,17 @@ type config struct {
 	idleWarm    int
 	idleHold    time.Duration
 	dialTimeout time.Duration
+	resume      bool
 }
 
 var (
 	cfg   config
 	roots *x509.CertPool
 	dials int64 // every TCP dial, to the proxy or (direct) to the origin
+	// -resume: the one client session cache of every transport (TLS 1.3 tickets, TLS 1.2 tickets)
+	sessions tls.ClientSessionCache
+	// TLS handshakes completed in newconn mode, and how many of them resumed a session
+	handshakes, resumed int64
 )
 
 // --- results ------------------------------------------------------------------------------------
@@ -251,9 +258,10 @@ func newTransport(keepAlive bool, bulk bool) *http.Transport {
 	t := &http.Transport{
 		DialContext: dial,
 		TLSClientConfig: &tls.Config{
-			RootCAs:    roots,
-			NextProtos: []string{"http/1.1"},
-			MinVersion: tls.VersionTLS12,
+			RootCAs:            roots,
+			NextProtos:         []string{"http/1.1"},
+			MinVersion:         tls.VersionTLS12,
+			ClientSessionCache: sessions, // nil (no resumption) unless -resume
 		},
 		TLSHandshakeTimeout:   cfg.reqTimeout,
 		ResponseHeaderTimeout: cfg.reqTimeout,
@@ -343,6 +351,18 @@ func runRequests(res *result, keepAlive bool) {
 			// Every connection after the worker's first is unexpected in a keep-alive run: say when it
 			// came, after how many requests on the previous one, and how long after its last response.
 			ctx := context.Background()
+			if !keepAlive {
+				ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+					TLSHandshakeDone: func(st tls.ConnectionState, err error) {
+						if err == nil {
+							atomic.AddInt64(&handshakes, 1)
+							if st.DidResume {
+								atomic.AddInt64(&resumed, 1)
+							}
+						}
+					},
+				})
+			}
 			var prevEnd time.Time
 			var onConn, conns int
 			measuring := false
@@ -449,7 +469,12 @@ func runRequests(res *result, keepAlive bool) {
 			res.Dials, cfg.c, res.WarmupDials, atomic.LoadInt64(&closeResponses), atomic.LoadInt64(&peerCloses))
 	}
 	if !keepAlive {
-		res.Extra = map[string]any{"measured_dials": res.Dials - res.WarmupDials}
+		res.Extra = map[string]any{
+			"measured_dials": res.Dials - res.WarmupDials,
+			"handshakes":     atomic.LoadInt64(&handshakes),
+			"resumed":        atomic.LoadInt64(&resumed),
+			"resume":         cfg.resume,
+		}
 	}
 }
 
@@ -747,7 +772,11 @@ func main() {
 	flag.IntVar(&cfg.passes, "passes", 2, "setup: passes over the names (first: cold)")
 	flag.IntVar(&cfg.idleWarm, "idle-warm", 20, "idle: connections opened and closed first")
 	flag.DurationVar(&cfg.idleHold, "idle-hold", 120*time.Second, "idle: longest wait for a line on stdin")
+	flag.BoolVar(&cfg.resume, "resume", false, "resume TLS sessions (one client session cache for all workers)")
 	flag.Parse()
+	if cfg.resume {
+		sessions = tls.NewLRUClientSessionCache(1024)
+	}
 
 	if cfg.caFile == "" {
 		fmt.Fprintln(os.Stderr, "loadgen: -ca is required")
