@@ -403,9 +403,12 @@ class Origin:
     port: int
     root: Path
     workdir: Path
+    # origin.bench.test again, with TLS session tickets and a session cache (workload 1r): a proxy that resumes its
+    # upstream sessions can, as with real servers. The main port resumes nothing: every handshake there is full.
+    resume_port: int = 0
 
 
-def start_nginx(workdir: Path, pki_dir: Path, names: list[str], port: int, bulk_bytes: int) -> Origin:
+def start_nginx(workdir: Path, pki_dir: Path, names: list[str], port: int, bulk_bytes: int, resume_port: int) -> Origin:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     d = workdir / "nginx"
     d.mkdir()
@@ -465,6 +468,16 @@ http {{
   ssl_session_tickets off;
 {server(ORIGIN_NAME, default=True)}{server(UNTRUSTED_NAME)}{"".join(server(n) for n in names)}
   server {{
+    listen {HOST}:{resume_port} ssl default_server;
+    server_name {ORIGIN_NAME};
+    ssl_certificate {pki_dir / (ORIGIN_NAME + ".pem")};
+    ssl_certificate_key {pki_dir / (ORIGIN_NAME + ".key")};
+    ssl_session_cache shared:bench:10m;
+    ssl_session_tickets on;
+    ssl_session_timeout 1h;
+    include {d / "locations.conf"};
+  }}
+  server {{
     listen {HOST}:{sink};
     location / {{ return 200 "uploaded\\n"; }}
   }}
@@ -474,8 +487,9 @@ http {{
     proc = Proc("nginx", [nginx, "-p", str(d), "-e", str(d / "error.log"), "-c", str(d / "nginx.conf")], LOAD_CPU, d)
     ORIGIN_PIDS[:] = [proc.pid]
     wait_port(port, proc)
+    wait_port(resume_port, proc)
     wait_port(sink, proc)
-    return Origin(proc, port, pki_dir / "root.pem", d)
+    return Origin(proc, port, pki_dir / "root.pem", d, resume_port)
 
 
 # --- contenders -----------------------------------------------------------------------------------
@@ -626,7 +640,7 @@ def start_contender(
             argv += ["--access-log", str(access_log)]
         else:
             notes.append(f"{name} has no --access-log: it ran without an access log")
-        if origin.port not in (443, 8443):  # the default policy allows only these (noted under the table)
+        if {origin.port, origin.resume_port} - {443, 8443}:  # the default policy allows only these (noted below)
             policy = work / "ports.yaml"
             policy.write_text("default: bump\nports: ['1-65535']\n")
             argv += ["--policy", str(policy)]
@@ -634,9 +648,11 @@ def start_contender(
             argv += ["--admin", f"{HOST}:0"]
         cpus: int | str = PROXY_CPU
         if name in WORKER_COUNT:
-            # Passed whatever the build's --help says: a build without --workers refuses it, and that is the
-            # failure listed under the table (start_workers_failed words it).
-            argv += ["--workers", str(WORKER_COUNT[name])]
+            # --workers 2 is passed whatever the build's --help says: a build without --workers refuses it, and
+            # that is the failure listed under the table (start_workers_failed words it). One worker is what a
+            # build without the option runs anyway.
+            if WORKER_COUNT[name] > 1 or "--workers" in build.help:
+                argv += ["--workers", str(WORKER_COUNT[name])]
             cpus = BOTH_CPUS
         proc = Proc(name, argv, cpus, work, cwd=work)  # not a checkout: see _BUILD_INFO
         try:
@@ -890,8 +906,9 @@ def group_rps(contender: Contender, origin: Origin, prof: Profile, only: set[str
     if "w1" in only:
         out["w1"] = loadgen(contender, origin, "-mode", "newconn", "-c", str(prof.newconn_c), *common, timeout=t)
     if "w1r" in only:
+        resuming = ["-port", str(origin.resume_port), "-origin", f"{HOST}:{origin.resume_port}"]  # last flag wins
         out["w1r"] = loadgen(
-            contender, origin, "-mode", "newconn", "-resume", "-c", str(prof.newconn_c), *common, timeout=t
+            contender, origin, "-mode", "newconn", "-resume", *resuming, "-c", str(prof.newconn_c), *common, timeout=t
         )
     for cc in prof.keepalive_c if "w2" in only else ():
         out[f"w2c{cc}"] = loadgen(contender, origin, "-mode", "keepalive", "-c", str(cc), *common, timeout=t)
@@ -1555,8 +1572,15 @@ def main() -> int:
                 f"port 8443 was taken: the origin listens on {origin_port}, and bumper gets a policy file with "
                 "ports ['1-65535'] (its default policy allows 443 and 8443 only)"
             )
-        origin = start_nginx(workroot, pki["dir"], names, origin_port, prof.bulk_bytes)
-        log(f"origin: nginx on {HOST}:{origin_port} (pid {origin.proc.pid}, CPU {LOAD_CPU})")
+        # Workload 1r's origin port, with session resumption: 443 (allowed by bumper's default policy, like 8443).
+        resume_port = 443 if port_is_free(443) else free_port()
+        if resume_port != 443:
+            notes.append(
+                f"port 443 was taken: workload 1r's origin (with session tickets) listens on {resume_port}, and "
+                "bumper gets a policy file with ports ['1-65535'] (its default policy allows 443 and 8443 only)"
+            )
+        origin = start_nginx(workroot, pki["dir"], names, origin_port, prof.bulk_bytes, resume_port)
+        log(f"origin: nginx on {HOST}:{origin_port} and {resume_port} (pid {origin.proc.pid}, CPU {LOAD_CPU})")
         try:
             groups = [g for g, (_, wls) in GROUPS.items() if any(w in only for w in wls)]
             for rep in range(prof.reps):
