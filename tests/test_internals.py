@@ -200,6 +200,12 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layer.Layer.__init__": ("fd5121f4df9d0eba", "its collections.deque() replaced"),
     "mitmproxy.proxy.layer.Layer._Layer__continue": ("1b275367b37bed01", "the queue's bool, popleft"),
     "mitmproxy.proxy.layers.http.HttpStream.check_killed": ("368cad352d1e82b6", "iterates the queue"),
+    # Header lookups in one pass (bumper/proxy/headerlookup.py): what `get` and `in` went through
+    "mitmproxy.http.Headers.get_all": ("367b3317bc2ba45c", "replicated: bytes names, values decoded"),
+    "mitmproxy.http.Headers._kconv": ("dd59639eb7c46701", "replicated: lower()"),
+    "mitmproxy.http.Headers._reduce_values": ("d808a4075a1f266d", "replicated: joined with ', '"),
+    "mitmproxy.coretypes.multidict._MultiDict.__getitem__": ("482e7414c932e3e8", "replicated: KeyError on none"),
+    "mitmproxy.coretypes.multidict._MultiDict.get_all": ("5bff03c1afa25bb7", "replicated: every field compared"),
 }
 
 # pyOpenSSL has no public call for these: host name checks and OpenSSL's verify error codes.
@@ -381,6 +387,35 @@ def test_layers_hold_their_events_in_a_lazy_queue() -> None:
     assert not queue and queue._queue is None  # its deque gone with its last event
     with pytest.raises(IndexError):
         queue.popleft()
+
+
+def test_header_lookups_answer_as_mitmproxys_did() -> None:
+    """headerlookup.install() replaces Headers.get and `in` (Mapping's, through __getitem__ and get_all): over
+    names in any case, as str and bytes, repeated, missing, and not UTF-8, both answer the same."""
+    from collections.abc import Mapping
+
+    from mitmproxy.http import Headers
+
+    from bumper.proxy import headerlookup
+
+    headers = Headers(
+        [
+            (b"Host", b"example.com"),
+            (b"Set-Cookie", b"a=1"),
+            (b"set-cookie", b"b=2"),
+            (b"X-Latin", "caf\xe9".encode("latin-1")),
+            (b"Content-Length", b"12"),
+        ]
+    )
+    keys: list[str | bytes] = ["host", "HOST", b"Host", "set-cookie", b"SET-COOKIE", "x-latin", "content-length"]
+    keys += ["connection", b"transfer-encoding", "", "Hoſt"]
+    expected = [(Mapping.get(headers, k), Mapping.get(headers, k, "-"), Mapping.__contains__(headers, k)) for k in keys]
+    headerlookup.install()
+    assert Headers.get is headerlookup.get and Headers.__contains__ is headerlookup.contains
+    assert [(headers.get(k), headers.get(k, "-"), k in headers) for k in keys] == expected
+    assert headers.get("set-cookie") == "a=1, b=2" and "Content-Length" in headers and "te" not in headers
+    with pytest.raises(TypeError):
+        headers.get(5)  # as mitmproxy's always_bytes refuses it
 
 
 def test_pyopenssl_keeps_its_memory_bios_where_bumper_swaps_them() -> None:

@@ -36,7 +36,7 @@ from bumper.policy.names import host_port
 from bumper.policy.pinning import LearnedPins
 from bumper.policy.rules import LAB, AddonSpec, ClientCertRequirement, OnError, Policy
 from bumper.policy.source import PolicySource
-from bumper.proxy import dispatch, h2flow, httpstream, lightlayers, websocket
+from bumper.proxy import dispatch, h2flow, headerlookup, httpstream, lightlayers, websocket
 from bumper.proxy.admin import (
     AdminConfig,
     AdminServer,
@@ -158,6 +158,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     runner = AddonRunner(config.addons, connection_log, config.always)
     source.on_reload.append(runner.policy_reloaded)
     lightlayers.install()  # before the first connection's layers
+    headerlookup.install()
     server = proxyserver.Proxyserver()
     limits = ConnectionLimits(config.limits, states, server)
     reclaim = Reclaim()
