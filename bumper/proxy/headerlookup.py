@@ -45,5 +45,5 @@ def contains(self: Headers, key: Any) -> bool:
 
 def install() -> None:
     """Every Headers, mitmproxy's own code's included, looks names up in one pass from now on."""
-    Headers.get = get  # type: ignore[method-assign]
+    Headers.get = get  # type: ignore[method-assign,assignment]
     Headers.__contains__ = contains  # type: ignore[method-assign,assignment]
