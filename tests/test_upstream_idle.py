@@ -82,6 +82,20 @@ def test_http1_next_request_goes_out_on_a_new_upstream_connection(quick: Bumper,
     assert "requests=4 " in line and "verify=trusted " in line and line.endswith("outcome=ok"), line
 
 
+def test_requests_closer_than_the_timeout_keep_the_upstream_connection(quick: Bumper, upstream: Upstream) -> None:
+    """The connection's one timer, armed at the first request's end, fires while requests keep coming
+    (each gap under the timeout, the whole run over it) and moves on to the last one's end instead of
+    closing the upstream leg; once they stop, it closes it."""
+    with tunnel(quick, upstream.host, upstream.port) as tls:
+        first = get(tls, upstream.host, "/peer")
+        started = time.monotonic()
+        while time.monotonic() - started < 3 * float(QUICK):  # bounded: three timeouts' worth of requests
+            time.sleep(0.3)
+            assert get(tls, upstream.host, "/peer") == first
+        time.sleep(PAST_IT)
+        assert get(tls, upstream.host, "/peer") != first
+
+
 def test_http2_next_request_goes_out_on_a_new_upstream_connection(quick: Bumper, upstream: Upstream) -> None:
     context = client_tls_context(quick.ca_pem)
     with httpx.Client(proxy=quick.proxy, verify=context, http2=True, timeout=30) as client:

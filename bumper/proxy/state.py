@@ -77,9 +77,11 @@ class ConnectionState:
     # The bytes it held (its buffers, the bodies held whole, its unwritten output) when the overload
     # manager last looked, under memory pressure only (bumper.proxy.overload.held_by).
     memory: int = 0
-    # Its requests begun and not ended, and the timer that closes its upstream connections once none
-    # is open for --upstream-idle-timeout (bumper.proxy.upstreamidle).
+    # Its requests begun and not ended, when the last of them ended (the event loop's clock), and the
+    # timer that closes its upstream connections once none is open for --upstream-idle-timeout
+    # (bumper.proxy.upstreamidle).
     open_requests: int = 0
+    idle_since: float = 0.0
     upstream_idle_timer: asyncio.TimerHandle | None = None
 
     @property

@@ -46,7 +46,8 @@ class UpstreamIdle:
         state = self.states.of(flow.client_conn.id)
         if state is None or flow.request.method == "CONNECT":
             return
-        _disarm(state)
+        # The timer stays armed: when it fires, it finds a request open and lets the request's end arm
+        # it again (see _ended).
         state.open_requests += 1
         flow.metadata[_OPEN] = True
 
@@ -63,13 +64,32 @@ class UpstreamIdle:
         self._ended(flow)
 
     def _ended(self, flow: http.HTTPFlow) -> None:
+        """One timer per connection, armed when none is and moved on when it fires early, rather than
+        one armed at every request's end and cancelled at the next request's start: on keep-alive
+        traffic that scheduling and cancelling was 2.2% of bumper's CPU (py-spy, bench workload 2,
+        c=10), and the cancelled timers waited in the event loop's heap until their time."""
         state = self.states.of(flow.client_conn.id)
         if state is None or not flow.metadata.pop(_OPEN, False):
             return  # not counted, or its end already seen (an error after its response)
         state.open_requests -= 1
         if state.open_requests == 0 and self.seconds > 0:
             loop = asyncio.get_running_loop()
-            state.upstream_idle_timer = loop.call_later(self.seconds, self._close_upstreams, state)
+            state.idle_since = loop.time()
+            if state.upstream_idle_timer is None:
+                state.upstream_idle_timer = loop.call_at(state.idle_since + self.seconds, self._expired, state)
+
+    def _expired(self, state: ConnectionState) -> None:
+        """The timer's time: the connection has been idle for SECONDS, or a request came meanwhile
+        (its end arms the timer again), or one came and ended (the timer moves to SECONDS after that)."""
+        state.upstream_idle_timer = None
+        if state.open_requests:
+            return
+        loop = asyncio.get_running_loop()
+        due = state.idle_since + self.seconds
+        if due > loop.time():
+            state.upstream_idle_timer = loop.call_at(due, self._expired, state)
+            return
+        self._close_upstreams(state)
 
     def client_disconnected(self, client: connection.Client) -> None:
         if state := self.states.of(client.id):
@@ -85,7 +105,6 @@ class UpstreamIdle:
             release(handler.layer, data.server)
 
     def _close_upstreams(self, state: ConnectionState) -> None:
-        state.upstream_idle_timer = None
         handler = self.proxyserver.connections.get(state.conn.id)
         if handler is None:
             return
