@@ -35,6 +35,8 @@ _HEADER = re.compile(
 
 def url(text: str) -> str:
     """TEXT, a URL, with the values of its secret-looking parameters and its password masked."""
+    if "=" not in text and "@" not in text:  # no parameter, no userinfo: both patterns need one (most URLs)
+        return text
     return _USERINFO.sub(rf"\1{MASK}\3", _PARAMETER.sub(_parameter, text))
 
 
