@@ -9,7 +9,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from mitmproxy import http
 
@@ -36,6 +35,7 @@ class AccessLogSettings:
 
 
 FLUSH_DELAY = 0.1  # seconds a line may wait in the buffer
+MAX_PENDING_BYTES = 64 * 1024  # the buffer's bound: written out at once past it
 
 
 class AccessLog(Addon):
@@ -44,7 +44,11 @@ class AccessLog(Addon):
 
     def __init__(self, settings: AccessLogSettings) -> None:
         super().__init__(settings)
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
+        # Whole lines only: with --workers several processes append to one file, and each write()
+        # of whole lines to an O_APPEND file lands in one piece, never inside another's line.
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._flush: asyncio.TimerHandle | None = None
         # The JSON of the fields every request of a connection shares: by client id, then upstream
         # connection and the policy's verdict on it.
@@ -81,31 +85,39 @@ class AccessLog(Addon):
 
     def done(self) -> None:
         self._flushed()
-        if self._file is not None and self._file is not sys.stdout:
-            self._file.close()
-        self._file = None
+        if self._fd is not None and self._fd != sys.stdout.fileno():
+            os.close(self._fd)
+        self._fd = None
 
     def _write(self, line: str) -> None:
-        if self._file is None:
-            self._file = self._open()
-        self._file.write(line)
+        if self._fd is None:
+            self._fd = self._open()
+        data = line.encode()
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= MAX_PENDING_BYTES:
+            self._flushed()
         # Written out within FLUSH_DELAY, not line by line: one write for many busy requests.
-        if self._flush is None:
+        elif self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(FLUSH_DELAY, self._flushed)
 
     def _flushed(self) -> None:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        if self._file is not None:
-            self._file.flush()
+        if self._fd is not None and self._pending:
+            data = memoryview(b"".join(self._pending))
+            self._pending.clear()
+            self._pending_bytes = 0
+            while data:  # one write, unless a full disk or a pipe takes only part of it
+                data = data[os.write(self._fd, data) :]
 
-    def _open(self) -> IO[str]:
+    def _open(self) -> int:
         if self.settings.path == "-":
-            return sys.stdout
+            sys.stdout.flush()
+            return sys.stdout.fileno()
         # URLs and client addresses are personal data: readable by the proxy's user only.
-        fd = os.open(self.settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        return os.fdopen(fd, "a", encoding="utf-8")
+        return os.open(self.settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
 
 def exchange(flow: http.HTTPFlow, connection_fields: str, log_secrets: bool = False) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -109,6 +109,7 @@ class ProxyConfig:
     admin: AdminConfig | None = None  # --admin: probes, metrics and the onboarding page (bumper.proxy.admin)
     max_memory: int = 0  # --max-memory, bytes: the overload manager's budget (bumper.proxy.overload); 0: none
     max_memory_default: str | None = None  # where the default budget came from; None: --max-memory gave it
+    ticket_secret: bytes = b""  # --workers: the secret every worker shares (bumper.proxy.workers)
 
 
 def access_log(addons: Mapping[str, type[Addon]], path: str, log_secrets: bool = False) -> tuple[AddonSpec, ...]:
@@ -200,7 +201,14 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     return m
 
 
-async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, announce_new_ca: bool = False) -> None:
+async def serve(
+    config: ProxyConfig,
+    authority: ca_files.CertificateAuthority,
+    announce_new_ca: bool = False,
+    worker_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run the proxy until it stops. A worker (--workers, bumper.proxy.workers) tells WORKER_READY
+    instead of announcing itself: its supervisor prints the listening lines once every worker is up."""
     m = build_master(config, authority)
     _check_budget(config, m.addons.get("overload"))
     loop = asyncio.get_running_loop()
@@ -224,7 +232,10 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
         readiness = Readiness(lambda: m.addons.get("drain").draining, overload.refusing)
         admin = AdminServer(config.admin) if config.admin else None
         admin_address = await admin.start() if admin else None
-        if admin and admin_address:  # its pages name its address, known once it is bound (port 0)
+        if admin and config.admin and config.admin.unix:  # a worker's, for its supervisor alone
+            admin.routes = {**probe_routes(readiness), **metrics_route(m.addons.get("metrics").registry)}
+            admin_address = None
+        elif admin and admin_address:  # its pages name its address, known once it is bound (port 0)
             admin.routes = admin_routes(
                 m, readiness, authority, admin_address, _proxy_address(config.listeners, server)
             )
@@ -240,7 +251,10 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
             loop.add_signal_handler(signal.SIGTERM, m.addons.get("drain").sigterm)
             loop.add_signal_handler(signal.SIGHUP, _reload, m)
             loop.add_signal_handler(signal.SIGUSR1, m.addons.get("addonrunner").reopen)
-            if not m.should_exit.is_set():  # a proxy stopped during start-up has nothing to announce
+            if worker_ready is not None and not m.should_exit.is_set():
+                readiness.listening()
+                worker_ready()
+            elif not m.should_exit.is_set():  # a proxy stopped during start-up has nothing to announce
                 _announce(config.listeners, server, authority if announce_new_ca else None)
                 if admin_address:
                     log.info(f"bumper: admin listening on {host_port(*admin_address)}", extra=BARE)

@@ -1,0 +1,213 @@
+"""--workers N: a supervisor and N worker processes on the same listeners (SO_REUSEPORT). Real
+bumpers through their CLI, real clients, real signals: both workers serve (their ids in the logs),
+a killed one is replaced while the other carries on, SIGHUP reaches both, SIGTERM drains, the mimic
+cache on disk is shared, the metrics add up and the one access log stays whole lines."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import BUMPER, Bumper, Upstream, curl, lab_policy
+from tests.test_drain import LARGE, get, tls_tunnel
+from tests.test_proxy_auth import bcrypt_hash
+
+# The kernel spreads connections over the workers' sockets by a hash of their addresses and ports:
+# with this many, both workers get some (all on one: a chance of 2 in a million).
+CONNECTIONS = 20
+STARTED = r"bumper: worker (\d+) started, pid (\d+)"
+
+
+def serve_many(bumper: Bumper, upstream: Upstream, *args: str, count: int = CONNECTIONS) -> None:
+    """COUNT bumped requests through BUMPER to UPSTREAM, each on a connection of its own; all must succeed."""
+    for _ in range(count):
+        result = curl(bumper, upstream.url("/"), *args)
+        assert result.returncode == 0, result.stderr
+
+
+def serving_workers(bumper: Bumper, marker: str, count: int = CONNECTIONS) -> set[str]:
+    """The workers that wrote the COUNT connection lines with MARKER in this test (waited for)."""
+
+    def by_worker() -> Counter[str]:
+        lines = bumper.process.lines[bumper.process.test_start :]
+        return Counter(m.group(1) for line in lines if marker in line and (m := re.match(r"\[w(\d+)\] ", line)))
+
+    wait_until(lambda: by_worker().total() >= count, f"{count} connection lines with {marker!r}")
+    return set(by_worker())
+
+
+def wait_until(check: Any, what: str, timeout: float = 15) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return result
+
+
+def pids(bumper: Bumper) -> dict[str, int]:
+    """Each worker's pid, the latest started."""
+    return {m.group(1): int(m.group(2)) for line in bumper.process.lines if (m := re.search(STARTED, line))}
+
+
+def access_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_workers_both_serve_and_say_which_they_are(start_bumper, upstream: Upstream) -> None:
+    bumper = start_bumper("--workers", "2")
+    assert "bumper: 2 workers" in bumper.process.log
+    serve_many(bumper, upstream)
+    assert serving_workers(bumper, "outcome=ok") == {"1", "2"}, bumper.process.log
+    assert len(set(pids(bumper).values())) == 2
+
+
+def test_a_killed_worker_is_replaced_and_traffic_carries_on(start_bumper, upstream: Upstream) -> None:
+    bumper = start_bumper("--workers", "2")
+    killed = pids(bumper)["1"]
+    os.kill(killed, signal.SIGKILL)
+    bumper.process.wait_for_line(rf"bumper: worker 1 \(pid {killed}\) was killed by SIGKILL; starting it again in")
+    serve_many(bumper, upstream)  # meanwhile worker 2 takes every connection: the dead one's socket went with it
+    wait_until(lambda: pids(bumper)["1"] != killed, "worker 1's replacement")
+    bumper.process.test_start = len(bumper.process.lines)
+    serve_many(bumper, upstream)
+    assert serving_workers(bumper, "outcome=ok") == {"1", "2"}, bumper.process.log
+
+
+def test_sighup_reloads_the_policy_and_the_users_in_every_worker(
+    start_bumper, upstream: Upstream, tmp_path: Path
+) -> None:
+    users = tmp_path / "users.htpasswd"
+    users.write_text(f"alice:{bcrypt_hash('alice-pw')}\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(lab_policy(""))
+    bumper = start_bumper("--workers", "2", "--policy", str(policy), "--proxy-auth", str(users))
+    serve_many(bumper, upstream, "--proxy-user", "alice:alice-pw", count=2)
+
+    # bob exists only after the reload (the users file is read on SIGHUP alone), and the new policy blocks
+    users.write_text(f"alice:{bcrypt_hash('alice-pw')}\nbob:{bcrypt_hash('bob-pw')}\n")
+    policy.write_text(
+        lab_policy("rules:\n  - name: no-upstream\n    match: {sni: [upstream.test]}\n    action: block\n")
+    )
+    bumper.process.proc.send_signal(signal.SIGHUP)
+    for worker in ("1", "2"):
+        bumper.process.wait_for_line(rf"^\[w{worker}\] .*proxy users reloaded from")
+    for _ in range(CONNECTIONS):
+        assert curl(bumper, upstream.url("/"), "--proxy-user", "bob:bob-pw").returncode != 0
+    assert serving_workers(bumper, "user=bob") == {"1", "2"}, bumper.process.log
+    lines = [line for line in bumper.process.lines[bumper.process.test_start :] if "user=bob" in line]
+    assert all("action=block rule=no-upstream" in line for line in lines), lines
+
+
+def test_sigterm_drains_a_running_download_then_the_supervisor_exits_0(start_bumper, upstream: Upstream) -> None:
+    bumper = start_bumper("--workers", "2", "--drain-timeout", "60")
+    with tls_tunnel(bumper, upstream) as sock:
+        response = get(sock, upstream, f"/bytes/{LARGE}")
+        digest = hashlib.sha256(response.read(65536))
+        bumper.process.proc.send_signal(signal.SIGTERM)
+        bumper.process.wait_for_line(r"^\[w\d\] .*SIGTERM: draining, no new connections; 1 open")
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+        assert digest.hexdigest() == response.getheader("x-sha256")
+    assert bumper.process.proc.wait(30) == 0, bumper.process.log
+    bumper.process.wait_for_line("^bumper: stopped$")
+    assert bumper.process.log.count("bumper: stopped") == 1
+    assert "was killed" not in bumper.process.log
+
+
+def test_a_mimic_minted_by_one_worker_is_served_by_the_other(start_bumper, upstream: Upstream, tmp_path: Path) -> None:
+    log = tmp_path / "access.jsonl"
+    bumper = start_bumper("--workers", "2", "--access-log", str(log))
+    serve_many(bumper, upstream)
+    records = wait_until(
+        lambda: [r for r in access_records(log) if r["type"] == "http"] if log.exists() else [], "the access log"
+    )
+    wait_until(lambda: len([r for r in access_records(log) if r["type"] == "http"]) == CONNECTIONS, "every line")
+    records = [r for r in access_records(log) if r["type"] == "http"]
+    assert {r["worker"] for r in records} == {1, 2}
+    # A mimic is signed with a fresh serial and a pooled key: a worker that minted its own would
+    # serve another certificate. One for all: the second worker read the first one's from disk.
+    assert len({r["mimic_sha256"] for r in records}) == 1, records
+
+
+def test_metrics_sum_over_the_workers(start_bumper, upstream: Upstream, tmp_path: Path) -> None:
+    log = tmp_path / "access.jsonl"
+    bumper = start_bumper("--workers", "2", "--admin", "127.0.0.1:0", "--max-memory", "2GiB", "--access-log", str(log))
+    serve_many(bumper, upstream)
+    wait_until(lambda: log.exists() and len(access_records(log)) == 2 * CONNECTIONS, "every access-log line")
+    assert {r["worker"] for r in access_records(log)} == {1, 2}
+
+    with urllib.request.urlopen(bumper.admin + "/metrics", timeout=10) as answer:
+        families = {f.name: f for f in text_string_to_metric_families(answer.read().decode())}
+    requests = sum(s.value for s in families["bumper_requests"].samples if s.name == "bumper_requests_total")
+    assert requests == CONNECTIONS
+    assert families["bumper_workers"].samples[0].value == 2
+    assert families["bumper_workers_alive"].samples[0].value == 2
+    assert families["bumper_memory_budget_bytes"].samples[0].value == 2 * 1024**3  # each worker has half
+
+    with urllib.request.urlopen(bumper.admin + "/readyz", timeout=10) as answer:
+        assert answer.status == 200
+    os.kill(pids(bumper)["2"], signal.SIGKILL)
+    bumper.process.wait_for_line(r"bumper: worker 2 \(pid \d+\) was killed by SIGKILL")
+    with urllib.request.urlopen(bumper.admin + "/healthz", timeout=10) as answer:
+        assert answer.status == 200  # worker 1 answers
+    with urllib.request.urlopen(bumper.admin + "/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    assert "bumper_worker_restarts_total 1.0" in text or "bumper_workers_alive 1.0" in text, text
+
+
+def test_the_access_log_of_many_concurrent_requests_is_whole_json_lines(
+    start_bumper, upstream: Upstream, tmp_path: Path
+) -> None:
+    log = tmp_path / "access.jsonl"
+    bumper = start_bumper("--workers", "2", "--access-log", str(log))
+    count = 80
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: curl(bumper, upstream.url("/bytes/3000"), "-o", os.devnull), range(count)))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results if r.returncode]
+    wait_until(lambda: log.read_text().count("\n") == 2 * count, "every access-log line")
+    records = access_records(log)  # json.loads fails on a line cut or mixed with another
+    assert Counter(r["type"] for r in records) == {"http": count, "connection": count}
+    assert {r["worker"] for r in records} == {1, 2}
+
+
+@pytest.mark.parametrize("value", ["0", "x", "-1"])
+def test_a_bad_worker_count_is_a_configuration_error(value: str, ca_dir: Path) -> None:
+    result = subprocess.run(
+        [BUMPER, "--ca", str(ca_dir), "--workers", value], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert f"argument --workers: expected a whole number above 0 or auto, got '{value}'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_workers_auto_starts_one_per_cpu(start_bumper, upstream: Upstream) -> None:
+    bumper = start_bumper("--workers", "auto")
+    cpus = len(os.sched_getaffinity(0))
+    assert f"bumper: {cpus} workers" in bumper.process.log
+    assert set(pids(bumper)) == {str(n) for n in range(1, cpus + 1)}
+    serve_many(bumper, upstream, count=2)
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor_with_exit_2(ca_dir: Path) -> None:
+    # Each worker gets half of 64 MiB: below what one uses at start, a configuration error in each.
+    result = subprocess.run(
+        [BUMPER, "--ca", str(ca_dir), "--listen", "127.0.0.1:0", "--workers", "2", "--max-memory", "64MiB"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert re.search(r"\[w\d\] bumper: --max-memory 32MiB: bumper uses \d+ MiB at start already", result.stderr)
+    assert "starting it again" not in result.stderr
+    assert "Traceback" not in result.stderr
