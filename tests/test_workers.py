@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -19,9 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import BUMPER, Bumper, Upstream, curl, lab_policy
+from tests.conftest import (
+    BUMPER,
+    Bumper,
+    Pki,
+    Upstream,
+    client_tls_context,
+    curl,
+    lab_policy,
+    open_tunnel,
+    start_with_policy,
+)
 from tests.test_drain import LARGE, get, tls_tunnel
 from tests.test_proxy_auth import bcrypt_hash
 
@@ -181,6 +193,49 @@ def test_the_access_log_of_many_concurrent_requests_is_whole_json_lines(
     records = access_records(log)  # json.loads fails on a line cut or mixed with another
     assert Counter(r["type"] for r in records) == {"http": count, "connection": count}
     assert {r["worker"] for r in records} == {1, 2}
+
+
+def test_a_pin_learned_on_one_worker_splices_on_every_worker(
+    start_bumper, upstream: Upstream, test_pki: Pki, tmp_path: Path
+) -> None:
+    bumper = start_with_policy(
+        start_bumper,
+        tmp_path,
+        "rules:\n  - name: apps\n    match: {sni: ['*.upstream.test']}\n    action: bump\n    learn_pinning: true\n",
+        "--workers",
+        "2",
+    )
+    host = "app.upstream.test"
+    pinned_app = client_tls_context(test_pki.root_pem)  # trusts only the real root: rejects any mimic
+    sock, _ = open_tunnel(bumper, host, upstream.port)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        pinned_app.wrap_socket(sock, server_hostname=host)
+    bumper.process.wait_for_line(r"^\[w\d\] .*learned: 127\.0\.0\.1 rejects the mimic for app\.upstream\.test")
+    bumper.process.test_start = len(bumper.process.lines)
+    for _ in range(CONNECTIONS):  # the same client and name: the real certificate, whichever worker serves
+        sock, _ = open_tunnel(bumper, host, upstream.port)
+        with pinned_app.wrap_socket(sock, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None and x509.load_der_x509_certificate(der) == upstream.leaf.cert
+    assert serving_workers(bumper, "action=splice rule=apps (learned pinning)") == {"1", "2"}, bumper.process.log
+
+
+def test_shared_pins_are_one_table_for_every_process_and_stay_bounded(tmp_path: Path) -> None:
+    from bumper.policy.pinning import SharedLearnedPins
+
+    now = [1000.0]
+    learner = SharedLearnedPins(tmp_path / "pins.sqlite", ttl=10, capacity=2, clock=lambda: now[0])
+    other = SharedLearnedPins(tmp_path / "pins.sqlite", ttl=10, capacity=2, clock=lambda: now[0])  # another worker
+    learner.remember("10.0.0.1", "a.test")
+    assert other.pinned("10.0.0.1", "a.test") and not other.pinned("10.0.0.2", "a.test")
+    now[0] += 11
+    assert not other.pinned("10.0.0.1", "a.test")
+    for name in ("b.test", "c.test", "d.test"):
+        now[0] += 1
+        learner.remember("10.0.0.1", name)
+    assert [other.pinned("10.0.0.1", n) for n in ("b.test", "c.test", "d.test")] == [False, True, True]
+    learner.close()
+    other.close()
 
 
 @pytest.mark.parametrize("value", ["0", "x", "-1"])

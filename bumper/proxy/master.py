@@ -33,7 +33,7 @@ from bumper.errors import ConfigError
 from bumper.inspect.chain import AddonRunner
 from bumper.policy.htpasswd import Users
 from bumper.policy.names import host_port
-from bumper.policy.pinning import LearnedPins
+from bumper.policy.pinning import LearnedPins, SharedLearnedPins
 from bumper.policy.rules import LAB, AddonSpec, ClientCertRequirement, OnError, Policy
 from bumper.policy.source import PolicySource
 from bumper.proxy import dispatch, h2flow, httpstream, lightlayers, websocket
@@ -110,6 +110,7 @@ class ProxyConfig:
     max_memory: int = 0  # --max-memory, bytes: the overload manager's budget (bumper.proxy.overload); 0: none
     max_memory_default: str | None = None  # where the default budget came from; None: --max-memory gave it
     ticket_secret: bytes = b""  # --workers: the secret every worker shares (bumper.proxy.workers)
+    pins_db: Path | None = None  # --workers: learned pinning shared by the workers (SharedLearnedPins)
 
 
 def access_log(addons: Mapping[str, type[Addon]], path: str, log_secrets: bool = False) -> tuple[AddonSpec, ...]:
@@ -154,7 +155,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         lambda leaf: mimic.mirrored_weaknesses(leaf, authority),
     )
     source = PolicySource(config.policy, config.policy_path, config.addons)
-    pins = PinLearner(LearnedPins(), states)
+    pins = PinLearner(SharedLearnedPins(config.pins_db) if config.pins_db else LearnedPins(), states)
     connection_log.on_end.append(pins.connection_ended)
     runner = AddonRunner(config.addons, connection_log, config.always)
     source.on_reload.append(runner.policy_reloaded)
@@ -295,7 +296,7 @@ def admin_routes(
     return {
         **probe_routes(readiness),
         **metrics_route(m.addons.get("metrics").registry),
-        **onboarding_routes(authority.trust_anchor, admin, proxy, _bundle(authority)),
+        **onboarding_routes(authority.trust_anchor, admin, proxy, onboarding_bundle(authority)),
     }
 
 
@@ -341,7 +342,7 @@ def _proxy_address(listeners: tuple[Listener, ...], server: proxyserver.Proxyser
     return None
 
 
-def _bundle(authority: ca_files.CertificateAuthority) -> bytes | None:
+def onboarding_bundle(authority: ca_files.CertificateAuthority) -> bytes | None:
     """The trust bundle the onboarding page offers (`bumper ca bundle`'s), or None, with one line saying
     why, when this host has no system roots to put in it (a slim image)."""
     try:

@@ -41,10 +41,11 @@ from bumper import sdnotify, stopping
 from bumper.certs import ca as ca_files
 from bumper.errors import ConfigError
 from bumper.policy.names import host_port
+from bumper.policy.pinning import PINS_FILE
 from bumper.proxy import workermetrics
 from bumper.proxy.admin import AdminConfig, AdminServer, Request, Response, Route, onboarding_routes
 from bumper.proxy.listeners import Listener, Mode
-from bumper.proxy.master import ProxyConfig, _bundle
+from bumper.proxy.master import ProxyConfig, onboarding_bundle
 from bumper.stopping import BARE
 from bumper.upstream.resolve import Override, ResolvingEventLoop
 
@@ -83,6 +84,7 @@ class WorkerSetup:
     ticket_secret: bytes
     max_memory: int  # its share of --max-memory
     admin_socket: str | None  # its private admin socket, with --admin
+    pins_db: str  # learned pinning, shared (SharedLearnedPins)
 
     def encode(self) -> bytes:
         fields = dataclasses.asdict(self) | {"ticket_secret": self.ticket_secret.hex()}
@@ -98,6 +100,7 @@ class WorkerSetup:
             ticket_secret=bytes.fromhex(fields["ticket_secret"]),
             max_memory=int(fields["max_memory"]),
             admin_socket=fields["admin_socket"],
+            pins_db=str(fields["pins_db"]),
         )
 
 
@@ -128,7 +131,12 @@ def worker_config(config: ProxyConfig, setup: WorkerSetup) -> ProxyConfig:
     )
     admin = AdminConfig("127.0.0.1", 0, unix=setup.admin_socket) if setup.admin_socket else None
     return dataclasses.replace(
-        config, listeners=listeners, max_memory=setup.max_memory, ticket_secret=setup.ticket_secret, admin=admin
+        config,
+        listeners=listeners,
+        max_memory=setup.max_memory,
+        ticket_secret=setup.ticket_secret,
+        admin=admin,
+        pins_db=Path(setup.pins_db),
     )
 
 
@@ -248,6 +256,7 @@ class Supervisor:
         # Made once: a restarted worker gets the same, so tickets issued by any worker stay good.
         self.secret = secrets.token_bytes(SECRET_BYTES)
         self.workers = [Worker(n, str(private / f"w{n}.sock") if config.admin else None) for n in range(1, count + 1)]
+        self.pins_db = private / PINS_FILE
         self.stopping = False
         self.draining = False
         self._stopped = asyncio.Event()
@@ -370,6 +379,7 @@ class Supervisor:
                 self.secret,
                 self.config.max_memory // len(self.workers),
                 worker.admin_socket,
+                str(self.pins_db),
             )
             ours.sendall(setup.encode())  # a few hundred bytes into an empty socket buffer: no wait
         except BaseException:
@@ -434,7 +444,7 @@ class Supervisor:
             "/healthz": self._healthz,
             "/readyz": self._readyz,
             "/metrics": self._metrics,
-            **onboarding_routes(self.authority.trust_anchor, admin, proxy, _bundle(self.authority)),
+            **onboarding_routes(self.authority.trust_anchor, admin, proxy, onboarding_bundle(self.authority)),
         }
 
     async def _ask_all(self, target: str) -> list[tuple[Worker, tuple[int, str] | None]]:
