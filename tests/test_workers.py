@@ -10,8 +10,10 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -236,6 +238,60 @@ def test_shared_pins_are_one_table_for_every_process_and_stay_bounded(tmp_path: 
     assert [other.pinned("10.0.0.1", n) for n in ("b.test", "c.test", "d.test")] == [False, True, True]
     learner.close()
     other.close()
+
+
+def test_systemd_hears_from_the_supervisor_alone(start_bumper, monkeypatch: pytest.MonkeyPatch) -> None:
+    with (
+        tempfile.TemporaryDirectory(prefix="notify") as directory,  # a socket path has 108 bytes at most
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify,
+    ):
+        notify.bind(os.path.join(directory, "notify"))
+        notify.settimeout(30)
+        monkeypatch.setenv("NOTIFY_SOCKET", os.path.join(directory, "notify"))
+        bumper = start_bumper("--workers", "2")  # returns at the listening line: every worker serves
+
+        def received() -> dict[str, str]:
+            return dict(line.split("=", 1) for line in notify.recv(4096).decode().splitlines())
+
+        assert received() == {"READY": "1", "STATUS": f"listening on 127.0.0.1:{bumper.port} with 2 workers"}
+        bumper.process.proc.send_signal(signal.SIGHUP)
+        assert received()["RELOADING"] == "1"
+        assert received()["READY"] == "1"
+        for worker in ("1", "2"):
+            bumper.process.wait_for_line(rf"^\[w{worker}\] .*policy reloaded from")
+        bumper.process.proc.send_signal(signal.SIGTERM)
+        assert received()["STOPPING"] == "1"
+        assert bumper.process.proc.wait(30) == 0
+        notify.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nothing from the workers: no READY=1 or STOPPING=1 of theirs
+            notify.recv(4096)
+
+
+def test_sigusr1_reopens_the_access_log_in_every_worker(start_bumper, upstream: Upstream, tmp_path: Path) -> None:
+    log = tmp_path / "access.jsonl"
+    bumper = start_bumper("--workers", "2", "--access-log", str(log))
+    serve_many(bumper, upstream)
+    wait_until(lambda: log.exists() and len(access_records(log)) == 2 * CONNECTIONS, "every access-log line")
+    log.rename(tmp_path / "access.jsonl.1")  # as logrotate does, then it signals
+    bumper.process.proc.send_signal(signal.SIGUSR1)
+    time.sleep(0.5)  # no line says a reopen is done: it is the next write's
+    serve_many(bumper, upstream)
+    wait_until(lambda: log.exists() and len(access_records(log)) == 2 * CONNECTIONS, "the new file's lines")
+    assert {r["worker"] for r in access_records(log)} == {1, 2}
+
+
+def test_a_listener_that_cannot_bind_is_a_configuration_error_before_any_worker(ca_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [BUMPER, "--ca", str(ca_dir), "--listen", f"127.0.0.1:{port}", "--workers", "2"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert f"bumper: --listen explicit@127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "worker" not in result.stderr
 
 
 @pytest.mark.parametrize("value", ["0", "x", "-1"])
