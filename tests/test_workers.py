@@ -88,6 +88,17 @@ def test_two_workers_both_serve_and_say_which_they_are(start_bumper, upstream: U
     assert len(set(pids(bumper).values())) == 2
 
 
+def test_the_json_log_names_the_worker_of_each_line(start_bumper, upstream: Upstream) -> None:
+    bumper = start_bumper("--workers", "2", "--log-format", "json")
+    serve_many(bumper, upstream)
+    wait_until(lambda: sum('"type":"connection"' in line for line in bumper.process.lines) == CONNECTIONS, "every line")
+    records = [json.loads(line) for line in bumper.process.lines if line.startswith("{")]
+    connections = [r for r in records if r.get("type") == "connection"]
+    assert {r["worker"] for r in connections} == {1, 2}
+    started = [r for r in records if "started, pid" in r.get("message", "")]
+    assert len(started) == 2 and all("worker" not in r for r in started)  # the supervisor's lines: no worker
+
+
 def test_a_killed_worker_is_replaced_and_traffic_carries_on(start_bumper, upstream: Upstream) -> None:
     bumper = start_bumper("--workers", "2")
     killed = pids(bumper)["1"]

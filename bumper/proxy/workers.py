@@ -271,13 +271,13 @@ class Supervisor:
             self._signal(signal.SIGINT)
         admin = AdminServer(self.config.admin) if self.config.admin else None
         admin_address = await admin.start() if admin else None
+        if admin and admin_address:  # from the start: /readyz says which workers are still starting
+            admin.routes = self._routes(admin_address)
         tasks = [asyncio.create_task(self._keep(worker)) for worker in self.workers]
         try:
             starting = asyncio.create_task(self._all_ready.wait())
             await asyncio.wait([starting, asyncio.create_task(self._stopped.wait())], return_when="FIRST_COMPLETED")
             if self._all_ready.is_set() and not self.stopping:
-                if admin and admin_address:
-                    admin.routes = self._routes(admin_address)
                 self._announce(new_ca, admin_address)
             await self._stopped.wait()
             await asyncio.gather(*tasks)
@@ -338,7 +338,7 @@ class Supervisor:
                     return
                 if not self._all_ready.is_set():  # it never served: the others will not either
                     log.error(f"bumper: worker {worker.number} (pid {process.pid}) {_ended(code)} while starting")
-                    self._failed = code if code > 0 else 1
+                    self._failed = code if code > 0 else None if code == 0 else 1  # 0: it was told to stop
                     self._stop()
                     self._forward(signal.SIGINT)
                     return
@@ -487,8 +487,11 @@ class Supervisor:
             return Response.text(503, "not ready: draining (SIGTERM)")
         reasons = []
         for worker, answer in await self._ask_all("/readyz"):
+            running = worker.process is not None and worker.process.returncode is None
             if answer is None:
-                reasons.append(f"worker {worker.number}: not running")
+                reasons.append(
+                    f"worker {worker.number}: {'starting' if running and not worker.ready else 'not running'}"
+                )
             elif answer[0] != 200:
                 reasons.append(f"worker {worker.number}: {answer[1].strip()}")
         return Response.text(503, "not ready: " + "; ".join(reasons)) if reasons else Response.text(200, "ready")
