@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
+import stat
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +52,7 @@ class AccessLog(Addon):
         # of whole lines to an O_APPEND file lands in one piece, never inside another's line.
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        self._pipe = False  # stdout to a pipe: whole lines in writes of at most PIPE_BUF
         self._flush: asyncio.TimerHandle | None = None
         # The JSON of the fields every request of a connection shares: by client id, then upstream
         # connection and the policy's verdict on it.
@@ -106,18 +110,40 @@ class AccessLog(Addon):
             self._flush.cancel()
             self._flush = None
         if self._fd is not None and self._pending:
-            data = memoryview(b"".join(self._pending))
-            self._pending.clear()
-            self._pending_bytes = 0
-            while data:  # one write, unless a full disk or a pipe takes only part of it
-                data = data[os.write(self._fd, data) :]
+            lines, self._pending, self._pending_bytes = self._pending, [], 0
+            for chunk in _chunks(lines, self._pipe):
+                data = memoryview(chunk)
+                while data:  # one write, unless a full disk or a pipe takes only part of it
+                    data = data[os.write(self._fd, data) :]
 
     def _open(self) -> int:
         if self.settings.path == "-":
             sys.stdout.flush()
-            return sys.stdout.fileno()
-        # URLs and client addresses are personal data: readable by the proxy's user only.
-        return os.open(self.settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = sys.stdout.fileno()
+        else:
+            # URLs and client addresses are personal data: readable by the proxy's user only.
+            fd = os.open(self.settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._pipe = not stat.S_ISREG(os.fstat(fd).st_mode)
+        return fd
+
+
+def _chunks(lines: list[bytes], pipe: bool) -> Iterator[bytes]:
+    """LINES in as few writes as keep them whole: one for a file opened O_APPEND; for a pipe (stdout),
+    writes of at most PIPE_BUF bytes, the most a pipe keeps in one piece among other writers' (a
+    longer line goes alone)."""
+    if not pipe:
+        yield b"".join(lines)
+        return
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        if chunk and size + len(line) > select.PIPE_BUF:
+            yield b"".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        yield b"".join(chunk)
 
 
 def exchange(flow: http.HTTPFlow, connection_fields: str, log_secrets: bool = False) -> str:

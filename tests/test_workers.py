@@ -111,6 +111,22 @@ def test_a_killed_worker_is_replaced_and_traffic_carries_on(start_bumper, upstre
     assert serving_workers(bumper, "outcome=ok") == {"1", "2"}, bumper.process.log
 
 
+def test_workers_whose_supervisor_was_killed_stop(start_bumper, upstream: Upstream) -> None:
+    bumper = start_bumper("--workers", "2")
+    workers = pids(bumper).values()
+    bumper.process.proc.kill()
+    for worker in ("1", "2"):
+        bumper.process.wait_for_line(rf"^\[w{worker}\] .*the supervisor is gone: this worker drains and stops")
+
+    def gone(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/status").read_text().count("State:\tZ") == 1  # exited, not reaped yet
+        except FileNotFoundError:
+            return True
+
+    wait_until(lambda: all(gone(pid) for pid in workers), "the workers' exit", timeout=30)
+
+
 def test_sighup_reloads_the_policy_and_the_users_in_every_worker(
     start_bumper, upstream: Upstream, tmp_path: Path
 ) -> None:
@@ -303,6 +319,18 @@ def test_a_listener_that_cannot_bind_is_a_configuration_error_before_any_worker(
     assert result.returncode == 2
     assert f"bumper: --listen explicit@127.0.0.1:{port}: Address already in use" in result.stderr
     assert "worker" not in result.stderr
+
+
+def test_access_log_lines_to_a_pipe_are_written_whole_at_most_pipe_buf_at_a_time() -> None:
+    import select
+
+    from bumper_addons.access_log import _chunks
+
+    lines = [b"a" * 1000 + b"\n", b"b" * 3000 + b"\n", b"c" * 5000 + b"\n", b"d\n", b"e\n"]
+    assert list(_chunks(lines, pipe=False)) == [b"".join(lines)]  # a file: one write
+    chunks = list(_chunks(lines, pipe=True))
+    assert b"".join(chunks) == b"".join(lines)
+    assert all(c.endswith(b"\n") and (len(c) <= select.PIPE_BUF or c.count(b"\n") == 1) for c in chunks), chunks
 
 
 @pytest.mark.parametrize("value", ["0", "x", "-1"])

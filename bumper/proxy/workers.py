@@ -168,11 +168,28 @@ class InheritingLoop(ResolvingEventLoop):
 
 
 def ready(channel: socket.socket) -> None:
-    """Tell the supervisor this worker serves."""
+    """Tell the supervisor this worker serves, and from now on watch the channel: the supervisor
+    sends nothing more, so its end closing means it is gone (SIGKILL, a crash), and a worker
+    without one would serve on unsupervised, holding the port; it drains and stops instead."""
     try:
         channel.sendall(b"ready\n")
     except OSError as e:  # the supervisor is gone: SIGTERM or SIGKILL follows, or already came
         log.warning("bumper: cannot tell the supervisor this worker is ready: %s", e)
+    channel.setblocking(False)
+    asyncio.get_running_loop().add_reader(channel.fileno(), _orphaned, channel)
+
+
+def _orphaned(channel: socket.socket) -> None:
+    try:
+        if channel.recv(64):
+            return
+    except BlockingIOError:
+        return
+    except OSError:
+        pass
+    asyncio.get_running_loop().remove_reader(channel.fileno())
+    log.warning("bumper: the supervisor is gone: this worker drains and stops")
+    os.kill(os.getpid(), signal.SIGTERM)  # as the supervisor would have sent it
 
 
 # The supervisor's side.
