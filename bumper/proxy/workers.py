@@ -305,7 +305,8 @@ class Supervisor:
 
     def _signal(self, sig: signal.Signals) -> None:
         if sig in (signal.SIGHUP, signal.SIGUSR1):
-            reload = sig == signal.SIGHUP and not self.draining
+            # systemd hears of a reload only between READY=1 and the drain's STOPPING=1, as from a lone bumper.
+            reload = sig == signal.SIGHUP and self._all_ready.is_set() and not self.draining
             if reload:
                 sdnotify.reloading()
             for worker in self.workers:
