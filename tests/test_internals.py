@@ -371,20 +371,22 @@ def test_the_asyncio_and_h2_insides_the_limits_use_are_there() -> None:
 
 def test_a_worker_loop_serves_the_inherited_socket_where_asyncio_start_server_binds() -> None:
     """mitmproxy binds a listener with asyncio.start_server(handler, host, port), which asks the
-    running loop's create_server: workers.InheritingLoop hands it the supervisor's socket there."""
+    running loop's create_server: workers.InheritingLoop hands it the supervisor's socket there, and
+    asyncio's Server calls listen() on it as it starts serving."""
     import asyncio
     import socket
 
     from bumper.proxy.workers import InheritingLoop
 
     given = socket.socket()
-    given.bind(("127.0.0.1", 0))
-    given.listen()
+    given.bind(("127.0.0.1", 0))  # bound, not listening: the server listens once it serves
     port, fd = given.getsockname()[1], given.fileno()
 
     async def bind() -> tuple[Any, ...]:
-        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", port)
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
         try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5):  # refused unless it listens
+                pass
             return tuple(sock.fileno() for sock in server.sockets)
         finally:
             server.close()

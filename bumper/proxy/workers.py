@@ -4,8 +4,9 @@ mitmproxy runs one event loop, so one bumper process uses one core. With --worke
 the user started becomes the supervisor: it checks the whole configuration, loads or creates the
 CA (once: workers never race to create it), and for each listener binds an *anchor* socket with
 SO_REUSEPORT that never listens: it resolves port 0 and keeps the port reserved for bumper's user
-while workers come and go. Each worker gets a listening socket of its own, bound to the same
-address with SO_REUSEPORT: the kernel spreads new connections over them. A worker is a fresh
+while workers come and go. Each worker gets a socket of its own, bound to the same address with
+SO_REUSEPORT, which its event loop starts listening on once it serves: the kernel spreads new
+connections over the listening ones. A worker is a fresh
 interpreter (not a fork of a process with threads) started with the same arguments and a hidden
 `--worker-channel FD`; over that socket pair it reads its setup (its number, its sockets, its share
 of --max-memory, the secret every worker shares: never in argv or the environment, which
@@ -53,7 +54,6 @@ log = logging.getLogger("bumper.workers")
 
 WORKER_FLAG = stopping.WORKER_FLAG  # the hidden option that makes a process a worker
 AUTO = "auto"
-BACKLOG = 100  # asyncio's, as a lone bumper listens
 SECRET_BYTES = 32
 SETUP_MAX_BYTES = 64 * 1024  # a setup is a few hundred bytes
 SETUP_TIMEOUT = 30.0  # seconds a worker waits for its setup
@@ -378,9 +378,9 @@ class Supervisor:
         worker.missed_reload = False  # it reads the policy file as it starts
         ours, theirs = socket.socketpair()
         try:
-            for listener, port in self.listening:
-                sockets.append(_bound(listener.host, port))
-                sockets[-1].listen(BACKLOG)
+            # Bound, not listening: asyncio's Server listens once the worker serves, so no connection
+            # waits in the backlog of a worker that is still starting (or never will).
+            sockets.extend(_bound(listener.host, port) for listener, port in self.listening)
             fds = [theirs.fileno(), *(s.fileno() for s in sockets)]
             flags = ["-O"] if sys.flags.optimize else []
             # systemd hears from the supervisor alone: a worker's READY=1 or STOPPING=1 would mislead it.
