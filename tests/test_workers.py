@@ -105,7 +105,8 @@ def test_a_killed_worker_is_replaced_and_traffic_carries_on(start_bumper, upstre
     os.kill(killed, signal.SIGKILL)
     bumper.process.wait_for_line(rf"bumper: worker 1 \(pid {killed}\) was killed by SIGKILL; starting it again in")
     serve_many(bumper, upstream)  # meanwhile worker 2 takes every connection: the dead one's socket went with it
-    wait_until(lambda: pids(bumper)["1"] != killed, "worker 1's replacement")
+    bumper.process.wait_for_line(r"bumper: worker 1 serves again, pid \d+")
+    assert pids(bumper)["1"] != killed
     bumper.process.test_start = len(bumper.process.lines)
     serve_many(bumper, upstream)
     assert serving_workers(bumper, "outcome=ok") == {"1", "2"}, bumper.process.log
@@ -331,6 +332,17 @@ def test_access_log_lines_to_a_pipe_are_written_whole_at_most_pipe_buf_at_a_time
     chunks = list(_chunks(lines, pipe=True))
     assert b"".join(chunks) == b"".join(lines)
     assert all(c.endswith(b"\n") and (len(c) <= select.PIPE_BUF or c.count(b"\n") == 1) for c in chunks), chunks
+
+
+def test_a_worker_that_keeps_dying_is_started_again_ever_later_up_to_30s() -> None:
+    from bumper.proxy.workers import backoff
+
+    waits, delay = [], None
+    for _ in range(9):  # each dies at once
+        delay = backoff(delay, lived=1.0)
+        waits.append(delay)
+    assert waits == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
+    assert backoff(30, lived=60.0) == 0.5  # it lived a minute: a new crash is not the same failure
 
 
 @pytest.mark.parametrize("value", ["0", "x", "-1"])

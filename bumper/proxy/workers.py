@@ -338,16 +338,17 @@ class Supervisor:
 
     async def _keep(self, worker: Worker) -> None:
         """Run WORKER, again after it dies (back-off), until the supervisor stops."""
-        delay = BACKOFF_FIRST
+        delay: float | None = None
         loop = asyncio.get_running_loop()
         while not self.stopping:
             try:
                 process, channel = await self._spawn(worker)
             except OSError as e:
+                delay = backoff(delay, 0.0)
                 log.error(f"bumper: cannot start worker {worker.number}: {e}; trying again in {delay:g}s")
             else:
                 started = loop.time()
-                waiting = asyncio.create_task(self._readiness(worker, channel))
+                waiting = asyncio.create_task(self._readiness(worker, process, channel))
                 code = await self._wait(process)
                 waiting.cancel()
                 channel.close()
@@ -360,8 +361,7 @@ class Supervisor:
                     self._stop()
                     self._forward(signal.SIGINT)
                     return
-                if loop.time() - started >= BACKOFF_RESET:
-                    delay = BACKOFF_FIRST
+                delay = backoff(delay, loop.time() - started)
                 log.error(
                     f"bumper: worker {worker.number} (pid {process.pid}) {_ended(code)}; "
                     f"starting it again in {delay:g}s"
@@ -370,7 +370,6 @@ class Supervisor:
                 await asyncio.wait_for(self._stopped.wait(), delay)
             except TimeoutError:
                 pass
-            delay = min(delay * 2, BACKOFF_MAX)
             worker.restarts += 1
 
     async def _spawn(self, worker: Worker) -> tuple[asyncio.subprocess.Process, socket.socket]:
@@ -411,13 +410,15 @@ class Supervisor:
         ours.setblocking(False)
         return process, ours
 
-    async def _readiness(self, worker: Worker, channel: socket.socket) -> None:
+    async def _readiness(self, worker: Worker, process: asyncio.subprocess.Process, channel: socket.socket) -> None:
         answer = await asyncio.get_running_loop().sock_recv(channel, 64)
         if answer.startswith(b"ready"):
             worker.ready = True
-            if worker.missed_reload and worker.process is not None:
+            if self._all_ready.is_set():  # a worker started again: its share of connections is back
+                log.info(f"bumper: worker {worker.number} serves again, pid {process.pid}")
+            if worker.missed_reload:
                 worker.missed_reload = False
-                worker.process.send_signal(signal.SIGHUP)
+                process.send_signal(signal.SIGHUP)
             if all(w.ready for w in self.workers):
                 self._all_ready.set()
 
@@ -529,6 +530,16 @@ class Supervisor:
             GaugeMetricFamily("bumper_workers_alive", "Worker processes running", value=alive),
             restarts,
         ]
+
+
+def backoff(previous: float | None, lived: float) -> float:
+    """Seconds to wait before starting again a worker that died after LIVED seconds, PREVIOUS being
+    the wait before its last start (None: it had none). Doubling, so that one that cannot start
+    (a policy file broken since) is retried at a calm pace, not in a hot loop; from the start again
+    after it lived BACKOFF_RESET seconds, a crash now and then being no reason to wait long."""
+    if previous is None or lived >= BACKOFF_RESET:
+        return BACKOFF_FIRST
+    return min(previous * 2, BACKOFF_MAX)
 
 
 def _ended(code: int) -> str:
