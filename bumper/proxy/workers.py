@@ -6,11 +6,10 @@ CA (once: workers never race to create it), and for each listener binds an *anch
 SO_REUSEPORT that never listens: it resolves port 0 and keeps the port reserved for bumper's user
 while workers come and go. Each worker gets a socket of its own, bound to the same address with
 SO_REUSEPORT, which its event loop starts listening on once it serves: the kernel spreads new
-connections over the listening ones. A worker is a fresh
-interpreter (not a fork of a process with threads) started with the same arguments and a hidden
-`--worker-channel FD`; over that socket pair it reads its setup (its number, its sockets, its share
-of --max-memory, the secret every worker shares: never in argv or the environment, which
-/proc shows), and answers `ready` once it serves.
+connections over the listening ones. A worker is a fresh interpreter (not a fork of a process with
+threads) started with the same arguments and a hidden `--worker-channel FD`; over that socket pair
+it reads its setup (its number, its sockets, its share of --max-memory, the secret every worker
+shares: never in argv or the environment, which /proc shows), and answers `ready` once it serves.
 
 The supervisor restarts a worker that dies (with a back-off), forwards SIGHUP, SIGUSR1, SIGTERM and
 SIGINT to every worker, announces the listening lines and systemd's READY=1 once all are up, and
