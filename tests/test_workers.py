@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -205,6 +206,10 @@ def test_metrics_sum_over_the_workers(start_bumper, upstream: Upstream, tmp_path
     bumper.process.wait_for_line(r"bumper: worker 2 \(pid \d+\) was killed by SIGKILL")
     with urllib.request.urlopen(bumper.admin + "/healthz", timeout=10) as answer:
         assert answer.status == 200  # worker 1 answers
+    with pytest.raises(urllib.error.HTTPError) as not_ready:  # until worker 2's replacement serves (seconds)
+        urllib.request.urlopen(bumper.admin + "/readyz", timeout=10)
+    assert not_ready.value.code == 503
+    assert re.fullmatch(r"not ready: worker 2: (not running|starting)\n", not_ready.value.read().decode())
     with urllib.request.urlopen(bumper.admin + "/metrics", timeout=10) as answer:
         text = answer.read().decode()
     assert "bumper_worker_restarts_total 1.0" in text or "bumper_workers_alive 1.0" in text, text
