@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
+import stat
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from mitmproxy import http
 
@@ -36,6 +38,7 @@ class AccessLogSettings:
 
 
 FLUSH_DELAY = 0.1  # seconds a line may wait in the buffer
+MAX_PENDING_BYTES = 64 * 1024  # the buffer's bound: written out at once past it
 
 
 class AccessLog(Addon):
@@ -44,7 +47,12 @@ class AccessLog(Addon):
 
     def __init__(self, settings: AccessLogSettings) -> None:
         super().__init__(settings)
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
+        # Whole lines only: with --workers several processes append to one file, and each write()
+        # of whole lines to an O_APPEND file lands in one piece, never inside another's line.
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._pipe = False  # stdout to a pipe: whole lines in writes of at most PIPE_BUF
         self._flush: asyncio.TimerHandle | None = None
         # The JSON of the fields every request of a connection shares: by client id, then upstream
         # connection and the policy's verdict on it.
@@ -81,31 +89,61 @@ class AccessLog(Addon):
 
     def done(self) -> None:
         self._flushed()
-        if self._file is not None and self._file is not sys.stdout:
-            self._file.close()
-        self._file = None
+        if self._fd is not None and self._fd != sys.stdout.fileno():
+            os.close(self._fd)
+        self._fd = None
 
     def _write(self, line: str) -> None:
-        if self._file is None:
-            self._file = self._open()
-        self._file.write(line)
+        if self._fd is None:
+            self._fd = self._open()
+        data = line.encode()
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= MAX_PENDING_BYTES:
+            self._flushed()
         # Written out within FLUSH_DELAY, not line by line: one write for many busy requests.
-        if self._flush is None:
+        elif self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(FLUSH_DELAY, self._flushed)
 
     def _flushed(self) -> None:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        if self._file is not None:
-            self._file.flush()
+        if self._fd is not None and self._pending:
+            lines, self._pending, self._pending_bytes = self._pending, [], 0
+            for chunk in _chunks(lines, self._pipe):
+                data = memoryview(chunk)
+                while data:  # one write, unless a full disk or a pipe takes only part of it
+                    data = data[os.write(self._fd, data) :]
 
-    def _open(self) -> IO[str]:
+    def _open(self) -> int:
         if self.settings.path == "-":
-            return sys.stdout
-        # URLs and client addresses are personal data: readable by the proxy's user only.
-        fd = os.open(self.settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        return os.fdopen(fd, "a", encoding="utf-8")
+            sys.stdout.flush()
+            fd = sys.stdout.fileno()
+        else:
+            # URLs and client addresses are personal data: readable by the proxy's user only.
+            fd = os.open(self.settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._pipe = not stat.S_ISREG(os.fstat(fd).st_mode)
+        return fd
+
+
+def _chunks(lines: list[bytes], pipe: bool) -> Iterator[bytes]:
+    """LINES in as few writes as keep them whole: one for a file opened O_APPEND; for a pipe (stdout),
+    writes of at most PIPE_BUF bytes, the most a pipe keeps in one piece among other writers' (a
+    longer line goes alone)."""
+    if not pipe:
+        yield b"".join(lines)
+        return
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        if chunk and size + len(line) > select.PIPE_BUF:
+            yield b"".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        yield b"".join(chunk)
 
 
 def exchange(flow: http.HTTPFlow, connection_fields: str, log_secrets: bool = False) -> str:

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 import tempfile
 import warnings
@@ -36,7 +37,7 @@ from bumper.policy.binder import parse_size
 from bumper.policy.load import check as check_policy
 from bumper.policy.load import load as load_policy
 from bumper.policy.rules import LAB
-from bumper.proxy import eventlog, limits, overload
+from bumper.proxy import eventlog, limits, overload, records, workers
 from bumper.proxy.admin import AdminConfig
 from bumper.proxy.eventlog import LOG_FORMATS, LogFormat
 from bumper.proxy.listeners import DEFAULT_LISTEN, client_ca, parse_all, with_certificates
@@ -231,6 +232,15 @@ def _run_parser() -> argparse.ArgumentParser:
         "cgroup's memory limit, else half the machine's memory; docs/limits.md)",
     )
     p.add_argument(
+        "--workers",
+        metavar="N",
+        type=_workers,
+        default=1,
+        help="worker processes, each with its own event loop, sharing the listeners, the CA and the mimic "
+        "cache; auto: one per CPU this process may use (default: 1; docs/deploy.md#using-every-core)",
+    )
+    p.add_argument(workers.WORKER_FLAG, type=int, help=argparse.SUPPRESS)  # the supervisor's: bumper.proxy.workers
+    p.add_argument(
         "--drain-timeout",
         metavar="SECONDS",
         type=_drain_seconds,
@@ -337,7 +347,10 @@ def _run_command(args: list[str]) -> int:
     """Run the proxy until SIGINT or SIGTERM, its normal end."""
     opts = _run_parser().parse_args(args)
     _without_debug_checks(args)
-    _setup_logging(opts.verbose, opts.log_secrets, opts.log_format)
+    setup, channel = workers.receive(opts.worker_channel) if opts.worker_channel is not None else (None, None)
+    _setup_logging(opts.verbose, opts.log_secrets, opts.log_format, setup.worker if setup else None)
+    if setup is not None:
+        records.set_worker(setup.worker)
     addons = load_registry(opts.addons)
     listeners = with_certificates(parse_all(opts.listen or [DEFAULT_LISTEN]), opts.tls_cert)
     config = ProxyConfig(
@@ -378,9 +391,31 @@ def _run_command(args: list[str]) -> int:
     ).exists():
         ca_files.untrusted(config.ca_dir)  # a broken pair is a configuration error now, not at the first failure
     limits.raise_fd_limit()  # before any connection: max_connections may be derived from it
+    if setup is not None and channel is not None:
+        return _run_worker(workers.worker_config(config, setup), authority, setup, channel)
+    if opts.workers > 1:
+        return workers.supervise(config, authority, created, opts.workers, args)
     with asyncio.Runner(loop_factory=lambda: ResolvingEventLoop(config.resolve)) as runner:
         runner.run(serve(config, authority, announce_new_ca=created))
     return stopping.stopped()
+
+
+def _run_worker(
+    config: ProxyConfig, authority: ca_files.CertificateAuthority, setup: workers.WorkerSetup, channel: socket.socket
+) -> int:
+    """One of --workers N: the proxy on the sockets its supervisor handed over; the supervisor
+    announces it and writes the stop line."""
+    sockets = workers.inherited(config.listeners, setup)
+    with asyncio.Runner(loop_factory=lambda: workers.InheritingLoop(config.resolve, sockets)) as runner:
+        runner.run(serve(config, authority, worker_ready=lambda: workers.ready(channel)))
+    return 0
+
+
+def _workers(text: str) -> int:
+    try:
+        return workers.parse_count(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _check_temp_dir() -> None:
@@ -666,9 +701,9 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def _setup_logging(verbose: bool, log_secrets: bool, log_format: LogFormat = "text") -> None:
+def _setup_logging(verbose: bool, log_secrets: bool, log_format: LogFormat = "text", worker: int | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(eventlog.formatter(log_format, log_secrets))
+    handler.setFormatter(eventlog.formatter(log_format, log_secrets, worker))
     root = logging.getLogger()
     root.addHandler(handler)
     # A configuration error and the stop line go to stderr alone: mitmproxy's Master adds a handler to

@@ -19,6 +19,8 @@ from types import FrameType
 
 SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 ONE_SHOT_COMMANDS = frozenset({"ca", "mimic", "policy"})  # any other first argument runs the proxy
+# The hidden option of a --workers worker (bumper.proxy.workers): its supervisor writes the stop line.
+WORKER_FLAG = "--worker-channel"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report an interrupted command
 # The stop line's logger. It has the stderr log's handler alone (cli), as the configuration errors'
 # has: mitmproxy's handler on the root logger needs the event loop, which is gone when bumper stops.
@@ -70,6 +72,8 @@ def stopped() -> int:
 def interrupted(args: list[str]) -> int:
     """The exit code when SIGINT or SIGTERM cut the command ARGS short. For the proxy that is its
     normal end; a one-shot command did not do its work, and `bumper ca init && ...` must stop."""
+    if WORKER_FLAG in args:
+        return 0
     return EXIT_INTERRUPTED if one_shot(args) else stopped()
 
 

@@ -389,6 +389,44 @@ def ws_events(tls: ssl.SSLSocket, ws: wsproto.WSConnection, seconds: float) -> I
             return
 
 
+@dataclass
+class WsReply:
+    """What came back for one WebSocket message: its size, its pieces (when kept), or the close sent
+    instead; a pong counts as the message (its payload)."""
+
+    size: int = 0
+    pieces: list[bytes | str] = field(default_factory=list)
+    close: wsproto.events.CloseConnection | None = None
+
+    @property
+    def closed(self) -> str:
+        return f", closed {self.close.code}" if self.close else ""
+
+    def data(self) -> bytes | str:
+        text = bool(self.pieces) and isinstance(self.pieces[0], str)
+        return ("" if text else b"").join(self.pieces)  # type: ignore[attr-defined]
+
+
+def ws_reply(tls: ssl.SSLSocket, ws: wsproto.WSConnection, seconds: float, keep: bool = False) -> WsReply:
+    """The next whole message from the other end within SECONDS (its pieces too if KEEP), or the close
+    it sent instead."""
+    reply = WsReply()
+    for event in ws_events(tls, ws, seconds):
+        if isinstance(event, wsproto.events.Message):
+            reply.size += len(event.data)
+            if keep:
+                reply.pieces.append(event.data)
+            if event.message_finished:
+                break
+        elif isinstance(event, wsproto.events.CloseConnection):
+            reply.close = event
+            break
+        elif isinstance(event, wsproto.events.Pong):
+            reply.pieces.append(bytes(event.payload))
+            break
+    return reply
+
+
 def ws_fragmented_message(lab: Lab) -> tuple[float, str]:
     return ws_message_in_fragments(lab, lab.size(64 * MiB, 8 * MiB), lab.size(4096, 512))
 
@@ -401,16 +439,11 @@ def ws_message_in_fragments(lab: Lab, size: int, fragments: int) -> tuple[float,
         with contextlib.suppress(OSError):
             for i in range(fragments):
                 tls.sendall(ws.send(wsproto.events.BytesMessage(piece, message_finished=i == fragments - 1)))
-        echoed, closed = 0, ""
-        for event in ws_events(tls, ws, 60):
-            if isinstance(event, wsproto.events.BytesMessage):
-                echoed += len(event.data)
-                if event.message_finished:
-                    break
-            elif isinstance(event, wsproto.events.CloseConnection):
-                closed = f", closed {event.code}"
-                break
-    return time.monotonic() - start, f"{size // MiB} MiB in {fragments} fragments; echoed {echoed // MiB} MiB{closed}"
+        reply = ws_reply(tls, ws, 60)
+    return (
+        time.monotonic() - start,
+        f"{size // MiB} MiB in {fragments} fragments; echoed {reply.size // MiB} MiB{reply.closed}",
+    )
 
 
 def ws_many_messages(lab: Lab) -> tuple[float, str]:
@@ -426,17 +459,10 @@ def ws_many_messages(lab: Lab) -> tuple[float, str]:
             except OSError:
                 closed = ", closed while sending"
                 break
-            got = 0
-            for event in ws_events(tls, ws, 30):
-                if isinstance(event, wsproto.events.BytesMessage):
-                    got += len(event.data)
-                    if event.message_finished:
-                        break
-                elif isinstance(event, wsproto.events.CloseConnection):
-                    closed = f", closed {event.code}"
-                    break
-            echoed += got
-            if closed or got < len(message):
+            reply = ws_reply(tls, ws, 30)
+            echoed += reply.size
+            closed = reply.closed
+            if closed or reply.size < len(message):
                 break
     return time.monotonic() - start, f"{count} messages of 1 MiB; {echoed // MiB} echoed{closed}"
 
@@ -457,16 +483,10 @@ def ws_one_big_frame(lab: Lab) -> tuple[float, str]:
                 tls.sendall(chunk)
         except OSError as e:
             outcome = f"closed while sending ({type(e).__name__})"
-        echoed = 0
-        for event in ws_events(tls, ws, 60):
-            if isinstance(event, wsproto.events.BytesMessage):
-                echoed += len(event.data)
-                if event.message_finished:
-                    break
-            elif isinstance(event, wsproto.events.CloseConnection):
-                outcome = outcome or f"closed {event.code} {event.reason}"
-                break
-        outcome = outcome or f"echoed {echoed // MiB} MiB"
+        reply = ws_reply(tls, ws, 60)
+        if reply.close:
+            outcome = outcome or f"closed {reply.close.code} {reply.close.reason}"
+        outcome = outcome or f"echoed {reply.size // MiB} MiB"
     return time.monotonic() - start, f"one {size // MiB} MiB frame: {outcome}"
 
 
@@ -475,24 +495,13 @@ def ws_compression_bomb(lab: Lab) -> tuple[float, str]:
     size = lab.size(256 * MiB, 64 * MiB)
     tls, ws = ws_connect(lab.bumper, lab.target, [wsproto.extensions.PerMessageDeflate()])
     start = time.monotonic()
-    outcome = ""
     with tls:
         wire = ws.send(wsproto.events.BytesMessage(bytes(size)))
         with contextlib.suppress(OSError):
             tls.sendall(wire)
-        echoed = 0
-        for event in ws_events(tls, ws, 60):
-            if isinstance(event, wsproto.events.BytesMessage):
-                echoed += len(event.data)
-                if event.message_finished:
-                    break
-            elif isinstance(event, wsproto.events.CloseConnection):
-                outcome = f"closed {event.code}"
-                break
-    return (
-        time.monotonic() - start,
-        f"{size // MiB} MiB in {len(wire) // 1024} KiB; {outcome or f'echoed {echoed // MiB} MiB'}",
-    )
+        reply = ws_reply(tls, ws, 60)
+    outcome = f"closed {reply.close.code}" if reply.close else f"echoed {reply.size // MiB} MiB"
+    return time.monotonic() - start, f"{size // MiB} MiB in {len(wire) // 1024} KiB; {outcome}"
 
 
 def ws_message_never_ends(lab: Lab) -> tuple[float, str]:

@@ -155,7 +155,15 @@ PINNED: dict[str, tuple[str, str]] = {
         "21eea06f208c752e",
         "registered by client.id; original destination as sockname",
     ),
-    "mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen": ("7670a9038b44170d", "_servers: asyncio servers"),
+    "mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen": (
+        "7670a9038b44170d",
+        "_servers: asyncio servers; binds with asyncio.start_server(handler, host, port) (workers.InheritingLoop)",
+    ),
+    # --workers: a worker serves the socket its supervisor bound (bumper/proxy/workers.py)
+    "mitmproxy.proxy.mode_servers.AsyncioServerInstance._start": (
+        "f96507081fa6236b",
+        "listens on the mode's own host and port (workers.InheritingLoop matches them)",
+    ),
     "mitmproxy.addons.proxyserver.Proxyserver.register_connection": ("d79bb91554a8bda2", "connections read"),
     # The hook dispatcher (bumper/proxy/dispatch.py)
     "mitmproxy.addonmanager.AddonManager.register": ("01ddcca314eebbd3", "overridden"),
@@ -365,6 +373,35 @@ def test_the_asyncio_and_h2_insides_the_limits_use_are_there() -> None:
     accept = inspect.getsource(asyncio.selector_events.BaseSelectorEventLoop._accept_connection)
     assert "'socket.accept() out of system resource'" in accept
     assert FrameBuffer()._headers_buffer == []
+
+
+def test_a_worker_loop_serves_the_inherited_socket_where_asyncio_start_server_binds() -> None:
+    """mitmproxy binds a listener with asyncio.start_server(handler, host, port), which asks the
+    running loop's create_server: workers.InheritingLoop hands it the supervisor's socket there, and
+    asyncio's Server calls listen() on it as it starts serving."""
+    import asyncio
+    import socket
+
+    from bumper.proxy.workers import InheritingLoop
+
+    given = socket.socket()
+    given.bind(("127.0.0.1", 0))  # bound, not listening: the server listens once it serves
+    port, fd = given.getsockname()[1], given.fileno()
+
+    async def bind() -> tuple[Any, ...]:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5):  # refused unless it listens
+                pass
+            return tuple(sock.fileno() for sock in server.sockets)
+        finally:
+            server.close()
+
+    loop = InheritingLoop((), {("127.0.0.1", port): given})
+    try:
+        assert loop.run_until_complete(bind()) == (fd,)  # the very socket, not a new one
+    finally:
+        loop.close()
 
 
 def test_layers_hold_their_events_in_a_lazy_queue() -> None:

@@ -618,7 +618,7 @@ def test_without_system_roots_there_is_no_bundle_and_one_line_says_why(
     """A slim image without ca-certificates: the page offers the CA alone, and bumper still starts."""
     authority = ca_files.create(tmp_path / "ca")
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "nope"))
-    assert master._bundle(authority) is None
+    assert master.onboarding_bundle(authority) is None
     assert [r.getMessage() for r in caplog.records] == [
         f"admin: the onboarding page offers no trust bundle: no system roots to bundle: no file at "
         f"SSL_CERT_FILE={tmp_path / 'nope'} (install ca-certificates, or point SSL_CERT_FILE at a PEM file of roots)"
@@ -626,7 +626,7 @@ def test_without_system_roots_there_is_no_bundle_and_one_line_says_why(
     roots = pki.Authority.root("a system root").cert.public_bytes(Encoding.PEM)
     (tmp_path / "roots.pem").write_bytes(roots)
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "roots.pem"))
-    assert master._bundle(authority) == roots + authority.trust_anchor.public_bytes(Encoding.PEM)
+    assert master.onboarding_bundle(authority) == roots + authority.trust_anchor.public_bytes(Encoding.PEM)
 
 
 def test_the_proxy_ports_400_names_the_admin_listener(onboarded: Bumper) -> None:

@@ -21,7 +21,7 @@ import wsproto.events
 from wsproto.extensions import PerMessageDeflate
 
 from tests.conftest import Bumper, Upstream, start_with_policy
-from tests.hostile_peers import MiB, reset_peak, rss_kib, ws_connect, ws_events
+from tests.hostile_peers import MiB, reset_peak, rss_kib, ws_connect, ws_events, ws_reply
 from tests.test_bad_input import run_next_to_good_requests
 
 FIXTURE_ADDONS = Path(__file__).with_name("addons_fixture")
@@ -72,17 +72,9 @@ def raw_frame(opcode: int, payload: bytes, fin: bool) -> bytes:
 
 def answer(tls: ssl.SSLSocket, ws: wsproto.WSConnection) -> tuple[bytes | str, int | None]:
     """The next whole message from the other end, and the close code it sent instead, if it did."""
-    pieces: list[bytes | str] = []
-    for event in ws_events(tls, ws, 20):
-        if isinstance(event, wsproto.events.Message):
-            pieces.append(event.data)
-            if event.message_finished:
-                return (b"" if isinstance(event.data, bytes) else "").join(pieces), None  # type: ignore[arg-type]
-        elif isinstance(event, wsproto.events.CloseConnection):
-            return b"".join(p for p in pieces if isinstance(p, bytes)), event.code
-        elif isinstance(event, wsproto.events.Pong):
-            return bytes(event.payload), None
-    raise AssertionError("neither a message nor a close within 20 s")
+    reply = ws_reply(tls, ws, 20, keep=True)
+    assert reply.pieces or reply.close, "neither a message nor a close within 20 s"
+    return reply.data(), reply.close.code if reply.close else None
 
 
 def test_a_message_over_the_limit_streams_through(streaming: Bumper, upstream: Upstream) -> None:

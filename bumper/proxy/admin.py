@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import http
+import inspect
 import logging
+import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
@@ -45,6 +47,9 @@ class AdminConfig:
     host: str
     port: int
     allow: tuple[Network, ...] = ()
+    # A worker's private admin (bumper.proxy.workers): a Unix socket, 0600 in a 0700 directory, that
+    # only the supervisor reads; host and port are then unused.
+    unix: str | None = None
 
     @classmethod
     def parse(cls, spec: str, allow: list[str]) -> AdminConfig:
@@ -104,7 +109,8 @@ class Response:
         return cls(status, text.encode() + b"\n")
 
 
-Route = Callable[[Request], Response]
+# A page made at once, or one that has to wait (the supervisor's, which asks every worker).
+Route = Callable[[Request], Response | Awaitable[Response]]
 
 # Every answer: no page of the admin listener is framed, sniffed or cached on the way.
 _SECURITY_HEADERS = (
@@ -114,14 +120,15 @@ _SECURITY_HEADERS = (
 )
 
 
-def answer(routes: Mapping[str, Route], request: Request) -> Response:
+async def answer(routes: Mapping[str, Route], request: Request) -> Response:
     """The response to REQUEST: its route's, or 404/405."""
     route = routes.get(request.path)
     if route is None:
         return Response.text(404, f"not found: {request.path[:100]!r}; this is bumper's admin listener")
     if request.method not in ("GET", "HEAD"):
         return Response(405, b"only GET and HEAD\n", headers=(("Allow", "GET, HEAD"),))
-    return route(request)
+    response = route(request)
+    return await response if inspect.isawaitable(response) else response
 
 
 class Readiness:
@@ -202,6 +209,10 @@ class AdminServer:
 
     async def start(self) -> tuple[str, int]:
         """Bind, or ConfigError naming the OS's reason; the address bound (the real port for 0)."""
+        if self.config.unix is not None:
+            self._server = await asyncio.start_unix_server(self._connection, self.config.unix)
+            os.chmod(self.config.unix, 0o600)
+            return self.config.unix, 0
         try:
             self._server = await asyncio.start_server(self._connection, self.config.host, self.config.port)
         except OSError as e:
@@ -229,14 +240,15 @@ class AdminServer:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = ip_address(writer.get_extra_info("peername")[0])
+        # A worker's Unix socket has no peer address: its directory's mode is its access control.
+        peer = None if self.config.unix is not None else ip_address(writer.get_extra_info("peername")[0])
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         request = await _read_request(conn, reader)
         if request is None:
             return
-        if self.config.admits(peer):
+        if peer is None or self.config.admits(peer):
             try:
-                response = answer(self.routes, request)
+                response = await answer(self.routes, request)
             except Exception as e:  # a page that cannot be made is a 500 and one line, never a traceback
                 log.error("admin: %s %s failed: %s: %s", request.method, request.path, type(e).__name__, e)
                 response = Response.text(500, "internal error: see bumper's log")

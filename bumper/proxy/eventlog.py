@@ -48,8 +48,9 @@ class ConnectionLog:
         return asyncio.gather(*waiting) if waiting else None
 
 
-def formatter(log_format: LogFormat, log_secrets: bool) -> logging.Formatter:
-    return JsonFormatter(log_secrets) if log_format == "json" else TextFormatter(log_secrets)
+def formatter(log_format: LogFormat, log_secrets: bool, worker: int | None = None) -> logging.Formatter:
+    """The stderr log's formatter; a worker's (--workers) marks each of its lines with WORKER."""
+    return JsonFormatter(log_secrets, worker) if log_format == "json" else TextFormatter(log_secrets, worker)
 
 
 class TextFormatter(logging.Formatter):
@@ -57,13 +58,14 @@ class TextFormatter(logging.Formatter):
     both logs line up whatever the machine's time zone. Unless LOG_SECRETS, credentials are masked
     in every line (bumper.policy.redact), whoever wrote it: bumper, mitmproxy with -v, an addon."""
 
-    def __init__(self, log_secrets: bool) -> None:
+    def __init__(self, log_secrets: bool, worker: int | None = None) -> None:
         super().__init__("%(asctime)s %(message)s")
         self.log_secrets = log_secrets
+        self.prefix = "" if worker is None else f"[w{worker}] "
 
     def format(self, record: logging.LogRecord) -> str:
         line = record.getMessage() if any(getattr(record, key, False) for key in BARE) else super().format(record)
-        return line if self.log_secrets else redact.text(line)
+        return self.prefix + (line if self.log_secrets else redact.text(line))
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return iso_utc(record.created)
@@ -75,9 +77,10 @@ class JsonFormatter(logging.Formatter):
     {"time","level","logger","message"}, a traceback inside its message. Credentials are masked as
     in text, field by field, so that the line stays JSON."""
 
-    def __init__(self, log_secrets: bool) -> None:
+    def __init__(self, log_secrets: bool, worker: int | None = None) -> None:
         super().__init__()
         self.log_secrets = log_secrets
+        self.worker = {} if worker is None else {"worker": worker}
 
     def format(self, record: logging.LogRecord) -> str:
         state = getattr(record, STATE, None)
@@ -88,5 +91,11 @@ class JsonFormatter(logging.Formatter):
             message = f"{message}\n{self.formatException(record.exc_info)}"
         if not self.log_secrets:
             message = redact.text(message)
-        fields = {"time": iso_utc(record.created), "level": record.levelname, "logger": record.name, "message": message}
+        fields = {
+            "time": iso_utc(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            **self.worker,
+            "message": message,
+        }
         return json.dumps(fields, separators=(",", ":"))

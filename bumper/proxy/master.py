@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -33,7 +33,7 @@ from bumper.errors import ConfigError
 from bumper.inspect.chain import AddonRunner
 from bumper.policy.htpasswd import Users
 from bumper.policy.names import host_port
-from bumper.policy.pinning import LearnedPins
+from bumper.policy.pinning import LearnedPins, SharedLearnedPins
 from bumper.policy.rules import LAB, AddonSpec, ClientCertRequirement, OnError, Policy
 from bumper.policy.source import PolicySource
 from bumper.proxy import dispatch, h2flow, headerlookup, httpstream, lightlayers, websocket
@@ -109,6 +109,8 @@ class ProxyConfig:
     admin: AdminConfig | None = None  # --admin: probes, metrics and the onboarding page (bumper.proxy.admin)
     max_memory: int = 0  # --max-memory, bytes: the overload manager's budget (bumper.proxy.overload); 0: none
     max_memory_default: str | None = None  # where the default budget came from; None: --max-memory gave it
+    ticket_secret: bytes = b""  # --workers: the secret every worker shares (bumper.proxy.workers)
+    pins_db: Path | None = None  # --workers: learned pinning shared by the workers (SharedLearnedPins)
 
 
 def access_log(addons: Mapping[str, type[Addon]], path: str, log_secrets: bool = False) -> tuple[AddonSpec, ...]:
@@ -153,7 +155,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         lambda leaf: mimic.mirrored_weaknesses(leaf, authority),
     )
     source = PolicySource(config.policy, config.policy_path, config.addons)
-    pins = PinLearner(LearnedPins(), states)
+    pins = PinLearner(SharedLearnedPins(config.pins_db) if config.pins_db else LearnedPins(), states)
     connection_log.on_end.append(pins.connection_ended)
     runner = AddonRunner(config.addons, connection_log, config.always)
     source.on_reload.append(runner.policy_reloaded)
@@ -201,7 +203,14 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     return m
 
 
-async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, announce_new_ca: bool = False) -> None:
+async def serve(
+    config: ProxyConfig,
+    authority: ca_files.CertificateAuthority,
+    announce_new_ca: bool = False,
+    worker_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run the proxy until it stops. A worker (--workers, bumper.proxy.workers) tells WORKER_READY
+    instead of announcing itself: its supervisor prints the listening lines once every worker is up."""
     m = build_master(config, authority)
     _check_budget(config, m.addons.get("overload"))
     loop = asyncio.get_running_loop()
@@ -225,7 +234,10 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
         readiness = Readiness(lambda: m.addons.get("drain").draining, overload.refusing)
         admin = AdminServer(config.admin) if config.admin else None
         admin_address = await admin.start() if admin else None
-        if admin and admin_address:  # its pages name its address, known once it is bound (port 0)
+        if admin and config.admin and config.admin.unix:  # a worker's, for its supervisor alone
+            admin.routes = {**probe_routes(readiness), **metrics_route(m.addons.get("metrics").registry)}
+            admin_address = None
+        elif admin and admin_address:  # its pages name its address, known once it is bound (port 0)
             admin.routes = admin_routes(
                 m, readiness, authority, admin_address, _proxy_address(config.listeners, server)
             )
@@ -241,7 +253,10 @@ async def serve(config: ProxyConfig, authority: ca_files.CertificateAuthority, a
             loop.add_signal_handler(signal.SIGTERM, m.addons.get("drain").sigterm)
             loop.add_signal_handler(signal.SIGHUP, _reload, m)
             loop.add_signal_handler(signal.SIGUSR1, m.addons.get("addonrunner").reopen)
-            if not m.should_exit.is_set():  # a proxy stopped during start-up has nothing to announce
+            if worker_ready is not None and not m.should_exit.is_set():
+                readiness.listening()
+                worker_ready()
+            elif not m.should_exit.is_set():  # a proxy stopped during start-up has nothing to announce
                 _announce(config.listeners, server, authority if announce_new_ca else None)
                 if admin_address:
                     log.info(f"bumper: admin listening on {host_port(*admin_address)}", extra=BARE)
@@ -282,7 +297,7 @@ def admin_routes(
     return {
         **probe_routes(readiness),
         **metrics_route(m.addons.get("metrics").registry),
-        **onboarding_routes(authority.trust_anchor, admin, proxy, _bundle(authority)),
+        **onboarding_routes(authority.trust_anchor, admin, proxy, onboarding_bundle(authority)),
     }
 
 
@@ -328,7 +343,7 @@ def _proxy_address(listeners: tuple[Listener, ...], server: proxyserver.Proxyser
     return None
 
 
-def _bundle(authority: ca_files.CertificateAuthority) -> bytes | None:
+def onboarding_bundle(authority: ca_files.CertificateAuthority) -> bytes | None:
     """The trust bundle the onboarding page offers (`bumper ca bundle`'s), or None, with one line saying
     why, when this host has no system roots to put in it (a slim image)."""
     try:

@@ -22,6 +22,9 @@ class PinLearner:
         self.pins = pins
         self.states = states
 
+    def done(self) -> None:
+        self.pins.close()
+
     def tls_failed_client(self, data: tls.TlsData) -> None:
         state = self.states.of(data.context.client.id)
         if state is not None and is_rejection(str(data.conn.error)):

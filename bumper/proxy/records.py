@@ -39,8 +39,20 @@ def free_text(log_secrets: bool) -> Callable[[str], str]:
 
 
 def json_line(head: dict[str, Any], connection_fields: str, tail: dict[str, Any]) -> str:
-    """One JSON object: HEAD's fields, the connection's (already JSON, without braces), TAIL's."""
-    return f"{_json(head)[:-1]},{connection_fields},{_json(tail)[1:]}\n"
+    """One JSON object: HEAD's fields, the connection's (already JSON, without braces), the worker's
+    number under --workers, TAIL's."""
+    return f"{_json(head)[:-1]},{connection_fields}{_worker_member},{_json(tail)[1:]}\n"
+
+
+# `"worker": N` in every record of a worker process (--workers, bumper.proxy.workers), so that one
+# access log written by several processes still says which served what; nothing in a lone process.
+# A process-wide fact, as the log's formatter is: set once, before the first connection.
+_worker_member = ""
+
+
+def set_worker(worker: int) -> None:
+    global _worker_member
+    _worker_member = f',"worker":{worker}'
 
 
 _json = json.JSONEncoder(separators=(",", ":")).encode
