@@ -88,12 +88,18 @@ def test_requests_closer_than_the_timeout_keep_the_upstream_connection(quick: Bu
     closing the upstream leg; once they stop, it closes it."""
     with tunnel(quick, upstream.host, upstream.port) as tls:
         first = get(tls, upstream.host, "/peer")
+        requests = 1
         started = time.monotonic()
         while time.monotonic() - started < 3 * float(QUICK):  # bounded: three timeouts' worth of requests
             time.sleep(0.3)
             assert get(tls, upstream.host, "/peer") == first
+            requests += 1
         time.sleep(PAST_IT)
         assert get(tls, upstream.host, "/peer") != first
+        port = tls.getsockname()[1]
+    # Its line written before the next test starts looking for its own.
+    line = quick.connection_line(port)
+    assert f"requests={requests + 1} " in line and line.endswith("outcome=ok"), line
 
 
 def test_http2_next_request_goes_out_on_a_new_upstream_connection(quick: Bumper, upstream: Upstream) -> None:
