@@ -16,7 +16,6 @@ import re
 import socket
 import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,8 @@ from OpenSSL import SSL, crypto
 from bumper.proxy.tlsprovider import TicketKeys, client_context
 from bumper.upstream import hidden, resumption
 from bumper.upstream.sessions import UpstreamSessions
+from bumper.upstream.tls import UpstreamTrust
+from bumper.upstream.verifier import PeerChain, UpstreamVerifier
 from tests import pki
 from tests.conftest import (
     Bumper,
@@ -123,9 +124,9 @@ def test_a_changed_upstream_is_verified_again(bumper: Bumper, resuming: Resuming
     assert fetch(bumper, url) == "reused=False"  # trusted: a full handshake, verified
     assert fetch(bumper, url) == "reused=True"
     resuming.serve(pki.self_signed_leaf("changed.resume.test"))
-    r = curl(bumper, url)
+    r = curl(bumper, url, "-w", "%{local_port}")
     assert r.returncode == 60, r  # the mimic of a self-signed certificate: the client's own check fails it
-    assert "verify=self_signed" in bumper.process.log.split("\n")[-1] or "self_signed" in bumper.process.log
+    assert " verify=self_signed " in bumper.connection_line(int(r.stdout))
     resuming.serve(test_pki.root.leaf("changed.resume.test"))
     assert fetch(bumper, url) == "reused=False"  # the failed upstream's session was not kept
 
@@ -274,8 +275,8 @@ CLIENT = SSL.Context(SSL.TLS_CLIENT_METHOD)  # pyOpenSSL resumes a session only 
 
 
 def handshake(server: SSL.Context, session: SSL.Session | None = None, bound: bytes = b"AB") -> SSL.Connection:
-    """A client's handshake with SERVER over memory BIOs, offering SESSION, one record exchange
-    after it (where a TLS 1.3 ticket arrives), bound as bumper binds it (BOUND: a mimic's fingerprint)."""
+    """A client's handshake with SERVER over memory BIOs, offering SESSION, bound as bumper binds
+    it (BOUND: a mimic's fingerprint)."""
     client = SSL.Connection(CLIENT)
     client.set_connect_state()
     if session is not None:
@@ -283,6 +284,12 @@ def handshake(server: SSL.Context, session: SSL.Session | None = None, bound: by
     conn = SSL.Connection(server)
     assert hidden.set_session_id_context(conn, resumption.session_id_context(b"mimic", bound))
     conn.set_accept_state()
+    return pump(client, conn)
+
+
+def pump(client: SSL.Connection, conn: SSL.Connection) -> SSL.Connection:
+    """CLIENT's handshake with CONN over memory BIOs, and one record after it (with which a TLS 1.3
+    ticket arrives)."""
     for _ in range(20):
         for sender, receiver in ((client, conn), (conn, client)):
             try:
@@ -346,3 +353,58 @@ def test_a_session_is_bound_to_what_the_full_handshake_would_show(test_pki: Pki)
     assert reused(handshake(context, first.get_session()))
     assert not reused(handshake(context, first.get_session(), bound=b"AC"))
     assert resumption.session_id_context(b"ab", b"c") != resumption.session_id_context(b"a", b"bc")
+
+
+def test_an_upstream_session_is_not_resumed_once_its_chain_has_expired(test_pki: Pki) -> None:
+    """The upstream leg with an injected clock, over memory BIOs: a kept session resumes; a resumed
+    handshake's verdict is reached from the session's chain at the current time (OpenSSL verifies
+    nothing again), so a certificate expired since is caught; and once the chain has expired, the
+    session is no longer offered."""
+    leaf = test_pki.root.leaf("expire.test")
+    server = SSL.Context(SSL.TLS_SERVER_METHOD)
+    server.use_certificate(leaf.cert)
+    server.use_privatekey(leaf.key)  # type: ignore[arg-type]
+    clock = Clock(leaf.cert.not_valid_after_utc.timestamp() - 60)
+    verifier = UpstreamVerifier(UpstreamTrust((test_pki.root_pem,)), lambda: [], clock=clock)
+
+    def connect(later: float = 0.0) -> tuple[SSL.Connection, str | None]:
+        conn = verifier.connection("expire.test", "1.2", (), peer=("127.0.0.1", 443))
+        accepted = SSL.Connection(server)
+        accepted.set_accept_state()
+        pump(conn, accepted)
+        clock.now += later
+        peer = PeerChain.of(conn)
+        errors = verifier.errors_of(conn, peer)
+        found = verifier.judge(errors, peer)
+        verifier.judged(conn, errors, found, peer)
+        return conn, found.verdict.reason
+
+    first, reason = connect()
+    assert not reused(first) and reason is None and len(verifier.sessions) == 1
+    second, reason = connect()
+    assert reused(second) and reason is None
+    third, reason = connect(later=120)  # resumed a minute before, judged a minute after the leaf expired
+    assert reused(third) and reason == "expired"
+    assert len(verifier.sessions) == 0  # a failed verdict drops its upstream's session
+    clock.now -= 120
+    connect()
+    clock.now += 120
+    fourth, _ = connect()
+    assert not reused(fourth)  # past the chain's dates: not offered
+
+
+def test_resumed_handshakes_are_counted_on_each_leg(start_bumper, resuming: ResumingUpstream) -> None:
+    """bumper_tls_resumed_total{leg}: the upstream leg's second connection, the client's resumed one."""
+    from tests.test_metrics import ADMIN, Admin, labels, of
+
+    admin = Admin(start_bumper(*ADMIN))
+    url = resuming.url("metrics.resume.test")
+    moved = admin.moved(lambda: fetch(admin.bumper, url))
+    assert of(moved, "bumper_tls_resumed_total") == {}
+    moved = admin.moved(lambda: fetch(admin.bumper, url))
+    assert of(moved, "bumper_tls_resumed_total") == {labels(leg="upstream"): 1}
+    context = client_tls_context(admin.bumper.ca_pem, TLS13)
+    first, _ = tls_client(admin.bumper, "metrics.resume.test", resuming.port, context)
+    moved = admin.moved(lambda: tls_client(admin.bumper, "metrics.resume.test", resuming.port, context, first.session))
+    assert of(moved, "bumper_tls_resumed_total") == {labels(leg="client"): 1, labels(leg="upstream"): 1}
+    assert moved[("bumper_handshake_seconds_count", labels(leg="client"))] == 1
