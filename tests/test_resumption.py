@@ -69,7 +69,7 @@ class ResumingUpstream:
     def handle(self, sock: socket.socket) -> None:
         try:
             with self.context.wrap_socket(sock, server_side=True) as tls:
-                self.reused.append(tls.session_reused)
+                self.reused.append(bool(tls.session_reused))
                 read_head(tls)
                 body = f"reused={tls.session_reused}".encode()
                 tls.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
