@@ -272,6 +272,9 @@ def server_context(keys: TicketKeys, leaf: pki.Leaf) -> SSL.Context:
 
 
 CLIENT = SSL.Context(SSL.TLS_CLIENT_METHOD)  # pyOpenSSL resumes a session only in the context it came from
+CLIENT12 = SSL.Context(SSL.TLS_CLIENT_METHOD)
+CLIENT12.set_max_proto_version(SSL.TLS1_2_VERSION)
+CLIENT12.set_options(SSL.OP_NO_TICKET)  # a session id only: OpenSSL gives a client that takes tickets none
 
 
 def handshake(server: SSL.Context, session: SSL.Session | None = None, bound: bytes = b"AB") -> SSL.Connection:
@@ -408,3 +411,29 @@ def test_resumed_handshakes_are_counted_on_each_leg(start_bumper, resuming: Resu
     moved = admin.moved(lambda: tls_client(admin.bumper, "metrics.resume.test", resuming.port, context, first.session))
     assert of(moved, "bumper_tls_resumed_total") == {labels(leg="client"): 1, labels(leg="upstream"): 1}
     assert moved[("bumper_handshake_seconds_count", labels(leg="client"))] == 1
+
+
+def cached(context: SSL.Context) -> int:
+    """How many sessions CONTEXT's own cache holds (SSL_CTX_sess_number)."""
+    assert hidden.FUNCTIONS is not None
+    return hidden.FUNCTIONS.ctx_ctrl(hidden.pointer(context._context), 20, 0, None)  # type: ignore[attr-defined]
+
+
+def test_a_session_that_never_resumes_leaves_the_cache(test_pki: Pki) -> None:
+    """A TLS 1.2 session id (of a client without tickets) goes into the client context's cache
+    (capped: tlsprovider.SERVER_SESSIONS); forget_session, for a client that presented a
+    certificate, takes it out."""
+    from bumper.proxy.tlsprovider import SERVER_SESSIONS
+
+    keys = TicketKeys(b"k" * 32, Clock(1_800_000_000.0))
+    context = server_context(keys, test_pki.root.leaf("cache.test"))
+    assert hidden.FUNCTIONS is not None
+    assert hidden.FUNCTIONS.ctx_ctrl(hidden.pointer(context._context), 43, 0, None) == SERVER_SESSIONS  # type: ignore[attr-defined]
+    client = SSL.Connection(CLIENT12)
+    client.set_connect_state()
+    conn = SSL.Connection(context)
+    conn.set_accept_state()
+    pump(client, conn)
+    assert cached(context) == 1
+    hidden.forget_session(conn)
+    assert cached(context) == 0

@@ -153,6 +153,12 @@ def no_resumption(context: SSL.Context) -> SSL.Context:
     return context
 
 
+# Sessions a client context keeps for TLS 1.2 session ids (a few hundred bytes each): only of clients
+# that take no tickets (OpenSSL gives the others no session id), served from it on the worker that
+# made it.
+SERVER_SESSIONS = 8192
+
+
 class TicketKeys:
     """The session ticket key of bumper's client contexts: derived from SECRET and the time
     (resumption.ticket_key), the same in every worker given the same SECRET, and set again on
@@ -167,13 +173,14 @@ class TicketKeys:
         self._contexts: list[SSL.Context] = []
         self.resumes = hidden.FUNCTIONS is not None
         if not self.resumes:
-            log.warning("bumper: client session resumption is off: %s", hidden.MISSING)
+            log.warning("session resumption is off (full handshakes on both legs): %s", hidden.MISSING)
 
     def add(self, context: SSL.Context) -> SSL.Context:
         """CONTEXT, which serves clients, with the current key (without resumption, if none can be set)."""
         if not self.resumes:
             return no_resumption(context)
         self._contexts.append(context)
+        hidden.set_session_cache_size(context, SERVER_SESSIONS)
         if self._key:
             hidden.set_ticket_key(context, self._key)
         return context
@@ -374,6 +381,12 @@ class TlsProvider:
             hidden.set_session_id_context(conn, resumption.session_id_context(*bound))
         conn.set_accept_state()
         tls_start.ssl_conn = conn
+
+    def tls_established_client(self, data: tls.TlsData) -> None:
+        if data.ssl_conn is not None and data.ssl_conn.get_verify_mode() & SSL.VERIFY_PEER:
+            # A client that presented a certificate never resumes (_serve): its TLS 1.2 session,
+            # its certificate chain with it, would only hold memory in the cache until pushed out.
+            hidden.forget_session(data.ssl_conn)
 
     def _refuse(self, client: connection.Client, reason: str) -> None:
         """No TLS context for the client: mitmproxy closes the connection. The reason goes to the

@@ -1,9 +1,10 @@
 """OpenSSL functions that pyOpenSSL's binding leaves out, called in the very OpenSSL it binds.
 
-Session resumption needs four that pyOpenSSL (26) does not bind: `SSL_CTX_ctrl` (the session
-ticket key every worker shares), `SSL_set_session_id_context` (a client's session bound to the
-mimic it was shown), `SSL_CTX_sess_set_new_cb` (an upstream's session when it arrives: a TLS 1.3
-ticket comes after the handshake) and `SSL_SESSION_is_resumable`. cryptography links OpenSSL
+Session resumption needs five that pyOpenSSL (26) does not bind: `SSL_CTX_ctrl` (the session
+ticket key every worker shares, the session cache's size), `SSL_set_session_id_context` (a
+client's session bound to the mimic it was shown), `SSL_CTX_remove_session` (a session that will
+never resume, out of the cache), `SSL_CTX_sess_set_new_cb` (an upstream's session when it arrives:
+a TLS 1.3 ticket comes after the handshake) and `SSL_SESSION_is_resumable`. cryptography links OpenSSL
 statically into its `_rust` extension and exports none of it, but does not strip the extension:
 its ELF symbol table (`.symtab`) still names them, as local functions. A function's address is the
 extension's load address (an exported symbol's, `PyInit__rust`, as the dynamic loader resolved it,
@@ -28,12 +29,14 @@ import cryptography.hazmat.bindings._rust as rust
 from OpenSSL import SSL
 
 _ffi: Any = SSL._ffi  # type: ignore[attr-defined,unused-ignore]
+_lib: Any = SSL._lib  # type: ignore[attr-defined,unused-ignore]
 
 _EXPORTED = b"PyInit__rust"  # the module's init function: exported, so the loader knows its address
 _WANTED = (
     _EXPORTED,
     b"SSL_CTX_ctrl",
     b"SSL_set_session_id_context",
+    b"SSL_CTX_remove_session",
     b"SSL_CTX_sess_set_new_cb",
     b"SSL_SESSION_is_resumable",
 )
@@ -43,6 +46,7 @@ _STT_FUNC = 2
 # OpenSSL's SSL_CTRL_* commands (ssl.h, unchanged since 1.0.0).
 _SET_TLSEXT_TICKET_KEYS = 59
 _GET_TLSEXT_TICKET_KEYS = 58
+_SET_SESS_CACHE_SIZE = 42
 TICKET_KEY_BYTES = 80  # key name (16), HMAC secret (32), AES-256 key (32)
 
 # int new_session_cb(SSL *, SSL_SESSION *): 1 keeps the reference OpenSSL hands over.
@@ -80,6 +84,7 @@ class Functions:
 
     ctx_ctrl: Callable[[int, int, int, Any], int]
     set_session_id_context: Callable[[int, bytes, int], int]
+    ctx_remove_session: Callable[[int, int], int]
     sess_set_new_cb: Callable[[int, Any], None]
     session_is_resumable: Callable[[int], int]
 
@@ -111,6 +116,7 @@ def _find() -> tuple[Functions | None, str]:
         set_session_id_context=at(
             b"SSL_set_session_id_context", c.CFUNCTYPE(c.c_int, c.c_void_p, c.c_char_p, c.c_uint)
         ),
+        ctx_remove_session=at(b"SSL_CTX_remove_session", c.CFUNCTYPE(c.c_int, c.c_void_p, c.c_void_p)),
         sess_set_new_cb=at(b"SSL_CTX_sess_set_new_cb", c.CFUNCTYPE(None, c.c_void_p, NEW_SESSION_CB)),
         session_is_resumable=at(b"SSL_SESSION_is_resumable", c.CFUNCTYPE(c.c_int, c.c_void_p)),
     ), ""
@@ -155,6 +161,20 @@ def set_session_id_context(conn: SSL.Connection, sid_ctx: bytes) -> bool:
     return FUNCTIONS.set_session_id_context(pointer(conn._ssl), sid_ctx, len(sid_ctx)) == 1
 
 
+def set_session_cache_size(context: SSL.Context, sessions: int) -> None:
+    """At most SESSIONS in CONTEXT's own session cache (a server's TLS 1.2 session ids; OpenSSL's
+    default: 20,480), the oldest dropped first."""
+    if FUNCTIONS is not None:
+        FUNCTIONS.ctx_ctrl(pointer(context._context), _SET_SESS_CACHE_SIZE, sessions, None)
+
+
+def forget_session(conn: SSL.Connection) -> None:
+    """Take CONN's session out of its context's session cache: one that will never resume."""
+    session = _lib.SSL_get_session(conn._ssl)
+    if FUNCTIONS is not None and session != _ffi.NULL:
+        FUNCTIONS.ctx_remove_session(pointer(conn.get_context()._context), pointer(session))
+
+
 def session_is_resumable(session: int) -> bool:
     return FUNCTIONS is not None and FUNCTIONS.session_is_resumable(session) == 1
 
@@ -165,7 +185,6 @@ def on_new_session(context: SSL.Context, callback: Any) -> bool:
     each TLS 1.3 ticket when it arrives. OpenSSL's own client cache stays off: the caller keeps them."""
     if FUNCTIONS is None:
         return False
-    lib: Any = SSL._lib  # type: ignore[attr-defined,unused-ignore]
-    context.set_session_cache_mode(SSL.SESS_CACHE_CLIENT | lib.SSL_SESS_CACHE_NO_INTERNAL_STORE)
+    context.set_session_cache_mode(SSL.SESS_CACHE_CLIENT | _lib.SSL_SESS_CACHE_NO_INTERNAL_STORE)
     FUNCTIONS.sess_set_new_cb(pointer(context._context), callback)
     return True
