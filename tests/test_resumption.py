@@ -437,3 +437,27 @@ def test_a_session_that_never_resumes_leaves_the_cache(test_pki: Pki) -> None:
     assert cached(context) == 1
     hidden.forget_session(conn)
     assert cached(context) == 0
+
+
+def test_without_the_functions_nothing_resumes_and_start_up_says_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """A cryptography whose extension names none of them (stripped): hidden finds nothing, and the
+    client contexts resume nothing, since no session could be bound to its mimic; one warning."""
+    stripped = tmp_path / "stripped.so"
+    stripped.write_bytes(b"\x7fELF\x02\x01" + bytes(58))  # an ELF header, no sections
+    assert hidden.symbols(stripped, (b"SSL_CTX_ctrl",)) == {}
+    (tmp_path / "text").write_text("not ELF")
+    assert hidden.symbols(tmp_path / "text", (b"SSL_CTX_ctrl",)) == {}
+    monkeypatch.setattr(hidden, "FUNCTIONS", None)
+    monkeypatch.setattr(hidden, "MISSING", "stripped.so names no SSL_CTX_ctrl")
+    with caplog.at_level("WARNING", logger="bumper.tls"):
+        keys = TicketKeys(b"k" * 32)
+    assert [r.getMessage() for r in caplog.records] == [
+        "session resumption is off (full handshakes on both legs): stripped.so names no SSL_CTX_ctrl"
+    ]
+    context = keys.add(client_context())
+    assert context.get_session_cache_mode() == SSL.SESS_CACHE_OFF
+    assert context.set_options(0) & SSL.OP_NO_TICKET
+    keys.current()  # nothing to set, nothing logged
+    assert len(caplog.records) == 1

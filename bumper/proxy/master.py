@@ -191,7 +191,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
             config.listeners,
             config.client_ca,
             TicketKeys(config.ticket_secret),
-        ),  # fmt: skip
+        ),
         connection_log,  # the others' client_disconnected still see the state it then forgets
         Drain(m, server, states, config.drain_timeout),  # after it: the states left are the connections open
         # Only with --admin: without a scraper, counting would be work for nobody. After TlsProvider:

@@ -191,8 +191,10 @@ class TicketKeys:
         if epoch == self._epoch or not self.resumes:
             return
         self._epoch, self._key = epoch, resumption.ticket_key(self._secret, epoch)
-        for context in self._contexts:
-            hidden.set_ticket_key(context, self._key)
+        if not all([hidden.set_ticket_key(context, self._key) for context in self._contexts]):
+            # Still safe (sessions stay bound to their mimics), but a client resumes only on the
+            # worker that gave it its ticket.
+            log.warning("session tickets are per worker: OpenSSL refused the shared ticket key")
 
 
 class TlsProvider:

@@ -12,13 +12,14 @@ less its value in the table) plus the function's value. Calling the copy pyOpenS
 made by matters: a second OpenSSL could not read them.
 
 An extension without them (stripped, a differently built cryptography) leaves `FUNCTIONS` None:
-bumper then runs without what needs them, and says so once at start-up (`missing`). The test
+bumper then runs without what needs them, and says why once at start-up (`MISSING`). The test
 suite pins them (tests/test_internals.py), so that an upgrade which loses them fails there first.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,7 +101,8 @@ def _find() -> tuple[Functions | None, str]:
     if missing:
         return None, f"{path.name} names no {', '.join(missing)} (stripped, or another build of OpenSSL)"
     try:
-        library = ctypes.CDLL(str(path), mode=getattr(ctypes, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
+        # The copy Python loaded (RTLD_NOLOAD: never a second one).
+        library = ctypes.CDLL(str(path), mode=os.RTLD_NOLOAD | os.RTLD_NOW)
         exported = ctypes.cast(getattr(library, _EXPORTED.decode()), ctypes.c_void_p).value
     except (OSError, AttributeError) as e:
         return None, f"cannot find {path.name} in this process: {e}"
