@@ -16,6 +16,7 @@ import re
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,9 +83,9 @@ class ResumingUpstream:
         try:
             with self.context.wrap_socket(sock, server_side=True) as tls:
                 self.reused.append(bool(tls.session_reused))
-                read_head(tls)
                 body = f"reused={tls.session_reused}".encode()
-                tls.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                while read_head(tls):  # keep-alive, until the other side closes
+                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         except (ssl.SSLError, OSError):
             pass  # a client that refused the certificate
 
@@ -141,6 +142,31 @@ def test_a_changed_upstream_is_verified_again(bumper: Bumper, resuming: Resuming
     assert " verify=self_signed " in bumper.connection_line(int(r.stdout))
     resuming.serve(test_pki.root.leaf("changed.resume.test"))
     assert fetch(bumper, url) == "reused=False"  # the failed upstream's session was not kept
+
+
+def test_a_later_upstream_connection_of_a_bumped_client_is_verified_in_full(
+    start_bumper, resuming: ResumingUpstream
+) -> None:
+    """After --upstream-idle-timeout closed a keep-alive client's upstream leg, its next request needs
+    a new upstream connection, which must verify as the first did before the request goes out
+    (OpenSSL fails it on any error, tls.refuse_verify_errors): no session is offered to it."""
+    bumper = start_bumper("--upstream-idle-timeout", "1")
+    host = "again.resume.test"
+    assert fetch(bumper, resuming.url(host)) == "reused=False"
+    sock, reply = open_tunnel(bumper, host, resuming.port)
+    assert b" 200 " in reply.split(b"\r\n")[0], reply
+    with client_tls_context(bumper.ca_pem).wrap_socket(sock, server_hostname=host) as tls:
+        bodies = []
+        for pause in (0, 3):
+            time.sleep(pause)  # past the idle timeout
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            head = read_head(tls)
+            assert b" 200 " in head.split(b"\r\n")[0], head
+            body = head.split(b"\r\n\r\n", 1)[1]
+            while len(body) < int(re.search(rb"(?i)content-length: (\d+)", head).group(1)):  # type: ignore[union-attr]
+                body += tls.recv(65536)
+            bodies.append(body.decode())
+    assert bodies == ["reused=True", "reused=False"]
 
 
 # --- the client leg ---

@@ -1,10 +1,11 @@
 """OpenSSL functions that pyOpenSSL's binding leaves out, called in the very OpenSSL it binds.
 
-Session resumption needs five that pyOpenSSL (26) does not bind: `SSL_CTX_ctrl` (the session
+Session resumption needs six that pyOpenSSL (26) does not bind: `SSL_CTX_ctrl` (the session
 ticket key every worker shares, the session cache's size), `SSL_set_session_id_context` (a
 client's session bound to the mimic it was shown), `SSL_CTX_remove_session` (a session that will
 never resume, out of the cache), `SSL_CTX_sess_set_new_cb` (an upstream's session when it arrives:
-a TLS 1.3 ticket comes after the handshake) and `SSL_SESSION_is_resumable`. cryptography links OpenSSL
+a TLS 1.3 ticket comes after the handshake), `SSL_SESSION_dup` (a copy of a session of bumper's
+own, which no connection can mark unusable) and `SSL_SESSION_is_resumable`. cryptography links OpenSSL
 statically into its `_rust` extension and exports none of it, but does not strip the extension:
 its ELF symbol table (`.symtab`) still names them, as local functions. A function's address is the
 extension's load address (an exported symbol's, `PyInit__rust`, as the dynamic loader resolved it,
@@ -40,6 +41,7 @@ _WANTED = (
     b"SSL_CTX_remove_session",
     b"SSL_CTX_sess_set_new_cb",
     b"SSL_SESSION_is_resumable",
+    b"SSL_SESSION_dup",
 )
 _SHT_SYMTAB = 2
 _STT_FUNC = 2
@@ -88,6 +90,7 @@ class Functions:
     ctx_remove_session: Callable[[int, int], int]
     sess_set_new_cb: Callable[[int, Any], None]
     session_is_resumable: Callable[[int], int]
+    session_dup: Callable[[int], int | None]
 
 
 def _find() -> tuple[Functions | None, str]:
@@ -121,6 +124,7 @@ def _find() -> tuple[Functions | None, str]:
         ctx_remove_session=at(b"SSL_CTX_remove_session", c.CFUNCTYPE(c.c_int, c.c_void_p, c.c_void_p)),
         sess_set_new_cb=at(b"SSL_CTX_sess_set_new_cb", c.CFUNCTYPE(None, c.c_void_p, NEW_SESSION_CB)),
         session_is_resumable=at(b"SSL_SESSION_is_resumable", c.CFUNCTYPE(c.c_int, c.c_void_p)),
+        session_dup=at(b"SSL_SESSION_dup", c.CFUNCTYPE(c.c_void_p, c.c_void_p)),
     ), ""
 
 
@@ -175,6 +179,12 @@ def forget_session(conn: SSL.Connection) -> None:
     session = _lib.SSL_get_session(conn._ssl)
     if FUNCTIONS is not None and session != _ffi.NULL:
         FUNCTIONS.ctx_remove_session(pointer(conn.get_context()._context), pointer(session))
+
+
+def session_dup(session: int) -> int:
+    """A copy of SESSION (an SSL_SESSION *, its peer chain too) with one reference, the caller's; 0
+    when there is none."""
+    return (FUNCTIONS.session_dup(session) or 0) if FUNCTIONS is not None else 0
 
 
 def session_is_resumable(session: int) -> bool:

@@ -10,8 +10,12 @@ chain it verified), so the verdict is reached again from that chain at the curre
 dates no longer hold is not offered. A changed upstream (a new key, a new ticket key) refuses the
 session, and the full handshake that follows verifies as any other.
 
-Kept per process, at most SESSIONS sessions and BYTES bytes (OpenSSL's own encoding of each, chain
-included), the least recently used dropped first.
+Kept per process, at most SESSIONS sessions and BYTES bytes (OpenSSL's encoding of each, and the
+chain it holds), the least recently used dropped first. Each kept session is bumper's own copy, and
+each connection it is offered to gets a copy of its own: OpenSSL marks a session not resumable when a
+connection that holds it is freed without a close_notify sent (ssl_clear_bad_session), and one
+upstream connection's reset must not do that to the session every later connection would offer.
+(OpenSSL's encoding, i2d_SSL_SESSION, would do as a copy, but leaves the peer's chain out.)
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class _Open:
     pending: int = 0  # a session that came before the verdict (TLS 1.2): SSL_SESSION *, or 0
     not_before: datetime.datetime | None = None
     not_after: datetime.datetime | None = None
+    chain_bytes: int = 0  # the DER of the chain verified, which its sessions hold
 
 
 def _free(session: int) -> None:
@@ -100,7 +105,10 @@ class UpstreamSessions:
             self._drop(key)
             return
         self._kept.move_to_end(key)
-        _lib.SSL_set_session(conn._ssl, _ffi.cast("SSL_SESSION *", kept.session))
+        offered = hidden.session_dup(kept.session)
+        if offered:
+            _lib.SSL_set_session(conn._ssl, _ffi.cast("SSL_SESSION *", offered))  # its own reference
+            _free(offered)
 
     def _closed(self, ssl: int, entry: _Open) -> None:
         if self._open.get(ssl) is entry:
@@ -128,30 +136,31 @@ class UpstreamSessions:
         entry.trusted = True
         entry.not_before = max(c.not_valid_before_utc for c in chain)
         entry.not_after = min(c.not_valid_after_utc for c in chain)
+        entry.chain_bytes = sum(len(c.tbs_certificate_bytes) + len(c.signature) for c in chain)
         if entry.pending:
             self._keep(entry, entry.pending)
             entry.pending = 0
 
     def _new_session(self, ssl: int | None, session: int | None) -> int:
-        """OpenSSL's new-session callback: 1 takes over its reference to SESSION."""
+        """OpenSSL's new-session callback: a copy of SESSION kept, OpenSSL's reference left to it (0)."""
         try:
             entry = self._open.get(ssl or 0)
             if entry is None or entry.trusted is False or not session or not hidden.session_is_resumable(session):
                 return 0
+            copy = hidden.session_dup(session)
             if entry.trusted is None:  # TLS 1.2: before the verdict
                 _free(entry.pending)
-                entry.pending = session
-            else:
-                self._keep(entry, session)
-            return 1
+                entry.pending = copy
+            elif copy:
+                self._keep(entry, copy)
         except Exception as e:  # called from within OpenSSL: an exception must not cross it
             log.warning("upstream TLS session not kept: %s", e)
-            return 0
+        return 0
 
     def _keep(self, entry: _Open, session: int) -> None:
         assert entry.not_before is not None and entry.not_after is not None
-        size = _lib.i2d_SSL_SESSION(_ffi.cast("SSL_SESSION *", session), _ffi.NULL)
-        if size <= 0 or size > self._max_bytes:
+        size = _lib.i2d_SSL_SESSION(_ffi.cast("SSL_SESSION *", session), _ffi.NULL) + entry.chain_bytes
+        if size <= entry.chain_bytes or size > self._max_bytes:
             _free(session)
             return
         self._drop(entry.key)
