@@ -19,9 +19,11 @@ suite pins them (tests/test_internals.py), so that an upgrade which loses them f
 
 from __future__ import annotations
 
+import array
 import ctypes
 import os
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,7 @@ _WANTED = (
     b"SSL_SESSION_dup",
 )
 _SHT_SYMTAB = 2
+_SYMBOL_SIZE = 24  # Elf64_Sym
 _STT_FUNC = 2
 
 # OpenSSL's SSL_CTRL_* commands (ssl.h, unchanged since 1.0.0).
@@ -58,27 +61,45 @@ NEW_SESSION_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p
 
 def symbols(path: Path, wanted: tuple[bytes, ...]) -> dict[bytes, int]:
     """The values of the function symbols named WANTED in the ELF-64 (little-endian) file at
-    PATH's `.symtab`: only those named exactly once (a name twice is ambiguous: left out)."""
+    PATH's `.symtab`: only those named exactly once (a name twice is ambiguous: left out). The
+    table (some 100,000 symbols) is searched as arrays, without a Python object per symbol."""
     data = path.read_bytes()
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1 or sys.byteorder != "little":
         return {}
     (shoff,) = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
     sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
     found: dict[bytes, list[int]] = {}
-    want = set(wanted)
     for _name, kind, _flags, _addr, offset, size, link, _info, _align, entsize in sections:
-        if kind != _SHT_SYMTAB or entsize == 0 or link >= len(sections):
+        if kind != _SHT_SYMTAB or entsize != _SYMBOL_SIZE or link >= len(sections):
             continue
-        strings = sections[link][4]
-        for name, info, _other, _shndx, value, _size in struct.iter_unpack("<IBBHQQ", data[offset : offset + size]):
-            if info & 0xF != _STT_FUNC or value == 0:
-                continue
-            start = strings + name
-            text = data[start : data.index(b"\0", start)]
-            if text in want:
-                found.setdefault(text, []).append(value)
+        strings, strings_size = sections[link][4], sections[link][5]
+        table = array.array("I", data[offset : offset + size - size % _SYMBOL_SIZE])
+        names = table[0::6]  # st_name of each symbol: the first 4 of its 24 bytes
+        for name in wanted:
+            # Each place NAME ends a string (a linker may share a longer name's tail).
+            start = data.find(name + b"\0", strings, strings + strings_size)
+            while start >= 0:
+                for index in _indexes(names, start - strings):
+                    info = data[offset + index * _SYMBOL_SIZE + 4]
+                    (value,) = struct.unpack_from("<Q", data, offset + index * _SYMBOL_SIZE + 8)
+                    if info & 0xF == _STT_FUNC and value:
+                        found.setdefault(name, []).append(value)
+                start = data.find(name + b"\0", start + 1, strings + strings_size)
     return {name: values[0] for name, values in found.items() if len(values) == 1}
+
+
+def _indexes(values: array.array[int], value: int) -> list[int]:
+    """Where VALUE is in VALUES."""
+    found: list[int] = []
+    start = 0
+    while True:
+        try:
+            start = values.index(value, start)
+        except ValueError:
+            return found
+        found.append(start)
+        start += 1
 
 
 @dataclass(frozen=True)
