@@ -461,8 +461,8 @@ def cached(context: SSL.Context) -> int:
 
 def test_a_session_that_never_resumes_leaves_the_cache(test_pki: Pki) -> None:
     """A TLS 1.2 session id (of a client without tickets) goes into the client context's cache
-    (capped: tlsprovider.SERVER_SESSIONS); forget_session, for a client that presented a
-    certificate, takes it out."""
+    (capped: tlsprovider.SERVER_SESSIONS); forget_session takes it out (ClientCertCheck calls it
+    during the handshake, for a client certificate, whose session never resumes)."""
     from bumper.proxy.tlsprovider import SERVER_SESSIONS
 
     keys = TicketKeys(b"k" * 32, Clock(1_800_000_000.0))

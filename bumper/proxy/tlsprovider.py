@@ -103,6 +103,10 @@ class ClientCertCheck:
         self.chain[depth] = cert.to_cryptography()
         if depth > 0:
             return True
+        # Its session never resumes (TlsProvider._serve): out of the cache before it is added,
+        # where it would only hold the client's chain until pushed out (OpenSSL caches no session
+        # taken out of it, which marks it not resumable).
+        hidden.forget_session(conn)
         found = self.required.check([self.chain[d] for d in sorted(self.chain)], datetime.datetime.now(datetime.UTC))
         if isinstance(found, str):
             self.refused(found)
@@ -383,12 +387,6 @@ class TlsProvider:
             hidden.set_session_id_context(conn, resumption.session_id_context(*bound))
         conn.set_accept_state()
         tls_start.ssl_conn = conn
-
-    def tls_established_client(self, data: tls.TlsData) -> None:
-        if data.ssl_conn is not None and data.ssl_conn.get_verify_mode() & SSL.VERIFY_PEER:
-            # A client that presented a certificate never resumes (_serve): its TLS 1.2 session,
-            # its certificate chain with it, would only hold memory in the cache until pushed out.
-            hidden.forget_session(data.ssl_conn)
 
     def _refuse(self, client: connection.Client, reason: str) -> None:
         """No TLS context for the client: mitmproxy closes the connection. The reason goes to the
