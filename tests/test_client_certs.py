@@ -224,3 +224,29 @@ def test_match_client_cert_is_checked_with_the_policy(tmp_path: Path, client_ca:
     assert problems[0].startswith(f"{path}:3:12: rules[0].match: client_cert: only a bumped connection has")
     assert f"rules[1].match.client_cert.ca: {tmp_path / 'missing.pem'}: cannot read" in problems[1]
     assert "rules[1].match.client_cert.names: bad name, glob or regex 'bad*name'" in problems[2]
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
+def test_a_client_that_must_present_a_certificate_never_resumes(
+    mesh_gateway: MeshGateway, client_ca: pki.Authority, tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    """Its certificate is checked (its dates too) and named in the log on every connection: a session
+    it offers makes a full handshake, which asks for the certificate again, and succeeds."""
+    context = ssl.create_default_context(cafile=str(mesh_gateway.bumper.ca_pem))
+    context.minimum_version = context.maximum_version = version
+    context.load_cert_chain(*mesh_client(client_ca, "orders.mesh.test", tmp_path))
+    session = None
+    for _ in range(2):
+        with socket.create_connection((MESH_ADDRESS, mesh_gateway.port), timeout=10) as sock:
+            tls = context.wrap_socket(sock, server_hostname="svc.upstream.test", session=session)
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: svc.upstream.test\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+            assert answer.endswith(b"hello from upstream") and not tls.session_reused
+            port = tls.getsockname()[1]
+            said = f"127.0.0.1:{port}: client certificate CN=orders.mesh.test"
+            assert mesh_gateway.bumper.connection_line(port, kind="TLS").endswith("outcome=ok")
+            assert said in mesh_gateway.bumper.process.log
+            session = tls.session
+            tls.close()

@@ -233,6 +233,13 @@ OPENSSL_LIB = (
     "BIO_s_mem",
     "BIO_free",
     "SSL_set_bio",
+    # The upstream leg's sessions (bumper/upstream/sessions.py) and resumed handshakes counted
+    "SSL_set_session",
+    "SSL_get_session",
+    "SSL_session_reused",
+    "SSL_SESSION_free",
+    "i2d_SSL_SESSION",
+    "SSL_SESS_CACHE_NO_INTERNAL_STORE",
 )
 
 
@@ -463,3 +470,20 @@ def test_pyopenssl_keeps_its_memory_bios_where_bumper_swaps_them() -> None:
     for method in ("bio_read", "bio_write"):
         assert "_from_ssl" in inspect.getsource(getattr(SSL.Connection, method)) or method == "bio_write"
     assert "_into_ssl" in inspect.getsource(SSL.Connection.bio_write)
+
+
+def test_cryptographys_openssl_still_has_what_session_resumption_calls() -> None:
+    """bumper/upstream/hidden.py finds OpenSSL functions pyOpenSSL does not bind in the symbol
+    table of cryptography's extension: an upgrade that strips it, or links another OpenSSL, fails
+    here (bumper itself would only warn and resume no client session). They are called on objects
+    pyOpenSSL made: the same OpenSSL, or the ticket key would not read back as set
+    (SSL_SESSION_is_resumable: tests/test_resumption.py, where no upstream session is kept without it)."""
+    from bumper.upstream import hidden
+
+    assert hidden.FUNCTIONS is not None, hidden.MISSING
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    key = bytes(range(80))
+    assert hidden.set_ticket_key(context, key) and hidden.ticket_key(context) == key
+    assert hidden.set_session_id_context(SSL.Connection(context), b"x" * 32)
+    assert not hidden.set_session_id_context(SSL.Connection(context), b"x" * 33)  # OpenSSL's own limit holds
+    assert hidden.on_new_session(SSL.Context(SSL.TLS_CLIENT_METHOD), hidden.NEW_SESSION_CB(lambda ssl, session: 0))

@@ -9,6 +9,7 @@ policies use. bumper's own CA is never a trust anchor upstream: a chain through 
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -133,6 +134,19 @@ def classify(
         first = errors[0]
         return Verdict(reason_for(first.code), f"{first.text} (depth {first.depth})")
     return _weakness(chain, parsed) or TRUSTED
+
+
+def validity_errors(chain: Sequence[x509.Certificate], now: datetime.datetime) -> list[VerifyError]:
+    """The errors OpenSSL would record for CHAIN's dates at NOW (an aware datetime): for a resumed
+    upstream session, whose chain OpenSSL does not verify again, so that a certificate that has
+    expired since is caught as on a full handshake."""
+    errors = []
+    for depth, cert in enumerate(chain):
+        if now > cert.not_valid_after_utc:
+            errors.append(VerifyError(_lib.X509_V_ERR_CERT_HAS_EXPIRED, depth))
+        elif now < cert.not_valid_before_utc:
+            errors.append(VerifyError(_lib.X509_V_ERR_CERT_NOT_YET_VALID, depth))
+    return errors
 
 
 def missing_issuer(errors: Sequence[VerifyError]) -> int | None:

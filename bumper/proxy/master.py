@@ -62,7 +62,7 @@ from bumper.proxy.proxyauth import Authenticator, ProxyAuth
 from bumper.proxy.reclaim import Reclaim, rss_bytes
 from bumper.proxy.replies import ConnectReplies
 from bumper.proxy.state import ConnectionStates
-from bumper.proxy.tlsprovider import ClientTls, TlsProvider
+from bumper.proxy.tlsprovider import ClientTls, TicketKeys, TlsProvider
 from bumper.proxy.upstreamerror import UpstreamErrorPages
 from bumper.proxy.upstreamidle import UpstreamIdle
 from bumper.stopping import BARE
@@ -109,7 +109,9 @@ class ProxyConfig:
     admin: AdminConfig | None = None  # --admin: probes, metrics and the onboarding page (bumper.proxy.admin)
     max_memory: int = 0  # --max-memory, bytes: the overload manager's budget (bumper.proxy.overload); 0: none
     max_memory_default: str | None = None  # where the default budget came from; None: --max-memory gave it
-    ticket_secret: bytes = b""  # --workers: the secret every worker shares (bumper.proxy.workers)
+    # What the session ticket keys derive from: the same in every worker, so that a client resumes on
+    # any (tlsprovider.TicketKeys); empty: a random one of this process's own.
+    ticket_secret: bytes = b""
     pins_db: Path | None = None  # --workers: learned pinning shared by the workers (SharedLearnedPins)
 
 
@@ -183,7 +185,15 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
         ConnectReplies(),
         UpstreamErrorPages(states),
         runner,  # after the enforcer and the error pages: it skips what they refused
-        TlsProvider(mimics, verifier, states, config.client_tls, config.listeners, config.client_ca),
+        TlsProvider(
+            mimics,
+            verifier,
+            states,
+            config.client_tls,
+            config.listeners,
+            config.client_ca,
+            TicketKeys(config.ticket_secret),
+        ),
         connection_log,  # the others' client_disconnected still see the state it then forgets
         Drain(m, server, states, config.drain_timeout),  # after it: the states left are the connections open
         # Only with --admin: without a scraper, counting would be work for nobody. After TlsProvider:

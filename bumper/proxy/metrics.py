@@ -22,6 +22,7 @@ from enum import StrEnum
 
 from mitmproxy import http, tls
 from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import Counter as Total
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -37,6 +38,7 @@ from bumper.proxy.overload import Action, Overload
 from bumper.proxy.proxyauth import BY_AUTH
 from bumper.proxy.state import BY_POLICY, ConnectionState, ConnectionStates
 from bumper.proxy.upstreamerror import BY_UPSTREAM_ERROR
+from bumper.upstream.sessions import UpstreamSessions
 from bumper.upstream.verifier import VERIFIED, UpstreamVerifier
 
 NONE = "none"  # a label whose value is not known: a connection that never got as far as a decision
@@ -138,6 +140,15 @@ class Metrics:
         )
         self.client_leg = handshake.labels("client")
         self.upstream_leg = handshake.labels("upstream")
+        resumed = Total(
+            "bumper_tls_resumed",
+            "TLS handshakes that resumed a session: client, a client's with bumper; upstream, bumper's "
+            "with an upstream (bumper_handshake_seconds_count: all handshakes)",
+            ["leg"],
+            registry=self.registry,
+        )
+        self.client_resumed = resumed.labels("client")
+        self.upstream_resumed = resumed.labels("upstream")
         mint = Histogram(
             "bumper_mimic_mint_seconds",
             "Minting a mimic or a placeholder certificate, the wait for its key included",
@@ -162,12 +173,16 @@ class Metrics:
         # Added after TlsProvider: its verdict (an AIA fetch too) is part of the upstream leg.
         if (state := self.states.of(data.context.client.id)) and state.upstream_tls_at is not None:
             self.upstream_leg.observe(self.clock() - state.upstream_tls_at)
+        if data.ssl_conn is not None and UpstreamSessions.reused(data.ssl_conn):
+            self.upstream_resumed.inc()
 
     def tls_established_client(self, data: tls.TlsData) -> None:
         if relay_handshake(data.context):
             return  # a relay listener's own TLS: the handshake that counts is the one inside
         if (state := self.states.of(data.context.client.id)) and state.hello_at is not None:
             self.client_leg.observe(self.clock() - state.hello_at)
+        if data.ssl_conn is not None and UpstreamSessions.reused(data.ssl_conn):
+            self.client_resumed.inc()
 
     def response(self, flow: http.HTTPFlow) -> None:
         # As ConnectionStates counts a connection's requests=, by the decision this request had

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-from collections.abc import Awaitable
+import secrets
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -33,6 +35,7 @@ from bumper.proxy.layers import relay_handshake
 from bumper.proxy.listeners import Listener
 from bumper.proxy.state import BY_POLICY, ConnectionState, ConnectionStates
 from bumper.proxy.upstreamerror import BY_UPSTREAM_ERROR
+from bumper.upstream import hidden, resumption
 from bumper.upstream.tls import TLS_VERSIONS
 from bumper.upstream.verifier import PeerChain, UpstreamVerifier
 
@@ -100,6 +103,10 @@ class ClientCertCheck:
         self.chain[depth] = cert.to_cryptography()
         if depth > 0:
             return True
+        # Its session never resumes (TlsProvider._serve): out of the cache before it is added,
+        # where it would only hold the client's chain until pushed out (OpenSSL caches no session
+        # taken out of it, which marks it not resumable).
+        hidden.forget_session(conn)
         found = self.required.check([self.chain[d] for d in sorted(self.chain)], datetime.datetime.now(datetime.UTC))
         if isinstance(found, str):
             self.refused(found)
@@ -141,9 +148,57 @@ def relay_context(context: SSL.Context) -> SSL.Context:
     skips the client's certificate, which --client-ca must see (and which the log names) on every
     connection; and OpenSSL fails a resumption outright where it verifies peers without a session id
     context. A relay's clients are few and long-lived: a full handshake each costs little."""
+    return no_resumption(context)
+
+
+def no_resumption(context: SSL.Context) -> SSL.Context:
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     context.set_options(SSL.OP_NO_TICKET)
     return context
+
+
+# Sessions a client context keeps for TLS 1.2 session ids (a few hundred bytes each): only of clients
+# that take no tickets (OpenSSL gives the others no session id), served from it on the worker that
+# made it.
+SERVER_SESSIONS = 8192
+
+
+class TicketKeys:
+    """The session ticket key of bumper's client contexts: derived from SECRET and the time
+    (resumption.ticket_key), the same in every worker given the same SECRET, and set again on
+    every context when its epoch ends. Without hidden's functions: OpenSSL's own key, and no
+    resumption at all (`resumes`), since a session could not be bound to its mimic."""
+
+    def __init__(self, secret: bytes, clock: Callable[[], float] = time.time) -> None:
+        self._secret = secret or secrets.token_bytes(32)  # one worker alone: its own random secret
+        self._clock = clock
+        self._epoch: int | None = None
+        self._key = b""
+        self._contexts: list[SSL.Context] = []
+        self.resumes = hidden.FUNCTIONS is not None
+        if not self.resumes:
+            log.warning("session resumption is off (full handshakes on both legs): %s", hidden.MISSING)
+
+    def add(self, context: SSL.Context) -> SSL.Context:
+        """CONTEXT, which serves clients, with the current key (without resumption, if none can be set)."""
+        if not self.resumes:
+            return no_resumption(context)
+        self._contexts.append(context)
+        hidden.set_session_cache_size(context, SERVER_SESSIONS)
+        if self._key:
+            hidden.set_ticket_key(context, self._key)
+        return context
+
+    def current(self) -> None:
+        """The current epoch's key on every context: cheap when the epoch has not changed."""
+        epoch = resumption.ticket_epoch(self._clock())
+        if epoch == self._epoch or not self.resumes:
+            return
+        self._epoch, self._key = epoch, resumption.ticket_key(self._secret, epoch)
+        if not all([hidden.set_ticket_key(context, self._key) for context in self._contexts]):
+            # Still safe (sessions stay bound to their mimics), but a client resumes only on the
+            # worker that gave it its ticket.
+            log.warning("session tickets are per worker: OpenSSL refused the shared ticket key")
 
 
 class TlsProvider:
@@ -155,25 +210,30 @@ class TlsProvider:
         client_tls: ClientTls | None = None,
         listeners: tuple[Listener, ...] = (),
         client_ca: ClientCertRequirement | None = None,
+        tickets: TicketKeys | None = None,
     ) -> None:
         self.mimics = mimics
         self.verifier = verifier  # shared with the splice probe
         self.states = states
         self._client_tls = client_tls or ClientTls()
         self._client_ca = client_ca  # what relay listeners' clients must present (--client-ca)
+        self.tickets = tickets or TicketKeys(b"")
+        self.tickets.current()
         # Listeners with a certificate of their own (--tls-cert): its context, by listener address.
         self._own_contexts: dict[str, SSL.Context] = {}
+        self._own_bound: dict[str, tuple[bytes, ...]] = {}  # their sessions' binding (_serve's BOUND)
         for listener in listeners:
             if listener.certificate is not None:
                 own = own_context(listener.certificate, client_tls)
+                self._own_bound[listener.address] = (b"own", listener.certificate.fingerprint.encode())
                 self._own_contexts[listener.address] = (
-                    relay_context(own) if listener.mode is ListenerMode.RELAY else own
+                    relay_context(own) if listener.mode is ListenerMode.RELAY else self.tickets.add(own)
                 )
         # Relay listeners' own TLS without --tls-cert: bumper's certificate for the name asked, in a
         # context apart from the mimics', whose sessions must not resume there.
         self._relay_context = relay_context(client_context(mimics.ca.chain, client_tls))
         # By (sends the untrusted root, serves a weak mimic); the usual one now, the others on first need.
-        self._client_contexts = {(False, False): client_context(mimics.ca.chain, client_tls)}
+        self._client_contexts = {(False, False): self.tickets.add(client_context(mimics.ca.chain, client_tls))}
 
     def _context_for(self, sends_root: bool, made: Mimic) -> SSL.Context:
         """The client context for a mimic: the usual one, or one that sends bumper's untrusted root
@@ -188,7 +248,7 @@ class TlsProvider:
             settings = self._client_tls
             if made.weak:
                 settings = dataclasses.replace(settings, ciphers=f"{settings.ciphers}:@SECLEVEL=0")
-            context = self._client_contexts[which] = client_context(chain, settings)
+            context = self._client_contexts[which] = self.tickets.add(client_context(chain, settings))
         return context
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
@@ -220,7 +280,10 @@ class TlsProvider:
         strict = client.mitmcert is not None and shown is not None and shown.verdict.trusted
         min_version = decision.upstream_tls_min if decision else "1.2"
         client_cert = decision.client_cert if decision else None
-        tls_start.ssl_conn = self.verifier.connection(server.sni, min_version, server.alpn_offers, client_cert, strict)
+        peer = (str(server.peername[0]), int(server.peername[1])) if server.peername else None
+        tls_start.ssl_conn = self.verifier.connection(
+            server.sni, min_version, server.alpn_offers, client_cert, strict, peer
+        )
 
     async def _certificate_for(
         self,
@@ -268,9 +331,10 @@ class TlsProvider:
             _block_requests(state, str(server.sni), found)
         own = self._own_contexts.get(state.listener.address) if state.listener else None
         if own is not None:
-            return self._serve(tls_start, own)
+            assert state.listener is not None
+            return self._serve(tls_start, own, bound=self._own_bound[state.listener.address])
         made = await self.mimics.placeholder(name)
-        self._serve(tls_start, self._context_for(False, made), made)
+        self._serve(tls_start, self._context_for(False, made), made, bound=(b"mimic", made.fingerprint.encode()))
 
     async def _relay_front(self, tls_start: tls.TlsData, state: ConnectionState) -> None:
         """A relay listener's own TLS: bumper is the HTTPS proxy the client asked for, so it shows
@@ -294,10 +358,14 @@ class TlsProvider:
         made: Mimic | None = None,
         http2: bool = True,
         check: ClientCertCheck | None = None,
+        bound: tuple[bytes, ...] = (),
     ) -> None:
         """The client's handshake, in CONTEXT, with MADE (None: the context's own certificate); ALPN
         by the upstream's, else h2 or HTTP/1 (HTTP2: whether h2); CHECK the client's certificate (by
-        default, as the connection's rule requires)."""
+        default, as the connection's rule requires). BOUND: what the certificate shown depends on
+        (the mimic's fingerprint, the chain after it), to which the client's session is bound:
+        OpenSSL resumes it only where the full handshake would have shown the same (none: a
+        relay's own context, which resumes nothing)."""
         client, server = tls_start.context.client, tls_start.context.server
         conn = SSL.Connection(context)
         if made is not None:
@@ -311,6 +379,12 @@ class TlsProvider:
             check = ClientCertCheck(required, state)
         if check is not None:
             conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, check)
+            # A resumed session would skip the certificate, which must be checked (its dates too)
+            # and named in the log on every connection: a session id context of this connection's
+            # own, which no session of another one has.
+            bound = (b"once", secrets.token_bytes(16))
+        if bound:
+            hidden.set_session_id_context(conn, resumption.session_id_context(*bound))
         conn.set_accept_state()
         tls_start.ssl_conn = conn
 
@@ -323,19 +397,23 @@ class TlsProvider:
 
     def tls_established_server(self, data: tls.TlsData) -> Awaitable[None] | None:
         assert data.ssl_conn is not None
-        errors: list[trust.VerifyError] = data.ssl_conn.get_app_data()
         # OpenSSL's chain: certificate_list leaves out what cryptography cannot parse.
         peer = PeerChain.of(data.ssl_conn, [c.to_cryptography() for c in data.conn.certificate_list])
+        errors = self.verifier.errors_of(data.ssl_conn, peer)
         if self.verifier.fetches_issuer(errors, peer):
             return self._fetch_issuer_first(data, errors, peer)  # only this verdict has to wait
-        self._keep(data, self.verifier.judge(errors, peer))
+        self._keep(data, errors, peer, self.verifier.judge(errors, peer))
         return None
 
     async def _fetch_issuer_first(self, data: tls.TlsData, errors: list[trust.VerifyError], peer: PeerChain) -> None:
         """An upstream that sent an incomplete chain: its missing issuer, fetched by AIA, may complete it."""
-        self._keep(data, await self.verifier.judge_completed(errors, peer, str(data.conn.sni)))
+        self._keep(data, errors, peer, await self.verifier.judge_completed(errors, peer, str(data.conn.sni)))
 
-    def _keep(self, data: tls.TlsData, found: UpstreamVerdict) -> None:
+    def _keep(
+        self, data: tls.TlsData, errors: list[trust.VerifyError], peer: PeerChain, found: UpstreamVerdict
+    ) -> None:
+        assert data.ssl_conn is not None
+        self.verifier.judged(data.ssl_conn, errors, found, peer)
         if state := self.states.of(data.context.client.id):
             state.verified(found)
 
@@ -344,6 +422,7 @@ class TlsProvider:
 
     def done(self) -> None:
         self.mimics.close()
+        self.verifier.sessions.close()
 
     async def tls_start_client(self, tls_start: tls.TlsData) -> None:
         client = tls_start.conn
@@ -351,6 +430,7 @@ class TlsProvider:
         server = tls_start.context.server
         if client.error:
             return  # refused (by policy): no handshake, the connection is closed
+        self.tickets.current()
         state = self.states.of(client.id)
         if state is not None and relay_handshake(tls_start.context):
             return await self._relay_front(tls_start, state)
@@ -376,4 +456,5 @@ class TlsProvider:
             )
             state.verified(found)
             made = await self._certificate_for(state, server, None, found)
-        self._serve(tls_start, self._context_for(found.sends_root, made), made)
+        bound = (b"mimic", made.fingerprint.encode(), b"root" if found.sends_root else b"")
+        self._serve(tls_start, self._context_for(found.sends_root, made), made, bound=bound)

@@ -3,7 +3,9 @@ splice probe, so that the two can never reach different verdicts on the same ups
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from bumper.certs.ca import fingerprint
 from bumper.certs.owncert import OwnCertificate
 from bumper.certs.trust import UpstreamVerdict
 from bumper.upstream import aia
+from bumper.upstream.sessions import UpstreamSessions
 from bumper.upstream.tls import UpstreamTrust, expect_hostname, refuse_verify_errors, upstream_context
 
 # UpstreamVerifier.results' key for a trusted upstream; the others are trust.REASONS.
@@ -65,6 +68,7 @@ class UpstreamVerifier:
         own_cas: Callable[[], Sequence[x509.Certificate]],
         issuers: aia.IssuerFetcher | None = None,
         mirrors: Callable[[x509.Certificate], frozenset[str]] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._roots = roots
         # The weaknesses of a leaf its mimic carries (mimic.mirrored_weaknesses); None: none.
@@ -72,8 +76,13 @@ class UpstreamVerifier:
         self._own_cas = own_cas  # bumper's CAs, the untrusted one too: never trusted upstream
         self._issuers = issuers  # completes chains that lack an intermediate; None: off
         self._aia_roots = aia.load_roots(roots.all_files()) if issuers else []
+        self._clock = clock
+        # The sessions of the upstreams verified, resumed by the bumped leg's next connections.
+        self.sessions = UpstreamSessions(clock)
         # By the lowest TLS version a rule allows, and the client certificate it presents.
-        self._contexts: dict[tuple[str, str | None], SSL.Context] = {("1.2", None): upstream_context(roots)}
+        self._contexts: dict[tuple[str, str | None], SSL.Context] = {}
+        self._resumes = False  # whether sessions can be kept (hidden's functions found)
+        self._context("1.2", None)
         # Each verdict reached, by its reason code (VERIFIED when trusted): read by --admin's /metrics.
         self.results: Counter[str] = Counter()
 
@@ -84,23 +93,49 @@ class UpstreamVerifier:
         alpn_offers: Sequence[bytes],
         client_cert: OwnCertificate | None = None,
         strict: bool = False,
+        peer: tuple[str, int] | None = None,
     ) -> SSL.Connection:
         """A client connection to an upstream that should be NAME, its errors recorded in its app data;
         with CLIENT_CERT for an upstream that asks for a client certificate; STRICT: a verification
-        error fails the handshake (tls.refuse_verify_errors)."""
-        which = (min_version, client_cert.fingerprint if client_cert else None)
-        context = self._contexts.get(which)
-        if context is None:
-            context = self._contexts[which] = upstream_context(self._roots, min_version, client_cert)
-        conn = SSL.Connection(context)
+        error fails the handshake (tls.refuse_verify_errors). PEER, the address and port connected:
+        the session kept for the same upstream is resumed (not for STRICT: that connection must be
+        verified by OpenSSL itself), and this one's kept once verified (`judged`)."""
+        conn = SSL.Connection(self._context(min_version, client_cert))
         conn.set_app_data([])  # the verification errors, filled by _record_verify_error
         expect_hostname(conn, name)
         if alpn_offers:  # the server may choose its certificate by ALPN too
             conn.set_alpn_protos(list(alpn_offers))
         if strict:
             refuse_verify_errors(conn)
+        elif peer is not None and self._resumes:
+            fingerprint = client_cert.fingerprint if client_cert else None
+            self.sessions.connection(conn, (name, peer[0], peer[1], min_version, fingerprint))
         conn.set_connect_state()
         return conn
+
+    def _context(self, min_version: str, client_cert: OwnCertificate | None) -> SSL.Context:
+        which = (min_version, client_cert.fingerprint if client_cert else None)
+        context = self._contexts.get(which)
+        if context is None:
+            context = self._contexts[which] = upstream_context(self._roots, min_version, client_cert)
+            self._resumes = self.sessions.watch(context)
+        return context
+
+    def errors_of(self, conn: SSL.Connection, peer: PeerChain) -> list[trust.VerifyError]:
+        """What OpenSSL recorded while verifying CONN's upstream; for a resumed session, which
+        OpenSSL does not verify again, what its chain's dates say now (the rest held when it was kept)."""
+        errors: list[trust.VerifyError] = conn.get_app_data()
+        if self.sessions.reused(conn):
+            now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+            errors.extend(trust.validity_errors(peer.certificates, now))
+        return errors
+
+    def judged(
+        self, conn: SSL.Connection, errors: Sequence[trust.VerifyError], found: UpstreamVerdict, peer: PeerChain
+    ) -> None:
+        """CONN's verdict FOUND: its session is kept only when OpenSSL recorded no error at all
+        (ERRORS: not even one an AIA fetch made good) and the verdict is trusted."""
+        self.sessions.verdict(conn, found.verdict.trusted and not errors, peer.certificates)
 
     def fetches_issuer(self, errors: Sequence[trust.VerifyError], peer: PeerChain) -> bool:
         """Whether the verdict waits for an AIA fetch: a missing issuer, and fetching is on."""
