@@ -39,6 +39,7 @@ from tests.conftest import (
 )
 from tests.test_drain import LARGE, get, tls_tunnel
 from tests.test_proxy_auth import bcrypt_hash
+from tests.test_resumption import tls_client
 
 # The kernel spreads connections over the workers' sockets by a hash of their addresses and ports:
 # with this many, both workers get some (all on one: a chance of 2 in a million).
@@ -378,3 +379,36 @@ def test_a_worker_that_cannot_start_stops_the_supervisor_with_exit_2(ca_dir: Pat
     assert re.search(r"\[w\d\] bumper: --max-memory 32MiB: bumper uses \d+ MiB at start already", result.stderr)
     assert "starting it again" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
+def test_a_client_resumes_its_session_on_the_other_worker(
+    start_bumper, upstream: Upstream, version: ssl.TLSVersion
+) -> None:
+    """Every worker derives the same ticket key from the supervisor's secret: a ticket one worker
+    issued resumes on the other. Connections one after another, each offering the last session,
+    until the kernel has handed some to each worker; every one after the first resumes."""
+    bumper = start_bumper("--workers", "2")
+    context = client_tls_context(bumper.ca_pem, version)
+    session, mimic, served_by, reused = None, None, [], []
+    for count in range(1, CONNECTIONS + 1):
+        tls, der = tls_client(bumper, upstream.host, upstream.port, context, session)
+        reused.append(tls.session_reused)
+        session, mimic = tls.session, mimic or der
+        tls.close()
+        assert der == mimic
+        served_by.append(wait_until(lambda n=count: _last_worker(bumper, "outcome=ok", n), "the connection's line"))
+        if len(set(served_by)) == 2:
+            break
+    assert set(served_by) == {"1", "2"}, served_by
+    assert reused == [False] + [True] * (len(reused) - 1), list(zip(served_by, reused, strict=True))
+
+
+def _last_worker(bumper: Bumper, marker: str, count: int) -> str | None:
+    """The worker of the COUNTth line with MARKER in this test, once there is one."""
+    lines = [line for line in bumper.process.lines[bumper.process.test_start :] if marker in line]
+    if len(lines) < count:
+        return None
+    found = re.match(r"\[w(\d+)\] ", lines[count - 1])
+    assert found, lines[count - 1]
+    return found.group(1)
