@@ -724,6 +724,9 @@ def _setup_logging(verbose: bool, log_secrets: bool, log_format: LogFormat = "te
         # the proxy core's step-by-step messages are for -v.
         logging.getLogger("mitmproxy").setLevel(logging.WARNING)
         logging.getLogger("mitmproxy.proxy").setLevel(logging.CRITICAL)
+        crashes = logging.getLogger(eventlog.PROXY_CORE)  # but a crash in it, as one line
+        crashes.setLevel(logging.ERROR)
+        crashes.addFilter(eventlog.proxy_core_crashes)
 
 
 if __name__ == "__main__":

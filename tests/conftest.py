@@ -375,7 +375,8 @@ def upstream(start_upstream) -> Upstream:
     return start_upstream()
 
 
-# Every bumper the tests started: a traceback in its log fails the test during which it appeared.
+# Every bumper the tests started: a traceback or an internal error in its log fails the test during
+# which it appeared.
 STARTED_BUMPERS: list[Process] = []
 
 
@@ -389,8 +390,8 @@ def no_traceback() -> Iterator[None]:
     yield
     for process in STARTED_BUMPERS:
         new = process.lines[process.test_start :]
-        if any("Traceback" in line for line in new):
-            pytest.fail("bumper wrote a traceback:\n" + "\n".join(new), pytrace=False)
+        if any("Traceback" in line or "bumper: internal error" in line for line in new):
+            pytest.fail("bumper wrote a traceback or an internal error:\n" + "\n".join(new), pytrace=False)
 
 
 @pytest.fixture(scope="session")

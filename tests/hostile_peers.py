@@ -279,9 +279,10 @@ def endless_request_head(lab: Lab) -> tuple[float, str]:
     return time.monotonic() - start, f"sent {sent // MiB} MiB, got `{first_line(got)}`"
 
 
-def h2_sends_body(tls: ssl.SSLSocket, size: int, sent: list[int]) -> None:
+def h2_sends_body(tls: ssl.SSLSocket, size: int, sent: list[int], then_goes: bool = False) -> None:
     """An HTTP/2 upstream's answer to its first request: SIZE bytes, as fast as its peer's windows allow
-    (bumper's own are 2 GiB), counted in SENT[-1]."""
+    (bumper's own are 2 GiB), counted in SENT[-1]; THEN_GOES: then a GOAWAY and gone, the stream
+    unended (an upstream that dies in the middle of a response)."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     conn.initiate_connection()
     tls.sendall(conn.data_to_send())
@@ -303,6 +304,10 @@ def h2_sends_body(tls: ssl.SSLSocket, size: int, sent: list[int]) -> None:
         conn.send_data(stream, chunk[:window])
         sent[-1] += window
         tls.sendall(conn.data_to_send())
+    if then_goes:
+        conn.close_connection()
+        tls.sendall(conn.data_to_send())
+        return
     conn.end_stream(stream)
     tls.sendall(conn.data_to_send())
     # Open until bumper closes (30 s at most): a close with bumper's frames unread would be a reset,

@@ -291,3 +291,26 @@ def test_a_connection_closed_while_bumper_holds_credit(bumper: Bumper, upstream:
         stream = client.request(f"/bytes/{6 * MiB}")
         client.pump(lambda: stream in client.ended, 30)
     assert bytes(client.bodies[stream]) == pattern_bytes(6 * MiB)
+
+
+def test_an_upstream_gone_while_bumper_holds_its_credit(bumper: Bumper, test_pki: Pki, tmp_path: Path) -> None:
+    """An h2 upstream sends 1 MiB and goes (GOAWAY, closed) while the client's window is shut, so
+    bumper still holds that DATA unacknowledged: the closed leg gets no credit (before, mitmproxy's
+    closed layer took bumper's ReleaseCredit as a crash, an internal error the conftest fails on, and
+    the client's connection hung); the client hears that its stream ended or was reset."""
+    cert, key = test_pki.root.leaf("*.hostile.test").write(tmp_path, "h2-gone")
+    sent: list[int] = []
+    server = HostileServer(cert, key, lambda tls: h2_sends_body(tls, MiB, sent, then_goes=True), alpn="h2")
+    try:
+        with h2_tunnel(bumper, HOST, server.port) as tls:
+            client = H2Client(tls, HOST, window=0)
+            stream = client.request("/")
+            client.pump(lambda: False, 2.0, ack=False)
+            assert sent == [MiB]
+            client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 4 * MiB})
+            client.conn.increment_flow_control_window(4 * MiB)
+            client.flush()
+            client.pump(lambda: stream in client.ended | client.reset, 15)
+            assert stream in client.ended | client.reset, (len(client.bodies[stream]), client.ended, client.reset)
+    finally:
+        server.close()

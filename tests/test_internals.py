@@ -190,6 +190,9 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.addons.tlsconfig.TlsConfig.tls_start_server": ("2e2dc9c25670cf64", "replaced by TlsProvider"),
     "mitmproxy.addons.next_layer.NextLayer.next_layer": ("d277fef31bbe9519", "replaced by layers.NextLayer"),
     "mitmproxy.http.Request.pretty_url": ("22587ae7fe2a8eab", "replicated by addon.pretty_url"),
+    # What a crash in the proxy core logs, which eventlog.proxy_core_crashes lets through as one line
+    "mitmproxy.proxy.server.ConnectionHandler.handle_client": ("01f1b7cc991c4711", "its crash message read"),
+    "mitmproxy.proxy.server.ConnectionHandler.server_event": ("a2b42657ebe8bf6d", "its crash message read"),
     # Where upstream connections are made and refused (upstream/resolve.py, proxy/state.py)
     # Also cancelled by connlimits (--upstream-timeout): the reason becomes its error text.
     "mitmproxy.proxy.server.ConnectionHandler.open_connection": ("5e0b3cbaf7a4030a", "its connect checked, error read"),

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from bumper.proxy import eventlog
 from bumper.proxy.eventlog import JsonFormatter
 from tests.conftest import BUMPER, Bumper, Upstream, curl, lab_policy
 from tests.test_access_log import CONNECTION_KEYS, AccessLog, assert_iso_time_now, curl_port
@@ -215,3 +216,26 @@ def test_a_traceback_stays_inside_its_json_line() -> None:
     entry = json.loads(line)
     assert entry["message"].startswith("addon probe failed\nTraceback (most recent call last):")
     assert "ValueError" in entry["message"] and "hunter2" not in entry["message"]
+
+
+def test_a_crash_in_the_proxy_core_is_one_line_and_its_other_messages_stay_out() -> None:
+    """Without -v mitmproxy's proxy core says nothing, except a crash: one line naming the client
+    and the exception (the traceback is for -v). A hung connection then has a cause in the log."""
+    try:
+        raise AssertionError("Unexpected event type")
+    except AssertionError:
+        exc_info = sys.exc_info()
+
+    def record(message: str, exc: Any = None) -> logging.LogRecord:
+        made = logging.LogRecord(eventlog.PROXY_CORE, logging.ERROR, __file__, 1, message, (), exc)
+        made.client = ("127.0.0.1", 5555)
+        return made
+
+    crash = record("mitmproxy has crashed!", exc_info)
+    assert eventlog.proxy_core_crashes(crash)
+    assert crash.getMessage() == (
+        "bumper: internal error on a connection from 127.0.0.1:5555: AssertionError: Unexpected event type"
+    )
+    assert "Traceback" not in eventlog.TextFormatter(log_secrets=False).format(crash)
+    assert eventlog.proxy_core_crashes(record("connection handler has crashed: boom", exc_info))
+    assert not eventlog.proxy_core_crashes(record("half-closing Server(...)"))

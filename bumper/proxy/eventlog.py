@@ -48,6 +48,26 @@ class ConnectionLog:
         return asyncio.gather(*waiting) if waiting else None
 
 
+# What mitmproxy's ConnectionHandler logs, at ERROR with the traceback, when a layer or the handler
+# itself raised: a bug (bumper's or mitmproxy's), after which that connection may hang until its timeouts.
+PROXY_CORE = "mitmproxy.proxy.server"
+_CRASHES = ("mitmproxy has crashed!", "connection handler has crashed")
+
+
+def proxy_core_crashes(record: logging.LogRecord) -> bool:
+    """A filter for PROXY_CORE's logger without -v: its crashes only, each as one line that names
+    the exception and the client (the traceback is for -v), every other record out. Without it a
+    crash left no trace at all: that logger is silenced below CRITICAL without -v."""
+    if not record.getMessage().startswith(_CRASHES):
+        return False
+    error = record.exc_info[1] if record.exc_info else None
+    client = getattr(record, "client", None)
+    where = f" on a connection from {client[0]}:{client[1]}" if isinstance(client, tuple) else ""
+    record.msg = f"bumper: internal error{where}: {type(error).__name__}: {error}" if error else record.msg
+    record.args, record.exc_info, record.exc_text = (), None, None
+    return True
+
+
 def formatter(log_format: LogFormat, log_secrets: bool, worker: int | None = None) -> logging.Formatter:
     """The stderr log's formatter; a worker's (--workers) marks each of its lines with WORKER."""
     return JsonFormatter(log_secrets, worker) if log_format == "json" else TextFormatter(log_secrets, worker)

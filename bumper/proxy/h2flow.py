@@ -127,6 +127,12 @@ class FlowControlled(Http2Connection):
                 above.has_h2_leg = True
                 break
 
+    @property
+    def closed(self) -> bool:
+        """Whether mitmproxy has closed this leg (close_connection sets `done`, which takes no
+        event of bumper's: an AssertionError inside mitmproxy, and the connection hung)."""
+        return self._handle_event == self.done
+
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, ReleaseCredit):
             for stream_id, still_held in event.still_held.items():
@@ -163,7 +169,7 @@ def credit_events(http: layers.HttpLayer) -> layer.CommandGenerator[None]:
     client_leg = h2_leg(http.connections.get(http.context.client))
     for top in list(http.connections.values()):
         leg = h2_leg(top)
-        if leg is None or not leg.bounded.held:
+        if leg is None or not leg.bounded.held or leg.closed:  # a closed leg sends no WINDOW_UPDATE
             continue
         still_held = {}
         for stream_id in leg.bounded.held:
