@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -474,23 +473,29 @@ def test_the_rule_index_decides_as_a_scan_of_every_rule(
     assert p.decide_at_connect(host, None, port) == linear_decide_at_connect(p, host, port)
 
 
+LEARNING_POLICY = (
+    "rules:\n  - name: apps\n    match: {sni: ['*.upstream.test']}\n    action: bump\n    learn_pinning: true\n"
+)
+LEARNED = r"learned: 127\.0\.0\.1 rejects the mimic for app\.upstream\.test"
+
+
+def reject_the_mimic(bumper: Bumper, host: str, port: int, root_pem: Path) -> ssl.SSLContext:
+    """An app that trusts only the real root (ROOT_PEM) refuses bumper's mimic for HOST: and that
+    app's context, for its next connections."""
+    pinned_app = client_tls_context(root_pem)
+    sock, _ = open_tunnel(bumper, host, port)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        pinned_app.wrap_socket(sock, server_hostname=host)
+    return pinned_app
+
+
 def test_learn_pinning_splices_a_client_that_rejected_the_mimic(
     start_bumper, upstream: Upstream, test_pki: Pki, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    learning = start_with_policy(
-        start_bumper,
-        tmp_path_factory.mktemp("pinning"),
-        "rules:\n  - name: apps\n    match: {sni: ['*.upstream.test']}\n    action: bump\n    learn_pinning: true\n",
-    )
+    learning = start_with_policy(start_bumper, tmp_path_factory.mktemp("pinning"), LEARNING_POLICY)
     host = "app.upstream.test"
-    pinned_app = client_tls_context(test_pki.root_pem)  # trusts only the real root: rejects any mimic
-    sock, _ = open_tunnel(learning, host, upstream.port)
-    with pytest.raises(ssl.SSLCertVerificationError):
-        pinned_app.wrap_socket(sock, server_hostname=host)
-    wait = time.monotonic() + 10
-    while "learned: 127.0.0.1 rejects the mimic for app.upstream.test" not in learning.process.log:
-        assert time.monotonic() < wait, learning.process.log
-        time.sleep(0.05)
+    pinned_app = reject_the_mimic(learning, host, upstream.port, test_pki.root_pem)
+    learning.process.wait_for_line(LEARNED, timeout=10)
     sock, _ = open_tunnel(learning, host, upstream.port)  # the same client and name, again
     with pinned_app.wrap_socket(sock, server_hostname=host) as tls:  # now the real certificate
         der = tls.getpeercert(binary_form=True)

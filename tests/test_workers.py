@@ -38,6 +38,7 @@ from tests.conftest import (
     start_with_policy,
 )
 from tests.test_drain import LARGE, get, tls_tunnel
+from tests.test_policy import LEARNED, LEARNING_POLICY, reject_the_mimic
 from tests.test_proxy_auth import bcrypt_hash
 from tests.test_resumption import tls_client
 
@@ -234,19 +235,10 @@ def test_the_access_log_of_many_concurrent_requests_is_whole_json_lines(
 def test_a_pin_learned_on_one_worker_splices_on_every_worker(
     start_bumper, upstream: Upstream, test_pki: Pki, tmp_path: Path
 ) -> None:
-    bumper = start_with_policy(
-        start_bumper,
-        tmp_path,
-        "rules:\n  - name: apps\n    match: {sni: ['*.upstream.test']}\n    action: bump\n    learn_pinning: true\n",
-        "--workers",
-        "2",
-    )
+    bumper = start_with_policy(start_bumper, tmp_path, LEARNING_POLICY, "--workers", "2")
     host = "app.upstream.test"
-    pinned_app = client_tls_context(test_pki.root_pem)  # trusts only the real root: rejects any mimic
-    sock, _ = open_tunnel(bumper, host, upstream.port)
-    with pytest.raises(ssl.SSLCertVerificationError):
-        pinned_app.wrap_socket(sock, server_hostname=host)
-    bumper.process.wait_for_line(r"^\[w\d\] .*learned: 127\.0\.0\.1 rejects the mimic for app\.upstream\.test")
+    pinned_app = reject_the_mimic(bumper, host, upstream.port, test_pki.root_pem)
+    bumper.process.wait_for_line(r"^\[w\d\] .*" + LEARNED)
     bumper.process.test_start = len(bumper.process.lines)
     for _ in range(CONNECTIONS):  # the same client and name: the real certificate, whichever worker serves
         sock, _ = open_tunnel(bumper, host, upstream.port)
