@@ -4,6 +4,8 @@ blocked), to a file or stdout. The field names are a stable interface: docs/addo
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import select
 import stat
@@ -18,6 +20,8 @@ from mitmproxy import http
 from bumper.addon import Addon, ConnectionInfo, aborted, body_bytes, connection_info, logged_url, refusal_of
 from bumper.policy import redact, urls
 from bumper.proxy.records import connection_json, connection_line, free_text, iso, json_line, ms
+
+log = logging.getLogger("bumper.addons.access_log")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,13 @@ class AccessLog(Addon):
         self._pending_bytes = 0
         self._pipe = False  # stdout to a pipe: whole lines in writes of at most PIPE_BUF
         self._flush: asyncio.TimerHandle | None = None
+        # A write that fails (a full disk, EIO, stdout's reader gone) drops the lines it could not
+        # write, counted here until a write works again: one warning when it starts, one summary then.
+        self._lost = 0
+        self._lost_error = ""
+        # A half line the file could not be cut back from (another writer appended after it, or a
+        # terminal): the next write starts with a newline, so that no line is glued onto it.
+        self._half_line = False
         # The JSON of the fields every request of a connection shares: by client id, then upstream
         # connection and the policy's verdict on it.
         self._shared: dict[str, dict[tuple[str | None, ...], str]] = {}
@@ -89,13 +100,23 @@ class AccessLog(Addon):
 
     def done(self) -> None:
         self._flushed()
+        if self._lost:
+            log.warning("access log: %d lines lost (%s) as bumper stopped", self._lost, self._lost_error)
+            self._lost = 0
         if self._fd is not None and self._fd != sys.stdout.fileno():
-            os.close(self._fd)
+            try:
+                os.close(self._fd)
+            except OSError:  # what close reports (NFS's ENOSPC, EIO) was reported by a write already, or is lost
+                pass
         self._fd = None
 
     def _write(self, line: str) -> None:
         if self._fd is None:
-            self._fd = self._open()
+            try:
+                self._fd = self._open()
+            except OSError as e:  # a full disk's directory, a permission removed: tried again at the next line
+                self._failed(1, e)
+                return
         data = line.encode()
         self._pending.append(data)
         self._pending_bytes += len(data)
@@ -106,15 +127,64 @@ class AccessLog(Addon):
             self._flush = asyncio.get_running_loop().call_later(FLUSH_DELAY, self._flushed)
 
     def _flushed(self) -> None:
+        """The pending lines written out, or dropped: never raises (it runs in a timer and in hooks)."""
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        if self._fd is not None and self._pending:
-            lines, self._pending, self._pending_bytes = self._pending, [], 0
-            for chunk in _chunks(lines, self._pipe):
-                data = memoryview(chunk)
-                while data:  # one write, unless a full disk or a pipe takes only part of it
-                    data = data[os.write(self._fd, data) :]
+        if self._fd is None or not self._pending:
+            return
+        lines, self._pending, self._pending_bytes = self._pending, [], 0
+        chunks = list(_chunks(lines, self._pipe))
+        for i, chunk in enumerate(chunks):
+            try:
+                self._whole_lines(chunk)
+            except _Lost as lost:
+                self._failed(lost.lines + sum(rest.count(b"\n") for rest in chunks[i + 1 :]), lost.error)
+                return
+        if self._lost:
+            log.warning("access log: %d lines lost (%s); %s written again", self._lost, self._lost_error, self._where())
+            self._lost = 0
+
+    def _whole_lines(self, chunk: bytes) -> None:
+        """CHUNK (whole lines) written out; else _Lost, and no half line left to glue the next one onto."""
+        assert self._fd is not None
+        written = 0
+        try:
+            if self._half_line:
+                os.write(self._fd, b"\n")  # one byte: written or not, never in part
+                self._half_line = False
+            while written < len(chunk):  # one write, unless a full disk or a pipe takes only part of it
+                written += os.write(self._fd, chunk[written:])
+        except OSError as e:
+            whole = chunk.rfind(b"\n", 0, written) + 1  # the bytes of the lines written whole
+            if whole < written:
+                self._half_line = not self._cut(written - whole)
+            raise _Lost(chunk.count(b"\n", whole), e) from None
+
+    def _cut(self, size: int) -> bool:
+        """Whether the last SIZE bytes written (a line's beginning) are gone from the file again: only
+        from a regular file that nobody appended to since (another --workers process: then the half
+        line stays, ended by the next write's newline)."""
+        assert self._fd is not None
+        if self._pipe:
+            return False
+        try:
+            end = os.lseek(self._fd, 0, os.SEEK_CUR)  # where this write ended (O_APPEND: at the end then)
+            if os.fstat(self._fd).st_size != end:
+                return False
+            os.ftruncate(self._fd, end - size)  # freeing space, never needing it
+            return True
+        except OSError:
+            return False
+
+    def _failed(self, lines: int, error: OSError) -> None:
+        if not self._lost:
+            log.warning("access log: cannot write %s: %s; dropping lines until it can", self._where(), error)
+        self._lost += lines
+        self._lost_error = errno.errorcode.get(error.errno or 0, type(error).__name__)
+
+    def _where(self) -> str:
+        return "stdout" if self.settings.path == "-" else self.settings.path
 
     def _open(self) -> int:
         if self.settings.path == "-":
@@ -125,6 +195,14 @@ class AccessLog(Addon):
             fd = os.open(self.settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._pipe = not stat.S_ISREG(os.fstat(fd).st_mode)
         return fd
+
+
+class _Lost(Exception):
+    """LINES of a chunk not written (whole or at all), for ERROR."""
+
+    def __init__(self, lines: int, error: OSError) -> None:
+        super().__init__(lines, error)
+        self.lines, self.error = lines, error
 
 
 def _chunks(lines: list[bytes], pipe: bool) -> Iterator[bytes]:

@@ -551,3 +551,52 @@ def test_an_issuer_cryptography_cannot_read_is_logged_as_its_der(
     upstream = start_upstream(behind_an_odd_intermediate(test_pki.root, "odd.upstream.test"), host="odd.upstream.test")
     _, client_port = curl_port(bumper, upstream.url("/"))
     assert log.http(client_port)["upstream_issuer"] == "DER " + odd_subject("odd intermediate", 7).hex()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs of its own (the test runs as root), to be filled up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        # Lazily: bumper, stopped at the end of the session, may still hold the file open.
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_full_disk_drops_whole_lines_with_one_warning_and_bumper_keeps_serving(
+    start_bumper, upstream: Upstream, small_disk: Path
+) -> None:
+    filler = small_disk / "filler"
+    filler.write_bytes(b"x" * 52 * 1024)  # room left for a dozen lines or so
+    path = small_disk / "access.jsonl"
+    bumper = start_bumper("--access-log", str(path))
+    full = "access log: cannot write"
+    # Requests until the disk is full (a flush at most FLUSH_DELAY after its lines), and well past it.
+    for _ in range(30):
+        r = curl(bumper, upstream.url("/[1-10]"), "-o", "/dev/null", "-w", "%{http_code} ")
+        assert r.stdout.split() == ["200"] * 10, r.stderr  # served throughout
+        if full in bumper.process.log:
+            break
+    else:
+        raise AssertionError(f"the disk never filled up: {os.statvfs(small_disk)}")
+    time.sleep(0.3)  # lines dropped, not kept for later
+    r = curl(bumper, upstream.url("/[1-10]"), "-o", "/dev/null", "-w", "%{http_code} ")
+    assert r.stdout.split() == ["200"] * 10, r.stderr
+    time.sleep(0.3)
+    assert sum(full in line for line in bumper.process.lines) == 1, bumper.process.log  # one warning, not one a line
+    filler.unlink()  # room again: the next lines are written, and what was lost is said once
+    r = curl(bumper, upstream.url("/after"))
+    assert r.stdout == "hello from upstream", r.stderr
+    match = bumper.process.wait_for_line(r"access log: (\d+) lines lost \(ENOSPC\); .* written again")
+    assert int(match.group(1)) >= 20
+    deadline = time.monotonic() + 10
+    while '"/after"' not in path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = path.read_text()
+    assert text.endswith("\n")
+    entries = [json.loads(line) for line in text.splitlines()]  # no line split, none glued to a half line
+    assert entries[-1]["type"] == "connection" and entries[-2]["url"].endswith("/after")
+    assert "Traceback" not in bumper.process.log
