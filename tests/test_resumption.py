@@ -12,10 +12,12 @@ resumed: SSLSocket.session_reused).
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -304,6 +306,11 @@ class Clock:
         return self.now
 
 
+def ticket_keys(secret: bytes, clock: Clock) -> TicketKeys:
+    """TicketKeys as a worker starts them: SECRET as the secret of the clock's day."""
+    return TicketKeys(resumption.TicketSecret(resumption.ticket_day(clock.now), secret), clock)
+
+
 def server_context(keys: TicketKeys, leaf: pki.Leaf) -> SSL.Context:
     context = keys.add(client_context())
     context.use_certificate(leaf.cert)
@@ -360,7 +367,7 @@ def test_two_workers_with_the_same_secret_resume_each_others_sessions(test_pki: 
     worker offers); with another secret, it does not."""
     leaf = test_pki.root.leaf("worker.test")
     clock = Clock(1_800_000_000.0)
-    one, two, other = TicketKeys(b"k" * 32, clock), TicketKeys(b"k" * 32, clock), TicketKeys(b"x" * 32, clock)
+    one, two, other = ticket_keys(b"k" * 32, clock), ticket_keys(b"k" * 32, clock), ticket_keys(b"x" * 32, clock)
     contexts = [server_context(keys, leaf) for keys in (one, two, other)]
     for keys in (one, two, other):
         keys.current()
@@ -374,7 +381,7 @@ def test_the_ticket_key_rotates_with_the_epoch(test_pki: Pki) -> None:
     """At the epoch's end every context gets the next key; a ticket of the epoch before then makes a
     full handshake (OpenSSL holds one key)."""
     clock = Clock(1_800_000_000.0)
-    keys = TicketKeys(b"k" * 32, clock)
+    keys = ticket_keys(b"k" * 32, clock)
     context = server_context(keys, test_pki.root.leaf("rotate.test"))
     keys.current()
     epoch = resumption.ticket_epoch(clock.now)
@@ -386,10 +393,54 @@ def test_the_ticket_key_rotates_with_the_epoch(test_pki: Pki) -> None:
     assert not reused(handshake(context, first.get_session()))
 
 
+def test_chains_started_on_different_days_agree_from_the_later_day_on() -> None:
+    """The ticket keys' secret moves on one way, a day at a time: a worker started by the supervisor
+    days later (the day's secret handed over) and one that has run since the first day hold the same
+    secret, and so make the same ticket keys; no clock takes it back a day."""
+    start, day = 1_800_000_000.0, resumption.TICKET_DAY
+    first = resumption.new_secret(start)  # the supervisor's, at start-up
+    assert first.day == resumption.ticket_day(start) and resumption.new_secret(start).secret != first.secret
+    restarted = resumption.current_secret(first, start + 3 * day)  # what a worker started on day 3 gets
+    assert restarted.day == first.day + 3 and restarted.secret != first.secret
+    running = first
+    for n in range(1, 6):  # the first worker, through five days
+        running = resumption.current_secret(running, start + n * day)
+    caught_up = resumption.current_secret(restarted, start + 5 * day)
+    assert caught_up == running and caught_up.day == first.day + 5
+    epoch = resumption.ticket_epoch(start + 5 * day)
+    assert resumption.ticket_key(caught_up.secret, epoch) == resumption.ticket_key(running.secret, epoch)
+    assert resumption.ticket_key(first.secret, epoch) != resumption.ticket_key(running.secret, epoch)
+    assert resumption.current_secret(restarted, start + 3 * day + 3600) is restarted  # the same day
+    assert resumption.current_secret(restarted, start) is restarted  # a clock set back: no day back
+    assert first.secret.hex() not in repr(first)
+
+
+def test_the_ticket_keys_drop_the_day_befores_secret(test_pki: Pki) -> None:
+    """Whoever reads a worker's memory on a day must find no secret of a day before: the handover
+    (in the configuration and the setup, which live as long as the process) gives it up once, and
+    at the day's end TicketKeys holds the next day's secret instead (counted references)."""
+    clock = Clock(1_800_000_000.0)
+    secret = os.urandom(32)  # an object of this test's own: its references are counted
+    handover = resumption.SecretHandover(resumption.TicketSecret(resumption.ticket_day(clock.now), secret))
+    keys = TicketKeys(handover.take(), clock)
+    assert handover.take() is None
+    context = server_context(keys, test_pki.root.leaf("days.test"))
+    keys.current()
+    assert hidden.ticket_key(context) == resumption.ticket_key(secret, resumption.ticket_epoch(clock.now))
+    held = sys.getrefcount(secret)
+    clock.now += resumption.TICKET_DAY
+    keys.current()
+    assert sys.getrefcount(secret) == held - 1  # only this test holds it now
+    tomorrow = resumption.current_secret(
+        resumption.TicketSecret(resumption.ticket_day(clock.now) - 1, secret), clock.now
+    )
+    assert hidden.ticket_key(context) == resumption.ticket_key(tomorrow.secret, resumption.ticket_epoch(clock.now))
+
+
 def test_a_session_is_bound_to_what_the_full_handshake_would_show(test_pki: Pki) -> None:
     """Over memory BIOs: the same binding resumes, another does not (a TLS 1.3 ticket presented to a
     connection bound to another mimic)."""
-    keys = TicketKeys(b"k" * 32, Clock(1_800_000_000.0))
+    keys = ticket_keys(b"k" * 32, Clock(1_800_000_000.0))
     context = server_context(keys, test_pki.root.leaf("bound.test"))
     keys.current()
     first = handshake(context)
@@ -465,7 +516,7 @@ def test_a_session_that_never_resumes_leaves_the_cache(test_pki: Pki) -> None:
     during the handshake, for a client certificate, whose session never resumes)."""
     from bumper.proxy.tlsprovider import SERVER_SESSIONS
 
-    keys = TicketKeys(b"k" * 32, Clock(1_800_000_000.0))
+    keys = ticket_keys(b"k" * 32, Clock(1_800_000_000.0))
     context = server_context(keys, test_pki.root.leaf("cache.test"))
     assert hidden.FUNCTIONS is not None
     assert hidden.FUNCTIONS.ctx_ctrl(hidden.pointer(context._context), 43, 0, None) == SERVER_SESSIONS  # type: ignore[attr-defined]
@@ -492,7 +543,7 @@ def test_without_the_functions_nothing_resumes_and_start_up_says_why(
     monkeypatch.setattr(hidden, "FUNCTIONS", None)
     monkeypatch.setattr(hidden, "MISSING", "stripped.so names no SSL_CTX_ctrl")
     with caplog.at_level("WARNING", logger="bumper.tls"):
-        keys = TicketKeys(b"k" * 32)
+        keys = TicketKeys(None)
     assert [r.getMessage() for r in caplog.records] == [
         "session resumption is off (full handshakes on both legs): stripped.so names no SSL_CTX_ctrl"
     ]

@@ -69,6 +69,7 @@ from bumper.stopping import BARE
 from bumper.upstream import aia
 from bumper.upstream.probe import UpstreamProbe
 from bumper.upstream.resolve import Egress, Override, ResolvingEventLoop
+from bumper.upstream.resumption import SecretHandover
 from bumper.upstream.tls import UpstreamTrust, system_roots
 from bumper.upstream.verifier import UpstreamVerifier
 from bumper.upstream.via import Dialer
@@ -109,9 +110,11 @@ class ProxyConfig:
     admin: AdminConfig | None = None  # --admin: probes, metrics and the onboarding page (bumper.proxy.admin)
     max_memory: int = 0  # --max-memory, bytes: the overload manager's budget (bumper.proxy.overload); 0: none
     max_memory_default: str | None = None  # where the default budget came from; None: --max-memory gave it
-    # What the session ticket keys derive from: the same in every worker, so that a client resumes on
-    # any (tlsprovider.TicketKeys); empty: a random one of this process's own.
-    ticket_secret: bytes = b""
+    # What the session ticket keys derive from: the supervisor's chain of secrets at the day it started
+    # this worker, the same in every worker, so that a client resumes on any (tlsprovider.TicketKeys);
+    # taken once, so that the configuration does not keep a day's secret past its day. None: a random
+    # one of this process's own.
+    ticket_secret: SecretHandover | None = None
     pins_db: Path | None = None  # --workers: learned pinning shared by the workers (SharedLearnedPins)
 
 
@@ -192,7 +195,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
             config.client_tls,
             config.listeners,
             config.client_ca,
-            TicketKeys(config.ticket_secret),
+            TicketKeys(config.ticket_secret.take() if config.ticket_secret else None),
         ),
         connection_log,  # the others' client_disconnected still see the state it then forgets
         Drain(m, server, states, config.drain_timeout),  # after it: the states left are the connections open

@@ -164,13 +164,15 @@ SERVER_SESSIONS = 8192
 
 
 class TicketKeys:
-    """The session ticket key of bumper's client contexts: derived from SECRET and the time
-    (resumption.ticket_key), the same in every worker given the same SECRET, and set again on
-    every context when its epoch ends. Without hidden's functions: OpenSSL's own key, and no
-    resumption at all (`resumes`), since a session could not be bound to its mimic."""
+    """The session ticket key of bumper's client contexts: derived from the day's secret and the
+    time (resumption.ticket_key), the same in every worker given the same chain of secrets, and set
+    again on every context when its epoch ends. The secret moves on with the day and the day
+    before's is dropped (resumption.current_secret). Without hidden's functions: OpenSSL's own key,
+    and no resumption at all (`resumes`), since a session could not be bound to its mimic."""
 
-    def __init__(self, secret: bytes, clock: Callable[[], float] = time.time) -> None:
-        self._secret = secret or secrets.token_bytes(32)  # one worker alone: its own random secret
+    def __init__(self, secret: resumption.TicketSecret | None, clock: Callable[[], float] = time.time) -> None:
+        # One worker alone: a chain of its own, started at random.
+        self._secret = secret or resumption.new_secret(clock())
         self._clock = clock
         self._epoch: int | None = None
         self._key = b""
@@ -191,10 +193,12 @@ class TicketKeys:
 
     def current(self) -> None:
         """The current epoch's key on every context: cheap when the epoch has not changed."""
-        epoch = resumption.ticket_epoch(self._clock())
+        now = self._clock()
+        epoch = resumption.ticket_epoch(now)
         if epoch == self._epoch or not self.resumes:
             return
-        self._epoch, self._key = epoch, resumption.ticket_key(self._secret, epoch)
+        self._secret = resumption.current_secret(self._secret, now)
+        self._epoch, self._key = epoch, resumption.ticket_key(self._secret.secret, epoch)
         if not all([hidden.set_ticket_key(context, self._key) for context in self._contexts]):
             # Still safe (sessions stay bound to their mimics), but a client resumes only on the
             # worker that gave it its ticket.
@@ -217,7 +221,7 @@ class TlsProvider:
         self.states = states
         self._client_tls = client_tls or ClientTls()
         self._client_ca = client_ca  # what relay listeners' clients must present (--client-ca)
-        self.tickets = tickets or TicketKeys(b"")
+        self.tickets = tickets or TicketKeys(None)
         self.tickets.current()
         # Listeners with a certificate of their own (--tls-cert): its context, by listener address.
         self._own_contexts: dict[str, SSL.Context] = {}

@@ -8,8 +8,9 @@ while workers come and go. Each worker gets a socket of its own, bound to the sa
 SO_REUSEPORT, which its event loop starts listening on once it serves: the kernel spreads new
 connections over the listening ones. A worker is a fresh interpreter (not a fork of a process with
 threads) started with the same arguments and a hidden `--worker-channel FD`; over that socket pair
-it reads its setup (its number, its sockets, its share of --max-memory, the secret every worker
-shares: never in argv or the environment, which /proc shows), and answers `ready` once it serves.
+it reads its setup (its number, its sockets, its share of --max-memory, the day's secret of the
+ticket keys every worker shares: never in argv or the environment, which /proc shows),
+and answers `ready` once it serves.
 
 The supervisor restarts a worker that dies (with a back-off), forwards SIGHUP, SIGUSR1, SIGTERM and
 SIGINT to every worker, announces the listening lines and systemd's READY=1 once all are up, and
@@ -24,11 +25,11 @@ import dataclasses
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,13 +48,14 @@ from bumper.proxy.admin import AdminConfig, AdminServer, Request, Response, Rout
 from bumper.proxy.listeners import Listener, Mode
 from bumper.proxy.master import ProxyConfig, onboarding_bundle
 from bumper.stopping import BARE
+from bumper.upstream import resumption
 from bumper.upstream.resolve import Override, ResolvingEventLoop
+from bumper.upstream.resumption import SecretHandover, TicketSecret
 
 log = logging.getLogger("bumper.workers")
 
 WORKER_FLAG = stopping.WORKER_FLAG  # the hidden option that makes a process a worker
 AUTO = "auto"
-SECRET_BYTES = 32
 SETUP_MAX_BYTES = 64 * 1024  # a setup is a few hundred bytes
 SETUP_TIMEOUT = 30.0  # seconds a worker waits for its setup
 BACKOFF_FIRST = 0.5  # seconds before a dead worker's first restart, doubled at each further one
@@ -62,6 +64,7 @@ BACKOFF_RESET = 60.0  # a worker that lived this long restarts after BACKOFF_FIR
 STOP_GRACE = 10.0  # seconds past --drain-timeout before a worker that does not stop is killed
 ASK_TIMEOUT = 2.0  # seconds to read a worker's admin page
 ASK_MAX_BYTES = 16 * 1024**2  # a worker's /metrics is tens of KiB
+SECRET_CHECK = 60.0  # seconds between looks at the day: the supervisor drops a day's secret this soon after it
 
 
 def parse_count(text: str) -> int:
@@ -80,13 +83,17 @@ class WorkerSetup:
     worker: int  # 1..N, in every line it logs
     fds: tuple[int, ...]  # its listening sockets, one per --listen, in their order
     ports: tuple[int, ...]  # their ports (port 0 resolved)
-    ticket_secret: bytes
+    ticket_secret: SecretHandover  # the day's secret of the ticket keys: sent once, taken once
     max_memory: int  # its share of --max-memory
     admin_socket: str | None  # its private admin socket, with --admin
     pins_db: str  # learned pinning, shared (SharedLearnedPins)
 
     def encode(self) -> bytes:
-        fields = dataclasses.asdict(self) | {"ticket_secret": self.ticket_secret.hex()}
+        """The setup as sent, its ticket secret taken (nothing else needs it in the supervisor)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        ticket = self.ticket_secret.take()
+        assert ticket is not None, "a worker's setup is sent once"
+        fields |= {"ticket_secret": ticket.secret.hex(), "ticket_day": ticket.day}
         return json.dumps(fields).encode() + b"\n"
 
     @classmethod
@@ -96,7 +103,9 @@ class WorkerSetup:
             worker=int(fields["worker"]),
             fds=tuple(fields["fds"]),
             ports=tuple(fields["ports"]),
-            ticket_secret=bytes.fromhex(fields["ticket_secret"]),
+            ticket_secret=SecretHandover(
+                TicketSecret(int(fields["ticket_day"]), bytes.fromhex(fields["ticket_secret"]))
+            ),
             max_memory=int(fields["max_memory"]),
             admin_socket=fields["admin_socket"],
             pins_db=str(fields["pins_db"]),
@@ -269,8 +278,9 @@ class Supervisor:
         self.anchors = anchors
         self.ports = tuple(anchor.getsockname()[1] for anchor in anchors)
         self.listening = list(zip(config.listeners, self.ports, strict=True))  # port 0 resolved
-        # Made once: a restarted worker gets the same, so tickets issued by any worker stay good.
-        self.secret = secrets.token_bytes(SECRET_BYTES)
+        # Made once and moved on with the day: a restarted worker gets the day's secret, and so the same
+        # ticket keys as the others (tickets issued by any worker stay good); the days before are gone.
+        self.ticket = resumption.new_secret(time.time())
         self.workers = [Worker(n, str(private / f"w{n}.sock") if config.admin else None) for n in range(1, count + 1)]
         self.pins_db = private / PINS_FILE
         self.stopping = False
@@ -290,6 +300,7 @@ class Supervisor:
         if admin and admin_address:  # from the start: /readyz says which workers are still starting
             admin.routes = self._routes(admin_address)
         tasks = [asyncio.create_task(self._keep(worker)) for worker in self.workers]
+        days = asyncio.create_task(self._days())
         try:
             starting = asyncio.create_task(self._all_ready.wait())
             await asyncio.wait([starting, asyncio.create_task(self._stopped.wait())], return_when="FIRST_COMPLETED")
@@ -298,9 +309,22 @@ class Supervisor:
             await self._stopped.wait()
             await asyncio.gather(*tasks)
         finally:
+            days.cancel()
             if admin:
                 await admin.stop()
         return self._failed or 0
+
+    def _ticket_secret(self) -> TicketSecret:
+        """Today's secret of the ticket keys' chain, the day before's dropped."""
+        self.ticket = resumption.current_secret(self.ticket, time.time())
+        return self.ticket
+
+    async def _days(self) -> None:
+        """The chain moved on with the day even when no worker is started: the supervisor's memory
+        gives away no day before the current one either."""
+        while True:
+            await asyncio.sleep(SECRET_CHECK)
+            self._ticket_secret()
 
     def _signal(self, sig: signal.Signals) -> None:
         if sig in (signal.SIGHUP, signal.SIGUSR1):
@@ -392,7 +416,7 @@ class Supervisor:
                 worker.number,
                 tuple(s.fileno() for s in sockets),
                 self.ports,
-                self.secret,
+                SecretHandover(self._ticket_secret()),
                 self.config.max_memory // len(self.workers),
                 worker.admin_socket,
                 str(self.pins_db),
