@@ -26,6 +26,7 @@ import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
+from bumper.policy.pinning import SHARED_REFRESH, SharedLearnedPins
 from tests.conftest import (
     BUMPER,
     Bumper,
@@ -239,6 +240,7 @@ def test_a_pin_learned_on_one_worker_splices_on_every_worker(
     host = "app.upstream.test"
     pinned_app = reject_the_mimic(bumper, host, upstream.port, test_pki.root_pem)
     bumper.process.wait_for_line(r"^\[w\d\] .*" + LEARNED)
+    time.sleep(SHARED_REFRESH + 0.2)  # the other worker sees the pin within SHARED_REFRESH
     bumper.process.test_start = len(bumper.process.lines)
     for _ in range(CONNECTIONS):  # the same client and name: the real certificate, whichever worker serves
         sock, _ = open_tunnel(bumper, host, upstream.port)
@@ -249,8 +251,6 @@ def test_a_pin_learned_on_one_worker_splices_on_every_worker(
 
 
 def test_shared_pins_are_one_table_for_every_process_and_stay_bounded(tmp_path: Path) -> None:
-    from bumper.policy.pinning import SharedLearnedPins
-
     now = [1000.0]
     learner = SharedLearnedPins(tmp_path / "pins.sqlite", ttl=10, capacity=2, clock=lambda: now[0])
     other = SharedLearnedPins(tmp_path / "pins.sqlite", ttl=10, capacity=2, clock=lambda: now[0])  # another worker
@@ -262,6 +262,37 @@ def test_shared_pins_are_one_table_for_every_process_and_stay_bounded(tmp_path: 
         now[0] += 1
         learner.remember("10.0.0.1", name)
     assert [other.pinned("10.0.0.1", n) for n in ("b.test", "c.test", "d.test")] == [False, True, True]
+    learner.close()
+    other.close()
+
+
+def test_shared_pins_answer_from_memory_and_see_another_workers_pin_within_the_refresh(tmp_path: Path) -> None:
+    """A connection costs no SQL: each worker answers from its copy of the table, asks SQLite at most
+    every SHARED_REFRESH whether another worker changed it (PRAGMA data_version, one statement), and
+    loads it again only then; a pin learned elsewhere is seen within that delay."""
+    now = [1000.0]
+    learner = SharedLearnedPins(tmp_path / "pins.sqlite", ttl=60, capacity=10, clock=lambda: now[0])
+    other = SharedLearnedPins(tmp_path / "pins.sqlite", ttl=60, capacity=10, clock=lambda: now[0])
+    assert not other.pinned("10.0.0.1", "a.test")  # its first look loads the (empty) table
+    statements: list[str] = []
+    assert other._db is not None
+    other._db.set_trace_callback(statements.append)
+    learner.remember("10.0.0.1", "a.test")
+    for _ in range(100):  # within the refresh: memory only, whatever the table says meanwhile
+        assert not other.pinned("10.0.0.1", "a.test") and not other.pinned("10.0.0.2", "b.test")
+    assert statements == []
+    now[0] += SHARED_REFRESH
+    assert other.pinned("10.0.0.1", "a.test")  # the table changed: loaded again
+    assert [s.split()[0] for s in statements] == ["PRAGMA", "SELECT"]
+    now[0] += SHARED_REFRESH
+    statements.clear()
+    assert other.pinned("10.0.0.1", "a.test") and not other.pinned("10.0.0.2", "b.test")
+    assert [s.split()[0] for s in statements] == ["PRAGMA"]  # unchanged: not loaded again
+    assert not learner.pinned("10.0.0.2", "b.test")
+    other.remember("10.0.0.2", "b.test")  # its own write: in its memory at once, in the learner's later
+    assert other.pinned("10.0.0.2", "b.test") and not learner.pinned("10.0.0.2", "b.test")
+    now[0] -= 3600  # a clock set back still looks
+    assert learner.pinned("10.0.0.2", "b.test")
     learner.close()
     other.close()
 

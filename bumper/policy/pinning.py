@@ -51,16 +51,22 @@ class LearnedPins:
 
 PINS_FILE = "pins.sqlite"  # in the --workers supervisor's private directory
 SHARED_TIMEOUT = 1.0  # seconds a look waits for another worker's write: a row or two, never long
+# Seconds a pin learned on another worker may take to be seen here: the table is looked at no more
+# often, so that a connection costs no SQL (and no wait on the event loop) in the common case.
+SHARED_REFRESH = 0.5
 
 
 class SharedLearnedPins(LearnedPins):
     """Learned pins that every worker of one bumper sees (--workers, bumper.proxy.workers): a pin
-    learned on one worker splices the pair on all, as a single process would. One small SQLite
-    table (WAL: a look never waits for a write) in the supervisor's private directory, gone with it
-    as a single process's memory is. The same bounds: CAPACITY rows, the oldest out first, each a
-    client address and a host name (at most 253 bytes). Times are the wall clock's: the workers'
-    monotonic clocks are not one clock. A file that cannot be used leaves this worker's memory in
-    charge, with one line saying so: a pinned app then fails once more per worker, nothing worse."""
+    learned on one worker splices the pair on all, as a single process would, within SHARED_REFRESH.
+    One small SQLite table (WAL: a look never waits for a write) in the supervisor's private
+    directory, gone with it as a single process's memory is; each worker answers from its copy in
+    memory, loaded again only when another connection changed the table (PRAGMA data_version),
+    which it asks at most every SHARED_REFRESH. The same bounds: CAPACITY rows, the oldest out
+    first, each a client address and a host name (at most 253 bytes), and the copy no bigger. Times
+    are the wall clock's: the workers' monotonic clocks are not one clock. A file that cannot be used
+    leaves this worker's memory in charge, with one line saying so: a pinned app then fails once more
+    per worker, nothing worse."""
 
     def __init__(
         self, path: Path, ttl: float = DEFAULT_TTL, capacity: int = DEFAULT_CAPACITY,
@@ -70,18 +76,32 @@ class SharedLearnedPins(LearnedPins):
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._failed = False
+        self._version: int | None = None  # the table's data_version when the copy was loaded
+        self._checked: float | None = None  # when the table was last asked about
 
     def remember(self, client: str, sni: str) -> None:
         super().remember(client, sni)
         self._attempt(lambda db: self._insert(db, client, sni))
 
     def pinned(self, client: str, sni: str) -> bool:
-        if super().pinned(client, sni):
-            return True
-        row = self._attempt(
-            lambda db: db.execute("SELECT until FROM pins WHERE client = ? AND sni = ?", (client, sni)).fetchone()
-        )
-        return row is not None and row[0] >= self._clock()
+        now = self._clock()
+        # Either way: a wall clock set back must not stop the looks.
+        if self._checked is None or abs(now - self._checked) >= SHARED_REFRESH:
+            self._checked = now
+            self._attempt(lambda db: self._reload(db, now))
+        return super().pinned(client, sni)
+
+    def _reload(self, db: sqlite3.Connection, now: float) -> None:
+        """The copy in memory loaded again if another connection (worker) changed the table since;
+        this one's own writes are in it already."""
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._version:
+            return
+        rows = db.execute(
+            "SELECT client, sni, until FROM pins WHERE until >= ? ORDER BY until DESC LIMIT ?", (now, self.capacity)
+        ).fetchall()
+        self._until = OrderedDict(((client, sni), until) for client, sni, until in reversed(rows))
+        self._version = version
 
     def _insert(self, db: sqlite3.Connection, client: str, sni: str) -> None:
         db.execute(
