@@ -17,7 +17,16 @@ from pathlib import Path
 
 from mitmproxy import http
 
-from bumper.addon import Addon, ConnectionInfo, aborted, body_bytes, connection_info, logged_url, refusal_of
+from bumper.addon import (
+    Addon,
+    ConnectionInfo,
+    aborted,
+    body_bytes,
+    connection_info,
+    logged_url,
+    refusal_of,
+    worker_number,
+)
 from bumper.policy import redact, urls
 from bumper.proxy.records import connection_json, connection_line, free_text, iso, json_line, ms
 
@@ -29,6 +38,9 @@ class AccessLogSettings:
     path: str = "-"  # a file (appended to, created 0600) or - for stdout
     # Credentials (secret-looking URL parameters, a URL's password) are masked unless true: for labs.
     log_secrets: bool = False
+    # --workers: `"worker": N` in every line, so that one file written by several processes still
+    # says which served what.
+    worker: int | None = worker_number()
 
     def __post_init__(self) -> None:
         if self.path == "-":
@@ -70,15 +82,15 @@ class AccessLog(Addon):
         self._shared: dict[str, dict[tuple[str | None, ...], str]] = {}
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._write(exchange(flow, self._connection_json(flow), self.settings.log_secrets))
+        self._write(exchange(flow, self._connection_json(flow), self.settings.log_secrets, self.settings.worker))
 
     def error(self, flow: http.HTTPFlow) -> None:
         if flow.response is None or aborted(flow):
-            self._write(exchange(flow, self._connection_json(flow), self.settings.log_secrets))
+            self._write(exchange(flow, self._connection_json(flow), self.settings.log_secrets, self.settings.worker))
 
     def connection_end(self, conn: ConnectionInfo) -> None:
         self._shared.pop(conn.conn.id, None)
-        self._write(connection_line(conn, self.settings.log_secrets))
+        self._write(connection_line(conn, self.settings.log_secrets, self.settings.worker))
 
     def _connection_json(self, flow: http.HTTPFlow) -> str:
         """The connection's fields of FLOW's line, as JSON: built once per connection and upstream,
@@ -224,7 +236,7 @@ def _chunks(lines: list[bytes], pipe: bool) -> Iterator[bytes]:
         yield b"".join(chunk)
 
 
-def exchange(flow: http.HTTPFlow, connection_fields: str, log_secrets: bool = False) -> str:
+def exchange(flow: http.HTTPFlow, connection_fields: str, log_secrets: bool = False, worker: int | None = None) -> str:
     request, response = flow.request, flow.response
     shown = free_text(log_secrets)
     refusal = refusal_of(flow)
@@ -247,4 +259,4 @@ def exchange(flow: http.HTTPFlow, connection_fields: str, log_secrets: bool = Fa
         "ref": refusal.ref if refusal else None,
         "error": shown(flow.error.msg) if flow.error else None,
     }
-    return json_line(head, connection_fields, tail)
+    return json_line(head, connection_fields, tail, worker)

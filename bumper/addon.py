@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 from mitmproxy import http
 from mitmproxy.net.http import url
 
-from bumper.policy.binder import Bytes
+from bumper.policy.binder import FILLED_BY_BUMPER, Bytes
 from bumper.proxy import replies
 from bumper.proxy.authority import parse_authority
 from bumper.proxy.httpstream import RESPONSE_DELIVERED, RESPONSE_SENT, abort, aborted, body_bytes, respond_early
@@ -44,7 +44,7 @@ log = logging.getLogger("bumper.addons")
 SYNC_HOOKS = ("request_data", "response_data", "reopen", "done")
 __all__ = [
     "Addon", "Bytes", "ConnectionInfo", "Refuse", "Refusal",
-    "aborted", "body_bytes", "connection_info", "logged_url", "refuse", "refusal_of",
+    "aborted", "body_bytes", "connection_info", "logged_url", "refuse", "refusal_of", "worker_number",
 ]  # fmt: skip
 
 # flow.metadata keys
@@ -56,6 +56,16 @@ LOGGED_URL = "bumper.logged_url"  # the URL as logs may show it, when an addon f
 @dataclass(frozen=True)
 class NoSettings:
     pass
+
+
+WORKER = "worker"  # what a worker_number() field is filled in as
+
+
+def worker_number() -> Any:
+    """A Settings field for the number of the worker process running the addon (--workers: 1..N;
+    None in a lone bumper), as its log lines say `"worker": N`: filled in by bumper as it starts the
+    addon, never read from a policy file."""
+    return field(default=None, metadata={FILLED_BY_BUMPER: WORKER})
 
 
 class Addon:

@@ -37,7 +37,7 @@ from bumper.policy.binder import parse_size
 from bumper.policy.load import check as check_policy
 from bumper.policy.load import load as load_policy
 from bumper.policy.rules import LAB
-from bumper.proxy import eventlog, limits, overload, records, workers
+from bumper.proxy import eventlog, limits, overload, workers
 from bumper.proxy.admin import AdminConfig
 from bumper.proxy.eventlog import LOG_FORMATS, LogFormat
 from bumper.proxy.listeners import DEFAULT_LISTEN, client_ca, parse_all, with_certificates
@@ -349,8 +349,6 @@ def _run_command(args: list[str]) -> int:
     _without_debug_checks(args)
     setup, channel = workers.receive(opts.worker_channel) if opts.worker_channel is not None else (None, None)
     _setup_logging(opts.verbose, opts.log_secrets, opts.log_format, setup.worker if setup else None)
-    if setup is not None:
-        records.set_worker(setup.worker)
     addons = load_registry(opts.addons)
     listeners = with_certificates(parse_all(opts.listen or [DEFAULT_LISTEN]), opts.tls_cert)
     config = ProxyConfig(

@@ -600,3 +600,11 @@ def test_a_full_disk_drops_whole_lines_with_one_warning_and_bumper_keeps_serving
     entries = [json.loads(line) for line in text.splitlines()]  # no line split, none glued to a half line
     assert entries[-1]["type"] == "connection" and entries[-2]["url"].endswith("/after")
     assert "Traceback" not in bumper.process.log
+
+
+def test_a_workers_number_is_written_after_the_connections_fields() -> None:
+    """`"worker": N` where it has always been, given to each line by its writer (no process-wide setting)."""
+    from bumper.proxy.records import json_line
+
+    assert json_line({"type": "x"}, '"client":"c"', {"z": 1}, 2) == '{"type":"x","client":"c","worker":2,"z":1}\n'
+    assert json_line({"type": "x"}, '"client":"c"', {"z": 1}) == '{"type":"x","client":"c","z":1}\n'

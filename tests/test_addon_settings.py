@@ -841,3 +841,22 @@ def test_an_addons_dir_that_is_not_a_directory(tmp_path: Path) -> None:
     (tmp_path / "file.py").write_text("")
     with pytest.raises(ConfigError, match="not a directory"):
         load_registry([tmp_path / "file.py"])
+
+
+def test_the_worker_number_is_filled_in_by_bumper_never_by_a_policy(tmp_path: Path) -> None:
+    """access_log's `"worker": N` (--workers) comes from the process that runs it, for --access-log
+    and a rule's access_log alike (the runner fills it in); a policy file cannot set it."""
+    from bumper.inspect.chain import AddonRunner
+    from bumper.proxy.eventlog import ConnectionLog
+    from bumper.proxy.state import ConnectionStates
+
+    errors = errors_of(tmp_path, "rules:\n  - action: bump\n    addons: [access_log: {worker: 3}]\n", load_registry())
+    assert errors == [
+        "3:27: rules[0].addons[0].access_log.worker: unknown setting (expected one of: path, log_secrets)"
+    ]
+    spec = AddonSpec("access_log", AccessLogSettings(path=str(tmp_path / "access.jsonl")))
+    lone, second = (
+        AddonRunner(load_registry(), ConnectionLog(ConnectionStates()), (), n)._instance(spec) for n in (None, 2)
+    )
+    assert lone.settings.worker is None and second.settings.worker == 2
+    assert spec.settings.worker is None  # the spec stays as the policy and the command line made it

@@ -5,6 +5,7 @@ overruns its time budget costs its own flow at most, never the proxy."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import time
@@ -15,7 +16,8 @@ from typing import Any
 
 from mitmproxy import http, tls
 
-from bumper.addon import CONNECTION, REFUSAL, Addon, Refusal, Refuse, refuse
+from bumper.addon import CONNECTION, REFUSAL, WORKER, Addon, Refusal, Refuse, refuse
+from bumper.policy.binder import FILLED_BY_BUMPER
 from bumper.policy.rules import Action, AddonSpec, OnError, Policy
 from bumper.proxy.eventlog import ConnectionLog
 from bumper.proxy.httpstream import EARLY
@@ -36,9 +38,14 @@ class AddonTimeout(Exception):
 
 class AddonRunner:
     def __init__(
-        self, registry: Mapping[str, type[Addon]], log: ConnectionLog, always: tuple[AddonSpec, ...] = ()
+        self,
+        registry: Mapping[str, type[Addon]],
+        log: ConnectionLog,
+        always: tuple[AddonSpec, ...] = (),
+        worker: int | None = None,
     ) -> None:
         self.registry = registry
+        self.worker = worker  # --workers: this process's number, for settings that ask (addon.worker_number)
         self.states = log.states
         self.always = always
         # One instance per addon and settings, shared by every rule and policy reload that names
@@ -57,13 +64,23 @@ class AddonRunner:
         addon = self._instances.get(spec.key)
         if addon is None:
             try:
-                addon = self.registry[spec.name](spec.settings)
+                addon = self.registry[spec.name](self._filled_in(spec.settings))
             except Exception as e:  # the addon's own constructor: its flows fail as its on_error says
                 log.error("addon %s cannot start: %s: %s", spec.name, type(e).__name__, e)
                 self.errors[spec.name, "__init__"] += 1
                 addon = _Broken(spec.name, e)
             self._instances[spec.key] = addon
         return addon
+
+    def _filled_in(self, settings: Any) -> Any:
+        """SETTINGS with what bumper fills in (addon.worker_number): the policy and --access-log
+        alike leave it to the process that runs the addon."""
+        if self.worker is None or not dataclasses.is_dataclass(settings) or isinstance(settings, type):
+            return settings
+        filled = {
+            f.name: self.worker for f in dataclasses.fields(settings) if f.metadata.get(FILLED_BY_BUMPER) == WORKER
+        }
+        return dataclasses.replace(settings, **filled) if filled else settings
 
     def _chain_of(self, state: ConnectionState | None) -> list[Bound]:
         decision = state.decision if state else None

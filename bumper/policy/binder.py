@@ -47,6 +47,11 @@ _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _PORTS = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 
 
+# A field's metadata key: bumper fills the field in itself (bumper.addon.worker_number), a policy
+# file cannot set it.
+FILLED_BY_BUMPER = "bumper.filled_in"
+
+
 _START = yaml.ScalarNode("tag:yaml.org,2002:null", "", start_mark=yaml.Mark("", 0, 0, 0, "", 0))
 
 
@@ -166,7 +171,7 @@ _FIELDS: dict[type[Any], tuple[dict[str, dataclasses.Field[Any]], dict[str, Any]
 
 def _fields(cls: type[Any]) -> tuple[dict[str, dataclasses.Field[Any]], dict[str, Any]]:
     if cls not in _FIELDS:
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.metadata.get(FILLED_BY_BUMPER)}
         _FIELDS[cls] = fields, typing.get_type_hints(cls, include_extras=True)
     return _FIELDS[cls]
 

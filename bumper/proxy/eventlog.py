@@ -100,12 +100,13 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, log_secrets: bool, worker: int | None = None) -> None:
         super().__init__()
         self.log_secrets = log_secrets
+        self.worker_number = worker
         self.worker = {} if worker is None else {"worker": worker}
 
     def format(self, record: logging.LogRecord) -> str:
         state = getattr(record, STATE, None)
         if isinstance(state, ConnectionState):
-            return connection_line(state, self.log_secrets).rstrip("\n")
+            return connection_line(state, self.log_secrets, self.worker_number).rstrip("\n")
         message = record.getMessage()
         if record.exc_info:
             message = f"{message}\n{self.formatException(record.exc_info)}"

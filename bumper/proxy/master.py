@@ -116,6 +116,7 @@ class ProxyConfig:
     # one of this process's own.
     ticket_secret: SecretHandover | None = None
     pins_db: Path | None = None  # --workers: learned pinning shared by the workers (SharedLearnedPins)
+    worker: int | None = None  # --workers: this worker's number, for the addons' settings that ask (worker_number)
 
 
 def access_log(addons: Mapping[str, type[Addon]], path: str, log_secrets: bool = False) -> tuple[AddonSpec, ...]:
@@ -162,7 +163,7 @@ def build_master(config: ProxyConfig, authority: ca_files.CertificateAuthority) 
     source = PolicySource(config.policy, config.policy_path, config.addons)
     pins = PinLearner(SharedLearnedPins(config.pins_db) if config.pins_db else LearnedPins(), states)
     connection_log.on_end.append(pins.connection_ended)
-    runner = AddonRunner(config.addons, connection_log, config.always)
+    runner = AddonRunner(config.addons, connection_log, config.always, config.worker)
     source.on_reload.append(runner.policy_reloaded)
     lightlayers.install()  # before the first connection's layers
     headerlookup.install()

@@ -21,7 +21,7 @@ from bumper.policy import redact
 from bumper.proxy.state import ConnectionState
 
 
-def connection_line(conn: ConnectionState, log_secrets: bool = False) -> str:
+def connection_line(conn: ConnectionState, log_secrets: bool = False, worker: int | None = None) -> str:
     client = conn.conn
     head = {"type": "connection", "time": iso(client.timestamp_start), "id": client.id}
     tail = {
@@ -30,7 +30,7 @@ def connection_line(conn: ConnectionState, log_secrets: bool = False) -> str:
         "duration_ms": ms(client.timestamp_start, client.timestamp_end or time.time()),
         "outcome": free_text(log_secrets)(conn.outcome()),  # an error may quote the request
     }
-    return json_line(head, connection_json(conn, client, conn.server), tail)
+    return json_line(head, connection_json(conn, client, conn.server), tail, worker)
 
 
 def free_text(log_secrets: bool) -> Callable[[str], str]:
@@ -38,21 +38,12 @@ def free_text(log_secrets: bool) -> Callable[[str], str]:
     return str if log_secrets else redact.text
 
 
-def json_line(head: dict[str, Any], connection_fields: str, tail: dict[str, Any]) -> str:
-    """One JSON object: HEAD's fields, the connection's (already JSON, without braces), the worker's
-    number under --workers, TAIL's."""
-    return f"{_json(head)[:-1]},{connection_fields}{_worker_member},{_json(tail)[1:]}\n"
-
-
-# `"worker": N` in every record of a worker process (--workers, bumper.proxy.workers), so that one
-# access log written by several processes still says which served what; nothing in a lone process.
-# A process-wide fact, as the log's formatter is: set once, before the first connection.
-_worker_member = ""
-
-
-def set_worker(worker: int) -> None:
-    global _worker_member
-    _worker_member = f',"worker":{worker}'
+def json_line(head: dict[str, Any], connection_fields: str, tail: dict[str, Any], worker: int | None = None) -> str:
+    """One JSON object: HEAD's fields, the connection's (already JSON, without braces), WORKER's
+    number (a worker process's, --workers: so that one access log written by several processes still
+    says which served what; nothing in a lone process), TAIL's."""
+    worker_member = "" if worker is None else f',"worker":{worker}'
+    return f"{_json(head)[:-1]},{connection_fields}{worker_member},{_json(tail)[1:]}\n"
 
 
 _json = json.JSONEncoder(separators=(",", ":")).encode

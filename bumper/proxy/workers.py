@@ -145,6 +145,7 @@ def worker_config(config: ProxyConfig, setup: WorkerSetup) -> ProxyConfig:
         ticket_secret=setup.ticket_secret,
         admin=admin,
         pins_db=Path(setup.pins_db),
+        worker=setup.worker,
     )
 
 
