@@ -608,3 +608,38 @@ def test_a_workers_number_is_written_after_the_connections_fields() -> None:
 
     assert json_line({"type": "x"}, '"client":"c"', {"z": 1}, 2) == '{"type":"x","client":"c","worker":2,"z":1}\n'
     assert json_line({"type": "x"}, '"client":"c"', {"z": 1}) == '{"type":"x","client":"c","z":1}\n'
+
+
+def test_a_half_line_that_cannot_be_cut_back_is_ended_before_the_next_line(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a full disk took the beginning of a line and the file cannot be cut back to the last whole
+    line (another worker appended since, or stdout is a terminal: here ftruncate refuses), the next
+    write starts with a newline: the half line stands alone, and no line is glued onto it."""
+    import asyncio
+
+    from bumper_addons import access_log
+
+    filler = small_disk / "filler"
+    filler.write_bytes(b"x" * 60 * 1024)
+    path = small_disk / "access.jsonl"
+    log = access_log.AccessLog(access_log.AccessLogSettings(path=str(path)))
+
+    def refused(fd: int, length: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(access_log.os, "ftruncate", refused)
+
+    async def write(lines: list[str]) -> None:
+        for line in lines:
+            log._write(line)
+        log._flushed()
+
+    asyncio.run(write([json.dumps({"n": n, "pad": "y" * 1500}) + "\n" for n in range(10)]))
+    lines = path.read_text().split("\n")
+    assert [json.loads(line)["n"] for line in lines[:-1]] == [0, 1] and lines[-1].startswith('{"n": 2')  # the half
+    filler.unlink()
+    asyncio.run(write([json.dumps({"n": "after"}) + "\n"]))
+    lines = path.read_text().split("\n")
+    assert lines[2].startswith('{"n": 2') and json.loads(lines[3]) == {"n": "after"} and lines[4:] == [""]
+    log.done()
