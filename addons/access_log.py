@@ -108,13 +108,16 @@ class AccessLog(Addon):
 
     def reopen(self) -> None:
         """SIGUSR1, after logrotate moved the file: the next line starts a new one."""
-        self.done()
+        self._close()
 
     def done(self) -> None:
-        self._flushed()
-        if self._lost:
+        self._close()
+        if self._lost:  # the summary that a write working again would have written
             log.warning("access log: %d lines lost (%s) as bumper stopped", self._lost, self._lost_error)
             self._lost = 0
+
+    def _close(self) -> None:
+        self._flushed()
         if self._fd is not None and self._fd != sys.stdout.fileno():
             try:
                 os.close(self._fd)
@@ -205,7 +208,10 @@ class AccessLog(Addon):
         else:
             # URLs and client addresses are personal data: readable by the proxy's user only.
             fd = os.open(self.settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._pipe = not stat.S_ISREG(os.fstat(fd).st_mode)
+        status = os.fstat(fd)
+        self._pipe = not stat.S_ISREG(status.st_mode)
+        # A new, empty file (logrotate moved the old one) has no half line to end.
+        self._half_line &= self._pipe or status.st_size > 0
         return fd
 
 
