@@ -161,3 +161,73 @@ def test_sync_hooks_hands_a_waiting_hook_to_mitmproxy_and_resumes_the_layer_belo
         assert messages(list(top.handle_event(events.HookCompleted(hook)))) == ["hook complete"]
 
     run(go())
+
+
+class AsksInPlace(AsksOnce):
+    """AsksOnce, its hooks run where it raises them (as bumper's HttpStream runs a request's)."""
+
+    def __init__(self, ctx: context.Context, addons: dispatch.AddonManager) -> None:
+        super().__init__(ctx)
+        self.addons = addons
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        return (yield from dispatch.in_place(super()._handle_event(event), self.addons))
+
+
+class Wraps(layer.Layer):
+    """A layer that passes its child's commands up with in_place, as a CONNECT's stream passes its
+    tunnel's."""
+
+    def __init__(self, ctx: context.Context, child: layer.Layer, addons: dispatch.AddonManager) -> None:
+        super().__init__(ctx)
+        self.child, self.addons = child, addons
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        return (yield from dispatch.in_place(self.child.handle_event(event), self.addons))
+
+
+def test_in_place_answers_a_layers_own_hook_without_the_hook_leaving_the_layer() -> None:
+    async def go() -> None:
+        seen: list[str] = []
+        ctx = context.Context(tflow.tclient_conn(), options.Options())
+        out = list(AsksInPlace(ctx, manager(Recorder(seen, "a"))).handle_event(events.Start()))
+        assert seen == ["a"]
+        assert messages(out) == ["hook complete"]
+        assert not any(isinstance(c, commands.StartHook) for c in out)
+
+    run(go())
+
+
+def test_in_place_sends_a_waiting_hook_up_as_a_rest_the_layer_itself_waits_for() -> None:
+    async def go() -> None:
+        seen: list[str] = []
+        addons = manager(Recorder(seen, "a", "async"), Recorder(seen, "b"))
+        ctx = context.Context(tflow.tclient_conn(), options.Options())
+        asks = AsksInPlace(ctx, addons)
+        top = dispatch.SyncHooks(ctx, asks, addons)
+        out = list(top.handle_event(events.Start()))
+        deferred = [c for c in out if isinstance(c, commands.StartHook)]
+        assert len(deferred) == 1 and messages(out) == []
+        assert deferred[0].blocking is asks  # SyncHooks passed it on untouched
+        (rest,) = deferred[0].args()
+        await rest
+        assert seen == ["a", "b"]
+        assert messages(list(top.handle_event(events.HookCompleted(deferred[0])))) == ["hook complete"]
+
+    run(go())
+
+
+def test_in_place_leaves_the_hook_of_a_layer_below_to_sync_hooks() -> None:
+    """The layer below waits for its hook's completion as an event: answered in place, it would
+    never come."""
+
+    async def go() -> None:
+        seen: list[str] = []
+        addons = manager(Recorder(seen, "a"))
+        ctx = context.Context(tflow.tclient_conn(), options.Options())
+        top = dispatch.SyncHooks(ctx, Wraps(ctx, AsksOnce(ctx), addons), addons)
+        out = list(top.handle_event(events.Start()))
+        assert seen == ["a"]
+        assert messages(out) == ["hook complete"]
+
+    run(go())

@@ -41,6 +41,7 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layers.http.HttpStream.start_response_stream": ("b0de9e9a5ee27276", "overridden"),
     "mitmproxy.proxy.layers.http.HttpStream.state_stream_response_body": ("3fb6320300d3ddd5", "overridden, copied"),
     "mitmproxy.proxy.layers.http.HttpStream.handle_protocol_error": ("59fc3b2eeeabf63a", "overridden"),
+    "mitmproxy.proxy.layers.http.HttpStream._handle_event": ("e3cbfef7310ae81f", "wrapped: its hooks run in place"),
     "mitmproxy.proxy.layers.http.HttpStream.send_response": ("d581bc106152e369", "called mid-state"),
     "mitmproxy.proxy.layers.http.HttpStream.flow_done": ("ad9969744785c572", "called"),
     "mitmproxy.proxy.layers.http.HttpLayer.make_stream": ("654959c6e74548e1", "overridden, copied"),
@@ -141,7 +142,10 @@ PINNED: dict[str, tuple[str, str]] = {
         "02de05a5b89f087b",
         "our_stream_id, their_stream_id, stream_queue read",
     ),
-    "mitmproxy.proxy.layer.Layer.handle_event": ("fd88b0fb09ceddbb", "its _paused_event_queue read, a LazyQueue"),
+    "mitmproxy.proxy.layer.Layer.handle_event": (
+        "fd88b0fb09ceddbb",
+        "its _paused_event_queue read, a LazyQueue; a blocking command names the layer that waits (dispatch.in_place)",
+    ),
     "mitmproxy.proxy.server.ConnectionHandler.handle_connection": (
         "95c3f93e9824e527",
         "reads through the transport bumper pauses; cancelled when idle: CLOSED, popped",

@@ -137,13 +137,44 @@ def _halts(e: Exception) -> bool:
 @dataclass
 class _Rest(commands.StartHook):
     """The part of a hook that has to wait (an async handler, an intercepted flow), handed to
-    mitmproxy's connection handler to run in a task like any hook; its completion is the hook's."""
+    mitmproxy's connection handler to run in a task like any hook. Its completion is HOOK's when
+    SyncHooks made it for a layer below that waits for HOOK; without a HOOK, the layer that yielded
+    it waits for this command itself (in_place)."""
 
     rest: Awaitable[None]
     name = "bumper_hook_rest"
 
     def __post_init__(self) -> None:
         self.hook: commands.StartHook | None = None
+
+
+def in_place(produced: layer.CommandGenerator[None], dispatcher: AddonManager) -> layer.CommandGenerator[None]:
+    """PRODUCED, a layer's commands, with its hooks run on the spot: a hook whose handlers are all done
+    is answered at once, never leaving the layer, and one that has to wait leaves as a _Rest the layer
+    waits for. SyncHooks at the root runs the same hooks the same way, but a hook that reaches it has
+    climbed every layer between, and its completion comes back down through them all: for an HTTP
+    request's four hooks (requestheaders, request, responseheaders, response) inside a bumped CONNECT
+    tunnel, eight trips through about ten layers. Run where the request's stream raises them, they
+    cut the Python calls per keep-alive request by 14% (cProfile, bench workload 2, c=10: 2,786 to
+    2,404)."""
+    reply = None
+    while True:
+        try:
+            command = produced.send(reply)
+        except StopIteration:
+            return
+        reply = None
+        # A hook of a layer below (a CONNECT stream's tunnel) names that layer as blocking: SyncHooks' to run.
+        if (
+            isinstance(command, commands.StartHook)
+            and not isinstance(command, _Rest)
+            and not isinstance(command.blocking, layer.Layer)
+        ):
+            rest = dispatcher.start_hook(command)
+            if rest is None:
+                continue  # done: a hook's reply is None
+            command = _Rest(rest)
+        reply = yield command
 
 
 class SyncHooks(layer.Layer):
@@ -160,13 +191,12 @@ class SyncHooks(layer.Layer):
         self.dispatcher = dispatcher
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.HookCompleted) and isinstance(event.command, _Rest):
-            assert event.command.hook is not None
+        if isinstance(event, events.HookCompleted) and isinstance(event.command, _Rest) and event.command.hook:
             event = events.HookCompleted(event.command.hook)
         queue = collections.deque([event])
         while queue:
             for command in self.child.handle_event(queue.popleft()):
-                if not isinstance(command, commands.StartHook):
+                if not isinstance(command, commands.StartHook) or isinstance(command, _Rest):  # _Rest: in_place's
                     yield command
                     continue
                 rest = self.dispatcher.start_hook(command)

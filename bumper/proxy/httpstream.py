@@ -57,6 +57,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.utils import human
 
 from bumper.proxy import replies
+from bumper.proxy.dispatch import AddonManager, in_place
 from bumper.proxy.h2flow import CreditCarrier, FlowControlled, Reading, credit_events, overfull_sources
 from bumper.proxy.limits import Limits, timed_out, too_many
 
@@ -147,6 +148,13 @@ def for_the_proxy(request: http.Request) -> str:
 class HttpStream(http_layers.HttpStream):
     # The client has this stream's response headers: from then on an error can only cut it off.
     client_has_response = False
+
+    def __init__(self, context: Context, stream_id: int, hooks: AddonManager) -> None:
+        super().__init__(context, stream_id)
+        self.hooks = hooks
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        return (yield from in_place(super()._handle_event(event), self.hooks))
 
     def handle_connect_regular(self) -> layer.CommandGenerator[None]:
         # bumper runs mitmproxy with the `lazy` connection strategy (a transparent or SNI listener's
@@ -552,11 +560,13 @@ class HttpLayer(CreditCarrier, layers.HttpLayer):
         context: Context,
         mode: http_layers.HTTPMode,
         limits: Limits,
+        hooks: AddonManager,
         admin: tuple[str, int] | None = None,
         reading: Reading | None = None,
     ) -> None:
         super().__init__(context, mode)
         self.limits = limits
+        self.hooks = hooks  # run where each request's stream raises them (dispatch.in_place)
         self.admin = admin  # the admin listener's address (--admin), which a request for the proxy is told
         self.reading = reading  # HTTP/1 connections paused while an HTTP/2 leg's buffer is full (h2flow)
         self.paused: set[Connection] = set()
@@ -635,5 +645,5 @@ class HttpLayer(CreditCarrier, layers.HttpLayer):
         # and this runs once per request.
         ctx = copy.copy(self.context)
         ctx.layers = self.context.layers.copy()
-        self.streams[stream_id] = HttpStream(ctx, stream_id)
+        self.streams[stream_id] = HttpStream(ctx, stream_id, self.hooks)
         yield from self.event_to_child(self.streams[stream_id], events.Start())

@@ -178,11 +178,15 @@ class NextLayer:
                 nextlayer.layer = SyncHooks(context, top, self.dispatcher)
         elif isinstance(parent, RelayTLSLayer):
             # Inside the relay's own TLS: the explicit proxy's requests, CONNECT and plain http://.
-            nextlayer.layer = HttpLayer(context, HTTPMode.regular, self.limits, self.admin, self.reading)
+            nextlayer.layer = HttpLayer(
+                context, HTTPMode.regular, self.limits, self.dispatcher, self.admin, self.reading
+            )
         elif isinstance(parent, layers.ClientTLSLayer) or isinstance(first, modes.ReverseProxy):
             # Decrypted (HTTP/1.1 or h2 by ALPN, HTTP/1.1 when the client offered none), or a reverse
             # listener's plain HTTP above the upstream's TLS.
-            nextlayer.layer = HttpLayer(context, HTTPMode.transparent, self.limits, reading=self.reading)
+            nextlayer.layer = HttpLayer(
+                context, HTTPMode.transparent, self.limits, self.dispatcher, reading=self.reading
+            )
         else:  # a CONNECT tunnel's
             nextlayer.layer = self._inside_tunnel(context, data)
 
@@ -220,7 +224,7 @@ class NextLayer:
         below: layer.Layer = (
             ClientTLSLayer(context, self.limits)
             if starts_like_tls_record(data)
-            else HttpLayer(context, HTTPMode.transparent, self.limits, reading=self.reading)
+            else HttpLayer(context, HTTPMode.transparent, self.limits, self.dispatcher, reading=self.reading)
         )
         if server_tls is None:
             return below
@@ -233,7 +237,7 @@ class NextLayer:
         if starts_like_tls_record(data):
             # A client configured with https:// for the proxy itself; it would wait forever.
             return Refuse(context, "not HTTP: the client opened TLS to the proxy port (use http:// for the proxy)")
-        return HttpLayer(context, HTTPMode.regular, self.limits, self.admin, self.reading)
+        return HttpLayer(context, HTTPMode.regular, self.limits, self.dispatcher, self.admin, self.reading)
 
     def _redirected(self, context: Context, data: bytes) -> layer.Layer | None:
         """A connection the kernel redirected to a transparent listener, to its original destination
@@ -242,7 +246,7 @@ class NextLayer:
             return None
         if starts_like_tls_record(data):
             return self._tls(context)
-        return HttpLayer(context, HTTPMode.transparent, self.limits, reading=self.reading)
+        return HttpLayer(context, HTTPMode.transparent, self.limits, self.dispatcher, reading=self.reading)
 
     def _sni_gateway(self, context: Context, data: bytes, port: int) -> layer.Layer | None:
         """TLS sent straight to bumper: the ClientHello's SNI is the destination, on PORT, which
