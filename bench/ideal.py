@@ -18,7 +18,7 @@ must do. --mode bare relays the heads as they came, framed by a scan of their fi
 
 What it does not do: mint (the client leg presents --cert, the origin's own leaf: the client trusts the
 origin's root, so this is a mimic-cache hit at no cost at all), policy, hooks, addons, logging, streaming
-(bodies are held whole, up to --max-body), chunked or close-delimited bodies, 1xx responses, upgrades,
+(bodies are held whole, up to Limits.max_body), chunked or close-delimited bodies, 1xx responses, upgrades,
 pipelining (one request in flight; what comes early waits), HTTP/2, plain http, reconnecting an upstream
 that closed. What it does not handle it refuses: the connection is closed (one line on stderr), never left
 hanging. Every buffer has a byte limit and every wait a deadline, checked once a second.
@@ -38,7 +38,7 @@ from mitmproxy import certs, connection, http
 from mitmproxy.net.http import http1
 from OpenSSL import SSL
 
-from bumper.proxy import headerlookup
+from bumper.proxy import headerlookup, httpstream
 from bumper.proxy.tlsprovider import CLIENT_CIPHERS
 from bumper.upstream.sessions import UpstreamSessions
 from bumper.upstream.tls import UPSTREAM_CIPHERS, expect_hostname
@@ -80,6 +80,17 @@ class Framing:
 # --- framing: the fields a relay must read, in either mode ------------------------------------------
 
 
+def head_of(buf: bytearray, max_head: int, what: str) -> bytes | None:
+    """The head at the start of BUF, its blank line included; None while it is incomplete. Refused over MAX_HEAD
+    bytes (searched only that far: a body behind the head is not scanned)."""
+    end = buf.find(END, 0, max_head)
+    if end >= 0:
+        return bytes(buf[: end + len(END)])
+    if len(buf) >= max_head:
+        raise Refused(f"{what} over {max_head} bytes")
+    return None
+
+
 def scan_fields(head: bytes) -> tuple[bytes, int, bool]:
     """HEAD's start line, its Content-Length (0 without), and whether it says Connection: close or is not
     HTTP/1.1. Refused for what the relay does not handle: Transfer-Encoding, conflicting lengths, a field
@@ -104,6 +115,8 @@ def scan_fields(head: bytes) -> tuple[bytes, int, bool]:
             raise Refused("a Transfer-Encoding body (chunked): not handled")
         elif name == b"connection":
             tokens = [t.strip().lower() for t in value.split(b",")]
+            if b"upgrade" in tokens:
+                raise Refused("an upgrade (WebSocket, h2c): not handled")
             close = b"close" in tokens or (close and b"keep-alive" not in tokens)
     return start, length, close
 
@@ -147,6 +160,10 @@ class Parsed:
             raise Refused(f"bad request head: {e}") from None
         if length is None or length < 0 or request.method not in ("GET", "POST", "PUT"):
             raise Refused(f"a request it does not relay: {request.method} with body size {length}")
+        if "upgrade" in request.headers:
+            raise Refused("an upgrade (WebSocket, h2c): not handled")
+        if why := httpstream.ambiguous(request):  # bumper's smuggling check, run on every HTTP/1 request
+            raise Refused(f"ambiguous request: {why}")
         self.flow = http.HTTPFlow(self.client, self.server)
         self.flow.request = request
         return Framing(length, bool(http1.connection_close(request.http_version, request.headers)))
@@ -392,6 +409,7 @@ class Relay(asyncio.Protocol):
         self.deadline = time.monotonic() + self.limits.idle_timeout
         self.in_flight: Framing | None = None  # the request sent upstream, awaiting its response
         self.parsed: Parsed | None = None  # --mode parse
+        self.opening: asyncio.Task[None] | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -416,12 +434,10 @@ class Relay(asyncio.Protocol):
 
     def _connect_head(self, data: bytes) -> None:
         self.buf += data
-        end = self.buf.find(END)
-        if end < 0:
-            if len(self.buf) > self.limits.max_head:
-                raise Refused("CONNECT head over the head limit")
+        head = head_of(self.buf, self.limits.max_head, "CONNECT head")
+        if head is None:
             return
-        head, rest = bytes(self.buf[: end + len(END)]), self.buf[end + len(END) :]
+        rest = self.buf[len(head) :]
         self.buf = bytearray()
         self.early += rest
         parts = head.split(b"\r\n", 1)[0].split(b" ")
@@ -433,13 +449,14 @@ class Relay(asyncio.Protocol):
         self.state = "upstream"
         self.waiting = f"for the upstream {host}:{port}"
         self.deadline = time.monotonic() + self.limits.upstream_timeout
-        asyncio.get_running_loop().create_task(self._open_upstream(host.strip("[]"), int(port)))
+        # Held: the loop keeps only a weak reference to a task.
+        self.opening = asyncio.get_running_loop().create_task(self._open_upstream(host.strip("[]"), int(port)))
 
     async def _open_upstream(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         try:
             await loop.create_connection(lambda: Upstream(self, host, port), self.ideal.settings.resolve, port)
-        except OSError as e:
+        except (OSError, ValueError, SSL.Error) as e:  # ValueError: a name that is no host name (expect_hostname)
             self.refuse(f"cannot connect to {host}:{port}: {e}")
 
     def upstream_ready(self) -> None:
@@ -493,12 +510,9 @@ class Relay(asyncio.Protocol):
     def _relay_request(self) -> None:
         """The next whole request in self.buf, if there is one, to the upstream."""
         buf = self.buf
-        end = buf.find(END)
-        if end < 0:
-            if len(buf) > self.limits.max_head:
-                raise Refused("request head over the head limit")
+        head = head_of(buf, self.limits.max_head, "request head")
+        if head is None:
             return
-        head = bytes(buf[: end + len(END)])
         parsed = self.parsed
         framing = parsed.request(head) if parsed is not None else bare_request(head)
         if framing.length > self.limits.max_body:
@@ -531,12 +545,9 @@ class Relay(asyncio.Protocol):
 
     def _relay_response(self) -> None:
         buf = self.ubuf
-        end = buf.find(END)
-        if end < 0:
-            if len(buf) > self.limits.max_head:
-                raise Refused("response head over the head limit")
+        head = head_of(buf, self.limits.max_head, "response head")
+        if head is None:
             return
-        head = bytes(buf[: end + len(END)])
         parsed = self.parsed
         framing = parsed.response(head) if parsed is not None else bare_response(head)
         if framing.length > self.limits.max_body:
