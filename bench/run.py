@@ -724,8 +724,7 @@ def start_contender(
         ]  # fmt: skip
         proc = Proc(name, argv, PROXY_CPU, work, cwd=work)  # not a checkout: see _BUILD_INFO
         port = int(proc.wait_for_line(r"ideal: listening on 127\.0\.0\.1:(\d+)").group(1))
-        cafile, access_log = origin.root, None
-        notes = [IDEAL_NOTE]
+        cafile, access_log, notes = origin.root, None, []
     else:
         raise ValueError(name)
     try:
@@ -1610,6 +1609,8 @@ def main() -> int:
         if why:
             wanted.remove("squid")
             notes.append(f"squid skipped: {why}")
+    if any(name in IDEAL for name in wanted):
+        notes.append(IDEAL_NOTE)
     build_loadgen()
     quiet = wait_quiet(args.wait_quiet)
     env["busy_before_run_pct"] = quiet
