@@ -31,6 +31,7 @@ import asyncio
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,15 @@ class Framing:
 
     length: int
     close: bool
+
+
+@dataclass(frozen=True)
+class Message:
+    """A whole request or response, as it came."""
+
+    head: bytes
+    body: bytes
+    framing: Framing
 
 
 # --- framing: the fields a relay must read, in either mode ------------------------------------------
@@ -213,15 +223,22 @@ class Settings:
     limits: Limits
 
 
-def client_context(settings: Settings) -> SSL.Context:
-    """The client leg as bumper's (bumper/proxy/tlsprovider.py client_context): TLS 1.2-1.3, the same suites and
-    options; session tickets on (OpenSSL's default), so a resuming client resumes."""
-    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+def _context(method: int, ciphers: str) -> SSL.Context:
+    """A leg as bumper sets both up by default: TLS 1.2-1.3, CIPHERS, no compression or renegotiation, no record
+    buffers kept while idle."""
+    context = SSL.Context(method)
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_max_proto_version(SSL.TLS1_3_VERSION)
-    context.set_cipher_list(CLIENT_CIPHERS.encode())
+    context.set_cipher_list(ciphers.encode())
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    return context
+
+
+def client_context(settings: Settings) -> SSL.Context:
+    """The client leg as bumper's (bumper/proxy/tlsprovider.py client_context), serving --cert; session tickets on
+    (OpenSSL's default), so a resuming client resumes."""
+    context = _context(SSL.TLS_SERVER_METHOD, CLIENT_CIPHERS)
     context.use_certificate_chain_file(str(settings.cert))
     context.use_privatekey_file(str(settings.key))
     context.check_privatekey()
@@ -232,12 +249,7 @@ def upstream_context(settings: Settings) -> SSL.Context:
     """The upstream leg as bumper's (bumper/upstream/tls.py upstream_context), except that a verification
     error fails the handshake at once (bumper records it and decides after) and the only roots are
     --upstream-ca."""
-    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
-    context.set_max_proto_version(SSL.TLS1_3_VERSION)
-    context.set_cipher_list(UPSTREAM_CIPHERS.encode())
-    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    context = _context(SSL.TLS_CLIENT_METHOD, UPSTREAM_CIPHERS)
     context.set_verify(SSL.VERIFY_PEER)
     context.load_verify_locations(str(settings.upstream_ca))
     return context
@@ -446,9 +458,7 @@ class Relay(asyncio.Protocol):
         host, colon, port = parts[1].decode("ascii", "replace").rpartition(":")
         if not colon or not port.isdigit() or not host:
             raise Refused(f"CONNECT to {parts[1][:80]!r}")
-        self.state = "upstream"
-        self.waiting = f"for the upstream {host}:{port}"
-        self.deadline = time.monotonic() + self.limits.upstream_timeout
+        self._await("upstream", f"for the upstream {host}:{port}", self.limits.upstream_timeout)
         # Held: the loop keeps only a weak reference to a task.
         self.opening = asyncio.get_running_loop().create_task(self._open_upstream(host.strip("[]"), int(port)))
 
@@ -478,9 +488,7 @@ class Relay(asyncio.Protocol):
         conn = SSL.Connection(self.ideal.client_ctx)
         conn.set_accept_state()
         self.leg = Leg(conn)
-        self.state = "handshake"
-        self.waiting = "for the client's TLS handshake"
-        self.deadline = time.monotonic() + self.limits.handshake_timeout
+        self._await("handshake", "for the client's TLS handshake", self.limits.handshake_timeout)
         self.transport.write(ESTABLISHED)
         if self.early:
             early, self.early = bytes(self.early), bytearray()
@@ -495,9 +503,7 @@ class Relay(asyncio.Protocol):
         if out := self.leg.outgoing():
             self.transport.write(out)
         if self.state == "handshake" and self.leg.established:
-            self.state = "request"
-            self.waiting = "for a request"
-            self.deadline = time.monotonic() + self.limits.idle_timeout
+            self._await("request", "for a request", self.limits.idle_timeout)
         if plain:
             self.buf += plain
             if len(self.buf) > self.limits.max_head + self.limits.max_body:
@@ -507,31 +513,42 @@ class Relay(asyncio.Protocol):
         if self.leg.peer_closed:
             self.close()
 
-    def _relay_request(self) -> None:
-        """The next whole request in self.buf, if there is one, to the upstream."""
-        buf = self.buf
-        head = head_of(buf, self.limits.max_head, "request head")
+    def _await(self, state: str, waiting: str, timeout: float) -> None:
+        """Now in STATE, waiting (as a timeout's log line says) for WAITING, at most TIMEOUT seconds."""
+        self.state = state
+        self.waiting = waiting
+        self.deadline = time.monotonic() + timeout
+
+    def _take_message(self, buf: bytearray, what: str, frame: Callable[[bytes], Framing]) -> Message | None:
+        """The whole message (WHAT: request or response) at the start of BUF, taken out of it; None while it is
+        incomplete. FRAME reads its head."""
+        head = head_of(buf, self.limits.max_head, f"{what} head")
         if head is None:
-            return
-        parsed = self.parsed
-        framing = parsed.request(head) if parsed is not None else bare_request(head)
+            return None
+        framing = frame(head)
         if framing.length > self.limits.max_body:
-            raise Refused(f"request body of {framing.length} bytes over the body limit")
+            raise Refused(f"{what} body of {framing.length} bytes over the body limit")
         stop = len(head) + framing.length
         if len(buf) < stop:
-            return
+            return None
         body = bytes(buf[len(head) : stop])
         del buf[:stop]
+        return Message(head, body, framing)
+
+    def _relay_request(self) -> None:
+        """The next whole request in self.buf, if there is one, to the upstream."""
+        parsed = self.parsed
+        request = self._take_message(self.buf, "request", parsed.request if parsed is not None else bare_request)
+        if request is None:
+            return
         upstream = self.upstream
         if upstream is None or upstream.transport is None or upstream.leg.peer_closed:
             raise Refused("a request after the upstream closed (no reconnect here)")
-        message = parsed.request_bytes(body) if parsed is not None else head + body
+        message = parsed.request_bytes(request.body) if parsed is not None else request.head + request.body
         upstream.leg.conn.sendall(message)
         upstream.transport.write(upstream.leg.outgoing())
-        self.in_flight = framing
-        self.state = "response"
-        self.waiting = "for the upstream's response"
-        self.deadline = time.monotonic() + self.limits.response_timeout
+        self.in_flight = request.framing
+        self._await("response", "for the upstream's response", self.limits.response_timeout)
 
     # -- the upstream's bytes
 
@@ -544,32 +561,22 @@ class Relay(asyncio.Protocol):
         self._relay_response()
 
     def _relay_response(self) -> None:
-        buf = self.ubuf
-        head = head_of(buf, self.limits.max_head, "response head")
-        if head is None:
-            return
         parsed = self.parsed
-        framing = parsed.response(head) if parsed is not None else bare_response(head)
-        if framing.length > self.limits.max_body:
-            raise Refused(f"response body of {framing.length} bytes over the body limit")
-        stop = len(head) + framing.length
-        if len(buf) < stop:
+        response = self._take_message(self.ubuf, "response", parsed.response if parsed is not None else bare_response)
+        if response is None:
             return
-        if len(buf) > stop:
+        if self.ubuf:
             raise Refused("upstream data after its response")
-        body = bytes(buf[len(head) : stop])
-        buf.clear()
         assert self.leg is not None and self.transport is not None and self.upstream is not None
         self.upstream.response_done()
-        self.leg.conn.sendall(parsed.response_bytes(body) if parsed is not None else head + body)
+        message = parsed.response_bytes(response.body) if parsed is not None else response.head + response.body
+        self.leg.conn.sendall(message)
         self.transport.write(self.leg.outgoing())
         request, self.in_flight = self.in_flight, None
-        if framing.close or (request is not None and request.close):
+        if response.framing.close or (request is not None and request.close):
             self.close()
             return
-        self.state = "request"
-        self.waiting = "for a request"
-        self.deadline = time.monotonic() + self.limits.idle_timeout
+        self._await("request", "for a request", self.limits.idle_timeout)
         if self.buf:
             self._relay_request()
 
