@@ -19,7 +19,7 @@ must do. --mode bare relays the heads as they came, framed by a scan of their fi
 What it does not do: mint (the client leg presents --cert, the origin's own leaf: the client trusts the
 origin's root, so this is a mimic-cache hit at no cost at all), policy, hooks, addons, logging, streaming
 (bodies are held whole, up to Limits.max_body), chunked or close-delimited bodies, 1xx responses, upgrades,
-pipelining (one request in flight; what comes early waits), HTTP/2, plain http, reconnecting an upstream
+more than one request in flight (a pipelined request waits its turn), HTTP/2, plain http, reconnecting an upstream
 that closed. What it does not handle it refuses: the connection is closed (one line on stderr), never left
 hanging. Every buffer has a byte limit and every wait a deadline, checked once a second.
 """
@@ -102,7 +102,7 @@ def head_of(buf: bytearray, max_head: int, what: str) -> bytes | None:
 
 
 def scan_fields(head: bytes) -> tuple[bytes, int, bool]:
-    """HEAD's start line, its Content-Length (0 without), and whether it says Connection: close or is not
+    """HEAD's start line, its Content-Length (-1 without), and whether it says Connection: close or is not
     HTTP/1.1. Refused for what the relay does not handle: Transfer-Encoding, conflicting lengths, a field
     that could be read two ways (whitespace before the colon, obs-fold)."""
     if head.count(b"\n") != head.count(b"\r\n"):
@@ -662,6 +662,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("bare", "parse"), default="parse")
     args = p.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        p.error(f"--listen {args.listen!r}: HOST:PORT")  # exits 2
+    for option, path in (("--cert", args.cert), ("--key", args.key), ("--upstream-ca", args.upstream_ca)):
+        if not path.is_file():
+            p.error(f"{option} {path}: no such file")
     settings = Settings(
         host, int(port), args.cert, args.key, args.upstream_ca, args.resolve, args.mode == "parse", Limits()
     )
