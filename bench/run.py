@@ -32,6 +32,11 @@ bumper-w2 is bumper with --workers 2, and bumper-w1 the same build with one work
 and so is the load generator (nginx stays on CPU 1): the scaling table under the main one gives
 bumper-w2/bumper-w1 (issue 19's target: >= 1.6x) and bumper-w2/bumper (bumper: one worker on a core of its own).
 
+ideal and ideal-bare are bench/ideal.py (--mode parse and --mode bare): the ideal bumping relay, a bound on what a
+Python data path for bumped HTTP/1.1 could do, not a proxy. On the proxy's CPU, workloads 1, 1r and 2 only; they
+present the origin's own leaf (the client trusts the origin's root). The ceiling table under the main one gives
+their requests per proxy CPU-second over mitmproxy's and bumper's.
+
 Each contender is started fresh for each group of workloads and each repetition (in an order rotated
 per repetition) and stopped by its own PID (SIGTERM, then SIGKILL), also on Ctrl-C and on errors.
 Prints a markdown table and writes bench/results/run-<UTC timestamp>.json and .md.
@@ -76,16 +81,27 @@ BASELINE = "bumper-before"  # the bumper build of --baseline VENV
 ADMIN = "bumper-admin"  # bumper with --admin, /metrics scraped once a second
 WORKERS = "bumper-w2"  # bumper --workers 2, on both CPUs, the load generator on both too
 SPREAD = "bumper-w1"  # bumper with one worker placed as bumper-w2 is: the scaling ratio's fair denominator
-CONTENDERS = ("direct", "mitmproxy", "bumper", SPREAD, WORKERS, ADMIN, BASELINE, "squid")
-# Asked for by name only: each is the same proxy as bumper but for one thing, compared with bumper.
-OPT_IN = (ADMIN, BASELINE, SPREAD, WORKERS)
+# bench/ideal.py, the ideal bumping relay (a bound, not a proxy), by contender: its --mode.
+IDEAL = {"ideal": "parse", "ideal-bare": "bare"}
+CONTENDERS = ("direct", "mitmproxy", "bumper", SPREAD, WORKERS, ADMIN, BASELINE, "squid", *IDEAL)
+# Asked for by name only: each is the same proxy as bumper but for one thing, compared with bumper; or the bound.
+OPT_IN = (ADMIN, BASELINE, SPREAD, WORKERS, *IDEAL)
 # The worker processes of the workers contenders (--workers N), and where they and the load generator run:
 # a proxy of N workers on one core would measure that core, so they get both, and so does the load generator
 # ("with the load generator on the same cores", issue 19). The others: the proxy on PROXY_CPU, the load on LOAD_CPU.
 WORKER_COUNT = {SPREAD: 1, WORKERS: 2}
 BOTH_CPUS = "0,1"
 # The table's bumper/X ratio columns, for each X in the run: the other builds first, they are why they were asked for.
-RATIO_COLUMNS = (BASELINE, ADMIN, "mitmproxy", "squid", "direct")
+RATIO_COLUMNS = (BASELINE, ADMIN, "mitmproxy", "squid", "direct", *IDEAL)
+# The workloads the ideal relay runs: it mints nothing (w4), streams nothing (w3), and what it holds per idle
+# connection (w5) is not what it bounds.
+IDEAL_GROUPS = ("rps",)
+IDEAL_NOTE = (
+    f"{' and '.join(IDEAL)} are bench/ideal.py (--mode {' and --mode '.join(IDEAL.values())}): the ideal bumping "
+    "relay, a bound on a Python data path for bumped HTTP/1.1, not a proxy (no mint, policy, hooks, addons or log); "
+    "they present the origin's own leaf, so the client trusts the origin's root (the sanity table's third column "
+    "works for them by design); workloads 1, 1r and 2 only, the others skipped; no targets"
+)
 SCRAPE_INTERVAL = 1.0  # seconds: Prometheus' scrape_interval is 15 s to 1 min; once a second is the hard case
 START_TIMEOUT = 60.0
 SETTLE = 2.0  # seconds between a proxy listening and the first measured connection (bumper makes its pooled keys)
@@ -696,6 +712,19 @@ def start_contender(
         port = free_port()
         proc, cafile, access_log = start_squid(work, port, origin, pki_dir, names)
         notes = []
+    elif name in IDEAL:
+        argv = [
+            sys.executable, "-O", str(c.BENCH_DIR / "ideal.py"),
+            "--mode", IDEAL[name],
+            "--listen", f"{HOST}:0",
+            "--cert", str(pki_dir / f"{ORIGIN_NAME}.pem"),
+            "--key", str(pki_dir / f"{ORIGIN_NAME}.key"),
+            "--upstream-ca", str(origin.root),
+            "--resolve", HOST,
+        ]  # fmt: skip
+        proc = Proc(name, argv, PROXY_CPU, work, cwd=work)  # not a checkout: see _BUILD_INFO
+        port = int(proc.wait_for_line(r"ideal: listening on 127\.0\.0\.1:(\d+)").group(1))
+        cafile, access_log, notes = origin.root, None, []
     else:
         raise ValueError(name)
     try:
@@ -1298,6 +1327,7 @@ def report(agg: dict, micro: dict[str, dict], names: list[str], prof: Profile, e
         target = target_cell(wl, metric, vals.get("bumper", math.nan), vals.get("mitmproxy", math.nan), own)
         lines.append(row(label, cells, vals, target))
     lines += scaling_lines(agg, cols)
+    lines += ceiling_lines(agg, cols)
     mine = micro.get("bumper", {})
     if mine.get("n_policy") or mine.get("n_mint"):
         for key, label, kind in (
@@ -1376,10 +1406,15 @@ def report(agg: dict, micro: dict[str, dict], names: list[str], prof: Profile, e
                 continue
             own = p["trusting_own_ca"]
             orig = p.get("trusting_origin_root")
+            if orig is None:
+                by_origin = "–"
+            elif n in IDEAL:  # it presents the origin's own leaf: see IDEAL_NOTE
+                by_origin = "ok (the origin's own leaf)" if orig["ok"] else "**fails**"
+            else:
+                by_origin = "fails (bumped)" if not orig["ok"] else "**ok: not bumped**"
             lines.append(
                 f"| {n} | {'ok' if own['ok'] else 'FAILED: ' + own['error'][:80]} | {own.get('issuer') or '–'} | "
-                f"{'–' if orig is None else ('fails (bumped)' if not orig['ok'] else '**ok: not bumped**')} | "
-                f"{'yes' if p['refuses_unverifiable_upstream'] else '**NO**'} |"
+                f"{by_origin} | {'yes' if p['refuses_unverifiable_upstream'] else '**NO**'} |"
             )
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
@@ -1420,6 +1455,33 @@ def scaling_lines(agg: dict, cols: list[str]) -> list[str]:
             f"| {label} | {fmt(rps[WORKERS], 'rps')} | {fmt_ratio(scale)} | {over_bumper} | {fmt_ratio(efficiency)} "
             f"| {target} | {met} |"
         )
+    return out
+
+
+def ceiling_lines(agg: dict, cols: list[str]) -> list[str]:
+    """The ceiling table: each ideal relay's requests per proxy CPU-second (the figure a load-bound run does not
+    bend) over mitmproxy's and bumper's, and its req/s with the load core's share, for workloads 1, 1r and 2."""
+    ideals = [n for n in IDEAL if n in cols]
+    if not ideals:
+        return []
+    out = ["", "The ceiling: bench/ideal.py's requests per proxy CPU-second (the proxy's processes, over the load "
+           "generator's whole run) over mitmproxy's and bumper's, then its req/s and the load core's share (⚠ ≥ 90%: "
+           "that req/s is the load side's limit, and only the per CPU-second figure bounds the proxy).", "",
+           "| workload | relay | req per proxy CPU-second | × mitmproxy | × bumper | req/s | load core |",
+           "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for wl, label in SCALING_ROWS:
+        by = agg.get(wl, {})
+        for name in ideals:
+            if name not in by:
+                continue
+            per_cpu = _median_of(by, name, "rps_per_cpu")
+            over = [fmt_ratio(ratio(per_cpu, _median_of(by, n, "rps_per_cpu"))) for n in ("mitmproxy", "bumper")]
+            load = _median_of(by, name, "cpu_load")
+            warn = " ⚠" if not math.isnan(load) and load >= 90 else ""
+            out.append(
+                f"| {label} | {name} | {fmt(per_cpu, 'rps')} | {' | '.join(over)} | "
+                f"{fmt(_median_of(by, name, 'rps'), 'rps')} | {fmt(load, 'pct')}{warn} |"
+            )
     return out
 
 
@@ -1547,6 +1609,8 @@ def main() -> int:
         if why:
             wanted.remove("squid")
             notes.append(f"squid skipped: {why}")
+    if any(name in IDEAL for name in wanted):
+        notes.append(IDEAL_NOTE)
     build_loadgen()
     quiet = wait_quiet(args.wait_quiet)
     env["busy_before_run_pct"] = quiet
@@ -1592,6 +1656,8 @@ def main() -> int:
                     fn = GROUPS[group][0]
                     for name in rotated(wanted, rep):
                         if group == "idle" and name == "direct":
+                            continue
+                        if name in IDEAL and group not in IDEAL_GROUPS:
                             continue
                         if time.monotonic() - started > prof.budget:
                             skipped.append(f"rep {rep + 1} {group} {name}")
