@@ -219,6 +219,27 @@ def test_a_restart_reuses_the_mimic_from_disk(
     assert runner.run(make_store(ca, tmp_path / DB_FILE).get(changed)).cert != first.cert
 
 
+def test_two_workers_minting_one_mimic_at_once_both_serve_the_one_stored_first(
+    tmp_path: Path, upstream_root: pki.Authority, runner: asyncio.Runner
+) -> None:
+    """--workers: two processes that meet a new upstream at the same moment both mint; the first
+    stored is what both serve from then on, the other's mint is dropped (a client's session resumes
+    only on the mimic it was made with)."""
+    ca = ca_files.create(tmp_path / "ca", now=pki.NOW - DAY)
+    upstream = upstream_cert(upstream_root)
+    one, other = make_store(ca, tmp_path / DB_FILE), make_store(ca, tmp_path / DB_FILE)
+
+    async def both() -> list[x509.Certificate]:
+        made = await asyncio.gather(one.get(upstream), other.get(upstream))
+        return [m.cert for m in made]
+
+    first, second = runner.run(both())
+    assert one.lookups["minted"] == other.lookups["minted"] == 1  # both minted: neither found it stored
+    assert first == second
+    assert len(SqliteMimicStore(tmp_path / DB_FILE)) == 1
+    assert runner.run(make_store(ca, tmp_path / DB_FILE).get(upstream)).cert == first  # and the disk has it
+
+
 def test_a_new_ca_never_gets_an_old_mimic(tmp_path: Path, upstream_root: pki.Authority, runner: asyncio.Runner) -> None:
     old_ca = ca_files.create(tmp_path / "old", now=pki.NOW - DAY)
     new_ca = ca_files.create(tmp_path / "new", now=pki.NOW - DAY)

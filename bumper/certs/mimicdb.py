@@ -66,6 +66,11 @@ class MimicStoreBackend(Protocol):
 
     def put(self, upstream_sha256: bytes, mode: str, ca_fingerprint: str, mimic: StoredMimic) -> None: ...
 
+    def claim(self, upstream_sha256: bytes, mode: str, ca_fingerprint: str, mimic: StoredMimic) -> StoredMimic:
+        """MIMIC stored, unless the store holds one for the same upstream already (another process
+        minted it at the same moment): then that one, stored first. MIMIC when it is not stored."""
+        ...
+
     def forget_other_cas(self, ca_fingerprint: str) -> int: ...
 
     def stored_bytes(self) -> int:
@@ -129,18 +134,34 @@ class SqliteMimicStore:
         return not too_large(self.row_bytes(upstream_sha256, mode, ca_fingerprint, mimic), self.max_bytes)
 
     def put(self, upstream_sha256: bytes, mode: str, ca_fingerprint: str, mimic: StoredMimic) -> None:
-        """Store MIMIC, unless it is too large for the cap (it is then only served)."""
+        """Store MIMIC in place of any other for the same upstream, unless it is too large for the
+        cap (it is then only served)."""
+        self._insert("INSERT OR REPLACE", upstream_sha256, mode, ca_fingerprint, mimic)
+
+    def claim(self, upstream_sha256: bytes, mode: str, ca_fingerprint: str, mimic: StoredMimic) -> StoredMimic:
+        """MIMIC stored, unless a row for the same upstream is there already: the row's mimic then.
+        One statement, so that of two processes minting the same mimic at once one wins, and both
+        serve its mimic (--workers: a client's session resumes only on the mimic it was made with)."""
+        if self._insert("INSERT OR IGNORE", upstream_sha256, mode, ca_fingerprint, mimic):
+            return mimic
+        return self.get(upstream_sha256, mode, ca_fingerprint) or mimic  # too large: not stored
+
+    def _insert(self, verb: str, upstream_sha256: bytes, mode: str, ca_fingerprint: str, mimic: StoredMimic) -> bool:
+        """Whether MIMIC went in, by VERB (INSERT OR ...)."""
         if not self.fits(upstream_sha256, mode, ca_fingerprint, mimic):
-            return
-        self._db.execute(
-            "INSERT OR REPLACE INTO mimics VALUES (?, ?, ?, ?, ?, ?)",
+            return False
+        added = self._db.execute(
+            f"{verb} INTO mimics VALUES (?, ?, ?, ?, ?, ?)",
             (upstream_sha256, mode, ca_fingerprint, mimic.cert_der, mimic.key_der, time.time()),
-        )
+        ).rowcount
+        if not added:
+            return False
         size = self.row_bytes(upstream_sha256, mode, ca_fingerprint, mimic)
         self._bytes += size
         self._written += size
         if self._written >= self.max_bytes // _PRUNE_FRACTION:
             self.prune()
+        return True
 
     def forget_other_cas(self, ca_fingerprint: str) -> int:
         """Drop mimics signed by any CA but this one; returns how many."""
@@ -219,13 +240,26 @@ class FailSafeMimicStore:
 
     def put(self, upstream_sha256: bytes, mode: str, ca_fingerprint: str, mimic: StoredMimic) -> None:
         key = (upstream_sha256, mode, ca_fingerprint)
+        self._write(key, mimic, lambda: self._put(key, mimic))
+
+    def claim(self, upstream_sha256: bytes, mode: str, ca_fingerprint: str, mimic: StoredMimic) -> StoredMimic:
+        key = (upstream_sha256, mode, ca_fingerprint)
+        return self._write(key, mimic, lambda: self.store.claim(*key, mimic))
+
+    def _write(self, key: tuple[bytes, str, str], mimic: StoredMimic, write: Callable[[], StoredMimic]) -> StoredMimic:
+        """What WRITE gives for MIMIC (the mimic stored): MIMIC itself while the cache is degraded
+        (then into the backlog) or too large to store."""
         if not self.store.fits(*key, mimic):
-            return  # the store would not keep it either
+            return mimic  # the store would not keep it either
         if self.degraded:
             self._keep(key, mimic)
             self._retry()
-        elif not self._attempt(lambda: self._put(key, mimic), False):
+            return mimic
+        written = self._attempt(write, None)
+        if written is None:
             self._keep(key, mimic)
+            return mimic
+        return written
 
     def _keep(self, key: tuple[bytes, str, str], mimic: StoredMimic) -> None:
         """Into the backlog, the oldest dropped past backlog_bytes."""
@@ -240,9 +274,9 @@ class FailSafeMimicStore:
         if gone is not None:
             self._backlog_size -= gone.size
 
-    def _put(self, key: tuple[bytes, str, str], mimic: StoredMimic) -> bool:
+    def _put(self, key: tuple[bytes, str, str], mimic: StoredMimic) -> StoredMimic:
         self.store.put(*key, mimic)
-        return True
+        return mimic
 
     def forget_other_cas(self, ca_fingerprint: str) -> int:
         return self._attempt(lambda: self.store.forget_other_cas(ca_fingerprint), 0)

@@ -206,23 +206,41 @@ class MimicStore:
             made = await self._mint(upstream, trust.Signing(cache_key[1]), cache_key[0])
             self._minted(started)
             if self.disk is not None:
-                self.disk.put(*cache_key, self.ca.fingerprint, made.stored())
+                made = self._claimed(self.disk, cache_key, made)
         self._remember(cache_key, made)
         return made
+
+    def _claimed(self, disk: MimicStoreBackend, cache_key: tuple[bytes, str], made: Mimic) -> Mimic:
+        """MADE stored, or the mimic another process (--workers) minted for the same upstream at the
+        same moment and stored first: every worker then shows the same mimic for it, as one process
+        does, and a client's session resumes on any of them (its session is bound to the mimic).
+        Without this two workers that both minted at a cold start served different mimics for as
+        long as their memory kept them: half the resumptions failed (bench workload 1r, 47%)."""
+        ours = made.stored()
+        stored = disk.claim(*cache_key, self.ca.fingerprint, ours)
+        if stored.cert_der == ours.cert_der:
+            return made
+        theirs = self._loaded(stored, trust.Signing(cache_key[1]))
+        if theirs is None:  # a row no longer good to serve (a CA or --max-mimic-key since): ours replaces it
+            disk.put(*cache_key, self.ca.fingerprint, ours)
+            return made
+        return theirs
 
     def _from_disk(self, cache_key: tuple[bytes, str]) -> Mimic | None:
         if self.disk is None:
             return None
         stored = self.disk.get(*cache_key, self.ca.fingerprint)
-        if stored is None:
-            return None
+        return None if stored is None else self._loaded(stored, trust.Signing(cache_key[1]))
+
+    def _loaded(self, stored: StoredMimic, mode: trust.Signing) -> Mimic | None:
+        """STORED, if it can be read and is still good to serve."""
         try:
             cert = x509.load_der_x509_certificate(stored.cert_der)
             key = PooledKey.of(load_own_key(stored.key_der))
         except (ValueError, UnsupportedAlgorithm):
             log.warning("unreadable entry in the mimic cache; minting again")
             return None
-        return Mimic.of(cert, key) if self._still_good(cert, trust.Signing(cache_key[1])) else None
+        return Mimic.of(cert, key) if self._still_good(cert, mode) else None
 
     def _still_good(self, cert: x509.Certificate, mode: trust.Signing) -> bool:
         """A cached mimic is served only if the current signer made it, it does not outlive it, and
