@@ -100,23 +100,19 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, log_secrets: bool, worker: int | None = None) -> None:
         super().__init__()
         self.log_secrets = log_secrets
-        self.worker_number = worker
-        self.worker = {} if worker is None else {"worker": worker}
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         state = getattr(record, STATE, None)
         if isinstance(state, ConnectionState):
-            return connection_line(state, self.log_secrets, self.worker_number).rstrip("\n")
+            return connection_line(state, self.log_secrets, self.worker).rstrip("\n")
         message = record.getMessage()
         if record.exc_info:
             message = f"{message}\n{self.formatException(record.exc_info)}"
         if not self.log_secrets:
             message = redact.text(message)
-        fields = {
-            "time": iso_utc(record.created),
-            "level": record.levelname,
-            "logger": record.name,
-            **self.worker,
-            "message": message,
-        }
+        fields: dict[str, object] = {"time": iso_utc(record.created), "level": record.levelname, "logger": record.name}
+        if self.worker is not None:
+            fields["worker"] = self.worker
+        fields["message"] = message
         return json.dumps(fields, separators=(",", ":"))
