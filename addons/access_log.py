@@ -54,6 +54,10 @@ class AccessLogSettings:
 
 
 FLUSH_DELAY = 0.1  # seconds a line may wait in the buffer
+# Seconds writes must work before a failure episode is over (its summary logged): a disk that hovers
+# at full (a line fits, the next does not) is one episode, one warning and one summary, not a pair
+# of lines every flush.
+SETTLE = 1.0
 MAX_PENDING_BYTES = 64 * 1024  # the buffer's bound: written out at once past it
 
 
@@ -74,6 +78,7 @@ class AccessLog(Addon):
         # write, counted here until a write works again: one warning when it starts, one summary then.
         self._lost = 0
         self._lost_error = ""
+        self._settle: asyncio.TimerHandle | None = None  # the summary, once writes have worked for SETTLE
         # A half line the file could not be cut back from (another writer appended after it, or a
         # terminal): the next write starts with a newline, so that no line is glued onto it.
         self._half_line = False
@@ -112,7 +117,8 @@ class AccessLog(Addon):
 
     def done(self) -> None:
         self._close()
-        if self._lost:  # the summary that a write working again would have written
+        self._cancel_settle()
+        if self._lost:  # the summary that writes working again would have brought
             log.warning("access log: %d lines lost (%s) as bumper stopped", self._lost, self._lost_error)
             self._lost = 0
 
@@ -156,9 +162,20 @@ class AccessLog(Addon):
             except _Lost as lost:
                 self._failed(lost.lines + sum(rest.count(b"\n") for rest in chunks[i + 1 :]), lost.error)
                 return
+        if self._lost and self._settle is None:
+            self._settle = asyncio.get_running_loop().call_later(SETTLE, self._recovered)
+
+    def _recovered(self) -> None:
+        """Writes have worked for SETTLE: the episode's summary."""
+        self._settle = None
         if self._lost:
             log.warning("access log: %d lines lost (%s); %s written again", self._lost, self._lost_error, self._where())
             self._lost = 0
+
+    def _cancel_settle(self) -> None:
+        if self._settle is not None:
+            self._settle.cancel()
+            self._settle = None
 
     def _whole_lines(self, chunk: bytes) -> None:
         """CHUNK (whole lines) written out; else _Lost, and no half line left to glue the next one onto."""
@@ -193,6 +210,7 @@ class AccessLog(Addon):
             return False
 
     def _failed(self, lines: int, error: OSError) -> None:
+        self._cancel_settle()  # not over yet: the same episode
         if not self._lost:
             log.warning("access log: cannot write %s: %s; dropping lines until it can", self._where(), error)
         self._lost += lines
