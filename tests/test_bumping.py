@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import socket
 import ssl
+import struct
 from pathlib import Path
 
 import httpx
@@ -160,3 +163,53 @@ def test_bumper_ends_tls_with_close_notify(bumper: Bumper, upstream: Upstream) -
         while chunk := tls.recv(65536):  # raises SSLEOFError on a TCP close without close_notify
             response += chunk
     assert response.endswith(b"hello from upstream")
+
+
+def _records_until(sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO, end: bytes) -> tuple[bytes, int]:
+    """Read SOCK's TLS records into TLS until the plaintext ends with END: the plaintext, and the
+    number of records it came in (each record read whole from its 5-byte header, RFC 8446 5.1)."""
+    plain, records = b"", 0
+    while not plain.endswith(end):
+        header = _exactly(sock, 5)
+        incoming.write(header + _exactly(sock, struct.unpack("!H", header[3:5])[0]))
+        records += 1
+        with contextlib.suppress(ssl.SSLWantReadError):
+            while chunk := tls.read(65536):
+                plain += chunk
+    return plain, records
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the connection closed"
+        data += chunk
+    return data
+
+
+def test_a_keep_alive_response_reaches_the_client_in_one_tls_record(bumper: Bumper, upstream: Upstream) -> None:
+    """Its head and its small body are written together (httpstream.coalesced): one TLS record and one
+    write, not one for each."""
+    sock, reply = open_tunnel(bumper, upstream.host, upstream.port)
+    assert reply.startswith(b"HTTP/1.1 200")
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    context = client_tls_context(bumper.ca_pem, ssl.TLSVersion.TLSv1_2, alpn=["http/1.1"])
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=upstream.host)
+    with sock:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        request = f"GET / HTTP/1.1\r\nHost: {upstream.host}\r\n\r\n".encode()
+        counts = []
+        for _ in range(2):  # the second on a connection whose upstream leg is open: the keep-alive case
+            tls.write(request)
+            sock.sendall(outgoing.read())
+            response, records = _records_until(sock, tls, incoming, b"hello from upstream")
+            assert response.startswith(b"HTTP/1.1 200"), response
+            counts.append(records)
+    assert counts[1] == 1, counts

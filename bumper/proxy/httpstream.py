@@ -477,6 +477,44 @@ class Http1Client(http_layers.Http1Client):
         return self.request is not None and http1.expected_http_body_size(self.request, self.response) == -1
 
 
+# How many bytes coalesced joins into one write: a response head and a small body, not a large body
+# copied to save one TLS record (the TLS layer cuts its records at 16 KiB anyway).
+_COALESCE_BYTES = 16 * 1024
+
+
+def coalesced(produced: layer.CommandGenerator[None]) -> layer.CommandGenerator[None]:
+    """PRODUCED, with back-to-back SendData commands for one connection joined into one. mitmproxy's
+    HTTP/1 layer sends a response's head and body as two SendData: each becomes a TLS record of its
+    own, a trip up every layer above, and a write() system call. Joined, a keep-alive response costs
+    one of each. Order is kept: any other command first sends what is held."""
+    held: commands.SendData | None = None
+    reply = None
+    while True:
+        try:
+            command = produced.send(reply)
+        except StopIteration:
+            break
+        reply = None
+        if type(command) is commands.SendData:  # a subclass may be told apart by identity (Http1Server)
+            if (
+                held is not None
+                and held.connection is command.connection
+                and len(held.data) + len(command.data) <= _COALESCE_BYTES
+            ):
+                held = commands.SendData(held.connection, held.data + command.data)
+                continue
+            if held is not None:
+                yield held
+            held = command
+            continue
+        if held is not None:
+            yield held
+            held = None
+        reply = yield command
+    if held is not None:
+        yield held
+
+
 def layer_limits(context: Context) -> Limits:
     """The limits of the HttpLayer above a connection layer: it is on the context's layer stack."""
     return next(layer_.limits for layer_ in reversed(context.layers) if isinstance(layer_, HttpLayer))
@@ -578,7 +616,7 @@ class HttpLayer(CreditCarrier, layers.HttpLayer):
             self.connections[context.client] = Http1Server(context.fork(), limits)
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        yield from super()._handle_event(event)
+        yield from coalesced(super()._handle_event(event))
         if not self.has_h2_leg:  # no HTTP/2 leg, so no credit to carry and no send buffer to bound
             return
         yield from credit_events(self)
