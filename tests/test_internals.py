@@ -73,6 +73,20 @@ PINNED: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layers.http._base.format_error": ("26271a67770fbaf1", "its paragraph read"),
     "mitmproxy.proxy.layers.http.ErrorCode.http_status_code": ("4c08deb71c963636", "called"),
     "mitmproxy.proxy.layers.http.HttpStream.check_invalid": ("ef0a126eef45d903", "error wording read"),
+    # The HTTP/1 relay (bumper/proxy/h1relay.py): what it replicates of HttpStream and Http1Server/Client,
+    # and the state it sets them in when it hands a connection over with a response awaited
+    "mitmproxy.proxy.layers.http.HttpStream.state_consume_request_body": (
+        "45459c1bbd8bdb1a",
+        "replicated; its end state set",
+    ),
+    "mitmproxy.proxy.layers.http.HttpStream.state_wait_for_response_headers": ("10e32e91b2948164", "replicated; set"),
+    "mitmproxy.proxy.layers.http.HttpStream.check_body_size": ("236ca0a7b9fd4f69", "what the relay leaves to it"),
+    "mitmproxy.proxy.layers.http.validate_request": ("e7cec257ce91b7c5", "called"),
+    "mitmproxy.proxy.layers.http._http1.Http1Connection.mark_done": ("dc5ed395ce4f0763", "replicated"),
+    "mitmproxy.proxy.layers.http._http1.Http1Connection.wait": ("c99d0494a840a2b6", "set as Http1Server's state"),
+    "mitmproxy.proxy.layers.http._http1.Http1Server.__init__": ("508efbb58d5dead1", "its first stream id"),
+    "mitmproxy.proxy.layers.http._http1.Http1Server.mark_done": ("94fd7ea388c88671", "the state it leaves, set"),
+    "mitmproxy.proxy.layers.http._http1.Http1Client.send": ("35d961e20d481204", "the state it leaves, set"),
     # TLS layers: close_notify and alerts (bumper/proxy/layers.py)
     "mitmproxy.proxy.layers.tls.TLSLayer.send_close": ("d9b1161f42db9992", "overridden"),
     "mitmproxy.proxy.layers.tls.TLSLayer.tls_interact": ("62d6d57d43dd1a2e", "called"),

@@ -124,12 +124,12 @@ def body_bytes(flow: http.HTTPFlow, side: str) -> int:
     return len(message.raw_content or b"")
 
 
-def _count(flow: http.HTTPFlow, side: str, data: bytes) -> None:
+def count_streamed(flow: http.HTTPFlow, side: str, data: bytes) -> None:
     counts = flow.metadata.setdefault(STREAMED, {})
     counts[side] = counts.get(side, 0) + len(data)
 
 
-def _chunks(produced: bytes | list[bytes] | object) -> list[bytes]:
+def chunks_of(produced: bytes | list[bytes] | object) -> list[bytes]:
     if isinstance(produced, bytes):
         return [produced] if produced else []
     return list(produced)  # type: ignore[call-overload]
@@ -199,8 +199,8 @@ class HttpStream(http_layers.HttpStream):
             return (yield from super().state_stream_request_body(event))
         stream = self.flow.request.stream
         data = event.data if isinstance(event, RequestData) else b""
-        _count(self.flow, "request", data)
-        chunks = _chunks(stream(data)) if callable(stream) else ([data] if data else [])
+        count_streamed(self.flow, "request", data)
+        chunks = chunks_of(stream(data)) if callable(stream) else ([data] if data else [])
         if self.flow.metadata.get(EARLY):  # refused while streaming: the upstream must not get the rest
             return (yield from self._refuse_after_streaming(ended=isinstance(event, RequestEndOfMessage)))
         for chunk in chunks:
@@ -259,8 +259,8 @@ class HttpStream(http_layers.HttpStream):
         assert self.flow.response is not None
         stream = self.flow.response.stream
         data = event.data if isinstance(event, ResponseData) else b""
-        _count(self.flow, "response", data)
-        chunks = _chunks(stream(data)) if callable(stream) else ([data] if data else [])
+        count_streamed(self.flow, "response", data)
+        chunks = chunks_of(stream(data)) if callable(stream) else ([data] if data else [])
         if reason := self.flow.metadata.get(ABORTED):
             cut_off = ResponseProtocolError(self.stream_id, reason, ErrorCode.GENERIC_SERVER_ERROR)
             reset = RequestProtocolError(self.stream_id, reason, ErrorCode.GENERIC_CLIENT_ERROR)
@@ -294,7 +294,7 @@ class HttpStream(http_layers.HttpStream):
         return hasattr(self, "flow") and bool(self.flow.metadata.get(EARLY)) and self.server_state == self.state_errored
 
 
-def _instead_of_mitmproxys(reply: replies.Reply, request: http.Request | None) -> http.Response:
+def instead_of_mitmproxys(reply: replies.Reply, request: http.Request | None) -> http.Response:
     """REPLY as the answer where mitmproxy would send its error page, which ends an HTTP/1
     connection: the rest of a failed request may still be on its way, and is no next request."""
     response = reply.response(request)
@@ -349,7 +349,7 @@ class Http1Server(http_layers.Http1Server):
                 said = reason if len(reason) <= _LOGGED_REASON else reason[:_LOGGED_REASON] + "…"
                 self.context.client.error = self.context.client.error or f"bad request: {said}"
                 # self.request: the head, if it parsed and only its body's framing is wrong.
-                response = _instead_of_mitmproxys(replies.bad_request(reason), self.request)
+                response = instead_of_mitmproxys(replies.bad_request(reason), self.request)
                 command = commands.SendData(self.conn, http1.assemble_response(response))
             elif isinstance(command, ReceiveHttp) and isinstance(command.event, RequestHeaders):
                 if why := ambiguous(command.event.request):  # smuggling: refused before any hook or upstream
@@ -360,7 +360,7 @@ class Http1Server(http_layers.Http1Server):
     def _refuse(self, reason: str, status: int, request: http.Request | None) -> layer.CommandGenerator[None]:
         """Answer and close, as mitmproxy does a head it cannot parse: the rest is not read."""
         self.context.client.error = self.context.client.error or reason
-        response = _instead_of_mitmproxys(replies.bad_request(reason, status), request)
+        response = instead_of_mitmproxys(replies.bad_request(reason, status), request)
         yield commands.SendData(self.conn, http1.assemble_response(response))
         yield commands.CloseConnection(self.conn)
         self.state = self.done
@@ -373,7 +373,7 @@ class Http1Server(http_layers.Http1Server):
                 continue
             if close is not None and isinstance(command, ReceiveHttp) and self._unanswered(command):
                 assert isinstance(command.event, RequestProtocolError)
-                reply = _instead_of_mitmproxys(replies.bad_request(command.event.message), self.request)
+                reply = instead_of_mitmproxys(replies.bad_request(command.event.message), self.request)
                 self.body_error = commands.SendData(self.conn, http1.assemble_response(reply))
                 yield self.body_error
                 yield close
@@ -648,7 +648,7 @@ class HttpLayer(CreditCarrier, layers.HttpLayer):
             reply: replies.Reply | None = self._for_the_proxy()
         else:
             reply = replies.protocol_error(error.code, error.message, stream.flow.request)
-        return _instead_of_mitmproxys(reply, stream.flow.request) if reply else None
+        return instead_of_mitmproxys(reply, stream.flow.request) if reply else None
 
     def _for_the_proxy(self) -> replies.Reply:
         """The 400 for a request for the proxy itself, naming the addresses this client can reach: the

@@ -25,6 +25,7 @@ from mitmproxy.proxy.tunnel import TunnelState
 from OpenSSL import SSL
 
 from bumper.proxy.dispatch import AddonManager, SyncHooks
+from bumper.proxy.h1relay import Http1Relay, relays
 from bumper.proxy.h2flow import Reading
 from bumper.proxy.httpstream import CutOff, HttpLayer, UncleanClose
 from bumper.proxy.limits import Limits, too_many
@@ -181,6 +182,11 @@ class NextLayer:
             nextlayer.layer = HttpLayer(
                 context, HTTPMode.regular, self.limits, self.dispatcher, self.admin, self.reading
             )
+        elif (
+            isinstance(parent, layers.ClientTLSLayer) and not isinstance(first, modes.ReverseProxy) and relays(context)
+        ):
+            # Bumped HTTP/1.1: bumper's own relay, which hands what it does not take to bumper's HttpLayer.
+            nextlayer.layer = Http1Relay(context, self.limits, self.dispatcher, self.reading)
         elif isinstance(parent, layers.ClientTLSLayer) or isinstance(first, modes.ReverseProxy):
             # Decrypted (HTTP/1.1 or h2 by ALPN, HTTP/1.1 when the client offered none), or a reverse
             # listener's plain HTTP above the upstream's TLS.

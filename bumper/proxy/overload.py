@@ -197,7 +197,8 @@ def _body(message: http.Message | None) -> int:
 
 def _held_by_layer(layer: Any) -> int:
     held = 0
-    for name in ("request_body_buf", "response_body_buf", "buf"):  # HttpStream's bodies, HTTP/1's head
+    # HttpStream's bodies, HTTP/1's head, the relay's messages (h1relay)
+    for name in ("request_body_buf", "response_body_buf", "buf", "client_buf", "server_buf"):
         with contextlib.suppress(TypeError):
             held += len(getattr(layer, name, b""))
     for ws in (getattr(layer, "client_ws", None), getattr(layer, "server_ws", None)):  # a WebSocket message
