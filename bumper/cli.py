@@ -384,10 +384,12 @@ def _run_command(args: list[str]) -> int:
         logging.getLogger("bumper.auth").warning(warning)
     _check_temp_dir()
     authority, created = ca_files.load_or_create(config.ca_dir)
-    if (config.ca_dir / ca_files.UNTRUSTED_CERT_FILE).exists() or (
-        config.ca_dir / ca_files.UNTRUSTED_KEY_FILE
-    ).exists():
-        ca_files.untrusted(config.ca_dir)  # a broken pair is a configuration error now, not at the first failure
+    untrusted_files = (config.ca_dir / ca_files.UNTRUSTED_CERT_FILE, config.ca_dir / ca_files.UNTRUSTED_KEY_FILE)
+    if any(path.exists() for path in untrusted_files) or (opts.workers > 1 and setup is None):
+        # A broken pair is a configuration error now, not at the first failure. And a supervisor makes it
+        # before its workers start: workers making it at their first need race, one reading the key before
+        # the other has written its certificate (a refused handshake).
+        ca_files.untrusted(config.ca_dir)
     limits.raise_fd_limit()  # before any connection: max_connections may be derived from it
     if setup is not None and channel is not None:
         return _run_worker(workers.worker_config(config, setup), authority, setup, channel)

@@ -92,6 +92,13 @@ def test_two_workers_both_serve_and_say_which_they_are(start_bumper, upstream: U
     assert len(set(pids(bumper).values())) == 2
 
 
+def test_the_supervisor_makes_the_untrusted_ca_before_its_workers_start(start_bumper) -> None:
+    """Workers that made it at their first need raced: one read the key before the other had written its
+    certificate, and refused the handshake (`... is there without its certificate`)."""
+    bumper = start_bumper("--workers", "2")
+    assert {path.name for path in bumper.ca_dir.glob("untrusted.*")} == {"untrusted.pem", "untrusted.key"}
+
+
 def test_the_json_log_names_the_worker_of_each_line(start_bumper, upstream: Upstream) -> None:
     bumper = start_bumper("--workers", "2", "--log-format", "json")
     serve_many(bumper, upstream)
