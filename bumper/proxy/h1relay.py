@@ -340,7 +340,7 @@ class Http1Relay(layer.Layer):
         if flw.metadata.get(httpstream.EARLY):  # refused at responseheaders: the upstream's body is dropped
             return (yield from self._respond(flw))
         response = flw.response
-        if not response.stream:
+        if not response.stream or not body:  # as HttpStream: an empty body is never streamed
             response.data.content = body
             return (yield from self._respond(flw))
         # Streamed by an addon's choice, as HttpStream streams a body that came in one read: the head
